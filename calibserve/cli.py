@@ -1,0 +1,50 @@
+"""The `calibserve` command: `demo build`, `demo`, `merge`, `serve`."""
+
+from __future__ import annotations
+
+import typer
+
+from demo.cli import app as demo_app
+from merge.cli import merge as merge_command
+from server.cli import serve as serve_command
+
+app = typer.Typer(
+    name="calibserve",
+    help="Serve language models whose confidence can be trusted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("merge", help="Sweep base-to-aligned interpolations, pick a Pareto point, write it.")(
+    merge_command
+)
+app.command("serve", help="Serve a model behind the calibrated OpenAI-compatible proxy.")(
+    serve_command
+)
+
+
+@demo_app.callback(invoke_without_command=True)
+def demo(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", help="Where the proxy listens."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port the proxy listens on."),
+    seed: int = typer.Option(0, help="Seed of the demo world."),
+) -> None:
+    """Build the demo world, merge its base and aligned models, and serve the result."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from demo import build_world
+    from merge.pipeline import merge_demo
+    from server.cli import serve_model
+
+    world = build_world(seed=seed)
+    out = merge_demo(world)
+    typer.echo(f"serving {out / 'model'} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    serve_model(out / "model", host=host, port=port, escalate_to=world / "expert")
+
+
+app.add_typer(demo_app, name="demo", help="The synthetic demo world and its tiny models.")
+
+
+def main() -> None:
+    app()

