@@ -1,0 +1,98 @@
+"""calibserve's calibration core: pure numpy math shared by `merge` (offline) and `server`.
+
+Confidence from token logprobs, binned calibration metrics with a mergeable accumulator,
+monotone calibrators with JSON round-trip, Pareto frontier selection and risk-coverage
+thresholds. No I/O. Errors: `CalibrationError(ValueError)` and its subclasses (`errors`).
+"""
+
+from calibration.accumulator import CalibrationAccumulator
+from calibration.calibrators import (
+    Calibrator,
+    HistogramBinning,
+    IdentityCalibrator,
+    IsotonicCalibrator,
+    PlattScaling,
+    TemperatureScaling,
+    calibrator_from_dict,
+)
+from calibration.confidence import (
+    METHODS,
+    Confidence,
+    StreamingConfidence,
+    answer_confidence,
+    confidence_score,
+    normalize_token,
+)
+from calibration.diversity import distinct_n, pairwise_jaccard
+from calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
+from calibration.frontier import RULES, pareto_frontier, select_point
+from calibration.logprobs import TokenLogprobs, token_logprobs
+from calibration.metrics import (
+    accuracy,
+    bin_index,
+    brier,
+    ece,
+    equal_mass_ece,
+    mce,
+    mean_confidence,
+    nll,
+    reliability_diagram,
+    rms_ce,
+)
+from calibration.risk import (
+    RiskCoverage,
+    aurc,
+    risk_coverage,
+    threshold_for_accuracy,
+    threshold_for_rate,
+)
+from calibration.scorer import ScoredStream, Scorer
+
+__all__ = [
+    # confidence
+    "Confidence",
+    "TokenLogprobs",
+    "token_logprobs",
+    "normalize_token",
+    "confidence_score",
+    "answer_confidence",
+    "StreamingConfidence",
+    "Scorer",
+    "ScoredStream",
+    "METHODS",
+    # metrics
+    "ece",
+    "mce",
+    "rms_ce",
+    "equal_mass_ece",
+    "brier",
+    "nll",
+    "accuracy",
+    "mean_confidence",
+    "reliability_diagram",
+    "bin_index",
+    "CalibrationAccumulator",
+    "distinct_n",
+    "pairwise_jaccard",
+    # calibrators
+    "Calibrator",
+    "TemperatureScaling",
+    "PlattScaling",
+    "IsotonicCalibrator",
+    "HistogramBinning",
+    "IdentityCalibrator",
+    "calibrator_from_dict",
+    # choosing
+    "RULES",
+    "pareto_frontier",
+    "select_point",
+    "RiskCoverage",
+    "risk_coverage",
+    "aurc",
+    "threshold_for_accuracy",
+    "threshold_for_rate",
+    # errors
+    "CalibrationError",
+    "DegenerateDataError",
+    "NoOptionTokensError",
+]

@@ -1,0 +1,402 @@
+"""Calibrators: monotone maps from a raw confidence to a probability of being right.
+
+Each calibrator has `fit(conf, correct) -> self`, a vectorised `apply(conf)` (a float for a
+float, an array for an array), `to_dict()` with a `"type"` key, and `calibrator_from_dict(d)`
+inverts `to_dict`. Every map is non-decreasing, so calibration never reorders answers (the
+risk-coverage curve and escalation order are unchanged, only thresholds move).
+
+- `TemperatureScaling`: `sigmoid(logit(p) / T)`. T is fitted by golden-section search on log T
+  minimising binary NLL (`fit`) or the multi-class NLL of `softmax(logits / T)` (`fit_logits`);
+  serving always applies the scalar binary form.
+- `PlattScaling`: `sigmoid(a * logit(p) + b)`, Newton's method with Platt's smoothed targets;
+  `a` is constrained to be >= 0 so the map stays monotone.
+- `IsotonicCalibrator`: pool-adjacent-violators (ties in confidence pooled first), applied by
+  linear interpolation between the fitted points, clamped outside them.
+- `HistogramBinning`: equal-width bins (those of `metrics.bin_index`), each mapped to its
+  accuracy; bins are pooled with pool-adjacent-violators so the map is monotone, and empty bins
+  take the value interpolated between their non-empty neighbours' centres.
+- `IdentityCalibrator`: the raw confidence, clipped to [0, 1].
+
+Fitting on degenerate data (empty, NaN, lengths that differ, all labels equal) raises
+`DegenerateDataError`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, overload
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from calibration._inputs import FloatArray, as_float_list, as_pair, check_n_bins
+from calibration.errors import CalibrationError, DegenerateDataError
+from calibration.metrics import bin_stats
+
+__all__ = [
+    "Calibrator",
+    "TemperatureScaling",
+    "PlattScaling",
+    "IsotonicCalibrator",
+    "HistogramBinning",
+    "IdentityCalibrator",
+    "calibrator_from_dict",
+    "pool_adjacent_violators",
+]
+
+# Confidences are clipped to [EPS, 1 - EPS] before taking logits (and in NLL), so 0 and 1 map to
+# large finite logits instead of infinities.
+EPS = 1e-12
+T_MIN, T_MAX = 1e-2, 1e2
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _logit(p: FloatArray) -> FloatArray:
+    q = np.clip(p, EPS, 1.0 - EPS)
+    out: FloatArray = np.log(q) - np.log1p(-q)
+    return out
+
+
+def _sigmoid(x: FloatArray) -> FloatArray:
+    # tanh form: no overflow warnings for large |x|, accurate near 0.
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _binary_nll(p: FloatArray, y: FloatArray) -> float:
+    # Same clipping as metrics.nll, so "fitting never raises NLL" holds for that metric too.
+    q = np.clip(p, EPS, 1.0 - EPS)
+    return float(-np.mean(y * np.log(q) + (1.0 - y) * np.log1p(-q)))
+
+
+def _golden_min(f: Callable[[float], float], lo: float, hi: float, tol: float = 1e-7) -> float:
+    """Minimiser of a unimodal function on [lo, hi] by golden-section search."""
+    a, b = lo, hi
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+    return (a + b) / 2.0
+
+
+def _fit_data(conf: ArrayLike, correct: ArrayLike) -> tuple[FloatArray, FloatArray]:
+    c, y = as_pair(conf, correct)
+    if np.all(y == y[0]):
+        raise DegenerateDataError(
+            "all labels are equal: a calibrator needs both correct and incorrect examples"
+        )
+    return c, y
+
+
+def pool_adjacent_violators(y: ArrayLike, w: ArrayLike | None = None) -> FloatArray:
+    """Weighted least-squares non-decreasing fit of `y` (in order), by pool-adjacent-violators."""
+    yv = np.asarray(y, dtype=np.float64).reshape(-1)
+    wv = np.ones_like(yv) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
+    values: list[float] = []
+    weights: list[float] = []
+    sizes: list[int] = []
+    for yi, wi in zip(yv.tolist(), wv.tolist(), strict=True):
+        values.append(yi)
+        weights.append(wi)
+        sizes.append(1)
+        # Merge backwards while the last block violates monotonicity.
+        while len(values) > 1 and values[-2] > values[-1]:
+            w2 = weights[-2] + weights[-1]
+            v2 = (values[-2] * weights[-2] + values[-1] * weights[-1]) / w2
+            s2 = sizes[-2] + sizes[-1]
+            del values[-1], weights[-1], sizes[-1]
+            values[-1], weights[-1], sizes[-1] = v2, w2, s2
+    return np.repeat(np.asarray(values, dtype=np.float64), sizes)
+
+
+class Calibrator(ABC):
+    """A fitted monotone map from raw confidence to calibrated probability."""
+
+    type_name: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> Calibrator:
+        """Fit on raw confidences and 0/1 labels; returns `self`."""
+
+    @abstractmethod
+    def _apply(self, c: FloatArray) -> FloatArray:
+        """Map clipped confidences (1-D) to calibrated ones."""
+
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe parameters, with `"type"`."""
+
+    @overload
+    def apply(self, conf: float) -> float: ...
+
+    @overload
+    def apply(self, conf: ArrayLike) -> FloatArray: ...
+
+    def apply(self, conf: float | ArrayLike) -> float | FloatArray:
+        """Calibrated confidence(s), in [0, 1]; scalar in, scalar out."""
+        arr = np.asarray(conf, dtype=np.float64)
+        out = np.clip(self._apply(np.clip(arr.reshape(-1), 0.0, 1.0)), 0.0, 1.0)
+        if arr.ndim == 0:
+            return float(out[0])
+        return out.reshape(arr.shape)
+
+    __call__ = apply
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Calibrator):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "type")
+        return f"{type(self).__name__}({params})"
+
+
+class IdentityCalibrator(Calibrator):
+    """No calibration: the raw confidence clipped to [0, 1] (used without calibration.json)."""
+
+    type_name = "identity"
+
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> IdentityCalibrator:
+        as_pair(conf, correct, allow_empty=True)
+        return self
+
+    def _apply(self, c: FloatArray) -> FloatArray:
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name}
+
+
+class TemperatureScaling(Calibrator):
+    """`sigmoid(logit(p) / T)`; T > 1 softens over-confidence, T < 1 sharpens."""
+
+    type_name = "temperature"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        t = float(temperature)
+        if not (t > 0.0 and math.isfinite(t)):
+            raise CalibrationError(f"temperature must be positive and finite, got {temperature!r}")
+        self.temperature = t
+
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> TemperatureScaling:
+        """Fit T minimising the binary NLL of `sigmoid(logit(conf) / T)` against `correct`."""
+        c, y = _fit_data(conf, correct)
+        z = _logit(c)
+
+        def objective(log_t: float) -> float:
+            return _binary_nll(_sigmoid(z / math.exp(log_t)), y)
+
+        self.temperature = self._best(objective)
+        return self
+
+    def fit_logits(self, logits: ArrayLike, labels: ArrayLike) -> TemperatureScaling:
+        """Fit T minimising the NLL of `softmax(logits / T)` (logits `[n, k]`, labels `[n]`).
+
+        Option logprobs work as logits (a constant per row cancels in the softmax). Rows with
+        -inf logits (missing options) are fine as long as the labelled option is finite.
+        """
+        z = np.asarray(logits, dtype=np.float64)
+        lab = np.asarray(labels).reshape(-1)
+        if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
+            raise DegenerateDataError(f"logits must have shape [n>0, k>=2], got {z.shape}")
+        if lab.shape[0] != z.shape[0]:
+            raise DegenerateDataError(
+                f"logits and labels differ in length ({z.shape[0]} != {lab.shape[0]})"
+            )
+        if np.isnan(z).any():
+            raise DegenerateDataError("logits contain NaN")
+        if not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= z.shape[1]:
+            raise DegenerateDataError(f"labels must be integers in [0, {z.shape[1]})")
+        z = np.maximum(z, -1e30)  # -inf (vLLM floor) as a very low finite logit
+        z_true = z[np.arange(z.shape[0]), lab]
+        if not np.isfinite(z_true).all() or (z_true <= -1e29).any():
+            raise DegenerateDataError("a labelled option has no finite logit")
+
+        def objective(log_t: float) -> float:
+            s = z / math.exp(log_t)
+            peak = s.max(axis=1, keepdims=True)
+            lse = peak[:, 0] + np.log(np.exp(s - peak).sum(axis=1))
+            return float(np.mean(lse - z_true / math.exp(log_t)))
+
+        self.temperature = self._best(objective)
+        return self
+
+    @staticmethod
+    def _best(objective: Callable[[float], float]) -> float:
+        log_t = _golden_min(objective, math.log(T_MIN), math.log(T_MAX))
+        # Golden-section finds the optimum to a tolerance; never return worse than T = 1.
+        return math.exp(log_t) if objective(log_t) <= objective(0.0) else 1.0
+
+    def _apply(self, c: FloatArray) -> FloatArray:
+        return _sigmoid(_logit(c) / self.temperature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "temperature": self.temperature}
+
+
+class PlattScaling(Calibrator):
+    """`sigmoid(a * logit(p) + b)` with `a >= 0`."""
+
+    type_name = "platt"
+
+    def __init__(self, a: float = 1.0, b: float = 0.0) -> None:
+        if not (math.isfinite(a) and math.isfinite(b)) or a < 0:
+            raise CalibrationError(f"Platt parameters must be finite with a >= 0, got {a}, {b}")
+        self.a = float(a)
+        self.b = float(b)
+
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> PlattScaling:
+        """Newton's method on the logistic loss, with Platt's targets to avoid divergence."""
+        c, y = _fit_data(conf, correct)
+        x = _logit(c)
+        n_pos = float(y.sum())
+        n_neg = float(y.size - n_pos)
+        # Platt (1999): targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2) keep the optimum finite.
+        t = y * (n_pos + 1.0) / (n_pos + 2.0) + (1.0 - y) / (n_neg + 2.0)
+
+        def loss(a: float, b: float) -> float:
+            s = a * x + b
+            return float(np.mean(np.logaddexp(0.0, s) - t * s))
+
+        a, b = 1.0, 0.0
+        cur = loss(a, b)
+        for _ in range(100):
+            p = _sigmoid(a * x + b)
+            g = p - t
+            h = p * (1.0 - p) + 1e-12
+            grad = np.array([np.mean(g * x), np.mean(g)])
+            hess = np.array(
+                [[np.mean(h * x * x), np.mean(h * x)], [np.mean(h * x), np.mean(h)]]
+            ) + 1e-10 * np.eye(2)
+            step = np.linalg.solve(hess, grad)
+            lr = 1.0
+            while lr > 1e-10:
+                na, nb = a - lr * step[0], b - lr * step[1]
+                new = loss(na, nb)
+                if new <= cur:
+                    break
+                lr *= 0.5
+            else:
+                break
+            done = abs(cur - new) < 1e-14
+            a, b, cur = na, nb, new
+            if done:
+                break
+        if a < 0.0:
+            # Anti-correlated confidences: the best monotone Platt map is a constant.
+            a, b = 0.0, float(_logit(np.array([t.mean()]))[0])
+        self.a, self.b = float(a), float(b)
+        return self
+
+    def _apply(self, c: FloatArray) -> FloatArray:
+        return _sigmoid(self.a * _logit(c) + self.b)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "a": self.a, "b": self.b}
+
+
+class IsotonicCalibrator(Calibrator):
+    """Non-decreasing step fit by pool-adjacent-violators, interpolated linearly between points."""
+
+    type_name = "isotonic"
+
+    def __init__(self, x: ArrayLike = (0.0, 1.0), y: ArrayLike = (0.0, 1.0)) -> None:
+        xs = np.asarray(x, dtype=np.float64).reshape(-1)
+        ys = np.asarray(y, dtype=np.float64).reshape(-1)
+        if xs.size == 0 or xs.shape != ys.shape:
+            raise CalibrationError("isotonic points need equal, non-zero numbers of x and y")
+        if np.any(np.diff(xs) < 0) or np.any(np.diff(ys) < 0):
+            raise CalibrationError("isotonic points must be non-decreasing in x and y")
+        self.x, self.y = xs, ys
+
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> IsotonicCalibrator:
+        c, y = _fit_data(conf, correct)
+        xs, inverse = np.unique(c, return_inverse=True)
+        w = np.bincount(inverse).astype(np.float64)
+        ymean = np.bincount(inverse, weights=y) / w
+        fitted = pool_adjacent_violators(ymean, w)
+        # Only the first and last point of each constant block matter for interpolation.
+        keep = np.ones(xs.size, dtype=bool)
+        if xs.size > 2:
+            same_prev = fitted[1:-1] == fitted[:-2]
+            same_next = fitted[1:-1] == fitted[2:]
+            keep[1:-1] = ~(same_prev & same_next)
+        self.x, self.y = xs[keep], fitted[keep]
+        return self
+
+    def _apply(self, c: FloatArray) -> FloatArray:
+        return np.interp(c, self.x, self.y)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "x": as_float_list(self.x), "y": as_float_list(self.y)}
+
+
+class HistogramBinning(Calibrator):
+    """Equal-width bins mapped to their (monotonised) accuracy."""
+
+    type_name = "histogram"
+
+    def __init__(self, n_bins: int = 15, values: ArrayLike | None = None) -> None:
+        self.n_bins = check_n_bins(n_bins)
+        if values is None:
+            # Unfitted: bin centres, i.e. approximately the identity.
+            vals = (np.arange(self.n_bins) + 0.5) / self.n_bins
+        else:
+            vals = np.asarray(values, dtype=np.float64).reshape(-1)
+            if vals.size != self.n_bins or np.isnan(vals).any() or np.any(np.diff(vals) < 0):
+                raise CalibrationError(f"histogram needs {self.n_bins} non-decreasing values")
+        self.values = vals
+
+    def fit(self, conf: ArrayLike, correct: ArrayLike) -> HistogramBinning:
+        c, y = _fit_data(conf, correct)
+        counts, _, correct_sum = bin_stats(c, y, self.n_bins)
+        full = counts > 0
+        pooled = pool_adjacent_violators(correct_sum[full] / counts[full], counts[full])
+        centres = (np.arange(self.n_bins) + 0.5) / self.n_bins
+        self.values = np.interp(centres, centres[full], pooled)
+        return self
+
+    def _apply(self, c: FloatArray) -> FloatArray:
+        idx = np.minimum((c * self.n_bins).astype(np.intp), self.n_bins - 1)
+        out: FloatArray = self.values[idx]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "n_bins": self.n_bins, "values": as_float_list(self.values)}
+
+
+_TYPES: dict[str, type[Calibrator]] = {
+    cls.type_name: cls
+    for cls in (
+        TemperatureScaling,
+        PlattScaling,
+        IsotonicCalibrator,
+        HistogramBinning,
+        IdentityCalibrator,
+    )
+}
+
+
+def calibrator_from_dict(d: Mapping[str, Any]) -> Calibrator:
+    """Rebuild a calibrator from `to_dict()` output (the `calibrator` of calibration.json)."""
+    if not isinstance(d, Mapping) or "type" not in d:
+        raise CalibrationError("calibrator dict must be an object with a 'type'")
+    kind = d["type"]
+    params = {k: v for k, v in d.items() if k != "type"}
+    if kind not in _TYPES:
+        raise CalibrationError(f"unknown calibrator type {kind!r}; valid: {', '.join(_TYPES)}")
+    try:
+        return _TYPES[kind](**params)
+    except TypeError as exc:
+        raise CalibrationError(f"bad parameters for calibrator {kind!r}: {exc}") from exc
