@@ -1,0 +1,137 @@
+"""`calibserve merge`: the typer command (the lead registers `merge` on the main app).
+
+Every option maps to a `MergeConfig` field; errors the user can fix are printed as one line that
+names the argument, with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from merge.config import DEFAULT_GRID, build_config
+from merge.errors import MergeError
+
+__all__ = ["merge", "app"]
+
+
+class Method(StrEnum):
+    linear = "linear"
+    slerp = "slerp"
+
+
+class CalibratorName(StrEnum):
+    temperature = "temperature"
+    isotonic = "isotonic"
+    platt = "platt"
+
+
+class DType(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DEFAULT_GRID_TEXT = "0:1:0.1"
+assert len(DEFAULT_GRID) == 11
+
+
+def merge(
+    base: Annotated[str, typer.Option("--base", help="Base checkpoint: directory or Hub id.")],
+    aligned: Annotated[
+        str, typer.Option("--aligned", help="Aligned checkpoint: directory or Hub id.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Directory with select.jsonl, calibrate.jsonl [test.jsonl]."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (created atomically).")],
+    grid: Annotated[
+        str,
+        typer.Option(
+            "--grid",
+            help="Lambdas: a list 0,0.3,1 or a range start:stop:step; "
+            "values above 1 extrapolate past the aligned model.",
+        ),
+    ] = DEFAULT_GRID_TEXT,
+    method: Annotated[Method, typer.Option("--method", help="Interpolation.")] = Method.linear,
+    select: Annotated[
+        str,
+        typer.Option(
+            "--select", help="Selection rule: max-accuracy, min-ece, knee, min-ece-at-accuracy."
+        ),
+    ] = "max-accuracy",
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Accuracy tolerance of min-ece-at-accuracy.")
+    ] = 0.01,
+    calibrator: Annotated[
+        CalibratorName, typer.Option("--calibrator", help="Calibrator fitted on calibrate split.")
+    ] = CalibratorName.temperature,
+    diversity: Annotated[
+        bool, typer.Option("--diversity/--no-diversity", help="Measure output diversity.")
+    ] = False,
+    refine: Annotated[
+        bool, typer.Option("--refine/--no-refine", help="Add points around the frontier.")
+    ] = True,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[DType, typer.Option("--dtype", help="Evaluation dtype.")] = DType.float32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 32,
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 2GB.")
+    ] = "2GB",
+    target_accuracy: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--target-accuracy", help="Accuracy targets for escalation thresholds (repeatable)."
+        ),
+    ] = None,
+    max_items: Annotated[
+        int | None, typer.Option("--max-items", help="Use at most N items per split.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT when done.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
+) -> None:
+    """Merge BASE and ALIGNED at the Pareto-optimal lambda, calibrate it, write it to OUT."""
+    from merge.pipeline import run_merge
+
+    try:
+        config = build_config(
+            base=base,
+            aligned=aligned,
+            data=data,
+            out=out,
+            grid=grid,
+            method=method.value,
+            select=select,
+            tolerance=tolerance,
+            calibrator=calibrator.value,
+            diversity=diversity,
+            refine=refine,
+            device=device,
+            dtype=dtype.value,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            target_accuracy=target_accuracy if target_accuracy else [0.7, 0.8, 0.9],
+            max_items=max_items,
+            overwrite=overwrite,
+        )
+        run_merge(config, progress=not quiet)
+    except MergeError as exc:
+        where = f"Invalid value for '{exc.param}': " if exc.param else ""
+        typer.echo(f"Error: {where}{exc.message}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted: rerun the same command to resume the sweep.", err=True)
+        raise typer.Exit(130) from None
+    sys.stdout.flush()
+
+
+app = typer.Typer(add_completion=False, help="calibserve merge")
+app.command("merge")(merge)

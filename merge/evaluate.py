@@ -1,0 +1,277 @@
+"""Evaluate a causal LM on multiple-choice items the way the server will score it.
+
+Each item is asked as one user message (`format_mc_prompt`) under the aligned model's chat
+template; the next-token distribution is read at the end of the generation prompt, and the
+logprobs of every token that names an option letter go through `calibration.answer_confidence`,
+the same function the server applies to vLLM's `top_logprobs`. Prediction = the most likely
+option; confidence = its probability renormalised over the options.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from calibration import (
+    accuracy,
+    answer_confidence,
+    brier,
+    ece,
+    mean_confidence,
+    nll,
+    normalize_token,
+)
+from merge.errors import InvalidData
+
+__all__ = [
+    "LETTERS",
+    "format_mc_prompt",
+    "load_items",
+    "Scores",
+    "MCEvaluator",
+    "point_metrics",
+    "option_token_map",
+]
+
+LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H")
+
+
+def format_mc_prompt(item: Mapping[str, Any]) -> str:
+    """`question : {question} A {c0} B {c1} ...`: one space between words (docs/internals.md)."""
+    choices: Sequence[str] = item["choices"]
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
+    parts = [f"question : {item['question']}"]
+    parts += [f"{LETTERS[i]} {choice}" for i, choice in enumerate(choices)]
+    return " ".join(parts)
+
+
+def _is_mc(item: Mapping[str, Any]) -> bool:
+    return "choices" in item
+
+
+def _check_item(item: Any, where: str) -> None:
+    if not isinstance(item, Mapping) or not isinstance(item.get("question"), str):
+        raise InvalidData(f"{where}: an item needs a string 'question'", "--data")
+    if _is_mc(item):
+        choices = item["choices"]
+        ok = (
+            isinstance(choices, list)
+            and 2 <= len(choices) <= len(LETTERS)
+            and all(isinstance(c, str) for c in choices)
+        )
+        if not ok:
+            raise InvalidData(f"{where}: 'choices' must be 2 to 8 strings", "--data")
+        ans = item.get("answer")
+        if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
+            raise InvalidData(f"{where}: 'answer' must be the index of the right choice", "--data")
+    elif not isinstance(item.get("answer"), str):
+        raise InvalidData(f"{where}: a short-answer item needs a string 'answer'", "--data")
+
+
+def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Multiple-choice items of a JSONL split, and how many short-answer items were skipped."""
+    if not path.is_file():
+        raise InvalidData(f"{path} does not exist", "--data")
+    items: list[dict[str, Any]] = []
+    skipped = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from exc
+            _check_item(item, where)
+            if _is_mc(item):
+                items.append(item)
+            else:
+                skipped += 1  # short-answer items have no option distribution to score
+            if limit is not None and len(items) >= limit:
+                break
+    if not items:
+        raise InvalidData(f"{path} has no multiple-choice items", "--data")
+    return items, skipped
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Per-item results of one evaluation."""
+
+    confidence: NDArray[np.float64]
+    correct: NDArray[np.bool_]
+    prediction: NDArray[np.int64]
+    # Probability that the predicted choice is right, when items carry the true distribution
+    # (`p_true`): a lower-variance accuracy than one sampled gold answer per question.
+    expected: NDArray[np.float64] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "confidence": self.confidence.tolist(),
+            "correct": self.correct.astype(int).tolist(),
+            "prediction": self.prediction.tolist(),
+            "expected": None if self.expected is None else self.expected.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Scores:
+        exp = d.get("expected")
+        return cls(
+            np.asarray(d["confidence"], np.float64),
+            np.asarray(d["correct"], bool),
+            np.asarray(d["prediction"], np.int64),
+            None if exp is None else np.asarray(exp, np.float64),
+        )
+
+
+def point_metrics(scores: Scores, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, ECE, Brier, NLL and mean confidence via calibration/ (binary, on confidence)."""
+    c, y = scores.confidence, scores.correct
+    out = {
+        "accuracy": accuracy(y),
+        "ece": ece(c, y, n_bins),
+        "brier": brier(c, y),
+        "nll": nll(c, y),
+        "mean_confidence": mean_confidence(c),
+        "n": int(c.size),
+    }
+    if scores.expected is not None:
+        out["expected_accuracy"] = float(np.mean(scores.expected))
+        # ECE against the expected correctness: confidence 0.7 on a 70% fact is calibrated.
+        out["expected_ece"] = ece(c, scores.expected, n_bins)
+    return out
+
+
+def option_token_map(tokenizer: Any, letters: Sequence[str] = LETTERS) -> dict[str, list[int]]:
+    """Every vocabulary id whose token names a letter (`A`, `▁A`, `ĠA`, ...), per letter.
+
+    The server sees these as separate `top_logprobs` entries and `answer_confidence` adds them
+    up per option, so offline scoring must include all of them too.
+    """
+    wanted = set(letters)
+    found: dict[str, list[int]] = {letter: [] for letter in letters}
+    for token, idx in tokenizer.get_vocab().items():
+        label = normalize_token(token)
+        if label in wanted:
+            found[label].append(int(idx))
+    for ids in found.values():
+        ids.sort()
+    return found
+
+
+class MCEvaluator:
+    """Tokenizes a split once, then scores any model state on it in batches."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        items: Sequence[Mapping[str, Any]],
+        batch_size: int = 32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.items = list(items)
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        n_letters = max(len(it["choices"]) for it in self.items)
+        letters = LETTERS[:n_letters]
+        token_map = option_token_map(tokenizer, letters)
+        missing = [k for k, v in token_map.items() if not v]
+        if missing:
+            raise InvalidData(
+                f"the aligned tokenizer has no token for option letter(s) {', '.join(missing)}",
+                "--aligned",
+            )
+        self.letter_ids = token_map
+        self.columns = [i for ls in letters for i in token_map[ls]]
+        self.column_tokens = [tokenizer.convert_ids_to_tokens(i) for i in self.columns]
+        self.prompts: list[list[int]] = []
+        for item in self.items:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": format_mc_prompt(item)}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            # vLLM's chat endpoint tokenizes the rendered template without adding specials.
+            self.prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        # Longest first: similar lengths batch together, and memory peaks in the first batch.
+        self.order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompts[i]))
+
+    @torch.inference_mode()
+    def letter_logprobs(self, model: torch.nn.Module) -> NDArray[np.float64]:
+        """(n_items, n_columns) full-vocabulary logprobs of the option-letter tokens."""
+        out = np.zeros((len(self.prompts), len(self.columns)), np.float64)
+        cols = torch.tensor(self.columns, device=self.device)
+        for start in range(0, len(self.order), self.batch_size):
+            idx = self.order[start : start + self.batch_size]
+            seqs = [self.prompts[i] for i in idx]
+            width = max(len(s) for s in seqs)
+            # Left padding puts every prompt's last token in the last column, so only one
+            # position's logits are computed; explicit position ids keep the math unpadded.
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                ids[r, width - len(s) :] = torch.tensor(s)
+                mask[r, width - len(s) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self._last_logits(model, ids, mask, pos)
+            lp = torch.log_softmax(logits.float(), dim=-1)[:, cols]
+            out[idx] = lp.double().cpu().numpy()
+        return out
+
+    def _last_logits(
+        self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        kwargs = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": pos.to(self.device),
+            "use_cache": False,
+        }
+        try:
+            # Only the last position's logits: a vocabulary-sized row per prompt, not per token.
+            return model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+        except TypeError:  # a model class without `logits_to_keep`
+            return model(**kwargs).logits[:, -1, :]
+
+    def score(self, model: torch.nn.Module) -> Scores:
+        """Prediction and answer confidence of every item for the model's current weights."""
+        lps = self.letter_logprobs(model)
+        conf = np.zeros(len(self.items))
+        pred = np.zeros(len(self.items), np.int64)
+        for i, item in enumerate(self.items):
+            options = LETTERS[: len(item["choices"])]
+            top = dict(zip(self.column_tokens, lps[i].tolist(), strict=True))
+            pred[i] = self._argmax_option(top, options)
+            conf[i] = answer_confidence(top, options[pred[i]], options)
+        correct = pred == np.asarray([it["answer"] for it in self.items])
+        return Scores(conf, correct, pred, self._expected(pred))
+
+    def _expected(self, pred: NDArray[np.int64]) -> NDArray[np.float64] | None:
+        probs = [it.get("p_true") for it in self.items]
+        ok = all(
+            isinstance(p, list) and len(p) == len(it["choices"])
+            for p, it in zip(probs, self.items, strict=True)
+        )
+        if not ok:
+            return None
+        return np.asarray([float(p[k]) for p, k in zip(probs, pred, strict=True)])  # type: ignore[index]
+
+    @staticmethod
+    def _argmax_option(top: Mapping[str, float], options: Sequence[str]) -> int:
+        mass = {o: -np.inf for o in options}
+        for tok, lp in top.items():
+            label = normalize_token(tok)
+            if label in mass:
+                mass[label] = float(np.logaddexp(mass[label], lp))
+        # Ties go to the earlier option, as in answer_confidence(chosen=None).
+        return max(range(len(options)), key=lambda k: (mass[options[k]], -k))

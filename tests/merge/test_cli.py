@@ -1,0 +1,118 @@
+"""`calibserve merge` through typer: options, clean errors naming the flag, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from merge.cli import app
+
+runner = CliRunner()
+
+
+def _args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--base",
+        str(world["base"]),
+        "--aligned",
+        str(world["aligned"]),
+        "--data",
+        str(world["data"]),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_help_lists_the_documented_options() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "240", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    for flag in (
+        "--base",
+        "--aligned",
+        "--data",
+        "--out",
+        "--grid",
+        "--method",
+        "--select",
+        "--tolerance",
+        "--calibrator",
+        "--diversity",
+        "--no-diversity",
+        "--refine",
+        "--no-refine",
+        "--device",
+        "--dtype",
+        "--batch-size",
+        "--shard-size",
+        "--target-accuracy",
+    ):
+        assert flag in result.output, flag
+
+
+def test_bad_arguments_name_the_flag_and_exit_non_zero(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    cases = {
+        "--grid": ["--grid", "0:1"],
+        "--shard-size": ["--shard-size", "big"],
+        "--select": ["--select", "best"],
+        "--target-accuracy": ["--target-accuracy", "1.5"],
+    }
+    for flag, extra in cases.items():
+        result = runner.invoke(app, _args(tiny_world, tmp_path / "o", *extra))
+        assert result.exit_code == 2, (flag, result.output)
+        assert f"Invalid value for '{flag}'" in result.output, result.output
+        assert "Traceback" not in result.output
+    missing = runner.invoke(
+        app,
+        [
+            "--base",
+            str(tmp_path / "nope"),
+            "--aligned",
+            str(tiny_world["aligned"]),
+            "--data",
+            str(tiny_world["data"]),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert missing.exit_code == 2 and "'--base'" in missing.output
+    assert "Traceback" not in missing.output
+    bad_method = runner.invoke(app, _args(tiny_world, tmp_path / "o", "--method", "ties"))
+    assert bad_method.exit_code == 2 and "--method" in bad_method.output
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_through_the_cli(tiny_world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app,
+        _args(
+            tiny_world,
+            out,
+            "--grid",
+            "0,0.5,1",
+            "--no-refine",
+            "--method",
+            "slerp",
+            "--calibrator",
+            "platt",
+            "--select",
+            "min-ece",
+            "--target-accuracy",
+            "0.3",
+            "--quiet",
+        ),
+    )
+    assert result.exit_code == 0, result.output
+    cal = json.loads((out / "model" / "calibration.json").read_text())
+    assert cal["calibrator"]["type"] == "platt"
+    assert cal["merge"]["method"] == "slerp" and cal["merge"]["rule"] == "min-ece"
+    report = json.loads((out / "report.json").read_text())
+    assert [p["lambda"] for p in report["points"]] == [0.0, 0.5, 1.0]
+    assert report["selected"]["metrics"]["ece"] == min(p["ece"] for p in report["points"])
+    again = runner.invoke(app, _args(tiny_world, out, "--quiet"))
+    assert again.exit_code == 2 and "'--out'" in again.output  # no silent overwrite
