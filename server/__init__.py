@@ -1,0 +1,1 @@
+"""calibserve: server."""

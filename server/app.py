@@ -1,0 +1,167 @@
+"""The FastAPI application: OpenAI-compatible endpoints plus feedback, metrics, health.
+
+`create_app(settings)` builds the app and its `ServerRuntime` (on `app.state.runtime`); the
+lifespan starts managed engines before the first request and stops them after uvicorn has drained
+in-flight requests on SIGTERM. Everything below `/v1` may need a bearer API key; `/v1/feedback`
+may use its own key; `/metrics`, `/health` and `/ready` are open (scraped by the platform).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import APIError, install_error_handlers
+from server.limits import BodySizeLimit
+from server.metrics import CONTENT_TYPE
+from server.openai_schema import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    ModelCard,
+    ModelList,
+)
+from server.proxy import Proxy
+from server.runtime import ServerRuntime
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "invalid request: malformed JSON, wrong types, invalid parameters",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "request body too large",
+        502: "the upstream answered with an error or invalid data",
+        503: "the upstream or managed engine is unavailable (retry later)",
+        504: "the upstream did not answer in time",
+    }.items()
+}
+_FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "malformed body or response id (not an id this "
+          "server could have issued: wrong prefix, truncated, bad encoding, bad choice index)"},
+    401: _ERRORS[401],
+    404: {"model": ErrorResponse, "description": "well-formed id whose signature does not verify "
+          "(forged or signed with another key), for a model not served here, or too old"},
+    409: {"model": ErrorResponse, "description": "feedback for this response was already recorded"},
+    413: _ERRORS[413],
+}
+
+STREAM_DOC = (
+    "With `stream: true` the answer is Server-Sent Events as from vLLM. The chunk carrying a "
+    "choice's `finish_reason` also carries its `confidence`; the last chunk before `[DONE]` "
+    "carries `calibserve` and the signed `id` to send to /v1/feedback."
+)
+
+
+def _check_key(request: Request, keys: list[str]) -> None:
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token:
+        for key in keys:
+            if hmac.compare_digest(token.strip().encode(), key.encode()):
+                return
+    raise APIError(401, "Incorrect API key provided." if token else "Missing API key "
+                   "(Authorization: Bearer ...).", code="invalid_api_key",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
+    """The calibserve app for `settings` (a ServerSettings); `runtime` to share a prebuilt one."""
+    rt = runtime or ServerRuntime(settings)
+    proxy = Proxy(rt)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not rt.started:
+            await rt.start()
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    app = FastAPI(
+        title="calibserve",
+        version="0.1.0",
+        description="OpenAI-compatible proxy over vLLM that attaches a calibrated confidence to "
+        "every answer, measures live calibration from feedback, and escalates low-confidence "
+        "requests to a stronger model.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = rt
+    app.state.settings = rt.settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=rt.settings.max_body_bytes)
+
+    # async: FastAPI runs plain-def dependencies in a thread pool, a costly hop per request.
+    async def api_key(request: Request) -> None:
+        _check_key(request, rt.settings.api_keys)
+
+    async def feedback_key(request: Request) -> None:
+        _check_key(request, rt.settings.feedback_keys or rt.settings.api_keys)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(api_key)], tags=["openai"],
+              response_model=ChatCompletionResponse, responses=_ERRORS,
+              description="Chat completion with per-choice `confidence`. " + STREAM_DOC)
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        return await proxy.handle(request, "chat", body.model_dump(exclude_unset=True))
+
+    @app.post("/v1/completions", dependencies=[Depends(api_key)], tags=["openai"],
+              response_model=CompletionResponse, responses=_ERRORS,
+              description="Text completion with per-choice `confidence`. " + STREAM_DOC)
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await proxy.handle(request, "completions", body.model_dump(exclude_unset=True))
+
+    @app.get("/v1/models", dependencies=[Depends(api_key)], tags=["openai"],
+             response_model=ModelList, responses={401: _ERRORS[401]})
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_card(m) for m in rt.models.values()]}
+
+    @app.get("/v1/models/{model}", dependencies=[Depends(api_key)], tags=["openai"],
+             response_model=ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
+    async def get_model(model: str) -> dict[str, Any]:
+        return _card(proxy.lookup(model))
+
+    @app.post("/v1/feedback", dependencies=[Depends(feedback_key)], tags=["calibserve"],
+              response_model=FeedbackResponse, responses=_FEEDBACK_ERRORS,
+              description="Record whether the response with this `id` was right. Each response "
+              "(and choice) counts once: a repeat gets 409. Malformed ids get 400; well-formed "
+              "ids whose HMAC signature does not verify (forged, wrong key) get 404, as do ids "
+              "for models not served here or too old to accept. For streams, use the `id` of "
+              "the last chunk.")
+    async def feedback(body: FeedbackRequest) -> FeedbackResponse:
+        return rt.feedback.record(body)
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
+    async def metrics() -> Response:
+        return Response(rt.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/health", tags=["ops"], description="The process is alive.")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], description="200 when every model's engine answers, "
+             "else 503 with per-model state.",
+             responses={503: {"description": "not ready"}})
+    async def ready() -> JSONResponse:
+        states = await rt.ready()
+        ok = rt.started and all(states.values())
+        return JSONResponse({"ready": ok, "models": states}, status_code=200 if ok else 503)
+
+    return app
+
+
+def _card(model: Any) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": model.created,
+            "owned_by": "calibserve", "root": model.name, "parent": None}

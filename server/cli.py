@@ -1,0 +1,209 @@
+"""`calibserve serve`: the short form (flags) and the full form (YAML) of the server's config.
+
+The lead registers `serve` as `calibserve serve` (`app.command("serve")(server.cli.serve)`);
+`app` here holds it alone for tests; `serve_model` is the Python entry point `calibserve demo`
+uses after merging. Flags override or extend what `--config` says.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import httpx
+import typer
+import uvicorn
+
+from server.config import DEFAULT_PORT, EngineSettings, ModelSettings, ServerSettings, TierSettings
+
+log = logging.getLogger("calibserve.server")
+app = typer.Typer(help="calibserve server", add_completion=False, no_args_is_help=True)
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _dir_name(path: Path) -> str:
+    path = path.expanduser().resolve()
+    # `calibserve merge` writes OUT/model: the output directory names the model better.
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
+def _discover_name(url: str, api_key: str | None) -> str | None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    root = url.rstrip("/")
+    root = root if root.rsplit("/", 1)[-1].startswith("v1") else root + "/v1"
+    try:
+        data = httpx.get(f"{root}/models", headers=headers, timeout=5.0).json()
+        ids = [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
+    except (httpx.HTTPError, ValueError, AttributeError, KeyError):
+        return None
+    return ids[0] if len(ids) == 1 else None
+
+
+def _escalation_tier(target: str, index: int, api_key: str | None) -> TierSettings:
+    if _is_url(target):
+        host = urlsplit(target).hostname or "upstream"
+        return TierSettings(name=f"escalate-{index}-{host}" if index else f"escalate-{host}",
+                            upstreams=[target], api_key=api_key)
+    path = Path(target)
+    if not path.is_dir():
+        raise typer.BadParameter(f"{target}: not a directory or http(s) URL",
+                                 param_hint="--escalate-to")
+    return TierSettings(name=_dir_name(path), model=path)
+
+
+def settings_from_cli(
+    *,
+    model: Path | None = None,
+    upstream: list[str] | None = None,
+    config: Path | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    served_model_name: str | None = None,
+    escalate_to: list[str] | None = None,
+    threshold: str | None = None,
+    target_accuracy: float | None = None,
+    policy: str | None = None,
+    budget: float | None = None,
+    stream_mode: str | None = None,
+    api_key: list[str] | None = None,
+    feedback_key: list[str] | None = None,
+    signing_key: str | None = None,
+    upstream_api_key: str | None = None,
+    max_model_len: int | None = None,
+    engine_arg: list[str] | None = None,
+) -> ServerSettings:
+    """Flags -> ServerSettings (the same object a YAML config produces)."""
+    overrides: dict[str, Any] = {
+        "host": host, "port": port, "signing_key": signing_key,
+        "api_keys": _split(api_key) or None, "feedback_keys": _split(feedback_key) or None,
+    }
+    if config is not None:
+        settings = ServerSettings.from_yaml(config, **overrides)
+    else:
+        settings = ServerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    upstreams = _split(upstream)
+    if model is not None and upstreams:
+        raise typer.BadParameter("give --model DIR or --upstream URL, not both")
+    if model is None and not upstreams:
+        if not settings.models:
+            raise typer.BadParameter("give --model DIR, --upstream URL or --config FILE")
+        return settings
+    engine = EngineSettings(max_model_len=max_model_len, extra_args=list(engine_arg or []))
+    entry: dict[str, Any] = {"engine": engine, "policy": policy, "budget": budget,
+                             "stream_mode": stream_mode, "target_accuracy": target_accuracy,
+                             "threshold": threshold}
+    if model is not None:
+        if not model.is_dir():
+            raise typer.BadParameter(f"{model}: not a directory", param_hint="--model")
+        name = served_model_name or _dir_name(model)
+        entry.update(name=name, model=model)
+    else:
+        name = served_model_name or _discover_name(upstreams[0], upstream_api_key)
+        if not name:
+            raise typer.BadParameter("cannot learn the model name from the upstream's /v1/models;"
+                                     " give --served-model-name", param_hint="--upstream")
+        entry.update(name=name, upstreams=upstreams, api_key=upstream_api_key)
+    entry["escalate_to"] = [
+        _escalation_tier(t, i, upstream_api_key) for i, t in enumerate(_split(escalate_to))
+    ]
+    models = [m for m in settings.models if m.name != entry["name"]]
+    models.insert(0, ModelSettings(**{k: v for k, v in entry.items() if v is not None}))
+    return settings.model_copy(update={"models": models})
+
+
+def run_server(settings: ServerSettings) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn drains in-flight requests, then engines stop."""
+    from server.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def serve_model(
+    model_dir: Path | str,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_PORT,
+    **options: Any,
+) -> None:
+    """Serve one checkpoint with a managed engine (what `calibserve demo` calls after merging).
+
+    `options` are `settings_from_cli` keywords (served_model_name, escalate_to, threshold, ...).
+    """
+    run_server(settings_from_cli(model=Path(model_dir), host=host, port=port, **options))
+
+
+def serve(
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="checkpoint directory to serve with a managed vLLM engine")] = None,
+    upstream: Annotated[list[str] | None, typer.Option(
+        "--upstream", help="external vLLM/OpenAI base URL (repeatable or comma list: replicas)"
+    )] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="YAML config (several models, tiers, keys); flags extend it")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address [default: 0.0.0.0]")] = None,
+    port: Annotated[int | None, typer.Option(help=f"listen port [default: {DEFAULT_PORT}]")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="model name clients use (default: the checkpoint's directory name)")] = None,
+    escalate_to: Annotated[list[str] | None, typer.Option(
+        "--escalate-to", help="stronger model: checkpoint DIR (second managed engine) or URL")
+    ] = None,
+    threshold: Annotated[str | None, typer.Option(
+        help="escalate below this calibrated confidence, or 'auto' (from calibration.json)")
+    ] = None,
+    target_accuracy: Annotated[float | None, typer.Option(
+        help="with --threshold auto: the accuracy target to take the threshold for")] = None,
+    policy: Annotated[str | None, typer.Option(help="never | threshold | budget")] = None,
+    budget: Annotated[float | None, typer.Option(
+        help="with --policy budget: target escalation rate")] = None,
+    stream_mode: Annotated[str | None, typer.Option(help="buffer | prefix:N | off")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", envvar="CALIBSERVE_API_KEY", help="bearer key(s) required on /v1/*")] = None,
+    feedback_key: Annotated[list[str] | None, typer.Option(
+        "--feedback-key", envvar="CALIBSERVE_FEEDBACK_KEY",
+        help="bearer key(s) for /v1/feedback (default: the API keys)")] = None,
+    signing_key: Annotated[str | None, typer.Option(
+        envvar="CALIBSERVE_SIGNING_KEY", help="HMAC key for response ids (share across replicas)")
+    ] = None,
+    upstream_api_key: Annotated[str | None, typer.Option(
+        envvar="CALIBSERVE_UPSTREAM_API_KEY", help="API key sent to --upstream/--escalate-to URLs")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="managed engine --max-model-len")] = None,
+    engine_arg: Annotated[list[str] | None, typer.Option(
+        "--engine-arg", help="extra vLLM argument (repeatable), e.g. --engine-arg=--enforce-eager")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Serve models with calibrated confidence behind an OpenAI-compatible API."""
+    settings = settings_from_cli(
+        model=model, upstream=upstream, config=config, host=host, port=port,
+        served_model_name=served_model_name, escalate_to=escalate_to, threshold=threshold,
+        target_accuracy=target_accuracy, policy=policy, budget=budget, stream_mode=stream_mode,
+        api_key=api_key, feedback_key=feedback_key, signing_key=signing_key,
+        upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,
+    )
+    run_server(settings.model_copy(update={"log_level": log_level}))
+
+
+app.command("serve")(serve)
+
+
+@app.callback()
+def _main() -> None:
+    """calibserve server commands."""

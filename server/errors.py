@@ -1,0 +1,132 @@
+"""OpenAI-shaped error responses and the exception handlers that produce them.
+
+Every error the server returns, whatever raised it, has the body
+`{"error": {"message", "type", "param", "code"}}` and a meaningful status, so OpenAI SDKs raise
+their usual exception classes (BadRequestError, NotFoundError, ...). Upstream failures map to
+502 (bad response), 503 (unavailable) and 504 (timeout); 4xx answers from the upstream pass through
+with their status and message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("calibserve.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error to send to the client as-is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else
+                                       "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers
+        self.counted = False  # already in calibserve_requests_total (the proxy knows the model)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None  # noqa: A002
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, **kwargs: Any) -> JSONResponse:
+    return APIError(status, message, **kwargs).response()
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None, "invalid_request"
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"We could not parse the JSON body of your request: {first.get('msg')}", None, (
+            "invalid_json"
+        )
+    msg = first.get("msg", "invalid value")
+    return (f"{param}: {msg}" if param else msg), param, "invalid_request"
+
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def _count(request: Request, status: int) -> None:
+    """Requests refused before the proxy knew their model still count, with model=""."""
+    endpoint = ENDPOINTS.get(request.url.path)
+    runtime = getattr(request.app.state, "runtime", None)
+    if endpoint is not None and runtime is not None:
+        outcome = "client_error" if status < 500 else "server_error"
+        runtime.metrics.requests.labels("", endpoint, outcome).inc()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every exception into an OpenAI-shaped JSON error."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if not exc.counted:
+            _count(request, exc.status)
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        _count(request, 400)
+        return error_response(400, message, param=param, code=code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error: %s", exc)
+        _count(request, 500)
+        return error_response(500, "internal server error", code="internal_error")

@@ -1,0 +1,132 @@
+"""Prometheus metrics of one server process, with the exact names docs/internals.md lists.
+
+Each runtime owns its own registry, so several apps (tests, the reliability harness) can live in
+one process. The per-bin calibration counters are rendered by hand: prometheus_client would rename
+`calibserve_calibration_confidence_sum` to `..._sum_total`, and fleet ECE recording rules rely on
+the exact names. The ECE gauge is computed by calibration/'s accumulator from the same pairs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from calibration import CalibrationAccumulator
+
+N_BINS = 15
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+)
+_OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
+)
+_CONFIDENCE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+class ServerMetrics:
+    """All server-side series; routing/ registers its own on the same registry if it wants."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "calibserve_requests", "Requests by model, endpoint and outcome",
+            ["model", "endpoint", "outcome"], registry=r,
+        )
+        self.duration = Histogram(
+            "calibserve_request_duration_seconds", "Total request time",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "calibserve_proxy_overhead_seconds", "Request time minus time spent upstream",
+            ["model", "endpoint"], buckets=_OVERHEAD_BUCKETS, registry=r,
+        )
+        self.confidence = Histogram(
+            "calibserve_confidence", "Calibrated confidence of served choices",
+            ["model"], buckets=_CONFIDENCE_BUCKETS, registry=r,
+        )
+        self.ece = Gauge(
+            "calibserve_ece", "ECE (15 bins) of accepted feedback on this replica",
+            ["model"], registry=r,
+        )
+        self.feedback = Counter(
+            "calibserve_feedback", "Feedback by outcome", ["model", "outcome"], registry=r,
+        )
+        self.upstream_errors = Counter(
+            "calibserve_upstream_errors", "Upstream failures seen by the server",
+            ["upstream", "kind"], registry=r,
+        )
+        self.engine_restarts = Counter(
+            "calibserve_engine_restarts", "Managed engine restarts", ["model"], registry=r,
+        )
+        self.engine_up = Gauge(
+            "calibserve_engine_up", "1 when the managed engine answers health checks",
+            ["model"], registry=r,
+        )
+        self._bins: dict[str, CalibrationAccumulator] = {}
+        self._lock = threading.Lock()
+
+    def init_model(self, model: str) -> None:
+        """Create a model's series at zero so dashboards and rate() see them from the start."""
+        with self._lock:
+            self._bins.setdefault(model, CalibrationAccumulator(n_bins=N_BINS))
+        self.ece.labels(model).set(0.0)
+
+    def record_feedback(self, model: str, confidence: float, correct: bool) -> None:
+        """One accepted feedback: per-bin counters and the ECE gauge move together."""
+        with self._lock:
+            acc = self._bins.setdefault(model, CalibrationAccumulator(n_bins=N_BINS))
+            acc.update(confidence, bool(correct))
+            ece = float(acc.ece())
+        self.ece.labels(model).set(ece)
+        self.feedback.labels(model, "accepted").inc()
+
+    def accumulator(self, model: str) -> CalibrationAccumulator:
+        """A copy of a model's calibration statistics on this replica."""
+        with self._lock:
+            acc = self._bins.get(model)
+            return acc.copy() if acc is not None else CalibrationAccumulator(n_bins=N_BINS)
+
+    def _calibration_text(self) -> str:
+        with self._lock:
+            snapshot = {m: (acc.counts.tolist(), acc.conf_sum.tolist(), acc.correct_sum.tolist())
+                        for m, acc in sorted(self._bins.items())}
+        families = (
+            ("calibserve_calibration_samples_total", "Feedback samples per confidence bin", 0),
+            ("calibserve_calibration_confidence_sum",
+             "Summed calibrated confidence of feedback samples per bin", 1),
+            ("calibserve_calibration_correct_total", "Feedback marked correct per bin", 2),
+        )
+        lines: list[str] = []
+        for name, doc, idx in families:
+            lines.append(f"# HELP {name} {doc}")
+            lines.append(f"# TYPE {name} counter")
+            for model, values in snapshot.items():
+                label = _escape(model)
+                for b, v in enumerate(values[idx]):
+                    lines.append(f'{name}{{bin="{b}",model="{label}"}} {_number(v)}')
+        return "\n".join(lines) + "\n"
+
+    def render(self) -> bytes:
+        # routing/ registers its series on the default registry (one router per process).
+        return (generate_latest(self.registry) + generate_latest(REGISTRY)
+                + self._calibration_text().encode())
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    v = float(value)
+    return str(int(v)) + ".0" if v.is_integer() else repr(v)

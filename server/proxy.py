@@ -1,0 +1,368 @@
+"""Serving one chat/completions request: route it, shape what the client sees, record metrics.
+
+What the client gets is the upstream's answer with three changes: each choice carries
+`confidence`, the response carries `calibserve` and a signed `id`, and logprobs appear only if the
+client asked for them (then as the upstream sent them, cut to the `top_logprobs` it asked for:
+the router always asks for at least 5 alternatives to compute the confidence).
+
+Streams: every chunk passes through as it comes; the chunk with a choice's `finish_reason` carries
+its `confidence`; the last chunk before `[DONE]` (the usage chunk when the client asked for usage,
+else an added chunk with no choices) carries the signed `id` to use for feedback and `calibserve`.
+Earlier chunks keep the upstream's id, because the confidence the signed id carries is only known
+at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
+from server.errors import APIError, error_body
+from server.runtime import ModelRuntime, ServerRuntime
+
+log = logging.getLogger("calibserve.server")
+T = TypeVar("T")
+PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+class EventStream(StreamingResponse):
+    """SSE response that always closes its generator when the response ends.
+
+    With ASGI 2.4 servers Starlette learns of a disconnect from a failed send and just stops
+    iterating; closing the generator here (rather than whenever it is garbage collected) is what
+    cancels the upstream generation at once.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+class ClientView:
+    """What the client asked to see of the logprobs the router always requests."""
+
+    __slots__ = ("endpoint", "want", "top")
+
+    def __init__(self, endpoint: str, body: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        if endpoint == "chat":
+            self.want = bool(body.get("logprobs"))
+            self.top = int(body.get("top_logprobs") or 0)
+        else:
+            self.want = body.get("logprobs") is not None
+            self.top = int(body.get("logprobs") or 0)
+
+    def apply(self, choice: dict[str, Any]) -> None:
+        """Strip or trim one choice's (or one delta's) logprobs in place."""
+        logprobs = choice.get("logprobs")
+        if not self.want:
+            if logprobs is not None:
+                choice["logprobs"] = None
+            return
+        if not isinstance(logprobs, dict):
+            return
+        k = self.top
+        if self.endpoint == "chat":
+            for entry in logprobs.get("content") or []:
+                top = entry.get("top_logprobs") if isinstance(entry, dict) else None
+                if isinstance(top, list) and len(top) > k:
+                    entry["top_logprobs"] = top[:k]
+            return
+        tops = logprobs.get("top_logprobs")
+        if not isinstance(tops, list):
+            return
+        tokens = logprobs.get("tokens") or []
+        for i, top in enumerate(tops):
+            if isinstance(top, dict) and len(top) > k:
+                # vLLM's completions top_logprobs: the k best plus the sampled token.
+                keep = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
+                sampled = tokens[i] if i < len(tokens) else None
+                kept = dict(keep)
+                if sampled in top and sampled not in kept:
+                    kept[sampled] = top[sampled]
+                tops[i] = {t: lp for t, lp in top.items() if t in kept}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Proxy:
+    """Request handling for /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, runtime: ServerRuntime) -> None:
+        self.rt = runtime
+        self.metrics = runtime.metrics
+
+    def lookup(self, name: str) -> ModelRuntime:
+        model = self.rt.models.get(name)
+        if model is None:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model",
+                           code="model_not_found")
+        return model
+
+    async def handle(self, request: Request, endpoint: str, body: dict[str, Any]) -> Response:
+        started = time.perf_counter()
+        model = self.lookup(body["model"])
+        n = body.get("n") or 1
+        if n > self.rt.settings.max_n:
+            raise APIError(400, f"n must be at most {self.rt.settings.max_n}", param="n",
+                           code="invalid_value")
+        if model.fast_fail:
+            self._count(model.name, endpoint, "upstream_error")
+            err = APIError(503, f"the engine for `{model.name}` is not running (restarting)",
+                           code="engine_unavailable", headers={"Retry-After": "1"})
+            err.counted = True
+            raise err
+        view = ClientView(endpoint, body)
+        if body.get("stream"):
+            return await self._stream(request, model, endpoint, body, view, started)
+        return await self._complete(request, model, endpoint, body, view, started)
+
+    # -- shared ---------------------------------------------------------------------------
+    def _count(self, model: str, endpoint: str, outcome: str) -> None:
+        self.metrics.requests.labels(model, endpoint, outcome).inc()
+
+    def _upstream_failure(self, model: str, endpoint: str, exc: UpstreamError) -> APIError:
+        err = self._upstream_error(model, endpoint, exc)
+        err.counted = True
+        return err
+
+    def _upstream_error(self, model: str, endpoint: str, exc: UpstreamError) -> APIError:
+        if isinstance(exc, UpstreamClientError):
+            self._count(model, endpoint, "client_error")
+            err = exc.body.get("error") if isinstance(exc.body, dict) else None
+            if isinstance(err, dict):
+                return APIError(exc.status_code, str(err.get("message") or exc.message),
+                                type=err.get("type") or None, param=err.get("param"),
+                                code=str(err["code"]) if err.get("code") is not None else None)
+            return APIError(exc.status_code, exc.message, code="upstream_rejected")
+        self._count(model, endpoint, "upstream_error")
+        self.metrics.upstream_errors.labels(exc.upstream or model, exc.kind).inc()
+        headers = None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        return APIError(exc.status_code, str(exc), code="upstream_" + exc.kind, headers=headers)
+
+    async def _engine_died(self, model: ModelRuntime, exc: UpstreamError) -> bool:
+        """Did a transport failure come from our managed engine dying? Then it is a 503.
+
+        The broken connection is often noticed a moment before the process exit is, so wait
+        briefly for the exit rather than report the death as a bad gateway.
+        """
+        engine = model.primary.engine if len(model.tiers) == 1 else None
+        if engine is None or isinstance(exc, UpstreamClientError):
+            return False
+        exited = engine.exited()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(exited), 0.25)
+        return exited.done()
+
+    def _engine_down(self, model: ModelRuntime, endpoint: str) -> APIError:
+        self._count(model.name, endpoint, "upstream_error")
+        err = APIError(503, f"the engine for `{model.name}` stopped while answering",
+                       code="engine_unavailable", headers={"Retry-After": "1"})
+        err.counted = True
+        return err
+
+    async def _guard(self, aw: Awaitable[T], request: Request, model: ModelRuntime) -> T:
+        """Await `aw`, but end early if the client disconnects or the managed engine dies.
+
+        A killed engine may leave its TCP connections half-open; without this, in-flight requests
+        would wait for a timeout instead of getting a 503 at once.
+        """
+        task = asyncio.ensure_future(aw)
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
+        waiters: set[asyncio.Future[Any]] = {task, disconnect}
+        engine = model.primary.engine if len(model.tiers) == 1 else None
+        exited = engine.exited() if engine is not None else None
+        if exited is not None:
+            waiters.add(exited)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # we were cancelled ourselves (shutdown): take the work with us
+            task.cancel()
+            raise
+        finally:
+            disconnect.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task})  # let it unwind (closes the upstream connection)
+        if exited is not None and exited.done():
+            raise APIError(503, f"the engine for `{model.name}` stopped while answering",
+                           code="engine_unavailable", headers={"Retry-After": "1"})
+        raise ClientDisconnected
+
+    def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]],
+                        view: ClientView) -> tuple[list[float], list[float]]:
+        scores: list[float] = []
+        raws: list[float] = []
+        for choice in choices:
+            conf = choice.get("confidence")
+            if not isinstance(conf, dict):  # a router that did not score: score here
+                c = model.primary.scorer.score_choice(choice.get("logprobs"))
+                conf = {"score": c.score, "raw": c.raw, "method": c.method}
+                choice["confidence"] = conf
+            view.apply(choice)
+            scores.append(float(conf["score"]))
+            raws.append(float(conf["raw"]))
+            self.metrics.confidence.labels(model.name).observe(conf["score"])
+        return scores, raws
+
+    @staticmethod
+    def _headers(result: RoutedResult, score: float | None) -> dict[str, str]:
+        headers = {
+            "x-calibserve-served-by": result.served_by,
+            "x-calibserve-escalated": "true" if result.escalated else "false",
+        }
+        if score is not None:
+            headers["x-calibserve-confidence"] = f"{score:.6f}"
+        return headers
+
+    def _observe(self, model: str, endpoint: str, started: float, upstream_s: float) -> None:
+        total = time.perf_counter() - started
+        self.metrics.duration.labels(model, endpoint).observe(total)
+        self.metrics.overhead.labels(model, endpoint).observe(max(0.0, total - upstream_s))
+
+    # -- non-streaming --------------------------------------------------------------------
+    async def _complete(self, request: Request, model: ModelRuntime, endpoint: str,
+                        body: dict[str, Any], view: ClientView, started: float) -> Response:
+        try:
+            result = await self._guard(self.rt.router.complete(model.route, endpoint, body),
+                                       request, model)
+        except UpstreamError as exc:
+            if await self._engine_died(model, exc):
+                raise self._engine_down(model, endpoint) from exc
+            raise self._upstream_failure(model.name, endpoint, exc) from exc
+        except ClientDisconnected:
+            self._count(model.name, endpoint, "client_error")
+            return Response(status_code=499)
+        except APIError as err:  # the engine died while we waited
+            self._count(model.name, endpoint, "upstream_error")
+            err.counted = True
+            raise
+        answer = result.body or {}
+        choices = answer.get("choices") or []
+        scores, raws = self._finish_choices(model, choices, view)
+        answer["id"] = self.rt.signer.issue(PREFIX[endpoint], model.name, scores, raws)
+        answer["model"] = model.name
+        answer["calibserve"] = result.calibserve()
+        self._count(model.name, endpoint, "ok")
+        self._observe(model.name, endpoint, started, result.upstream_seconds)
+        return JSONResponse(answer, headers=self._headers(result, scores[0] if scores else None))
+
+    # -- streaming ------------------------------------------------------------------------
+    async def _stream(self, request: Request, model: ModelRuntime, endpoint: str,
+                      body: dict[str, Any], view: ClientView, started: float) -> Response:
+        items = self.rt.router.stream(model.route, endpoint, body)
+        try:
+            # Read the first item before answering: failures to start become proper HTTP errors,
+            # and served_by/escalated are final by then (headers).
+            first = await self._guard(anext(items), request, model)
+        except UpstreamError as exc:
+            await items.aclose()
+            if await self._engine_died(model, exc):
+                raise self._engine_down(model, endpoint) from exc
+            raise self._upstream_failure(model.name, endpoint, exc) from exc
+        except ClientDisconnected:
+            await items.aclose()
+            self._count(model.name, endpoint, "client_error")
+            return Response(status_code=499)
+        except APIError as err:  # the engine died before the first chunk
+            await items.aclose()
+            self._count(model.name, endpoint, "upstream_error")
+            err.counted = True
+            raise
+        except BaseException:
+            await items.aclose()
+            raise
+        return EventStream(
+            self._events(model, endpoint, items, first, view, started),
+            media_type="text/event-stream",
+            headers=self._headers(first.result, None),
+        )
+
+    async def _events(self, model: ModelRuntime, endpoint: str,
+                      items: AsyncIterator[RoutedChunk], first: RoutedChunk, view: ClientView,
+                      started: float) -> AsyncIterator[str]:
+        scores: dict[int, float] = {}
+        raws: dict[int, float] = {}
+        held: dict[str, Any] | None = None  # the usage chunk, sent last with the summary
+        last: dict[str, Any] = {}
+        outcome = "ok"
+        item = first
+        try:
+            while item.data is not None:
+                chunk = item.data
+                choices = chunk.get("choices")
+                if not choices and "usage" in chunk:
+                    held = chunk
+                else:
+                    for choice in choices or []:
+                        conf = choice.get("confidence")
+                        if isinstance(conf, dict):
+                            idx = int(choice.get("index", 0))
+                            scores[idx], raws[idx] = float(conf["score"]), float(conf["raw"])
+                            self.metrics.confidence.labels(model.name).observe(conf["score"])
+                        view.apply(choice)
+                    last = chunk
+                    yield f"data: {_dumps(chunk)}\n\n"
+                item = await anext(items)
+            result = item.result
+            summary = {"id": ""} | (held if held is not None else {
+                "object": last.get("object", "chat.completion.chunk" if endpoint == "chat"
+                                   else "text_completion"),
+                "created": last.get("created", int(time.time())),
+                "model": model.name,
+                "choices": [],
+            })
+            order = sorted(scores)
+            summary["id"] = self.rt.signer.issue(
+                PREFIX[endpoint], model.name, [scores[i] for i in order] or [0.0],
+                [raws[i] for i in order] or [0.0],
+            )
+            summary["model"] = model.name
+            summary["calibserve"] = {**result.calibserve(), "confidence": result.confidence}
+            yield f"data: {_dumps(summary)}\n\n"
+            self._observe(model.name, endpoint, started, result.upstream_seconds)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "client_error"  # the client went away mid-stream
+            raise
+        except UpstreamError as exc:
+            outcome = "upstream_error"
+            self.metrics.upstream_errors.labels(exc.upstream or model.name, exc.kind).inc()
+            # vLLM's way to fail an open stream: an error event, then [DONE].
+            yield f"data: {_dumps(error_body(str(exc), 'upstream_error', None, exc.kind))}\n\n"
+        except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
+            outcome = "server_error"
+            log.exception("error while streaming: %s", exc)
+            yield f"data: {_dumps(error_body('internal server error', 'server_error'))}\n\n"
+        finally:
+            await items.aclose()  # on client disconnect too: cancels the upstream generation
+            self._count(model.name, endpoint, outcome)
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,229 @@
+"""The server's runtime: routes, upstreams, managed engines, signer, feedback and metrics.
+
+Built from `ServerSettings` alone (no CLI), held on `app.state.runtime`, started and stopped by the
+app's lifespan. The reliability harness and deploy tests build one directly::
+
+    runtime = ServerRuntime(settings); await runtime.start(); ...; await runtime.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from calibration import Scorer
+from routing import (
+    BudgetPolicy,
+    CircuitBreaker,
+    NeverPolicy,
+    Policy,
+    RetryPolicy,
+    Route,
+    Router,
+    ThresholdPolicy,
+    Tier,
+    Upstream,
+)
+from server.config import ModelSettings, ServerSettings, TierSettings
+from server.engine import ManagedEngine
+from server.feedback import FeedbackRecorder
+from server.ids import ResponseIdSigner
+from server.metrics import ServerMetrics
+from server.replicas import ReplicaPool
+from server.transport import LeanTransport
+
+log = logging.getLogger("calibserve.server")
+
+
+def load_calibration(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: calibration.json must be a JSON object")
+    return data
+
+
+def _transport_for(url: str) -> LeanTransport | None:
+    """The lean transport for plain-http upstreams; httpx's own (TLS and all) for the rest."""
+    return LeanTransport() if url.startswith("http://") else None
+
+
+class TierRuntime:
+    """One tier's live parts: its upstream client(s), optional managed engine and scorer."""
+
+    def __init__(self, settings: TierSettings, metrics: ServerMetrics, route: str) -> None:
+        self.settings = settings
+        self.calibration = load_calibration(settings.calibration_path())
+        if self.calibration is None:
+            log.warning("tier %s: no calibration.json; serving `mean` confidence with the "
+                        "identity calibrator", settings.name)
+        self.scorer = Scorer.from_config(self.calibration)
+        self.engine: ManagedEngine | None = None
+        self.upstream_model = settings.upstream_model or settings.name
+        if settings.model is not None:
+            metrics.engine_up.labels(settings.name).set(0)
+            metrics.engine_restarts.labels(settings.name)
+            self.engine = ManagedEngine(
+                settings.name, settings.model, settings.engine,
+                served_model_name=self.upstream_model,
+                on_up=lambda up: metrics.engine_up.labels(settings.name).set(int(up)),
+                on_restart=lambda: metrics.engine_restarts.labels(settings.name).inc(),
+            )
+            # A local engine restarting refuses connections: retrying would only delay the 503.
+            self.upstream: Upstream | ReplicaPool = Upstream(
+                settings.name, self.engine.url, timeout=settings.timeout_s,
+                retry=RetryPolicy(max_attempts=1),
+                breaker=CircuitBreaker(failure_threshold=1_000_000),
+                transport=_transport_for(self.engine.url),
+            )
+        else:
+            replicas = [
+                Upstream(
+                    settings.name if len(settings.upstreams) == 1 else f"{settings.name}#{i}",
+                    url, api_key=settings.resolved_api_key(), timeout=settings.timeout_s,
+                    transport=_transport_for(url),
+                )
+                for i, url in enumerate(settings.upstreams)
+            ]
+            self.upstream = replicas[0] if len(replicas) == 1 else ReplicaPool(
+                settings.name, replicas)
+        self.tier = Tier(model=self.upstream_model, upstream=self.upstream,  # type: ignore[arg-type]
+                         scorer=self.scorer, name=settings.name)
+
+    @property
+    def up(self) -> bool:
+        return self.engine.up if self.engine is not None else True
+
+    async def discover_model(self) -> None:
+        """External upstreams: learn the model name they serve when the config did not say."""
+        if self.engine is not None or self.settings.upstream_model:
+            return
+        try:
+            listing = await self.upstream.request_json("models")
+            ids = [m.get("id") for m in listing.get("data") or [] if isinstance(m, dict)]
+        except Exception as exc:  # noqa: BLE001 - startup must not die on a sleeping upstream
+            log.warning("tier %s: cannot list upstream models (%s); assuming %r",
+                        self.settings.name, exc, self.upstream_model)
+            return
+        if self.settings.name in ids:
+            chosen = self.settings.name
+        elif len(ids) == 1 and isinstance(ids[0], str):
+            chosen = ids[0]
+        else:
+            log.warning("tier %s: upstream serves %s; assuming %r", self.settings.name, ids,
+                        self.upstream_model)
+            return
+        self.upstream_model = chosen
+        self.tier.model = chosen
+
+    async def probe(self, timeout: float = 1.0) -> bool:
+        """Is the tier answering? Managed: engine state; external: any HTTP answer to /health."""
+        if self.engine is not None:
+            return self.engine.up
+        base = self.settings.upstreams[0]
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                response = await client.get(base.rstrip("/").removesuffix("/v1") + "/health")
+            return response.status_code < 500
+        except httpx.HTTPError:
+            return False
+
+
+class ModelRuntime:
+    """A client-visible model name: its route and its tiers."""
+
+    def __init__(self, settings: ModelSettings, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.tiers = [TierRuntime(settings, metrics, settings.name)] + [
+            TierRuntime(t, metrics, settings.name) for t in settings.escalate_to
+        ]
+        self.primary = self.tiers[0]
+        kwargs: dict[str, Any] = {}
+        if settings.stream_mode:
+            kwargs["stream_mode"] = settings.stream_mode
+        self.route = Route(settings.name, [t.tier for t in self.tiers], policy=self._policy(),
+                           **kwargs)
+        self.created = int(time.time())
+
+    def _policy(self) -> Policy:
+        s = self.settings
+        kind = s.resolved_policy()
+        if kind == "never" or len(self.tiers) < 2:
+            return NeverPolicy()
+        if kind == "budget":
+            if s.budget is None:
+                raise ValueError(f"model {s.name!r}: policy budget needs `budget` (a rate)")
+            return BudgetPolicy(s.budget)
+        if s.threshold is None or s.threshold == "auto":
+            if self.primary.calibration is None:
+                raise ValueError(f"model {s.name!r}: threshold auto needs a calibration.json; "
+                                 "give --threshold FLOAT")
+            return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy)
+        return ThresholdPolicy(float(s.threshold))
+
+    @property
+    def fast_fail(self) -> bool:
+        """Only a managed primary with no other tier: a down engine means an immediate 503."""
+        return len(self.tiers) == 1 and self.primary.engine is not None and not self.primary.up
+
+
+class ServerRuntime:
+    """Everything a running server holds; one per app."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        key = settings.resolved_signing_key()
+        if key is None:
+            log.warning("no signing key (--signing-key or CALIBSERVE_SIGNING_KEY): using a random "
+                        "one; feedback for this replica's responses works on this replica only, "
+                        "and not after a restart")
+            key = ResponseIdSigner.random_key()
+        self.signer = ResponseIdSigner(key)
+        self.models: dict[str, ModelRuntime] = {}
+        for model in settings.models:
+            self.models[model.name] = ModelRuntime(model, self.metrics)
+            self.metrics.init_model(model.name)
+        self.router = Router([m.route for m in self.models.values()])
+        self.feedback = FeedbackRecorder(
+            self.signer, self.metrics, set(self.models), settings.feedback_ttl_s,
+            settings.feedback_memory,
+        )
+        self.started = False
+
+    @property
+    def engines(self) -> list[ManagedEngine]:
+        return [t.engine for m in self.models.values() for t in m.tiers if t.engine is not None]
+
+    async def start(self) -> None:
+        """Start managed engines (concurrently) and discover external upstreams' model names."""
+        engines = self.engines
+        if engines:
+            results = await asyncio.gather(*(e.start() for e in engines), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
+                raise errors[0]
+        await asyncio.gather(*(t.discover_model() for m in self.models.values() for t in m.tiers))
+        self.started = True
+
+    async def stop(self) -> None:
+        await self.router.aclose()
+        await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
+        self.started = False
+
+    async def ready(self) -> dict[str, bool]:
+        """Per model: does its primary tier answer (or, failing that, any tier)?"""
+        out: dict[str, bool] = {}
+        for name, model in self.models.items():
+            states = await asyncio.gather(*(t.probe() for t in model.tiers))
+            out[name] = bool(states[0]) or any(states)
+        return out

@@ -1,0 +1,99 @@
+"""`calibserve serve` flags and YAML config -> ServerSettings (uvicorn itself is not started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import server.cli
+from server.config import ServerSettings
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServerSettings]:
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(server.cli, "run_server", seen.append)
+    return seen
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> object:
+    return CliRunner().invoke(server.cli.app, ["serve", *args], env=env)
+
+
+def test_model_dir_flags(tmp_path: Path, captured: list[ServerSettings]) -> None:
+    model = tmp_path / "run1" / "model"
+    model.mkdir(parents=True)
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    result = invoke("--model", str(model), "--port", "18399", "--escalate-to", str(expert),
+                    "--threshold", "0.6", "--stream-mode", "prefix:2", "--api-key", "a,b",
+                    "--feedback-key", "fb", env={"CALIBSERVE_SIGNING_KEY": "from-env"})
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    (s,) = captured
+    assert s.port == 18399 and s.host == "0.0.0.0"
+    assert s.api_keys == ["a", "b"] and s.feedback_keys == ["fb"]
+    assert s.signing_key == "from-env"
+    (m,) = s.models
+    assert m.name == "run1"  # OUT/model is named after OUT
+    assert m.model == model and m.threshold == 0.6 and m.stream_mode == "prefix:2"
+    assert m.resolved_policy() == "threshold"
+    assert [t.name for t in m.escalate_to] == ["expert"] and m.escalate_to[0].managed
+
+
+def test_upstream_flags(captured: list[ServerSettings]) -> None:
+    result = invoke("--upstream", "http://a:8000,http://b:8000/", "--upstream", "http://c:1",
+                    "--served-model-name", "merged", "--escalate-to", "https://api.x.com/v1",
+                    "--threshold", "auto", "--target-accuracy", "0.8")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    (m,) = captured[0].models
+    assert m.upstreams == ["http://a:8000", "http://b:8000", "http://c:1"]
+    assert m.threshold == "auto" and m.target_accuracy == 0.8
+    assert m.escalate_to[0].upstreams == ["https://api.x.com/v1"]
+
+
+def test_yaml_config_with_relative_paths(tmp_path: Path, captured: list[ServerSettings]) -> None:
+    (tmp_path / "m").mkdir()
+    config = tmp_path / "calibserve.yaml"
+    config.write_text(
+        "port: 18398\n"
+        "api_keys: [k1]\n"
+        "models:\n"
+        "  - name: merged\n"
+        "    model: m\n"
+        "    engine: {max_model_len: 128}\n"
+        "  - name: remote\n"
+        "    upstreams: http://r1:8000, http://r2:8000\n"
+        "    upstream_model: big\n"
+        "    policy: never\n"
+    )
+    result = invoke("--config", str(config), "--port", "18397")
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    s = captured[0]
+    assert s.port == 18397  # flags win over the file
+    assert s.api_keys == ["k1"]
+    assert s.models[0].model == tmp_path / "m"
+    assert s.models[0].engine.max_model_len == 128
+    assert s.models[1].upstreams == ["http://r1:8000", "http://r2:8000"]
+
+
+def test_errors(tmp_path: Path, captured: list[ServerSettings]) -> None:
+    assert invoke().exit_code != 0  # type: ignore[attr-defined]
+    assert invoke("--model", str(tmp_path / "missing")).exit_code != 0  # type: ignore[attr-defined]
+    both = invoke("--model", str(tmp_path), "--upstream", "http://x:1")
+    assert both.exit_code != 0  # type: ignore[attr-defined]
+    assert not captured
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n")  # neither model nor upstreams
+    with pytest.raises(ValueError, match="exactly one of"):
+        ServerSettings.from_yaml(bad)
+
+
+def test_help_lists_the_documented_options() -> None:
+    result = CliRunner().invoke(server.cli.app, ["serve", "--help"], env={"COLUMNS": "200"})
+    out = result.output
+    for option in ("--model", "--upstream", "--config", "--host", "--port",
+                   "--served-model-name", "--escalate-to", "--threshold", "--target-accuracy",
+                   "--stream-mode", "--api-key", "--feedback-key", "--signing-key"):
+        assert option in out, option

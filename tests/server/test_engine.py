@@ -1,0 +1,145 @@
+"""The managed engine: command line, start errors, supervision, and the server while it is down.
+
+Supervision is tested with a stand-in "python" that runs the fake upstream instead of vLLM (same
+command line, same /health), so restarts take milliseconds; the real vLLM engine is killed and
+restarted once in test_integration.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import EngineSettings, ServerSettings
+from server.engine import EngineStartError, ManagedEngine, build_command
+from tests.server.conftest import REPO, serve
+from tests.server.test_metrics import total
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
+
+
+def fake_python(tmp_path: Path, body: str | None = None) -> str:
+    """An executable that takes vLLM's command line and runs the fake upstream on its --port."""
+    script = tmp_path / "fake-python"
+    body = body or (
+        f'exec "{sys.executable}" "{REPO / "benchmarks" / "fake_upstream.py"}" '
+        '--port "$PORT" --model "$NAME"'
+    )
+    script.write_text(
+        "#!/bin/bash\n"
+        'while [ $# -gt 0 ]; do case "$1" in --port) PORT=$2; shift;; '
+        "--served-model-name) NAME=$2; shift;; esac; shift; done\n"
+        'echo "pretend vLLM starting on $PORT"\n' + body + "\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_cpu_and_gpu_commands(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    cmd, env = build_command(tmp_path, "m", "127.0.0.1", 18350, EngineSettings(), cuda=False)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    for part in ("--dtype float32", "--max-model-len 512", "--gpu-memory-utilization 0.3",
+                 "--max-logprobs 20", "--served-model-name m", "--port 18350"):
+        assert part in joined
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    gpu, _ = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(), cuda=True)
+    assert "--dtype" not in gpu and "--gpu-memory-utilization" not in gpu
+    assert "--max-logprobs" in gpu
+
+
+def test_start_failure_includes_log_tail(tmp_path: Path) -> None:
+    settings = EngineSettings(python=fake_python(tmp_path, 'echo "boom: no such model"; exit 3'),
+                              start_timeout_s=20)
+    engine = ManagedEngine("m", tmp_path, settings)
+    with pytest.raises(EngineStartError, match="boom: no such model"):
+        asyncio.run(engine.start())
+    assert not engine.up
+
+
+def test_start_timeout(tmp_path: Path) -> None:
+    settings = EngineSettings(python=fake_python(tmp_path, 'echo "loading forever"; sleep 60'),
+                              start_timeout_s=1.5)
+    engine = ManagedEngine("m", tmp_path, settings)
+    with pytest.raises(EngineStartError, match="(?s)not healthy after .*loading forever"):
+        asyncio.run(engine.start())
+
+
+def test_restart_after_kill(tmp_path: Path) -> None:
+    asyncio.run(_restart_after_kill(tmp_path))
+
+
+async def _restart_after_kill(tmp_path: Path) -> None:
+    restarts: list[int] = []
+    settings = EngineSettings(python=fake_python(tmp_path), restart_backoff_s=0.1)
+    engine = ManagedEngine("m", tmp_path, settings, on_restart=lambda: restarts.append(1))
+    await engine.start()
+    try:
+        assert engine.up
+        exited = engine.exited()
+        assert not exited.done()
+        pid = engine.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(exited, 5)
+        assert not engine.up
+        deadline = time.monotonic() + 20
+        while not engine.up and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine.up and engine.pid != pid and restarts == [1]
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{engine.url}/health")).status_code == 200
+    finally:
+        await engine.stop()
+    assert not engine.up
+
+
+def test_server_with_managed_engine_down_and_back(tmp_path: Path) -> None:
+    settings = ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "m", "model": str(tmp_path), "engine": {
+            "python": fake_python(tmp_path), "restart_backoff_s": 1.0}}],
+    })
+    with serve(settings) as running, httpx.Client(base_url=running.url, timeout=10) as c:
+        engine = running.runtime.engines[0]
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert c.get("/ready").status_code == 200
+        # An in-flight request when the engine dies ends at once with 503, it does not hang.
+        httpx.post(f"{engine.url}/fake/mode", json={"mode": "hang"})
+        results: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: results.append(
+            c.post("/v1/chat/completions", json=CHAT)))
+        t.start()
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        os.kill(engine.pid, signal.SIGKILL)
+        t.join(5)
+        assert results and results[0].status_code == 503, results
+        assert time.monotonic() - killed_at < 1.0
+        # While it restarts: fast 503s and /ready false.
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert c.get("/ready").status_code == 503
+        assert "calibserve_engine_up{model=\"m\"} 0.0" in c.get("/metrics").text
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+        text = c.get("/metrics").text
+        assert total(text, "calibserve_engine_restarts_total", model="m") == 1
+        assert total(text, "calibserve_engine_up", model="m") == 1
+        pid = engine.pid
+    # Shutdown stops the engine (no orphan left behind).
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -1,0 +1,260 @@
+"""Bad input and upstream faults: OpenAI-shaped errors, right statuses, and serving goes on.
+
+The upstream here is benchmarks/fake_upstream.py (a fake with canned answers) because faults must
+be injected on demand; behaviour against a real vLLM server is in test_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from server.config import ServerSettings
+from tests.server.conftest import FakeUpstream, RunningServer, serve
+from tests.server.test_metrics import total
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "question : ?"}]}
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def proxy(fake_upstream: FakeUpstream) -> Iterator[RunningServer]:
+    settings = ServerSettings.model_validate({
+        "signing_key": "k", "max_body_bytes": 64 * 1024,
+        "models": [{"name": "fake", "upstreams": [fake_upstream.url],
+                    "upstream_model": "fake-model", "timeout_s": 1.0}],
+    })
+    with serve(settings) as running:
+        yield running
+    fake_upstream.mode("ok")
+
+
+@pytest.fixture
+def client(proxy: RunningServer, fake_upstream: FakeUpstream) -> Iterator[httpx.Client]:
+    fake_upstream.mode("ok")
+    with httpx.Client(base_url=proxy.url, timeout=10) as c:
+        yield c
+    fake_upstream.mode("ok")
+
+
+def still_serving(client: httpx.Client) -> None:
+    r = client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["choices"][0]["confidence"]["score"] <= 1
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b'{"model": "fake", "messages": "hello"}', "messages"),
+    (b'{"model": 3, "messages": [{"role": "user", "content": "x"}]}', "model"),
+    (b'{"model": "fake", "messages": []}', "messages"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+     "temperature"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 0}', "n"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 1000}', "n"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": "x"}',
+     "max_tokens"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 99}',
+     "top_logprobs"),
+    (b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+     "stream"),
+    (b"[1, 2]", None),
+    (b"\xff\xfe\xfa", None),
+])
+def test_bad_requests_are_400(client: httpx.Client, body: bytes, param: str | None) -> None:
+    r = client.post("/v1/chat/completions", content=body,
+                    headers={"content-type": "application/json"})
+    err = assert_openai_error(r, 400)
+    if param:
+        assert err["param"] == param
+    still_serving(client)
+
+
+def test_completions_validation(client: httpx.Client) -> None:
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "x", "logprobs": 50})
+    assert assert_openai_error(r, 400)["param"] == "logprobs"
+    r = client.post("/v1/completions", json={"model": "fake"})
+    assert assert_openai_error(r, 400)["param"] == "prompt"
+
+
+def test_unknown_model_404_and_unknown_path(client: httpx.Client) -> None:
+    err = assert_openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "x"}),
+                              404)
+    assert err["code"] == "model_not_found"
+    assert_openai_error(client.get("/v1/models/x"), 404)
+    assert_openai_error(client.get("/v1/nope"), 404)
+    assert_openai_error(client.delete("/v1/models"), 405)
+
+
+def test_oversized_body_413(client: httpx.Client) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "a" * 100_000}]}
+    assert_openai_error(client.post("/v1/chat/completions", json=big), 413)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "fake", "messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"a" * 1024
+        yield b'"}]}'
+
+    r = client.post("/v1/chat/completions", content=chunks(),
+                    headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+    still_serving(client)
+
+
+@pytest.mark.parametrize("mode, status", [
+    ("error500", 502), ("garbage", 502), ("drop", 502), ("error503", 503), ("hang", 504),
+])
+def test_upstream_faults_map_to_5xx(
+    client: httpx.Client, fake_upstream: FakeUpstream, mode: str, status: int
+) -> None:
+    fake_upstream.mode(mode)
+    started = time.monotonic()
+    r = client.post("/v1/chat/completions", json=CHAT)
+    elapsed = time.monotonic() - started
+    err = assert_openai_error(r, status)
+    assert str(err["code"]).startswith("upstream_")
+    assert elapsed < 5, "never hang: the upstream timeout is 1 s"
+    fake_upstream.mode("ok")
+    still_serving(client)
+
+
+def test_upstream_4xx_passes_through(client: httpx.Client, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.mode("error400")
+    err = assert_openai_error(client.post("/v1/chat/completions", json=CHAT), 400)
+    assert "injected bad request" in str(err["message"])
+
+
+def test_stream_dropped_midway_ends_with_error_event(
+    client: httpx.Client, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.mode("drop_mid_stream")
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "error" in json.loads(events[-2])
+    fake_upstream.mode("ok")
+    still_serving(client)
+
+
+def test_stream_that_cannot_start_gets_http_status(
+    client: httpx.Client, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.mode("error500")
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert_openai_error(r, 502)
+
+
+def test_client_disconnect_ends_request(
+    client: httpx.Client, proxy: RunningServer, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.mode("slow", delay_ms=800)
+    before = total(client.get("/metrics").text, "calibserve_requests_total",
+                   outcome="client_error")
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json=CHAT, timeout=0.2)
+    time.sleep(0.3)
+    after = total(client.get("/metrics").text, "calibserve_requests_total",
+                  outcome="client_error")
+    assert after == before + 1  # noticed and cancelled before the upstream answered
+
+
+def test_upstream_errors_are_counted(client: httpx.Client, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.mode("error500")
+    client.post("/v1/chat/completions", json=CHAT)
+    text = client.get("/metrics").text
+    assert total(text, "calibserve_upstream_errors_total", kind="status") >= 1
+    assert total(text, "calibserve_requests_total", outcome="upstream_error") >= 1
+
+
+def test_unreachable_upstream_is_503_fast(serve_settings: object) -> None:
+    settings = ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "dead", "upstreams": ["http://127.0.0.1:9"],
+                    "upstream_model": "dead"}],
+    })
+    with serve(settings) as running:
+        started = time.monotonic()
+        r = httpx.post(f"{running.url}/v1/chat/completions", json={**CHAT, "model": "dead"},
+                       timeout=10)
+        assert_openai_error(r, 503)
+        assert time.monotonic() - started < 3
+        ready = httpx.get(f"{running.url}/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+
+
+def test_api_keys_and_feedback_key(fake_upstream: FakeUpstream) -> None:
+    settings = ServerSettings.model_validate({
+        "signing_key": "k", "api_keys": ["sk-a", "sk-b"], "feedback_keys": ["fb"],
+        "models": [{"name": "fake", "upstreams": [fake_upstream.url],
+                    "upstream_model": "fake-model"}],
+    })
+    with serve(settings) as running, httpx.Client(base_url=running.url, timeout=10) as c:
+        err = assert_openai_error(c.post("/v1/chat/completions", json=CHAT), 401)
+        assert err["code"] == "invalid_api_key"
+        assert_openai_error(c.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+        ok = c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-b"})
+        assert ok.status_code == 200
+        fb = {"id": ok.json()["id"], "correct": True}
+        assert_openai_error(c.post("/v1/feedback", json=fb,
+                                   headers={"Authorization": "Bearer sk-b"}), 401)
+        r = c.post("/v1/feedback", json=fb, headers={"Authorization": "Bearer fb"})
+        assert r.status_code == 200, r.text
+        assert c.get("/metrics").status_code == 200  # scrapes need no key
+        assert c.get("/health").status_code == 200
+
+
+def test_feedback_http_statuses(client: httpx.Client) -> None:
+    answer = client.post("/v1/chat/completions", json=CHAT).json()
+    rid = answer["id"]
+    assert rid.startswith("chatcmpl-")
+    r = client.post("/v1/feedback", json={"id": rid, "correct": True})
+    assert r.status_code == 200 and r.json()["confidence"] == answer["choices"][0][
+        "confidence"]["score"]
+    assert assert_openai_error(client.post("/v1/feedback", json={"id": rid, "correct": True}),
+                               409)["code"] == "duplicate_feedback"
+    forged = rid[:-4] + ("AAAA" if not rid.endswith("AAAA") else "BBBB")
+    assert_openai_error(client.post("/v1/feedback", json={"id": forged, "correct": True}), 404)
+    assert_openai_error(client.post("/v1/feedback", json={"id": "chatcmpl-x", "correct": True}),
+                        400)
+    assert_openai_error(client.post("/v1/feedback", json={"id": rid}), 400)
+    assert_openai_error(client.post("/v1/feedback", json={"id": rid, "correct": "yes"}), 400)
+    assert_openai_error(client.post("/v1/feedback", content=b"{"), 400)
+
+
+def test_openapi_documents_confidence_and_feedback(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+    assert "confidence" in schemas["ChatChoice"]["properties"]
+    assert "calibserve" in schemas["ChatCompletionResponse"]["properties"]
+    assert {"400", "404", "409"} <= set(doc["paths"]["/v1/feedback"]["post"]["responses"])
+    assert "404" in doc["paths"]["/v1/feedback"]["post"]["description"]
+
+
+def test_replicas_round_robin_and_fail_over(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.mode("ok")
+    settings = ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "fake", "upstreams": f"http://127.0.0.1:9,{fake_upstream.url}",
+                    "upstream_model": "fake-model"}],
+    })
+    before = httpx.get(f"{fake_upstream.url}/fake/stats").json()["requests"]
+    with serve(settings) as running:
+        for _ in range(4):  # half of these start on the dead replica and move on
+            r = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200, r.text
+    after = httpx.get(f"{fake_upstream.url}/fake/stats").json()["requests"]
+    assert after - before >= 4

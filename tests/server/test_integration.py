@@ -1,0 +1,330 @@
+"""calibserve in front of real vLLM CPU servers, driven by the official openai SDK.
+
+One vLLM server for the demo's aligned model (shared fixture, fronted with `--upstream`), one
+managed engine started by calibserve itself (killed once to check 503 then recovery), and the
+merged model (calibration.json, `answer` method) once merge has landed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import calibration
+from calibration import Scorer
+from server.config import ServerSettings
+from tests.server.conftest import RunningServer, serve
+from tests.server.test_metrics import sample
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def mc_items(demo_dir: Path, n: int = 12) -> list[dict[str, Any]]:
+    path = demo_dir / "data" / "test.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+def mc_prompt(item: dict[str, Any]) -> str:
+    from demo.chat import format_mc_prompt
+
+    return format_mc_prompt(item)
+
+
+def as_dict(obj: Any) -> Any:
+    return obj.model_dump() if hasattr(obj, "model_dump") else obj
+
+
+@pytest.fixture(scope="module")
+def upstream(vllm_server: Callable[[Path, str], str], demo_dir: Path) -> str:
+    return vllm_server(demo_dir / "aligned", "aligned")
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: str) -> Iterator[RunningServer]:
+    settings = ServerSettings.model_validate({
+        "signing_key": "integration",
+        "models": [{"name": "aligned", "upstreams": [upstream]}],
+    })
+    with serve(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def via(proxy: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def direct(upstream: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{upstream}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def prompt(demo_dir: Path) -> str:
+    return mc_prompt(mc_items(demo_dir, 1)[0])
+
+
+def test_models_lists_the_route(via: openai.OpenAI) -> None:
+    assert [m.id for m in via.models.list().data] == ["aligned"]
+
+
+def test_chat_logprobs_confidence_and_headers(
+    via: openai.OpenAI, direct: openai.OpenAI, prompt: str
+) -> None:
+    msgs = [{"role": "user", "content": prompt}]
+    raw = via.chat.completions.with_raw_response.create(
+        model="aligned", messages=msgs, temperature=0, max_tokens=4, logprobs=True,
+        top_logprobs=5)
+    resp = raw.parse()
+    choice = resp.choices[0]
+    conf = choice.model_extra["confidence"]
+    lp = as_dict(choice.logprobs)
+    # The confidence is calibration's Scorer on exactly the logprobs the client was given.
+    expected = Scorer.from_config(None).score_choice(lp)
+    assert conf == {"score": expected.score, "raw": expected.raw, "method": "mean"}
+    assert raw.headers["x-calibserve-confidence"] == f"{conf['score']:.6f}"
+    assert raw.headers["x-calibserve-served-by"] == "aligned"
+    assert raw.headers["x-calibserve-escalated"] == "false"
+    assert resp.model_extra["calibserve"]["served_by"] == "aligned"
+    assert resp.id.startswith("chatcmpl-") and resp.model == "aligned"
+    assert resp.usage is not None and resp.usage.completion_tokens == len(lp["content"])
+    # ... and those logprobs are what vLLM itself returns for the same request.
+    ref = direct.chat.completions.create(
+        model="aligned", messages=msgs, temperature=0, max_tokens=4, logprobs=True,
+        top_logprobs=5).choices[0]
+    assert choice.message.content == ref.message.content
+    got = [(e["token"], e["logprob"]) for e in lp["content"]]
+    want = [(e.token, e.logprob) for e in ref.logprobs.content]
+    assert [t for t, _ in got] == [t for t, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-4, atol=1e-5)
+
+    # Fewer top_logprobs than the router asks for: cut to what the client asked.
+    two = via.chat.completions.create(model="aligned", messages=msgs, temperature=0,
+                                      max_tokens=4, logprobs=True, top_logprobs=2).choices[0]
+    for entry, full in zip(two.logprobs.content, lp["content"], strict=True):
+        assert [t.token for t in entry.top_logprobs] == [
+            t["token"] for t in full["top_logprobs"][:2]]
+    # No logprobs asked: none returned, confidence still there.
+    off = via.chat.completions.create(model="aligned", messages=msgs, temperature=0, max_tokens=4)
+    assert off.choices[0].logprobs is None
+    assert off.choices[0].model_extra["confidence"]["score"] == pytest.approx(conf["score"],
+                                                                             rel=1e-4)
+
+
+def test_completions_logprobs_and_confidence(
+    via: openai.OpenAI, direct: openai.OpenAI, prompt: str
+) -> None:
+    text = f"<|user|> {prompt} <|assistant|> answer :"
+    resp = via.completions.create(model="aligned", prompt=text, temperature=0, max_tokens=3,
+                                  logprobs=5)
+    choice = resp.choices[0]
+    lp = as_dict(choice.logprobs)
+    expected = Scorer.from_config(None).score_choice(lp)
+    assert choice.model_extra["confidence"]["score"] == expected.score
+    assert resp.id.startswith("cmpl-")
+    ref = direct.completions.create(model="aligned", prompt=text, temperature=0, max_tokens=3,
+                                    logprobs=5).choices[0]
+    assert choice.text == ref.text and lp["tokens"] == ref.logprobs.tokens
+    one = via.completions.create(model="aligned", prompt=text, temperature=0, max_tokens=3,
+                                 logprobs=1).choices[0]
+    assert all(len(top) <= 2 for top in one.logprobs.top_logprobs)  # 1 best (+ sampled)
+    off = via.completions.create(model="aligned", prompt=text, temperature=0, max_tokens=3)
+    assert off.choices[0].logprobs is None
+
+
+def test_n2_stop_and_max_tokens(via: openai.OpenAI, prompt: str) -> None:
+    msgs = [{"role": "user", "content": prompt}]
+    resp = via.chat.completions.create(model="aligned", messages=msgs, n=2, temperature=1.0,
+                                       seed=1, max_tokens=3)
+    assert len(resp.choices) == 2
+    for c in resp.choices:
+        assert 0 <= c.model_extra["confidence"]["score"] <= 1
+    one = via.chat.completions.create(model="aligned", messages=msgs, temperature=0, max_tokens=1)
+    assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 1
+    full = via.chat.completions.create(model="aligned", messages=msgs, temperature=0,
+                                       max_tokens=6).choices[0].message.content
+    assert full
+    first_word = full.split()[0]
+    stopped = via.chat.completions.create(model="aligned", messages=msgs, temperature=0,
+                                          max_tokens=6, stop=[first_word])
+    assert first_word not in (stopped.choices[0].message.content or "")
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def collect_stream(stream: Any) -> tuple[list[Any], str]:
+    chunks = list(stream)
+    text = "".join(
+        (c.choices[0].delta.content or "") if hasattr(c.choices[0], "delta") else c.choices[0].text
+        for c in chunks if c.choices
+    )
+    return chunks, text
+
+
+def test_chat_stream(via: openai.OpenAI, proxy: RunningServer, prompt: str) -> None:
+    msgs = [{"role": "user", "content": prompt}]
+    whole = via.chat.completions.create(model="aligned", messages=msgs, temperature=0,
+                                        max_tokens=4)
+    chunks, text = collect_stream(via.chat.completions.create(
+        model="aligned", messages=msgs, temperature=0, max_tokens=4, stream=True,
+        logprobs=True, top_logprobs=5, stream_options={"include_usage": True}))
+    assert text == whole.choices[0].message.content
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1
+    conf = finish[0].choices[0].model_extra["confidence"]
+    scorer = Scorer.from_config(None).stream()
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            scorer.feed(as_dict(c.choices[0].logprobs))
+    assert conf["score"] == scorer.confidence().score
+    last = chunks[-1]
+    assert last.usage is not None and last.model_extra["calibserve"]["served_by"] == "aligned"
+    r = httpx.post(f"{proxy.url}/v1/feedback", json={"id": last.id, "correct": True})
+    assert r.status_code == 200 and r.json()["confidence"] == conf["score"]
+    # Without logprobs asked: none in any chunk, the confidence is still on the finish chunk.
+    chunks, _ = collect_stream(via.chat.completions.create(
+        model="aligned", messages=msgs, temperature=0, max_tokens=4, stream=True))
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+    assert [c for c in chunks if c.choices and c.choices[0].finish_reason][0].choices[
+        0].model_extra["confidence"]["score"] == pytest.approx(conf["score"], rel=1e-4)
+
+
+def test_completions_stream_n2(via: openai.OpenAI, prompt: str) -> None:
+    text = f"<|user|> {prompt} <|assistant|> answer :"
+    chunks = list(via.completions.create(model="aligned", prompt=text, max_tokens=3, n=2,
+                                         temperature=1.0, seed=3, stream=True))
+    finished = {c.choices[0].index: c.choices[0].model_extra["confidence"]
+                for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert set(finished) == {0, 1}
+    assert chunks[-1].id.startswith("cmpl-") and "calibserve" in chunks[-1].model_extra
+
+
+def test_feedback_moves_bins_and_ece_to_calibrations_values(
+    upstream: str, demo_dir: Path
+) -> None:
+    settings = ServerSettings.model_validate({
+        "signing_key": "fb", "models": [{"name": "aligned", "upstreams": [upstream]}]})
+    items = mc_items(demo_dir, 12)
+    with serve(settings) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        pairs: list[tuple[float, bool]] = []
+        for item in items:
+            resp = client.chat.completions.create(
+                model="aligned", messages=[{"role": "user", "content": mc_prompt(item)}],
+                temperature=0, max_tokens=1)
+            answer = (resp.choices[0].message.content or "").strip()
+            correct = answer == "ABCDEFGH"[item["answer"]]
+            score = resp.choices[0].model_extra["confidence"]["score"]
+            r = httpx.post(f"{running.url}/v1/feedback", json={"id": resp.id, "correct": correct})
+            assert r.status_code == 200, r.text
+            pairs.append((score, correct))
+        # A replay is refused and moves nothing.
+        assert httpx.post(f"{running.url}/v1/feedback",
+                          json={"id": resp.id, "correct": not correct}).status_code == 409
+        text = httpx.get(f"{running.url}/metrics").text
+    conf = np.array([p[0] for p in pairs])
+    correct = np.array([p[1] for p in pairs])
+    bins = calibration.bin_index(conf, n_bins=15)
+    for b in range(15):
+        sel = bins == b
+        assert sample(text, "calibserve_calibration_samples_total", model="aligned",
+                      bin=str(b)) == sel.sum()
+        assert sample(text, "calibserve_calibration_correct_total", model="aligned",
+                      bin=str(b)) == correct[sel].sum()
+        assert sample(text, "calibserve_calibration_confidence_sum", model="aligned",
+                      bin=str(b)) == pytest.approx(conf[sel].sum(), rel=1e-12, abs=1e-15)
+    assert sample(text, "calibserve_ece", model="aligned") == pytest.approx(
+        calibration.ece(conf, correct), rel=1e-12, abs=1e-15)
+
+
+def test_errors_through_the_sdk(via: openai.OpenAI, upstream: str, prompt: str) -> None:
+    msgs = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.NotFoundError):
+        via.chat.completions.create(model="nope", messages=msgs)
+    with pytest.raises(openai.BadRequestError):
+        via.chat.completions.create(model="aligned", messages=msgs, temperature=7)
+    with pytest.raises(openai.BadRequestError) as info:  # vLLM's own 400 passes through
+        via.chat.completions.create(model="aligned", messages=msgs, max_tokens=100_000)
+    assert info.value.body is not None
+    with pytest.raises(openai.APIStatusError) as big:
+        via.chat.completions.create(model="aligned",
+                                    messages=[{"role": "user", "content": "a " * 3_000_000}])
+    assert big.value.status_code == 413
+    settings = ServerSettings.model_validate({
+        "signing_key": "k", "api_keys": ["sk-1"],
+        "models": [{"name": "aligned", "upstreams": [upstream]}]})
+    with serve(settings) as running:
+        bad = openai.OpenAI(base_url=f"{running.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model="aligned", messages=msgs)
+        good = openai.OpenAI(base_url=f"{running.url}/v1", api_key="sk-1", max_retries=0)
+        assert good.chat.completions.create(model="aligned", messages=msgs, max_tokens=2).choices
+    # Still serving after all of that.
+    assert via.chat.completions.create(model="aligned", messages=msgs, max_tokens=2).choices
+
+
+def test_managed_engine_killed_gives_503_then_recovers(demo_dir: Path, prompt: str) -> None:
+    settings = ServerSettings.model_validate({
+        "signing_key": "managed",
+        "models": [{"name": "managed", "model": str(demo_dir / "aligned"),
+                    "engine": {"max_model_len": 256, "restart_backoff_s": 0.5}}],
+    })
+    msgs = [{"role": "user", "content": prompt}]
+    with serve(settings) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        ok = client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
+        assert ok.choices[0].model_extra["confidence"]["method"] == "mean"
+        engine = running.runtime.engines[0]
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while engine.up and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
+        assert info.value.status_code == 503
+        assert httpx.get(f"{running.url}/ready").status_code == 503
+        deadline = time.monotonic() + 420
+        while httpx.get(f"{running.url}/ready").status_code != 200:
+            assert time.monotonic() < deadline, engine.log_tail()
+            time.sleep(1)
+        again = client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
+        assert again.choices[0].message.content is not None
+        text = httpx.get(f"{running.url}/metrics").text
+        assert sample(text, "calibserve_engine_restarts_total", model="managed") == 1
+        pid = engine.pid
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_merged_model_serves_answer_confidence(
+    merged_dir: Path, vllm_server: Callable[[Path, str], str], demo_dir: Path
+) -> None:
+    cal_path = merged_dir / "calibration.json"
+    assert cal_path.is_file(), "merge output must carry calibration.json"
+    cal = json.loads(cal_path.read_text())
+    url = vllm_server(merged_dir, "merged-upstream")
+    settings = ServerSettings.model_validate({
+        "signing_key": "merged",
+        "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged-upstream",
+                    "calibration": str(cal_path)}],
+    })
+    scorer = Scorer.from_config(cal)
+    with serve(settings) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        for item in mc_items(demo_dir, 3):
+            resp = client.chat.completions.create(
+                model="merged", messages=[{"role": "user", "content": mc_prompt(item)}],
+                temperature=0, max_tokens=1, logprobs=True, top_logprobs=5)
+            conf = resp.choices[0].model_extra["confidence"]
+            expected = scorer.score_choice(as_dict(resp.choices[0].logprobs))
+            assert conf["method"] == cal["confidence"]["method"] == expected.method
+            assert conf["score"] == expected.score and conf["raw"] == expected.raw

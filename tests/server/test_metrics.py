@@ -1,0 +1,138 @@
+"""Metric names and the feedback -> per-bin counters -> ECE path (no upstream needed)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import calibration
+from server.feedback import FeedbackRecorder
+from server.ids import ResponseIdSigner
+from server.metrics import ServerMetrics
+from server.openai_schema import FeedbackRequest
+
+NAMES = [
+    "calibserve_requests_total", "calibserve_request_duration_seconds_bucket",
+    "calibserve_proxy_overhead_seconds_bucket", "calibserve_confidence_bucket",
+    "calibserve_calibration_samples_total", "calibserve_calibration_confidence_sum",
+    "calibserve_calibration_correct_total", "calibserve_ece", "calibserve_feedback_total",
+    "calibserve_upstream_errors_total", "calibserve_engine_restarts_total",
+    "calibserve_engine_up",
+]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in exposition")
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """Sum of all series of `name` whose labels include `labels`."""
+    out = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                out += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def exercised_metrics() -> ServerMetrics:
+    m = ServerMetrics()
+    m.init_model("m")
+    m.requests.labels("m", "chat", "ok").inc()
+    m.duration.labels("m", "chat").observe(0.1)
+    m.overhead.labels("m", "chat").observe(0.001)
+    m.confidence.labels("m").observe(0.5)
+    m.feedback.labels("m", "forged").inc()
+    m.upstream_errors.labels("u", "connect").inc()
+    m.engine_restarts.labels("m").inc()
+    m.engine_up.labels("m").set(1)
+    return m
+
+
+def test_exposition_has_exact_names() -> None:
+    text = exercised_metrics().render().decode()
+    for name in NAMES:
+        assert re.search(rf"^{name}[{{ ]", text, re.M), name
+    # prometheus_client would have exported this one as ..._sum_total: it must not.
+    assert "calibserve_calibration_confidence_sum_total" not in text
+    assert "# TYPE calibserve_calibration_confidence_sum counter" in text
+    # 15 bins per model, labelled "0".."14", present from the start.
+    for b in range(15):
+        assert sample(text, "calibserve_calibration_samples_total", model="m", bin=str(b)) == 0
+
+
+def test_feedback_moves_bins_and_ece_exactly() -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0, 1, 200)
+    conf[:3] = [0.0, 1.0, 14 / 15]  # edges: first bin, 1.0 in the last bin, a boundary
+    correct = rng.uniform(0, 1, 200) < conf
+    metrics = ServerMetrics()
+    signer = ResponseIdSigner("k")
+    recorder = FeedbackRecorder(signer, metrics, {"m"}, ttl_s=3600, memory=1000)
+    metrics.init_model("m")
+    for c, y in zip(conf, correct, strict=True):
+        rid = signer.issue("chatcmpl-", "m", [float(c)], [float(c)])
+        recorder.record(FeedbackRequest(id=rid, correct=bool(y)))
+    text = metrics.render().decode()
+    bins = calibration.bin_index(conf, n_bins=15)
+    for b in range(15):
+        in_bin = bins == b
+        assert sample(text, "calibserve_calibration_samples_total", model="m", bin=str(b)) == \
+            in_bin.sum()
+        assert sample(text, "calibserve_calibration_correct_total", model="m", bin=str(b)) == \
+            correct[in_bin].sum()
+        assert sample(text, "calibserve_calibration_confidence_sum", model="m", bin=str(b)) == \
+            pytest.approx(conf[in_bin].sum(), rel=1e-12, abs=1e-12)
+    expected = calibration.ece(conf, correct)
+    assert sample(text, "calibserve_ece", model="m") == pytest.approx(expected, rel=1e-12)
+    assert sample(text, "calibserve_feedback_total", model="m", outcome="accepted") == 200
+
+
+def test_rejected_feedback_never_moves_counters() -> None:
+    from server.errors import APIError
+
+    metrics = ServerMetrics()
+    signer = ResponseIdSigner("k")
+    recorder = FeedbackRecorder(signer, metrics, {"m"}, ttl_s=3600, memory=1000)
+    good = signer.issue("chatcmpl-", "m", [0.7], [0.7])
+    recorder.record(FeedbackRequest(id=good, correct=True))
+    cases = [
+        (good, 409, "duplicate"),
+        (ResponseIdSigner("other").issue("chatcmpl-", "m", [0.7], [0.7]), 404, "forged"),
+        (signer.issue("chatcmpl-", "not-served", [0.7], [0.7]), 404, "unknown"),
+        ("chatcmpl-garbage", 400, "malformed"),
+        (good[:-5], 400, "malformed"),
+        (signer.issue("cmpl-", "m", [0.7], [0.7], now=1.0), 404, "unknown"),  # expired
+    ]
+    for rid, status, _ in cases:
+        with pytest.raises(APIError) as info:
+            recorder.record(FeedbackRequest(id=rid, correct=False))
+        assert info.value.status == status, rid
+    acc = metrics.accumulator("m")
+    assert acc.count == 1 and float(acc.correct_sum.sum()) == 1.0
+    text = metrics.render().decode()
+    assert total(text, "calibserve_feedback_total", outcome="duplicate") == 1
+    assert total(text, "calibserve_feedback_total", outcome="forged") == 1
+    assert total(text, "calibserve_feedback_total", outcome="unknown") == 2
+    assert total(text, "calibserve_feedback_total", outcome="malformed") == 2
+
+
+def test_score_alternative_and_choice_index() -> None:
+    metrics = ServerMetrics()
+    signer = ResponseIdSigner("k")
+    recorder = FeedbackRecorder(signer, metrics, {"m"}, ttl_s=3600, memory=1000)
+    rid = signer.issue("chatcmpl-", "m", [0.2, 0.95], [0.2, 0.95])
+    out = recorder.record(FeedbackRequest(id=rid, score=1, choice=1))
+    assert out.confidence == 0.95 and out.correct and out.bin == 14
+    recorder.record(FeedbackRequest(id=rid, correct=False))  # choice 0: its own feedback
+    assert metrics.accumulator("m").count == 2

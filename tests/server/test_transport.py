@@ -1,0 +1,109 @@
+"""The lean HTTP/1.1 transport: bodies, streams, keep-alive reuse and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from server.transport import LeanTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def with_server(handler: Handler, test: Callable[[str], Awaitable[None]]) -> None:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await test(f"http://127.0.0.1:{port}")
+    finally:
+        server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return await reader.readexactly(length)
+
+
+def test_content_length_chunked_and_reuse() -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if body == b"stream":
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: %d\r\nx-a: 1\r\n\r\n%s"
+                             % (len(body), body))
+            await writer.drain()
+
+    async def test(url: str) -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            r = await client.post(url + "/echo?q=1", content=b"payload")
+            assert (r.status_code, r.content, r.headers["x-a"]) == (201, b"payload", "1")
+            async with client.stream("POST", url, content=b"stream") as s:
+                parts = [p async for p in s.aiter_raw()]
+            assert b"".join(parts) == b"hello world"
+            for _ in range(3):
+                assert (await client.post(url, json={"k": 1})).json() == {"k": 1}
+        assert connections == 1  # kept alive throughout
+
+    asyncio.run(with_server(handler, test))
+
+
+def test_server_closing_idle_connection_is_retried_once() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await read_request(reader)
+        # Claims keep-alive, then closes: the next request on this connection finds EOF.
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def test(url: str) -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            for i in range(3):
+                assert (await client.post(url, content=b"%d" % i)).content == b"%d" % i
+
+    asyncio.run(with_server(handler, test))
+
+
+def test_errors_map_to_httpx_exceptions() -> None:
+    async def refused() -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            await client.get("http://127.0.0.1:9/")
+
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(refused())
+
+    async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort")
+        await writer.drain()
+        writer.close()
+
+    async def test(url: str) -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            with pytest.raises(httpx.TransportError):
+                await client.post(url, content=b"x")
+
+    asyncio.run(with_server(truncate, test))
+
+    async def https() -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            await client.get("https://127.0.0.1:9/")
+
+    with pytest.raises(httpx.UnsupportedProtocol):
+        asyncio.run(https())
