@@ -1,0 +1,336 @@
+"""Faults under load: the managed vLLM engine killed, the escalation tier dying, SIGTERM drains.
+
+1. `engine_kill`: calibserve with a managed REAL vLLM CPU engine (the demo model), closed-loop
+   load from a few clients, then SIGKILL to the engine process. Measured: how long in-flight
+   requests took to end after the kill and with which status (want 503 within 1 s), /ready
+   (want 503 while down), the restart, and the recovery time (kill -> first 200) with no action.
+2. `escalation_dies`: primary and escalation tiers are two FAKE upstreams, the threshold makes
+   every request escalate; the escalation fake is SIGKILLed mid-load. Want: every answer a 200
+   from the primary with `calibserve.escalation_error` once the tier is gone.
+3. `sigterm_drain`: `calibserve serve` (subprocess) over a slow FAKE upstream; requests in flight,
+   then SIGTERM. Want: every in-flight request completes with 200 and the process exits cleanly
+   (status 0, or -15: uvicorn re-raises SIGTERM after draining).
+
+    python -m benchmarks.reliability.faults [--model /work/dev-demo/aligned] [--skip-engine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.reliability.harness import (
+    FAKE_MODEL,
+    SIGNING_KEY,
+    CalibserveProcess,
+    FakeUpstream,
+    InProcessServer,
+    chat_body,
+    metric_sum,
+    scrape,
+    write_result,
+)
+
+
+@dataclass
+class Outcome:
+    started: float  # monotonic
+    ended: float
+    status: int | None
+    error: str | None = None
+    body: dict[str, Any] | None = None
+
+
+@dataclass
+class Load:
+    """Closed-loop clients hammering one endpoint until stopped; every outcome is kept."""
+
+    url: str
+    body: dict[str, Any]
+    clients: int = 4
+    timeout: float = 30.0
+    pause: float = 0.0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(self.clients)]
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = client.post("/v1/chat/completions", json=self.body)
+                    body = r.json() if r.headers.get("content-type", "").startswith(
+                        "application/json") else None
+                    o = Outcome(t0, time.monotonic(), r.status_code, body=body)
+                except httpx.HTTPError as exc:
+                    o = Outcome(t0, time.monotonic(), None, repr(exc)[:160])
+                with self._lock:
+                    self.outcomes.append(o)
+                if self.pause:
+                    self._stop.wait(self.pause)
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.timeout + 5)
+
+
+def _wait(cond: Any, timeout: float, step: float = 0.05) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(httpx.HTTPError):
+            if cond():
+                return time.monotonic() - t0
+        time.sleep(step)
+    return None
+
+
+# --- 1. the managed engine killed ---------------------------------------------------------------
+
+def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
+                server: InProcessServer | None = None, recover_timeout: float = 420.0
+                ) -> dict[str, Any]:
+    """SIGKILL the managed engine under load (see the module docstring). Reuses `server` if
+    given (a running calibserve whose first model has a managed engine)."""
+    from server.config import ServerSettings
+
+    own = server is None
+    if server is None:
+        settings = ServerSettings.model_validate({
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1",
+            "models": [{"name": name, "model": str(model_dir),
+                        "engine": {"max_model_len": 256, "restart_backoff_s": 0.5}}]})
+        server = InProcessServer(settings, start_timeout=recover_timeout)
+    try:
+        runtime = server.runtime
+        model = next(iter(runtime.models))
+        engine = runtime.engines[0]
+        body = {"model": model, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "question : what is the color of "
+                              "ent1 ? A red B blue C green D gold"}]}
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            warm = c.post("/v1/chat/completions", json=body)
+            assert warm.status_code == 200, warm.text
+            before = scrape(server.url)
+        with Load(server.url, body, clients=clients) as load:
+            time.sleep(2.0)  # a steady state with requests in flight
+            old_pid = engine.pid
+            assert old_pid is not None
+            killed = time.monotonic()
+            os.kill(old_pid, signal.SIGKILL)
+            not_ready = _wait(lambda: httpx.get(f"{server.url}/ready", timeout=2)
+                              .status_code == 503, 5.0)
+            # Bounded wait for traffic to recover by itself (no operator action).
+            _wait(lambda: any(o.status == 200 and o.started > killed + 1.0
+                              for o in list(load.outcomes)), recover_timeout, 0.2)
+            time.sleep(2.0)  # traffic after recovery
+        outcomes = list(load.outcomes)
+        after = scrape(server.url)
+        # In flight at the kill: started before it, ended after it. A 200 among them was
+        # already answered when the engine died; anything else must be a prompt 503.
+        in_flight = [o for o in outcomes if o.started < killed < o.ended]
+        # Recovery: the first request started after the engine was surely dead (1 s) that got a
+        # 200 (the wait above only bounds the test; this is the figure reported).
+        firsts = [o.started for o in outcomes if o.status == 200 and o.started > killed + 1.0]
+        recovery = (min(firsts) - killed) if firsts else None
+        down = [o for o in outcomes if killed <= o.started and (
+            recovery is None or o.started < killed + recovery)]
+        post = [o for o in outcomes if recovery is not None and o.started >= killed + recovery]
+        errors = [o for o in in_flight + down if o.status not in (200, 503)]
+        return {
+            "model_dir": str(model_dir),
+            "clients": clients,
+            "requests_before_kill": sum(1 for o in outcomes if o.ended <= killed),
+            "in_flight_at_kill": len(in_flight),
+            "in_flight_statuses": _count(o.status for o in in_flight),
+            "in_flight_end_after_kill_ms_max": round(max(
+                ((o.ended - killed) * 1000 for o in in_flight), default=0.0), 1),
+            "ready_false_after_s": None if not_ready is None else round(not_ready, 3),
+            "requests_while_down": len(down),
+            "statuses_while_down": _count(o.status for o in down),
+            "fast_503_per_s_while_down": round(
+                sum(1 for o in down if o.status == 503) / recovery, 1) if recovery else None,
+            "slowest_while_down_ms": round(max(((o.ended - o.started) * 1000 for o in down),
+                                               default=0.0), 1),
+            "recovery_s": None if recovery is None else round(recovery, 1),
+            "statuses_after_recovery": _count(o.status for o in post),
+            "engine_restarts": metric_sum(after, "calibserve_engine_restarts_total")
+            - metric_sum(before, "calibserve_engine_restarts_total"),
+            "new_engine_pid": engine.pid != old_pid,
+            "errors_not_200_or_503": len(errors),
+            "error_samples": [f"{o.status} {o.error}" for o in errors[:3]],
+        }
+    finally:
+        if own:
+            server.stop()
+
+
+def _count(statuses: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in statuses:
+        out[str(s)] = out.get(str(s), 0) + 1
+    return out
+
+
+def engine_kill_ok(r: dict[str, Any]) -> bool:
+    return (r["in_flight_at_kill"] > 0 and r["in_flight_end_after_kill_ms_max"] <= 1000
+            and set(r["in_flight_statuses"]) <= {"200", "503"}
+            and r["ready_false_after_s"] is not None and r["slowest_while_down_ms"] <= 1000
+            and r["recovery_s"] is not None and r["errors_not_200_or_503"] == 0
+            and r["engine_restarts"] >= 1 and r["new_engine_pid"]
+            and set(r["statuses_after_recovery"]) == {"200"})
+
+
+# --- 2. the escalation tier dies ---------------------------------------------------------------
+
+def escalation_dies(clients: int = 4, seconds: float = 3.0) -> dict[str, Any]:
+    from server.config import ServerSettings
+
+    with FakeUpstream() as primary, FakeUpstream() as expert:
+        settings = ServerSettings.model_validate({
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1",
+            "models": [{"name": FAKE_MODEL, "upstreams": [primary.url],
+                        "upstream_model": FAKE_MODEL, "policy": "threshold", "threshold": 0.999,
+                        "escalate_to": [{"name": "expert", "upstreams": [expert.url],
+                                         "upstream_model": FAKE_MODEL, "timeout_s": 2.0}]}]})
+        with InProcessServer(settings) as srv, Load(srv.url, chat_body(), clients) as load:
+            time.sleep(seconds)
+            killed = time.monotonic()
+            expert.proc.kill()  # SIGKILL: the tier vanishes mid-load
+            expert.proc.wait()
+            time.sleep(seconds)
+        outcomes = list(load.outcomes)
+    before = [o for o in outcomes if o.ended < killed]
+    after = [o for o in outcomes if o.started > killed + 0.01]
+
+    def served(o: Outcome) -> str:
+        info = (o.body or {}).get("calibserve") or {}
+        if o.status != 200:
+            return f"status {o.status}"
+        if info.get("escalation_error"):
+            return f"{info.get('served_by')} + escalation_error"
+        return f"{info.get('served_by')}{' (escalated)' if info.get('escalated') else ''}"
+
+    return {
+        "before_kill": _count(served(o) for o in before),
+        "after_kill": _count(served(o) for o in after),
+        "after_kill_p99_ms": _p99([(o.ended - o.started) for o in after]),
+        "sample_error": next(((o.body or {}).get("calibserve", {}).get("escalation_error")
+                              for o in after if o.body), None),
+    }
+
+
+def _p99(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000, 1)
+
+
+def escalation_ok(r: dict[str, Any]) -> bool:
+    after = r["after_kill"]
+    return bool(after) and set(after) == {f"{FAKE_MODEL} + escalation_error"} and any(
+        "expert" in k for k in r["before_kill"])
+
+
+# --- 3. SIGTERM drains --------------------------------------------------------------------------
+
+def sigterm_drain(in_flight: int = 8, delay_ms: float = 1500) -> dict[str, Any]:
+    with FakeUpstream() as fake:
+        proc = CalibserveProcess(["--upstream", fake.url, "--served-model-name", FAKE_MODEL,
+                                  "--log-level", "warning"])
+        fake.mode("slow", delay_ms=delay_ms)
+        results: list[Outcome] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            t0 = time.monotonic()
+            try:
+                r = httpx.post(f"{proc.url}/v1/chat/completions", json=chat_body(), timeout=30)
+                o = Outcome(t0, time.monotonic(), r.status_code)
+            except httpx.HTTPError as exc:
+                o = Outcome(t0, time.monotonic(), None, repr(exc)[:120])
+            with lock:
+                results.append(o)
+
+        threads = [threading.Thread(target=one) for _ in range(in_flight)]
+        for t in threads:
+            t.start()
+        _wait(lambda: fake.stats()["in_flight"] >= in_flight, 10.0)
+        term = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = False
+        try:
+            httpx.post(f"{proc.url}/v1/chat/completions", json=chat_body(), timeout=3)
+        except httpx.HTTPError:
+            refused = True
+        for t in threads:
+            t.join(30)
+        try:
+            code = proc.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - reported as a failure below
+            code = None
+        exited = time.monotonic() - term
+        proc.stop()
+    return {"in_flight": in_flight, "upstream_delay_ms": delay_ms,
+            "statuses": _count(o.status for o in results),
+            "new_request_after_sigterm_refused": refused,
+            "exit_code": code, "exit_after_sigterm_s": round(exited, 2)}
+
+
+def drain_ok(r: dict[str, Any]) -> bool:
+    # uvicorn re-raises the captured SIGTERM once it has drained: -15 is its clean exit.
+    return r["statuses"] == {"200": r["in_flight"]} and r["exit_code"] in (0, -signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(
+        os.environ.get("CALIBSERVE_DEMO_DIR", "/work/dev-demo")) / "aligned")
+    parser.add_argument("--skip-engine", action="store_true", help="no real vLLM engine kill")
+    parser.add_argument("--quick", action="store_true", help="same as the default (bounded)")
+    args = parser.parse_args(argv)
+    console = Console(width=140)
+    out: dict[str, Any] = {}
+    oks: dict[str, bool] = {}
+    with console.status("escalation tier dying under load"):
+        out["escalation_dies"] = escalation_dies()
+    oks["escalation_dies"] = escalation_ok(out["escalation_dies"])
+    with console.status("SIGTERM with requests in flight"):
+        out["sigterm_drain"] = sigterm_drain()
+    oks["sigterm_drain"] = drain_ok(out["sigterm_drain"])
+    if not args.skip_engine:
+        with console.status(f"SIGKILL of the managed vLLM engine ({args.model}); start and "
+                            "restart take minutes on a shared CPU"):
+            out["engine_kill"] = engine_kill(args.model)
+        oks["engine_kill"] = engine_kill_ok(out["engine_kill"])
+    for name, result in out.items():
+        console.print(f"{'[green]ok[/]' if oks[name] else '[red]FAIL[/]'} {name}: {result}")
+    write_result("faults", {"results": out, "ok": oks})
+    return 0 if all(oks.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Sustained load: N minutes at a fixed request rate through calibserve over the FAKE upstream.
+
+Open-loop arrivals (a request starts every 1/rate seconds whether or not earlier ones are done,
+so a slowing server shows up as latency rather than as a lower offered rate), a realistic mix
+(chat 70%, chat streaming 15%, completions 10%, feedback for 5% of answers), and per window:
+achieved rate, errors, p50/p99 latency, calibserve's resident memory. Pass criteria: zero errors,
+p99 stable (no window's p99 above 3x the median window's), RSS growth after warm-up under 5%.
+
+    python -m benchmarks.reliability.soak --minutes 10 --rate 100
+    python -m benchmarks.reliability.soak --quick          # 1 minute at 50 req/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+from benchmarks.reliability.harness import (
+    FAKE_MODEL,
+    Percentiles,
+    calibserve_over_fake,
+    chat_body,
+    write_result,
+)
+
+MAX_IN_FLIGHT = 512  # past this the client, not the server, is the bottleneck: count and skip
+
+
+@dataclass
+class Window:
+    index: int
+    started_s: float
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    rss_mib: float = 0.0
+    load1: float = 0.0  # machine load at the window's end: other jobs share these 2 cores
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        p = Percentiles.of(self.latencies)
+        return {"window": self.index, "from_s": round(self.started_s), "sent": self.sent,
+                "ok": self.ok, "rate_per_s": round(self.ok / seconds, 1),
+                "errors": self.errors, "p50_ms": round(p.p50_ms, 2), "p99_ms": round(p.p99_ms, 2),
+                "max_ms": round(p.max_ms, 2), "rss_mib": round(self.rss_mib, 1),
+                "load1": round(self.load1, 2)}
+
+
+async def _one(client: httpx.AsyncClient, rng: random.Random, window: Window) -> None:
+    roll = rng.random()
+    t0 = time.perf_counter()
+    try:
+        if roll < 0.15:
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json=chat_body(stream=True)) as r:
+                text = "".join([part async for part in r.aiter_text()])
+                good = r.status_code == 200 and text.rstrip().endswith("[DONE]") \
+                    and '"error"' not in text
+                status = r.status_code
+        elif roll < 0.25:
+            r = await client.post("/v1/completions", json={"model": FAKE_MODEL, "prompt": "hi",
+                                                           "max_tokens": 8})
+            good, status = r.status_code == 200, r.status_code
+        else:
+            r = await client.post("/v1/chat/completions", json=chat_body())
+            good, status = r.status_code == 200, r.status_code
+            if good and roll > 0.95:
+                fb = await client.post("/v1/feedback", json={"id": r.json()["id"],
+                                                             "correct": rng.random() < 0.7})
+                good, status = fb.status_code == 200, fb.status_code
+    except httpx.HTTPError as exc:
+        window.errors[type(exc).__name__] = window.errors.get(type(exc).__name__, 0) + 1
+        return
+    if good:
+        window.ok += 1
+        window.latencies.append(time.perf_counter() - t0)
+    else:
+        key = f"status {status}"
+        window.errors[key] = window.errors.get(key, 0) + 1
+
+
+async def _soak(url: str, seconds: float, rate: float, window_s: float,
+                rss: Callable[[], int] | None, tick: Callable[[float], None] | None
+                ) -> list[Window]:
+    rng = random.Random(0)
+    windows: list[Window] = []
+    tasks: set[asyncio.Task[None]] = set()
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        start = time.perf_counter()
+        n = 0
+        while True:
+            now = time.perf_counter() - start
+            if now >= seconds:
+                break
+            idx = int(now // window_s)
+            while len(windows) <= idx:
+                if windows and rss is not None:
+                    windows[-1].rss_mib = rss() / 2**20
+                if windows:
+                    windows[-1].load1 = os.getloadavg()[0]
+                windows.append(Window(len(windows), len(windows) * window_s))
+                if tick is not None:
+                    tick(min(now, seconds))
+            w = windows[idx]
+            w.sent += 1
+            if len(tasks) >= MAX_IN_FLIGHT:
+                w.errors["client_saturated"] = w.errors.get("client_saturated", 0) + 1
+            else:
+                task = asyncio.create_task(_one(client, rng, w))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            n += 1
+            # Open loop: sleep until the next scheduled arrival, not for a fixed gap.
+            delay = n / rate - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        if windows and rss is not None:
+            windows[-1].rss_mib = rss() / 2**20
+        if windows:
+            windows[-1].load1 = os.getloadavg()[0]
+    return windows
+
+
+def verdict(windows: list[dict[str, Any]], warmup_windows: int) -> dict[str, Any]:
+    steady = windows[warmup_windows:] or windows
+    p99s = [w["p99_ms"] for w in steady if w["ok"]]
+    med = statistics.median(p99s) if p99s else float("nan")
+    rss0 = steady[0]["rss_mib"]
+    rss_end = steady[-1]["rss_mib"]
+    rss_max = max(w["rss_mib"] for w in steady)
+    errors = sum(sum(w["errors"].values()) for w in windows)
+    growth = (rss_end - rss0) / rss0 * 100 if rss0 else float("nan")
+    return {
+        "requests_ok": sum(w["ok"] for w in windows),
+        "errors": errors,
+        "p99_ms_median_window": round(med, 2),
+        "p99_ms_worst_window": round(max(p99s), 2) if p99s else None,
+        "p99_worst_over_median": round(max(p99s) / med, 2) if p99s and med else None,
+        "rss_mib_after_warmup": rss0,
+        "rss_mib_end": rss_end,
+        "rss_mib_max": rss_max,
+        "rss_growth_pct": round(growth, 2),
+        "pass": errors == 0 and bool(p99s) and max(p99s) <= 3 * med and growth < 5.0,
+    }
+
+
+def run_soak(url: str, minutes: float, rate: float, window_s: float,
+             rss: Callable[[], int] | None, tick: Callable[[float], None] | None = None
+             ) -> dict[str, Any]:
+    seconds = minutes * 60
+    windows = asyncio.run(_soak(url, seconds, rate, window_s, rss, tick))
+    summaries = [w.summary(window_s) for w in windows]
+    warmup = max(1, int(round(min(60.0, seconds * 0.1) / window_s)))
+    return {"minutes": minutes, "rate_offered": rate, "window_s": window_s,
+            "warmup_windows": warmup, "windows": summaries, **verdict(summaries, warmup)}
+
+
+@dataclass
+class SoakArgs:
+    minutes: float
+    rate: float
+    window_s: float
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=100.0, help="offered requests per second")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds per reported window")
+    parser.add_argument("--quick", action="store_true", help="1 minute at 50 req/s, 10 s windows")
+    args = parser.parse_args(argv)
+    a = SoakArgs(args.minutes, args.rate, args.window)
+    if args.quick:
+        a = SoakArgs(1.0, 50.0, 10.0)
+    console = Console(width=140)
+    with calibserve_over_fake(in_process=False) as (srv, _fake), Progress(console=console) as bar:
+        task = bar.add_task(f"soak {a.minutes:g} min at {a.rate:g} req/s", total=a.minutes * 60)
+        out = run_soak(srv.url, a.minutes, a.rate, a.window_s, srv.rss,
+                       tick=lambda t: bar.update(task, completed=t))
+        bar.update(task, completed=a.minutes * 60)
+    table = Table(title="soak: calibserve (subprocess) over the FAKE upstream")
+    for col in ("window", "from s", "ok", "rate/s", "errors", "p50 ms", "p99 ms", "RSS MiB",
+                "load"):
+        table.add_column(col, justify="right")
+    for w in out["windows"]:
+        table.add_row(str(w["window"]), str(w["from_s"]), str(w["ok"]), str(w["rate_per_s"]),
+                      str(sum(w["errors"].values())), str(w["p50_ms"]), str(w["p99_ms"]),
+                      str(w["rss_mib"]), str(w["load1"]))
+    console.print(table)
+    console.print({k: v for k, v in out.items() if k != "windows"})
+    write_result("soak", {"config": asdict(a), **out})
+    return 0 if out["pass"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

