@@ -1,0 +1,1 @@
+"""Escalation benchmark: accuracy of the final answers against the escalation rate."""

@@ -1,0 +1,70 @@
+"""What the router hands back to the server: the answer plus how it was obtained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RoutedResult:
+    """One routed request. For streams `body` is None and the fields fill in as it goes.
+
+    - `served_by`: name of the tier whose answer the client gets.
+    - `escalated`: a tier other than the primary answered (low confidence, budget, or fallback).
+    - `reason`: `low_confidence|budget|primary_failed` when escalation was tried, else None
+      (kept when escalation failed, so `reason` set with `escalated` False means "wanted to").
+    - `primary_confidence`: the primary's calibrated confidence the decision used (minimum over
+      choices; in `prefix:N` streams the prefix confidence); None if the primary failed.
+    - `confidence`: calibrated confidence of the served answer (minimum over choices).
+    - `threshold`: the policy's threshold at decision time (None for `never`).
+    - `escalation_error`: why the stronger tier(s) failed; the client got the primary's answer.
+    - `primary_error`: why the primary failed when another tier answered instead.
+    - `upstream_seconds`: time spent waiting on upstreams (total minus this = proxy overhead).
+    - `agreement`: escalated and both answered: did the primary agree with the answer served?
+    """
+
+    route: str
+    body: dict[str, Any] | None = None
+    served_by: str = ""
+    escalated: bool = False
+    primary_confidence: float | None = None
+    confidence: float | None = None
+    threshold: float | None = None
+    reason: str | None = None
+    escalation_error: str | None = None
+    primary_error: str | None = None
+    tiers_tried: list[str] = field(default_factory=list)
+    upstream_seconds: float = 0.0
+    agreement: bool | None = None
+
+    def calibserve(self) -> dict[str, Any]:
+        """The `calibserve` object of a response (DESIGN.md); JSON-ready."""
+        return {
+            "served_by": self.served_by,
+            "escalated": self.escalated,
+            "primary_confidence": self.primary_confidence,
+            "threshold": self.threshold,
+            "reason": self.reason,
+            "escalation_error": self.escalation_error,
+            "primary_error": self.primary_error,
+            "tiers_tried": list(self.tiers_tried),
+            "agreement": self.agreement,
+        }
+
+
+@dataclass
+class RoutedChunk:
+    """One item of `Router.stream`: an SSE chunk to send, or (data None) the end of the stream.
+
+    `result` is the same RoutedResult object on every item: `served_by` and `escalated` are final
+    from the first chunk on (so the server can set headers then); confidence, agreement and
+    timing are final on the last item, whose `data` is None and which must not be sent.
+    """
+
+    data: dict[str, Any] | None
+    result: RoutedResult
+
+    @property
+    def final(self) -> bool:
+        return self.data is None

@@ -1,0 +1,98 @@
+"""Routes: an ordered list of tiers (primary first, then stronger models) and a policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from routing.policy import NeverPolicy, Policy
+from routing.streaming_mode import StreamMode
+from routing.upstream import Upstream
+
+
+class ConfidenceLike(Protocol):
+    """`calibration.Confidence` (read-only members, so frozen dataclasses match)."""
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def raw(self) -> float: ...
+
+    @property
+    def method(self) -> str: ...
+
+
+class StreamScorer(Protocol):
+    def feed(self, delta_logprobs: Any) -> Any: ...
+
+    def confidence(self) -> ConfidenceLike: ...
+
+
+class Scorer(Protocol):
+    """What routing needs from `calibration.Scorer`."""
+
+    def score_choice(self, choice_logprobs: Any) -> ConfidenceLike: ...
+
+    def stream(self) -> StreamScorer: ...
+
+
+def default_scorer() -> Scorer:
+    """`mean` confidence, identity calibrator: what a model without calibration.json gets."""
+    from calibration import Scorer as CalibrationScorer
+
+    scorer: Scorer = CalibrationScorer.from_config(None)
+    return scorer
+
+
+@dataclass
+class Tier:
+    """One model behind one upstream. `name` (default: `model`) is what `served_by` reports."""
+
+    model: str
+    upstream: Upstream
+    scorer: Scorer | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.model
+        if self.scorer is None:
+            self.scorer = default_scorer()
+
+    @property
+    def confidence_scorer(self) -> Scorer:
+        assert self.scorer is not None  # set in __post_init__
+        return self.scorer
+
+
+@dataclass
+class Route:
+    """What a client's `model` name maps to. `stream_mode`: "buffer", "prefix:N" or "off"."""
+
+    name: str
+    tiers: list[Tier]
+    policy: Policy = field(default_factory=NeverPolicy)
+    stream_mode: str | StreamMode = "buffer"
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError(f"route {self.name!r} has no tiers")
+        self.tiers = list(self.tiers)
+        names = [t.name for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"route {self.name!r}: tier names must be unique, got {names}")
+        self.stream_mode = StreamMode.parse(self.stream_mode)
+
+    @property
+    def mode(self) -> StreamMode:
+        assert isinstance(self.stream_mode, StreamMode)
+        return self.stream_mode
+
+    @property
+    def primary(self) -> Tier:
+        return self.tiers[0]
+
+    @property
+    def can_escalate(self) -> bool:
+        return len(self.tiers) > 1 and not isinstance(self.policy, NeverPolicy)

@@ -1,0 +1,305 @@
+"""An OpenAI-compatible upstream (vLLM or any hosted API) behind timeouts, retries and a breaker.
+
+`base_url` may be given with or without its `/v1` root (`http://host:8000` and
+`https://api.example.com/v1` both work); paths are relative to that root and may carry a leading
+`/v1` (`/v1/chat/completions` == `chat/completions`).
+
+Timeouts: `timeout` bounds each attempt of a JSON request (headers and body together) and, for a
+stream, both the wait for the response headers and every gap between two events; `connect_timeout`
+bounds opening the TCP connection. They are enforced with asyncio deadlines on top of httpx's, so a
+slow-dripping upstream cannot hold a request forever.
+Retries (see retry.py) happen only before a response is used: a stream is never retried once its
+first event has been read. Every failure ends up as one of the UpstreamError classes (errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from routing import metrics
+from routing.breaker import CircuitBreaker
+from routing.errors import (
+    CircuitOpen,
+    UpstreamBadResponse,
+    UpstreamClientError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from routing.retry import RetryPolicy, parse_retry_after
+from routing.sse import DONE, iter_sse_data, parse_chunk
+
+
+def api_root(base_url: str) -> str:
+    """`http://h:p` -> `http://h:p/v1`; a URL whose path already ends in `/vN` is kept."""
+    url = base_url.rstrip("/")
+    last = urlsplit(url).path.rsplit("/", 1)[-1]
+    if len(last) >= 2 and last[0] == "v" and last[1:].isdigit():
+        return url
+    return url + "/v1"
+
+
+def relative_path(path: str) -> str:
+    path = path.lstrip("/")
+    return path[3:] if path.startswith("v1/") else path
+
+
+class Upstream:
+    """One OpenAI-compatible endpoint. Create inside or outside an event loop; use in one loop."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 256,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        self.root = api_root(base_url)
+        self.timeout = float(timeout)
+        self.connect_timeout = min(float(connect_timeout), self.timeout)
+        self.retry = retry or RetryPolicy()
+        # One breaker per upstream: a shared default instance would couple unrelated upstreams.
+        self.breaker = breaker or CircuitBreaker()
+        self.breaker.bind(name)
+        self._headers = dict(headers or {})
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._transport = transport
+        self._max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        return f"Upstream(name={self.name!r}, base_url={self.base_url!r})"
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Created lazily so an Upstream can be built at import/config time, outside any loop.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=self._max_connections,
+                    max_keepalive_connections=self._max_connections,
+                ),
+                transport=self._transport,
+            )
+        return self._client
+
+    def url(self, path: str) -> str:
+        return f"{self.root}/{relative_path(path)}"
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def request_json(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST `body` (GET when None) and return the decoded JSON object."""
+        method = "GET" if body is None else "POST"
+        url = self.url(path)
+        attempt = 0
+        while True:
+            attempt += 1
+            self._admit()
+            delay: float | None
+            try:
+                async with asyncio.timeout(self.timeout):
+                    response = await self.client.request(method, url, json=body)
+            except BaseException as exc:
+                error = self._transport_error(exc)
+                if error is None:
+                    raise
+                if not isinstance(error, UpstreamUnavailable):
+                    raise error from exc
+                delay = self.retry.delay(attempt)
+                if delay is None:
+                    raise error from exc
+            else:
+                if response.is_success:
+                    self.breaker.record_success()
+                    return self._decode(response)
+                error, retryable = self._status_error(response)
+                delay = (
+                    self.retry.delay(attempt, error.retry_after) if retryable else None
+                )
+                if delay is None:
+                    raise error
+            metrics.UPSTREAM_RETRIES.labels(upstream=self.name).inc()
+            await asyncio.sleep(delay)
+
+    async def stream(
+        self, path: str, body: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """POST a streaming request and yield each SSE event's JSON object until `[DONE]`.
+
+        Close the iterator (`contextlib.aclosing`) to abandon the stream: that closes the HTTP
+        response, which makes vLLM abort the generation.
+        """
+        response = await self._open_stream(self.url(path), body)
+        events = iter_sse_data(response.aiter_lines())
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        payload = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except BaseException as exc:
+                    error = self._transport_error(exc, during_stream=True)
+                    if error is None:
+                        raise
+                    raise error from exc
+                if payload.strip() == DONE:
+                    return
+                yield self._decode_event(payload)
+        finally:
+            await events.aclose()
+            await response.aclose()
+
+    async def _open_stream(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        attempt = 0
+        while True:
+            attempt += 1
+            self._admit()
+            delay: float | None
+            request = self.client.build_request("POST", url, json=body)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    response = await self.client.send(request, stream=True)
+            except BaseException as exc:
+                error = self._transport_error(exc)
+                if error is None:
+                    raise
+                if not isinstance(error, UpstreamUnavailable):
+                    raise error from exc
+                delay = self.retry.delay(attempt)
+                if delay is None:
+                    raise error from exc
+            else:
+                if response.is_success:
+                    self.breaker.record_success()
+                    return response
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await response.aread()
+                except BaseException as exc:
+                    await response.aclose()
+                    error = self._transport_error(exc)
+                    if error is None:
+                        raise
+                    raise error from exc
+                await response.aclose()
+                error, retryable = self._status_error(response)
+                delay = self.retry.delay(attempt, error.retry_after) if retryable else None
+                if delay is None:
+                    raise error
+            metrics.UPSTREAM_RETRIES.labels(upstream=self.name).inc()
+            await asyncio.sleep(delay)
+
+    def _admit(self) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpen("circuit open (recent failures); failing fast", upstream=self.name)
+
+    def _transport_error(
+        self, exc: BaseException, *, during_stream: bool = False
+    ) -> UpstreamError | None:
+        """Map a transport-level exception to an UpstreamError (and tell the breaker).
+
+        Returns None for exceptions that are not the upstream's fault (cancellation, bugs):
+        those propagate unchanged and leave the breaker's verdict open.
+        """
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            self.breaker.record_failure()
+            return UpstreamUnavailable(f"cannot connect: {exc!r}", upstream=self.name)
+        if isinstance(exc, TimeoutError | httpx.TimeoutException):
+            self.breaker.record_failure()
+            what = "stopped streaming" if during_stream else "did not answer"
+            return UpstreamTimeout(f"{what} within {self.timeout:g}s", upstream=self.name)
+        if isinstance(exc, httpx.HTTPError):
+            self.breaker.record_failure()
+            return UpstreamBadResponse(
+                f"transport error: {exc!r}", upstream=self.name, kind="protocol"
+            )
+        self.breaker.release()
+        return None
+
+    def _status_error(self, response: httpx.Response) -> tuple[UpstreamError, bool]:
+        status = response.status_code
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        try:
+            body: Any = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = response.text
+        detail = _error_message(body) or response.reason_phrase
+        message = f"HTTP {status}: {detail}"
+        error: UpstreamError
+        if status >= 500:
+            self.breaker.record_failure()
+            if status == 503:
+                error = UpstreamUnavailable(
+                    message, upstream=self.name, kind="status", retry_after=retry_after
+                )
+            elif status == 504:
+                error = UpstreamTimeout(message, upstream=self.name, kind="status")
+            else:
+                error = UpstreamBadResponse(message, upstream=self.name, retry_after=retry_after)
+        else:
+            # 4xx: the upstream is alive and judged the request; not a breaker failure.
+            self.breaker.record_success()
+            error = UpstreamClientError(
+                message, status_code=status, body=body, upstream=self.name,
+                retry_after=retry_after,
+            )
+        return error, self.retry.should_retry_status(status)
+
+    def _decode(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            obj = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UpstreamBadResponse(
+                "response is not JSON", upstream=self.name, kind="protocol"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise UpstreamBadResponse(
+                "response is not a JSON object", upstream=self.name, kind="protocol"
+            )
+        return obj
+
+    def _decode_event(self, payload: str) -> dict[str, Any]:
+        try:
+            chunk = parse_chunk(payload)
+        except ValueError as exc:
+            raise UpstreamBadResponse(
+                f"bad SSE event: {payload[:200]!r}", upstream=self.name, kind="protocol"
+            ) from exc
+        if "error" in chunk and "choices" not in chunk:
+            # vLLM reports failures inside an open stream as an error event.
+            raise UpstreamBadResponse(
+                f"error event: {_error_message(chunk)}", upstream=self.name
+            )
+        return chunk
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        return str(err)
+    return str(body)[:500]

@@ -1,0 +1,77 @@
+"""Escalation policies: threshold, auto threshold from calibration.json, running-quantile budget."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from routing import BudgetPolicy, NeverPolicy, ThresholdPolicy
+
+
+def test_threshold_escalates_strictly_below() -> None:
+    p = ThresholdPolicy(0.6)
+    assert p.decide(0.59).escalate and p.decide(0.59).reason == "low_confidence"
+    assert not p.decide(0.6).escalate
+    assert p.decide(0.9).threshold == 0.6
+    assert p.decide(float("nan")).escalate  # unknown confidence is treated as none
+
+
+def test_threshold_rejects_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        ThresholdPolicy(1.5)
+
+
+def test_auto_threshold_from_calibration_json(tmp_path) -> None:
+    cfg = {"thresholds": [{"target_accuracy": 0.8, "threshold": 0.63, "coverage": 0.5},
+                          {"target_accuracy": 0.9, "threshold": 0.8, "coverage": 0.3}]}
+    assert ThresholdPolicy.auto(cfg, 0.8).threshold == 0.63
+    assert ThresholdPolicy.auto(cfg, 0.85).threshold == 0.8  # conservative: next higher target
+    assert ThresholdPolicy.auto(cfg).threshold == 0.8
+    with pytest.raises(ValueError, match="0.95"):
+        ThresholdPolicy.auto(cfg, 0.95)
+    (tmp_path / "calibration.json").write_text(__import__("json").dumps(cfg))
+    assert ThresholdPolicy.auto(tmp_path, 0.8).threshold == 0.63  # model dir or file path
+    with pytest.raises(ValueError, match="no thresholds"):
+        ThresholdPolicy.auto({"thresholds": []})
+
+
+def test_never() -> None:
+    assert not NeverPolicy().decide(0.0).escalate
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2, 0.5])
+def test_budget_tracks_target_rate_on_stationary_stream(rate: float) -> None:
+    rng = random.Random(1)
+    p = BudgetPolicy(rate, window=500)
+    decisions = [p.decide(rng.betavariate(5, 2)).escalate for _ in range(5000)]
+    observed = sum(decisions[500:]) / len(decisions[500:])
+    assert abs(observed - rate) < 0.03, observed
+
+
+def test_budget_follows_a_drifting_distribution() -> None:
+    # Confidences shift upward halfway; a fixed threshold would stop escalating, the budget not.
+    rng = random.Random(2)
+    p = BudgetPolicy(0.2, window=300)
+    for _ in range(1000):
+        p.decide(rng.uniform(0.2, 0.6))
+    late = [p.decide(rng.uniform(0.7, 1.0)).escalate for _ in range(2000)]
+    assert abs(sum(late[500:]) / 1500 - 0.2) < 0.04
+    assert p.threshold is not None and p.threshold > 0.7
+
+
+def test_budget_warmup_uses_initial_threshold() -> None:
+    p = BudgetPolicy(0.5, window=100, min_samples=10, initial_threshold=0.3)
+    assert p.decide(0.2).escalate and not p.decide(0.4).escalate
+    q = BudgetPolicy(0.5, window=100, min_samples=10)
+    assert not q.decide(0.0).escalate  # no threshold yet: no escalation while warming up
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=200), st.integers(1, 50))
+def test_budget_window_is_the_last_values_sorted(values: list[float], window: int) -> None:
+    p = BudgetPolicy(0.3, window=window, min_samples=1)
+    for v in values:
+        p.decide(v)
+    assert p._sorted == sorted(values[-window:])
