@@ -45,6 +45,21 @@ def api_root(base_url: str) -> str:
     return url + "/v1"
 
 
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+def encode_body(body: dict[str, Any] | None) -> bytes | None:
+    """The request body as strict, ASCII-only JSON.
+
+    httpx's `json=` encodes to UTF-8 without escaping, which fails on lone surrogates ("\\ud800"
+    is valid JSON text a client may send); `ensure_ascii` escapes them instead. NaN and Infinity
+    are not JSON: the server rejects them before they get here (ValueError if they do).
+    """
+    if body is None:
+        return None
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def relative_path(path: str) -> str:
     path = path.lstrip("/")
     return path[3:] if path.startswith("v1/") else path
@@ -120,7 +135,9 @@ class Upstream:
             delay: float | None
             try:
                 async with asyncio.timeout(self.timeout):
-                    response = await self.client.request(method, url, json=body)
+                    response = await self.client.request(
+                        method, url, content=encode_body(body), headers=_JSON_HEADERS
+                    )
             except BaseException as exc:
                 error = self._transport_error(exc)
                 if error is None:
@@ -178,7 +195,9 @@ class Upstream:
             attempt += 1
             self._admit()
             delay: float | None
-            request = self.client.build_request("POST", url, json=body)
+            request = self.client.build_request(
+                "POST", url, content=encode_body(body), headers=_JSON_HEADERS
+            )
             try:
                 async with asyncio.timeout(self.timeout):
                     response = await self.client.send(request, stream=True)

@@ -118,6 +118,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = _validation_message(exc)
         _count(request, 400)
+        runtime = getattr(request.app.state, "runtime", None)
+        if request.url.path == "/v1/feedback" and runtime is not None:
+            # A body that fails validation is malformed feedback: count it like the ones the
+            # feedback handler rejects itself, so abuse shows up in one metric.
+            runtime.metrics.feedback.labels("", "malformed").inc()
         return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)

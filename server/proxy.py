@@ -34,6 +34,24 @@ T = TypeVar("T")
 PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
 
 
+
+def reject_non_json_numbers(value: Any, path: str = "") -> None:
+    """400 for NaN or Infinity anywhere in the body.
+
+    Python's json accepts them on the way in, but they are not JSON: forwarding them would fail
+    (a 500) or hand the upstream something it cannot parse.
+    """
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise APIError(400, f"{path or 'body'}: NaN and Infinity are not valid JSON numbers",
+                       param=path or None, code="invalid_value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reject_non_json_numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            reject_non_json_numbers(item, f"{path}[{index}]")
+
+
 class ClientDisconnected(Exception):
     """The client went away before the answer was ready."""
 
@@ -128,6 +146,7 @@ class Proxy:
     async def handle(self, request: Request, endpoint: str, body: dict[str, Any]) -> Response:
         started = time.perf_counter()
         model = self.lookup(body["model"])
+        reject_non_json_numbers(body)
         n = body.get("n") or 1
         if n > self.rt.settings.max_n:
             raise APIError(400, f"n must be at most {self.rt.settings.max_n}", param="n",

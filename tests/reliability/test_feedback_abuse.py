@@ -42,10 +42,6 @@ def test_abuse_invariant(abuse: dict[str, Any], check: str) -> None:
     assert abuse["checks"][check], abuse
 
 
-@pytest.mark.xfail(strict=True, reason="bug: /v1/feedback bodies rejected by FastAPI validation "
-                   "(id not a string, too long, extra field, not an object) get 400 but are never "
-                   "counted in calibserve_feedback_total{outcome=malformed} (server/errors.py "
-                   "RequestValidationError handler / server/app.py feedback endpoint)")
 def test_validation_rejections_are_counted(rel_server: InProcessServer) -> None:
     before = metric_sum(scrape(rel_server.url), "calibserve_feedback_total", outcome="malformed")
     r = httpx.post(f"{rel_server.url}/v1/feedback", json={"id": 12345, "correct": True},
