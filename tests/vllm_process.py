@@ -65,7 +65,9 @@ class VLLMProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise RuntimeError(f"vLLM for {self.name} not healthy after {START_TIMEOUT_S}s:\n{self.tail()}")
+        raise RuntimeError(
+            f"vLLM for {self.name} not healthy after {START_TIMEOUT_S}s:\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 40) -> str:
         try:

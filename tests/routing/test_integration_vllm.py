@@ -63,8 +63,11 @@ def world(
     cal_path = model_dir / "calibration.json"
     calibration = json.loads(cal_path.read_text()) if cal_path.exists() else None
     items = [json.loads(line) for line in (demo_dir / "data" / "test.jsonl").open()][:N_ITEMS]
+    # Served under the same name as elsewhere in the suite, so one vLLM server per model is shared.
+    primary_name = "merged" if cal_path.exists() else "aligned"
     return {
-        "primary_url": vllm_server(model_dir, "primary"),
+        "primary_name": primary_name,
+        "primary_url": vllm_server(model_dir, primary_name),
         "expert_url": vllm_server(demo_dir / "expert", "expert"),
         "calibration": calibration,
         "items": items,
@@ -84,7 +87,8 @@ def make_route(world: dict[str, Any], policy: Any, mode: str = "buffer", *,
     primary = Upstream("it-primary", primary_url or world["primary_url"], timeout=60,
                        retry=fast, breaker=breaker, transport=primary_transport)
     expert = Upstream("it-expert", expert_url or world["expert_url"], timeout=60, retry=fast)
-    return Route("it", [Tier("primary", primary, Scorer.from_config(world["calibration"])),
+    primary_scorer = Scorer.from_config(world["calibration"])
+    return Route("it", [Tier(world["primary_name"], primary, primary_scorer, name="primary"),
                         Tier("expert", expert, Scorer.from_config(None))], policy, mode)
 
 

@@ -308,13 +308,14 @@ def test_managed_engine_killed_gives_503_then_recovers(demo_dir: Path, prompt: s
 def test_merged_model_serves_answer_confidence(
     merged_dir: Path, vllm_server: Callable[[Path, str], str], demo_dir: Path
 ) -> None:
-    cal_path = merged_dir / "calibration.json"
+    model_dir = merged_dir / "model"  # merged_dir is the merge's OUT directory
+    cal_path = model_dir / "calibration.json"
     assert cal_path.is_file(), "merge output must carry calibration.json"
     cal = json.loads(cal_path.read_text())
-    url = vllm_server(merged_dir, "merged-upstream")
+    url = vllm_server(model_dir, "merged")
     settings = ServerSettings.model_validate({
         "signing_key": "merged",
-        "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged-upstream",
+        "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged",
                     "calibration": str(cal_path)}],
     })
     scorer = Scorer.from_config(cal)
