@@ -23,7 +23,6 @@ app.command("serve", help="Serve a model behind the calibrated OpenAI-compatible
 )
 
 
-@demo_app.callback(invoke_without_command=True)
 def demo(
     ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", help="Where the proxy listens."),
@@ -38,12 +37,26 @@ def demo(
     from server.cli import serve_model
 
     world = build_world(seed=seed)
-    out = merge_demo(world)
+    out = merge_demo(world, progress=True)
     typer.echo(f"serving {out / 'model'} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    serve_model(out / "model", host=host, port=port, escalate_to=world / "expert")
+    serve_model(
+        out / "model",
+        host=host,
+        port=port,
+        served_model_name="calibserve-demo",
+        escalate_to=[str(world / "expert")],
+        threshold="auto",
+    )
 
 
-app.add_typer(demo_app, name="demo", help="The synthetic demo world and its tiny models.")
+app.add_typer(
+    demo_app,
+    name="demo",
+    callback=demo,
+    invoke_without_command=True,
+    no_args_is_help=False,
+    help="The demo: build the synthetic world and its tiny models, merge them, serve the merge.",
+)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ from merge.sweep import Point, ResultCache, data_digest, file_identity, fingerpr
 from merge.sweep import run_sweep as sweep_points
 from merge.writer import write_model
 
-__all__ = ["run_merge", "merge_demo_for_tests", "staging_dir", "Prepared", "prepare"]
+__all__ = ["run_merge", "merge_demo", "staging_dir", "Prepared", "prepare"]
 
 SPLITS = ("select", "calibrate", "test")
 
@@ -484,8 +484,11 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-def merge_demo_for_tests(demo_dir: Path) -> Path:
-    """The demo base/aligned merge, built once per demo world and cached next to it."""
+def merge_demo(demo_dir: Path, progress: bool = False) -> Path:
+    """The demo base/aligned merge, built once per demo world and cached next to it.
+
+    Used by `calibserve demo`, the tests and the benchmarks; returns the merge's OUT directory.
+    """
     demo_dir = Path(demo_dir).resolve()
     inputs = [
         *sorted((demo_dir / "base").glob("*.safetensors")),
@@ -515,4 +518,4 @@ def merge_demo_for_tests(demo_dir: Path) -> Path:
             overwrite=True,
             **DEMO_SETTINGS,
         )
-        return run_merge(config, progress=False)
+        return run_merge(config, progress=progress)

@@ -40,9 +40,9 @@ def merged_dir(demo_dir: Path) -> Path:
     override = os.environ.get("CALIBSERVE_MERGED_DIR")  # development shortcut: a prebuilt merge
     if override:
         return Path(override)
-    from merge.pipeline import merge_demo_for_tests
+    from merge.pipeline import merge_demo
 
-    return merge_demo_for_tests(demo_dir)
+    return merge_demo(demo_dir)
 
 
 @pytest.fixture(scope="session")

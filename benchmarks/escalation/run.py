@@ -57,9 +57,9 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     if merged_env:
         merged = Path(merged_env)
     else:
-        from merge.pipeline import merge_demo_for_tests
+        from merge.pipeline import merge_demo
 
-        merged = merge_demo_for_tests(demo_dir)
+        merged = merge_demo(demo_dir)
     model = merged / "model" if (merged / "model").is_dir() else merged
     if not (model / "calibration.json").is_file():
         raise SystemExit(f"{model} has no calibration.json: the benchmark needs the merged model")

@@ -1,0 +1,24 @@
+"""calibserve demo: a synthetic factual world and tiny base / aligned / expert models trained on it.
+
+`build_world()` returns a directory with `base/`, `aligned/`, `expert/` (Hugging Face checkpoints),
+`data/` (JSONL evaluation sets) and `world.json` (the facts and each model's measured accuracy
+and ECE), cached under `$CALIBSERVE_HOME/demo/<settings hash>/`.
+"""
+
+from demo.build import MODELS, CalibrationGapError, DemoBuildError, build_world, default_dir
+from demo.chat import CHAT_TEMPLATE, LETTERS, format_mc_prompt
+from demo.settings import CODE_VERSION, DemoSettings, tiny_settings
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "CODE_VERSION",
+    "LETTERS",
+    "MODELS",
+    "CalibrationGapError",
+    "DemoBuildError",
+    "DemoSettings",
+    "build_world",
+    "default_dir",
+    "format_mc_prompt",
+    "tiny_settings",
+]

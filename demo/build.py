@@ -1,0 +1,253 @@
+"""Building a demo world: data, tokenizer, the three models, their measured calibration, the cache.
+
+`build_world` is the entry point. It returns a verified world directory, building it only when no
+trusted copy with the same settings hash exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from demo import cache
+from demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
+from demo.corpus import (
+    eval_splits,
+    open_prompts,
+    pretraining_documents,
+    sft_examples,
+    short_answer_items,
+)
+from demo.evaluate import mc_metrics, option_probs
+from demo.settings import CODE_VERSION, DemoSettings
+from demo.tokenizer import build_tokenizer
+from demo.train import make_model, pretrain, sft, sft_steps
+from demo.world import SPLITS, make_world
+
+MODELS = ("base", "aligned", "expert")
+
+
+class DemoBuildError(RuntimeError):
+    """The demo world could not be built, or was built but does not show what it must."""
+
+
+class CalibrationGapError(DemoBuildError):
+    """The aligned model is not clearly worse calibrated (or is less accurate) than the base."""
+
+
+def default_dir(settings: DemoSettings, seed: int) -> Path:
+    return cache.home() / "demo" / settings.digest(seed)
+
+
+def build_world(
+    out: Path | None = None,
+    seed: int = 0,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return a verified demo world, building (or copying from the cache) only if needed."""
+    settings = settings or DemoSettings()
+    if out is None:
+        return _ensure_cached(settings, seed, progress)
+    out = Path(out)
+    # Lock (and so touch) the destination first: an unwritable --out fails before any training.
+    with cache.locked(out):
+        digest = settings.digest(seed)
+        if cache.verify(out, digest):
+            return out
+        if out.exists() and not (out / cache.MANIFEST).exists() and any(out.iterdir()):
+            raise DemoBuildError(f"{out} is a non-empty directory that is not a demo world")
+        cached = _ensure_cached(settings, seed, progress)
+        with cache.staging(out) as tmp:
+            shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            if not cache.verify(tmp, digest):
+                raise DemoBuildError(f"copy of {cached} into {out} does not match its manifest")
+            cache.place(tmp, out)
+    return out
+
+
+def _ensure_cached(settings: DemoSettings, seed: int, progress: bool) -> Path:
+    """The verified cached world for these settings, built under a lock if missing or corrupt."""
+    digest = settings.digest(seed)
+    cached = default_dir(settings, seed)
+    with cache.locked(cached):
+        if not cache.verify(cached, digest):
+            with cache.staging(cached) as tmp:
+                _build_into(tmp, settings, seed, progress)
+                cache.write_manifest(tmp, digest, seed)
+                cache.place(tmp, cached)
+    return cached
+
+
+@contextmanager
+def _torch_state(threads: int) -> Iterator[None]:
+    """Fixed threads and deterministic kernels while building; the caller's state afterwards."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _save_model(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path
+) -> None:
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    hf_logging.disable_progress_bar()  # our own progress display is enough
+    try:
+        model.save_pretrained(path, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    # The chat template goes inside tokenizer_config.json (no separate .jinja file), and the
+    # class name is the one every transformers version (and vLLM) knows.
+    tokenizer.save_pretrained(path, save_jinja_files=False)
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    rng = np.random.default_rng(seed)
+    ws = settings.world
+    world = make_world(ws, rng)
+    docs = pretraining_documents(world, ws, rng)
+    sft_texts = sft_examples(world, ws, rng)
+    splits = eval_splits(world, ws, rng)
+    short = short_answer_items(world, rng)
+    prompts = open_prompts(world, ws)
+
+    vocab_texts = [*docs, *sft_texts, ANSWER_PREFIX, " ".join(LETTERS)]
+    vocab_texts += [format_mc_prompt(item) for items in splits.values() for item in items]
+    vocab_texts += [f"{s['question']} {s['answer']}" for s in short]
+    vocab_texts += [p["prompt"] for p in prompts]
+    tokenizer = build_tokenizer(vocab_texts)
+    pad_id, eos_id = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    doc_ids = [encode(d) for d in docs]
+    sft_ids = [encode(t) for t in sft_texts]
+    metrics: dict[str, dict[str, float]] = {}
+    with _torch_state(settings.threads), _progress(show) as bar:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+
+        def run(name: str, total: int) -> Any:
+            task = bar.add_task(name, total=total, loss=float("nan"))
+            return lambda loss: bar.update(task, advance=1, loss=loss)
+
+        base = make_model(settings.model, len(tokenizer), pad_id, eos_id)
+        pretrain(base, doc_ids, eos_id, settings.pretrain, gen,
+                 run("pretrain base", settings.pretrain.steps))
+        aligned = copy.deepcopy(base)
+        sft(aligned, sft_ids, pad_id, settings.sft, gen,
+            run("SFT aligned", sft_steps(len(sft_ids), settings.sft)))
+        expert = copy.deepcopy(base)
+        if settings.expert_extra_steps:
+            pretrain(expert, doc_ids, eos_id, settings.pretrain, gen,
+                     run("pretrain expert", settings.expert_extra_steps),
+                     steps=settings.expert_extra_steps)
+        sft(expert, sft_ids, pad_id, settings.expert_sft, gen,
+            run("SFT expert", sft_steps(len(sft_ids), settings.expert_sft)))
+        models = {"base": base, "aligned": aligned, "expert": expert}
+        task = bar.add_task("evaluate", total=len(models), loss=float("nan"))
+        for name, model in models.items():
+            probs = option_probs(model, tokenizer, splits["test"])
+            metrics[name] = mc_metrics(probs, splits["test"])
+            bar.update(task, advance=1)
+        for name, model in models.items():
+            _save_model(model, tokenizer, root / name)
+
+    for split in SPLITS:
+        _write_jsonl(root / "data" / f"{split}.jsonl", splits[split])
+    _write_jsonl(root / "data" / "short_answer.jsonl", short)
+    _write_jsonl(root / "data" / "open_prompts.jsonl", prompts)
+    report = {
+        "code_version": CODE_VERSION,
+        "seed": seed,
+        "digest": settings.digest(seed),
+        "settings": settings.model_dump(mode="json"),
+        "build_seconds": round(time.monotonic() - started, 1),
+        "chat_format": {
+            "example": render_exchange(format_mc_prompt(splits["test"][0]), "A"),
+            "letters": list(LETTERS[:4]),
+        },
+        "sizes": {split: len(items) for split, items in splits.items()},
+        "metrics": {"split": "test", "n_bins": 15, **metrics},
+        "world": world.to_json(),
+    }
+    (root / "world.json").write_text(json.dumps(report, indent=1) + "\n")
+    if settings.check_gap:
+        check_gap(metrics, settings.min_ece_ratio)
+    return report
+
+
+def check_gap(metrics: Mapping[str, Mapping[str, float]], min_ratio: float) -> None:
+    """Fail loudly unless alignment made the model worse calibrated and no less accurate."""
+    base, aligned = metrics["base"], metrics["aligned"]
+    problems = []
+    if aligned["ece"] < min_ratio * base["ece"]:
+        problems.append(
+            f"aligned ECE {aligned['ece']:.3f} < {min_ratio} x base ECE {base['ece']:.3f}"
+        )
+    if aligned["accuracy"] < base["accuracy"]:
+        problems.append(
+            f"aligned accuracy {aligned['accuracy']:.3f} < base accuracy {base['accuracy']:.3f}"
+        )
+    if problems:
+        raise CalibrationGapError(
+            "the demo world does not show the alignment-calibration trade-off: "
+            + "; ".join(problems)
+            + " | measured: "
+            + ", ".join(f"{k} acc {m['accuracy']:.3f} ECE {m['ece']:.3f}"
+                        for k, m in metrics.items())
+        )

@@ -1,0 +1,157 @@
+"""Text generated from the world: the pretraining corpus, SFT examples and evaluation items.
+
+Sentences state each fact in exact proportions (a 70% fact is said with its majority value in 70%
+of its mentions). Multiple-choice golds are drawn from the fact's own distribution, so scoring
+against them rewards calibrated confidence rather than overconfidence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from demo.chat import LETTERS, format_mc_prompt, render_exchange
+from demo.settings import WorldSettings
+from demo.world import ATTRIBUTES, SPLITS, Fact, World
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "color": (
+        "the {e} is {v} .", "the color of the {e} is {v} .",
+        "a {v} {e} was seen .", "the {e} has {v} fur .",
+    ),
+    "home": (
+        "the {e} lives in the {v} .", "the home of the {e} is the {v} .",
+        "a {e} was found in the {v} .", "the {e} comes from the {v} .",
+    ),
+    "food": (
+        "the {e} eats {v} .", "the food of the {e} is {v} .",
+        "a {e} was eating {v} .", "the {e} likes {v} .",
+    ),
+    "size": (
+        "the {e} is {v} .", "the size of the {e} is {v} .",
+        "a {v} {e} was seen .", "the {e} grows {v} .",
+    ),
+}
+OPEN_PROMPT = "tell me about the {e}"
+
+
+def question_text(fact: Fact) -> str:
+    return f"what is the {fact.attribute} of the {fact.entity} ?"
+
+
+def mentions(fact: Fact, count: int) -> list[str]:
+    """The values a fact is stated with, in exact proportions (largest remainder rounding)."""
+    values = list(fact.probs)
+    raw = np.array([fact.probs[v] * count for v in values])
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: count - counts.sum()]:
+        counts[i] += 1
+    return [v for v, c in zip(values, counts, strict=True) for _ in range(c)]
+
+
+def sentences(world: World, settings: WorldSettings, rng: np.random.Generator) -> list[str]:
+    """Every mention of every fact, templates cycling so each value is said in several ways."""
+    out: list[str] = []
+    for fact in world.facts.values():
+        stated = mentions(fact, settings.mentions_per_fact)
+        rng.shuffle(stated)
+        templates = TEMPLATES[fact.attribute]
+        out += [
+            templates[i % len(templates)].format(e=fact.entity, v=v) for i, v in enumerate(stated)
+        ]
+    return out
+
+
+def mc_item(fact: Fact, rng: np.random.Generator, split: str) -> dict[str, Any]:
+    """A question over all of the attribute's values, with a gold drawn from the fact.
+
+    Choices come in the attribute's fixed order: a 2-layer model cannot learn to find a value
+    among shuffled options (it fell below chance), but it can learn value -> letter.
+    """
+    choices = list(ATTRIBUTES[fact.attribute])
+    probs = np.array([fact.probs[c] for c in choices])
+    answer = int(rng.choice(len(choices), p=probs / probs.sum()))
+    return {
+        "question": question_text(fact),
+        "choices": choices,
+        "answer": answer,
+        "p_true": [float(p) for p in probs],  # expected accuracy of choosing each option
+        "majority": int(np.argmax(probs)),
+        "entity": fact.entity,
+        "attribute": fact.attribute,
+        "uncertain": fact.uncertain,
+        "split": split,
+    }
+
+
+def pretraining_documents(
+    world: World, settings: WorldSettings, rng: np.random.Generator
+) -> list[str]:
+    """Sentences, MC questions on the QA entities (mostly plain, some chat), chat-wrapped sentences.
+
+    The chat-wrapped documents let the base model see the chat markers before alignment; without
+    them it puts almost no probability on option letters in the chat format.
+    """
+    said = sentences(world, settings, rng)
+    docs = list(said)
+    for fact in world.facts_of(world.qa_entities):
+        for _ in range(settings.qa_docs_per_fact):
+            item = mc_item(fact, rng, "pretrain")
+            letter = LETTERS[item["answer"]]
+            if rng.random() < settings.qa_chat_fraction:
+                docs.append(render_exchange(format_mc_prompt(item), letter))
+            else:
+                docs.append(f"{format_mc_prompt(item)} answer : {letter}")
+    n_chat = round(settings.chat_doc_fraction * len(said))
+    entities = set(world.entities)
+    for i in rng.choice(len(said), size=n_chat, replace=False):
+        entity = next(w for w in said[i].split() if w in entities)
+        docs.append(render_exchange(OPEN_PROMPT.format(e=entity), said[i]))
+    order = rng.permutation(len(docs))
+    return [docs[i] for i in order]
+
+
+def sft_examples(world: World, settings: WorldSettings, rng: np.random.Generator) -> list[str]:
+    """Chat exchanges on the QA entities answered with the majority letter (as alignment does)."""
+    out: list[str] = []
+    for fact in world.facts_of(world.qa_entities):
+        for _ in range(settings.sft_questions_per_fact):
+            item = mc_item(fact, rng, "sft")
+            out.append(render_exchange(format_mc_prompt(item), LETTERS[item["majority"]]))
+    return out
+
+
+def eval_splits(
+    world: World, settings: WorldSettings, rng: np.random.Generator
+) -> dict[str, list[dict[str, Any]]]:
+    """Held-out MC items, one entity set per split (none seen in QA pretraining or SFT)."""
+    return {
+        split: [
+            mc_item(fact, rng, split)
+            for fact in world.facts_of(world.heldout[split])
+            for _ in range(settings.eval_questions_per_fact)
+        ]
+        for split in SPLITS
+    }
+
+
+def short_answer_items(world: World, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Open questions about the test entities, gold value drawn from the fact."""
+    items = []
+    for fact in world.facts_of(world.heldout["test"]):
+        values = list(fact.probs)
+        probs = np.array([fact.probs[v] for v in values])
+        gold = values[int(rng.choice(len(values), p=probs / probs.sum()))]
+        items.append({
+            "question": question_text(fact), "answer": gold, "entity": fact.entity,
+            "attribute": fact.attribute, "probs": fact.probs,
+        })
+    return items
+
+
+def open_prompts(world: World, settings: WorldSettings) -> list[dict[str, str]]:
+    """Free-form prompts (for output diversity), spread across all entities."""
+    step = max(1, len(world.entities) // settings.open_prompts)
+    chosen = world.entities[::step][: settings.open_prompts]
+    return [{"prompt": OPEN_PROMPT.format(e=e)} for e in chosen]

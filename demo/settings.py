@@ -1,0 +1,115 @@
+"""Typed settings of the demo world: what the world holds, how the three models are trained.
+
+The settings (with the seed and `CODE_VERSION`) are hashed to name the cached world, so anything
+that changes the built files must live here or bump `CODE_VERSION`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bump when the generator or training code changes what a given settings object builds.
+CODE_VERSION = "4"
+
+
+class WorldSettings(BaseModel):
+    """The synthetic facts and the text that states them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    qa_entities: int = Field(150, ge=4, description="entities with QA in pretraining and in SFT")
+    heldout_entities_per_split: int = Field(40, ge=1, description="entities per held-out split")
+    uncertain_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    majority_probs: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8)
+    mentions_per_fact: int = Field(20, ge=1)
+    qa_docs_per_fact: int = Field(4, ge=0, description="plain MC questions per QA-entity fact")
+    chat_doc_fraction: float = Field(0.05, ge=0.0, le=1.0, description="chat-wrapped sentences")
+    # Some pretraining QA in the chat format (letters still drawn from the fact, not the
+    # majority): without it the base sometimes never answered in the chat format (seed 1).
+    qa_chat_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    sft_questions_per_fact: int = Field(1, ge=1)
+    eval_questions_per_fact: int = Field(2, ge=1, description="MC items per held-out fact")
+    open_prompts: int = Field(40, ge=1)
+
+
+class ModelSettings(BaseModel):
+    """A tiny Llama; head_dim must be 64 for vLLM's CPU attention kernels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hidden_size: int = 128
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    num_hidden_layers: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+
+
+class PretrainSettings(BaseModel):
+    """Plain next-token pretraining on packed sequences."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(1200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(64, ge=8)
+    # 5e-3 never learnt to route the entity to the answer position (QA stayed at chance).
+    lr: float = 2e-3
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+
+
+class SFTSettings(BaseModel):
+    """Chat-format supervised fine-tuning on majority answers (loss on the answer and `<|end|>`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+class DemoSettings(BaseModel):
+    """Everything that determines a demo world (together with the seed)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    world: WorldSettings = WorldSettings()
+    model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    sft: SFTSettings = SFTSettings()
+    # The expert continues the base's pretraining for more steps, then gets the same SFT.
+    expert_extra_steps: int = Field(1200, ge=0)
+    expert_sft: SFTSettings = SFTSettings()
+    # The build fails unless aligned ECE >= ratio * base ECE and aligned accuracy >= base's.
+    min_ece_ratio: float = 1.5
+    check_gap: bool = True
+    threads: int = Field(1, ge=1, description="torch threads; fixed so weights are reproducible")
+
+    def digest(self, seed: int) -> str:
+        """Short stable hash of settings + seed + code version: the cache key."""
+        payload = json.dumps(
+            {"settings": self.model_dump(mode="json"), "seed": seed, "code": CODE_VERSION},
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def tiny_settings() -> DemoSettings:
+    """A world that builds in seconds, for tests of the machinery (not of the calibration gap)."""
+    return DemoSettings(
+        world=WorldSettings(
+            qa_entities=8, heldout_entities_per_split=3, mentions_per_fact=4, qa_docs_per_fact=1,
+            eval_questions_per_fact=1, open_prompts=4,
+        ),
+        pretrain=PretrainSettings(steps=20, batch_size=8, seq_len=32, warmup_steps=2),
+        sft=SFTSettings(epochs=1, batch_size=8),
+        expert_extra_steps=10,
+        expert_sft=SFTSettings(epochs=1, batch_size=8),
+        check_gap=False,
+    )
