@@ -99,7 +99,8 @@ def pretraining_documents(
         for _ in range(settings.qa_docs_per_fact):
             item = mc_item(fact, rng, "pretrain")
             letter = LETTERS[item["answer"]]
-            if rng.random() < settings.qa_chat_fraction:
+            # rng is only drawn from when the option is on, so 0.0 reproduces older worlds.
+            if settings.qa_chat_fraction > 0 and rng.random() < settings.qa_chat_fraction:
                 docs.append(render_exchange(format_mc_prompt(item), letter))
             else:
                 docs.append(f"{format_mc_prompt(item)} answer : {letter}")

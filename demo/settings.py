@@ -12,7 +12,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the generator or training code changes what a given settings object builds.
-CODE_VERSION = "4"
+CODE_VERSION = "5"
 
 
 class WorldSettings(BaseModel):
@@ -27,9 +27,11 @@ class WorldSettings(BaseModel):
     mentions_per_fact: int = Field(20, ge=1)
     qa_docs_per_fact: int = Field(4, ge=0, description="plain MC questions per QA-entity fact")
     chat_doc_fraction: float = Field(0.05, ge=0.0, le=1.0, description="chat-wrapped sentences")
-    # Some pretraining QA in the chat format (letters still drawn from the fact, not the
-    # majority): without it the base sometimes never answered in the chat format (seed 1).
-    qa_chat_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # Share of pretraining QA in the chat format (letters drawn from the fact, not the majority).
+    # 0.25 made the base robust in the chat format on seeds 0-2 but then SFT no longer gained
+    # accuracy (aligned 0.01-0.03 below base); 0.0 passes seed 0 but the base of seed 1 never
+    # learnt the chat format. Tuning a value in between is open work.
+    qa_chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
     sft_questions_per_fact: int = Field(1, ge=1)
     eval_questions_per_fact: int = Field(2, ge=1, description="MC items per held-out fact")
     open_prompts: int = Field(40, ge=1)
