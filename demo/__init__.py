@@ -5,9 +5,21 @@
 and ECE), cached under `$CALIBSERVE_HOME/demo/<settings hash>/`.
 """
 
-from demo.build import MODELS, CalibrationGapError, DemoBuildError, build_world, default_dir
+from typing import Any
+
 from demo.chat import CHAT_TEMPLATE, LETTERS, format_mc_prompt
 from demo.settings import CODE_VERSION, DemoSettings, tiny_settings
+
+_BUILD_NAMES = {"MODELS", "CalibrationGapError", "DemoBuildError", "build_world", "default_dir"}
+
+
+def __getattr__(name: str) -> Any:
+    """The build (torch, transformers) loads on first use, so `import demo` stays cheap."""
+    if name in _BUILD_NAMES:
+        from demo import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'demo' has no attribute {name!r}")
 
 __all__ = [
     "CHAT_TEMPLATE",
