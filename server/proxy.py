@@ -288,7 +288,9 @@ class Proxy:
         answer = result.body or {}
         choices = answer.get("choices") or []
         scores, raws = self._finish_choices(model, choices, view)
-        answer["id"] = self.rt.signer.issue(PREFIX[endpoint], model.name, scores, raws)
+        answer["id"] = self.rt.signer.issue(
+            PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws
+        )
         answer["model"] = model.name
         answer["calibserve"] = result.calibserve()
         self._count(model.name, endpoint, "ok")
@@ -362,7 +364,8 @@ class Proxy:
             })
             order = sorted(scores)
             summary["id"] = self.rt.signer.issue(
-                PREFIX[endpoint], model.name, [scores[i] for i in order] or [0.0],
+                PREFIX[endpoint], model.calibration_label(result.served_by),
+                [scores[i] for i in order] or [0.0],
                 [raws[i] for i in order] or [0.0],
             )
             summary["model"] = model.name

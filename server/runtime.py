@@ -153,6 +153,18 @@ class ModelRuntime:
                            **kwargs)
         self.created = int(time.time())
 
+    def calibration_label(self, served_by: str) -> str:
+        """The `model` label an answer's feedback is counted under.
+
+        An escalated answer carries the stronger tier's confidence: counting it with the primary's
+        would mix two models' calibration into one ECE, so each tier gets its own label.
+        """
+        return self.name if served_by == self.primary.tier.name else f"{self.name}:{served_by}"
+
+    @property
+    def calibration_labels(self) -> set[str]:
+        return {self.calibration_label(t.tier.name) for t in self.tiers}
+
     def _policy(self) -> Policy:
         s = self.settings
         kind = s.resolved_policy()
@@ -194,7 +206,9 @@ class ServerRuntime:
             self.metrics.init_model(model.name)
         self.router = Router([m.route for m in self.models.values()])
         self.feedback = FeedbackRecorder(
-            self.signer, self.metrics, set(self.models), settings.feedback_ttl_s,
+            self.signer, self.metrics,
+            {label for m in self.models.values() for label in m.calibration_labels},
+            settings.feedback_ttl_s,
             settings.feedback_memory,
         )
         self.started = False

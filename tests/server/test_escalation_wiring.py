@@ -45,6 +45,15 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
             assert s.headers["x-calibserve-served-by"] == info["served_by"]
             events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["calibserve"]["escalated"] is escalated
+        # Feedback is counted under the tier that answered, never mixed into the primary's ECE.
+        label = "m:expert" if escalated else "m"
+        for rid in (r.json()["id"], json.loads(events[-2])["id"]):
+            fb = httpx.post(f"{running.url}/v1/feedback", json={"id": rid, "correct": True},
+                            timeout=10)
+            assert fb.status_code == 200 and fb.json()["model"] == label, fb.text
+        text = httpx.get(f"{running.url}/metrics", timeout=10).text
+        assert f'calibserve_calibration_samples_total{{bin="11",model="{label}"}} 2.0' in text \
+            or f'calibserve_calibration_samples_total{{model="{label}",bin="11"}} 2.0' in text
 
 
 def test_dead_expert_degrades_to_primary(fake_upstream: FakeUpstream) -> None:
