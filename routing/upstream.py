@@ -124,6 +124,22 @@ class Upstream:
             await self._client.aclose()
             self._client = None
 
+    def _backoff_after(self, exc: BaseException, attempt: int) -> float:
+        """How long to wait before retrying after `exc`; raises when it must not be retried.
+
+        Only "unavailable" errors (connect refused, circuit open) are retried: a timeout may have
+        reached a model that is still generating, and cancellation is not ours to swallow.
+        """
+        error = self._transport_error(exc)
+        if error is None:
+            raise exc
+        if not isinstance(error, UpstreamUnavailable):
+            raise error from exc
+        delay = self.retry.delay(attempt)
+        if delay is None:
+            raise error from exc
+        return delay
+
     async def request_json(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """POST `body` (GET when None) and return the decoded JSON object."""
         method = "GET" if body is None else "POST"
@@ -139,14 +155,7 @@ class Upstream:
                         method, url, content=encode_body(body), headers=_JSON_HEADERS
                     )
             except BaseException as exc:
-                error = self._transport_error(exc)
-                if error is None:
-                    raise
-                if not isinstance(error, UpstreamUnavailable):
-                    raise error from exc
-                delay = self.retry.delay(attempt)
-                if delay is None:
-                    raise error from exc
+                delay = self._backoff_after(exc, attempt)
             else:
                 if response.is_success:
                     self.breaker.record_success()
@@ -202,14 +211,7 @@ class Upstream:
                 async with asyncio.timeout(self.timeout):
                     response = await self.client.send(request, stream=True)
             except BaseException as exc:
-                error = self._transport_error(exc)
-                if error is None:
-                    raise
-                if not isinstance(error, UpstreamUnavailable):
-                    raise error from exc
-                delay = self.retry.delay(attempt)
-                if delay is None:
-                    raise error from exc
+                delay = self._backoff_after(exc, attempt)
             else:
                 if response.is_success:
                     self.breaker.record_success()
