@@ -6,60 +6,27 @@ import asyncio
 import re
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from server.app import create_app
+from benchmarks.reliability.harness import InProcessServer
 from server.config import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNING_KEY = "test-signing-key"
 
 
-class RunningServer:
+class RunningServer(InProcessServer):
     """calibserve served by uvicorn in a background thread (real HTTP, real event loop)."""
-
-    def __init__(self, settings: ServerSettings, start_timeout: float = 600.0) -> None:
-        self.app = create_app(settings)
-        self.runtime = self.app.state.runtime
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + start_timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"calibserve did not start: {self.error!r}")
-            time.sleep(0.05)
-        sock = self.server.servers[0].sockets[0]
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-    def _run(self) -> None:
-        try:
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.server.serve())
-        except BaseException as exc:  # noqa: BLE001 - reported by the constructor
-            self.error = exc
 
     def call(self, coro: object, timeout: float = 60.0) -> object:
         """Run a coroutine on the server's loop (e.g. to poke the runtime)."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 @contextmanager
