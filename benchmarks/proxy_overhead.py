@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -45,48 +44,10 @@ BODY = {
 }
 
 
-# -- a small raw HTTP/1.1 client ---------------------------------------------------------------
-
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, host: str, port: int) -> Conn:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer)
-
-    async def request(self, raw: bytes) -> tuple[int, bytes]:
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        lower = head.lower()
-        m = re.search(rb"content-length:\s*(\d+)", lower)
-        if m:
-            body = await self.reader.readexactly(int(m.group(1)))
-        elif b"transfer-encoding: chunked" in lower:
-            parts = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
-                chunk = await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                parts.append(chunk[:-2])
-            body = b"".join(parts)
-        else:
-            body = await self.reader.read()
-        return status, body
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def build_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
-    data = json.dumps(body).encode()
-    return (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-            f"authorization: Bearer sk-bench\r\ncontent-length: {len(data)}\r\n\r\n"
-            ).encode() + data
+try:
+    from benchmarks.rawhttp import Conn, build_request
+except ModuleNotFoundError:  # run as a script: benchmarks/ itself is sys.path[0]
+    from rawhttp import Conn, build_request  # type: ignore[no-redef]
 
 
 @dataclass

@@ -12,6 +12,7 @@ feedback for any response. Rejections never touch the counters and are counted b
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 from calibration import bin_index
@@ -19,6 +20,12 @@ from server.errors import APIError
 from server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
 from server.metrics import N_BINS, ServerMetrics
 from server.openai_schema import FeedbackRequest, FeedbackResponse
+
+
+def replay_key(response_id: str, choice: int) -> bytes:
+    """16 bytes naming (id, choice) in the replay memory: a full id is ~200 characters, and a
+    full guard (200,000 entries by default) then holds ~25 MiB instead of ~70 MiB."""
+    return hashlib.blake2b(f"{response_id}#{choice}".encode(), digest_size=16).digest()
 
 
 class FeedbackRecorder:
@@ -66,7 +73,7 @@ class FeedbackRecorder:
                                f"choice {request.choice} out of range (n={len(claims.scores)})",
                                "invalid_choice")
         confidence = claims.scores[request.choice]
-        key = f"{request.id}#{request.choice}"
+        key = replay_key(request.id, request.choice)
         with self._lock:
             if self.guard.seen(key):
                 raise self._reject(model, "duplicate", 409,

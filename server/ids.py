@@ -147,7 +147,7 @@ class ReplayGuard:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.horizon = float("-inf")
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[str | bytes, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -156,10 +156,10 @@ class ReplayGuard:
         now = time.time() if now is None else now
         return issued_at <= self.horizon or issued_at < now - self.ttl_s
 
-    def seen(self, key: str) -> bool:
+    def seen(self, key: str | bytes) -> bool:
         return key in self._seen
 
-    def add(self, key: str, issued_at: float, now: float | None = None) -> None:
+    def add(self, key: str | bytes, issued_at: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         self._seen[key] = issued_at
         # Entries are added in arrival order, not issue order: evict from the front while they are
