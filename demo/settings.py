@@ -23,14 +23,16 @@ class WorldSettings(BaseModel):
     qa_entities: int = Field(150, ge=4, description="entities with QA in pretraining and in SFT")
     heldout_entities_per_split: int = Field(40, ge=1, description="entities per held-out split")
     uncertain_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    majority_probs: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8)
+    # How often an uncertain fact's majority value is stated. With 0.6-0.8 the aligned model was
+    # not reliably worse calibrated than the base across seeds (demo/tuning/trials.md).
+    majority_probs: tuple[float, ...] = (0.55, 0.6, 0.65, 0.7)
     mentions_per_fact: int = Field(20, ge=1)
     qa_docs_per_fact: int = Field(4, ge=0, description="plain MC questions per QA-entity fact")
     chat_doc_fraction: float = Field(0.05, ge=0.0, le=1.0, description="chat-wrapped sentences")
     # Share of pretraining QA in the chat format (letters drawn from the fact, not the majority).
-    # 0.25 made the base robust in the chat format on seeds 0-2 but then SFT no longer gained
-    # accuracy (aligned 0.01-0.03 below base); 0.0 passes seed 0 but the base of seed 1 never
-    # learnt the chat format. Tuning a value in between is open work.
+    # 0: the base learns the chat format only half-way from plain-format quizzes, and SFT adds
+    # accuracy on every seed tried. With 0.05-0.25 the base answers well in the chat format and
+    # SFT then costs it 0.01-0.05 accuracy on some seeds (demo/tuning/trials.md).
     qa_chat_fraction: float = Field(0.0, ge=0.0, le=1.0)
     sft_questions_per_fact: int = Field(1, ge=1)
     eval_questions_per_fact: int = Field(2, ge=1, description="MC items per held-out fact")
@@ -84,8 +86,9 @@ class DemoSettings(BaseModel):
     world: WorldSettings = WorldSettings()
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
-    sft: SFTSettings = SFTSettings()
-    # The expert continues the base's pretraining for more steps, then gets the same SFT.
+    # 30 epochs: the ECE ratio's worst seed (of 0-2) goes from 1.65x to 1.85x.
+    sft: SFTSettings = SFTSettings(epochs=30)
+    # The expert continues the base's pretraining for more steps, then gets SFT (20 epochs).
     expert_extra_steps: int = Field(1200, ge=0)
     expert_sft: SFTSettings = SFTSettings()
     # The build fails unless aligned ECE >= ratio * base ECE and aligned accuracy >= base's.
