@@ -55,6 +55,14 @@ _FEEDBACK_ERRORS: dict[int | str, dict[str, Any]] = {
     413: _ERRORS[413],
 }
 
+# The 200 answer of the completion endpoints: JSON (the response model) or, with `stream: true`,
+# Server-Sent Events. The event schema is left open: each event is vLLM's chunk (plus
+# `confidence`/`calibserve`, see STREAM_DOC) and the last one is the literal `[DONE]`.
+_STREAM_200: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {
+        "description": "`data: {chunk}` events, then `data: [DONE]`"}}}},
+}
+
 STREAM_DOC = (
     "With `stream: true` the answer is Server-Sent Events as from vLLM. The chunk carrying a "
     "choice's `finish_reason` also carries its `confidence`; the last chunk before `[DONE]` "
@@ -111,13 +119,13 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
         _check_key(request, rt.settings.feedback_keys or rt.settings.api_keys)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(api_key)], tags=["openai"],
-              response_model=ChatCompletionResponse, responses=_ERRORS,
+              response_model=ChatCompletionResponse, responses={**_STREAM_200, **_ERRORS},
               description="Chat completion with per-choice `confidence`. " + STREAM_DOC)
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await proxy.handle(request, "chat", body.model_dump(exclude_unset=True))
 
     @app.post("/v1/completions", dependencies=[Depends(api_key)], tags=["openai"],
-              response_model=CompletionResponse, responses=_ERRORS,
+              response_model=CompletionResponse, responses={**_STREAM_200, **_ERRORS},
               description="Text completion with per-choice `confidence`. " + STREAM_DOC)
     async def completions(request: Request, body: CompletionRequest) -> Response:
         return await proxy.handle(request, "completions", body.model_dump(exclude_unset=True))
@@ -159,7 +167,36 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
         ok = rt.started and all(states.values())
         return JSONResponse({"ready": ok, "models": states}, status_code=200 if ok else 503)
 
+    app.openapi = lambda: _openapi(app, rt.settings.max_n)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, max_n: int) -> dict[str, Any]:
+    """FastAPI's document, corrected where calibserve differs from FastAPI's defaults.
+
+    Invalid bodies get 400 in OpenAI's shape, never FastAPI's 422, so 422 and its schemas go;
+    `n` gets the server's configured maximum (`max_n`), which a static schema cannot know.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                      openapi_version=app.openapi_version, routes=app.routes,
+                      separate_input_output_schemas=app.separate_input_output_schemas)
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        n = schemas.get(name, {}).get("properties", {}).get("n", {})
+        for branch in [n, *n.get("anyOf", [])]:
+            if branch.get("type") == "integer":
+                branch["maximum"] = max_n
+    app.openapi_schema = doc
+    return doc
 
 
 def _card(model: Any) -> dict[str, Any]:

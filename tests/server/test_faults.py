@@ -242,6 +242,13 @@ def test_openapi_documents_confidence_and_feedback(client: httpx.Client) -> None
     assert "calibserve" in schemas["ChatCompletionResponse"]["properties"]
     assert {"400", "404", "409"} <= set(doc["paths"]["/v1/feedback"]["post"]["responses"])
     assert "404" in doc["paths"]["/v1/feedback"]["post"]["description"]
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert "422" not in responses  # invalid bodies get 400 in OpenAI's shape
+    assert "HTTPValidationError" not in schemas
+    n = schemas["ChatCompletionRequest"]["properties"]["n"]["anyOf"][0]
+    assert n["maximum"] == 16  # the server's max_n
 
 
 def test_replicas_round_robin_and_fail_over(fake_upstream: FakeUpstream) -> None:
