@@ -192,12 +192,19 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
                      "escalates exactly the same items; the curves coincide.")
     gap0 = 100 * (curves[NAMES[0]][0] - curves[NAMES[1]][0])
     gap20 = 100 * (at20[NAMES[0]] - at20[NAMES[1]])
+    trend = ("Escalation narrows the gap because the weaker primary has more errors for the "
+             "expert to fix" if gap20 < gap0 else "Escalation does not narrow the gap")
     notes.append(
         f"Reading the lead over (b): with no escalation the merged model is already "
         f"{gap0:+.1f} points ahead of the aligned one; at 20% the lead is {gap20:+.1f}. "
-        "Escalation narrows the gap because the weaker primary has more errors for the expert "
-        "to fix; per escalated item, compare each curve with random escalation of its own "
+        f"{trend}; per escalated item, compare each curve with random escalation of its own "
         "primary (lines above).")
+    behind = [f"{100 * r:.0f}%" for r, a, b in zip(RATES, curves[NAMES[0]], curves[NAMES[1]],
+                                                     strict=True) if b >= a and 0 < r < 1]
+    if behind:
+        notes.append("(b) is level with or ahead of (a) at " + ", ".join(behind) + " escalation: "
+                     "the more is escalated, the more answers come from the same expert, so "
+                     "the routes converge (both reach the expert's accuracy at 100%).")
     if at20[NAMES[0]] <= at20[NAMES[2]]:
         notes.append("At 20% the calibrated route does NOT beat random escalation on this world.")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Tuning helper: reproduces demo.build._build_into up to the aligned model (bit-identical for the
 same settings/seed), pretrains the base once, then tries several SFT settings from the same
-generator state. Usage: python tune.py SEED WORLD_JSON SFT_LIST_JSON [TAG]"""
+generator state. Usage: python tune.py SEED SETTINGS_JSON SFT_LIST_JSON [TAG]
+(SETTINGS_JSON: a partial DemoSettings, e.g. '{"world": {"qa_chat_fraction": 0.05}}')"""
 
 import copy
 import json
