@@ -1,10 +1,11 @@
-"""The `calibserve` command: `demo build`, `demo`, `merge`, `serve`."""
+"""The `calibserve` command: `demo build`, `demo`, `merge`, `calibrate`, `serve`."""
 
 from __future__ import annotations
 
 import typer
 
 from demo.cli import app as demo_app
+from merge.cli import calibrate as calibrate_command
 from merge.cli import merge as merge_command
 from server.cli import serve as serve_command
 
@@ -17,6 +18,9 @@ app = typer.Typer(
 )
 app.command("merge", help="Sweep base-to-aligned interpolations, pick a Pareto point, write it.")(
     merge_command
+)
+app.command("calibrate", help="Fit calibration.json for one checkpoint (an escalation tier).")(
+    calibrate_command
 )
 app.command("serve", help="Serve a model behind the calibrated OpenAI-compatible proxy.")(
     serve_command
@@ -33,11 +37,13 @@ def demo(
     if ctx.invoked_subcommand is not None:
         return
     from demo import build_world
+    from merge.calibrate_checkpoint import calibrate_demo_expert
     from merge.pipeline import merge_demo
     from server.cli import serve_model
 
     world = build_world(seed=seed)
     out = merge_demo(world, progress=True)
+    expert_calibration = calibrate_demo_expert(world)
     typer.echo(f"serving {out / 'model'} on http://{host}:{port}/v1 (Ctrl-C stops)")
     serve_model(
         out / "model",
@@ -45,6 +51,7 @@ def demo(
         port=port,
         served_model_name="calibserve-demo",
         escalate_to=[str(world / "expert")],
+        escalate_calibration=[expert_calibration],  # escalated answers are calibrated too
         threshold="auto",
     )
 

@@ -97,10 +97,10 @@ def fit_calibration(
 def calibration_json(
     cal: Calibration,
     options: Sequence[str],
-    merge_block: dict[str, Any],
+    merge_block: dict[str, Any] | None,
     extra_metrics: dict[str, Any],
 ) -> dict[str, Any]:
-    """The `OUT/model/calibration.json` document."""
+    """The `OUT/model/calibration.json` document (`merge_block` None: not a merge)."""
     fit = {
         k: v
         for k, v in cal.metrics.items()

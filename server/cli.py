@@ -60,6 +60,18 @@ def _escalation_tier(target: str, index: int, api_key: str | None) -> TierSettin
     return TierSettings(name=_dir_name(path), model=path)
 
 
+def _with_calibration(tiers: list[TierSettings], files: list[Path]) -> list[TierSettings]:
+    """The i-th --escalate-calibration file is the i-th --escalate-to tier's calibration.json."""
+    if len(files) > len(tiers):
+        raise typer.BadParameter(f"{len(files)} calibration file(s) for {len(tiers)} "
+                                 "--escalate-to tier(s)", param_hint="--escalate-calibration")
+    for path in files:
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"{path}: no such file", param_hint="--escalate-calibration")
+    return [t.model_copy(update={"calibration": Path(files[i])}) if i < len(files) else t
+            for i, t in enumerate(tiers)]
+
+
 def settings_from_cli(
     *,
     model: Path | None = None,
@@ -69,6 +81,7 @@ def settings_from_cli(
     port: int | None = None,
     served_model_name: str | None = None,
     escalate_to: list[str] | None = None,
+    escalate_calibration: list[Path] | None = None,
     threshold: str | None = None,
     target_accuracy: float | None = None,
     policy: str | None = None,
@@ -112,9 +125,9 @@ def settings_from_cli(
             raise typer.BadParameter("cannot learn the model name from the upstream's /v1/models;"
                                      " give --served-model-name", param_hint="--upstream")
         entry.update(name=name, upstreams=upstreams, api_key=upstream_api_key)
-    entry["escalate_to"] = [
+    entry["escalate_to"] = _with_calibration([
         _escalation_tier(t, i, upstream_api_key) for i, t in enumerate(_split(escalate_to))
-    ]
+    ], escalate_calibration or [])
     models = [m for m in settings.models if m.name != entry["name"]]
     models.insert(0, ModelSettings(**{k: v for k, v in entry.items() if v is not None}))
     return settings.model_copy(update={"models": models})
@@ -163,6 +176,10 @@ def serve(
     escalate_to: Annotated[list[str] | None, typer.Option(
         "--escalate-to", help="stronger model: checkpoint DIR (second managed engine) or URL")
     ] = None,
+    escalate_calibration: Annotated[list[Path] | None, typer.Option(
+        "--escalate-calibration",
+        help="calibration.json for the --escalate-to tier in the same position (default: "
+        "DIR/calibration.json if present; see `calibrate_checkpoint` in merge/)")] = None,
     threshold: Annotated[str | None, typer.Option(
         help="escalate below this calibrated confidence, or 'auto' (from calibration.json)")
     ] = None,
@@ -193,7 +210,8 @@ def serve(
     """Serve models with calibrated confidence behind an OpenAI-compatible API."""
     settings = settings_from_cli(
         model=model, upstream=upstream, config=config, host=host, port=port,
-        served_model_name=served_model_name, escalate_to=escalate_to, threshold=threshold,
+        served_model_name=served_model_name, escalate_to=escalate_to,
+        escalate_calibration=escalate_calibration, threshold=threshold,
         target_accuracy=target_accuracy, policy=policy, budget=budget, stream_mode=stream_mode,
         api_key=api_key, feedback_key=feedback_key, signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,

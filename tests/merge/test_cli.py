@@ -116,3 +116,36 @@ def test_a_merge_through_the_cli(tiny_world: dict[str, Path], tmp_path: Path) ->
     assert report["selected"]["metrics"]["ece"] == min(p["ece"] for p in report["points"])
     again = runner.invoke(app, _args(tiny_world, out, "--quiet"))
     assert again.exit_code == 2 and "'--out'" in again.output  # no silent overwrite
+
+
+def test_calibrate_fits_one_checkpoint_and_refuses_bad_arguments(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    from calibserve.cli import app as main_app
+
+    out = tmp_path / "cal" / "aligned.json"
+    args = ["calibrate", "--model", str(tiny_world["aligned"]), "--data", str(tiny_world["data"]),
+            "--out", str(out)]
+    ok = runner.invoke(main_app, [*args, "--calibrator", "platt", "--target-accuracy", "0.3"])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(out.read_text())
+    assert doc["merge"] is None and doc["calibrator"]["type"] in ("platt", "identity")
+    assert doc["metrics"]["calibrate"]["n"] > 0
+    before = out.read_bytes()
+    cases = {
+        "--out": [*args],  # exists, no --overwrite
+        "--model": ["calibrate", "--model", str(tmp_path / "nope"), "--data",
+                    str(tiny_world["data"]), "--out", str(tmp_path / "x.json")],
+        "--data": ["calibrate", "--model", str(tiny_world["aligned"]), "--data",
+                   str(tmp_path), "--out", str(tmp_path / "x.json")],
+        "--target-accuracy": [*args[:-1], str(tmp_path / "y.json"), "--target-accuracy", "1.5"],
+    }
+    for flag, argv in cases.items():
+        result = runner.invoke(main_app, argv)
+        assert result.exit_code == 2, (flag, result.output)
+        assert f"Invalid value for '{flag}'" in result.output, result.output
+        assert "Traceback" not in result.output
+    assert out.read_bytes() == before  # refused runs change nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
+    again = runner.invoke(main_app, [*args, "--overwrite"])
+    assert again.exit_code == 0, again.output

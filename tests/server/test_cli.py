@@ -97,3 +97,26 @@ def test_help_lists_the_documented_options() -> None:
                    "--served-model-name", "--escalate-to", "--threshold", "--target-accuracy",
                    "--stream-mode", "--api-key", "--feedback-key", "--signing-key"):
         assert option in out, option
+
+
+def test_escalate_calibration_goes_to_the_tier_in_the_same_position(
+        tmp_path: Path, captured: list[ServerSettings]) -> None:
+    model, expert = tmp_path / "model", tmp_path / "expert"
+    model.mkdir()
+    expert.mkdir()
+    cal = tmp_path / "expert-calibration.json"
+    cal.write_text("{}")
+    ok = invoke("--model", str(model), "--escalate-to", str(expert),
+                "--escalate-calibration", str(cal))
+    assert ok.exit_code == 0, ok.output  # type: ignore[attr-defined]
+    (tier,) = captured[0].models[0].escalate_to
+    assert tier.calibration_path() == cal  # not expert/calibration.json
+    missing = invoke("--model", str(model), "--escalate-to", str(expert),
+                     "--escalate-calibration", str(tmp_path / "nope.json"))
+    too_many = invoke("--model", str(model), "--escalate-to", str(expert),
+                      "--escalate-calibration", str(cal), "--escalate-calibration", str(cal))
+    for result in (missing, too_many):
+        assert result.exit_code != 0  # type: ignore[attr-defined]
+        assert "--escalate-calibration" in result.output  # type: ignore[attr-defined]
+        assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    assert len(captured) == 1

@@ -56,6 +56,30 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
             or f'calibserve_calibration_samples_total{{model="{label}",bin="11"}} 2.0' in text
 
 
+def test_an_escalation_tier_is_scored_with_its_own_calibration(fake_upstream: FakeUpstream,
+                                                               tmp_path) -> None:
+    """Without calibration.json the expert's answers are served with the raw `mean` confidence;
+    with one (temperature 3) they are pulled towards 0.5, as that tier's calibrator says."""
+    fake_upstream.mode("ok")
+    cal = tmp_path / "expert.json"
+    cal.write_text(json.dumps({"version": 1, "confidence": {"method": "mean"},
+                               "calibrator": {"type": "temperature", "temperature": 3.0}}))
+    confidence = {}
+    for name, calibration in (("raw", None), ("calibrated", cal)):
+        s = settings(fake_upstream.url, fake_upstream.url, threshold=0.9)
+        tier = s.models[0].escalate_to[0].model_copy(update={"calibration": calibration})
+        model = s.models[0].model_copy(update={"escalate_to": [tier]})
+        with serve(s.model_copy(update={"models": [model]})) as running:
+            r = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=10)
+            assert r.status_code == 200 and r.json()["calibserve"]["served_by"] == "expert"
+            confidence[name] = r.json()["choices"][0]["confidence"]
+    raw = confidence["raw"]["score"]
+    assert raw == confidence["raw"]["raw"] > 0.7  # identity calibrator
+    assert confidence["calibrated"]["raw"] == pytest.approx(raw)
+    expected = 1 / (1 + ((1 - raw) / raw) ** (1 / 3))  # sigmoid(logit(raw) / 3)
+    assert confidence["calibrated"]["score"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_dead_expert_degrades_to_primary(fake_upstream: FakeUpstream) -> None:
     fake_upstream.mode("ok")
     with serve(settings(fake_upstream.url, "http://127.0.0.1:9", threshold=0.9)) as running:

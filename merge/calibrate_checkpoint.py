@@ -1,0 +1,105 @@
+"""`calibration.json` for a checkpoint that is not a merge: an escalation tier, say.
+
+Same evaluation (chat-format multiple choice, the `answer` confidence) and same calibrator fit as a
+merge's chosen point (merge/evaluate.py, merge/calibrate.py), so the server puts this model's
+answers on the same calibrated scale as the merged model's. Without it a tier is served with the
+`mean` confidence and the identity calibrator.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
+from merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
+from merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
+from merge.sweep import file_identity
+
+
+def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: str,
+                 targets: Sequence[float], overwrite: bool) -> None:
+    """Refuse bad arguments before anything is loaded or written (MergeError names the flag)."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise InputNotFound(f"{model_dir} is not a checkpoint directory (no config.json)",
+                            "--model")
+    if not (Path(data_dir) / "calibrate.jsonl").is_file():
+        raise InputNotFound(f"{data_dir} has no calibrate.jsonl", "--data")
+    if Path(out_file).is_dir():
+        raise InvalidConfig(f"{out_file} is a directory; give a file name", "--out")
+    if Path(out_file).exists() and not overwrite:
+        raise OutputExists(f"{out_file} exists (pass --overwrite to replace it)", "--out")
+    if calibrator not in CALIBRATORS:
+        raise InvalidConfig(f"unknown calibrator {calibrator!r}", "--calibrator")
+    if any(not 0 < t < 1 for t in targets):
+        raise InvalidConfig("target accuracies must be between 0 and 1", "--target-accuracy")
+
+
+def calibrate_checkpoint(
+    model_dir: Path,
+    data_dir: Path,
+    out_file: Path,
+    calibrator: str = "temperature",
+    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Fit on `data_dir/calibrate.jsonl`, report `test.jsonl` too if present; write `out_file`
+    atomically (temp file + rename) and return the document."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    items, _ = load_items(Path(data_dir) / "calibrate.jsonl")
+    try:
+        scores = MCEvaluator(tokenizer, items).score(model)
+    except InvalidData as exc:  # the evaluator names merge's --aligned; here it is --model
+        raise InvalidData(exc.message.replace("aligned tokenizer", "tokenizer"), "--model") from exc
+    cal = fit_calibration(scores, calibrator, targets, n_bins)
+    extra: dict[str, Any] = {}
+    test_path = Path(data_dir) / "test.jsonl"
+    if test_path.is_file():
+        test_items, _ = load_items(test_path)
+        raw = MCEvaluator(tokenizer, test_items).score(model)
+        served = Scores(cal.apply(raw.confidence), raw.correct, raw.prediction, raw.expected)
+        extra["test"] = point_metrics(served, n_bins)
+    n_options = max(len(it["choices"]) for it in items)
+    doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
+    _write_atomic(Path(out_file), json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def calibrate_demo_expert(demo_dir: Path) -> Path:
+    """The demo expert's calibration.json, fitted once per demo world and cached next to it (the
+    world directory itself is a verified cache and stays as built)."""
+    demo_dir = Path(demo_dir).resolve()
+    inputs = [
+        *sorted((demo_dir / "expert").glob("*.safetensors")),
+        demo_dir / "data" / "calibrate.jsonl",
+        demo_dir / "data" / "test.jsonl",
+    ]
+    key = hashlib.sha256(json.dumps(file_identity(inputs)).encode()).hexdigest()[:12]
+    out = demo_dir.parent / f"expert-calibration-{demo_dir.name}-{key}.json"
+    with open(demo_dir.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers wait for one fit
+        if not out.is_file():
+            calibrate_checkpoint(demo_dir / "expert", demo_dir / "data", out)
+    return out

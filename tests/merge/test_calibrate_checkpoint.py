@@ -1,0 +1,45 @@
+"""calibration.json for a checkpoint that is not a merge: the demo expert, the escalation tier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from calibration import Scorer
+from merge.calibrate_checkpoint import calibrate_checkpoint, calibrate_demo_expert
+from merge.evaluate import MCEvaluator, load_items
+
+
+@pytest.mark.slow
+def test_the_demo_expert_gets_a_calibration_that_lowers_its_ece(demo_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "expert.json"
+    doc = calibrate_checkpoint(demo_dir / "expert", demo_dir / "data", out)
+    assert json.loads(out.read_text()) == doc
+    assert [p.name for p in tmp_path.iterdir()] == ["expert.json"]  # no temp file left behind
+    assert doc["merge"] is None and doc["confidence"]["method"] == "answer"
+    fit = doc["metrics"]["calibrate"]
+    assert fit["ece_calibrated"] < fit["ece_raw"]
+    # The server's Scorer applies exactly what was fitted: recompute the test split's ECE.
+    scorer = Scorer.from_config(doc)
+    items, _ = load_items(demo_dir / "data" / "test.jsonl")
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "expert", dtype=torch.float32)
+    scores = MCEvaluator(AutoTokenizer.from_pretrained(demo_dir / "expert"), items).score(model)
+    served = np.asarray(scorer.calibrator.apply(scores.confidence))
+    assert float(np.mean(served)) == pytest.approx(doc["metrics"]["test"]["mean_confidence"])
+    assert doc["thresholds"] == sorted(doc["thresholds"], key=lambda t: t["target_accuracy"])
+
+
+@pytest.mark.slow
+def test_the_demo_expert_calibration_is_cached_next_to_the_world(demo_dir: Path) -> None:
+    first = calibrate_demo_expert(demo_dir)
+    stamp = first.stat().st_mtime_ns
+    assert first.parent == demo_dir.resolve().parent and first.is_file()
+    assert calibrate_demo_expert(demo_dir) == first
+    assert first.stat().st_mtime_ns == stamp  # not fitted again
+    assert not (demo_dir / "expert" / "calibration.json").exists()  # the world stays as built
