@@ -108,6 +108,9 @@ class FuzzReport:
         }
 
 
+MAX_STREAM_EVENTS = 100_000
+
+
 def check_doc(doc: dict[str, Any]) -> dict[str, Any]:
     """Does the OpenAPI document describe calibserve's own bodies? Returns what is missing."""
     schemas = doc.get("components", {}).get("schemas", {})
@@ -234,6 +237,9 @@ def fuzz(
     doc = httpx.get(f"{base_url}/openapi.json", timeout=30, headers=headers).json()
     report.doc = check_doc(doc)
     schema = schemathesis.openapi.from_dict(doc)
+    # schemathesis stops reading an event stream after 20 events by default; an answer with n=4
+    # and 8 tokens has ~40. Read streams to the end, or a cut stream looks like one without [DONE].
+    schema.config.max_stream_events = MAX_STREAM_EVENTS
     ids = real_ids(base_url, model, 12, headers)
     session = requests.Session()
     session.headers.update(headers)
