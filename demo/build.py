@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from demo.evaluate import mc_metrics, option_probs
 from demo.settings import CODE_VERSION, DemoSettings
 from demo.tokenizer import build_tokenizer
 from demo.train import make_model, pretrain, sft, sft_steps
-from demo.world import SPLITS, make_world
+from demo.world import SPLITS, World, make_world
 
 MODELS = ("base", "aligned", "expert")
 
@@ -153,8 +154,24 @@ def _save_model(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> dict[str, Any]:
-    started = time.monotonic()
+@dataclass
+class Materials:
+    """What a build trains and evaluates on, generated in the build's RNG order."""
+
+    world: World
+    splits: dict[str, list[dict[str, Any]]]
+    short: list[dict[str, Any]]
+    prompts: list[dict[str, Any]]
+    tokenizer: PreTrainedTokenizerFast
+    doc_ids: list[list[int]]
+    sft_ids: list[list[int]]
+    pad_id: int
+    eos_id: int
+
+
+def make_materials(settings: DemoSettings, seed: int) -> Materials:
+    """World, corpus, SFT set, splits and tokenizer for `settings` and `seed` (also used by
+    demo/tuning/tune.py, so a tuning trial sees exactly what a build would)."""
     rng = np.random.default_rng(seed)
     ws = settings.world
     world = make_world(ws, rng)
@@ -169,13 +186,21 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
     vocab_texts += [f"{s['question']} {s['answer']}" for s in short]
     vocab_texts += [p["prompt"] for p in prompts]
     tokenizer = build_tokenizer(vocab_texts)
-    pad_id, eos_id = int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
-    doc_ids = [encode(d) for d in docs]
-    sft_ids = [encode(t) for t in sft_texts]
+    return Materials(world, splits, short, prompts, tokenizer,
+                     [encode(d) for d in docs], [encode(t) for t in sft_texts],
+                     int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
+
+
+def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> dict[str, Any]:
+    started = time.monotonic()
+    mat = make_materials(settings, seed)
+    world, splits, short, prompts = mat.world, mat.splits, mat.short, mat.prompts
+    tokenizer, doc_ids, sft_ids = mat.tokenizer, mat.doc_ids, mat.sft_ids
+    pad_id, eos_id = mat.pad_id, mat.eos_id
     metrics: dict[str, dict[str, float]] = {}
     with _torch_state(settings.threads), _progress(show) as bar:
         gen = torch.Generator().manual_seed(seed)

@@ -8,23 +8,12 @@ import json
 import sys
 import time
 
-import numpy as np
 import torch
 
-from demo.build import _torch_state
-from demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt
-from demo.corpus import (
-    eval_splits,
-    open_prompts,
-    pretraining_documents,
-    sft_examples,
-    short_answer_items,
-)
+from demo.build import _torch_state, make_materials
 from demo.evaluate import mc_metrics, option_probs
 from demo.settings import DemoSettings, SFTSettings
-from demo.tokenizer import build_tokenizer
 from demo.train import make_model, pretrain, sft
-from demo.world import make_world
 
 seed = int(sys.argv[1])
 over = json.loads(sys.argv[2])
@@ -32,25 +21,9 @@ sfts = json.loads(sys.argv[3])
 tag = sys.argv[4] if len(sys.argv) > 4 else ""
 settings = DemoSettings.model_validate(over)
 t0 = time.monotonic()
-rng = np.random.default_rng(seed)
-ws = settings.world
-world = make_world(ws, rng)
-docs = pretraining_documents(world, ws, rng)
-sft_texts = sft_examples(world, ws, rng)
-splits = eval_splits(world, ws, rng)
-short = short_answer_items(world, rng)
-prompts = open_prompts(world, ws)
-vocab_texts = [*docs, *sft_texts, ANSWER_PREFIX, " ".join(LETTERS)]
-vocab_texts += [format_mc_prompt(item) for items in splits.values() for item in items]
-vocab_texts += [f"{s['question']} {s['answer']}" for s in short]
-vocab_texts += [p["prompt"] for p in prompts]
-tok = build_tokenizer(vocab_texts)
-pad_id, eos_id = int(tok.pad_token_id), int(tok.eos_token_id)
-def enc(t):
-    return list(tok.encode(t, add_special_tokens=False))
-doc_ids = [enc(d) for d in docs]
-sft_ids = [enc(t) for t in sft_texts]
-
+mat = make_materials(settings, seed)
+tok, splits, doc_ids, sft_ids = mat.tokenizer, mat.splits, mat.doc_ids, mat.sft_ids
+pad_id, eos_id = mat.pad_id, mat.eos_id
 
 def m(model):
     r = mc_metrics(option_probs(model, tok, splits["test"]), splits["test"])
