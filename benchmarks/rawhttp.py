@@ -1,10 +1,11 @@
 """A small raw HTTP/1.1 client for load generators: keep-alive, pre-built request bytes.
 
 Why hand-written: a load generator on a 2-core machine shares the CPU with what it measures.
-httpx costs about 2 ms of CPU per request here, so an httpx client saturates a core near
-400 req/s and its own queueing then shows up as the server's latency (that is what made the
-first 400 req/s soak fail). This client does only what a benchmark needs: write pre-built bytes,
-read one response (content-length or chunked), keep the connection for the next request.
+In the soak at 400 req/s offered an httpx client used 94-100% of a core (calibserve 31-52%),
+fell behind, and its own queueing showed up as the server's latency (that is what made the
+first 400 req/s soak fail; this client used 8-12% in the soak that passed, RESULTS.md).
+This client does only what a benchmark needs: write pre-built bytes, read one response
+(content-length or chunked), keep the connection for the next request.
 """
 
 from __future__ import annotations
