@@ -23,7 +23,7 @@ from server.openai_schema import FeedbackRequest, FeedbackResponse
 
 
 def replay_key(response_id: str, choice: int) -> bytes:
-    """16 bytes naming (id, choice) in the replay memory: a full id is ~200 characters, and a
+    """16 bytes naming (id, choice) in the replay memory: a full id is ~175 characters, and a
     full guard (200,000 entries by default) then holds ~24 MiB instead of ~56 MiB
     (benchmarks/replay_memory.py)."""
     return hashlib.blake2b(f"{response_id}#{choice}".encode(), digest_size=16).digest()
