@@ -21,7 +21,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/calibserve
 COPY pyproject.toml README.md* ./
-COPY calibserve ./calibserve
+COPY cli ./cli
 COPY calibration ./calibration
 COPY merge ./merge
 COPY server ./server

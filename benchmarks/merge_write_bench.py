@@ -69,7 +69,7 @@ def llama_config(s: dict[str, int]) -> dict[str, Any]:
 
 def make_checkpoint(path: Path, seed: int, shape: dict[str, int], shard_bytes: int) -> int:
     """A sharded float16 checkpoint written tensor by tensor (HF layout, with an index)."""
-    from merge.tensorfile import ShardLayout, write_header, write_tensor_bytes
+    from calibserve.merge.tensorfile import ShardLayout, write_header, write_tensor_bytes
 
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -151,8 +151,8 @@ CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from merge.checkpoint import open_checkpoint, plan_pair
-from merge.writer import write_model
+from calibserve.merge.checkpoint import open_checkpoint, plan_pair
+from calibserve.merge.writer import write_model
 plan = plan_pair(open_checkpoint({base!r}, "--base"), open_checkpoint({aligned!r}, "--aligned"))
 write_model(plan, {lam}, "linear", Path({out!r}), shard_size=2 * 10**9, model_card="bench",
             durable={durable})
@@ -211,9 +211,9 @@ def bench_sweep_point(base: Path, aligned: Path, out: Path, points: int = 2) -> 
     """In-place set of every weight vs write_model + from_pretrained, per point (float16)."""
     from transformers import AutoModelForCausalLM
 
-    from merge.checkpoint import open_checkpoint, plan_pair
-    from merge.model import load_eval_model
-    from merge.writer import write_model
+    from calibserve.merge.checkpoint import open_checkpoint, plan_pair
+    from calibserve.merge.model import load_eval_model
+    from calibserve.merge.writer import write_model
 
     plan = plan_pair(open_checkpoint(str(base), "--base"),
                      open_checkpoint(str(aligned), "--aligned"))

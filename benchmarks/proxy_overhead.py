@@ -273,7 +273,7 @@ def main() -> None:
                       "--port", str(fake_port)], work / "fake.log")
         procs.append(fake)
         wait_http(fake_port, "/health", 20, fake)
-        cs = start([sys.executable, "-m", "server", "serve", "--upstream",
+        cs = start([sys.executable, "-m", "calibserve.server", "serve", "--upstream",
                     f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
                     "--host", "127.0.0.1", "--port", str(cs_port), "--signing-key", "bench",
                     "--log-level", "warning"], work / "calibserve.log",

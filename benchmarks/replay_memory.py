@@ -15,9 +15,9 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from server.config import ServerSettings
-from server.feedback import replay_key
-from server.ids import ReplayGuard, ResponseIdSigner
+from calibserve.server.config import ServerSettings
+from calibserve.server.feedback import replay_key
+from calibserve.server.ids import ReplayGuard, ResponseIdSigner
 
 
 def traced_bytes(n: int, key: Callable[[str], str | bytes], ids: list[str]) -> int:

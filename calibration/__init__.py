@@ -5,8 +5,8 @@ monotone calibrators with JSON round-trip, Pareto frontier selection and risk-co
 thresholds. No I/O. Errors: `CalibrationError(ValueError)` and its subclasses (`errors`).
 """
 
-from calibration.accumulator import CalibrationAccumulator
-from calibration.calibrators import (
+from calibserve.calibration.accumulator import CalibrationAccumulator
+from calibserve.calibration.calibrators import (
     Calibrator,
     HistogramBinning,
     IdentityCalibrator,
@@ -15,7 +15,7 @@ from calibration.calibrators import (
     TemperatureScaling,
     calibrator_from_dict,
 )
-from calibration.confidence import (
+from calibserve.calibration.confidence import (
     METHODS,
     Confidence,
     StreamingConfidence,
@@ -23,11 +23,11 @@ from calibration.confidence import (
     confidence_score,
     normalize_token,
 )
-from calibration.diversity import distinct_n, pairwise_jaccard
-from calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
-from calibration.frontier import RULES, pareto_frontier, select_point
-from calibration.logprobs import TokenLogprobs, token_logprobs
-from calibration.metrics import (
+from calibserve.calibration.diversity import distinct_n, pairwise_jaccard
+from calibserve.calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
+from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
+from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
+from calibserve.calibration.metrics import (
     accuracy,
     bin_index,
     brier,
@@ -39,14 +39,14 @@ from calibration.metrics import (
     reliability_diagram,
     rms_ce,
 )
-from calibration.risk import (
+from calibserve.calibration.risk import (
     RiskCoverage,
     aurc,
     risk_coverage,
     threshold_for_accuracy,
     threshold_for_rate,
 )
-from calibration.scorer import ScoredStream, Scorer
+from calibserve.calibration.scorer import ScoredStream, Scorer
 
 __all__ = [
     # confidence

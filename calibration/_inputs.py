@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from calibration.errors import DegenerateDataError
+from calibserve.calibration.errors import DegenerateDataError
 
 FloatArray = NDArray[np.float64]
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibration._inputs import FloatArray, as_pair, check_n_bins
-from calibration.errors import CalibrationError
-from calibration.metrics import NORMS, binned_error
+from calibserve.calibration._inputs import FloatArray, as_pair, check_n_bins
+from calibserve.calibration.errors import CalibrationError
+from calibserve.calibration.metrics import NORMS, binned_error
 
 __all__ = ["CalibrationAccumulator"]
 

@@ -31,9 +31,9 @@ from typing import Any, ClassVar, overload
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibration._inputs import FloatArray, as_float_list, as_pair, check_n_bins
-from calibration.errors import CalibrationError, DegenerateDataError
-from calibration.metrics import bin_stats
+from calibserve.calibration._inputs import FloatArray, as_float_list, as_pair, check_n_bins
+from calibserve.calibration.errors import CalibrationError, DegenerateDataError
+from calibserve.calibration.metrics import bin_stats
 
 __all__ = [
     "Calibrator",

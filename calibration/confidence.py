@@ -23,8 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from calibration.errors import CalibrationError, NoOptionTokensError
-from calibration.logprobs import TokenLogprobs, clean_logprob, parse_logprobs, token_logprobs
+from calibserve.calibration.errors import CalibrationError, NoOptionTokensError
+from calibserve.calibration.logprobs import (
+    TokenLogprobs,
+    clean_logprob,
+    parse_logprobs,
+    token_logprobs,
+)
 
 __all__ = [
     "METHODS",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from calibration.errors import CalibrationError
+from calibserve.calibration.errors import CalibrationError
 
 __all__ = ["RULES", "pareto_frontier", "select_point"]
 

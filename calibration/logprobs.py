@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from calibration.errors import CalibrationError
+from calibserve.calibration.errors import CalibrationError
 
 __all__ = ["LOGPROB_FLOOR", "TokenLogprobs", "clean_logprob", "token_logprobs", "parse_logprobs"]
 

@@ -17,8 +17,14 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from calibration._inputs import FloatArray, as_confidences, as_labels, as_pair, check_n_bins
-from calibration.errors import CalibrationError, DegenerateDataError
+from calibserve.calibration._inputs import (
+    FloatArray,
+    as_confidences,
+    as_labels,
+    as_pair,
+    check_n_bins,
+)
+from calibserve.calibration.errors import CalibrationError, DegenerateDataError
 
 __all__ = [
     "Norm",

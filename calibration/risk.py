@@ -12,8 +12,8 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from calibration._inputs import FloatArray, as_confidences, as_pair
-from calibration.errors import CalibrationError, DegenerateDataError
+from calibserve.calibration._inputs import FloatArray, as_confidences, as_pair
+from calibserve.calibration.errors import CalibrationError, DegenerateDataError
 
 __all__ = ["RiskCoverage", "risk_coverage", "aurc", "threshold_for_accuracy", "threshold_for_rate"]
 

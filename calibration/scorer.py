@@ -13,14 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from calibration.calibrators import Calibrator, IdentityCalibrator, calibrator_from_dict
-from calibration.confidence import (
+from calibserve.calibration.calibrators import Calibrator, IdentityCalibrator, calibrator_from_dict
+from calibserve.calibration.confidence import (
     DEFAULT_OPTIONS,
     METHODS,
     Confidence,
     StreamingConfidence,
 )
-from calibration.errors import CalibrationError, NoOptionTokensError
+from calibserve.calibration.errors import CalibrationError, NoOptionTokensError
 
 __all__ = ["Scorer", "ScoredStream"]
 

@@ -7,8 +7,8 @@ and ECE), cached under `$CALIBSERVE_HOME/demo/<settings hash>/`.
 
 from typing import Any
 
-from demo.chat import CHAT_TEMPLATE, LETTERS, format_mc_prompt
-from demo.settings import CODE_VERSION, DemoSettings, tiny_settings
+from calibserve.demo.chat import CHAT_TEMPLATE, LETTERS, format_mc_prompt
+from calibserve.demo.settings import CODE_VERSION, DemoSettings, tiny_settings
 
 _BUILD_NAMES = {"MODELS", "CalibrationGapError", "DemoBuildError", "build_world", "default_dir"}
 
@@ -16,7 +16,7 @@ _BUILD_NAMES = {"MODELS", "CalibrationGapError", "DemoBuildError", "build_world"
 def __getattr__(name: str) -> Any:
     """The build (torch, transformers) loads on first use, so `import demo` stays cheap."""
     if name in _BUILD_NAMES:
-        from demo import build
+        from calibserve.demo import build
 
         return getattr(build, name)
     raise AttributeError(f"module 'demo' has no attribute {name!r}")

@@ -30,20 +30,20 @@ from rich.progress import (
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from demo import cache
-from demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
-from demo.corpus import (
+from calibserve.demo import cache
+from calibserve.demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
+from calibserve.demo.corpus import (
     eval_splits,
     open_prompts,
     pretraining_documents,
     sft_examples,
     short_answer_items,
 )
-from demo.evaluate import mc_metrics, option_probs
-from demo.settings import CODE_VERSION, DemoSettings
-from demo.tokenizer import build_tokenizer
-from demo.train import make_model, pretrain, sft, sft_steps
-from demo.world import SPLITS, World, make_world
+from calibserve.demo.evaluate import mc_metrics, option_probs
+from calibserve.demo.settings import CODE_VERSION, DemoSettings
+from calibserve.demo.tokenizer import build_tokenizer
+from calibserve.demo.train import make_model, pretrain, sft, sft_steps
+from calibserve.demo.world import SPLITS, World, make_world
 
 MODELS = ("base", "aligned", "expert")
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from demo.settings import DemoSettings
+from calibserve.demo.settings import DemoSettings
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 _err = Console(stderr=True)
@@ -65,7 +65,7 @@ def build(
     settings = _load_settings(settings_file) if settings_file is not None else DemoSettings()
     # Imported here: torch and transformers take seconds to import, and every `calibserve`
     # command (serve included) loads this module to build its command line.
-    from demo.build import MODELS, DemoBuildError, build_world
+    from calibserve.demo.build import MODELS, DemoBuildError, build_world
 
     try:
         path = build_world(out=out, seed=seed, settings=settings, progress=not quiet)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from demo.chat import LETTERS, format_mc_prompt, render_exchange
-from demo.settings import WorldSettings
-from demo.world import ATTRIBUTES, SPLITS, Fact, World
+from calibserve.demo.chat import LETTERS, format_mc_prompt, render_exchange
+from calibserve.demo.settings import WorldSettings
+from calibserve.demo.world import ATTRIBUTES, SPLITS, Fact, World
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "color": (

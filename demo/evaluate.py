@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from demo.chat import LETTERS, format_mc_prompt
+from calibserve.demo.chat import LETTERS, format_mc_prompt
 
 N_BINS = 15
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from demo.chat import CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS, UNK
+from calibserve.demo.chat import CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS, UNK
 
 
 def build_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:

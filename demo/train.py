@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from demo.settings import ModelSettings, PretrainSettings, SFTSettings
+from calibserve.demo.settings import ModelSettings, PretrainSettings, SFTSettings
 
 Tick = Callable[[float], None]  # called after each step with the loss
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from demo.settings import WorldSettings
+from calibserve.demo.settings import WorldSettings
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": ("red", "blue", "green", "gold"),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from calibration import (
+from calibserve.calibration import (
     Calibrator,
     DegenerateDataError,
     IdentityCalibrator,
@@ -25,7 +25,7 @@ from calibration import (
     ece,
     threshold_for_accuracy,
 )
-from merge.evaluate import Scores
+from calibserve.merge.evaluate import Scores
 
 __all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json"]
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
-from merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
-from merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
-from merge.sweep import file_identity
+from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
+from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
+from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
+from calibserve.merge.sweep import file_identity
 
 
 def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: str,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.errors import IncompatibleCheckpoints, InputNotFound
-from merge.tensorfile import TensorInfo, read_header
+from calibserve.merge.errors import IncompatibleCheckpoints, InputNotFound
+from calibserve.merge.tensorfile import TensorInfo, read_header
 
 __all__ = [
     "Checkpoint",

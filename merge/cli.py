@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from merge.config import DEFAULT_GRID, build_config
-from merge.errors import MergeError
+from calibserve.merge.config import DEFAULT_GRID, build_config
+from calibserve.merge.errors import MergeError
 
 __all__ = ["merge", "calibrate", "app"]
 
@@ -99,7 +99,7 @@ def merge(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
 ) -> None:
     """Merge BASE and ALIGNED at the Pareto-optimal lambda, calibrate it, write it to OUT."""
-    from merge.pipeline import run_merge
+    from calibserve.merge.pipeline import run_merge
 
     try:
         config = build_config(
@@ -152,7 +152,7 @@ def calibrate(
 ) -> None:
     """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
     model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
-    from merge.calibrate_checkpoint import calibrate_checkpoint, check_inputs
+    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, check_inputs
 
     targets = target_accuracy if target_accuracy else [0.7, 0.8, 0.9]
     try:

@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from calibration import RULES
-from merge.errors import InvalidConfig
+from calibserve.calibration import RULES
+from calibserve.merge.errors import InvalidConfig
 
 __all__ = [
     "MergeConfig",

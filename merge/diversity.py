@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from calibration import distinct_n, pairwise_jaccard
-from merge.errors import InvalidData
+from calibserve.calibration import distinct_n, pairwise_jaccard
+from calibserve.merge.errors import InvalidData
 
 __all__ = ["load_open_prompts", "DiversityProbe"]
 

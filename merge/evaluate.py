@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from calibration import (
+from calibserve.calibration import (
     accuracy,
     answer_confidence,
     brier,
@@ -28,7 +28,7 @@ from calibration import (
     nll,
     normalize_token,
 )
-from merge.errors import InvalidData
+from calibserve.merge.errors import InvalidData
 
 __all__ = [
     "LETTERS",

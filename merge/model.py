@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from merge.checkpoint import PairPlan, TensorPlan
-from merge.errors import IncompatibleCheckpoints, InvalidConfig
-from merge.interpolate import InPlaceInterpolator, Method
-from merge.tensorfile import read_rows, read_tensor
+from calibserve.merge.checkpoint import PairPlan, TensorPlan
+from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig
+from calibserve.merge.interpolate import InPlaceInterpolator, Method
+from calibserve.merge.tensorfile import read_rows, read_tensor
 
 __all__ = ["EvalModel", "resolve_dtype", "load_eval_model", "read_parent"]
 

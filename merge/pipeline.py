@@ -33,18 +33,31 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from merge.calibrate import Calibration, calibration_json, fit_calibration
-from merge.checkpoint import PairPlan, check_tokenizers, open_checkpoint, plan_pair
-from merge.config import MergeConfig
-from merge.diversity import DiversityProbe, load_open_prompts
-from merge.errors import InvalidData, OutputExists
-from merge.evaluate import MCEvaluator, Scores, load_items, point_metrics
-from merge.model import EvalModel, check_device, load_eval_model, resolve_dtype
-from merge.report import plot_metrics, plot_plane, plot_reliability, write_html, write_json
-from merge.select import Selection, choose
-from merge.sweep import Point, ResultCache, data_digest, file_identity, fingerprint, refine_lambdas
-from merge.sweep import run_sweep as sweep_points
-from merge.writer import write_model
+from calibserve.merge.calibrate import Calibration, calibration_json, fit_calibration
+from calibserve.merge.checkpoint import PairPlan, check_tokenizers, open_checkpoint, plan_pair
+from calibserve.merge.config import MergeConfig
+from calibserve.merge.diversity import DiversityProbe, load_open_prompts
+from calibserve.merge.errors import InvalidData, OutputExists
+from calibserve.merge.evaluate import MCEvaluator, Scores, load_items, point_metrics
+from calibserve.merge.model import EvalModel, check_device, load_eval_model, resolve_dtype
+from calibserve.merge.report import (
+    plot_metrics,
+    plot_plane,
+    plot_reliability,
+    write_html,
+    write_json,
+)
+from calibserve.merge.select import Selection, choose
+from calibserve.merge.sweep import (
+    Point,
+    ResultCache,
+    data_digest,
+    file_identity,
+    fingerprint,
+    refine_lambdas,
+)
+from calibserve.merge.sweep import run_sweep as sweep_points
+from calibserve.merge.writer import write_model
 
 __all__ = ["run_merge", "merge_demo", "staging_dir", "Prepared", "prepare"]
 
@@ -449,7 +462,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
 
 
 def _options(p: Prepared) -> tuple[str, ...]:
-    from merge.evaluate import LETTERS
+    from calibserve.merge.evaluate import LETTERS
 
     n = max(len(it["choices"]) for items in p.items.values() for it in items)
     return LETTERS[:n]

@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
-from calibration import ece, reliability_diagram  # noqa: E402
-from merge.sweep import Point  # noqa: E402
+from calibserve.calibration import ece, reliability_diagram  # noqa: E402
+from calibserve.merge.sweep import Point  # noqa: E402
 
 __all__ = ["plot_metrics", "plot_plane", "plot_reliability", "write_json", "write_html"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from calibration import pareto_frontier, select_point
-from merge.sweep import Point
+from calibserve.calibration import pareto_frontier, select_point
+from calibserve.merge.sweep import Point
 
 __all__ = ["Selection", "choose"]
 

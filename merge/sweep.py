@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge.evaluate import Scores
+from calibserve.merge.evaluate import Scores
 
 __all__ = ["Point", "ResultCache", "fingerprint", "run_sweep", "refine_lambdas"]
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from merge.checkpoint import TOKENIZER_FILES, PairPlan, TensorPlan
-from merge.interpolate import Method, SlerpStats, interpolate_into, slerp_stats
-from merge.tensorfile import ShardLayout, read_rows, write_header, write_tensor_bytes
+from calibserve.merge.checkpoint import TOKENIZER_FILES, PairPlan, TensorPlan
+from calibserve.merge.interpolate import Method, SlerpStats, interpolate_into, slerp_stats
+from calibserve.merge.tensorfile import ShardLayout, read_rows, write_header, write_tensor_bytes
 
 __all__ = ["plan_shards", "write_model", "CHUNK_BYTES"]
 

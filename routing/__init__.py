@@ -5,9 +5,9 @@ choice's calibrated confidence, and lets the route's policy decide whether a str
 answer instead. Upstreams add timeouts, retries and a circuit breaker. See routing/README.md.
 """
 
-from routing.agreement import answers_agree, option_letter
-from routing.breaker import CircuitBreaker, CircuitState
-from routing.errors import (
+from calibserve.routing.agreement import answers_agree, option_letter
+from calibserve.routing.breaker import CircuitBreaker, CircuitState
+from calibserve.routing.errors import (
     CircuitOpen,
     RoutingError,
     UpstreamBadResponse,
@@ -16,13 +16,13 @@ from routing.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from routing.policy import BudgetPolicy, Decision, NeverPolicy, Policy, ThresholdPolicy
-from routing.result import RoutedChunk, RoutedResult
-from routing.retry import RetryPolicy, parse_retry_after
-from routing.route import Route, Scorer, Tier
-from routing.router import Router
-from routing.streaming_mode import StreamMode
-from routing.upstream import Upstream
+from calibserve.routing.policy import BudgetPolicy, Decision, NeverPolicy, Policy, ThresholdPolicy
+from calibserve.routing.result import RoutedChunk, RoutedResult
+from calibserve.routing.retry import RetryPolicy, parse_retry_after
+from calibserve.routing.route import Route, Scorer, Tier
+from calibserve.routing.router import Router
+from calibserve.routing.streaming_mode import StreamMode
+from calibserve.routing.upstream import Upstream
 
 __all__ = [
     "BudgetPolicy",

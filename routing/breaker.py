@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from enum import IntEnum
 
-from routing import metrics
+from calibserve.routing import metrics
 
 
 class CircuitState(IntEnum):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from routing.policy import NeverPolicy, Policy
-from routing.streaming_mode import StreamMode
-from routing.upstream import Upstream
+from calibserve.routing.policy import NeverPolicy, Policy
+from calibserve.routing.streaming_mode import StreamMode
+from calibserve.routing.upstream import Upstream
 
 
 class ConfidenceLike(Protocol):
@@ -39,7 +39,7 @@ class Scorer(Protocol):
 
 def default_scorer() -> Scorer:
     """`mean` confidence, identity calibrator: what a model without calibration.json gets."""
-    from calibration import Scorer as CalibrationScorer
+    from calibserve.calibration import Scorer as CalibrationScorer
 
     scorer: Scorer = CalibrationScorer.from_config(None)
     return scorer

@@ -19,14 +19,14 @@ from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from routing import metrics
-from routing.agreement import answers_agree, choice_text
-from routing.errors import UpstreamClientError, UpstreamError
-from routing.payload import endpoint_path, tier_body
-from routing.result import RoutedChunk, RoutedResult
-from routing.route import Route, Tier
-from routing.scoring import attach_confidences, decision_score
-from routing.streaming import StreamRun
+from calibserve.routing import metrics
+from calibserve.routing.agreement import answers_agree, choice_text
+from calibserve.routing.errors import UpstreamClientError, UpstreamError
+from calibserve.routing.payload import endpoint_path, tier_body
+from calibserve.routing.result import RoutedChunk, RoutedResult
+from calibserve.routing.route import Route, Tier
+from calibserve.routing.scoring import attach_confidences, decision_score
+from calibserve.routing.streaming import StreamRun
 
 
 class Router:

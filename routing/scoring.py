@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from routing.route import ConfidenceLike, Scorer
+from calibserve.routing.route import ConfidenceLike, Scorer
 
 
 def confidence_dict(conf: ConfidenceLike) -> dict[str, Any]:

@@ -15,15 +15,15 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from routing import metrics
-from routing.agreement import answers_agree
-from routing.errors import UpstreamClientError, UpstreamError
-from routing.policy import Decision
-from routing.result import RoutedChunk, RoutedResult
-from routing.route import Route
-from routing.scoring import decision_score
-from routing.streaming_mode import OFF
-from routing.tier_stream import TierStream
+from calibserve.routing import metrics
+from calibserve.routing.agreement import answers_agree
+from calibserve.routing.errors import UpstreamClientError, UpstreamError
+from calibserve.routing.policy import Decision
+from calibserve.routing.result import RoutedChunk, RoutedResult
+from calibserve.routing.route import Route
+from calibserve.routing.scoring import decision_score
+from calibserve.routing.streaming_mode import OFF
+from calibserve.routing.tier_stream import TierStream
 
 
 class StreamRun:

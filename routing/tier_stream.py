@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from routing.errors import UpstreamError
-from routing.payload import endpoint_path, tier_body
-from routing.result import RoutedResult
-from routing.route import ConfidenceLike, StreamScorer, Tier
-from routing.scoring import confidence_dict
+from calibserve.routing.errors import UpstreamError
+from calibserve.routing.payload import endpoint_path, tier_body
+from calibserve.routing.result import RoutedResult
+from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
+from calibserve.routing.scoring import confidence_dict
 
 
 @dataclass

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from routing import metrics
-from routing.breaker import CircuitBreaker
-from routing.errors import (
+from calibserve.routing import metrics
+from calibserve.routing.breaker import CircuitBreaker
+from calibserve.routing.errors import (
     CircuitOpen,
     UpstreamBadResponse,
     UpstreamClientError,
@@ -32,8 +32,8 @@ from routing.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from routing.retry import RetryPolicy, parse_retry_after
-from routing.sse import DONE, iter_sse_data, parse_chunk
+from calibserve.routing.retry import RetryPolicy, parse_retry_after
+from calibserve.routing.sse import DONE, iter_sse_data, parse_chunk
 
 
 def api_root(base_url: str) -> str:

@@ -1,6 +1,6 @@
-"""`python -m server serve ...`: the server CLI without the `calibserve` console script."""
+"""`python -m calibserve.server serve ...`: the server CLI without the console script."""
 
-from server.cli import app
+from calibserve.server.cli import app
 
 if __name__ == "__main__":
     app()

@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.errors import APIError, install_error_handlers
-from server.limits import BodySizeLimit
-from server.metrics import CONTENT_TYPE
-from server.openai_schema import (
+from calibserve.server.errors import APIError, install_error_handlers
+from calibserve.server.limits import BodySizeLimit
+from calibserve.server.metrics import CONTENT_TYPE
+from calibserve.server.openai_schema import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -30,8 +30,8 @@ from server.openai_schema import (
     ModelCard,
     ModelList,
 )
-from server.proxy import Proxy
-from server.runtime import ServerRuntime
+from calibserve.server.proxy import Proxy
+from calibserve.server.runtime import ServerRuntime
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}

@@ -16,7 +16,13 @@ import httpx
 import typer
 import uvicorn
 
-from server.config import DEFAULT_PORT, EngineSettings, ModelSettings, ServerSettings, TierSettings
+from calibserve.server.config import (
+    DEFAULT_PORT,
+    EngineSettings,
+    ModelSettings,
+    ServerSettings,
+    TierSettings,
+)
 
 log = logging.getLogger("calibserve.server")
 app = typer.Typer(help="calibserve server", add_completion=False, no_args_is_help=True)
@@ -135,7 +141,7 @@ def settings_from_cli(
 
 def run_server(settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains in-flight requests, then engines stop."""
-    from server.app import create_app
+    from calibserve.server.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

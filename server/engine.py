@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from server.config import EngineSettings
+from calibserve.server.config import EngineSettings
 
 log = logging.getLogger("calibserve.engine")
 

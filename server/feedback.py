@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from calibration import bin_index
-from server.errors import APIError
-from server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
-from server.metrics import N_BINS, ServerMetrics
-from server.openai_schema import FeedbackRequest, FeedbackResponse
+from calibserve.calibration import bin_index
+from calibserve.server.errors import APIError
+from calibserve.server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
+from calibserve.server.metrics import N_BINS, ServerMetrics
+from calibserve.server.openai_schema import FeedbackRequest, FeedbackResponse
 
 
 def replay_key(response_id: str, choice: int) -> bytes:

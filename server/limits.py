@@ -12,7 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from calibserve.server.errors import error_body
 
 
 class BodyTooLarge(Exception):

@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from calibration import CalibrationAccumulator
+from calibserve.calibration import CalibrationAccumulator
 
 N_BINS = 15
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
-from server.errors import APIError, error_body
-from server.runtime import ModelRuntime, ServerRuntime
+from calibserve.routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
+from calibserve.server.errors import APIError, error_body
+from calibserve.server.runtime import ModelRuntime, ServerRuntime
 
 log = logging.getLogger("calibserve.server")
 T = TypeVar("T")

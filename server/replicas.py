@@ -12,7 +12,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-from routing import CircuitState, Upstream, UpstreamUnavailable
+from calibserve.routing import CircuitState, Upstream, UpstreamUnavailable
 
 
 class ReplicaPool:

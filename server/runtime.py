@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from calibration import Scorer
-from routing import (
+from calibserve.calibration import Scorer
+from calibserve.routing import (
     BudgetPolicy,
     CircuitBreaker,
     NeverPolicy,
@@ -30,13 +30,13 @@ from routing import (
     Tier,
     Upstream,
 )
-from server.config import ModelSettings, ServerSettings, TierSettings
-from server.engine import ManagedEngine
-from server.feedback import FeedbackRecorder
-from server.ids import ResponseIdSigner
-from server.metrics import ServerMetrics
-from server.replicas import ReplicaPool
-from server.transport import LeanTransport
+from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
+from calibserve.server.engine import ManagedEngine
+from calibserve.server.feedback import FeedbackRecorder
+from calibserve.server.ids import ResponseIdSigner
+from calibserve.server.metrics import ServerMetrics
+from calibserve.server.replicas import ReplicaPool
+from calibserve.server.transport import LeanTransport
 
 log = logging.getLogger("calibserve.server")
 

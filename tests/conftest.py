@@ -29,7 +29,7 @@ def demo_dir() -> Path:
     override = os.environ.get("CALIBSERVE_DEMO_DIR")  # development shortcut: a prebuilt world
     if override:
         return Path(override)
-    from demo import build_world
+    from calibserve.demo import build_world
 
     return build_world()
 
@@ -40,7 +40,7 @@ def merged_dir(demo_dir: Path) -> Path:
     override = os.environ.get("CALIBSERVE_MERGED_DIR")  # development shortcut: a prebuilt merge
     if override:
         return Path(override)
-    from merge.pipeline import merge_demo
+    from calibserve.merge.pipeline import merge_demo
 
     return merge_demo(demo_dir)
 

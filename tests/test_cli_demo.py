@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import demo
-import merge.pipeline
-import server.cli
+import calibserve.demo as demo
+import calibserve.merge.pipeline
+import calibserve.server.cli
 from calibserve.cli import app
 
 
@@ -20,8 +20,8 @@ def test_demo_serves_the_merge_and_a_calibrated_expert(
         demo_dir: Path, merged_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[tuple[Path, dict[str, Any]]] = []
     monkeypatch.setattr(demo, "build_world", lambda seed: demo_dir)
-    monkeypatch.setattr(merge.pipeline, "merge_demo", lambda world, progress: merged_dir)
-    monkeypatch.setattr(server.cli, "serve_model",
+    monkeypatch.setattr(calibserve.merge.pipeline, "merge_demo", lambda world, progress: merged_dir)
+    monkeypatch.setattr(calibserve.server.cli, "serve_model",
                         lambda model, **kw: served.append((Path(model), kw)))
     result = CliRunner().invoke(app, ["demo", "--port", "18398"])
     assert result.exit_code == 0, result.output
@@ -33,7 +33,7 @@ def test_demo_serves_the_merge_and_a_calibrated_expert(
     assert doc["merge"] is None
     assert doc["metrics"]["calibrate"]["ece_calibrated"] < doc["metrics"]["calibrate"]["ece_raw"]
     # What serve_model would build from these options: the expert tier carries that file.
-    settings = server.cli.settings_from_cli(model=model, **{k: v for k, v in kw.items()
+    settings = calibserve.server.cli.settings_from_cli(model=model, **{k: v for k, v in kw.items()
                                                            if k != "host"})
     (tier,) = settings.models[0].escalate_to
     assert tier.calibration_path() == Path(calibration)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import demo
-from merge.evaluate import format_mc_prompt as merge_prompt
+import calibserve.demo as demo
+from calibserve.merge.evaluate import format_mc_prompt as merge_prompt
 
 ITEMS = [
     {"question": "what is the color of the zorp ?", "choices": ["red", "blue", "green", "gold"],

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from routing import NeverPolicy, Route, Router, ThresholdPolicy, Tier, Upstream
-from routing.agreement import option_letter
+from calibserve.routing import NeverPolicy, Route, Router, ThresholdPolicy, Tier, Upstream
+from calibserve.routing.agreement import option_letter
 
 LETTERS = "ABCDEFGH"
 
@@ -60,13 +60,13 @@ class TierSpec:
 
 
 class ServerAsker:
-    """The real server app (server.app.create_app) driven in-process over ASGI by httpx."""
+    """The real server app (`calibserve.server.app.create_app`) driven in-process over ASGI."""
 
-    via = "server HTTP app (server.app.create_app over httpx.ASGITransport)"
+    via = "server HTTP app (calibserve.server.app.create_app over httpx.ASGITransport)"
 
     def __init__(self, primary: TierSpec, expert: TierSpec | None = None,
                  threshold: float | None = None) -> None:
-        from server.config import ModelSettings, ServerSettings, TierSettings
+        from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
 
         escalate = []
         if expert is not None:
@@ -80,8 +80,8 @@ class ServerAsker:
         self.settings = ServerSettings(models=[model], signing_key="escalation-benchmark")
 
     async def __aenter__(self) -> ServerAsker:
-        from server.app import create_app
-        from server.runtime import ServerRuntime
+        from calibserve.server.app import create_app
+        from calibserve.server.runtime import ServerRuntime
 
         self.runtime = ServerRuntime(self.settings)
         await self.runtime.start()
@@ -108,7 +108,7 @@ class RouterAsker:
 
     def __init__(self, primary: TierSpec, expert: TierSpec | None = None,
                  threshold: float | None = None) -> None:
-        from calibration import Scorer
+        from calibserve.calibration import Scorer
 
         def tier(spec: TierSpec) -> Tier:
             cal = json.loads(spec.calibration.read_text()) if spec.calibration else None
@@ -135,8 +135,8 @@ class RouterAsker:
 def asker_class(prefer_server: bool = True) -> type[ServerAsker] | type[RouterAsker]:
     if prefer_server:
         try:
-            import server.app  # noqa: F401
-            import server.runtime  # noqa: F401
+            import calibserve.server.app  # noqa: F401
+            import calibserve.server.runtime  # noqa: F401
         except Exception:  # noqa: BLE001 - any import failure means: use the router
             return RouterAsker
         return ServerAsker

@@ -50,14 +50,14 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     if demo:
         demo_dir = Path(demo)
     else:
-        from demo import build_world
+        from calibserve.demo import build_world
 
         demo_dir = build_world()
     merged_env = os.environ.get("CALIBSERVE_MERGED_DIR")
     if merged_env:
         merged = Path(merged_env)
     else:
-        from merge.pipeline import merge_demo
+        from calibserve.merge.pipeline import merge_demo
 
         merged = merge_demo(demo_dir)
     model = merged / "model" if (merged / "model").is_dir() else merged
@@ -93,7 +93,7 @@ async def one_pass(cls: Any, primary: TierSpec, items: list[dict[str, Any]],
 
 
 def ece_of(conf: list[float], correct: list[bool]) -> float:
-    from calibration import ece
+    from calibserve.calibration import ece
 
     return float(ece(np.asarray(conf), np.asarray(correct, dtype=float)))
 

@@ -111,7 +111,7 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
                 ) -> dict[str, Any]:
     """SIGKILL the managed engine under load (see the module docstring). Reuses `server` if
     given (a running calibserve whose first model has a managed engine)."""
-    from server.config import ServerSettings
+    from calibserve.server.config import ServerSettings
 
     own = server is None
     if server is None:
@@ -203,7 +203,7 @@ def engine_kill_ok(r: dict[str, Any]) -> bool:
 # --- 2. the escalation tier dies ---------------------------------------------------------------
 
 def escalation_dies(clients: int = 4, seconds: float = 3.0) -> dict[str, Any]:
-    from server.config import ServerSettings
+    from calibserve.server.config import ServerSettings
 
     with FakeUpstream() as primary, FakeUpstream() as expert:
         settings = ServerSettings.model_validate({

@@ -67,7 +67,7 @@ def _issue_ids(client: httpx.Client, count: int, n: int = 1, endpoint: str = "ch
 
 def attacks(real: list[str], signing_key: str) -> list[tuple[str, Any, tuple[int, ...]]]:
     """(name, JSON body, accepted statuses) for every forged/malformed/foreign case."""
-    from server.ids import ResponseIdSigner
+    from calibserve.server.ids import ResponseIdSigner
 
     rid = real[0]
     prefix = "chatcmpl-"

@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.advance(task, n)
 
         if args.managed:
-            from server.config import ServerSettings
+            from calibserve.server.config import ServerSettings
 
             settings = ServerSettings.model_validate({
                 "signing_key": SIGNING_KEY, "host": "127.0.0.1",

@@ -117,7 +117,7 @@ class FakeUpstream:
 
 def fake_settings(upstream: str, **extra: Any) -> Any:
     """ServerSettings for calibserve in front of the fake upstream."""
-    from server.config import ServerSettings
+    from calibserve.server.config import ServerSettings
 
     data: dict[str, Any] = {"signing_key": SIGNING_KEY, "host": "127.0.0.1", "models": [
         {"name": FAKE_MODEL, "upstreams": [upstream], "upstream_model": FAKE_MODEL}]}
@@ -131,7 +131,7 @@ class InProcessServer:
     def __init__(self, settings: Any, start_timeout: float = 600.0, **uvicorn_kw: Any) -> None:
         import uvicorn
 
-        from server.app import create_app
+        from calibserve.server.app import create_app
 
         self.app = create_app(settings)
         self.runtime = self.app.state.runtime

@@ -43,11 +43,11 @@ def _pause(point: str) -> None:
 
 
 def install() -> None:
-    import merge.sweep
-    import merge.writer
+    import calibserve.merge.sweep
+    import calibserve.merge.writer
 
     pause = os.environ.get("RELIABILITY_MERGE_PAUSE", "")
-    cache_cls = merge.sweep.ResultCache
+    cache_cls = calibserve.merge.sweep.ResultCache
     real_get, real_put = cache_cls.get, cache_cls.put
     puts = {"n": 0}
 
@@ -67,7 +67,7 @@ def install() -> None:
     cache_cls.get, cache_cls.put = get, put  # type: ignore[method-assign]
 
     if pause == "write":
-        real_write = merge.writer.write_tensor_bytes
+        real_write = calibserve.merge.writer.write_tensor_bytes
         written = {"n": 0}
 
         def write_tensor_bytes(f: Any, tensor: Any) -> None:
@@ -77,7 +77,7 @@ def install() -> None:
                 f.flush()  # what a kill would leave on disk
                 _pause("write")
 
-        merge.writer.write_tensor_bytes = write_tensor_bytes  # type: ignore[assignment]
+        calibserve.merge.writer.write_tensor_bytes = write_tensor_bytes  # type: ignore[assignment]
 
     if pause == "rename":
         real_rename = os.rename

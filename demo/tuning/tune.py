@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from demo.build import _torch_state, make_materials
-from demo.evaluate import mc_metrics, option_probs
-from demo.settings import DemoSettings, SFTSettings
-from demo.train import make_model, pretrain, sft
+from calibserve.demo.build import _torch_state, make_materials
+from calibserve.demo.evaluate import mc_metrics, option_probs
+from calibserve.demo.settings import DemoSettings, SFTSettings
+from calibserve.demo.train import make_model, pretrain, sft
 
 seed = int(sys.argv[1])
 over = json.loads(sys.argv[2])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration import CalibrationAccumulator, CalibrationError, ece
+from calibserve.calibration import CalibrationAccumulator, CalibrationError, ece
 
 samples = st.lists(
     st.tuples(st.floats(0.0, 1.0), st.booleans()),

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.isotonic import IsotonicRegression
 
-from calibration import (
+from calibserve.calibration import (
     CalibrationError,
     DegenerateDataError,
     HistogramBinning,
@@ -22,7 +22,7 @@ from calibration import (
     ece,
     nll,
 )
-from calibration.calibrators import Calibrator, pool_adjacent_violators
+from calibserve.calibration.calibrators import Calibrator, pool_adjacent_violators
 
 FITTABLE = [TemperatureScaling, PlattScaling, IsotonicCalibrator, HistogramBinning]
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration import (
+from calibserve.calibration import (
     CalibrationError,
     NoOptionTokensError,
     StreamingConfidence,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calibration import distinct_n, pairwise_jaccard
+from calibserve.calibration import distinct_n, pairwise_jaccard
 
 
 def test_distinct_n() -> None:

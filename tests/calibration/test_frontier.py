@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration import CalibrationError, pareto_frontier, select_point
+from calibserve.calibration import CalibrationError, pareto_frontier, select_point
 
 
 def brute_force(points: list[tuple[float, float]]) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import brier_score_loss, log_loss
 from torchmetrics.functional.classification import binary_calibration_error
 
-from calibration import (
+from calibserve.calibration import (
     CalibrationError,
     DegenerateDataError,
     accuracy,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import calibration
-from calibration import CalibrationError, DegenerateDataError, NoOptionTokensError
+import calibserve.calibration as calibration
+from calibserve.calibration import CalibrationError, DegenerateDataError, NoOptionTokensError
 
 # Exactly the names listed under "calibration/" in docs/internals.md.
 CONTRACT = [

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from calibration import CalibrationError, Scorer, TemperatureScaling
+from calibserve.calibration import CalibrationError, Scorer, TemperatureScaling
 
 CONFIG: dict[str, Any] = {
     "version": 1,

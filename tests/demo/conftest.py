@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from demo import build_world, tiny_settings
+from calibserve.demo import build_world, tiny_settings
 
 
 @pytest.fixture(scope="session")

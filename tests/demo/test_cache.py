@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from demo import DemoBuildError, build_world, default_dir, tiny_settings
-from demo.cache import MANIFEST, sha256_file, verify
+from calibserve.demo import DemoBuildError, build_world, default_dir, tiny_settings
+from calibserve.demo.cache import MANIFEST, sha256_file, verify
 
 
 @pytest.fixture()

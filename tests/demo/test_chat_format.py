@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from demo import format_mc_prompt
+from calibserve.demo import format_mc_prompt
 
 ITEM = {"question": "what is the color of the zorp ?", "choices": ["red", "blue", "green", "gold"],
         "answer": 1}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from demo.cli import app
+from calibserve.demo.cli import app
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_bad_settings_file(tmp_path: Path) -> None:
 
 
 def test_build_prints_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from demo import tiny_settings
+    from calibserve.demo import tiny_settings
 
     monkeypatch.setenv("CALIBSERVE_HOME", str(tmp_path / "home"))
     settings = tmp_path / "tiny.json"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from demo import build_world, tiny_settings
-from demo.cache import sha256_file
+from calibserve.demo import build_world, tiny_settings
+from calibserve.demo.cache import sha256_file
 
 FILES = [f"{m}/model.safetensors" for m in ("base", "aligned", "expert")] + [
     "base/tokenizer.json", "data/test.jsonl", "data/select.jsonl",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo import MODELS
-from demo.evaluate import ece, option_probs
+from calibserve.demo import MODELS
+from calibserve.demo.evaluate import ece, option_probs
 
 MB = 1024 * 1024
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from demo import MODELS, format_mc_prompt
-from demo.evaluate import option_probs
+from calibserve.demo import MODELS, format_mc_prompt
+from calibserve.demo.evaluate import option_probs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

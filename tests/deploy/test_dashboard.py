@@ -34,10 +34,10 @@ def sample_names(family: str, kind: str) -> set[str]:
 def exported() -> set[str]:
     """Names from a real /metrics scrape of an app with one model, and every family the metric
     modules define (some have no samples until traffic arrives)."""
-    import routing.metrics
-    from server.app import create_app
-    from server.config import ServerSettings
-    from server.metrics import ServerMetrics
+    import calibserve.routing.metrics
+    from calibserve.server.app import create_app
+    from calibserve.server.config import ServerSettings
+    from calibserve.server.metrics import ServerMetrics
 
     settings = ServerSettings.model_validate({
         "models": [{"name": "m", "upstreams": ["http://127.0.0.1:9/v1"], "upstream_model": "m"}],
@@ -54,7 +54,9 @@ def exported() -> set[str]:
     registry = CollectorRegistry()
     ServerMetrics(registry)
     collectors = [*registry._collector_to_names]  # noqa: SLF001 - the only list of collectors
-    collectors += [v for v in vars(routing.metrics).values() if isinstance(v, MetricWrapperBase)]
+    collectors += [
+        v for v in vars(calibserve.routing.metrics).values() if isinstance(v, MetricWrapperBase)
+    ]
     for collector in collectors:
         for family in collector.collect():
             names |= sample_names(family.name, family.type)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibration.scorer import Scorer
-from server.config import ServerSettings
+from calibserve.calibration.scorer import Scorer
+from calibserve.server.config import ServerSettings
 from tests.conftest import require
 from tests.deploy.tools import K8S, run, tool
 

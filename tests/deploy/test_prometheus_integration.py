@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 import yaml
 
-from calibration import ece
+from calibserve.calibration import ece
 from tests.conftest import require
 from tests.deploy.tools import RULES, tool
 from tests.vllm_process import free_port
@@ -47,8 +47,8 @@ class Replica:
     """One calibserve app on its own port, run by uvicorn in a thread of this process."""
 
     def __init__(self, upstream: str) -> None:
-        from server.app import create_app
-        from server.config import ServerSettings
+        from calibserve.server.app import create_app
+        from calibserve.server.config import ServerSettings
 
         settings = ServerSettings.model_validate({
             "models": [{"name": MODEL, "upstreams": [upstream], "upstream_model": MODEL}],

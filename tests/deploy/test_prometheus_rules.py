@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibration import ece
+from calibserve.calibration import ece
 from tests.conftest import require
 from tests.deploy.tools import K8S, RULE_TESTS, RULES, run, tool
 

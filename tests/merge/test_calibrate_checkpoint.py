@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibration import Scorer
-from merge.calibrate_checkpoint import calibrate_checkpoint, calibrate_demo_expert
-from merge.evaluate import MCEvaluator, load_items
+from calibserve.calibration import Scorer
+from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, calibrate_demo_expert
+from calibserve.merge.evaluate import MCEvaluator, load_items
 
 
 @pytest.mark.slow

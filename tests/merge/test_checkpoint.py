@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from merge.checkpoint import check_tokenizers, open_checkpoint, plan_pair
-from merge.errors import IncompatibleCheckpoints, InputNotFound
+from calibserve.merge.checkpoint import check_tokenizers, open_checkpoint, plan_pair
+from calibserve.merge.errors import IncompatibleCheckpoints, InputNotFound
 from tests.merge.conftest import make_tokenizer, write_raw_checkpoint
 
 CFG = {

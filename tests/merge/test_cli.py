@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from merge.cli import app
+from calibserve.merge.cli import app
 
 runner = CliRunner()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from merge.config import DEFAULT_GRID, build_config, parse_grid, parse_size
-from merge.errors import InvalidConfig
+from calibserve.merge.config import DEFAULT_GRID, build_config, parse_grid, parse_size
+from calibserve.merge.errors import InvalidConfig
 
 
 def test_default_grid_is_zero_to_one_step_tenth() -> None:

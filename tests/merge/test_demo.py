@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibration import Scorer
-from merge.evaluate import MCEvaluator, format_mc_prompt, load_items
+from calibserve.calibration import Scorer
+from calibserve.merge.evaluate import MCEvaluator, format_mc_prompt, load_items
 
 
 def _report(merged_dir: Path) -> dict:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibration import answer_confidence
-from merge.errors import InvalidData
-from merge.evaluate import MCEvaluator, format_mc_prompt, load_items, option_token_map
+from calibserve.calibration import answer_confidence
+from calibserve.merge.errors import InvalidData
+from calibserve.merge.evaluate import MCEvaluator, format_mc_prompt, load_items, option_token_map
 
 
 def test_format_mc_prompt_is_the_documented_string() -> None:
@@ -28,7 +28,7 @@ def test_format_mc_prompt_is_the_documented_string() -> None:
 
 
 def test_format_mc_prompt_agrees_with_the_demo() -> None:
-    chat = pytest.importorskip("demo.chat")
+    chat = pytest.importorskip("calibserve.demo.chat")
     item = {"question": "what is the home of ka ?", "choices": ["a b", "c", "d", "e"], "answer": 0}
     assert format_mc_prompt(item) == chat.format_mc_prompt(item)
 
@@ -98,7 +98,7 @@ def test_scores_equal_a_by_hand_softmax_over_letter_logits(tiny_world: dict[str,
 def test_expected_accuracy_when_items_carry_the_true_distribution(
     tiny_world: dict[str, Path],
 ) -> None:
-    from merge.evaluate import point_metrics
+    from calibserve.merge.evaluate import point_metrics
 
     tok = AutoTokenizer.from_pretrained(tiny_world["aligned"])
     model = AutoModelForCausalLM.from_pretrained(tiny_world["aligned"], dtype=torch.float32).eval()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from merge.interpolate import (
+from calibserve.merge.interpolate import (
     InPlaceInterpolator,
     interpolate,
     slerp_coefficients,

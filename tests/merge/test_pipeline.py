@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibration import Scorer, calibrator_from_dict
-from merge.config import MergeConfig
-from merge.errors import IncompatibleCheckpoints, InvalidData, MergeError, OutputExists
-from merge.evaluate import MCEvaluator
-from merge.pipeline import run_merge, staging_dir
+from calibserve.calibration import Scorer, calibrator_from_dict
+from calibserve.merge.config import MergeConfig
+from calibserve.merge.errors import IncompatibleCheckpoints, InvalidData, MergeError, OutputExists
+from calibserve.merge.evaluate import MCEvaluator
+from calibserve.merge.pipeline import run_merge, staging_dir
 from tests.merge.conftest import write_raw_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def test_calibration_json_schema_and_scorer(merged: Path) -> None:
 def test_thresholds_use_the_calibrated_confidence(
     tiny_world: dict[str, Path], tmp_path: Path
 ) -> None:
-    from calibration import threshold_for_accuracy
+    from calibserve.calibration import threshold_for_accuracy
 
     out = run_merge(
         _config(tiny_world, tmp_path / "o", grid="0,1", refine=False, target_accuracy=[0.3, 0.35]),
@@ -191,14 +191,14 @@ def test_overwrite_replaces_an_existing_out(tiny_world: dict[str, Path], tmp_pat
 KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import merge.evaluate as ev
+import calibserve.merge.evaluate as ev
 real = ev.MCEvaluator.score
 def slow(self, model):
     time.sleep(0.4)  # make the sweep slow enough to be killed in the middle
     return real(self, model)
 ev.MCEvaluator.score = slow
-from merge.config import MergeConfig
-from merge.pipeline import run_merge
+from calibserve.merge.config import MergeConfig
+from calibserve.merge.pipeline import run_merge
 run_merge(MergeConfig(base={base!r}, aligned={aligned!r}, data={data!r}, out={out!r},
                       grid="0:1:0.1", refine=False), progress=False)
 """
@@ -232,7 +232,7 @@ def test_a_killed_run_resumes(
     done_before = len(list(cache.rglob("select-*.json")))
     assert 3 <= done_before < 11
     assert not out.exists()  # a killed run never leaves OUT behind
-    import merge.evaluate as ev
+    import calibserve.merge.evaluate as ev
 
     calls: list[int] = []
     real = ev.MCEvaluator.score

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import merge.writer as writer
-from merge.checkpoint import PairPlan, open_checkpoint, plan_pair
-from merge.evaluate import Scores
-from merge.model import load_eval_model
-from merge.sweep import ResultCache, refine_lambdas, run_sweep
+import calibserve.merge.writer as writer
+from calibserve.merge.checkpoint import PairPlan, open_checkpoint, plan_pair
+from calibserve.merge.evaluate import Scores
+from calibserve.merge.model import load_eval_model
+from calibserve.merge.sweep import ResultCache, refine_lambdas, run_sweep
 
 
 def _plan(base: Path, aligned: Path) -> PairPlan:

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from merge.tensorfile import ShardLayout, read_header, read_rows, write_header, write_tensor_bytes
+from calibserve.merge.tensorfile import (
+    ShardLayout,
+    read_header,
+    read_rows,
+    write_header,
+    write_tensor_bytes,
+)
 
 
 def test_streamed_file_loads_with_the_reference_library(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from calibration import Scorer
-from demo.chat import format_mc_prompt
-from routing import (
+from calibserve.calibration import Scorer
+from calibserve.demo.chat import format_mc_prompt
+from calibserve.routing import (
     CircuitBreaker,
     CircuitState,
     NeverPolicy,
@@ -48,7 +48,7 @@ def primary_model_dir(request: pytest.FixtureRequest, demo_dir: Path) -> Path:
     """The merged model (merged_dir/model) when a merge is available, else the aligned model."""
     if not os.environ.get("CALIBSERVE_MERGED_DIR"):
         try:
-            from merge.pipeline import merge_demo  # noqa: F401
+            from calibserve.merge.pipeline import merge_demo  # noqa: F401
         except ImportError:
             return demo_dir / "aligned"
     merged = Path(request.getfixturevalue("merged_dir"))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from routing import BudgetPolicy, NeverPolicy, ThresholdPolicy
+from calibserve.routing import BudgetPolicy, NeverPolicy, ThresholdPolicy
 
 
 def test_threshold_escalates_strictly_below() -> None:

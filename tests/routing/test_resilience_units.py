@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client import REGISTRY
 
-from routing import CircuitBreaker, CircuitState, RetryPolicy, parse_retry_after
-from routing.sse import iter_sse_data
-from routing.upstream import api_root, relative_path
+from calibserve.routing import CircuitBreaker, CircuitState, RetryPolicy, parse_retry_after
+from calibserve.routing.sse import iter_sse_data
+from calibserve.routing.upstream import api_root, relative_path
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:

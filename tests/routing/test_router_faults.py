@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from calibration import Scorer
-from routing import (
+from calibserve.calibration import Scorer
+from calibserve.routing import (
     NeverPolicy,
     RetryPolicy,
     Route,
@@ -147,7 +147,7 @@ async def test_closing_the_stream_early_closes_the_upstream_response() -> None:
 async def test_budget_policy_escalates_about_its_rate() -> None:
     import random
 
-    from routing import BudgetPolicy
+    from calibserve.routing import BudgetPolicy
 
     rng = random.Random(3)
     probs = [rng.uniform(0.2, 0.99) for _ in range(120)]

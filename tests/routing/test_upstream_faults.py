@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from routing import (
+from calibserve.routing import (
     CircuitBreaker,
     CircuitState,
     RetryPolicy,
@@ -19,7 +19,7 @@ from routing import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from routing.errors import CircuitOpen
+from calibserve.routing.errors import CircuitOpen
 from tests.routing.fakes import FakeUpstream, SlowStream, fake_chat_events, ok, status
 
 pytestmark = pytest.mark.anyio

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from benchmarks.reliability.harness import InProcessServer
-from server.config import ServerSettings
+from calibserve.server.config import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNING_KEY = "test-signing-key"

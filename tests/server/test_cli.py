@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import server.cli
-from server.config import ServerSettings
+import calibserve.server.cli
+from calibserve.server.config import ServerSettings
 
 
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> list[ServerSettings]:
     seen: list[ServerSettings] = []
-    monkeypatch.setattr(server.cli, "run_server", seen.append)
+    monkeypatch.setattr(calibserve.server.cli, "run_server", seen.append)
     return seen
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> object:
-    return CliRunner().invoke(server.cli.app, ["serve", *args], env=env)
+    return CliRunner().invoke(calibserve.server.cli.app, ["serve", *args], env=env)
 
 
 def test_model_dir_flags(tmp_path: Path, captured: list[ServerSettings]) -> None:
@@ -91,7 +91,9 @@ def test_errors(tmp_path: Path, captured: list[ServerSettings]) -> None:
 
 
 def test_help_lists_the_documented_options() -> None:
-    result = CliRunner().invoke(server.cli.app, ["serve", "--help"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        calibserve.server.cli.app, ["serve", "--help"], env={"COLUMNS": "200"}
+    )
     out = result.output
     for option in ("--model", "--upstream", "--config", "--host", "--port",
                    "--served-model-name", "--escalate-to", "--threshold", "--target-accuracy",

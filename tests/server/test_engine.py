@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.config import EngineSettings, ServerSettings
-from server.engine import EngineStartError, ManagedEngine, build_command
+from calibserve.server.config import EngineSettings, ServerSettings
+from calibserve.server.engine import EngineStartError, ManagedEngine, build_command
 from tests.server.conftest import REPO, serve
 from tests.server.test_metrics import total
 

@@ -11,8 +11,8 @@ import json
 import httpx
 import pytest
 
-from server.config import ServerSettings
-from server.runtime import ServerRuntime
+from calibserve.server.config import ServerSettings
+from calibserve.server.runtime import ServerRuntime
 from tests.server.conftest import FakeUpstream, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}

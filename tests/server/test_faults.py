@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.config import ServerSettings
+from calibserve.server.config import ServerSettings
 from tests.server.conftest import FakeUpstream, RunningServer, serve
 from tests.server.test_metrics import total
 

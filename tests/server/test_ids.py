@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
+from calibserve.server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
 
 
 def test_roundtrip_keeps_prefix_model_and_exact_scores() -> None:

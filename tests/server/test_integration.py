@@ -20,9 +20,9 @@ import numpy as np
 import openai
 import pytest
 
-import calibration
-from calibration import Scorer
-from server.config import ServerSettings
+import calibserve.calibration as calibration
+from calibserve.calibration import Scorer
+from calibserve.server.config import ServerSettings
 from tests.server.conftest import RunningServer, serve
 from tests.server.test_metrics import sample
 
@@ -35,7 +35,7 @@ def mc_items(demo_dir: Path, n: int = 12) -> list[dict[str, Any]]:
 
 
 def mc_prompt(item: dict[str, Any]) -> str:
-    from demo.chat import format_mc_prompt
+    from calibserve.demo.chat import format_mc_prompt
 
     return format_mc_prompt(item)
 

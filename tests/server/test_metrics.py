@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 
-import calibration
-from server.feedback import FeedbackRecorder
-from server.ids import ResponseIdSigner
-from server.metrics import ServerMetrics
-from server.openai_schema import FeedbackRequest
+import calibserve.calibration as calibration
+from calibserve.server.feedback import FeedbackRecorder
+from calibserve.server.ids import ResponseIdSigner
+from calibserve.server.metrics import ServerMetrics
+from calibserve.server.openai_schema import FeedbackRequest
 
 NAMES = [
     "calibserve_requests_total", "calibserve_request_duration_seconds_bucket",
@@ -99,7 +99,7 @@ def test_feedback_moves_bins_and_ece_exactly() -> None:
 
 
 def test_rejected_feedback_never_moves_counters() -> None:
-    from server.errors import APIError
+    from calibserve.server.errors import APIError
 
     metrics = ServerMetrics()
     signer = ResponseIdSigner("k")

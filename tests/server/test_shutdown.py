@@ -21,9 +21,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
 
 def start_server(args: list[str], port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--signing-key", "k", "--served-model-name", "m", *args],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-m", "calibserve.server", "serve", "--host", "127.0.0.1",
+         "--port", str(port), "--signing-key", "k", "--served-model-name", "m", *args],
+        cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 60

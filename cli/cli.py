@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from demo.cli import app as demo_app
-from merge.cli import calibrate as calibrate_command
-from merge.cli import merge as merge_command
-from server.cli import serve as serve_command
+from calibserve.demo.cli import app as demo_app
+from calibserve.merge.cli import calibrate as calibrate_command
+from calibserve.merge.cli import merge as merge_command
+from calibserve.server.cli import serve as serve_command
 
 app = typer.Typer(
     name="calibserve",
@@ -36,10 +36,10 @@ def demo(
     """Build the demo world, merge its base and aligned models, and serve the result."""
     if ctx.invoked_subcommand is not None:
         return
-    from demo import build_world
-    from merge.calibrate_checkpoint import calibrate_demo_expert
-    from merge.pipeline import merge_demo
-    from server.cli import serve_model
+    from calibserve.demo import build_world
+    from calibserve.merge.calibrate_checkpoint import calibrate_demo_expert
+    from calibserve.merge.pipeline import merge_demo
+    from calibserve.server.cli import serve_model
 
     world = build_world(seed=seed)
     out = merge_demo(world, progress=True)
