@@ -33,7 +33,7 @@ def make_model(
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",
     )
     return LlamaForCausalLM(config)
 

@@ -166,7 +166,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def _grid(cls, v: object) -> list[float]:
         if isinstance(v, str | list | tuple):
-            return parse_grid(v)  # type: ignore[arg-type]
+            return parse_grid(v)
         raise ValueError("grid must be a list of numbers or a string")
 
     @field_validator("shard_size", mode="before")
@@ -202,7 +202,7 @@ class MergeConfig(BaseModel):
 def build_config(**kwargs: object) -> MergeConfig:
     """`MergeConfig(**kwargs)`, with pydantic's errors turned into `InvalidConfig(param=flag)`."""
     try:
-        return MergeConfig(**kwargs)  # type: ignore[arg-type]
+        return MergeConfig(**kwargs)
     except InvalidConfig:
         raise
     except ValidationError as exc:

@@ -239,9 +239,10 @@ class MCEvaluator:
         }
         try:
             # Only the last position's logits: a vocabulary-sized row per prompt, not per token.
-            return model(**kwargs, logits_to_keep=1).logits[:, -1, :]
+            logits: torch.Tensor = model(**kwargs, logits_to_keep=1).logits[:, -1, :]
         except TypeError:  # a model class without `logits_to_keep`
-            return model(**kwargs).logits[:, -1, :]
+            logits = model(**kwargs).logits[:, -1, :]
+        return logits
 
     def score(self, model: torch.nn.Module) -> Scores:
         """Prediction and answer confidence of every item for the model's current weights."""

@@ -128,6 +128,7 @@ def read_rows(
     Into a new tensor, or into the front of `buffer` (a flat uint8 tensor large enough), so a
     caller streaming many chunks reuses one allocation instead of churning the allocator.
     """
+    row_shape: tuple[int, ...]
     if not info.shape:
         start, stop, row_shape = 0, 1, ()
     else:
@@ -147,7 +148,7 @@ def read_rows(
     if count:
         with open(info.file, "rb", buffering=0) as f:
             _pread_into(
-                f.fileno(), memoryview(out.numpy()), info.offset + start * row_numel * info.itemsize
+                f.fileno(), out.numpy().data, info.offset + start * row_numel * info.itemsize
             )
     tensor = out.view(info.torch_dtype)
     return (
@@ -201,4 +202,4 @@ def write_tensor_bytes(f: BinaryIO, tensor: torch.Tensor) -> None:
     """Append a tensor's raw little-endian bytes (C order)."""
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel():
-        f.write(memoryview(flat.view(torch.uint8).numpy()))
+        f.write(flat.view(torch.uint8).numpy().data)

@@ -255,24 +255,29 @@ class ManagedEngine:
             await asyncio.sleep(0.05)
         return proc.returncode
 
+    def _stop_requested(self) -> bool:
+        # A method, not the attribute: `stop()` sets it while this task awaits, which a type
+        # checker's narrowing of `self._stopping` cannot see.
+        return self._stopping
+
     async def _supervise(self) -> None:
         backoff = self.settings.restart_backoff_s
-        while not self._stopping:
+        while not self._stop_requested():
             proc = self._proc
             assert proc is not None
             started = time.monotonic()
             code = await self._exit_code(proc)
             self._set_up(False)
-            if self._stopping:
+            if self._stop_requested():
                 return
             self._kill_group(proc)  # vLLM's engine-core children must not outlive it
             if time.monotonic() - started > STABLE_AFTER_S:
                 backoff = self.settings.restart_backoff_s
             log.warning("[engine %s] exited with code %s; restarting in %.1fs", self.name, code,
                         backoff)
-            while not self._stopping:
+            while not self._stop_requested():
                 await asyncio.sleep(backoff)
-                if self._stopping:
+                if self._stop_requested():
                     return
                 self.restarts += 1
                 self._on_restart()

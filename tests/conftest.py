@@ -14,6 +14,20 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Tests that use these fixtures get the marker, so `-m "not demo and not vllm"` (make test-fast)
+# never builds the demo world or starts an engine, whichever test file the fixture is used in.
+FIXTURE_MARKERS = {"demo_dir": "demo", "merged_dir": "demo", "vllm_server": "vllm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in used:
+                item.add_marker(marker)
+
+
 def require(condition: bool, why: str) -> None:
     """Skip locally when an optional external tool is missing; fail under CI=true."""
     if condition:
