@@ -212,7 +212,7 @@ def real_ids(base_url: str, model: str, count: int, headers: dict[str, str]) -> 
     return ids
 
 
-def fuzz(
+def fuzz(  # noqa: C901 - one schemathesis run; its closures share the run's state
     base_url: str,
     total: int,
     model: str = FAKE_MODEL,
