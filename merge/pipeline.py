@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -59,7 +58,7 @@ from calibserve.merge.sweep import (
 from calibserve.merge.sweep import run_sweep as sweep_points
 from calibserve.merge.writer import write_model
 
-__all__ = ["run_merge", "merge_demo", "staging_dir", "Prepared", "prepare"]
+__all__ = ["run_merge", "staging_dir", "Prepared", "prepare"]
 
 SPLITS = ("select", "calibrate", "test")
 
@@ -485,50 +484,3 @@ def _closing_table(console: Console, points: list[Point], sel: Selection) -> Non
     console.print(table)
     console.print(sel.reason)
 
-
-# --- the demo pair, merged once and cached for the test suite -----------------------------------
-
-DEMO_SETTINGS: dict[str, Any] = {
-    "grid": "0:1:0.1",
-    "method": "linear",
-    "refine": False,
-    "select": "max-accuracy",
-    "calibrator": "temperature",
-}
-
-
-def merge_demo(demo_dir: Path, progress: bool = False) -> Path:
-    """The demo base/aligned merge, built once per demo world and cached next to it.
-
-    Used by `calibserve demo`, the tests and the benchmarks; returns the merge's OUT directory.
-    """
-    demo_dir = Path(demo_dir).resolve()
-    inputs = [
-        *sorted((demo_dir / "base").glob("*.safetensors")),
-        *sorted((demo_dir / "aligned").glob("*.safetensors")),
-        *sorted((demo_dir / "data").glob("*.jsonl")),
-    ]
-    ident = json.dumps(
-        {
-            "settings": DEMO_SETTINGS,
-            "files": file_identity(inputs),
-            "eval_version": fingerprint({}),
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    out = demo_dir.parent / f"merged-{demo_dir.name}-{key}"
-    lock_path = demo_dir.parent / f".merged-{demo_dir.name}-{key}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions wait for one build
-        if (out / "model" / "calibration.json").is_file():
-            return out
-        config = MergeConfig(
-            base=str(demo_dir / "base"),
-            aligned=str(demo_dir / "aligned"),
-            data=demo_dir / "data",
-            out=out,
-            overwrite=True,
-            **DEMO_SETTINGS,
-        )
-        return run_merge(config, progress=progress)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.calibration import Scorer
-from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, calibrate_demo_expert
+from calibserve.demo_pipeline import calibrate_demo_expert
+from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.evaluate import MCEvaluator, load_items
 
 
