@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
 import os
 import threading
@@ -181,3 +182,30 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(
         write_atomic(path, "bad")
     assert path.read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.json"]  # temp file removed
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_publish_is_a_leaf_and_the_only_top_package_module_the_packages_import() -> None:
+    assert not {n for n in _imports(REPO / "cli" / "publish.py") if n.startswith("calibserve")}
+    allowed = {
+        "merge": ("calibserve.merge", "calibserve.calibration"),
+        "demo": ("calibserve.demo",),
+    }
+    for package, own in allowed.items():
+        for path in (REPO / package).rglob("*.py"):
+            ours = {n for n in _imports(path) if n.split(".")[0] == "calibserve"}
+            foreign = {n for n in ours if n != "calibserve.publish"
+                       and not any(n == o or n.startswith(o + ".") for o in own)}
+            assert not foreign, (path, foreign)
