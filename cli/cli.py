@@ -37,8 +37,7 @@ def demo(
     if ctx.invoked_subcommand is not None:
         return
     from calibserve.demo import build_world
-    from calibserve.merge.calibrate_checkpoint import calibrate_demo_expert
-    from calibserve.merge.pipeline import merge_demo
+    from calibserve.demo_pipeline import calibrate_demo_expert, merge_demo
     from calibserve.server.cli import serve_model
 
     world = build_world(seed=seed)

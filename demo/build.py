@@ -44,6 +44,7 @@ from calibserve.demo.settings import CODE_VERSION, DemoSettings
 from calibserve.demo.tokenizer import build_tokenizer
 from calibserve.demo.train import make_model, pretrain, sft, sft_steps
 from calibserve.demo.world import SPLITS, World, make_world
+from calibserve.publish import build_once, publish_dir, staging
 
 MODELS = ("base", "aligned", "expert")
 
@@ -70,34 +71,34 @@ def build_world(
     settings = settings or DemoSettings()
     if out is None:
         return _ensure_cached(settings, seed, progress)
-    out = Path(out)
-    # Lock (and so touch) the destination first: an unwritable --out fails before any training.
-    with cache.locked(out):
-        digest = settings.digest(seed)
-        if cache.verify(out, digest):
-            return out
-        if out.exists() and not (out / cache.MANIFEST).exists() and any(out.iterdir()):
-            raise DemoBuildError(f"{out} is a non-empty directory that is not a demo world")
+    digest = settings.digest(seed)
+
+    def copy(dest: Path) -> None:
+        if dest.exists() and not (dest / cache.MANIFEST).exists() and any(dest.iterdir()):
+            raise DemoBuildError(f"{dest} is a non-empty directory that is not a demo world")
         cached = _ensure_cached(settings, seed, progress)
-        with cache.staging(out) as tmp:
+        with staging(dest) as tmp:
             shutil.copytree(cached, tmp, dirs_exist_ok=True)
             if not cache.verify(tmp, digest):
-                raise DemoBuildError(f"copy of {cached} into {out} does not match its manifest")
-            cache.place(tmp, out)
-    return out
+                raise DemoBuildError(f"copy of {cached} into {dest} does not match its manifest")
+            publish_dir(tmp, dest)
+
+    # The lock is taken (and so the destination touched) first: an unwritable --out fails
+    # before any training.
+    return build_once(Path(out), lambda p: cache.verify(p, digest), copy)
 
 
 def _ensure_cached(settings: DemoSettings, seed: int, progress: bool) -> Path:
     """The verified cached world for these settings, built under a lock if missing or corrupt."""
     digest = settings.digest(seed)
-    cached = default_dir(settings, seed)
-    with cache.locked(cached):
-        if not cache.verify(cached, digest):
-            with cache.staging(cached) as tmp:
-                _build_into(tmp, settings, seed, progress)
-                cache.write_manifest(tmp, digest, seed)
-                cache.place(tmp, cached)
-    return cached
+
+    def build(cached: Path) -> None:
+        with staging(cached) as tmp:
+            _build_into(tmp, settings, seed, progress)
+            cache.write_manifest(tmp, digest, seed)
+            publish_dir(tmp, cached)
+
+    return build_once(default_dir(settings, seed), lambda p: cache.verify(p, digest), build)
 
 
 @contextmanager

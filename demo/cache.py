@@ -1,23 +1,20 @@
-"""Where built worlds live and how they are trusted: manifests, verification, locks, placement.
+"""Where built worlds live and how they are trusted: manifests and verification.
 
 A world directory is complete only if its `manifest.json` (written last) lists every file with
-its size and sha256 and they all match; anything else is rebuilt, never trusted. Builds happen in
-a temporary directory next to the target and are renamed into place under an fcntl lock, so two
-processes building the same world never see each other's half-written files.
+its size and sha256 and they all match; anything else is rebuilt, never trusted. The lock, the
+staging directory and the rename into place are `calibserve.publish`'s, so two processes
+building the same world never see each other's half-written files.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from calibserve.publish import write_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -49,9 +46,7 @@ def write_manifest(root: Path, digest: str, seed: int) -> None:
     manifest = {
         "version": MANIFEST_VERSION, "digest": digest, "seed": seed, "files": _listing(root)
     }
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, root / MANIFEST)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def verify(root: Path, digest: str | None = None) -> bool:
@@ -71,35 +66,3 @@ def verify(root: Path, digest: str | None = None) -> bool:
         return False
     return True
 
-
-@contextmanager
-def locked(target: Path) -> Iterator[None]:
-    """Exclusive lock on `<target>.lock`, held while the target is checked and (re)built."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextmanager
-def staging(target: Path) -> Iterator[Path]:
-    """A fresh temporary directory next to `target`; removed unless `place` consumed it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def place(tmp: Path, target: Path) -> None:
-    """Move a finished build into place, replacing an old (untrusted) directory if present."""
-    if target.exists() or target.is_symlink():
-        trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rename(target, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
-    os.rename(tmp, target)

@@ -8,11 +8,7 @@ answers on the same calibrated scale as the merged model's. Without it a tier is
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
-from calibserve.merge.sweep import file_identity
+from calibserve.publish import write_atomic
 
 
 def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: str,
@@ -71,35 +67,6 @@ def calibrate_checkpoint(
         extra["test"] = point_metrics(served, n_bins)
     n_options = max(len(it["choices"]) for it in items)
     doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
-    _write_atomic(Path(out_file), json.dumps(doc, indent=2) + "\n")
+    write_atomic(Path(out_file), json.dumps(doc, indent=2) + "\n")
     return doc
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def calibrate_demo_expert(demo_dir: Path) -> Path:
-    """The demo expert's calibration.json, fitted once per demo world and cached next to it (the
-    world directory itself is a verified cache and stays as built)."""
-    demo_dir = Path(demo_dir).resolve()
-    inputs = [
-        *sorted((demo_dir / "expert").glob("*.safetensors")),
-        demo_dir / "data" / "calibrate.jsonl",
-        demo_dir / "data" / "test.jsonl",
-    ]
-    key = hashlib.sha256(json.dumps(file_identity(inputs)).encode()).hexdigest()[:12]
-    out = demo_dir.parent / f"expert-calibration-{demo_dir.name}-{key}.json"
-    with open(demo_dir.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers wait for one fit
-        if not out.is_file():
-            calibrate_checkpoint(demo_dir / "expert", demo_dir / "data", out)
-    return out

@@ -1,45 +1,30 @@
-"""The whole merge: validate, sweep, select, calibrate, write, report, and rename into place.
+"""The whole merge, in order: validate, load, sweep, select, calibrate, write, report, publish.
 
-Layout while running: everything goes to a sibling staging directory `.{OUT}.partial/`, which
-also holds the per-point sweep cache, so rerunning the same command after a kill resumes there.
-Only when the model, calibration.json and report are complete is the staging directory renamed
-to OUT: OUT never looks complete when it is not. Every check that can refuse runs before the
-staging directory is created, so a refusal writes nothing.
+`run_merge` is the entry point (the `calibserve merge` command, the tests, the benchmarks). Each
+step's details live in its own module: merge/prepare.py (every check, before a byte is written),
+merge/staging.py (the `.{OUT}.partial` staging directory, its lock, the rename to OUT),
+merge/session.py (the loaded parents, evaluators and sweep caches), merge/progress.py (the
+console), merge/card.py (the model card), merge/report_data.py (report.json's content). A killed
+run leaves OUT absent and resumes from its staging directory when the same command is rerun.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from calibserve.merge.calibrate import Calibration, calibration_json, fit_calibration
-from calibserve.merge.checkpoint import PairPlan, check_tokenizers, open_checkpoint, plan_pair
+from calibserve.merge.calibrate import calibration_json, fit_calibration
+from calibserve.merge.card import model_card
 from calibserve.merge.config import MergeConfig
-from calibserve.merge.diversity import DiversityProbe, load_open_prompts
-from calibserve.merge.errors import InvalidData, OutputExists
-from calibserve.merge.evaluate import MCEvaluator, Scores, load_items, point_metrics
-from calibserve.merge.model import EvalModel, check_device, load_eval_model, resolve_dtype
+from calibserve.merge.evaluate import Scores, point_metrics
+from calibserve.merge.prepare import Prepared, check_out, prepare
+from calibserve.merge.progress import closing_table, sweep_progress, write_progress
 from calibserve.merge.report import (
     plot_metrics,
     plot_plane,
@@ -47,165 +32,15 @@ from calibserve.merge.report import (
     write_html,
     write_json,
 )
+from calibserve.merge.report_data import report_data
 from calibserve.merge.select import Selection, choose
-from calibserve.merge.sweep import (
-    Point,
-    ResultCache,
-    data_digest,
-    file_identity,
-    fingerprint,
-    refine_lambdas,
-)
+from calibserve.merge.session import Session, load_session
+from calibserve.merge.staging import publish, running, staging_dir
+from calibserve.merge.sweep import Point, refine_lambdas
 from calibserve.merge.sweep import run_sweep as sweep_points
 from calibserve.merge.writer import write_model
 
-__all__ = ["run_merge", "merge_demo", "staging_dir", "Prepared", "prepare"]
-
-SPLITS = ("select", "calibrate", "test")
-
-
-def staging_dir(out: Path) -> Path:
-    """Where a run into `out` works until it is complete (and where a killed run resumes)."""
-    return out.parent / f".{out.name}.partial"
-
-
-@dataclass
-class Prepared:
-    """Everything validated before a byte is written."""
-
-    config: MergeConfig
-    out: Path
-    plan: PairPlan
-    items: dict[str, list[dict[str, Any]]]
-    skipped: dict[str, int]
-    prompts: list[str] | None
-    notes: list[str] = field(default_factory=list)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"{out} exists and is not a directory", "--out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{out} already exists and is not empty (pass --overwrite)", "--out")
-
-
-def prepare(config: MergeConfig) -> Prepared:
-    """All validation: output path, data, parents, tokenizers, device. Writes nothing."""
-    out = config.out.expanduser().resolve()
-    _check_out(out, config.overwrite)
-    data = config.data.expanduser()
-    if not data.is_dir():
-        raise InvalidData(
-            f"{data} is not a directory with select.jsonl and calibrate.jsonl", "--data"
-        )
-    items: dict[str, list[dict[str, Any]]] = {}
-    skipped: dict[str, int] = {}
-    for split in SPLITS:
-        path = data / f"{split}.jsonl"
-        if split == "test" and not path.exists():
-            continue
-        items[split], skipped[split] = load_items(path, config.max_items)
-    prompts = None
-    if config.diversity:
-        candidates = [data / "open_prompts.jsonl", data.parent / "open_prompts.jsonl"]
-        path = next((p for p in candidates if p.is_file()), candidates[0])
-        prompts = load_open_prompts(path)
-    check_device(config.device)
-    base = open_checkpoint(config.base, "--base")
-    aligned = open_checkpoint(config.aligned, "--aligned")
-    plan = plan_pair(base, aligned)
-    check_tokenizers(plan)
-    notes = list(plan.notes)
-    for split, n in skipped.items():
-        if n:
-            notes.append(
-                f"{n} short-answer items in {split}.jsonl were skipped (no options to score)"
-            )
-    return Prepared(config, out, plan, items, skipped, prompts, notes)
-
-
-@contextlib.contextmanager
-def _exclusive(work: Path) -> Iterator[None]:
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputExists(f"another merge is running into {work}", "--out") from exc
-        yield
-
-
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
-def _cache_key(p: Prepared, split: str) -> str:
-    c = p.config
-    return fingerprint(
-        {
-            "base": file_identity({t.base.file for t in p.plan.tensors}),
-            "aligned": file_identity({t.aligned.file for t in p.plan.tensors}),
-            "method": c.method,
-            "dtype": c.dtype,
-            "device": c.device,
-            "batch_size": c.batch_size,
-            "max_items": c.max_items,
-            "data": data_digest(c.data.expanduser() / f"{split}.jsonl"),
-            "diversity": bool(c.diversity) and split == "select",
-            "n_bins": c.n_bins,
-            "seed": c.seed,
-        }
-    )
-
-
-def _point_row(p: Point, refined: set[float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"lambda": p.lam}
-    row.update(p.metrics)  # accuracy, ece, brier, nll, mean_confidence, n (+ expected_*)
-    if p.diversity is not None:
-        row["diversity"] = p.diversity
-    row["refined"] = p.lam in refined
-    row["seconds"] = round(p.seconds, 4)
-    return row
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _model_card(p: Prepared, sel: Selection, points: list[Point], cal: Calibration) -> str:
-    chosen = points[sel.index]
-    lines = [
-        "---",
-        "tags: [calibserve, merge, calibration]",
-        "---",
-        f"# Merged model (lambda = {sel.lam:g})",
-        "",
-        "theta = (1 - lambda) * base + lambda * aligned"
-        + (" (per-tensor spherical interpolation)" if p.config.method == "slerp" else ""),
-        "",
-        f"- base: `{p.plan.base.ref}`",
-        f"- aligned: `{p.plan.aligned.ref}`",
-        f"- method: {p.config.method}; selection rule: {sel.rule}",
-        f"- select split: accuracy {chosen.accuracy:.4f}, ECE {chosen.ece:.4f}, "
-        f"Brier {chosen.metrics['brier']:.4f}",
-        f"- calibrator ({cal.calibrator.to_dict()['type']}) on the calibrate split: ECE "
-        f"{cal.metrics['ece_raw']:.4f} raw, {cal.metrics['ece_calibrated']:.4f} calibrated",
-        "",
-        f"Why this point: {sel.reason}",
-        "",
-        "Tokenizer and chat template are the aligned model's. `calibration.json` holds the",
-        "confidence method, calibrator and escalation thresholds used by `calibserve serve`.",
-        "",
-    ]
-    return "\n".join(lines)
+__all__ = ["run_merge", "staging_dir", "Prepared", "prepare"]
 
 
 def run_merge(config: MergeConfig, progress: bool = True) -> Path:
@@ -215,77 +50,20 @@ def run_merge(config: MergeConfig, progress: bool = True) -> Path:
     p = prepare(config)
     out = p.out
     work = staging_dir(out)
-    with _exclusive(work):
-        _check_out(out, config.overwrite)  # another run may have finished meanwhile
+    with running(work):
+        check_out(out, config.overwrite)  # another run may have finished meanwhile
         _run(p, work, console, progress)
-        _publish(work, out, config.overwrite)
+        publish(work, out, config.overwrite)
     console.print(
         f"[green]merged model written to {out / 'model'}[/] ({time.perf_counter() - t_start:.1f} s)"
     )
     return out
 
 
-def _publish(work: Path, out: Path, overwrite: bool) -> None:
-    (work / ".lock").unlink(missing_ok=True)
-    if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            raise OutputExists(f"{out} appeared while merging", "--out")
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(work, out)
-
-
-Evaluate = Callable[[float], tuple[dict[str, float], Scores, dict[str, float] | None]]
-
-
-@dataclass
-class _Session:
-    """The loaded state of one run: live model, evaluators and per-split caches."""
-
-    prepared: Prepared
-    em: EvalModel
-    evaluators: dict[str, MCEvaluator]
-    probe: DiversityProbe | None
-    caches: dict[str, ResultCache]
-
-    def evaluate(self, split: str, with_diversity: bool) -> Evaluate:
-        n_bins = self.prepared.config.n_bins
-
-        def run(lam: float) -> tuple[dict[str, float], Scores, dict[str, float] | None]:
-            self.em.set(lam)
-            scores = self.evaluators[split].score(self.em.model)
-            probe = self.probe if with_diversity else None
-            div = probe.measure(self.em.model) if probe is not None else None
-            return point_metrics(scores, n_bins), scores, div
-
-        return run
-
-    def at(self, split: str, lam: float) -> Point:
-        """One (cached) evaluation of `split` at `lam`."""
-        return sweep_points([lam], self.evaluate(split, False), self.caches[split], split)[0]
-
-
-def _load(p: Prepared, work: Path) -> _Session:
-    from transformers import AutoTokenizer
-
-    c = p.config
-    em = load_eval_model(p.plan, c.method, resolve_dtype(c.dtype, c.device), c.device)
-    tok = AutoTokenizer.from_pretrained(p.plan.aligned.path)
-    evaluators = {
-        s: MCEvaluator(tok, items, c.batch_size, c.device) for s, items in p.items.items()
-    }
-    probe = DiversityProbe(tok, p.prompts, seed=c.seed, device=c.device) if p.prompts else None
-    caches = {s: ResultCache(work / "sweep", _cache_key(p, s)) for s in p.items}
-    return _Session(p, em, evaluators, probe, caches)
-
-
-def _sweep(s: _Session, console: Console, show: bool) -> tuple[list[Point], list[float]]:
+def _sweep(s: Session, console: Console, show: bool) -> tuple[list[Point], list[float]]:
     """The grid, then (optionally) one refinement round around the frontier."""
     c = s.prepared.config
-    with _progress(console, show) as prog:
+    with sweep_progress(console, show) as prog:
         task = prog.add_task(f"sweeping {c.method} lambda", total=len(c.grid))
         points = sweep_points(
             c.grid,
@@ -325,14 +103,7 @@ def _write(
     for d in (model_tmp, model_dir):
         if d.exists():
             shutil.rmtree(d)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show,
-    ) as prog:
+    with write_progress(console, show) as prog:
         task = prog.add_task(f"writing lambda={sel.lam:g}", total=p.plan.total_bytes())
         write_model(
             p.plan,
@@ -352,7 +123,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with console.status("loading both parents") if show else contextlib.nullcontext():
-        s = _load(p, work)
+        s = load_session(p, work)
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -401,7 +172,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
     cal_json = calibration_json(cal, _options(p), merge_block, extra)
 
     t0 = time.perf_counter()
-    _write(p, work, sel, _model_card(p, sel, points, cal), cal_json, console, show)
+    _write(p, work, sel, model_card(p, sel, points, cal), cal_json, console, show)
     timings["write_s"] = time.perf_counter() - t0
 
     plots = work / "plots"
@@ -423,41 +194,21 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
         held_split,
         plots / "reliability.png",
     )
-    report = {
-        "version": 1,
-        "parents": {
-            "base": p.plan.base.ref,
-            "aligned": p.plan.aligned.ref,
-            "base_path": str(p.plan.base.path),
-            "aligned_path": str(p.plan.aligned.path),
-        },
-        "method": c.method,
-        "splits": {k: len(v) for k, v in p.items.items()},
-        "points": [_point_row(q, set(refined)) for q in points],
-        "pareto_lambdas": [points[i].lam for i in sel.frontier],
-        "selected": {
-            "lambda": sel.lam,
-            "rule": sel.rule,
-            "tolerance": sel.tolerance,
-            "reason": sel.reason,
-            "on_frontier": sel.on_frontier,
-            "beats_both_parents_on_accuracy": sel.beats_both_parents_on_accuracy,
-            "metrics": dict(chosen.metrics),
-        },
-        "calibration": {
-            "calibrator": cal.calibrator.to_dict(),
-            "calibrate": cal.metrics,
-            "thresholds": cal.thresholds,
-        },
-        "heldout": {"split": held_split, "models": held_models},
-        "notes": notes,
-        "timings": {k: _finite(round(v, 4)) for k, v in timings.items()},
-        "config": json.loads(c.model_dump_json()),
-        "plots": sorted(f"plots/{x.name}" for x in plots.glob("*.png")),
-    }
+    report = report_data(
+        p,
+        points=points,
+        refined=refined,
+        sel=sel,
+        cal=cal,
+        held_split=held_split,
+        held_models=held_models,
+        notes=notes,
+        timings=timings,
+        plots=plots,
+    )
     write_json(report, work / "report.json")
     write_html(report, plots, work / "report.html")
-    _closing_table(console, points, sel)
+    closing_table(console, points, sel)
     return report
 
 
@@ -467,68 +218,3 @@ def _options(p: Prepared) -> tuple[str, ...]:
     n = max(len(it["choices"]) for items in p.items.values() for it in items)
     return LETTERS[:n]
 
-
-def _closing_table(console: Console, points: list[Point], sel: Selection) -> None:
-    table = Table(title="Pareto frontier (select split)")
-    for col in ("lambda", "accuracy", "ECE", "Brier", "mean conf", ""):
-        table.add_column(col, justify="right")
-    for i in sel.frontier:
-        q = points[i]
-        table.add_row(
-            f"{q.lam:g}",
-            f"{q.accuracy:.4f}",
-            f"{q.ece:.4f}",
-            f"{q.metrics['brier']:.4f}",
-            f"{q.metrics['mean_confidence']:.4f}",
-            "selected" if i == sel.index else "",
-        )
-    console.print(table)
-    console.print(sel.reason)
-
-
-# --- the demo pair, merged once and cached for the test suite -----------------------------------
-
-DEMO_SETTINGS: dict[str, Any] = {
-    "grid": "0:1:0.1",
-    "method": "linear",
-    "refine": False,
-    "select": "max-accuracy",
-    "calibrator": "temperature",
-}
-
-
-def merge_demo(demo_dir: Path, progress: bool = False) -> Path:
-    """The demo base/aligned merge, built once per demo world and cached next to it.
-
-    Used by `calibserve demo`, the tests and the benchmarks; returns the merge's OUT directory.
-    """
-    demo_dir = Path(demo_dir).resolve()
-    inputs = [
-        *sorted((demo_dir / "base").glob("*.safetensors")),
-        *sorted((demo_dir / "aligned").glob("*.safetensors")),
-        *sorted((demo_dir / "data").glob("*.jsonl")),
-    ]
-    ident = json.dumps(
-        {
-            "settings": DEMO_SETTINGS,
-            "files": file_identity(inputs),
-            "eval_version": fingerprint({}),
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    out = demo_dir.parent / f"merged-{demo_dir.name}-{key}"
-    lock_path = demo_dir.parent / f".merged-{demo_dir.name}-{key}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test sessions wait for one build
-        if (out / "model" / "calibration.json").is_file():
-            return out
-        config = MergeConfig(
-            base=str(demo_dir / "base"),
-            aligned=str(demo_dir / "aligned"),
-            data=demo_dir / "data",
-            out=out,
-            overwrite=True,
-            **DEMO_SETTINGS,
-        )
-        return run_merge(config, progress=progress)

@@ -1,16 +1,15 @@
 """The lambda sweep: evaluate each point once, caching results so a killed run resumes.
 
-Each finished point is written to its own JSON file (written to a temp name, then renamed, so a
-kill never leaves half a file). The cache directory is keyed by a fingerprint of everything that
-determines the numbers (parents, data, method, dtype, batch size, code version): change any of
-them and old points are simply not found.
+Each finished point is written to its own JSON file (`calibserve.publish.write_atomic`: a temp
+name, then renamed, so a kill never leaves half a file). The cache directory is keyed by a
+fingerprint of everything that determines the numbers (parents, data, method, dtype, batch size,
+code version): change any of them and old points are simply not found.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from calibserve.merge.evaluate import Scores
+from calibserve.publish import write_atomic
 
 __all__ = ["Point", "ResultCache", "fingerprint", "run_sweep", "refine_lambdas"]
 
@@ -98,11 +98,7 @@ class ResultCache:
             return None  # absent or unreadable: evaluate again
 
     def put(self, split: str, point: Point) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(split, point.lam)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(point.to_dict()))
-        os.replace(tmp, path)
+        write_atomic(self._path(split, point.lam), json.dumps(point.to_dict()))
 
 
 def run_sweep(

@@ -54,7 +54,7 @@ def merged_dir(demo_dir: Path) -> Path:
     override = os.environ.get("CALIBSERVE_MERGED_DIR")  # development shortcut: a prebuilt merge
     if override:
         return Path(override)
-    from calibserve.merge.pipeline import merge_demo
+    from calibserve.demo_pipeline import merge_demo
 
     return merge_demo(demo_dir)
 

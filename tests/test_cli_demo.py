@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import calibserve.demo as demo
-import calibserve.merge.pipeline
+import calibserve.demo_pipeline
 import calibserve.server.cli
 from calibserve.cli import app
 
@@ -20,7 +20,7 @@ def test_demo_serves_the_merge_and_a_calibrated_expert(
         demo_dir: Path, merged_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[tuple[Path, dict[str, Any]]] = []
     monkeypatch.setattr(demo, "build_world", lambda seed: demo_dir)
-    monkeypatch.setattr(calibserve.merge.pipeline, "merge_demo", lambda world, progress: merged_dir)
+    monkeypatch.setattr(calibserve.demo_pipeline, "merge_demo", lambda world, progress: merged_dir)
     monkeypatch.setattr(calibserve.server.cli, "serve_model",
                         lambda model, **kw: served.append((Path(model), kw)))
     result = CliRunner().invoke(app, ["demo", "--port", "18398"])

@@ -57,7 +57,7 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     if merged_env:
         merged = Path(merged_env)
     else:
-        from calibserve.merge.pipeline import merge_demo
+        from calibserve.demo_pipeline import merge_demo
 
         merged = merge_demo(demo_dir)
     model = merged / "model" if (merged / "model").is_dir() else merged

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.calibration import Scorer
-from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, calibrate_demo_expert
+from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.evaluate import MCEvaluator, load_items
 
 
@@ -34,12 +34,3 @@ def test_the_demo_expert_gets_a_calibration_that_lowers_its_ece(demo_dir: Path,
     assert float(np.mean(served)) == pytest.approx(doc["metrics"]["test"]["mean_confidence"])
     assert doc["thresholds"] == sorted(doc["thresholds"], key=lambda t: t["target_accuracy"])
 
-
-@pytest.mark.slow
-def test_the_demo_expert_calibration_is_cached_next_to_the_world(demo_dir: Path) -> None:
-    first = calibrate_demo_expert(demo_dir)
-    stamp = first.stat().st_mtime_ns
-    assert first.parent == demo_dir.resolve().parent and first.is_file()
-    assert calibrate_demo_expert(demo_dir) == first
-    assert first.stat().st_mtime_ns == stamp  # not fitted again
-    assert not (demo_dir / "expert" / "calibration.json").exists()  # the world stays as built

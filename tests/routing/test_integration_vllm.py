@@ -48,7 +48,7 @@ def primary_model_dir(request: pytest.FixtureRequest, demo_dir: Path) -> Path:
     """The merged model (merged_dir/model) when a merge is available, else the aligned model."""
     if not os.environ.get("CALIBSERVE_MERGED_DIR"):
         try:
-            from calibserve.merge.pipeline import merge_demo  # noqa: F401
+            from calibserve.demo_pipeline import merge_demo  # noqa: F401
         except ImportError:
             return demo_dir / "aligned"
     merged = Path(request.getfixturevalue("merged_dir"))

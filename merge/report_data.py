@@ -1,0 +1,86 @@
+"""What `OUT/report.json` says: one dict assembled from a finished run's results.
+
+merge/report.py writes it (and renders it as `report.html`); this module only decides its
+content: the parents, every sweep point, the frontier and the selected point with the reason,
+the calibrator's fit, the held-out view of both parents and the selection, notes, timings and the
+full configuration. Version 1; non-finite timings are written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from calibserve.merge.calibrate import Calibration
+from calibserve.merge.prepare import Prepared
+from calibserve.merge.select import Selection
+from calibserve.merge.sweep import Point
+
+__all__ = ["point_row", "report_data"]
+
+
+def point_row(p: Point, refined: set[float]) -> dict[str, Any]:
+    """One sweep point as the report lists it."""
+    row: dict[str, Any] = {"lambda": p.lam}
+    row.update(p.metrics)  # accuracy, ece, brier, nll, mean_confidence, n (+ expected_*)
+    if p.diversity is not None:
+        row["diversity"] = p.diversity
+    row["refined"] = p.lam in refined
+    row["seconds"] = round(p.seconds, 4)
+    return row
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def report_data(
+    p: Prepared,
+    *,
+    points: list[Point],
+    refined: list[float],
+    sel: Selection,
+    cal: Calibration,
+    held_split: str,
+    held_models: dict[str, dict[str, float]],
+    notes: list[str],
+    timings: dict[str, float],
+    plots: Path,
+) -> dict[str, Any]:
+    """The report of a run whose sweep gave `points` and whose selection is `sel`."""
+    c = p.config
+    chosen = points[sel.index]
+    return {
+        "version": 1,
+        "parents": {
+            "base": p.plan.base.ref,
+            "aligned": p.plan.aligned.ref,
+            "base_path": str(p.plan.base.path),
+            "aligned_path": str(p.plan.aligned.path),
+        },
+        "method": c.method,
+        "splits": {k: len(v) for k, v in p.items.items()},
+        "points": [point_row(q, set(refined)) for q in points],
+        "pareto_lambdas": [points[i].lam for i in sel.frontier],
+        "selected": {
+            "lambda": sel.lam,
+            "rule": sel.rule,
+            "tolerance": sel.tolerance,
+            "reason": sel.reason,
+            "on_frontier": sel.on_frontier,
+            "beats_both_parents_on_accuracy": sel.beats_both_parents_on_accuracy,
+            "metrics": dict(chosen.metrics),
+        },
+        "calibration": {
+            "calibrator": cal.calibrator.to_dict(),
+            "calibrate": cal.metrics,
+            "thresholds": cal.thresholds,
+        },
+        "heldout": {"split": held_split, "models": held_models},
+        "notes": notes,
+        "timings": {k: _finite(round(v, 4)) for k, v in timings.items()},
+        "config": json.loads(c.model_dump_json()),
+        "plots": sorted(f"plots/{x.name}" for x in plots.glob("*.png")),
+    }

@@ -1,0 +1,91 @@
+"""The loaded state of one merge: both parents as one model that can be set to any lambda, an
+evaluator per data split, the diversity probe and the per-split sweep caches.
+
+Loading happens once per run; every evaluation (grid, refinement, the calibrate split at the
+chosen lambda, the held-out view) goes through `Session` and so through the sweep cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibserve.merge.diversity import DiversityProbe
+from calibserve.merge.evaluate import MCEvaluator, Scores, point_metrics
+from calibserve.merge.model import EvalModel, load_eval_model, resolve_dtype
+from calibserve.merge.prepare import Prepared
+from calibserve.merge.sweep import (
+    Point,
+    ResultCache,
+    data_digest,
+    file_identity,
+    fingerprint,
+)
+from calibserve.merge.sweep import run_sweep as sweep_points
+
+__all__ = ["Evaluate", "Session", "cache_key", "load_session"]
+
+Evaluate = Callable[[float], tuple[dict[str, float], Scores, dict[str, float] | None]]
+
+
+def cache_key(p: Prepared, split: str) -> str:
+    """Everything a cached point of `split` depends on: change any of it and it is recomputed."""
+    c = p.config
+    return fingerprint(
+        {
+            "base": file_identity({t.base.file for t in p.plan.tensors}),
+            "aligned": file_identity({t.aligned.file for t in p.plan.tensors}),
+            "method": c.method,
+            "dtype": c.dtype,
+            "device": c.device,
+            "batch_size": c.batch_size,
+            "max_items": c.max_items,
+            "data": data_digest(c.data.expanduser() / f"{split}.jsonl"),
+            "diversity": bool(c.diversity) and split == "select",
+            "n_bins": c.n_bins,
+            "seed": c.seed,
+        }
+    )
+
+
+@dataclass
+class Session:
+    """The loaded state of one run: live model, evaluators and per-split caches."""
+
+    prepared: Prepared
+    em: EvalModel
+    evaluators: dict[str, MCEvaluator]
+    probe: DiversityProbe | None
+    caches: dict[str, ResultCache]
+
+    def evaluate(self, split: str, with_diversity: bool) -> Evaluate:
+        n_bins = self.prepared.config.n_bins
+
+        def run(lam: float) -> tuple[dict[str, float], Scores, dict[str, float] | None]:
+            self.em.set(lam)
+            scores = self.evaluators[split].score(self.em.model)
+            probe = self.probe if with_diversity else None
+            div = probe.measure(self.em.model) if probe is not None else None
+            return point_metrics(scores, n_bins), scores, div
+
+        return run
+
+    def at(self, split: str, lam: float) -> Point:
+        """One (cached) evaluation of `split` at `lam`."""
+        return sweep_points([lam], self.evaluate(split, False), self.caches[split], split)[0]
+
+
+def load_session(p: Prepared, work: Path) -> Session:
+    """Load both parents, the aligned tokenizer and the evaluators; caches under `work/sweep`."""
+    from transformers import AutoTokenizer
+
+    c = p.config
+    em = load_eval_model(p.plan, c.method, resolve_dtype(c.dtype, c.device), c.device)
+    tok = AutoTokenizer.from_pretrained(p.plan.aligned.path)
+    evaluators = {
+        s: MCEvaluator(tok, items, c.batch_size, c.device) for s, items in p.items.items()
+    }
+    probe = DiversityProbe(tok, p.prompts, seed=c.seed, device=c.device) if p.prompts else None
+    caches = {s: ResultCache(work / "sweep", cache_key(p, s)) for s in p.items}
+    return Session(p, em, evaluators, probe, caches)
