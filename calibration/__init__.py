@@ -28,6 +28,7 @@ from calibserve.calibration.errors import CalibrationError, DegenerateDataError,
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
 from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
 from calibserve.calibration.metrics import (
+    N_BINS,
     accuracy,
     bin_index,
     brier,
@@ -61,6 +62,7 @@ __all__ = [
     "ScoredStream",
     "METHODS",
     # metrics
+    "N_BINS",
     "ece",
     "mce",
     "rms_ce",

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibserve.calibration import (
+    N_BINS,
     Calibrator,
     DegenerateDataError,
     IdentityCalibrator,
@@ -50,7 +51,7 @@ class Calibration:
 
 
 def fit_calibration(
-    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = 15
+    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS
 ) -> Calibration:
     """Fit `kind` on (raw confidence, correct); thresholds on the CALIBRATED confidence."""
     notes: list[str] = []

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from calibserve.calibration import N_BINS
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
@@ -50,7 +51,7 @@ def calibrate_checkpoint(
     out_file: Path,
     calibrator: str = "temperature",
     targets: Sequence[float] = (0.7, 0.8, 0.9),
-    n_bins: int = 15,
+    n_bins: int = N_BINS,
 ) -> dict[str, Any]:
     """Fit on `data_dir/calibrate.jsonl`, report `test.jsonl` too if present; write `out_file`
     atomically (temp file + rename) and return the document."""

@@ -233,7 +233,7 @@ def test_feedback_moves_bins_and_ece_to_calibrations_values(
         text = httpx.get(f"{running.url}/metrics").text
     conf = np.array([p[0] for p in pairs])
     correct = np.array([p[1] for p in pairs])
-    bins = calibration.bin_index(conf, n_bins=15)
+    bins = calibration.bin_index(conf, n_bins=calibration.N_BINS)
     for b in range(15):
         sel = bins == b
         assert sample(text, "calibserve_calibration_samples_total", model="aligned",
