@@ -11,8 +11,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import N_BINS
+from calibserve.calibration import N_BINS, CalibrationDocument
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
@@ -52,7 +50,7 @@ def calibrate_checkpoint(
     calibrator: str = "temperature",
     targets: Sequence[float] = (0.7, 0.8, 0.9),
     n_bins: int = N_BINS,
-) -> dict[str, Any]:
+) -> CalibrationDocument:
     """Fit on `data_dir/calibrate.jsonl`, report `test.jsonl` too if present; write `out_file`
     atomically (temp file + rename) and return the document."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -72,20 +70,8 @@ def calibrate_checkpoint(
         extra["test"] = point_metrics(served, n_bins)
     n_options = max(len(it["choices"]) for it in items)
     doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
-    _write_atomic(Path(out_file), json.dumps(doc, indent=2) + "\n")
+    doc.write(Path(out_file))
     return doc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def calibrate_demo_expert(demo_dir: Path) -> Path:
