@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import N_BINS, CalibrationDocument
+from calibserve.calibration import CURRENT_VERSION, N_BINS, CalibrationDocument
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
@@ -83,7 +83,10 @@ def calibrate_demo_expert(demo_dir: Path) -> Path:
         demo_dir / "data" / "calibrate.jsonl",
         demo_dir / "data" / "test.jsonl",
     ]
-    key = hashlib.sha256(json.dumps(file_identity(inputs)).encode()).hexdigest()[:12]
+    # The document version is in the key: a cache shared with older code never hands it a
+    # version it cannot read.
+    ident = {"files": file_identity(inputs), "calibration_version": CURRENT_VERSION}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     out = demo_dir.parent / f"expert-calibration-{demo_dir.name}-{key}.json"
     with open(demo_dir.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers wait for one fit
