@@ -46,6 +46,11 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
             assert s.headers["x-calibserve-served-by"] == info["served_by"]
             events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["calibserve"]["escalated"] is escalated
+        # No calibration.json: every confidence, batch or streamed, says it is uncalibrated.
+        streamed = [c["confidence"] for e in events[:-1] for c in json.loads(e).get("choices", [])
+                    if "confidence" in c]
+        assert streamed and all(c["calibrated"] is False for c in streamed)
+        assert r.json()["choices"][0]["confidence"]["calibrated"] is False
         # Feedback is counted under the tier that answered, never mixed into the primary's ECE.
         label = "m:expert" if escalated else "m"
         for rid in (r.json()["id"], json.loads(events[-2])["id"]):
@@ -76,6 +81,7 @@ def test_an_escalation_tier_is_scored_with_its_own_calibration(fake_upstream: Fa
             confidence[name] = r.json()["choices"][0]["confidence"]
     raw = confidence["raw"]["score"]
     assert raw == confidence["raw"]["raw"] > 0.7  # identity calibrator
+    assert confidence["raw"]["calibrated"] is False and confidence["calibrated"]["calibrated"]
     assert confidence["calibrated"]["raw"] == pytest.approx(raw)
     expected = 1 / (1 + ((1 - raw) / raw) ** (1 / 3))  # sigmoid(logit(raw) / 3)
     assert confidence["calibrated"]["score"] == pytest.approx(expected, abs=1e-6)
@@ -147,4 +153,6 @@ def test_a_free_form_reply_is_not_given_the_option_letter_map(fake_upstream: Fak
         confidence[options] = r.json()["choices"][0]["confidence"]
     free, mc = confidence["WXYZ"], confidence["ABCD"]
     assert free["method"] == "mean" and free["score"] == free["raw"] > 0.5
+    assert free["calibrated"] is False
     assert mc["method"] == "answer" and mc["score"] < mc["raw"]  # temperature 3 softens
+    assert mc["calibrated"] is True

@@ -91,7 +91,9 @@ def test_chat_logprobs_confidence_and_headers(
     lp = as_dict(choice.logprobs)
     # The confidence is calibration's Scorer on exactly the logprobs the client was given.
     expected = Scorer.from_config(None).score_choice(lp)
-    assert conf == {"score": expected.score, "raw": expected.raw, "method": "mean"}
+    assert conf == expected.to_dict()
+    assert conf == {"score": expected.score, "raw": expected.raw, "method": "mean",
+                    "calibrated": False}
     assert raw.headers["x-calibserve-confidence"] == f"{conf['score']:.6f}"
     assert raw.headers["x-calibserve-served-by"] == "aligned"
     assert raw.headers["x-calibserve-escalated"] == "false"
@@ -329,3 +331,4 @@ def test_merged_model_serves_answer_confidence(
             expected = scorer.score_choice(as_dict(resp.choices[0].logprobs))
             assert conf["method"] == cal.multiple_choice == expected.method
             assert conf["score"] == expected.score and conf["raw"] == expected.raw
+            assert conf["calibrated"] is expected.calibrated is True  # answer's own map
