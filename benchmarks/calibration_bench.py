@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from calibserve.calibration import CalibrationAccumulator, ece  # noqa: E402
+from calibserve.calibration import N_BINS, CalibrationAccumulator, ece  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## calibration"
@@ -93,14 +93,14 @@ def run(n: int, repeats: int) -> str:
     many, _ = median_seconds(many_update, repeats)
     rows.append((f"accumulator: one `update_many` over {n:,}", many))
     ours, _ = median_seconds(lambda: ece(conf, correct), repeats)
-    rows.append((f"`calibration.ece` over {n:,} (15 bins, l1)", ours))
+    rows.append((f"`calibration.ece` over {n:,} ({N_BINS} bins, l1)", ours))
     tm, _ = median_seconds(
-        lambda: binary_calibration_error(t_conf, t_correct, n_bins=15, norm="l1"), repeats
+        lambda: binary_calibration_error(t_conf, t_correct, n_bins=N_BINS, norm="l1"), repeats
     )
     rows.append((f"torchmetrics `binary_calibration_error` over {n:,} (defaults)", tm))
     tm_nv, _ = median_seconds(
         lambda: binary_calibration_error(
-            t_conf, t_correct, n_bins=15, norm="l1", validate_args=False
+            t_conf, t_correct, n_bins=N_BINS, norm="l1", validate_args=False
         ),
         repeats,
     )
@@ -109,7 +109,7 @@ def run(n: int, repeats: int) -> str:
     )
 
     ours_value = ece(conf, correct)
-    tm_value = float(binary_calibration_error(t_conf, t_correct, n_bins=15, norm="l1"))
+    tm_value = float(binary_calibration_error(t_conf, t_correct, n_bins=N_BINS, norm="l1"))
     acc_value = single_updates().ece()
     lines = [
         SECTION,

@@ -2,7 +2,8 @@
 
 Confidence from token logprobs, binned calibration metrics with a mergeable accumulator,
 monotone calibrators with JSON round-trip, Pareto frontier selection and risk-coverage
-thresholds. No I/O. Errors: `CalibrationError(ValueError)` and its subclasses (`errors`).
+thresholds, and the typed calibration document (`calibration.json`, the one place with
+I/O). Errors: `CalibrationError(ValueError)` and its subclasses (`errors`).
 """
 
 from calibserve.calibration.accumulator import CalibrationAccumulator
@@ -24,10 +25,21 @@ from calibserve.calibration.confidence import (
     normalize_token,
 )
 from calibserve.calibration.diversity import distinct_n, pairwise_jaccard
+from calibserve.calibration.document import (
+    CURRENT_VERSION,
+    SUPPORTED_VERSIONS,
+    CalibrationDocument,
+    FitMetrics,
+    MergeInfo,
+    MethodCalibration,
+    MethodParams,
+    Threshold,
+)
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
 from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
 from calibserve.calibration.metrics import (
+    N_BINS,
     accuracy,
     bin_index,
     brier,
@@ -46,7 +58,7 @@ from calibserve.calibration.risk import (
     threshold_for_accuracy,
     threshold_for_rate,
 )
-from calibserve.calibration.scorer import ScoredStream, Scorer
+from calibserve.calibration.scorer import ScoredStream, Scorer, ServedMethod
 
 __all__ = [
     # confidence
@@ -59,8 +71,19 @@ __all__ = [
     "StreamingConfidence",
     "Scorer",
     "ScoredStream",
+    "ServedMethod",
     "METHODS",
+    # the calibration document (calibration.json)
+    "CalibrationDocument",
+    "MethodCalibration",
+    "MethodParams",
+    "Threshold",
+    "FitMetrics",
+    "MergeInfo",
+    "CURRENT_VERSION",
+    "SUPPORTED_VERSIONS",
     # metrics
+    "N_BINS",
     "ece",
     "mce",
     "rms_ce",

@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 
 from calibserve.calibration._inputs import FloatArray, as_pair, check_n_bins
 from calibserve.calibration.errors import CalibrationError
-from calibserve.calibration.metrics import NORMS, binned_error
+from calibserve.calibration.metrics import N_BINS, NORMS, binned_error
 
 __all__ = ["CalibrationAccumulator"]
 
@@ -30,7 +30,7 @@ class CalibrationAccumulator:
 
     __slots__ = ("n_bins", "_counts", "_conf_sum", "_correct_sum")
 
-    def __init__(self, n_bins: int = 15) -> None:
+    def __init__(self, n_bins: int = N_BINS) -> None:
         self.n_bins: int = check_n_bins(n_bins)
         # Python lists, not numpy arrays: a single-sample update touches one element, and list
         # element arithmetic is several times cheaper than numpy scalar indexing.

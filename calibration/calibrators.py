@@ -33,7 +33,7 @@ from numpy.typing import ArrayLike
 
 from calibserve.calibration._inputs import FloatArray, as_float_list, as_pair, check_n_bins
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError
-from calibserve.calibration.metrics import bin_stats
+from calibserve.calibration.metrics import N_BINS, bin_stats
 
 __all__ = [
     "Calibrator",
@@ -347,7 +347,7 @@ class HistogramBinning(Calibrator):
 
     type_name = "histogram"
 
-    def __init__(self, n_bins: int = 15, values: ArrayLike | None = None) -> None:
+    def __init__(self, n_bins: int = N_BINS, values: ArrayLike | None = None) -> None:
         self.n_bins = check_n_bins(n_bins)
         if values is None:
             # Unfitted: bin centres, i.e. approximately the identity.

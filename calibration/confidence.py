@@ -49,15 +49,22 @@ _TOKEN_PREFIXES = ("\u2581", "\u0120")  # SentencePiece "▁" and GPT-2 byte-lev
 
 @dataclass(frozen=True, slots=True)
 class Confidence:
-    """A served confidence: `score` (calibrated, in [0, 1]), `raw` and the `method` used."""
+    """A served confidence: `score` (in [0, 1]), `raw`, the `method` used, and whether `score`
+    went through that method's own calibrator (`calibrated`; False: `score` is `raw`, clipped)."""
 
     score: float
     raw: float
     method: str
+    calibrated: bool = False
 
-    def to_dict(self) -> dict[str, float | str]:
-        """The JSON shape attached to each choice: `{"score", "raw", "method"}`."""
-        return {"score": self.score, "raw": self.raw, "method": self.method}
+    def to_dict(self) -> dict[str, float | str | bool]:
+        """The JSON shape attached to each choice: `{"score", "raw", "method", "calibrated"}`."""
+        return {
+            "score": self.score,
+            "raw": self.raw,
+            "method": self.method,
+            "calibrated": self.calibrated,
+        }
 
 
 def normalize_token(token: str) -> str:

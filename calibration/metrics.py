@@ -27,6 +27,7 @@ from calibserve.calibration._inputs import (
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError
 
 __all__ = [
+    "N_BINS",
     "Norm",
     "bin_index",
     "binned_error",
@@ -42,11 +43,14 @@ __all__ = [
     "reliability_diagram",
 ]
 
+# The binning of every calibserve number: metrics, fit reports, live per-bin counters, dashboards.
+N_BINS = 15
+
 Norm = Literal["l1", "l2", "max"]
 NORMS: tuple[str, ...] = ("l1", "l2", "max")
 
 
-def bin_index(conf: ArrayLike, n_bins: int = 15) -> NDArray[np.intp]:
+def bin_index(conf: ArrayLike, n_bins: int = N_BINS) -> NDArray[np.intp]:
     """Bin of each confidence: `[i/n, (i+1)/n)`, with 1.0 in the last bin (inputs clipped)."""
     n = check_n_bins(n_bins)
     c = as_confidences(conf)
@@ -54,7 +58,7 @@ def bin_index(conf: ArrayLike, n_bins: int = 15) -> NDArray[np.intp]:
 
 
 def bin_stats(
-    conf: ArrayLike, correct: ArrayLike, n_bins: int = 15
+    conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Per-bin (counts, confidence sums, correct sums), the sufficient statistics of ECE."""
     n = check_n_bins(n_bins)
@@ -93,24 +97,24 @@ def binned_error(
     return float(np.sqrt(np.sum(n_b[nonempty] * gap * gap) / total))
 
 
-def ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15, norm: str = "l1") -> float:
+def ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS, norm: str = "l1") -> float:
     """Expected calibration error with equal-width bins (`norm`: l1 = ECE, l2 = RMS, max = MCE)."""
     if norm not in NORMS:
         raise CalibrationError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
     return binned_error(*bin_stats(conf, correct, n_bins), norm=norm)
 
 
-def mce(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+def mce(conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS) -> float:
     """Maximum calibration error: the largest |accuracy - confidence| over non-empty bins."""
     return ece(conf, correct, n_bins, norm="max")
 
 
-def rms_ce(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+def rms_ce(conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS) -> float:
     """Root-mean-square calibration error (count-weighted over bins)."""
     return ece(conf, correct, n_bins, norm="l2")
 
 
-def equal_mass_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+def equal_mass_ece(conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS) -> float:
     """ECE with adaptive bins holding (almost) equal numbers of samples, sorted by confidence.
 
     Samples are sorted by confidence (stable) and split into `n_bins` contiguous groups whose
@@ -161,7 +165,7 @@ def mean_confidence(conf: ArrayLike) -> float:
 
 
 def reliability_diagram(
-    conf: ArrayLike, correct: ArrayLike, n_bins: int = 15
+    conf: ArrayLike, correct: ArrayLike, n_bins: int = N_BINS
 ) -> dict[str, list[float] | list[int] | list[float | None]]:
     """Data for a reliability diagram, as JSON-safe lists.
 

@@ -1,83 +1,117 @@
-"""`Scorer`: the served confidence, built from `calibration.json`, for batch and streamed replies.
+"""`Scorer`: the served confidence, built from the calibration document, for batch and streamed
+replies.
 
-One object turns a choice's logprobs into `Confidence(score, raw, method)`: the raw confidence
-by the configured method (falling back, e.g. from `answer` to `mean`, for free-form replies),
-then the fitted calibrator, clipped to [0, 1]. merge writes the config; server and routing read
-it, so the confidence chosen offline is the one served.
+One object turns a choice's logprobs into `Confidence(score, raw, method, calibrated)`. A reply is
+scored by the document's multiple-choice method; when that method finds no option letter (a
+free-form reply, `NoOptionTokensError`) by its free-form method instead. Each method is served
+through its own calibrator only: a method with none in the document gets the identity map and
+`calibrated=False`, never another method's map. merge writes the document; server and routing
+read it, so the confidence chosen offline is the one served.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from calibserve.calibration.calibrators import Calibrator, IdentityCalibrator, calibrator_from_dict
+from calibserve.calibration.calibrators import Calibrator, IdentityCalibrator
 from calibserve.calibration.confidence import (
     DEFAULT_OPTIONS,
     METHODS,
     Confidence,
     StreamingConfidence,
 )
+from calibserve.calibration.document import DEFAULT_QUANTILE, FREE_FORM_METHODS, CalibrationDocument
 from calibserve.calibration.errors import CalibrationError, NoOptionTokensError
 
-__all__ = ["Scorer", "ScoredStream"]
-
-SUPPORTED_VERSIONS = (1,)
+__all__ = ["Scorer", "ScoredStream", "ServedMethod"]
 
 
-@dataclass(slots=True)
-class Scorer:
-    """Raw-confidence method and options plus a calibrator; see `from_config`."""
+@dataclass(frozen=True, slots=True)
+class ServedMethod:
+    """A confidence method as served: its name and its own calibrator (None: uncalibrated)."""
 
-    method: str = "mean"
-    options: tuple[str, ...] = DEFAULT_OPTIONS
-    temperature: float = 1.0
-    fallback: str = "mean"
-    q: float = 0.1
-    calibrator: Calibrator = field(default_factory=IdentityCalibrator)
-    thresholds: list[dict[str, Any]] = field(default_factory=list)
+    name: str = "mean"
+    calibrator: Calibrator | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CalibrationError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.fallback not in METHODS or self.fallback == "answer":
-            raise CalibrationError(
-                f"fallback must be one of mean, min, first, quantile, got {self.fallback!r}"
-            )
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise CalibrationError(f"temperature must be positive, got {self.temperature!r}")
+        if self.name not in METHODS:
+            raise CalibrationError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibrator is not None
+
+    @property
+    def map(self) -> Calibrator:
+        """The map applied to the raw confidence: the method's own, else the identity."""
+        return self.calibrator if self.calibrator is not None else IdentityCalibrator()
+
+    def score(self, raw: float) -> float:
+        """The map applied to `raw`, clipped to [0, 1] (NaN: 0)."""
+        value = float(self.map.apply(raw))
+        return min(1.0, max(0.0, value)) if value == value else 0.0
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None) -> Scorer:
-        """Build from a parsed `calibration.json` (None: `mean` method, identity calibrator)."""
-        if config is None:
-            return cls()
-        if not isinstance(config, Mapping):
-            raise CalibrationError("calibration config must be a JSON object")
-        version = config.get("version", 1)
-        if version not in SUPPORTED_VERSIONS:
-            raise CalibrationError(f"unsupported calibration.json version {version!r}")
-        conf = config.get("confidence") or {}
-        if not isinstance(conf, Mapping):
-            raise CalibrationError("calibration.json 'confidence' must be an object")
-        options: Sequence[str] = conf.get("options") or DEFAULT_OPTIONS
-        cal = config.get("calibrator")
-        try:
-            return cls(
-                method=str(conf.get("method", "mean")),
-                options=tuple(str(o) for o in options),
-                temperature=float(conf.get("temperature", 1.0)),
-                fallback=str(conf.get("fallback", "mean")),
-                q=float(conf.get("quantile", conf.get("q", 0.1))),
-                calibrator=calibrator_from_dict(cal) if cal else IdentityCalibrator(),
-                thresholds=[dict(t) for t in config.get("thresholds") or []],
+    def from_document(cls, doc: CalibrationDocument, name: str) -> ServedMethod:
+        return cls(name, doc.method(name).calibration_map())
+
+
+@dataclass(frozen=True, slots=True)
+class Scorer:
+    """The multiple-choice and free-form methods with their maps; see `from_document`."""
+
+    multiple_choice: ServedMethod = field(default_factory=ServedMethod)
+    free_form: ServedMethod = field(default_factory=ServedMethod)
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    temperature: float = 1.0
+    q: float = DEFAULT_QUANTILE
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise CalibrationError(f"temperature must be positive, got {self.temperature!r}")
+        if self.free_form.name not in FREE_FORM_METHODS:
+            raise CalibrationError(
+                f"the free-form method must be one of {', '.join(FREE_FORM_METHODS)}, "
+                f"got {self.free_form.name!r}"
             )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, CalibrationError):
-                raise
-            raise CalibrationError(f"malformed calibration config: {exc}") from exc
+
+    @classmethod
+    def from_document(cls, doc: CalibrationDocument | None) -> Scorer:
+        """Build from the typed document (None: `mean` method, identity map, uncalibrated)."""
+        if doc is None:
+            return cls()
+        return cls(
+            multiple_choice=ServedMethod.from_document(doc, doc.multiple_choice),
+            free_form=ServedMethod.from_document(doc, doc.free_form),
+            options=doc.options(),
+            temperature=doc.temperature(),
+            q=doc.quantile(),
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | CalibrationDocument | None) -> Scorer:
+        """Build from a parsed `calibration.json` of any supported version (or None)."""
+        if config is None or isinstance(config, CalibrationDocument):
+            return cls.from_document(config)
+        return cls.from_document(CalibrationDocument.from_dict(config))
+
+    @property
+    def method(self) -> str:
+        """The multiple-choice method (tried first on every reply)."""
+        return self.multiple_choice.name
+
+    @property
+    def fallback(self) -> str:
+        """The free-form method (replies the multiple-choice method finds no option letter in)."""
+        return self.free_form.name
+
+    @property
+    def calibrator(self) -> Calibrator:
+        """The multiple-choice method's map (the identity when it has none)."""
+        return self.multiple_choice.map
 
     def stream(self) -> ScoredStream:
         """An incremental scorer for a streamed reply (one per choice)."""
@@ -90,9 +124,8 @@ class Scorer:
         return s.confidence()
 
     def calibrate(self, raw: float) -> float:
-        """Apply the calibrator to a raw confidence and clip to [0, 1]."""
-        value = float(self.calibrator.apply(raw))
-        return min(1.0, max(0.0, value)) if value == value else 0.0
+        """The multiple-choice method's map applied to a raw confidence, clipped to [0, 1]."""
+        return self.multiple_choice.score(raw)
 
 
 class ScoredStream:
@@ -114,16 +147,18 @@ class ScoredStream:
         return self._stream.n_tokens
 
     def confidence(self) -> Confidence:
-        """Calibrated confidence of what has been fed so far."""
-        method = self.scorer.method
+        """Confidence of what has been fed so far, through the scoring method's own map."""
+        served = self.scorer.multiple_choice
         try:
-            raw = self._stream.value(method)
+            raw = self._stream.value(served.name)
         except NoOptionTokensError:
-            method = self.scorer.fallback
-            raw = self._stream.value(method)
-        return Confidence(score=self.scorer.calibrate(raw), raw=raw, method=method)
+            served = self.scorer.free_form
+            raw = self._stream.value(served.name)
+        return Confidence(
+            score=served.score(raw), raw=raw, method=served.name, calibrated=served.calibrated
+        )
 
     @property
     def score(self) -> float:
-        """Calibrated score so far."""
+        """Score so far."""
         return self.confidence().score

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from calibserve.calibration import CURRENT_VERSION
 from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.pipeline import run_merge
@@ -49,6 +50,8 @@ def merge_demo(demo_dir: Path, progress: bool = False) -> Path:
             "settings": DEMO_MERGE_SETTINGS,
             "files": file_identity(inputs),
             "eval_version": fingerprint({}),
+            # A cache shared with older code never hands it a document version it cannot read.
+            "calibration_version": CURRENT_VERSION,
         },
         sort_keys=True,
     )
@@ -77,7 +80,8 @@ def calibrate_demo_expert(demo_dir: Path) -> Path:
         demo_dir / "data" / "calibrate.jsonl",
         demo_dir / "data" / "test.jsonl",
     ]
-    key = hashlib.sha256(json.dumps(file_identity(inputs)).encode()).hexdigest()[:12]
+    ident = {"files": file_identity(inputs), "calibration_version": CURRENT_VERSION}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     out = demo_dir.parent / f"expert-calibration-{demo_dir.name}-{key}.json"
     # calibrate_checkpoint writes its file atomically: a killed fit leaves no file behind.
     return build_once(

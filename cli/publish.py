@@ -93,7 +93,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` through a temporary file beside it, then rename it over `path`.
 
     The temporary name starts with a dot and is unique to this call; it is removed if the
-    write fails. Permissions are those of a plain `open()` (the umask's), not mkstemp's 0600.
+    write fails. The data is fsynced before the rename, so a crash leaves the old file or the
+    new one, never a torn one. Permissions are those of a plain `open()` (the umask's).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -102,6 +103,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The served confidence: fit the calibrator at the chosen lambda, pick escalation thresholds,
-and build `calibration.json` (schema in docs/internals.md).
+and build the calibration document (`calibration.json`, schema in docs/internals.md).
 
 Everything goes through calibration/'s own functions (the raw `answer` confidence, calibrators,
 `threshold_for_accuracy`), so the server computes the same numbers from vLLM's logprobs.
@@ -8,7 +8,7 @@ Everything goes through calibration/'s own functions (the raw `answer` confidenc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibserve.calibration import (
+    N_BINS,
+    CalibrationDocument,
     Calibrator,
     DegenerateDataError,
+    FitMetrics,
     IdentityCalibrator,
     IsotonicCalibrator,
+    MergeInfo,
+    MethodCalibration,
+    MethodParams,
     PlattScaling,
     TemperatureScaling,
+    Threshold,
     ece,
     threshold_for_accuracy,
 )
@@ -50,7 +57,7 @@ class Calibration:
 
 
 def fit_calibration(
-    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = 15
+    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS
 ) -> Calibration:
     """Fit `kind` on (raw confidence, correct); thresholds on the CALIBRATED confidence."""
     notes: list[str] = []
@@ -97,25 +104,33 @@ def fit_calibration(
 def calibration_json(
     cal: Calibration,
     options: Sequence[str],
-    merge_block: dict[str, Any] | None,
-    extra_metrics: dict[str, Any],
-) -> dict[str, Any]:
-    """The `OUT/model/calibration.json` document (`merge_block` None: not a merge)."""
-    fit = {
-        k: v
-        for k, v in cal.metrics.items()
-        if k in ("ece_raw", "ece_calibrated", "n", "unreachable_targets")
-    }
-    return {
-        "version": 1,
-        "confidence": {
-            "method": "answer",
-            "options": list(options),
-            "temperature": 1.0,
-            "fallback": "mean",
-        },
-        "calibrator": cal.calibrator.to_dict(),
-        "thresholds": cal.thresholds,
-        "merge": merge_block,
-        "metrics": {"calibrate": fit, **extra_metrics},
-    }
+    merge_block: Mapping[str, Any] | None,
+    extra_metrics: Mapping[str, Any],
+) -> CalibrationDocument:
+    """The `OUT/model/calibration.json` document (`merge_block` None: not a merge).
+
+    The calibrator was fitted on multiple-choice items scored by `answer`, so it is `answer`'s
+    alone; free-form replies are scored by `mean`, which has no calibrator of its own (served
+    with `calibrated: false`) until one is fitted on short answers.
+    """
+    fit = FitMetrics(
+        n=int(cal.metrics["n"]),
+        ece_raw=float(cal.metrics["ece_raw"]),
+        ece_calibrated=float(cal.metrics["ece_calibrated"]),
+        accuracy=float(cal.metrics["accuracy"]),
+        unreachable_targets=cal.metrics.get("unreachable_targets"),
+    )
+    fitted = not isinstance(cal.calibrator, IdentityCalibrator)  # identity: nothing was learnt
+    answer = MethodCalibration(
+        params=MethodParams(options=list(options), temperature=1.0),
+        calibrator=cal.calibrator.to_dict() if fitted else None,
+        thresholds=[Threshold.model_validate(t) for t in cal.thresholds],
+        fit=fit,
+    )
+    return CalibrationDocument(
+        methods={"answer": answer, "mean": MethodCalibration()},
+        multiple_choice="answer",
+        free_form="mean",
+        merge=MergeInfo.model_validate(dict(merge_block)) if merge_block is not None else None,
+        metrics=dict(extra_metrics),
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from calibserve.calibration import CURRENT_VERSION, N_BINS, CalibrationDocument
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
@@ -46,8 +47,8 @@ def calibrate_checkpoint(
     out_file: Path,
     calibrator: str = "temperature",
     targets: Sequence[float] = (0.7, 0.8, 0.9),
-    n_bins: int = 15,
-) -> dict[str, Any]:
+    n_bins: int = N_BINS,
+) -> CalibrationDocument:
     """Fit on `data_dir/calibrate.jsonl`, report `test.jsonl` too if present; write `out_file`
     atomically (temp file + rename) and return the document."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -67,6 +68,5 @@ def calibrate_checkpoint(
         extra["test"] = point_metrics(served, n_bins)
     n_options = max(len(it["choices"]) for it in items)
     doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
-    write_atomic(Path(out_file), json.dumps(doc, indent=2) + "\n")
+    doc.write(Path(out_file))
     return doc
-

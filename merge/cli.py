@@ -162,6 +162,7 @@ def calibrate(
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
         raise typer.Exit(2) from None
-    fit = doc["metrics"]["calibrate"]
+    fit = doc.method().fit
+    assert fit is not None  # calibrate_checkpoint always records its fit
     typer.echo(f"{out}: {calibrator.value} calibrator, ECE on calibrate.jsonl "
-               f"{fit['ece_raw']:.3f} raw -> {fit['ece_calibrated']:.3f} calibrated")
+               f"{fit.ece_raw:.3f} raw -> {fit.ece_calibrated:.3f} calibrated")

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from calibserve.calibration import RULES
+from calibserve.calibration import N_BINS, RULES
 from calibserve.merge.errors import InvalidConfig
 
 __all__ = [
@@ -157,7 +157,7 @@ class MergeConfig(BaseModel):
     batch_size: int = Field(default=32, ge=1, le=4096)
     shard_size: int = Field(default=2 * 10**9, ge=1024)
     target_accuracy: list[float] = Field(default_factory=lambda: [0.7, 0.8, 0.9])
-    n_bins: int = Field(default=15, ge=2, le=1000)
+    n_bins: int = Field(default=N_BINS, ge=2, le=1000)
     max_items: int | None = Field(default=None, ge=1)
     overwrite: bool = False
     seed: int = 0

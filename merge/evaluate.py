@@ -20,6 +20,7 @@ import torch
 from numpy.typing import NDArray
 
 from calibserve.calibration import (
+    N_BINS,
     accuracy,
     answer_confidence,
     brier,
@@ -133,7 +134,7 @@ class Scores:
         )
 
 
-def point_metrics(scores: Scores, n_bins: int = 15) -> dict[str, float]:
+def point_metrics(scores: Scores, n_bins: int = N_BINS) -> dict[str, float]:
     """Accuracy, ECE, Brier, NLL and mean confidence via calibration/ (binary, on confidence)."""
     c, y = scores.confidence, scores.correct
     out = {

@@ -169,7 +169,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
         "aligned": p.plan.aligned.ref,
         "rule": c.select,
     }
-    cal_json = calibration_json(cal, _options(p), merge_block, extra)
+    cal_json = calibration_json(cal, _options(p), merge_block, extra).to_dict()
 
     t0 = time.perf_counter()
     _write(p, work, sel, model_card(p, sel, points, cal), cal_json, console, show)

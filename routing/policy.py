@@ -1,8 +1,9 @@
 """Escalation policies: given the primary's calibrated confidence, should a stronger tier answer?
 
-- `ThresholdPolicy(t)`: escalate when confidence < t. `ThresholdPolicy.auto(calibration_json,
-  target_accuracy)` takes t from the thresholds merge wrote into calibration.json (the confidence
-  above which the merged model reached that accuracy on held-out data).
+- `ThresholdPolicy(t)`: escalate when confidence < t. `ThresholdPolicy.auto(document,
+  target_accuracy, method)` takes t from the thresholds merge wrote into calibration.json for that
+  confidence method (the calibrated confidence above which the merged model reached that accuracy
+  on held-out data).
 - `BudgetPolicy(target_rate, window)`: escalate the least confident `target_rate` fraction of
   traffic. The threshold is the `target_rate` quantile of the last `window` confidences (a running
   quantile over a sorted window), so the escalation rate tracks the target even when the
@@ -13,13 +14,14 @@
 from __future__ import annotations
 
 import bisect
-import json
 import math
+import os
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
+
+from calibserve.calibration import CalibrationDocument
 
 
 @dataclass(frozen=True)
@@ -65,24 +67,29 @@ class ThresholdPolicy:
     @classmethod
     def auto(
         cls,
-        calibration_json: Mapping[str, Any] | str | Path,
+        calibration: CalibrationDocument | Mapping[str, Any] | str | os.PathLike[str],
         target_accuracy: float | None = None,
+        method: str | None = None,
     ) -> ThresholdPolicy:
-        """Threshold from calibration.json's `thresholds` (a dict, or a path to the file).
+        """Threshold from the calibration document's thresholds for `method` (default: its
+        multiple-choice method). `calibration` is the typed document, a parsed calibration.json,
+        or a path to one (or to the model directory holding it), read by the one loader.
 
         With `target_accuracy`, the entry for exactly that target, else the entry with the
         smallest target above it (the conservative choice: a higher bar, more escalation).
         Without it, the highest target in the file.
         """
-        cfg = _load(calibration_json)
-        entries = [
-            (float(e["target_accuracy"]), float(e["threshold"]))
-            for e in cfg.get("thresholds") or []
-            if e.get("threshold") is not None
-        ]
+        if isinstance(calibration, CalibrationDocument):
+            doc = calibration
+        elif isinstance(calibration, Mapping):
+            doc = CalibrationDocument.from_dict(calibration)
+        else:
+            doc = CalibrationDocument.load(calibration)
+        name = doc.multiple_choice if method is None else method
+        entries = sorted((t.target_accuracy, t.threshold) for t in doc.method(name).thresholds)
         if not entries:
-            raise ValueError("calibration.json has no thresholds; pass an explicit threshold")
-        entries.sort()
+            raise ValueError(f"calibration.json has no thresholds for method {name!r}; "
+                             "pass an explicit threshold")
         if target_accuracy is None:
             return cls(entries[-1][1])
         for target, threshold in entries:
@@ -91,7 +98,7 @@ class ThresholdPolicy:
         known = ", ".join(f"{t:g}" for t, _ in entries)
         raise ValueError(
             f"no threshold for target accuracy {target_accuracy:g} in calibration.json "
-            f"(targets: {known})"
+            f"for method {name!r} (targets: {known})"
         )
 
 
@@ -160,12 +167,3 @@ def _finite(confidence: float | None) -> float:
         return 0.0
     return float(confidence)
 
-
-def _load(calibration_json: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
-    if isinstance(calibration_json, Mapping):
-        return calibration_json
-    path = Path(calibration_json)
-    if path.is_dir():
-        path = path / "calibration.json"
-    loaded: Mapping[str, Any] = json.loads(path.read_text())
-    return loaded

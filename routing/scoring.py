@@ -8,7 +8,9 @@ from calibserve.routing.route import ConfidenceLike, Scorer
 
 
 def confidence_dict(conf: ConfidenceLike) -> dict[str, Any]:
-    return {"score": float(conf.score), "raw": float(conf.raw), "method": str(conf.method)}
+    """A choice's `confidence`; `calibrated` is False for a scorer that does not say."""
+    return {"score": float(conf.score), "raw": float(conf.raw), "method": str(conf.method),
+            "calibrated": bool(getattr(conf, "calibrated", False))}
 
 
 def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:

@@ -20,9 +20,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from calibserve.calibration import CalibrationAccumulator
+from calibserve.calibration import N_BINS, CalibrationAccumulator
 
-N_BINS = 15
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
@@ -56,7 +55,7 @@ class ServerMetrics:
             ["model"], buckets=_CONFIDENCE_BUCKETS, registry=r,
         )
         self.ece = Gauge(
-            "calibserve_ece", "ECE (15 bins) of accepted feedback on this replica",
+            "calibserve_ece", f"ECE ({N_BINS} bins) of accepted feedback on this replica",
             ["model"], registry=r,
         )
         self.feedback = Counter(

@@ -84,6 +84,8 @@ class ConfidenceModel(BaseModel):
     score: float = Field(..., ge=0, le=1, description="calibrated probability the answer is right")
     raw: float = Field(..., ge=0, le=1, description="uncalibrated confidence from the logprobs")
     method: str = Field(..., description="mean | min | first | quantile | answer")
+    calibrated: bool = Field(..., description="true when `score` went through the method's own "
+                             "calibrator; false: the method has none and `score` is `raw`")
 
 
 class CalibserveInfo(_Open):

@@ -245,7 +245,7 @@ class Proxy:
             conf = choice.get("confidence")
             if not isinstance(conf, dict):  # a router that did not score: score here
                 c = model.primary.scorer.score_choice(choice.get("logprobs"))
-                conf = {"score": c.score, "raw": c.raw, "method": c.method}
+                conf = c.to_dict()
                 choice["confidence"] = conf
             view.apply(choice)
             scores.append(float(conf["score"]))

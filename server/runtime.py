@@ -9,7 +9,6 @@ app's lifespan. The reliability harness and deploy tests build one directly::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from calibserve.calibration import Scorer
+from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.routing import (
     BudgetPolicy,
     CircuitBreaker,
@@ -41,13 +40,12 @@ from calibserve.server.transport import LeanTransport
 log = logging.getLogger("calibserve.server")
 
 
-def load_calibration(path: Path | None) -> dict[str, Any] | None:
+def load_calibration(path: Path | None) -> CalibrationDocument | None:
+    """A tier's calibration document (None: the tier has none), through the one loader; a bad
+    file is a `CalibrationError` (a ValueError) naming the file and the field or version."""
     if path is None:
         return None
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: calibration.json must be a JSON object")
-    return data
+    return CalibrationDocument.load(path)
 
 
 def _transport_for(url: str) -> LeanTransport | None:
@@ -64,7 +62,7 @@ class TierRuntime:
         if self.calibration is None:
             log.warning("tier %s: no calibration.json; serving `mean` confidence with the "
                         "identity calibrator", settings.name)
-        self.scorer = Scorer.from_config(self.calibration)
+        self.scorer = Scorer.from_document(self.calibration)
         self.engine: ManagedEngine | None = None
         self.upstream_model = settings.upstream_model or settings.name
         if settings.model is not None:

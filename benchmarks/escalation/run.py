@@ -39,6 +39,7 @@ from benchmarks.escalation.ask import (  # noqa: E402
     ask_all,
     asker_class,
 )
+from calibserve.calibration import CalibrationDocument  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RATES = [i / 20 for i in range(21)]
@@ -104,13 +105,15 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     items = load_items(demo_dir, args.limit)
     cls = asker_class(prefer_server=not args.router)
     cal_path = merged_model / "calibration.json"
-    cal = json.loads(cal_path.read_text())
+    cal = CalibrationDocument.load(cal_path)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="esc-bench-") as tmp:
         tmpdir = Path(tmp)
         # Raw confidence for the aligned model: the merged model's confidence method, no calibrator.
         raw_cal = tmpdir / "raw-calibration.json"
-        raw_cal.write_text(json.dumps({"version": 1, "confidence": cal.get("confidence", {})}))
+        bare = {"calibrator": None, "thresholds": [], "fit": None}
+        uncalibrated = {name: m.model_copy(update=bare) for name, m in cal.methods.items()}
+        cal.model_copy(update={"methods": uncalibrated}).write(raw_cal)
         with vllm(demo_dir / "expert", "expert", tmpdir) as expert_url:
             expert = TierSpec("expert", expert_url, None)
             with vllm(merged_model, "merged", tmpdir) as merged_url:

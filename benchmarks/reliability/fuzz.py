@@ -125,7 +125,7 @@ def check_doc(doc: dict[str, Any]) -> dict[str, Any]:
     for body in ("ChatCompletionResponse", "CompletionResponse"):
         if "calibserve" not in props(body):
             missing.append(f"{body}.calibserve")
-    for f in ("score", "raw", "method"):
+    for f in ("score", "raw", "method", "calibrated"):
         if f not in props("ConfidenceModel"):
             missing.append(f"ConfidenceModel.{f}")
     for f in ("id", "correct"):
@@ -180,7 +180,8 @@ def _json_error(body: bytes) -> bool:
 
 def _confidence_ok(conf: Any) -> bool:
     return (isinstance(conf, dict) and isinstance(conf.get("score"), int | float)
-            and 0.0 <= conf["score"] <= 1.0 and isinstance(conf.get("method"), str))
+            and 0.0 <= conf["score"] <= 1.0 and isinstance(conf.get("method"), str)
+            and isinstance(conf.get("calibrated"), bool))
 
 
 def _stream_ok(body: bytes) -> bool:

@@ -1,4 +1,4 @@
-"""Scorer: calibration.json in, Confidence(score, raw, method) out, batch and streamed."""
+"""Scorer: calibration.json in, Confidence(score, raw, method, calibrated) out, batch and stream."""
 
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ def test_answer_method_with_temperature_calibrator() -> None:
     assert conf.raw == pytest.approx(raw)
     assert conf.score == pytest.approx(TemperatureScaling(1.7).apply(raw))
     assert conf.score < conf.raw  # T > 1 softens
-    assert scorer.thresholds[0]["threshold"] == 0.63
-    assert conf.to_dict() == {"score": conf.score, "raw": conf.raw, "method": "answer"}
+    assert conf.to_dict() == {
+        "score": conf.score, "raw": conf.raw, "method": "answer", "calibrated": True
+    }
 
 
 def test_fallback_for_free_form_reply() -> None:
@@ -64,6 +65,8 @@ def test_fallback_for_free_form_reply() -> None:
     conf = scorer.score_choice(reply)
     assert conf.method == "mean"
     assert conf.raw == pytest.approx(math.exp(-1.0))
+    # The temperature map was fitted on `answer` scores: `mean` has none of its own.
+    assert conf.score == conf.raw and not conf.calibrated
 
 
 def test_no_config_is_mean_and_identity() -> None:
@@ -73,9 +76,9 @@ def test_no_config_is_mean_and_identity() -> None:
     )
     assert conf.method == "mean"
     assert conf.raw == pytest.approx(math.exp(-0.3))
-    assert conf.score == conf.raw  # identity calibrator
+    assert conf.score == conf.raw and not conf.calibrated  # identity calibrator
     empty = scorer.score_choice(None)
-    assert (empty.score, empty.raw, empty.method) == (0.0, 0.0, "mean")
+    assert (empty.score, empty.raw, empty.method, empty.calibrated) == (0.0, 0.0, "mean", False)
 
 
 def test_stream_equals_batch_including_fallback() -> None:
@@ -100,6 +103,7 @@ def test_stream_equals_batch_including_fallback() -> None:
     "bad",
     [
         {"version": 2},
+        {"version": 3},
         {"confidence": {"method": "vibes"}},
         {"confidence": {"method": "answer", "fallback": "answer"}},
         {"confidence": {"temperature": 0}},

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibserve.calibration.scorer import Scorer
+from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.server.config import ServerSettings
 from tests.conftest import require
 from tests.deploy.tools import K8S, run, tool
@@ -92,7 +92,8 @@ def test_configmap_holds_a_valid_server_config_and_calibration() -> None:
     (model,) = settings.models
     assert not model.managed and model.upstreams == ["http://vllm:8000/v1"]
     assert str(model.calibration) == "/etc/calibserve/calibration.json"
-    Scorer.from_config(json.loads(data["calibration.json"]))
+    doc = CalibrationDocument.from_dict(json.loads(data["calibration.json"]))
+    assert doc.version == 2 and not Scorer.from_document(doc).multiple_choice.calibrated
     # The engine serves under the name the proxy asks for.
     engine_args = container(docs()[("Deployment", "vllm")])["args"]
     assert f"--served-model-name={model.upstream_model}" in engine_args

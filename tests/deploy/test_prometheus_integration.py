@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 import yaml
 
-from calibserve.calibration import ece
+from calibserve.calibration import N_BINS, ece
 from tests.conftest import require
 from tests.deploy.tools import RULES, tool
 from tests.vllm_process import free_port
@@ -192,7 +192,7 @@ def test_fleet_ece_from_prometheus_equals_calibration_ece(
         total = sum(len(p) for p in pairs.values())
         union = pairs["a"] + pairs["b"]
         expected = ece(np.array([c for c, _ in union]), np.array([y for _, y in union]),
-                       n_bins=15)
+                       n_bins=N_BINS)
         # Wait until Prometheus holds every feedback sample, then until the recording rule has
         # been evaluated on that data.
         wait_for(lambda: scalar(prom, "sum(calibserve_calibration_samples_total)") == total,
@@ -236,7 +236,7 @@ def test_fleet_ece_from_prometheus_equals_calibration_ece(
         # Each replica's own gauge covers only the feedback it received; the fleet value above is
         # not derivable from these two numbers (bins must be added before taking |.|).
         per_replica = [
-            ece(np.array([c for c, _ in p]), np.array([y for _, y in p]), n_bins=15)
+            ece(np.array([c for c, _ in p]), np.array([y for _, y in p]), n_bins=N_BINS)
             for p in pairs.values()
         ]
         for name, replica_port in (("a", a.port), ("b", b.port)):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from calibserve.calibration import ece
+from calibserve.calibration import N_BINS, ece
 from tests.conftest import require
 from tests.deploy.tools import K8S, RULE_TESTS, RULES, run, tool
 
@@ -67,7 +67,7 @@ def test_unit_test_expectation_is_calibration_ece() -> None:
     ]
     conf = np.array([c for c, _ in per_minute] * 60)
     correct = np.array([y for _, y in per_minute] * 60)
-    expected = ece(conf, correct, n_bins=15)
+    expected = ece(conf, correct, n_bins=N_BINS)
     text = (RULES.parent / "tests" / "calibration_test.yml").read_text()
     stated = re.search(
         r"model:calibserve_calibration_ece:1h\{model=\"m\"\}'\n\s+value: ([0-9.]+)", text

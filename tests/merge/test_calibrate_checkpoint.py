@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import Scorer
+from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.evaluate import MCEvaluator, load_items
 
@@ -20,17 +20,19 @@ def test_the_demo_expert_gets_a_calibration_that_lowers_its_ece(demo_dir: Path,
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "expert.json"
     doc = calibrate_checkpoint(demo_dir / "expert", demo_dir / "data", out)
-    assert json.loads(out.read_text()) == doc
+    assert json.loads(out.read_text()) == doc.to_dict() and doc.version == 2
+    assert CalibrationDocument.load(out) == doc
     assert [p.name for p in tmp_path.iterdir()] == ["expert.json"]  # no temp file left behind
-    assert doc["merge"] is None and doc["confidence"]["method"] == "answer"
-    fit = doc["metrics"]["calibrate"]
-    assert fit["ece_calibrated"] < fit["ece_raw"]
+    assert doc.merge is None and doc.multiple_choice == "answer"
+    fit = doc.method().fit
+    assert fit is not None and fit.ece_calibrated < fit.ece_raw
     # The server's Scorer applies exactly what was fitted: recompute the test split's ECE.
-    scorer = Scorer.from_config(doc)
+    scorer = Scorer.from_document(doc)
     items, _ = load_items(demo_dir / "data" / "test.jsonl")
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "expert", dtype=torch.float32)
     scores = MCEvaluator(AutoTokenizer.from_pretrained(demo_dir / "expert"), items).score(model)
     served = np.asarray(scorer.calibrator.apply(scores.confidence))
-    assert float(np.mean(served)) == pytest.approx(doc["metrics"]["test"]["mean_confidence"])
-    assert doc["thresholds"] == sorted(doc["thresholds"], key=lambda t: t["target_accuracy"])
+    assert float(np.mean(served)) == pytest.approx(doc.metrics["test"]["mean_confidence"])
+    thresholds = doc.method().thresholds
+    assert thresholds == sorted(thresholds, key=lambda t: t.target_accuracy)
 

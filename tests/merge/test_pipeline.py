@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import Scorer, calibrator_from_dict
+from calibserve.calibration import CalibrationDocument, Scorer, calibrator_from_dict
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.errors import IncompatibleCheckpoints, InvalidData, MergeError, OutputExists
 from calibserve.merge.evaluate import MCEvaluator
@@ -87,15 +87,16 @@ def test_output_layout_and_report(merged: Path) -> None:
 
 def test_calibration_json_schema_and_scorer(merged: Path) -> None:
     cal = json.loads((merged / "model" / "calibration.json").read_text())
-    assert cal["version"] == 1
-    assert cal["confidence"] == {
-        "method": "answer",
-        "options": ["A", "B", "C", "D"],
-        "temperature": 1.0,
-        "fallback": "mean",
-    }
-    assert cal["calibrator"]["type"] == "temperature"
-    calibrator_from_dict(cal["calibrator"])
+    assert cal["version"] == 2
+    assert (cal["multiple_choice"], cal["free_form"]) == ("answer", "mean")
+    assert set(cal["methods"]) == {"answer", "mean"}
+    answer = cal["methods"]["answer"]
+    assert answer["params"] == {"options": ["A", "B", "C", "D"], "temperature": 1.0}
+    assert answer["calibrator"]["type"] == "temperature"
+    calibrator_from_dict(answer["calibrator"])
+    # The calibrator was fitted on option-letter scores: `mean` has none of its own.
+    assert cal["methods"]["mean"] == {"params": {}, "calibrator": None, "thresholds": [],
+                                      "fit": None}
     report = json.loads((merged / "report.json").read_text())
     assert cal["merge"] == {
         "lambda": report["selected"]["lambda"],
@@ -104,15 +105,22 @@ def test_calibration_json_schema_and_scorer(merged: Path) -> None:
         "aligned": report["parents"]["aligned"],
         "rule": "max-accuracy",
     }
-    calib = cal["metrics"]["calibrate"]
-    assert {"ece_raw", "ece_calibrated", "n"} <= set(calib) and calib["n"] == 24
+    calib = answer["fit"]
+    assert {"ece_raw", "ece_calibrated", "n", "accuracy"} <= set(calib) and calib["n"] == 24
+    assert calib["accuracy"] == report["calibration"]["calibrate"]["accuracy"]
+    assert "calibrate" not in cal["metrics"] and "select" in cal["metrics"]
     # Every target is either a threshold or listed as unreachable.
-    reached = {t["target_accuracy"] for t in cal["thresholds"]}
+    reached = {t["target_accuracy"] for t in answer["thresholds"]}
     assert reached | set(calib.get("unreachable_targets", [])) == {0.7, 0.8, 0.9}
-    for t in cal["thresholds"]:
+    for t in answer["thresholds"]:
         assert 0.0 <= t["threshold"] <= 1.0 and 0.0 < t["coverage"] <= 1.0
-    scorer = Scorer.from_config(cal)
+    # It loads through the one loader, and is exactly what the writer writes.
+    doc = CalibrationDocument.load(merged / "model")
+    assert doc.to_dict() == cal
+    assert (merged / "model" / "calibration.json").read_text() == doc.to_json()
+    scorer = Scorer.from_document(doc)
     assert scorer.method == "answer" and scorer.options == ("A", "B", "C", "D")
+    assert scorer.multiple_choice.calibrated and not scorer.free_form.calibrated
 
 
 def test_thresholds_use_the_calibrated_confidence(
@@ -129,8 +137,9 @@ def test_thresholds_use_the_calibrated_confidence(
     lam = cal["merge"]["lambda"]
     point = next((out / "sweep").rglob(f"calibrate-lambda{lam:+.6f}.json"))
     scores = json.loads(point.read_text())["scores"]
-    calibrated = calibrator_from_dict(cal["calibrator"]).apply(scores["confidence"])
-    for t in cal["thresholds"]:
+    answer = cal["methods"]["answer"]
+    calibrated = calibrator_from_dict(answer["calibrator"]).apply(scores["confidence"])
+    for t in answer["thresholds"]:
         want = threshold_for_accuracy(calibrated, scores["correct"], t["target_accuracy"])
         assert t["threshold"] == pytest.approx(want["threshold"])
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from calibserve.calibration import CalibrationDocument, CalibrationError
 from calibserve.routing import BudgetPolicy, NeverPolicy, ThresholdPolicy
 
 
@@ -36,6 +37,36 @@ def test_auto_threshold_from_calibration_json(tmp_path) -> None:
     assert ThresholdPolicy.auto(tmp_path, 0.8).threshold == 0.63  # model dir or file path
     with pytest.raises(ValueError, match="no thresholds"):
         ThresholdPolicy.auto({"thresholds": []})
+
+
+def test_auto_threshold_is_per_method(tmp_path) -> None:
+    def thresholds(*pairs: tuple[float, float]) -> list[dict[str, float]]:
+        return [{"target_accuracy": t, "threshold": v, "coverage": 0.5} for t, v in pairs]
+
+    doc = CalibrationDocument.from_dict({
+        "version": 2,
+        "methods": {
+            "answer": {"calibrator": {"type": "temperature", "temperature": 1.5},
+                       "thresholds": thresholds((0.8, 0.6), (0.9, 0.75))},
+            "mean": {"calibrator": {"type": "temperature", "temperature": 2.0},
+                     "thresholds": thresholds((0.8, 0.4))},
+            "min": {},
+        },
+        "multiple_choice": "answer", "free_form": "mean",
+    })
+    assert ThresholdPolicy.auto(doc, 0.8).threshold == 0.6  # the multiple-choice method's
+    assert ThresholdPolicy.auto(doc, 0.8, method="mean").threshold == 0.4
+    assert ThresholdPolicy.auto(doc).threshold == 0.75
+    with pytest.raises(ValueError, match="'min'"):
+        ThresholdPolicy.auto(doc, 0.8, method="min")  # no thresholds of its own
+    with pytest.raises(CalibrationError, match="no method 'first'"):
+        ThresholdPolicy.auto(doc, 0.8, method="first")
+    doc.write(tmp_path)  # the typed document, a path or a parsed dict: one loader
+    assert ThresholdPolicy.auto(tmp_path / "calibration.json", 0.8, "mean").threshold == 0.4
+    assert ThresholdPolicy.auto(doc.to_dict(), 0.9).threshold == 0.75
+    (tmp_path / "calibration.json").write_text('{"version": 9}')
+    with pytest.raises(CalibrationError, match="version 9"):
+        ThresholdPolicy.auto(tmp_path, 0.8)
 
 
 def test_never() -> None:

@@ -48,7 +48,8 @@ async def test_never_passes_through_with_confidence_and_forced_logprobs() -> Non
     route = Route("never-r", [tier("primary", fake)], NeverPolicy())
     res = await Router([route]).complete("never-r", "chat", dict(CHAT))
     conf = res.body["choices"][0]["confidence"]
-    assert conf == {"score": pytest.approx(0.8), "raw": pytest.approx(0.8), "method": "mean"}
+    assert conf == {"score": pytest.approx(0.8), "raw": pytest.approx(0.8), "method": "mean",
+                    "calibrated": False}
     assert res.served_by == "primary" and not res.escalated and res.threshold is None
     assert res.body["model"] == "never-r"
     sent = fake.bodies[0]

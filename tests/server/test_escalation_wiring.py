@@ -11,6 +11,7 @@ import json
 import httpx
 import pytest
 
+from calibserve.calibration import CalibrationDocument, CalibrationError
 from calibserve.server.config import ServerSettings
 from calibserve.server.runtime import ServerRuntime
 from tests.server.conftest import FakeUpstream, serve
@@ -45,6 +46,11 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
             assert s.headers["x-calibserve-served-by"] == info["served_by"]
             events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
         assert json.loads(events[-2])["calibserve"]["escalated"] is escalated
+        # No calibration.json: every confidence, batch or streamed, says it is uncalibrated.
+        streamed = [c["confidence"] for e in events[:-1] for c in json.loads(e).get("choices", [])
+                    if "confidence" in c]
+        assert streamed and all(c["calibrated"] is False for c in streamed)
+        assert r.json()["choices"][0]["confidence"]["calibrated"] is False
         # Feedback is counted under the tier that answered, never mixed into the primary's ECE.
         label = "m:expert" if escalated else "m"
         for rid in (r.json()["id"], json.loads(events[-2])["id"]):
@@ -75,6 +81,7 @@ def test_an_escalation_tier_is_scored_with_its_own_calibration(fake_upstream: Fa
             confidence[name] = r.json()["choices"][0]["confidence"]
     raw = confidence["raw"]["score"]
     assert raw == confidence["raw"]["raw"] > 0.7  # identity calibrator
+    assert confidence["raw"]["calibrated"] is False and confidence["calibrated"]["calibrated"]
     assert confidence["calibrated"]["raw"] == pytest.approx(raw)
     expected = 1 / (1 + ((1 - raw) / raw) ** (1 / 3))  # sigmoid(logit(raw) / 3)
     assert confidence["calibrated"]["score"] == pytest.approx(expected, abs=1e-6)
@@ -92,3 +99,60 @@ def test_dead_expert_degrades_to_primary(fake_upstream: FakeUpstream) -> None:
 def test_auto_threshold_needs_calibration_json(fake_upstream: FakeUpstream) -> None:
     with pytest.raises(ValueError, match="calibration.json"):
         ServerRuntime(settings(fake_upstream.url, fake_upstream.url, threshold="auto"))
+
+
+def _answer_only(tmp_path, thresholds: list[dict[str, float]], options: str = "ABCD"):
+    """A v2 document as merge writes it: only `answer` (option letters) has a calibrator."""
+    path = tmp_path / f"calibration-{options}.json"
+    CalibrationDocument.from_dict({
+        "version": 2,
+        "methods": {"answer": {"params": {"options": list(options), "temperature": 1.0},
+                               "calibrator": {"type": "temperature", "temperature": 3.0},
+                               "thresholds": thresholds},
+                    "mean": {}},
+        "multiple_choice": "answer", "free_form": "mean",
+    }).write(path)
+    return path
+
+
+def test_auto_threshold_comes_from_the_primary_document(fake_upstream: FakeUpstream,
+                                                         tmp_path) -> None:
+    cal = _answer_only(tmp_path, [{"target_accuracy": 0.8, "threshold": 0.63, "coverage": 0.5},
+                                  {"target_accuracy": 0.9, "threshold": 0.7, "coverage": 0.3}])
+    s = settings(fake_upstream.url, fake_upstream.url, threshold="auto", target_accuracy=0.8)
+    model = s.models[0].model_copy(update={"calibration": cal})
+    runtime = ServerRuntime(s.model_copy(update={"models": [model]}))
+    assert runtime.models["m"].route.policy.threshold == 0.63  # type: ignore[attr-defined]
+
+
+def test_a_bad_document_is_refused_at_start_naming_file_and_version(
+        fake_upstream: FakeUpstream, tmp_path) -> None:
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"version": 9}))
+    s = settings(fake_upstream.url, fake_upstream.url, threshold=0.5)
+    model = s.models[0].model_copy(update={"calibration": cal})
+    with pytest.raises(CalibrationError, match=f"{cal}: unsupported .*version 9.*1, 2"):
+        ServerRuntime(s.model_copy(update={"models": [model]}))
+
+
+def test_a_free_form_reply_is_not_given_the_option_letter_map(fake_upstream: FakeUpstream,
+                                                              tmp_path) -> None:
+    """The fake answers "A t1 t2 ...". With options W-Z that is a free-form reply: scored by
+    `mean`, which has no calibrator of its own, so it is served raw, never through `answer`'s
+    map; with options A-D it is an option-letter reply and gets that map."""
+    fake_upstream.mode("ok")
+    confidence = {}
+    for options in ("WXYZ", "ABCD"):
+        s = settings(fake_upstream.url, fake_upstream.url, threshold=0.0)
+        cal = _answer_only(tmp_path, [], options)
+        model = s.models[0].model_copy(update={"calibration": cal})
+        with serve(s.model_copy(update={"models": [model]})) as running:
+            r = httpx.post(f"{running.url}/v1/chat/completions",
+                           json={**CHAT, "logprobs": True, "top_logprobs": 3}, timeout=10)
+        assert r.status_code == 200, r.text
+        confidence[options] = r.json()["choices"][0]["confidence"]
+    free, mc = confidence["WXYZ"], confidence["ABCD"]
+    assert free["method"] == "mean" and free["score"] == free["raw"] > 0.5
+    assert free["calibrated"] is False
+    assert mc["method"] == "answer" and mc["score"] < mc["raw"]  # temperature 3 softens
+    assert mc["calibrated"] is True

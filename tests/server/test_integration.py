@@ -21,7 +21,7 @@ import openai
 import pytest
 
 import calibserve.calibration as calibration
-from calibserve.calibration import Scorer
+from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.server.config import ServerSettings
 from tests.server.conftest import RunningServer, serve
 from tests.server.test_metrics import sample
@@ -91,7 +91,9 @@ def test_chat_logprobs_confidence_and_headers(
     lp = as_dict(choice.logprobs)
     # The confidence is calibration's Scorer on exactly the logprobs the client was given.
     expected = Scorer.from_config(None).score_choice(lp)
-    assert conf == {"score": expected.score, "raw": expected.raw, "method": "mean"}
+    assert conf == expected.to_dict()
+    assert conf == {"score": expected.score, "raw": expected.raw, "method": "mean",
+                    "calibrated": False}
     assert raw.headers["x-calibserve-confidence"] == f"{conf['score']:.6f}"
     assert raw.headers["x-calibserve-served-by"] == "aligned"
     assert raw.headers["x-calibserve-escalated"] == "false"
@@ -233,7 +235,7 @@ def test_feedback_moves_bins_and_ece_to_calibrations_values(
         text = httpx.get(f"{running.url}/metrics").text
     conf = np.array([p[0] for p in pairs])
     correct = np.array([p[1] for p in pairs])
-    bins = calibration.bin_index(conf, n_bins=15)
+    bins = calibration.bin_index(conf, n_bins=calibration.N_BINS)
     for b in range(15):
         sel = bins == b
         assert sample(text, "calibserve_calibration_samples_total", model="aligned",
@@ -311,14 +313,14 @@ def test_merged_model_serves_answer_confidence(
     model_dir = merged_dir / "model"  # merged_dir is the merge's OUT directory
     cal_path = model_dir / "calibration.json"
     assert cal_path.is_file(), "merge output must carry calibration.json"
-    cal = json.loads(cal_path.read_text())
+    cal = CalibrationDocument.load(cal_path)
     url = vllm_server(model_dir, "merged")
     settings = ServerSettings.model_validate({
         "signing_key": "merged",
         "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged",
                     "calibration": str(cal_path)}],
     })
-    scorer = Scorer.from_config(cal)
+    scorer = Scorer.from_document(cal)
     with serve(settings) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
         for item in mc_items(demo_dir, 3):
@@ -327,5 +329,6 @@ def test_merged_model_serves_answer_confidence(
                 temperature=0, max_tokens=1, logprobs=True, top_logprobs=5)
             conf = resp.choices[0].model_extra["confidence"]
             expected = scorer.score_choice(as_dict(resp.choices[0].logprobs))
-            assert conf["method"] == cal["confidence"]["method"] == expected.method
+            assert conf["method"] == cal.multiple_choice == expected.method
             assert conf["score"] == expected.score and conf["raw"] == expected.raw
+            assert conf["calibrated"] is expected.calibrated is True  # answer's own map

@@ -84,7 +84,7 @@ def test_feedback_moves_bins_and_ece_exactly() -> None:
         rid = signer.issue("chatcmpl-", "m", [float(c)], [float(c)])
         recorder.record(FeedbackRequest(id=rid, correct=bool(y)))
     text = metrics.render().decode()
-    bins = calibration.bin_index(conf, n_bins=15)
+    bins = calibration.bin_index(conf, n_bins=calibration.N_BINS)
     for b in range(15):
         in_bin = bins == b
         assert sample(text, "calibserve_calibration_samples_total", model="m", bin=str(b)) == \

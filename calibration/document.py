@@ -1,0 +1,410 @@
+"""`calibration.json` as one typed document: one model, one loader, one writer.
+
+merge writes it next to the checkpoint it picks (and `calibserve calibrate` for any other
+checkpoint); the server's scorer and the routing policy read it. Version 2 (what is written) holds,
+per confidence method, its own calibrator, thresholds and fit metrics, and names the method used
+for option-letter replies (`multiple_choice`) and for every other reply (`free_form`):
+
+    {"version": 2,
+     "methods": {"answer": {"params": {"options": ["A", "B", "C", "D"], "temperature": 1.0},
+                            "calibrator": {"type": "temperature", "temperature": 1.7},
+                            "thresholds": [{"target_accuracy": 0.8, "threshold": 0.63,
+                                            "coverage": 0.55, "accuracy": 0.81}],
+                            "fit": {"n": 320, "ece_raw": 0.12, "ece_calibrated": 0.03}},
+                 "mean": {"params": {}, "calibrator": null, "thresholds": [], "fit": null}},
+     "multiple_choice": "answer", "free_form": "mean",
+     "merge": {"lambda": 0.3, ...} | null, "metrics": {...}}
+
+A method whose `calibrator` is null (or the identity) has no map of its own: its replies are served
+with the raw confidence and `calibrated: false`. Version 1 files (one `confidence` block, one
+`calibrator`) still load, converted to version 2: the v1 method keeps the calibrator, thresholds
+and fit; the v1 `fallback` becomes `free_form` without a calibrator. The full schema is in
+docs/internals.md. Errors are `CalibrationError`s naming the field (or the version) at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from calibserve.publish import write_atomic
+from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
+from calibserve.calibration.confidence import DEFAULT_OPTIONS, METHODS
+from calibserve.calibration.errors import CalibrationError
+
+__all__ = [
+    "CURRENT_VERSION",
+    "FILE_NAME",
+    "SUPPORTED_VERSIONS",
+    "CalibrationDocument",
+    "FitMetrics",
+    "MergeInfo",
+    "MethodCalibration",
+    "MethodParams",
+    "Threshold",
+]
+
+FILE_NAME = "calibration.json"
+CURRENT_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
+DEFAULT_QUANTILE = 0.1
+# Methods that can score a reply with no option letter (`answer` raises NoOptionTokensError).
+FREE_FORM_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "answer")
+
+
+class _Model(BaseModel):
+    """Strict (no string-to-number coercion), closed (unknown keys refused), immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+
+
+class _Sparse(_Model):
+    """Optional fields left unset (None) are not written."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+def _probability(value: float) -> float:
+    if not 0.0 <= value <= 1.0:  # also refuses NaN
+        raise ValueError(f"must be in [0, 1], got {value!r}")
+    return value
+
+
+class MethodParams(_Sparse):
+    """A method's parameters: `options` and `temperature` (`answer`), `quantile` (`quantile`)."""
+
+    options: list[str] | None = None
+    temperature: float | None = None
+    quantile: float | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _some_options(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("needs at least one option")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"must be positive and finite, got {v!r}")
+        return v
+
+    @field_validator("quantile")
+    @classmethod
+    def _in_unit(cls, v: float | None) -> float | None:
+        return None if v is None else _probability(v)
+
+
+class Threshold(_Sparse):
+    """Escalate below `threshold` (calibrated) to reach `target_accuracy` on the fit data;
+    `coverage` is the fraction served at or above it, `accuracy` what they achieved."""
+
+    target_accuracy: float
+    threshold: float
+    coverage: float
+    accuracy: float | None = None
+
+    @field_validator("target_accuracy", "threshold", "coverage", "accuracy")
+    @classmethod
+    def _in_unit(cls, v: float | None) -> float | None:
+        return None if v is None else _probability(v)
+
+
+class FitMetrics(_Sparse):
+    """How the method's calibrator did on the data it was fitted on."""
+
+    n: int = Field(ge=0)
+    ece_raw: float
+    ece_calibrated: float
+    accuracy: float | None = None
+    unreachable_targets: list[float] | None = None  # targets no threshold reaches
+
+
+class MethodCalibration(_Model):
+    """One confidence method: its parameters, its own calibrator (None: none), thresholds, fit."""
+
+    params: MethodParams = MethodParams()
+    calibrator: dict[str, Any] | None = None
+    thresholds: list[Threshold] = []
+    fit: FitMetrics | None = None
+
+    @field_validator("calibrator")
+    @classmethod
+    def _known_calibrator(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            calibrator_from_dict(v)  # CalibrationError is a ValueError: reported with the field
+        return v
+
+    @property
+    def calibrated(self) -> bool:
+        """Does this method have a map of its own? (the identity is no map)."""
+        return self.calibrator is not None and self.calibrator.get("type") != "identity"
+
+    def calibration_map(self) -> Calibrator | None:
+        """The fitted calibrator, or None when the method has no map of its own."""
+        if self.calibrator is None or not self.calibrated:
+            return None
+        return calibrator_from_dict(self.calibrator)
+
+
+class MergeInfo(_Model):
+    """Which merge produced the model (`lambda` is the interpolation weight)."""
+
+    lambda_: float = Field(alias="lambda")
+    method: str
+    base: str
+    aligned: str
+    rule: str
+
+    @model_serializer(mode="wrap")
+    def _aliased(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if "lambda_" in data:  # written under its JSON name even without by_alias
+            data = {"lambda" if k == "lambda_" else k: v for k, v in data.items()}
+        return data
+
+
+class CalibrationDocument(_Model):
+    """`calibration.json`, version 2. Build with `load`, `from_dict` or the constructor."""
+
+    version: Literal[2] = 2
+    methods: dict[str, MethodCalibration]
+    multiple_choice: str
+    free_form: str
+    merge: MergeInfo | None = None
+    metrics: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibrationDocument:
+        # Document-wide checks: the message starts with the dotted field it is about.
+        for name, entry in self.methods.items():
+            if name not in METHODS:
+                raise ValueError(f"methods.{name}: unknown method; valid: {', '.join(METHODS)}")
+            p = entry.params
+            if name != "answer" and (p.options is not None or p.temperature is not None):
+                raise ValueError(f"methods.{name}.params: options and temperature are "
+                                 "`answer` parameters")
+            if name != "quantile" and p.quantile is not None:
+                raise ValueError(f"methods.{name}.params: quantile is a `quantile` parameter")
+        for role in ("multiple_choice", "free_form"):
+            name = getattr(self, role)
+            if name not in self.methods:
+                raise ValueError(
+                    f"{role}: {name!r} is not one of the document's methods "
+                    f"({', '.join(self.methods) or 'none'})"
+                )
+        if self.free_form not in FREE_FORM_METHODS:
+            raise ValueError(
+                f"free_form: {self.free_form!r} cannot score a reply without option letters; "
+                f"valid: {', '.join(FREE_FORM_METHODS)}"
+            )
+        return self
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationDocument:
+        """Validate a parsed `calibration.json` of any supported version (v1 is converted)."""
+        if not isinstance(data, Mapping):
+            raise CalibrationError("calibration.json must be a JSON object")
+        version = data.get("version", 1)  # v1 files may predate the field
+        if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+            raise CalibrationError(
+                f"unsupported calibration.json version {version!r}; supported versions: "
+                + ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+            )
+        try:
+            if version == 1:
+                return _V1Document.model_validate(dict(data)).to_current()
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise CalibrationError(_describe(exc, version)) from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CalibrationDocument:
+        """Read `path` (a `calibration.json`, or a model directory holding one)."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / FILE_NAME
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{file}: not valid JSON ({exc})") from None
+        try:
+            return cls.from_dict(data)
+        except CalibrationError as exc:
+            raise CalibrationError(f"{file}: {exc}") from None
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, version 2 (what `write` writes)."""
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True)
+        return data
+
+    def to_json(self) -> str:
+        """The file's text: indented JSON, one trailing newline."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically (`calibserve.publish.write_atomic`) to `path`: a file, or a directory
+        to put `calibration.json` in."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / FILE_NAME
+        write_atomic(file, self.to_json())
+        return file
+
+    # --- using -----------------------------------------------------------------------------
+
+    def method(self, name: str | None = None) -> MethodCalibration:
+        """A method's entry (default: the multiple-choice method)."""
+        key = self.multiple_choice if name is None else name
+        try:
+            return self.methods[key]
+        except KeyError:
+            raise CalibrationError(
+                f"calibration.json has no method {key!r} (methods: {', '.join(self.methods)})"
+            ) from None
+
+    def options(self) -> tuple[str, ...]:
+        """Option letters of the `answer` method (the default letters without one)."""
+        entry = self.methods.get("answer")
+        opts = entry.params.options if entry is not None else None
+        return tuple(opts) if opts is not None else DEFAULT_OPTIONS
+
+    def temperature(self) -> float:
+        """Softmax temperature of the `answer` method (1.0 without one)."""
+        entry = self.methods.get("answer")
+        t = entry.params.temperature if entry is not None else None
+        return 1.0 if t is None else t
+
+    def quantile(self) -> float:
+        """`q` of the `quantile` method (0.1 without one)."""
+        entry = self.methods.get("quantile")
+        q = entry.params.quantile if entry is not None else None
+        return DEFAULT_QUANTILE if q is None else q
+
+
+# --- version 1 ---------------------------------------------------------------------------------
+
+
+class _V1Confidence(_Model):
+    method: str = "mean"
+    options: list[str] | None = None
+    temperature: float = 1.0
+    fallback: str = "mean"
+    quantile: float | None = None
+    q: float | None = None  # an early spelling of `quantile`
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; valid: {', '.join(METHODS)}")
+        return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _free_form(cls, v: str) -> str:
+        if v not in FREE_FORM_METHODS:
+            raise ValueError(f"must be one of {', '.join(FREE_FORM_METHODS)}, got {v!r}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        # v1 checked the temperature whatever the method; so does its reader.
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"must be positive and finite, got {v!r}")
+        return v
+
+    def params(self, method: str) -> MethodParams:
+        if method == "answer":
+            return MethodParams(
+                options=list(self.options) if self.options else list(DEFAULT_OPTIONS),
+                temperature=self.temperature,
+            )
+        if method == "quantile":
+            q = self.quantile if self.quantile is not None else self.q
+            return MethodParams(quantile=DEFAULT_QUANTILE if q is None else q)
+        return MethodParams()
+
+
+class _V1Document(_Model):
+    version: Literal[1] = 1
+    confidence: _V1Confidence | None = None
+    calibrator: dict[str, Any] | None = None
+    thresholds: list[Threshold] | None = None
+    merge: MergeInfo | None = None
+    metrics: dict[str, Any] | None = None
+
+    @field_validator("calibrator")
+    @classmethod
+    def _known_calibrator(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v:  # v1 treated {} as no calibrator
+            calibrator_from_dict(v)
+        return v
+
+    def to_current(self) -> CalibrationDocument:
+        conf = self.confidence if self.confidence is not None else _V1Confidence()
+        metrics = dict(self.metrics or {})
+        fit_data = metrics.pop("calibrate", None)
+        fit = _fit_from_v1(fit_data) if fit_data is not None else None
+        methods = {
+            conf.method: MethodCalibration(
+                params=conf.params(conf.method),
+                calibrator=self.calibrator or None,  # v1 treated {} as no calibrator
+                thresholds=list(self.thresholds or []),
+                fit=fit,
+            )
+        }
+        if conf.fallback != conf.method:
+            # The v1 calibrator was fitted on the v1 method's scores: the fallback has no map.
+            methods[conf.fallback] = MethodCalibration(params=conf.params(conf.fallback))
+        return CalibrationDocument(
+            methods=methods,
+            multiple_choice=conf.method,
+            free_form=conf.fallback,
+            merge=self.merge,
+            metrics=metrics,
+        )
+
+
+def _fit_from_v1(data: Any) -> FitMetrics:
+    try:
+        return FitMetrics.model_validate(data)
+    except ValidationError as exc:
+        raise CalibrationError(_describe(exc, 1, prefix="metrics.calibrate")) from None
+
+
+def _describe(exc: ValidationError, version: int, prefix: str = "") -> str:
+    """`calibration.json (version N): FIELD: problem; ...` from a pydantic error."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *err["loc"]))
+        msg = re.sub(r" or instance of _?\w+$", "", str(err["msg"]).removeprefix("Value error, "))
+        problems.append(f"{loc}: {msg}" if loc else msg)  # document-wide checks name the field
+    return f"malformed calibration.json (version {version}): " + "; ".join(problems)
