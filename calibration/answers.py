@@ -2,9 +2,9 @@
 
 `normalize_answer` lower-cases, deletes punctuation and the English articles (a, an, the) and
 collapses whitespace, as the official SQuAD v1.1 scorer does (after Unicode NFKC). `exact_match`
-is right when the normalised reply equals the normalised gold or any alias. The same normalisation decides
-whether two sampled answers agree (`consistency`), so the grader that labels the calibration data
-and the confidence that is served speak of the same notion of "the same answer".
+is right when the normalised reply equals the normalised gold or any alias. The same
+normalisation decides whether two sampled answers agree (`consistency`), so the grader that labels
+the calibration data and the confidence that is served share one notion of "the same answer".
 
 Users with their own notion of correct (numbers with units, code, a judge model) pass any
 callable `(reply, gold, aliases) -> bool` wherever a `Grader` is accepted.

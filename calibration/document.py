@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +43,10 @@ from pydantic import (
     model_validator,
 )
 
-from calibserve.publish import write_atomic
 from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
 from calibserve.calibration.confidence import DEFAULT_OPTIONS, METHODS
 from calibserve.calibration.errors import CalibrationError
+from calibserve.publish import write_atomic
 
 __all__ = [
     "CURRENT_VERSION",

@@ -8,7 +8,6 @@ answers on the same calibrated scale as the merged model's. Without it a tier is
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import CURRENT_VERSION, N_BINS, CalibrationDocument
+from calibserve.calibration import N_BINS, CalibrationDocument
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
-from calibserve.publish import write_atomic
 
 
 def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: str,
