@@ -100,7 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        # Raised before the proxy knew the model (errors after that it answers itself).
+        # Refused while checking the request (upstream and engine failures the proxy answers).
         outcome_of(request).refused(exc.status)
         return exc.response()
 
