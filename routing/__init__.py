@@ -2,7 +2,10 @@
 
 A Route is an ordered list of Tiers (primary first); the Router asks the primary, attaches each
 choice's calibrated confidence, and lets the route's policy decide whether a stronger tier should
-answer instead. Upstreams add timeouts, retries and a circuit breaker. See routing/README.md.
+answer instead (escalation.py holds those rules for both the JSON and the streaming path).
+Upstreams add timeouts, retries and a circuit breaker; anything with the `UpstreamClient` shape
+can stand in for one. Metrics go to the `RoutingMetrics` a Router or Upstream is given.
+See routing/README.md.
 """
 
 from calibserve.routing.agreement import answers_agree, option_letter
@@ -16,13 +19,23 @@ from calibserve.routing.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from calibserve.routing.identity import (
+    api_root,
+    choose_model,
+    discover_model,
+    probe_health,
+    served_models,
+    server_root,
+)
+from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.policy import BudgetPolicy, Decision, NeverPolicy, Policy, ThresholdPolicy
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
 from calibserve.routing.route import Route, Scorer, Tier
 from calibserve.routing.router import Router
-from calibserve.routing.streaming_mode import StreamMode
+from calibserve.routing.stream_mode import StreamMode
 from calibserve.routing.upstream import Upstream
+from calibserve.routing.upstream_client import UpstreamClient
 
 __all__ = [
     "BudgetPolicy",
@@ -38,17 +51,26 @@ __all__ = [
     "RoutedResult",
     "Router",
     "RoutingError",
+    "RoutingMetrics",
     "Scorer",
     "StreamMode",
     "ThresholdPolicy",
     "Tier",
     "Upstream",
     "UpstreamBadResponse",
+    "UpstreamClient",
     "UpstreamClientError",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "answers_agree",
+    "api_root",
+    "choose_model",
+    "default_metrics",
+    "discover_model",
     "option_letter",
     "parse_retry_after",
+    "probe_health",
+    "served_models",
+    "server_root",
 ]

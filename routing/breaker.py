@@ -3,7 +3,8 @@
 closed --(failure_threshold consecutive failures)--> open --(reset_timeout)--> half-open
 half-open lets exactly one probe through: success closes the circuit, failure re-opens it (and
 restarts the cool-down). While open, calls fail fast, so a dead primary costs the client nothing
-before the router falls back to the next tier. State changes go to the routing metrics.
+before the router falls back to the next tier. State changes go to the RoutingMetrics the
+breaker was given, else to its upstream's (see `bind`), else to `default_metrics()`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from enum import IntEnum
 
-from calibserve.routing import metrics
+from calibserve.routing.metrics import RoutingMetrics, default_metrics
 
 
 class CircuitState(IntEnum):
@@ -33,6 +34,7 @@ class CircuitBreaker:
         *,
         name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RoutingMetrics | None = None,
     ) -> None:
         if failure_threshold < 1:
             raise ValueError("failure_threshold must be >= 1")
@@ -40,6 +42,7 @@ class CircuitBreaker:
         self.reset_timeout = reset_timeout
         self.name = name
         self._clock = clock
+        self._metrics = metrics
         self._state = CircuitState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
@@ -89,17 +92,26 @@ class CircuitBreaker:
         """A call ended with neither verdict (e.g. cancelled): let another probe through."""
         self._probe_in_flight = False
 
-    def bind(self, name: str) -> None:
-        """Name the breaker after its upstream (for metric labels) unless already named."""
+    def bind(self, name: str, metrics: RoutingMetrics | None = None) -> None:
+        """Name the breaker after its upstream (for metric labels) and record on the upstream's
+        metrics, unless the breaker was given its own name or metrics."""
+        changed = False
+        if self._metrics is None and metrics is not None:
+            self._metrics, changed = metrics, True
         if self.name is None:
-            self.name = name
+            self.name, changed = name, True
+        if changed:
             self._publish()
+
+    @property
+    def metrics(self) -> RoutingMetrics:
+        return self._metrics if self._metrics is not None else default_metrics()
 
     def _open(self) -> None:
         self._opened_at = self._clock()
         self._set(CircuitState.OPEN)
         if self.name is not None:
-            metrics.CIRCUIT_OPENS.labels(upstream=self.name).inc()
+            self.metrics.circuit_opened(self.name)
 
     def _set(self, state: CircuitState) -> None:
         self._state = state
@@ -107,4 +119,4 @@ class CircuitBreaker:
 
     def _publish(self) -> None:
         if self.name is not None:
-            metrics.CIRCUIT_STATE.labels(upstream=self.name).set(int(self._state))
+            self.metrics.circuit_state(self.name, int(self._state))

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from calibserve.routing.policy import NeverPolicy, Policy
-from calibserve.routing.streaming_mode import StreamMode
-from calibserve.routing.upstream import Upstream
+from calibserve.routing.stream_mode import StreamMode
+from calibserve.routing.upstream_client import UpstreamClient
 
 
 class ConfidenceLike(Protocol):
@@ -50,7 +50,7 @@ class Tier:
     """One model behind one upstream. `name` (default: `model`) is what `served_by` reports."""
 
     model: str
-    upstream: Upstream
+    upstream: UpstreamClient
     scorer: Scorer | None = None
     name: str = ""
 

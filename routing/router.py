@@ -1,15 +1,12 @@
 """The router: which tier answers a request, and what the client learns about it.
 
-Non-streaming (`complete`):
-1. Ask tiers in order until one answers; if the primary is down (connect error, circuit open,
-   timeout, 5xx after retries) the next tier answers with reason `primary_failed`. A 4xx from the
-   primary is the request's fault and goes back to the client unchanged (UpstreamClientError).
-2. Attach each choice's calibrated confidence (the answering tier's scorer) and ask the route's
-   policy about the least confident choice (scoring.decision_score).
-3. If it says escalate, ask the stronger tiers in order; the first that answers is served. If all
-   fail, the client still gets the primary's answer, with `escalation_error`.
-The policy only ever judges the primary: a stronger tier's answer is served as is.
-Streaming (`stream`) follows the same rules through the route's stream mode (streaming.py).
+Non-streaming (`complete`) follows the rules of escalation.py with "asking a tier" meaning one
+JSON request: the first tier that answers (fallback `primary_failed`), each choice's calibrated
+confidence attached (the answering tier's scorer), the policy asked about the least confident
+choice (scoring.decision_score), stronger tiers tried in order when it says so. The policy only
+ever judges the primary: a stronger tier's answer is served as is.
+Streaming (`stream`) follows the same rules through the route's stream mode (stream_run.py).
+Both record on the router's RoutingMetrics (metrics.py).
 """
 
 from __future__ import annotations
@@ -19,22 +16,33 @@ from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from calibserve.routing import metrics
 from calibserve.routing.agreement import answers_agree, choice_text
-from calibserve.routing.errors import UpstreamClientError, UpstreamError
+from calibserve.routing.escalation import (
+    escalate,
+    first_answer,
+    judge_primary,
+    record_agreement,
+)
+from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.payload import endpoint_path, tier_body
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import Route, Tier
 from calibserve.routing.scoring import attach_confidences, decision_score
-from calibserve.routing.streaming import StreamRun
+from calibserve.routing.stream_run import StreamRun
 
 
 class Router:
-    """Routes requests; holds the routes by name (optional) and no per-request state."""
+    """Routes requests; holds the routes by name (optional), its metrics, no per-request state."""
 
-    def __init__(self, routes: Iterable[Route] | Mapping[str, Route] | None = None) -> None:
+    def __init__(
+        self,
+        routes: Iterable[Route] | Mapping[str, Route] | None = None,
+        *,
+        metrics: RoutingMetrics | None = None,
+    ) -> None:
         items = routes.values() if isinstance(routes, Mapping) else (routes or [])
         self.routes: dict[str, Route] = {r.name: r for r in items}
+        self.metrics = metrics if metrics is not None else default_metrics()
 
     def route(self, route: Route | str) -> Route:
         if isinstance(route, Route):
@@ -56,100 +64,57 @@ class Router:
         """Route a non-streaming request. Raises UpstreamError only when no tier could answer."""
         r = self.route(route)
         endpoint_path(endpoint)  # validate early
-        metrics.ROUTE_REQUESTS.labels(route=r.name).inc()
+        self.metrics.routed(r.name)
         result = RoutedResult(route=r.name)
 
-        answer, index = await self._first_answer(r, endpoint, body, result)
-        tier = r.tiers[index]
-        scores = attach_confidences(answer, tier.confidence_scorer)
-        result.body, result.served_by = answer, tier.name
-        result.confidence = decision_score(scores)
-        if index > 0:
-            result.escalated, result.reason = True, "primary_failed"
-            metrics.ESCALATIONS.labels(route=r.name, reason="primary_failed", tier=tier.name).inc()
-            return result
+        async def ask(tier: Tier) -> dict[str, Any]:
+            return await _ask(tier, endpoint, body, result)
 
-        result.primary_confidence = result.confidence
-        decision = r.policy.decide(_score_for_policy(result.primary_confidence))
-        result.threshold = decision.threshold
-        if not decision.escalate or len(r.tiers) < 2:
+        answer, tier = await first_answer(r, ask, result, self.metrics)
+        result.body = answer
+        result.confidence = decision_score(attach_confidences(answer, tier.confidence_scorer))
+        if result.escalated or not judge_primary(r, result.confidence, result):
             return result
-        result.reason = decision.reason
-        errors: list[str] = []
-        for stronger in r.tiers[1:]:
-            try:
-                other = await self._call(stronger, endpoint, body, result, r.name)
-            except UpstreamError as exc:
-                errors.append(f"{stronger.name}: {exc}")
-                metrics.ESCALATION_ERRORS.labels(route=r.name, tier=stronger.name).inc()
-                continue
-            other_scores = attach_confidences(other, stronger.confidence_scorer)
-            result.agreement = _agree(answer, other)
-            result.body, result.served_by, result.escalated = other, stronger.name, True
-            result.confidence = decision_score(other_scores)
-            metrics.ESCALATIONS.labels(
-                route=r.name, reason=decision.reason or "low_confidence", tier=stronger.name
-            ).inc()
-            if result.agreement is not None:
-                metrics.AGREEMENT.labels(
-                    route=r.name, agreed=str(result.agreement).lower()
-                ).inc()
-            return result
-        result.escalation_error = "; ".join(errors)
+        stronger = await escalate(r, ask, result, self.metrics)
+        if stronger is not None:
+            other, other_tier = stronger
+            result.body = other
+            result.confidence = decision_score(
+                attach_confidences(other, other_tier.confidence_scorer)
+            )
+            record_agreement(self.metrics, result, _agree(answer, other))
         return result
 
     async def stream(
         self, route: Route | str, endpoint: str, body: dict[str, Any]
     ) -> AsyncGenerator[RoutedChunk, None]:
-        """Route a streaming request; see streaming.py for what each mode yields.
+        """Route a streaming request; see stream_run.py for what each mode yields.
 
         Raises UpstreamError before the first item when no tier could start; an error after
         chunks were sent propagates from the iterator (the server ends the stream with an error).
         """
         r = self.route(route)
         endpoint_path(endpoint)
-        metrics.ROUTE_REQUESTS.labels(route=r.name).inc()
-        async with aclosing(StreamRun(r, endpoint, body).run()) as items:
+        self.metrics.routed(r.name)
+        async with aclosing(StreamRun(r, endpoint, body, self.metrics).run()) as items:
             async for item in items:
                 yield item
 
-    async def _first_answer(
-        self, route: Route, endpoint: str, body: dict[str, Any], result: RoutedResult
-    ) -> tuple[dict[str, Any], int]:
-        first_error: UpstreamError | None = None
-        for index, tier in enumerate(route.tiers):
-            try:
-                return await self._call(tier, endpoint, body, result, route.name), index
-            except UpstreamClientError:
-                if index == 0:
-                    raise
-                # A fallback tier rejecting the request does not make it the client's fault.
-                continue
-            except UpstreamError as exc:
-                if first_error is None:
-                    first_error = exc
-                    result.primary_error = str(exc)
-        assert first_error is not None
-        raise first_error
 
-    async def _call(
-        self, tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult, route: str
-    ) -> dict[str, Any]:
-        result.tiers_tried.append(tier.name)
-        payload = tier_body(endpoint, body, tier.model, stream=False)
-        started = time.perf_counter()
-        try:
-            answer = await tier.upstream.request_json(endpoint_path(endpoint), payload)
-        finally:
-            result.upstream_seconds += time.perf_counter() - started
-        if "model" in answer:
-            answer["model"] = route
-        return answer
-
-
-def _score_for_policy(score: float | None) -> float:
-    # No choices at all means nothing to trust: report 0 so a threshold escalates.
-    return 0.0 if score is None else score
+async def _ask(
+    tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult
+) -> dict[str, Any]:
+    """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded."""
+    result.tiers_tried.append(tier.name)
+    payload = tier_body(endpoint, body, tier.model, stream=False)
+    started = time.perf_counter()
+    try:
+        answer = await tier.upstream.request_json(endpoint_path(endpoint), payload)
+    finally:
+        result.upstream_seconds += time.perf_counter() - started
+    if "model" in answer:
+        answer["model"] = result.route
+    return answer
 
 
 def _agree(primary: dict[str, Any], other: dict[str, Any]) -> bool | None:

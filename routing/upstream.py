@@ -1,8 +1,9 @@
 """An OpenAI-compatible upstream (vLLM or any hosted API) behind timeouts, retries and a breaker.
 
 `base_url` may be given with or without its `/v1` root (`http://host:8000` and
-`https://api.example.com/v1` both work); paths are relative to that root and may carry a leading
-`/v1` (`/v1/chat/completions` == `chat/completions`).
+`https://api.example.com/v1` both work, see identity.api_root); paths are relative to that root
+and may carry a leading `/v1` (`/v1/chat/completions` == `chat/completions`). It is an
+`UpstreamClient` (upstream_client.py); retries and circuit changes go to its `metrics`.
 
 Timeouts: `timeout` bounds each attempt of a JSON request (headers and body together) and, for a
 stream, both the wait for the response headers and every gap between two events; `connect_timeout`
@@ -18,11 +19,9 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
-from calibserve.routing import metrics
 from calibserve.routing.breaker import CircuitBreaker
 from calibserve.routing.errors import (
     CircuitOpen,
@@ -32,18 +31,10 @@ from calibserve.routing.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from calibserve.routing.identity import api_root
+from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
 from calibserve.routing.sse import DONE, iter_sse_data, parse_chunk
-
-
-def api_root(base_url: str) -> str:
-    """`http://h:p` -> `http://h:p/v1`; a URL whose path already ends in `/vN` is kept."""
-    url = base_url.rstrip("/")
-    last = urlsplit(url).path.rsplit("/", 1)[-1]
-    if len(last) >= 2 and last[0] == "v" and last[1:].isdigit():
-        return url
-    return url + "/v1"
-
 
 _JSON_HEADERS = {"content-type": "application/json"}
 
@@ -81,8 +72,10 @@ class Upstream:
         headers: dict[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 256,
+        metrics: RoutingMetrics | None = None,
     ) -> None:
         self.name = name
+        self.metrics = metrics if metrics is not None else default_metrics()
         self.base_url = base_url
         self.root = api_root(base_url)
         self.timeout = float(timeout)
@@ -90,7 +83,7 @@ class Upstream:
         self.retry = retry or RetryPolicy()
         # One breaker per upstream: a shared default instance would couple unrelated upstreams.
         self.breaker = breaker or CircuitBreaker()
-        self.breaker.bind(name)
+        self.breaker.bind(name, self.metrics)
         self._headers = dict(headers or {})
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -166,7 +159,7 @@ class Upstream:
                 )
                 if delay is None:
                     raise error
-            metrics.UPSTREAM_RETRIES.labels(upstream=self.name).inc()
+            self.metrics.retried(self.name)
             await asyncio.sleep(delay)
 
     async def stream(
@@ -230,7 +223,7 @@ class Upstream:
                 delay = self.retry.delay(attempt, error.retry_after) if retryable else None
                 if delay is None:
                     raise error
-            metrics.UPSTREAM_RETRIES.labels(upstream=self.name).inc()
+            self.metrics.retried(self.name)
             await asyncio.sleep(delay)
 
     def _admit(self) -> None:

@@ -30,6 +30,7 @@ from calibserve.server.openai_schema import (
     ModelCard,
     ModelList,
 )
+from calibserve.server.outcomes import OutcomeCounter
 from calibserve.server.proxy import Proxy
 from calibserve.server.runtime import ServerRuntime
 
@@ -109,6 +110,8 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
     app.state.runtime = rt
     app.state.settings = rt.settings
     install_error_handlers(app)
+    # Added first, so it runs inside the body limit: a 413 refused up front is not counted.
+    app.add_middleware(OutcomeCounter, metrics=rt.metrics)
     app.add_middleware(BodySizeLimit, max_bytes=rt.settings.max_body_bytes)
 
     # async: FastAPI runs plain-def dependencies in a thread pool, a costly hop per request.

@@ -7,12 +7,12 @@ uses after merging. Flags override or extend what `--config` says.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import httpx
 import typer
 import uvicorn
 
@@ -43,15 +43,26 @@ def _dir_name(path: Path) -> str:
 
 
 def _discover_name(url: str, api_key: str | None) -> str | None:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    root = url.rstrip("/")
-    root = root if root.rsplit("/", 1)[-1].startswith("v1") else root + "/v1"
-    try:
-        data = httpx.get(f"{root}/models", headers=headers, timeout=5.0).json()
-        ids = [m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
-    except (httpx.HTTPError, ValueError, AttributeError, KeyError):
-        return None
-    return ids[0] if len(ids) == 1 else None
+    """The model an upstream serves, when it serves exactly one (one try, 5 s)."""
+    from calibserve.routing import (
+        RetryPolicy,
+        RoutingMetrics,
+        Upstream,
+        UpstreamError,
+        discover_model,
+    )
+
+    async def ask() -> str | None:
+        upstream = Upstream("discover", url, api_key=api_key, timeout=5.0,
+                            retry=RetryPolicy(max_attempts=1), metrics=RoutingMetrics())
+        try:
+            return await discover_model(upstream)
+        except UpstreamError:
+            return None
+        finally:
+            await upstream.aclose()
+
+    return asyncio.run(ask())
 
 
 def _escalation_tier(target: str, index: int, api_key: str | None) -> TierSettings:

@@ -4,7 +4,8 @@ Every error the server returns, whatever raised it, has the body
 `{"error": {"message", "type", "param", "code"}}` and a meaningful status, so OpenAI SDKs raise
 their usual exception classes (BadRequestError, NotFoundError, ...). Upstream failures map to
 502 (bad response), 503 (unavailable) and 504 (timeout); 4xx answers from the upstream pass through
-with their status and message.
+with their status and message. The handlers record a refused request's outcome; outcomes.py
+counts it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from calibserve.server.outcomes import outcome_of
 
 log = logging.getLogger("calibserve.server")
 
@@ -59,7 +62,6 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers
-        self.counted = False  # already in calibserve_requests_total (the proxy knows the model)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -93,31 +95,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return (f"{param}: {msg}" if param else msg), param, "invalid_request"
 
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-
-def _count(request: Request, status: int) -> None:
-    """Requests refused before the proxy knew their model still count, with model=""."""
-    endpoint = ENDPOINTS.get(request.url.path)
-    runtime = getattr(request.app.state, "runtime", None)
-    if endpoint is not None and runtime is not None:
-        outcome = "client_error" if status < 500 else "server_error"
-        runtime.metrics.requests.labels("", endpoint, outcome).inc()
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Turn every exception into an OpenAI-shaped JSON error."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if not exc.counted:
-            _count(request, exc.status)
+        # Refused while checking the request (upstream and engine failures the proxy answers).
+        outcome_of(request).refused(exc.status)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = _validation_message(exc)
-        _count(request, 400)
+        outcome_of(request).refused(400)
         runtime = getattr(request.app.state, "runtime", None)
         if request.url.path == "/v1/feedback" and runtime is not None:
             # A body that fails validation is malformed feedback: count it like the ones the
@@ -133,5 +123,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error: %s", exc)
-        _count(request, 500)
+        # Counted (server_error, model "") by OutcomeCounter, which the exception passed first.
         return error_response(500, "internal server error", code="internal_error")

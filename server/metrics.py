@@ -1,9 +1,11 @@
 """Prometheus metrics of one server process, with the exact names docs/internals.md lists.
 
-Each runtime owns its own registry, so several apps (tests, the reliability harness) can live in
-one process. The per-bin calibration counters are rendered by hand: prometheus_client would rename
-`calibserve_calibration_confidence_sum` to `..._sum_total`, and fleet ECE recording rules rely on
-the exact names. The ECE gauge is computed by calibration/'s accumulator from the same pairs.
+Each runtime owns one registry (`server_registry()`), on which it builds these series and
+routing's (`routing.RoutingMetrics`); `/metrics` renders that registry alone, so several apps
+(tests, the reliability harness) can live in one process. The per-bin calibration counters are
+rendered by hand: prometheus_client would rename `calibserve_calibration_confidence_sum` to
+`..._sum_total`, and fleet ECE recording rules rely on the exact names. The ECE gauge is computed
+by calibration/'s accumulator from the same pairs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import (
-    REGISTRY,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -32,8 +36,16 @@ _OVERHEAD_BUCKETS = (
 _CONFIDENCE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
+def server_registry() -> CollectorRegistry:
+    """A server's one registry, with the process, platform and GC series of the process."""
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
 class ServerMetrics:
-    """All server-side series; routing/ registers its own on the same registry if it wants."""
+    """All server-side series, on `registry` (the server's, shared with routing's series)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -117,9 +129,8 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
     def render(self) -> bytes:
-        # routing/ registers its series on the default registry (one router per process).
-        return (generate_latest(self.registry) + generate_latest(REGISTRY)
-                + self._calibration_text().encode())
+        """The registry's series (routing's too when built on it) and the per-bin counters."""
+        return generate_latest(self.registry) + self._calibration_text().encode()
 
 
 def _escape(value: str) -> str:

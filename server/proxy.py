@@ -1,5 +1,8 @@
 """Serving one chat/completions request: route it, shape what the client sees, record metrics.
 
+Once the model is known the proxy answers every outcome itself (errors included) and records it
+on the request's Outcome (outcomes.py counts it).
+
 What the client gets is the upstream's answer with three changes: each choice carries
 `confidence`, the response carries `calibserve` and a signed `id`, and logprobs appear only if the
 client asked for them (then as the upstream sent them, cut to the `top_logprobs` it asked for:
@@ -19,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -27,12 +30,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from calibserve.routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
 from calibserve.server.errors import APIError, error_body
+from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
 
 log = logging.getLogger("calibserve.server")
 T = TypeVar("T")
 PREFIX = {"chat": "chatcmpl-", "completions": "cmpl-"}
-
 
 
 def reject_non_json_numbers(value: Any, path: str = "") -> None:
@@ -50,6 +53,11 @@ def reject_non_json_numbers(value: Any, path: str = "") -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             reject_non_json_numbers(item, f"{path}[{index}]")
+
+
+def _engine_stopped(model: ModelRuntime) -> APIError:
+    return APIError(503, f"the engine for `{model.name}` stopped while answering",
+                    code="engine_unavailable", headers={"Retry-After": "1"})
 
 
 class ClientDisconnected(Exception):
@@ -151,41 +159,35 @@ class Proxy:
         if n > self.rt.settings.max_n:
             raise APIError(400, f"n must be at most {self.rt.settings.max_n}", param="n",
                            code="invalid_value")
+        outcome = outcome_of(request)
         if model.fast_fail:
-            self._count(model.name, endpoint, "upstream_error")
-            err = APIError(503, f"the engine for `{model.name}` is not running (restarting)",
-                           code="engine_unavailable", headers={"Retry-After": "1"})
-            err.counted = True
-            raise err
+            outcome.record(model.name, "upstream_error")
+            return APIError(503, f"the engine for `{model.name}` is not running (restarting)",
+                            code="engine_unavailable", headers={"Retry-After": "1"}).response()
         view = ClientView(endpoint, body)
         if body.get("stream"):
-            return await self._stream(request, model, endpoint, body, view, started)
-        return await self._complete(request, model, endpoint, body, view, started)
+            return await self._stream(request, outcome, model, endpoint, body, view, started)
+        return await self._complete(request, outcome, model, endpoint, body, view, started)
 
     # -- shared ---------------------------------------------------------------------------
-    def _count(self, model: str, endpoint: str, outcome: str) -> None:
-        self.metrics.requests.labels(model, endpoint, outcome).inc()
-
-    def _upstream_failure(self, model: str, endpoint: str, exc: UpstreamError) -> APIError:
-        err = self._upstream_error(model, endpoint, exc)
-        err.counted = True
-        return err
-
-    def _upstream_error(self, model: str, endpoint: str, exc: UpstreamError) -> APIError:
+    def _upstream_failure(self, outcome: Outcome, model: str, exc: UpstreamError) -> Response:
+        """No tier could answer: an upstream 4xx passes through, anything else is 502/503/504."""
         if isinstance(exc, UpstreamClientError):
-            self._count(model, endpoint, "client_error")
+            outcome.record(model, "client_error")
             err = exc.body.get("error") if isinstance(exc.body, dict) else None
             if isinstance(err, dict):
                 return APIError(exc.status_code, str(err.get("message") or exc.message),
                                 type=err.get("type") or None, param=err.get("param"),
-                                code=str(err["code"]) if err.get("code") is not None else None)
-            return APIError(exc.status_code, exc.message, code="upstream_rejected")
-        self._count(model, endpoint, "upstream_error")
+                                code=str(err["code"]) if err.get("code") is not None else None
+                                ).response()
+            return APIError(exc.status_code, exc.message, code="upstream_rejected").response()
+        outcome.record(model, "upstream_error")
         self.metrics.upstream_errors.labels(exc.upstream or model, exc.kind).inc()
         headers = None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        return APIError(exc.status_code, str(exc), code="upstream_" + exc.kind, headers=headers)
+        return APIError(exc.status_code, str(exc), code="upstream_" + exc.kind,
+                        headers=headers).response()
 
     async def _engine_died(self, model: ModelRuntime, exc: UpstreamError) -> bool:
         """Did a transport failure come from our managed engine dying? Then it is a 503.
@@ -201,12 +203,10 @@ class Proxy:
             await asyncio.wait_for(asyncio.shield(exited), 0.25)
         return exited.done()
 
-    def _engine_down(self, model: ModelRuntime, endpoint: str) -> APIError:
-        self._count(model.name, endpoint, "upstream_error")
-        err = APIError(503, f"the engine for `{model.name}` stopped while answering",
-                       code="engine_unavailable", headers={"Retry-After": "1"})
-        err.counted = True
-        return err
+    def _engine_down(self, outcome: Outcome, model: ModelRuntime) -> Response:
+        """The managed engine died under the request: 503, retry in a moment."""
+        outcome.record(model.name, "upstream_error")
+        return _engine_stopped(model).response()
 
     async def _guard(self, aw: Awaitable[T], request: Request, model: ModelRuntime) -> T:
         """Await `aw`, but end early if the client disconnects or the managed engine dies.
@@ -233,8 +233,7 @@ class Proxy:
         task.cancel()
         await asyncio.wait({task})  # let it unwind (closes the upstream connection)
         if exited is not None and exited.done():
-            raise APIError(503, f"the engine for `{model.name}` stopped while answering",
-                           code="engine_unavailable", headers={"Retry-After": "1"})
+            raise _engine_stopped(model)
         raise ClientDisconnected
 
     def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]],
@@ -269,22 +268,21 @@ class Proxy:
         self.metrics.overhead.labels(model, endpoint).observe(max(0.0, total - upstream_s))
 
     # -- non-streaming --------------------------------------------------------------------
-    async def _complete(self, request: Request, model: ModelRuntime, endpoint: str,
-                        body: dict[str, Any], view: ClientView, started: float) -> Response:
+    async def _complete(self, request: Request, outcome: Outcome, model: ModelRuntime,
+                        endpoint: str, body: dict[str, Any], view: ClientView,
+                        started: float) -> Response:
         try:
             result = await self._guard(self.rt.router.complete(model.route, endpoint, body),
                                        request, model)
         except UpstreamError as exc:
             if await self._engine_died(model, exc):
-                raise self._engine_down(model, endpoint) from exc
-            raise self._upstream_failure(model.name, endpoint, exc) from exc
+                return self._engine_down(outcome, model)
+            return self._upstream_failure(outcome, model.name, exc)
         except ClientDisconnected:
-            self._count(model.name, endpoint, "client_error")
+            outcome.record(model.name, "client_error")
             return Response(status_code=499)
-        except APIError as err:  # the engine died while we waited
-            self._count(model.name, endpoint, "upstream_error")
-            err.counted = True
-            raise
+        except APIError:  # _guard: the engine died while we waited
+            return self._engine_down(outcome, model)
         answer = result.body or {}
         choices = answer.get("choices") or []
         scores, raws = self._finish_choices(model, choices, view)
@@ -293,13 +291,16 @@ class Proxy:
         )
         answer["model"] = model.name
         answer["calibserve"] = result.calibserve()
-        self._count(model.name, endpoint, "ok")
         self._observe(model.name, endpoint, started, result.upstream_seconds)
-        return JSONResponse(answer, headers=self._headers(result, scores[0] if scores else None))
+        headers = self._headers(result, scores[0] if scores else None)
+        response = JSONResponse(answer, headers=headers)
+        outcome.record(model.name, "ok")
+        return response
 
     # -- streaming ------------------------------------------------------------------------
-    async def _stream(self, request: Request, model: ModelRuntime, endpoint: str,
-                      body: dict[str, Any], view: ClientView, started: float) -> Response:
+    async def _stream(self, request: Request, outcome: Outcome, model: ModelRuntime,
+                      endpoint: str, body: dict[str, Any], view: ClientView,
+                      started: float) -> Response:
         items = self.rt.router.stream(model.route, endpoint, body)
         try:
             # Read the first item before answering: failures to start become proper HTTP errors,
@@ -308,34 +309,33 @@ class Proxy:
         except UpstreamError as exc:
             await items.aclose()
             if await self._engine_died(model, exc):
-                raise self._engine_down(model, endpoint) from exc
-            raise self._upstream_failure(model.name, endpoint, exc) from exc
+                return self._engine_down(outcome, model)
+            return self._upstream_failure(outcome, model.name, exc)
         except ClientDisconnected:
             await items.aclose()
-            self._count(model.name, endpoint, "client_error")
+            outcome.record(model.name, "client_error")
             return Response(status_code=499)
-        except APIError as err:  # the engine died before the first chunk
+        except APIError:  # _guard: the engine died before the first chunk
             await items.aclose()
-            self._count(model.name, endpoint, "upstream_error")
-            err.counted = True
-            raise
+            return self._engine_down(outcome, model)
         except BaseException:
             await items.aclose()
             raise
         return EventStream(
-            self._events(model, endpoint, items, first, view, started),
+            self._events(outcome, model, endpoint, items, first, view, started),
             media_type="text/event-stream",
             headers=self._headers(first.result, None),
         )
 
-    async def _events(self, model: ModelRuntime, endpoint: str,
-                      items: AsyncIterator[RoutedChunk], first: RoutedChunk, view: ClientView,
+    async def _events(self, outcome: Outcome, model: ModelRuntime, endpoint: str,
+                      items: AsyncGenerator[RoutedChunk, None], first: RoutedChunk,
+                      view: ClientView,
                       started: float) -> AsyncIterator[str]:
         scores: dict[int, float] = {}
         raws: dict[int, float] = {}
         held: dict[str, Any] | None = None  # the usage chunk, sent last with the summary
         last: dict[str, Any] = {}
-        outcome = "ok"
+        kind = "ok"
         item = first
         try:
             while item.data is not None:
@@ -373,18 +373,18 @@ class Proxy:
             yield f"data: {_dumps(summary)}\n\n"
             self._observe(model.name, endpoint, started, result.upstream_seconds)
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "client_error"  # the client went away mid-stream
+            kind = "client_error"  # the client went away mid-stream
             raise
         except UpstreamError as exc:
-            outcome = "upstream_error"
+            kind = "upstream_error"
             self.metrics.upstream_errors.labels(exc.upstream or model.name, exc.kind).inc()
             # vLLM's way to fail an open stream: an error event, then [DONE].
             yield f"data: {_dumps(error_body(str(exc), 'upstream_error', None, exc.kind))}\n\n"
         except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
-            outcome = "server_error"
+            kind = "server_error"
             log.exception("error while streaming: %s", exc)
             yield f"data: {_dumps(error_body('internal server error', 'server_error'))}\n\n"
         finally:
             await items.aclose()  # on client disconnect too: cancels the upstream generation
-            self._count(model.name, endpoint, outcome)
+            outcome.record(model.name, kind)
         yield "data: [DONE]\n\n"

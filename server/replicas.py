@@ -1,4 +1,4 @@
-"""Several replicas of one model (`--upstream URL1,URL2`) behind the interface of one Upstream.
+"""Several replicas of one model (`--upstream URL1,URL2`) behind the interface of one upstream.
 
 vLLM is the distributed engine; calibserve only spreads requests over the replicas it is given,
 round robin, skipping replicas whose circuit is open and moving to the next replica when one
@@ -16,7 +16,7 @@ from calibserve.routing import CircuitState, Upstream, UpstreamUnavailable
 
 
 class ReplicaPool:
-    """Duck-typed like routing.Upstream: `name`, `request_json`, `stream`, `aclose`."""
+    """A `routing.UpstreamClient` over several `routing.Upstream` replicas of one model."""
 
     def __init__(self, name: str, replicas: list[Upstream]) -> None:
         if not replicas:

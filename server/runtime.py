@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.routing import (
     BudgetPolicy,
@@ -25,15 +23,20 @@ from calibserve.routing import (
     RetryPolicy,
     Route,
     Router,
+    RoutingMetrics,
     ThresholdPolicy,
     Tier,
     Upstream,
+    UpstreamClient,
+    choose_model,
+    probe_health,
+    served_models,
 )
 from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
 from calibserve.server.engine import ManagedEngine
 from calibserve.server.feedback import FeedbackRecorder
 from calibserve.server.ids import ResponseIdSigner
-from calibserve.server.metrics import ServerMetrics
+from calibserve.server.metrics import ServerMetrics, server_registry
 from calibserve.server.replicas import ReplicaPool
 from calibserve.server.transport import LeanTransport
 
@@ -56,7 +59,8 @@ def _transport_for(url: str) -> LeanTransport | None:
 class TierRuntime:
     """One tier's live parts: its upstream client(s), optional managed engine and scorer."""
 
-    def __init__(self, settings: TierSettings, metrics: ServerMetrics, route: str) -> None:
+    def __init__(self, settings: TierSettings, metrics: ServerMetrics, route: str,
+                 routing_metrics: RoutingMetrics) -> None:
         self.settings = settings
         self.calibration = load_calibration(settings.calibration_path())
         if self.calibration is None:
@@ -75,24 +79,24 @@ class TierRuntime:
                 on_restart=lambda: metrics.engine_restarts.labels(settings.name).inc(),
             )
             # A local engine restarting refuses connections: retrying would only delay the 503.
-            self.upstream: Upstream | ReplicaPool = Upstream(
+            self.upstream: UpstreamClient = Upstream(
                 settings.name, self.engine.url, timeout=settings.timeout_s,
                 retry=RetryPolicy(max_attempts=1),
                 breaker=CircuitBreaker(failure_threshold=1_000_000),
-                transport=_transport_for(self.engine.url),
+                transport=_transport_for(self.engine.url), metrics=routing_metrics,
             )
         else:
             replicas = [
                 Upstream(
                     settings.name if len(settings.upstreams) == 1 else f"{settings.name}#{i}",
                     url, api_key=settings.resolved_api_key(), timeout=settings.timeout_s,
-                    transport=_transport_for(url),
+                    transport=_transport_for(url), metrics=routing_metrics,
                 )
                 for i, url in enumerate(settings.upstreams)
             ]
             self.upstream = replicas[0] if len(replicas) == 1 else ReplicaPool(
                 settings.name, replicas)
-        self.tier = Tier(model=self.upstream_model, upstream=self.upstream,  # type: ignore[arg-type]
+        self.tier = Tier(model=self.upstream_model, upstream=self.upstream,
                          scorer=self.scorer, name=settings.name)
 
     @property
@@ -104,17 +108,13 @@ class TierRuntime:
         if self.engine is not None or self.settings.upstream_model:
             return
         try:
-            listing = await self.upstream.request_json("models")
-            ids = [m.get("id") for m in listing.get("data") or [] if isinstance(m, dict)]
+            ids = await served_models(self.upstream)
         except Exception as exc:  # noqa: BLE001 - startup must not die on a sleeping upstream
             log.warning("tier %s: cannot list upstream models (%s); assuming %r",
                         self.settings.name, exc, self.upstream_model)
             return
-        if self.settings.name in ids:
-            chosen = self.settings.name
-        elif len(ids) == 1 and isinstance(ids[0], str):
-            chosen = ids[0]
-        else:
+        chosen = choose_model(ids, self.settings.name)
+        if chosen is None:
             log.warning("tier %s: upstream serves %s; assuming %r", self.settings.name, ids,
                         self.upstream_model)
             return
@@ -125,23 +125,18 @@ class TierRuntime:
         """Is the tier answering? Managed: engine state; external: any HTTP answer to /health."""
         if self.engine is not None:
             return self.engine.up
-        base = self.settings.upstreams[0]
-        try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                response = await client.get(base.rstrip("/").removesuffix("/v1") + "/health")
-            return response.status_code < 500
-        except httpx.HTTPError:
-            return False
+        return await probe_health(self.upstream.base_url, timeout)
 
 
 class ModelRuntime:
     """A client-visible model name: its route and its tiers."""
 
-    def __init__(self, settings: ModelSettings, metrics: ServerMetrics) -> None:
+    def __init__(self, settings: ModelSettings, metrics: ServerMetrics,
+                 routing_metrics: RoutingMetrics) -> None:
         self.settings = settings
         self.name = settings.name
-        self.tiers = [TierRuntime(settings, metrics, settings.name)] + [
-            TierRuntime(t, metrics, settings.name) for t in settings.escalate_to
+        self.tiers = [TierRuntime(settings, metrics, settings.name, routing_metrics)] + [
+            TierRuntime(t, metrics, settings.name, routing_metrics) for t in settings.escalate_to
         ]
         self.primary = self.tiers[0]
         kwargs: dict[str, Any] = {}
@@ -190,7 +185,10 @@ class ServerRuntime:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.metrics = ServerMetrics()
+        # One registry for the server's series and routing's: /metrics renders it alone.
+        registry = server_registry()
+        self.metrics = ServerMetrics(registry)
+        self.routing_metrics = RoutingMetrics(registry)
         key = settings.resolved_signing_key()
         if key is None:
             log.warning("no signing key (--signing-key or CALIBSERVE_SIGNING_KEY): using a random "
@@ -200,9 +198,10 @@ class ServerRuntime:
         self.signer = ResponseIdSigner(key)
         self.models: dict[str, ModelRuntime] = {}
         for model in settings.models:
-            self.models[model.name] = ModelRuntime(model, self.metrics)
+            self.models[model.name] = ModelRuntime(model, self.metrics, self.routing_metrics)
             self.metrics.init_model(model.name)
-        self.router = Router([m.route for m in self.models.values()])
+        self.router = Router([m.route for m in self.models.values()],
+                             metrics=self.routing_metrics)
         self.feedback = FeedbackRecorder(
             self.signer, self.metrics,
             {label for m in self.models.values() for label in m.calibration_labels},

@@ -1,5 +1,5 @@
 """Every metric name in the Grafana dashboard and the Prometheus rules is one calibserve exports
-(scraped live from create_app's /metrics, plus what server.metrics and routing.metrics define),
+(scraped live from create_app's /metrics, plus what ServerMetrics and RoutingMetrics define),
 or a recording rule from deploy/prometheus/rules.yml."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.tools import DASHBOARD, RULES, metric_names
@@ -33,8 +32,8 @@ def sample_names(family: str, kind: str) -> set[str]:
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
     """Names from a real /metrics scrape of an app with one model, and every family the metric
-    modules define (some have no samples until traffic arrives)."""
-    import calibserve.routing.metrics
+    classes define (some have no samples until traffic arrives)."""
+    from calibserve.routing import RoutingMetrics
     from calibserve.server.app import create_app
     from calibserve.server.config import ServerSettings
     from calibserve.server.metrics import ServerMetrics
@@ -53,10 +52,8 @@ def exported() -> set[str]:
         names |= {s.name for s in family.samples}
     registry = CollectorRegistry()
     ServerMetrics(registry)
+    RoutingMetrics(registry)
     collectors = [*registry._collector_to_names]  # noqa: SLF001 - the only list of collectors
-    collectors += [
-        v for v in vars(calibserve.routing.metrics).values() if isinstance(v, MetricWrapperBase)
-    ]
     for collector in collectors:
         for family in collector.collect():
             names |= sample_names(family.name, family.type)

@@ -8,8 +8,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from calibserve.routing import CircuitBreaker, CircuitState, RetryPolicy, parse_retry_after
+from calibserve.routing.identity import api_root, choose_model, model_ids, server_root
 from calibserve.routing.sse import iter_sse_data
-from calibserve.routing.upstream import api_root, relative_path
+from calibserve.routing.upstream import relative_path
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
@@ -92,7 +93,17 @@ def test_api_root_and_paths() -> None:
     assert api_root("http://h:1") == "http://h:1/v1"
     assert api_root("https://api.x.com/v1/") == "https://api.x.com/v1"
     assert api_root("https://x.com/openai/v2") == "https://x.com/openai/v2"
+    assert server_root("http://h:1/v1/") == server_root("http://h:1") == "http://h:1"
+    assert server_root("https://x.com/openai/v2") == "https://x.com/openai"
     assert relative_path("/v1/chat/completions") == relative_path("chat/completions")
+
+
+def test_model_discovery_rules() -> None:
+    listing = {"data": [{"id": "a"}, {"id": "b"}, {"object": "model"}, "junk"]}
+    assert model_ids(listing) == ["a", "b"] and model_ids({"data": {}}) == []
+    assert choose_model(["a", "b"], "b") == "b"
+    assert choose_model(["a"], "x") == "a" and choose_model(["a"]) == "a"
+    assert choose_model(["a", "b"], "x") is None and choose_model([]) is None
 
 
 @pytest.mark.anyio

@@ -166,3 +166,41 @@ async def test_budget_policy_escalates_about_its_rate() -> None:
         assert r.escalated == (r.primary_confidence < r.threshold)
         assert r.reason == ("budget" if r.escalated else None)
         assert r.served_by == ("e" if r.escalated else "p") and r.agreement in (None, True)
+
+
+async def test_injected_metrics_get_every_routing_series_and_the_default_none() -> None:
+    from calibserve.routing import RoutingMetrics
+
+    m = RoutingMetrics()
+
+    def own(fake: FakeUpstream, name: str) -> Tier:
+        up = Upstream(f"inj-{name}", "http://fake", retry=RetryPolicy(max_attempts=2,
+                      base_delay=0), transport=fake.transport(), metrics=m)
+        return Tier(name, up, Scorer.from_config(None))
+
+    def value(name: str, **labels: str) -> float:
+        return m.registry.get_sample_value(name, labels) or 0.0
+
+    route = Route("inj-r", [own(FakeUpstream([status(503), ok("B", 0.2)]), "p"),
+                            own(FakeUpstream([ok("B", 0.9)]), "e")], ThresholdPolicy(0.5))
+    router = Router([route], metrics=m)
+    res = await router.complete("inj-r", "chat", dict(CHAT))
+    assert res.escalated and res.agreement is True
+    stream_route = Route("inj-s", [own(FakeUpstream([status(503)] * 2), "sp"),
+                                   own(FakeUpstream([streaming([("C", 0.9)])]), "se")],
+                         ThresholdPolicy(0.5))
+    items = [i async for i in router.stream(stream_route, "chat", dict(CHAT, stream=True))]
+    assert items[-1].result.reason == "primary_failed"
+    assert value("calibserve_route_requests_total", route="inj-r") == 1
+    assert value("calibserve_route_requests_total", route="inj-s") == 1
+    assert value("calibserve_escalations_total", route="inj-r", reason="low_confidence",
+                 tier="e") == 1
+    assert value("calibserve_escalations_total", route="inj-s", reason="primary_failed",
+                 tier="se") == 1
+    assert value("calibserve_escalation_agreement_total", route="inj-r", agreed="true") == 1
+    assert value("calibserve_upstream_retries_total", upstream="inj-p") == 1
+    assert m.registry.get_sample_value("calibserve_circuit_state", {"upstream": "inj-p"}) == 0
+    for name, labels in [("calibserve_route_requests_total", {"route": "inj-r"}),
+                         ("calibserve_upstream_retries_total", {"upstream": "inj-p"}),
+                         ("calibserve_circuit_state", {"upstream": "inj-p"})]:
+        assert REGISTRY.get_sample_value(name, labels) is None

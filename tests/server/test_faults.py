@@ -265,3 +265,32 @@ def test_replicas_round_robin_and_fail_over(fake_upstream: FakeUpstream) -> None
             assert r.status_code == 200, r.text
     after = httpx.get(f"{fake_upstream.url}/fake/stats").json()["requests"]
     assert after - before >= 4
+
+
+def test_each_request_counted_once_under_its_outcome(
+    client: httpx.Client, fake_upstream: FakeUpstream
+) -> None:
+    def counts() -> dict[tuple[str, str], float]:
+        text = client.get("/metrics").text
+        return {(m, o): total(text, "calibserve_requests_total", model=m, outcome=o)
+                for m in ("", "fake")
+                for o in ("ok", "client_error", "upstream_error", "server_error")}
+
+    before = counts()
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    with client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+        assert r.status_code == 200 and "[DONE]" in r.read().decode()
+    assert client.post("/v1/chat/completions", content=b"{not json").status_code == 400
+    assert client.post("/v1/completions", json={"model": "nope", "prompt": "q"}).status_code == 404
+    assert client.get("/v1/chat/completions").status_code == 405  # not a request: not counted
+    assert client.post("/v1/chat/completions", content=b"x" * (65 * 1024),
+                       headers={"content-type": "application/json"}).status_code == 413
+    fake_upstream.mode("error400")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 400
+    fake_upstream.mode("error500")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 502
+    assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 502
+    after = counts()
+    delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    assert delta == {("fake", "ok"): 2, ("", "client_error"): 2, ("fake", "client_error"): 1,
+                     ("fake", "upstream_error"): 2}

@@ -136,3 +136,30 @@ def test_score_alternative_and_choice_index() -> None:
     assert out.confidence == 0.95 and out.correct and out.bin == 14
     recorder.record(FeedbackRequest(id=rid, correct=False))  # choice 0: its own feedback
     assert metrics.accumulator("m").count == 2
+
+
+def test_one_registry_holds_server_routing_and_process_series() -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client import REGISTRY
+
+    from calibserve.server.app import create_app
+    from calibserve.server.config import ServerSettings
+
+    def scrape(name: str) -> str:
+        settings = ServerSettings.model_validate({
+            "models": [{"name": name, "upstreams": ["http://127.0.0.1:9/v1"],
+                        "upstream_model": name}],
+            "signing_key": "test-only",
+        })
+        return TestClient(create_app(settings)).get("/metrics").text  # no lifespan
+
+    text, other = scrape("one-registry-a"), scrape("one-registry-b")
+    for family in ("calibserve_requests", "calibserve_route_requests",
+                   "calibserve_escalations", "calibserve_circuit_opens"):
+        assert len(re.findall(rf"^# TYPE {family}(_total)? counter$", text, re.M)) == 1, family
+    assert sample(text, "calibserve_circuit_state", upstream="one-registry-a") == 0
+    assert "process_cpu_seconds_total" in text and "python_info" in text
+    # Each app renders its own routing series, and none of them lands on the default registry.
+    assert 'upstream="one-registry-a"' not in other
+    assert REGISTRY.get_sample_value("calibserve_circuit_state",
+                                     {"upstream": "one-registry-a"}) is None

@@ -1,4 +1,7 @@
-"""Routing a streaming request through a route's stream mode (see streaming_mode.py).
+"""`StreamRun`: one streaming request routed through its route's stream mode (stream_mode.py).
+
+The rules are escalation.py's, with "asking a tier" meaning opening its stream and reading the
+first chunk (tier_stream.py); what differs is when the decision can be made (the mode).
 
 What the client receives in every mode: the chunks of exactly one tier, each choice's finish
 chunk carrying that tier's `confidence`, then (not sent) a final RoutedChunk with the result.
@@ -15,22 +18,29 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from calibserve.routing import metrics
 from calibserve.routing.agreement import answers_agree
-from calibserve.routing.errors import UpstreamClientError, UpstreamError
-from calibserve.routing.policy import Decision
+from calibserve.routing.escalation import (
+    escalate,
+    first_answer,
+    judge_primary,
+    record_agreement,
+)
+from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.result import RoutedChunk, RoutedResult
-from calibserve.routing.route import Route
+from calibserve.routing.route import Route, Tier
 from calibserve.routing.scoring import decision_score
-from calibserve.routing.streaming_mode import OFF
+from calibserve.routing.stream_mode import OFF
 from calibserve.routing.tier_stream import TierStream
 
 
 class StreamRun:
     """One streaming request. Use `run()` once."""
 
-    def __init__(self, route: Route, endpoint: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self, route: Route, endpoint: str, body: dict[str, Any], metrics: RoutingMetrics
+    ) -> None:
         self.route = route
+        self.metrics = metrics
         self.endpoint = endpoint
         self.body = body
         self.result = RoutedResult(route=route.name)
@@ -52,21 +62,13 @@ class StreamRun:
 
     async def _route(self) -> AsyncGenerator[RoutedChunk, None]:
         result = self.result
-        primary, first, index = await self._start()
-        if index > 0:
-            tier = primary.tier
-            result.served_by, result.escalated, result.reason = tier.name, True, "primary_failed"
-            metrics.ESCALATIONS.labels(
-                route=self.route.name, reason="primary_failed", tier=tier.name
-            ).inc()
+        (primary, first), _ = await first_answer(self.route, self._open_tier, result, self.metrics)
+        if result.escalated or self.mode.kind == "off":
+            # A fallback tier answering, or a mode that never escalates: stream it as it comes.
             async for item in self._drain(primary, [first]):
                 yield item
-            return
-        result.served_by = primary.tier.name
-        if self.mode.kind == "off":
-            async for item in self._drain(primary, [first]):
-                yield item
-            result.primary_confidence = result.confidence
+            if not result.escalated:
+                result.primary_confidence = result.confidence
             return
 
         held = [first]
@@ -78,27 +80,22 @@ class StreamRun:
         score = decision_score(
             [primary.state(i).score() for i in range(self.n) if i in primary.choices]
         )
-        result.primary_confidence = score
-        decision = self.route.policy.decide(0.0 if score is None else score)
-        result.threshold = decision.threshold
-        stronger = await self._escalate(decision) if decision.escalate else None
+        stronger = None
+        if judge_primary(self.route, score, result):
+            stronger = await escalate(self.route, self._open_tier, result, self.metrics)
         if stronger is None:
             # Not escalating (or every stronger tier failed): the primary's answer, held part first.
             async for item in self._drain(primary, held):
                 yield item
             return
-        other, other_first = stronger
+        (other, other_first), _ = stronger
         primary_complete = primary.ended or primary.finished(0)
         await primary.aclose()  # abandons the primary's generation upstream
         async for item in self._drain(other, [other_first]):
             yield item
-        result.agreement = answers_agree(
+        record_agreement(self.metrics, result, answers_agree(
             primary.text(0), other.text(0), primary_complete=primary_complete
-        )
-        if result.agreement is not None:
-            metrics.AGREEMENT.labels(
-                route=self.route.name, agreed=str(result.agreement).lower()
-            ).inc()
+        ))
 
     def _decidable(self, primary: TierStream) -> bool:
         """Enough of the primary's answer to decide on? buffer: all of it; prefix:N: N tokens."""
@@ -114,51 +111,14 @@ class StreamRun:
                 return False
         return True
 
-    async def _start(self) -> tuple[TierStream, dict[str, Any] | None, int]:
-        """The first tier that starts streaming (primary, else fallbacks in order)."""
-        first_error: UpstreamError | None = None
-        for index, tier in enumerate(self.route.tiers):
-            try:
-                stream, first = await TierStream.open(
-                    tier, self.endpoint, self.body, self.result, self.route.name
-                )
-            except UpstreamClientError:
-                if index == 0:
-                    raise
-                continue
-            except UpstreamError as exc:
-                if first_error is None:
-                    first_error = exc
-                    self.result.primary_error = str(exc)
-                continue
-            self._open.append(stream)
-            return stream, first, index
-        assert first_error is not None
-        raise first_error
-
-    async def _escalate(
-        self, decision: Decision
-    ) -> tuple[TierStream, dict[str, Any] | None] | None:
-        errors: list[str] = []
-        for tier in self.route.tiers[1:]:
-            try:
-                stream, first = await TierStream.open(
-                    tier, self.endpoint, self.body, self.result, self.route.name
-                )
-            except UpstreamError as exc:
-                errors.append(f"{tier.name}: {exc}")
-                metrics.ESCALATION_ERRORS.labels(route=self.route.name, tier=tier.name).inc()
-                continue
-            self._open.append(stream)
-            self.result.served_by, self.result.escalated = tier.name, True
-            self.result.reason = decision.reason
-            metrics.ESCALATIONS.labels(
-                route=self.route.name, reason=decision.reason or "low_confidence", tier=tier.name
-            ).inc()
-            return stream, first
-        self.result.reason = decision.reason
-        self.result.escalation_error = "; ".join(errors)
-        return None
+    async def _open_tier(self, tier: Tier) -> tuple[TierStream, dict[str, Any] | None]:
+        """Asking a tier: start its stream and read the first chunk (failures to start surface
+        here, while a fallback can still hide them from the client)."""
+        stream, first = await TierStream.open(
+            tier, self.endpoint, self.body, self.result, self.route.name
+        )
+        self._open.append(stream)
+        return stream, first
 
     async def _drain(
         self, stream: TierStream, held: list[dict[str, Any] | None]
