@@ -76,7 +76,7 @@ def normalize_token(token: str) -> str:
 
 
 def answer_confidence(
-    top: Mapping[str, float],
+    top: Mapping[str, float | None],
     chosen: str | None,
     options: Sequence[str] = DEFAULT_OPTIONS,
     temperature: float = 1.0,

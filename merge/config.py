@@ -202,7 +202,7 @@ class MergeConfig(BaseModel):
 def build_config(**kwargs: object) -> MergeConfig:
     """`MergeConfig(**kwargs)`, with pydantic's errors turned into `InvalidConfig(param=flag)`."""
     try:
-        return MergeConfig(**kwargs)
+        return MergeConfig.model_validate(kwargs)
     except InvalidConfig:
         raise
     except ValidationError as exc:

@@ -44,7 +44,7 @@ class RetryPolicy:
         """
         if attempt >= self.max_attempts:
             return None
-        backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * self.rng()
+        backoff = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)) * self.rng()
         if retry_after is None:
             return backoff
         if retry_after > self.max_retry_after:

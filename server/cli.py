@@ -137,10 +137,11 @@ def settings_from_cli(
         name = served_model_name or _dir_name(model)
         entry.update(name=name, model=model)
     else:
-        name = served_model_name or _discover_name(upstreams[0], upstream_api_key)
-        if not name:
+        discovered = served_model_name or _discover_name(upstreams[0], upstream_api_key)
+        if not discovered:
             raise typer.BadParameter("cannot learn the model name from the upstream's /v1/models;"
                                      " give --served-model-name", param_hint="--upstream")
+        name = discovered
         entry.update(name=name, upstreams=upstreams, api_key=upstream_api_key)
     entry["escalate_to"] = _with_calibration([
         _escalation_tier(t, i, upstream_api_key) for i, t in enumerate(_split(escalate_to))

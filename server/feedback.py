@@ -18,7 +18,8 @@ import threading
 from calibserve.calibration import bin_index
 from calibserve.server.errors import APIError
 from calibserve.server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
-from calibserve.server.metrics import N_BINS, ServerMetrics
+from calibserve.calibration import N_BINS
+from calibserve.server.metrics import ServerMetrics
 from calibserve.server.openai_schema import FeedbackRequest, FeedbackResponse
 
 

@@ -249,7 +249,7 @@ class Proxy:
             view.apply(choice)
             scores.append(float(conf["score"]))
             raws.append(float(conf["raw"]))
-            self.metrics.confidence.labels(model.name).observe(conf["score"])
+            self.metrics.confidence.labels(model.name).observe(scores[-1])
         return scores, raws
 
     @staticmethod
