@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from calibserve.calibration import bin_index
+from calibserve.calibration import N_BINS, bin_index
 from calibserve.server.errors import APIError
 from calibserve.server.ids import ForgedId, MalformedId, ReplayGuard, ResponseIdSigner
-from calibserve.calibration import N_BINS
 from calibserve.server.metrics import ServerMetrics
 from calibserve.server.openai_schema import FeedbackRequest, FeedbackResponse
 
