@@ -1,7 +1,7 @@
 """Proxy overhead: a fake upstream alone, calibserve in front of it, LiteLLM's proxy in front of it.
 
 All three run side by side in one run on this machine, against the same FAKE upstream
-(benchmarks/fake_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
+(tests/fakes/openai_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
 only the proxy. For each target it measures:
 
 - added latency: p50/p99 of sequential request latency (one request in flight), minus the
@@ -269,7 +269,7 @@ def main() -> None:
         print(msg, flush=True)
 
     try:
-        fake = start([sys.executable, str(REPO / "benchmarks" / "fake_upstream.py"),
+        fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
                       "--port", str(fake_port)], work / "fake.log")
         procs.append(fake)
         wait_http(fake_port, "/health", 20, fake)

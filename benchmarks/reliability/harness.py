@@ -70,11 +70,11 @@ def python() -> str:
 # --- the fake upstream --------------------------------------------------------------------------
 
 class FakeUpstream:
-    """benchmarks/reliability/fake_upstream_recording.py (a FAKE: canned answers) as a child."""
+    """tests/fakes/recording_upstream.py (a FAKE: canned answers) as a child."""
 
     def __init__(self, tokens: int = 8) -> None:
         self.proc = subprocess.Popen(
-            [python(), "-m", "benchmarks.reliability.fake_upstream_recording", "--port", "0",
+            [python(), "-m", "tests.fakes.recording_upstream", "--port", "0",
              "--model", FAKE_MODEL, "--tokens", str(tokens)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -39,11 +39,11 @@ def serve(settings: ServerSettings) -> Iterator[RunningServer]:
 
 
 class FakeUpstream:
-    """benchmarks/fake_upstream.py (canned answers, fault injection) in a subprocess."""
+    """tests/fakes/openai_upstream.py (canned answers, fault injection) in a subprocess."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "benchmarks" / "fake_upstream.py"), "--port", "0"],
+            [sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"), "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         assert self.proc.stdout is not None

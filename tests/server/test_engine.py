@@ -31,7 +31,7 @@ def fake_python(tmp_path: Path, body: str | None = None) -> str:
     """An executable that takes vLLM's command line and runs the fake upstream on its --port."""
     script = tmp_path / "fake-python"
     body = body or (
-        f'exec "{sys.executable}" "{REPO / "benchmarks" / "fake_upstream.py"}" '
+        f'exec "{sys.executable}" "{REPO / "tests" / "fakes" / "openai_upstream.py"}" '
         '--port "$PORT" --model "$NAME"'
     )
     script.write_text(

@@ -1,6 +1,6 @@
 """Bad input and upstream faults: OpenAI-shaped errors, right statuses, and serving goes on.
 
-The upstream here is benchmarks/fake_upstream.py (a fake with canned answers) because faults must
+The upstream here is tests/fakes/openai_upstream.py (a fake with canned answers) because faults must
 be injected on demand; behaviour against a real vLLM server is in test_integration.py.
 """
 

@@ -76,7 +76,7 @@ def test_sigterm_stops_the_managed_engine(tmp_path: Path) -> None:
     proc = start_server(["--config", str(settings)], port)
     ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
     engine_pids = [int(line.split()[0]) for line in ps.splitlines()
-                   if "fake_upstream.py" in line and str(proc.pid) in line.split()[1]]
+                   if "openai_upstream.py" in line and str(proc.pid) in line.split()[1]]
     assert engine_pids, ps
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) in (0, -signal.SIGTERM)

@@ -11,7 +11,7 @@ request: `ok` (default), `error500`, `error503`, `error400`, `garbage` (200 with
 `hang` (never answers), `drop` (closes the connection without answering), `drop_mid_stream`
 (streams two chunks, then closes), `slow` (waits delay_ms before answering).
 
-    python benchmarks/fake_upstream.py --port 18310 [--model fake-model] [--tokens 8]
+    python tests/fakes/openai_upstream.py --port 18310 [--model fake-model] [--tokens 8]
 """
 
 from __future__ import annotations
