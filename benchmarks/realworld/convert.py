@@ -2,8 +2,9 @@
 
 transformers dequantizes a GGUF on load (`gguf_file=`) but refuses `save_pretrained` on the
 loaded model, so the state dict is copied into a fresh `from_config` model whose config has no
-`quantization_config`, and that one is saved. The chat template comes from the GGUF metadata
-(`tokenizer.chat_template`) when transformers does not carry it over.
+`quantization_config`, and that one is saved. What transformers does not carry over from the
+GGUF metadata is set on the tokenizer before saving: the chat template
+(`tokenizer.chat_template`) and BOS/EOS insertion (`tokenizer.ggml.add_bos_token`, ...).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from benchmarks.realworld.errors import ConversionFailed
 
-__all__ = ["Converted", "convert_gguf", "gguf_chat_template"]
+__all__ = ["Converted", "convert_gguf", "gguf_tokenizer_metadata"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Converted:
     parameters: int
     vocab_size: int
     chat_template: str | None  # "tokenizer" (carried over), "gguf metadata" (set by us), None
+    add_bos_token: bool  # whether the saved tokenizer starts every encoding with BOS
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -38,6 +40,7 @@ class Converted:
             "parameters": self.parameters,
             "vocab_size": self.vocab_size,
             "chat_template": self.chat_template,
+            "add_bos_token": self.add_bos_token,
             "convert_seconds": round(self.seconds, 1),
         }
 
@@ -90,15 +93,55 @@ def _fast_quiet_gguf_loading() -> Iterator[None]:
         maps.clear()
 
 
-def gguf_chat_template(path: Path) -> str | None:
-    """The `tokenizer.chat_template` string of a GGUF file's metadata, if it has one."""
+def gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF metadata a converted tokenizer must honour: chat template, BOS/EOS insertion."""
     import gguf
 
-    field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")
-    if field is None:
-        return None
-    value = field.contents()
-    return value if isinstance(value, str) and value.strip() else None
+    fields = gguf.GGUFReader(path).fields
+    out: dict[str, Any] = {}
+    for key, name in (
+        ("tokenizer.chat_template", "chat_template"),
+        ("tokenizer.ggml.add_bos_token", "add_bos_token"),
+        ("tokenizer.ggml.add_eos_token", "add_eos_token"),
+    ):
+        field = fields.get(key)
+        if field is not None:
+            out[name] = field.contents()
+    template = out.get("chat_template")
+    if not (isinstance(template, str) and template.strip()):
+        out.pop("chat_template", None)
+    return out
+
+
+def _adds(tokenizer: Any, token_id: int | None, where: int) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return token_id is not None and len(ids) > 1 and ids[where] == token_id
+
+
+def _honour_metadata(tokenizer: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Set what transformers does not carry over from the GGUF (Gemma's GGUF asks for BOS, its
+    converted tokenizer would not add it; a base Gemma without BOS degenerates)."""
+    if tokenizer.chat_template:
+        template = "tokenizer"
+    elif "chat_template" in meta:
+        tokenizer.chat_template = meta["chat_template"]
+        template = "gguf metadata"
+    else:
+        template = None
+    for flag, token_id, where in (
+        ("add_bos_token", tokenizer.bos_token_id, 0),
+        ("add_eos_token", tokenizer.eos_token_id, -1),
+    ):
+        want = meta.get(flag)
+        if isinstance(want, bool) and _adds(tokenizer, token_id, where) != want:
+            setattr(tokenizer, flag, want)
+            if _adds(tokenizer, token_id, where) != want:
+                raise ConversionFailed(f"cannot set {flag}={want} on {type(tokenizer).__name__}")
+    return {
+        "chat_template": template,
+        "add_bos_token": _adds(tokenizer, tokenizer.bos_token_id, 0),
+        "add_eos_token": _adds(tokenizer, tokenizer.eos_token_id, -1),
+    }
 
 
 def _quiet_transformers() -> None:
@@ -131,12 +174,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Converted:
             )
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ConversionFailed(f"transformers cannot load {gguf_path}: {exc}") from exc
-        template_source: str | None = "tokenizer" if tokenizer.chat_template else None
-        if template_source is None:
-            template = gguf_chat_template(gguf_path)
-            if template is not None:
-                tokenizer.chat_template = template
-                template_source = "gguf metadata"
+        special = _honour_metadata(tokenizer, gguf_tokenizer_metadata(gguf_path))
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -160,6 +198,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> Converted:
         architecture=type(model).__name__,
         parameters=int(parameters),
         vocab_size=int(model.config.get_text_config().vocab_size),
-        chat_template=template_source,
+        chat_template=special["chat_template"],
+        add_bos_token=special["add_bos_token"],
         seconds=time.monotonic() - started,
     )

