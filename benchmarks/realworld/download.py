@@ -53,12 +53,10 @@ def sha256_file(path: Path) -> str:
 
 def check_file(path: Path, sha256: str, size: int, hint: str = "") -> None:
     """Raise `ChecksumMismatch` unless `path` has this size and sha256."""
+    actual = sha256_file(path)
     actual_size = path.stat().st_size
     if actual_size != size:
-        raise ChecksumMismatch(
-            path, sha256, f"(not computed: {actual_size:,} bytes, expected {size:,})", hint
-        )
-    actual = sha256_file(path)
+        actual = f"{actual} ({actual_size:,} bytes, expected {size:,})"
     if actual != sha256:
         raise ChecksumMismatch(path, sha256, actual, hint)
 

