@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks.realworld.errors import ConversionFailed
 
@@ -67,7 +67,7 @@ def _fast_quiet_gguf_loading() -> Iterator[None]:
     readers: dict[tuple[str, str], Any] = {}
     maps: dict[tuple[Any, int], Any] = {}
 
-    def shared_reader(path: os.PathLike[str] | str, mode: str = "r") -> Any:
+    def shared_reader(path: os.PathLike[str] | str, mode: Literal["r", "r+", "c"] = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
             readers[key] = reader_class(path, mode)

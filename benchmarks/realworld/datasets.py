@@ -160,18 +160,19 @@ def bigbench_short_items(task: Any) -> Cleaned:
         target = example.get("target") if isinstance(example, Mapping) else None
         targets = [target] if isinstance(target, str) else target
         cleaned = [_text(t) for t in targets] if isinstance(targets, list) else []
-        if question is None or not cleaned or None in cleaned:
+        names = [t for t in cleaned if t is not None]
+        if question is None or not names or len(names) != len(cleaned):
             out.malformed += 1
             continue
         if question in answers:
             known = answers[question]
-            if all(t in known for t in cleaned):
+            if all(t in known for t in names):
                 out.duplicates += 1
             else:
                 out.merged += 1
-            known.extend(t for t in cleaned if t not in known)
+            known.extend(t for t in dict.fromkeys(names) if t not in known)
         else:
-            answers[question] = list(dict.fromkeys(t for t in cleaned if t is not None))
+            answers[question] = list(dict.fromkeys(names))
     for question, names in answers.items():
         item: Item = {"question": question, "answer": names[0]}
         if len(names) > 1:

@@ -186,13 +186,13 @@ def read_members(archive: Path, members: Iterable[Member], into: Path) -> dict[s
     try:
         with tarfile.open(archive, "r|gz") as tf:
             for info in tf:
-                m = wanted.get(info.name)
-                if m is None or not info.isfile():
+                found = wanted.get(info.name)
+                if found is None or not info.isfile():
                     continue
                 src = tf.extractfile(info)
                 assert src is not None
-                out[m.path] = into / f"{len(out)}-{m.name}"
-                _copy_checked(src, out[m.path], m, archive)
+                out[found.path] = into / f"{len(out)}-{found.name}"
+                _copy_checked(src, out[found.path], found, archive)
                 if len(out) == len(wanted):
                     break  # the rest of a 358 MB archive need not be decompressed
     except (tarfile.TarError, EOFError, OSError) as exc:

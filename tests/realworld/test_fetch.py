@@ -10,6 +10,7 @@ import hashlib
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,7 +93,9 @@ def test_bigbench_short_answers_fold_repeats_into_aliases() -> None:
 
 
 def test_splits_are_seeded_disjoint_and_complete(tmp_path: Path) -> None:
-    items = [{"question": f"q{i}", "choices": ["a", "b"], "answer": i % 2} for i in range(101)]
+    items: list[dict[str, Any]] = [
+        {"question": f"q{i}", "choices": ["a", "b"], "answer": i % 2} for i in range(101)
+    ]
     a, b = split_items(items, seed=3), split_items(items, seed=3)
     assert a == b and a != split_items(items, seed=4)
     assert [len(a[s]) for s in SPLITS] == [20, 40, 41]

@@ -18,7 +18,13 @@ from typing import Any
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from openai.types.chat import ChatCompletionMessageParam
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from calibserve.calibration import Scorer, answer_confidence, normalize_token
 
@@ -43,13 +49,17 @@ def chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+def sdk_chat(prompt: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": prompt}]
+
+
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_dir: Path) -> torch.nn.Module:
+def model(smollm2_dir: Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
@@ -73,7 +83,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
 
 
 def hf_first_token_top(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, k: int = 20
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, k: int = 20
 ) -> dict[str, float]:
     """transformers' next-token top-k at the generation prompt, as raw vocabulary pieces."""
     ids = prompt_ids(tokenizer, prompt)
@@ -87,7 +97,7 @@ def hf_first_token_top(
 
 @pytest.fixture(scope="module")
 def hf_tops(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, questions: list[dict[str, Any]]
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[dict[str, Any]]
 ) -> list[dict[str, float]]:
     return [hf_first_token_top(model, tokenizer, user_prompt(item)) for item in questions]
 
@@ -96,7 +106,7 @@ def hf_tops(
 
 
 def test_checkpoint_loads_and_template_renders_chatml(
-    smollm2_dir: Path, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module
+    smollm2_dir: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 ) -> None:
     info = json.loads((smollm2_dir / "info.json").read_text())
     assert info["architecture"] == "LlamaForCausalLM" and info["vocab_size"] == 49152
@@ -126,12 +136,12 @@ def test_letters_are_byte_level_bpe_pieces(tokenizer: PreTrainedTokenizerBase) -
 
 
 def test_dequantized_weights_answer_sensibly(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     # Random or mis-mapped weights would not say Paris: the conversion kept the model.
     ids = prompt_ids(tokenizer, "What is the capital of France?")
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)  # type: ignore[operator]
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -159,7 +169,7 @@ def test_vllm_first_token_carries_option_letters(
     for item, hf_top in zip(questions, hf_tops, strict=True):
         prompt = user_prompt(item)
         resp = client.chat.completions.create(
-            model="smollm2", messages=chat(prompt),  # type: ignore[arg-type]
+            model="smollm2", messages=sdk_chat(prompt),
             max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
         )
         choice = resp.choices[0]
@@ -185,7 +195,8 @@ def test_vllm_first_token_carries_option_letters(
 @pytest.mark.vllm
 def test_vllm_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model="smollm2", messages=chat("What is the capital of France? Answer in one sentence."),
+        model="smollm2",
+        messages=sdk_chat("What is the capital of France? Answer in one sentence."),
         max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=5,
     )
     choice = resp.choices[0]
