@@ -1,0 +1,211 @@
+"""Real-tokenizer smoke test: SmolLM2-135M-Instruct (byte-level BPE, ChatML) from the registry.
+
+(a) the converted checkpoint loads in transformers, its chat template renders ChatML, and the
+option letters are vocabulary pieces ("A", "ĠA") that `normalize_token` reads as letters;
+(b) through a real vLLM CPU engine and the openai SDK, an MMLU question asked as a chat message
+gets a first token whose top_logprobs hold option letters, which `answer_confidence` and
+`Scorer` find; the option-letter confidence agrees with transformers' own next-token
+distribution read in raw BPE pieces; a free-form reply falls back to a free-form method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from openai.types.chat import ChatCompletionMessageParam
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from calibserve.calibration import Scorer, answer_confidence, normalize_token
+
+pytestmark = [pytest.mark.realworld, pytest.mark.slow]
+
+LETTERS = ("A", "B", "C", "D")
+# Prompts must fit the test engine's --max-model-len (256, tests/vllm_process.py) with room for
+# the reply; MMLU questions longer than this are skipped when picking test items.
+MAX_PROMPT_TOKENS = 200
+N_QUESTIONS = 3
+
+
+def user_prompt(item: dict[str, Any]) -> str:
+    """An MMLU item in a user's own words (not the demo's `format_mc_prompt`)."""
+    pairs = zip(LETTERS, item["choices"], strict=True)
+    options = "\n".join(f"{letter}. {text}" for letter, text in pairs)
+    return (f"{item['question']}\n\n{options}\n\n"
+            "Reply with the letter of the correct option (A, B, C or D).")
+
+
+def chat(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def sdk_chat(prompt: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": prompt}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def questions(mmlu_dir: Path, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    picked: list[dict[str, Any]] = []
+    with (mmlu_dir / "test.jsonl").open() as fh:
+        for line in fh:
+            item = json.loads(line)
+            if len(prompt_ids(tokenizer, user_prompt(item))[0]) <= MAX_PROMPT_TOKENS:
+                picked.append(item)
+            if len(picked) == N_QUESTIONS:
+                return picked
+    raise AssertionError("too few short MMLU test items")
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """The ids vLLM's chat endpoint feeds the model: the rendered template, no added specials."""
+    text = tokenizer.apply_chat_template(chat(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def hf_first_token_top(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, k: int = 20
+) -> dict[str, float]:
+    """transformers' next-token top-k at the generation prompt, as raw vocabulary pieces."""
+    ids = prompt_ids(tokenizer, prompt)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, -1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top = torch.topk(logprobs, k)
+    pieces = tokenizer.convert_ids_to_tokens(top.indices.tolist())
+    return dict(zip(pieces, top.values.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def hf_tops(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[dict[str, Any]]
+) -> list[dict[str, float]]:
+    return [hf_first_token_top(model, tokenizer, user_prompt(item)) for item in questions]
+
+
+# --- (a) the checkpoint, its template and its letter tokens ---------------------------------
+
+
+def test_checkpoint_loads_and_template_renders_chatml(
+    smollm2_dir: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
+) -> None:
+    info = json.loads((smollm2_dir / "info.json").read_text())
+    assert info["architecture"] == "LlamaForCausalLM" and info["vocab_size"] == 49152
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+    assert tokenizer.chat_template, "the converted tokenizer has no chat template"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids("<|im_end|>")) \
+        == "<|im_end|>"
+
+
+def test_letters_are_byte_level_bpe_pieces(tokenizer: PreTrainedTokenizerBase) -> None:
+    unk = tokenizer.unk_token_id
+    for letter in LETTERS:
+        for piece in (letter, "\u0120" + letter):  # "A" and "ĠA" (space-prefixed)
+            assert tokenizer.convert_tokens_to_ids(piece) not in (None, unk), piece
+            assert normalize_token(piece) == letter
+        assert tokenizer.decode(tokenizer.convert_tokens_to_ids(["\u0120" + letter])) \
+            == " " + letter
+
+
+def test_dequantized_weights_answer_sensibly(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # Random or mis-mapped weights would not say Paris: the conversion kept the model.
+    ids = prompt_ids(tokenizer, "What is the capital of France?")
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)  # type: ignore[operator]
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_option_letters_found_in_raw_bpe_top_logprobs(hf_tops: list[dict[str, float]]) -> None:
+    for top in hf_tops:
+        letters = {normalize_token(t) for t in top} & set(LETTERS)
+        assert len(letters) >= 2, f"option letters among raw top-20 pieces: {sorted(top)}"
+        p = answer_confidence(top, None)
+        assert 0.25 <= p <= 1.0  # the most likely of 4 options holds at least a quarter
+
+
+# --- (b) through vLLM and the openai SDK ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(smollm2_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused")
+
+
+@pytest.mark.vllm
+def test_vllm_first_token_carries_option_letters(
+    client: openai.OpenAI, questions: list[dict[str, Any]], hf_tops: list[dict[str, float]]
+) -> None:
+    scorer = Scorer(method="answer", options=LETTERS)
+    for item, hf_top in zip(questions, hf_tops, strict=True):
+        prompt = user_prompt(item)
+        resp = client.chat.completions.create(
+            model="smollm2", messages=sdk_chat(prompt),
+            max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
+        )
+        choice = resp.choices[0]
+        assert choice.logprobs is not None and choice.logprobs.content
+        first = choice.logprobs.content[0]
+        top = {alt.token: alt.logprob for alt in first.top_logprobs}
+        letters = {normalize_token(t) for t in top} & set(LETTERS)
+        assert len(letters) >= 2, f"option letters among vLLM's top-20: {sorted(top)}"
+
+        served = answer_confidence(top, None)
+        confidence = scorer.score_choice(choice.logprobs.model_dump())
+        assert confidence.method == "answer", "the option-letter method fell back"
+        assert 0.0 < confidence.raw <= 1.0 and 0.0 <= confidence.score <= 1.0
+        if normalize_token(first.token) in LETTERS:
+            # Greedy: a letter that was sampled is the most likely letter, i.e. the prediction.
+            assert math.isclose(confidence.raw, served, rel_tol=1e-9)
+
+        # Same distribution as transformers reads it in raw "ĠA"-style pieces (float32 both).
+        offline = answer_confidence(hf_top, None)
+        assert served == pytest.approx(offline, abs=0.02)
+
+
+@pytest.mark.vllm
+def test_vllm_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model="smollm2",
+        messages=sdk_chat("What is the capital of France? Answer in one sentence."),
+        max_tokens=16, temperature=0.0, logprobs=True, top_logprobs=5,
+    )
+    choice = resp.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    confidence = Scorer(method="answer", fallback="mean").score_choice(
+        choice.logprobs.model_dump()
+    )
+    if normalize_token(choice.logprobs.content[0].token) not in LETTERS:
+        assert confidence.method == "mean"
+    lps = [t.logprob for t in choice.logprobs.content]
+    assert confidence.raw == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-9)
+    assert 0.0 < confidence.raw <= 1.0
