@@ -17,7 +17,7 @@ test: lint
 
 # The inner loop: no engine, no demo-world build, nothing marked slow.
 test-fast: install
-	$(PY) -m pytest -m "not vllm and not demo and not slow"
+	$(PY) -m pytest -m "not vllm and not demo and not realworld and not slow"
 
 # ruff (with a complexity limit), strict mypy on the whole package, and the layer contract.
 lint: install

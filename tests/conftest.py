@@ -16,7 +16,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Tests that use these fixtures get the marker, so `-m "not demo and not vllm"` (make test-fast)
 # never builds the demo world or starts an engine, whichever test file the fixture is used in.
-FIXTURE_MARKERS = {"demo_dir": "demo", "merged_dir": "demo", "vllm_server": "vllm"}
+FIXTURE_MARKERS = {
+    "demo_dir": "demo",
+    "merged_dir": "demo",
+    "vllm_server": "vllm",
+    "smollm2_dir": "realworld",
+    "mmlu_dir": "realworld",
+    "smollm2_url": "realworld",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects

@@ -63,7 +63,8 @@ from benchmarks.realworld.sources import (  # noqa: E402
     SMOLLM2_GGUF,
     Member,
 )
-from calibserve.demo.cache import home, locked, place, staging, verify, write_manifest  # noqa: E402
+from calibserve.demo.cache import home, verify, write_manifest  # noqa: E402
+from calibserve.publish import exclusive, lock_path, publish_dir, staging  # noqa: E402
 
 __all__ = ["TARGETS", "GROUPS", "Target", "Built", "fetch", "default_out", "parse_only", "main"]
 
@@ -307,7 +308,7 @@ def fetch(
             bar.set_description(f"build {t.name}")
             dest = t.dest(out)
             digest = t.digest(seed)
-            with locked(dest):
+            with exclusive(lock_path(dest)):
                 if verify(dest, digest):  # another process built it meanwhile
                     results[t.name] = Built(t.name, dest, False, _read_info(dest))
                     continue
@@ -322,7 +323,7 @@ def fetch(
                     (tmp / INFO).write_text(json.dumps(info, indent=1) + "\n")
                     _readable(tmp)
                     write_manifest(tmp, digest, seed)
-                    place(tmp, dest)
+                    publish_dir(tmp, dest)
                 results[t.name] = Built(t.name, dest, True, info)
     return {t.name: results[t.name] for t in targets}
 

@@ -19,14 +19,8 @@ import pytest
 from tests.conftest import require
 from tests.vllm_process import VLLMProcess
 
-REALWORLD_FIXTURES = frozenset({"smollm2_dir", "mmlu_dir", "smollm2_url"})
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The fixture, not the file, decides: any test that asks for real models is a realworld test.
-    for item in items:
-        if REALWORLD_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.realworld)
+# tests/conftest.py's FIXTURE_MARKERS gives every test that uses these fixtures the `realworld`
+# marker: the fixture, not the file, decides.
 
 
 def _fetch(target: str) -> Path:
