@@ -219,7 +219,72 @@ def normalise(answer: Answer, via_proxy: bool, own_error: bool) -> dict[str, Any
     events = [[name, _clean(data)] for name, data in answer.events
               if not (via_proxy and _added_summary(data))]
     return {"status": answer.status, "content_type": answer.content_type,
-            "body": _clean(body), "events": events}
+            "body": _clean(body), "events": fold(events)}
+
+
+_CONCAT = ("content", "text", "reasoning_content")
+_LOGPROB_LISTS = ("content", "tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+def fold(events: list[list[Any]]) -> Any:  # noqa: C901 - one pass over both stream kinds
+    """A stream as what it says, not how it was cut into chunks.
+
+    vLLM coalesces tokens into fewer chunks when its output is read slowly, and interleaves
+    the chunks of n > 1 choices in no fixed order, so two identical generations can arrive cut
+    differently. Compared instead: each choice's concatenated text and logprobs and its last
+    value of every other field, every chunk-level field, the usage and the `[DONE]` end; for
+    Responses streams, each event type's events with the text deltas concatenated and
+    `sequence_number` (which counts the chunks) left out.
+    """
+    if not events:
+        return events
+    if any(name for name, _ in events):  # a Responses stream: named events
+        out: list[Any] = []
+        delta: dict[str, Any] | None = None
+        for name, data in events:
+            data = {k: v for k, v in data.items() if k != "sequence_number"} \
+                if isinstance(data, dict) else data
+            if name == "response.output_text.delta":
+                if delta is None:
+                    delta = {**data, "delta": "", "logprobs": []}
+                    out.append([name, delta])
+                delta["delta"] += data.get("delta") or ""
+                delta["logprobs"] += data.get("logprobs") or []
+            else:
+                out.append([name, data])
+        return out
+    choices: dict[int, dict[str, Any]] = {}
+    meta: dict[str, Any] = {}
+    tail: list[Any] = []
+    for _, data in events:
+        if not isinstance(data, dict):
+            tail.append(data)
+            continue
+        for key, value in data.items():
+            if key != "choices":
+                meta.setdefault(key, value)
+                if key == "usage" and value is not None:
+                    meta[key] = value
+        for choice in data.get("choices") or []:
+            idx = int(choice.get("index", 0))
+            state = choices.setdefault(idx, {"text": "", "logprobs": {}})
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else choice
+            for key in _CONCAT:
+                if isinstance(delta.get(key), str):
+                    state["text"] += delta[key]
+            for key, value in choice.items():
+                if key == "logprobs" and isinstance(value, dict):
+                    for lk in _LOGPROB_LISTS:
+                        if isinstance(value.get(lk), list):
+                            state["logprobs"].setdefault(lk, []).extend(value[lk])
+                elif key not in ("delta", "text", "index") and (
+                        value is not None or key not in state):
+                    state[key] = value
+            if isinstance(delta, dict) and delta is not choice:
+                for key, value in delta.items():
+                    if key not in _CONCAT and value is not None:
+                        state[f"delta.{key}"] = value
+    return {"choices": choices, "meta": meta, "tail": tail}
 
 
 def diff(a: Any, b: Any, path: str = "") -> list[str]:
