@@ -311,7 +311,8 @@ class FakeProtocol(asyncio.Protocol):
         item = {"id": "msg_fake", "content": [part], "role": "assistant",
                 "status": "completed", "type": "message"}
         resp = {"id": "resp_fake0000", "created_at": int(time.time()), "object": "response",
-                "model": req.get("model") or self.state.model, "output": [item], "status": "completed",
+                "model": req.get("model") or self.state.model,
+                "output": [item], "status": "completed",
                 "top_logprobs": k if want else None,
                 "usage": {"input_tokens": 12, "output_tokens": self.state.tokens,
                           "total_tokens": 12 + self.state.tokens}}
