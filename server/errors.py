@@ -1,10 +1,10 @@
 """OpenAI-shaped error responses and the exception handlers that produce them.
 
-Every error the server returns, whatever raised it, has the body
-`{"error": {"message", "type", "param", "code"}}` and a meaningful status, so OpenAI SDKs raise
-their usual exception classes (BadRequestError, NotFoundError, ...). Upstream failures map to
-502 (bad response), 503 (unavailable) and 504 (timeout); 4xx answers from the upstream pass through
-with their status and message. The handlers record a refused request's outcome; outcomes.py
+The one rule (docs/internals.md, HTTP fidelity): an error the engine produced (a 4xx) passes
+through with its status and body unchanged (proxy.py); every error calibserve raises itself has
+vLLM's shape, `{"error": {"message", "type", "param", "code"}}` with `code` the integer status and
+`type` vLLM's naming, so OpenAI SDKs raise their usual exception classes and a client cannot tell
+the two apart. Upstream failures map to 502 (bad response), 503 (unavailable), 504 (timeout). The handlers record a refused request's outcome; outcomes.py
 counts it.
 """
 
