@@ -4,8 +4,8 @@ The one rule (docs/internals.md, HTTP fidelity): an error the engine produced (a
 through with its status and body unchanged (proxy.py); every error calibserve raises itself has
 vLLM's shape, `{"error": {"message", "type", "param", "code"}}` with `code` the integer status and
 `type` vLLM's naming, so OpenAI SDKs raise their usual exception classes and a client cannot tell
-the two apart. Upstream failures map to 502 (bad response), 503 (unavailable), 504 (timeout). The handlers record a refused request's outcome; outcomes.py
-counts it.
+the two apart. Upstream failures map to 502 (bad response), 503 (unavailable), 504 (timeout).
+The handlers record a refused request's outcome; outcomes.py counts it.
 """
 
 from __future__ import annotations
