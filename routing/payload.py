@@ -1,4 +1,10 @@
-"""The request a tier's upstream receives: the client's body with model and logprobs forced."""
+"""The request a tier's upstream receives: the client's body with model and logprobs forced.
+
+The confidence needs the answer's logprobs (and a few alternatives for the `answer` method), so
+they are always requested; nothing more is. Where vLLM would derive the prompt's logprobs from
+the forced value (`echo` without `prompt_logprobs`), the prompt's are asked for explicitly at the
+client's own value, so the engine computes no more of them than the client wanted.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from typing import Any
 
 ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions"}
 MIN_TOP_LOGPROBS = 5
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the Responses API's `include` item
 
 
 def endpoint_path(endpoint: str) -> str:
@@ -15,11 +22,24 @@ def endpoint_path(endpoint: str) -> str:
         raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}") from None
 
 
+def client_prompt_logprobs(endpoint: str, body: dict[str, Any]) -> int | None:
+    """How many prompt-token alternatives vLLM would return for the client's own body.
+
+    vLLM's rule: `prompt_logprobs` when given, else with `echo` the answer's value (chat:
+    `top_logprobs`, default 0; completions: `logprobs`), else none (None).
+    """
+    if body.get("prompt_logprobs") is not None:
+        return int(body["prompt_logprobs"])
+    if not body.get("echo"):
+        return None
+    value = body.get("top_logprobs", 0) if endpoint == "chat" else body.get("logprobs")
+    return None if value is None else int(value)
+
+
 def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
     """Copy of `body` for one tier: its model name, logprobs always on, `stream` as asked.
 
-    Confidence needs logprobs (and a few alternatives for the `answer` method), so they are
-    requested whatever the client asked; the server strips them when the client did not ask.
+    The server strips the logprobs back to what the client asked for (server/proxy.py).
     """
     out = dict(body)
     out["model"] = model
@@ -31,7 +51,27 @@ def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool) 
         out["logprobs"] = max(MIN_TOP_LOGPROBS, int(body.get("logprobs") or 0))
     else:
         endpoint_path(endpoint)  # raises
+    if body.get("echo") and body.get("prompt_logprobs") is None:
+        wanted = client_prompt_logprobs(endpoint, body)
+        # vLLM refuses prompt_logprobs > 0 with stream: there the forced value stays and the
+        # server trims the prompt's alternatives back instead.
+        if wanted is None or wanted == 0 or not stream:
+            out["prompt_logprobs"] = 0 if wanted is None else wanted
     out["stream"] = stream
     if not stream:
         out.pop("stream_options", None)  # vLLM rejects stream_options without stream
+    return out
+
+
+def responses_body(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """Copy of a `/v1/responses` body for the upstream: its model name, output logprobs on."""
+    out = dict(body)
+    out["model"] = model
+    include = body.get("include")
+    include = list(include) if isinstance(include, list) else []
+    asked = int(body.get("top_logprobs") or 0) if OUTPUT_LOGPROBS in include else 0
+    if OUTPUT_LOGPROBS not in include:
+        include.append(OUTPUT_LOGPROBS)
+    out["include"] = include
+    out["top_logprobs"] = max(MIN_TOP_LOGPROBS, asked)
     return out

@@ -24,14 +24,20 @@ from calibserve.server.openai_schema import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
     ModelCard,
     ModelList,
+    ResponseObject,
+    ResponsesRequest,
+    TokenizeRequest,
 )
 from calibserve.server.outcomes import OutcomeCounter
+from calibserve.server.passthrough import Forwarder
 from calibserve.server.proxy import Proxy
+from calibserve.server.responses import ResponsesProxy
 from calibserve.server.runtime import ServerRuntime
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -89,6 +95,8 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
     """The calibserve app for `settings` (a ServerSettings); `runtime` to share a prebuilt one."""
     rt = runtime or ServerRuntime(settings)
     proxy = Proxy(rt)
+    forwarder = Forwarder(rt)
+    responses = ResponsesProxy(rt, forwarder)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -97,6 +105,7 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await forwarder.aclose()
             await rt.stop()
 
     app = FastAPI(
@@ -153,6 +162,8 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
     async def feedback(body: FeedbackRequest) -> FeedbackResponse:
         return rt.feedback.record(body)
 
+    _engine_routes(app, forwarder, responses, api_key)
+
     @app.get("/metrics", tags=["ops"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}})
     async def metrics() -> Response:
@@ -170,8 +181,44 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
         ok = rt.started and all(states.values())
         return JSONResponse({"ready": ok, "models": states}, status_code=200 if ok else 503)
 
+    # Last, so every route above wins: the rest of the engine's server, passed through as is.
+    app.add_api_route("/{path:path}", _engine_route(forwarder),
+                      methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                      dependencies=[Depends(api_key)], include_in_schema=False)
     app.openapi = lambda: _openapi(app, rt.settings.max_n)  # type: ignore[method-assign]
     return app
+
+
+def _engine_routes(app: FastAPI, forwarder: Forwarder, responses: ResponsesProxy,
+                   api_key: Any) -> None:
+    """The engine's routes beyond chat and completions: the Responses API (scored) and
+    tokenize / detokenize (passed through), in the OpenAPI document."""
+
+    @app.post("/v1/responses", dependencies=[Depends(api_key)], tags=["openai"],
+              response_model=ResponseObject, responses={**_STREAM_200, **_ERRORS},
+              description="The Responses API, served by the model's primary tier (scored, not "
+              "escalated), with `confidence` and `calibserve` (its `feedback_id` is the id for "
+              "/v1/feedback) on the response object. With `stream: true` the engine's events; "
+              "the terminal event's `response` carries them.")
+    async def create_response(request: Request, body: ResponsesRequest) -> Response:
+        return await responses.handle(request, body.model_dump(exclude_unset=True))
+
+    @app.post("/tokenize", dependencies=[Depends(api_key)], tags=["engine"],
+              responses=_ERRORS, description="Passed through to the engine unchanged.")
+    async def tokenize(request: Request, body: TokenizeRequest) -> Response:
+        return await forwarder.forward(request, "/tokenize")
+
+    @app.post("/detokenize", dependencies=[Depends(api_key)], tags=["engine"],
+              responses=_ERRORS, description="Passed through to the engine unchanged.")
+    async def detokenize(request: Request, body: DetokenizeRequest) -> Response:
+        return await forwarder.forward(request, "/detokenize")
+
+
+def _engine_route(forwarder: Forwarder) -> Any:
+    async def engine_route(request: Request, path: str) -> Response:
+        return await forwarder.forward(request, "/" + path)
+
+    return engine_route
 
 
 def _openapi(app: FastAPI, max_n: int) -> dict[str, Any]:

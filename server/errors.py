@@ -1,11 +1,11 @@
 """OpenAI-shaped error responses and the exception handlers that produce them.
 
-Every error the server returns, whatever raised it, has the body
-`{"error": {"message", "type", "param", "code"}}` and a meaningful status, so OpenAI SDKs raise
-their usual exception classes (BadRequestError, NotFoundError, ...). Upstream failures map to
-502 (bad response), 503 (unavailable) and 504 (timeout); 4xx answers from the upstream pass through
-with their status and message. The handlers record a refused request's outcome; outcomes.py
-counts it.
+The one rule (docs/internals.md, HTTP fidelity): an error the engine produced (a 4xx) passes
+through with its status and body unchanged (proxy.py); every error calibserve raises itself has
+vLLM's shape, `{"error": {"message", "type", "param", "code"}}` with `code` the integer status and
+`type` vLLM's naming, so OpenAI SDKs raise their usual exception classes and a client cannot tell
+the two apart. Upstream failures map to 502 (bad response), 503 (unavailable), 504 (timeout).
+The handlers record a refused request's outcome; outcomes.py counts it.
 """
 
 from __future__ import annotations
@@ -23,22 +23,25 @@ from calibserve.server.outcomes import outcome_of
 
 log = logging.getLogger("calibserve.server")
 
+# vLLM's names for its errors (the openai SDK's exception classes), so that an error calibserve
+# raises itself reads like the one vLLM would have raised.
 _TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "timeout_error",
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    409: "ConflictError",
+    413: "RequestEntityTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
 }
+VALIDATION_TYPE = "Bad Request"  # vLLM's type for a body that fails validation
 
 
 class APIError(Exception):
@@ -57,22 +60,24 @@ class APIError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else
-                                       "server_error")
+        self.type = type or _TYPES.get(status, "BadRequestError" if status < 500 else
+                                       "InternalServerError")
         self.param = param
-        self.code = code
+        # Why, for logs and tests; the body's `code` is the status, as vLLM's is.
+        self.reason = code
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        return error_body(self.message, self.type, self.param, self.status)
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None  # noqa: A002
+    message: str, type: str, param: str | None = None, code: int | None = None  # noqa: A002
 ) -> dict[str, Any]:
+    """OpenAI's error shape with vLLM's convention: `code` is the integer HTTP status."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -85,8 +90,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     if not errors:
         return "invalid request", None, "invalid_request"
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    loc = [str(p) for p in first.get("loc", ())]
+    param = ".".join(loc) or None  # vLLM's form: `body.max_tokens`
     if first.get("type") == "json_invalid":
         return f"We could not parse the JSON body of your request: {first.get('msg')}", None, (
             "invalid_json"
@@ -113,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # A body that fails validation is malformed feedback: count it like the ones the
             # feedback handler rejects itself, so abuse shows up in one metric.
             runtime.metrics.feedback.labels("", "malformed").inc()
-        return error_response(400, message, param=param, code=code)
+        return error_response(400, message, type=VALIDATION_TYPE, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

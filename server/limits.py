@@ -27,7 +27,7 @@ class BodySizeLimit:
     async def _reject(self, send: Send) -> None:
         body = json.dumps(error_body(
             f"request body is larger than the limit of {self.max_bytes} bytes",
-            "invalid_request_error", None, "request_too_large",
+            "RequestEntityTooLargeError", None, 413,
         )).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

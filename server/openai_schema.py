@@ -1,8 +1,9 @@
 """Request and response models of the OpenAI-compatible API, for validation and the OpenAPI doc.
 
-Requests are validated just enough to reject what is certainly wrong (wrong types, out-of-range
-parameters) with OpenAI-shaped 400s before anything reaches the upstream; every other field passes
-through untouched (`extra="allow"`), so vLLM's own extensions keep working. Responses are returned
+Requests are validated just enough for calibserve to read what it reads (types of the fields it
+uses) with OpenAI-shaped 400s; ranges and every other field are the engine's to judge and pass
+through untouched (`extra="allow"`), so vLLM's own extensions keep working and a request vLLM
+refuses gets vLLM's own error, unchanged. Responses are returned
 as the upstream's JSON plus calibserve's fields; their models here document that shape (including
 `confidence` and `calibserve`) for clients and for schema-driven fuzzing.
 """
@@ -33,12 +34,12 @@ class _SamplingParams(_Open):
     model: StrictStr = Field(..., min_length=1, description="a model name from /v1/models")
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(1, ge=1, description="choices to generate (bounded by the server)")
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    n: StrictInt | None = Field(1, description="choices to generate (bounded by the server)")
+    max_tokens: StrictInt | None = Field(None, description="0 with `echo` scores the prompt only")
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     user: StrictStr | None = None
@@ -51,8 +52,10 @@ class ChatCompletionRequest(_SamplingParams):
     logprobs: StrictBool | None = Field(
         False, description="return token logprobs (calibserve always computes them upstream)"
     )
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    top_logprobs: StrictInt | None = Field(None, description="vLLM's --max-logprobs bounds it")
+    prompt_logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
+    max_completion_tokens: StrictInt | None = None
 
 
 class CompletionRequest(_SamplingParams):
@@ -61,7 +64,8 @@ class CompletionRequest(_SamplingParams):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
         ..., description="text, texts, or token ids"
     )
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: StrictInt | None = Field(None, description="vLLM's --max-logprobs bounds it")
+    prompt_logprobs: StrictInt | None = None
     echo: StrictBool | None = None
     suffix: StrictStr | None = None
 
@@ -164,8 +168,44 @@ class ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: str | None = None
+    code: int | None = Field(None, description="the HTTP status, as vLLM's")
 
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# --- routes passed through to the engine (validated only as far as calibserve reads them) -----
+
+class ResponsesRequest(_Open):
+    """POST /v1/responses (the Responses API). Everything but `model`, `stream`, `include` and
+    `top_logprobs` is the engine's to judge and passes through unchanged."""
+
+    model: StrictStr | None = Field(None, description="a model name from /v1/models (default: "
+                                    "the first)")
+    input: StrictStr | list[dict[str, Any]] = Field(..., description="text or input items")
+    stream: StrictBool | None = False
+    include: list[StrictStr] | None = None
+    top_logprobs: StrictInt | None = None
+
+
+class ResponseObject(_Open):
+    id: str = Field(..., description="the engine's `resp_...` id (kept: previous_response_id and "
+                    "GET /v1/responses/{id} use it)")
+    object: Literal["response"] = "response"
+    output: list[dict[str, Any]]
+    confidence: ConfidenceModel
+    calibserve: CalibserveInfo
+
+
+class TokenizeRequest(_Open):
+    """POST /tokenize: `prompt` (text) or `messages` (chat), passed through to the engine."""
+
+    model: StrictStr | None = None
+
+
+class DetokenizeRequest(_Open):
+    """POST /detokenize: `tokens` (ids), passed through to the engine."""
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

@@ -29,6 +29,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from calibserve.routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
+from calibserve.routing.payload import client_prompt_logprobs
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
@@ -53,6 +54,14 @@ def reject_non_json_numbers(value: Any, path: str = "") -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             reject_non_json_numbers(item, f"{path}[{index}]")
+
+
+def upstream_rejection(exc: UpstreamClientError) -> Response:
+    """The upstream's own 4xx, status and body unchanged (vLLM's errors stay vLLM's)."""
+    if isinstance(exc.body, dict | list):
+        return JSONResponse(exc.body, status_code=exc.status_code)
+    return Response(str(exc.body or ""), status_code=exc.status_code,
+                    media_type="text/plain; charset=utf-8")
 
 
 def _engine_stopped(model: ModelRuntime) -> APIError:
@@ -82,9 +91,16 @@ class EventStream(StreamingResponse):
 
 
 class ClientView:
-    """What the client asked to see of the logprobs the router always requests."""
+    """What the client asked to see of the logprobs the router always requests.
 
-    __slots__ = ("endpoint", "want", "top")
+    Trimming follows vLLM's own construction, so the result is what vLLM returns for the
+    client's body: each position's alternatives are the sampled (or prompt) token first, then
+    the best others in rank order. Chat keeps the first `k`; completions keep the token plus
+    the others ranked within the best `k`; `prompt_logprobs` entries keep the token plus the
+    ones whose `rank` is within `k`.
+    """
+
+    __slots__ = ("endpoint", "want", "top", "prompt")
 
     def __init__(self, endpoint: str, body: dict[str, Any]) -> None:
         self.endpoint = endpoint
@@ -94,9 +110,12 @@ class ClientView:
         else:
             self.want = body.get("logprobs") is not None
             self.top = int(body.get("logprobs") or 0)
+        self.prompt = client_prompt_logprobs(endpoint, body)
 
     def apply(self, choice: dict[str, Any]) -> None:
         """Strip or trim one choice's (or one delta's) logprobs in place."""
+        if "prompt_logprobs" in choice:
+            self.apply_prompt(choice)
         logprobs = choice.get("logprobs")
         if not self.want:
             if logprobs is not None:
@@ -114,16 +133,44 @@ class ClientView:
         tops = logprobs.get("top_logprobs")
         if not isinstance(tops, list):
             return
-        tokens = logprobs.get("tokens") or []
         for i, top in enumerate(tops):
             if isinstance(top, dict) and len(top) > k:
-                # vLLM's completions top_logprobs: the k best plus the sampled token.
-                keep = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
-                sampled = tokens[i] if i < len(tokens) else None
-                kept = dict(keep)
-                if sampled in top and sampled not in kept:
-                    kept[sampled] = top[sampled]
-                tops[i] = {t: lp for t, lp in top.items() if t in kept}
+                tops[i] = _trim_ranked(top, k)
+
+    def apply_prompt(self, holder: dict[str, Any]) -> None:
+        """`prompt_logprobs` of a completions choice or a chat response, as the client asked."""
+        entries = holder.get("prompt_logprobs")
+        if entries is None:
+            return
+        if self.prompt is None:
+            holder["prompt_logprobs"] = None
+            return
+        k = self.prompt
+        if k < 0 or not isinstance(entries, list):
+            return
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict) and len(entry) > 1:
+                items = list(entry.items())
+                entries[i] = dict(items[:1] + [
+                    (tid, lp) for tid, lp in items[1:]
+                    if isinstance(lp, dict) and int(lp.get("rank") or 0) <= k
+                ])
+
+
+def _trim_ranked(top: dict[str, float], k: int) -> dict[str, float]:
+    """A completions position's alternatives cut from a larger request to `k`.
+
+    vLLM's dict is the position's own token first, then the best others by rank; for `k` it is
+    that token plus the others ranked within the best k (so k entries when the token is itself
+    among the best k, else k + 1). The token's rank is one more than the others above it.
+    """
+    items = list(top.items())
+    if not items:
+        return top
+    own = items[0][1]
+    rank = 1 + sum(1 for _, lp in items[1:] if lp > own)
+    others = k - 1 if rank <= k else k
+    return dict(items[: 1 + max(0, others)])
 
 
 def _dumps(obj: Any) -> str:
@@ -147,8 +194,8 @@ class Proxy:
     def lookup(self, name: str) -> ModelRuntime:
         model = self.rt.models.get(name)
         if model is None:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model",
-                           code="model_not_found")
+            raise APIError(404, f"The model `{name}` does not exist. Valid aliases: "
+                           f"{', '.join(self.rt.models)}.", param="model", code="model_not_found")
         return model
 
     async def handle(self, request: Request, endpoint: str, body: dict[str, Any]) -> Response:
@@ -174,13 +221,7 @@ class Proxy:
         """No tier could answer: an upstream 4xx passes through, anything else is 502/503/504."""
         if isinstance(exc, UpstreamClientError):
             outcome.record(model, "client_error")
-            err = exc.body.get("error") if isinstance(exc.body, dict) else None
-            if isinstance(err, dict):
-                return APIError(exc.status_code, str(err.get("message") or exc.message),
-                                type=err.get("type") or None, param=err.get("param"),
-                                code=str(err["code"]) if err.get("code") is not None else None
-                                ).response()
-            return APIError(exc.status_code, exc.message, code="upstream_rejected").response()
+            return upstream_rejection(exc)
         outcome.record(model, "upstream_error")
         self.metrics.upstream_errors.labels(exc.upstream or model, exc.kind).inc()
         headers = None
@@ -286,6 +327,7 @@ class Proxy:
         answer = result.body or {}
         choices = answer.get("choices") or []
         scores, raws = self._finish_choices(model, choices, view)
+        view.apply_prompt(answer)  # chat: the prompt's logprobs are the response's
         answer["id"] = self.rt.signer.issue(
             PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws
         )
@@ -379,11 +421,12 @@ class Proxy:
             kind = "upstream_error"
             self.metrics.upstream_errors.labels(exc.upstream or model.name, exc.kind).inc()
             # vLLM's way to fail an open stream: an error event, then [DONE].
-            yield f"data: {_dumps(error_body(str(exc), 'upstream_error', None, exc.kind))}\n\n"
+            yield f"data: {_dumps(error_body(str(exc), 'BadGatewayError', None, 502))}\n\n"
         except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
             kind = "server_error"
             log.exception("error while streaming: %s", exc)
-            yield f"data: {_dumps(error_body('internal server error', 'server_error'))}\n\n"
+            body = error_body("internal server error", "InternalServerError", None, 500)
+            yield f"data: {_dumps(body)}\n\n"
         finally:
             await items.aclose()  # on client disconnect too: cancels the upstream generation
             outcome.record(model.name, kind)

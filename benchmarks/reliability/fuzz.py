@@ -52,7 +52,10 @@ from benchmarks.reliability.harness import (
 WEIGHTS: dict[tuple[str, str], float] = {
     ("POST", "/v1/chat/completions"): 0.34,
     ("POST", "/v1/completions"): 0.28,
-    ("POST", "/v1/feedback"): 0.24,
+    ("POST", "/v1/feedback"): 0.18,
+    ("POST", "/v1/responses"): 0.06,
+    ("POST", "/tokenize"): 0.02,
+    ("POST", "/detokenize"): 0.02,
     ("GET", "/v1/models/{model}"): 0.06,
     ("GET", "/v1/models"): 0.02,
     ("GET", "/health"): 0.02,

@@ -255,6 +255,9 @@ def attack_huge_asks(url: str, max_n: int) -> list[Verdict]:
         ("top_logprobs = 10**6", chat_body(logprobs=True, top_logprobs=10**6), (400,)),
         ("completions logprobs = 10**6",
          {"model": FAKE_MODEL, "prompt": "x", "logprobs": 10**6}, (400,)),
+        ("responses top_logprobs = 10**6",
+         {"model": FAKE_MODEL, "input": "x", "top_logprobs": 10**6,
+          "include": ["message.output_text.logprobs"]}, (400,)),
         ("100k messages (about 3 MB)",
          {**chat_body(), "messages": [{"role": "user", "content": "hi"}] * 100_000}, (200, 400)),
         ("prompt of 500k token ids",
@@ -264,7 +267,8 @@ def attack_huge_asks(url: str, max_n: int) -> list[Verdict]:
     out: list[Verdict] = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for name, body, allowed in cases:
-            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+            path = ("/v1/completions" if "prompt" in body else "/v1/responses" if "input" in body
+                    else "/v1/chat/completions")
             with Prober(url) as prober:
                 t0 = time.perf_counter()
                 r = client.post(path, json=body)

@@ -162,6 +162,26 @@ def _response(status: int, body: bytes, content_type: bytes = b"application/json
             % (status, reason, content_type, len(body), extra) + body)
 
 
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+
+
+def _refusal(endpoint: str, req: dict[str, Any]) -> str | None:
+    """What vLLM would refuse before generating (calibserve leaves ranges to the engine)."""
+    top = req.get("top_logprobs") if endpoint == "chat" else req.get("logprobs")
+    for name, value in (("logprobs", top), ("prompt_logprobs", req.get("prompt_logprobs"))):
+        if value is not None and (not isinstance(value, int) or value > MAX_LOGPROBS
+                                  or value < -1):
+            return f"{name}={value!r} is out of range"
+    n = req.get("n")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        return f"n must be at least 1, got {n!r}."
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = req.get(key)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            return f"{key} must be at least 0, got {value!r}."
+    return None
+
+
 def _error(status: int, message: str) -> bytes:
     return _response(status, json.dumps({"error": {"message": message, "type": "FakeError",
                                                    "param": None, "code": status}}).encode())
@@ -245,7 +265,9 @@ class FakeProtocol(asyncio.Protocol):
         return _error(404, "not found")
 
     def _serve(self, path: str, raw: bytes) -> bytes | list[bytes]:
-        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(path)
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                    "/v1/responses": "responses", "/tokenize": "tokenize",
+                    "/detokenize": "detokenize"}.get(path)
         if endpoint is None:
             return self._control(b"GET", path, raw)
         try:
@@ -254,6 +276,11 @@ class FakeProtocol(asyncio.Protocol):
             return _error(400, "invalid JSON")
         if not isinstance(req, dict):
             return _error(400, "body must be an object")
+        if endpoint in ("responses", "tokenize", "detokenize"):
+            return self._other(endpoint, req)
+        refused = _refusal(endpoint, req)
+        if refused is not None:
+            return _error(400, refused)
         if req.get("stream"):
             events = self.state.stream_events(endpoint, req)
             head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -261,6 +288,48 @@ class FakeProtocol(asyncio.Protocol):
             parts = [head] + [b"%x\r\n%s\r\n" % (len(e), e) for e in events] + [b"0\r\n\r\n"]
             return parts
         return _response(200, self.state.answer(endpoint, req))
+
+    def _other(self, endpoint: str, req: dict[str, Any]) -> bytes | list[bytes]:
+        """The Responses API and tokenize/detokenize, canned like the rest."""
+        if endpoint == "tokenize":
+            return _response(200, json.dumps({"count": 3, "max_model_len": 256,
+                                              "tokens": [1, 2, 3], "token_strs": None}).encode())
+        if endpoint == "detokenize":
+            return _response(200, json.dumps({"prompt": "t1 t2 t3"}).encode())
+        top = req.get("top_logprobs")
+        if top is not None and (not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+            return _error(400, f"top_logprobs={top!r} is out of range")
+        include = req.get("include") if isinstance(req.get("include"), list) else []
+        want = "message.output_text.logprobs" in include
+        k = int(top or 0)
+        entries = ([{k2: v for k2, v in self.state._chat_entry(i, k + 1).items()}
+                    for i in range(self.state.tokens)] if want else None)
+        for entry in entries or []:
+            entry["top_logprobs"] = entry["top_logprobs"][:k]
+        text = "".join(self.state._text())
+        part = {"annotations": [], "text": text, "type": "output_text", "logprobs": entries}
+        item = {"id": "msg_fake", "content": [part], "role": "assistant",
+                "status": "completed", "type": "message"}
+        resp = {"id": "resp_fake0000", "created_at": int(time.time()), "object": "response",
+                "model": req.get("model") or self.state.model,
+                "output": [item], "status": "completed",
+                "top_logprobs": k if want else None,
+                "usage": {"input_tokens": 12, "output_tokens": self.state.tokens,
+                          "total_tokens": 12 + self.state.tokens}}
+        if not req.get("stream"):
+            return _response(200, json.dumps(resp).encode())
+        events = [("response.created", {"response": {**resp, "output": [],
+                                                     "status": "in_progress"}}),
+                  ("response.output_text.delta", {"delta": text, "item_id": "msg_fake",
+                                                  "output_index": 0, "content_index": 0,
+                                                  "logprobs": entries or []}),
+                  ("response.completed", {"response": resp})]
+        body = [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(
+            {**data, "sequence_number": i, "type": name}).encode())
+            for i, (name, data) in enumerate(events)]
+        head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n")
+        return [head] + [b"%x\r\n%s\r\n" % (len(e), e) for e in body] + [b"0\r\n\r\n"]
 
     async def _faulty(self, path: str, raw: bytes, mode: str) -> None:
         if mode == "slow":
