@@ -171,8 +171,9 @@ class ModelRuntime:
             if self.primary.calibration is None:
                 raise ValueError(f"model {s.name!r}: threshold auto needs a calibration.json; "
                                  "give --threshold FLOAT")
-            return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy)
-        return ThresholdPolicy(float(s.threshold))
+            return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy,
+                                        uncalibrated=s.uncalibrated)
+        return ThresholdPolicy(float(s.threshold), uncalibrated=s.uncalibrated)
 
     @property
     def fast_fail(self) -> bool:

@@ -332,3 +332,56 @@ def test_merged_model_serves_answer_confidence(
             assert conf["method"] == cal.multiple_choice == expected.method
             assert conf["score"] == expected.score and conf["raw"] == expected.raw
             assert conf["calibrated"] is expected.calibrated is True  # answer's own map
+
+
+def test_merged_model_serves_verify_confidence_on_free_form_chat(
+    merged_dir: Path, vllm_server: Callable[[Path, str], str], tmp_path: Path
+) -> None:
+    """A document with `free_form: "verify"`: a free-form chat reply gets a `verify`
+    confidence, computed from one extra max_tokens-1 request to the same engine, which the
+    client never sees (no logprobs asked: none returned, one choice, its own text)."""
+    model_dir = merged_dir / "model"
+    doc = CalibrationDocument.load(model_dir)
+    methods = {**doc.methods, "verify": calibration.MethodCalibration()}
+    cal_path = doc.model_copy(update={"methods": methods, "free_form": "verify"}).write(
+        tmp_path / "calibration.json")
+    url = vllm_server(model_dir, "merged")
+    settings = ServerSettings.model_validate({
+        "signing_key": "merged-verify",
+        "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged",
+                    "calibration": str(cal_path)}],
+    })
+    with serve(settings) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        resp = client.chat.completions.create(
+            model="merged", messages=[{"role": "user", "content": "hello"}],
+            temperature=0, max_tokens=12)
+        (choice,) = resp.choices
+        conf = choice.model_extra["confidence"]
+        assert choice.logprobs is None and choice.message.content
+        assert conf["calibrated"] is False  # neither verify nor mean has a map of its own here
+        metrics = httpx.get(f"{running.url}/metrics").text
+        # The verify request was sent (and answered) whatever the verdict. A tokenizer with
+        # yes/no tokens gives a verdict (`verify`); the demo's vocabulary (335 tokens) has none
+        # today, so no verdict is possible and the reply is served, labelled, as `mean`.
+        if _has_yes_no(model_dir):
+            assert conf["method"] == "verify", conf
+            outcome = "ok"
+        else:
+            assert conf["method"] == "mean", conf
+            outcome = "no_verdict"
+        assert sample(metrics, "calibserve_confidence_requests_total", route="merged",
+                      method="verify", outcome=outcome) == 1.0, metrics
+        assert 0.0 <= conf["score"] == conf["raw"] <= 1.0
+        streamed = client.chat.completions.create(
+            model="merged", messages=[{"role": "user", "content": "hello"}],
+            temperature=0, max_tokens=12, stream=True)
+        finals = [c.choices[0].model_extra.get("confidence") for c in streamed
+                  if c.choices and c.choices[0].finish_reason]
+        assert finals == [conf]
+
+
+def _has_yes_no(model_dir: Path) -> bool:
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    words = {calibration.normalize_token(t).lower() for t in vocab}
+    return bool(words & {"yes", "true"}) and bool(words & {"no", "false"})
