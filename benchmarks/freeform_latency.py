@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.reliability.harness import InProcessServer  # noqa: E402
-from calibserve.calibration import CalibrationDocument, MethodCalibration  # noqa: E402
+from calibserve.calibration import CalibrationDocument  # noqa: E402
 from calibserve.server.config import ServerSettings  # noqa: E402
 from tests.vllm_process import VLLMProcess  # noqa: E402
 
@@ -47,11 +47,15 @@ def prompts(data: Path, limit: int) -> list[str]:
 
 
 def document(model_dir: Path, free_form: str, out: Path) -> Path:
-    doc = CalibrationDocument.load(model_dir)
-    methods = dict(doc.methods)
-    methods.setdefault(free_form, MethodCalibration())
-    doc = doc.model_copy(update={"methods": methods, "free_form": free_form})
-    CalibrationDocument.from_dict(doc.to_dict())  # validates
+    """The merged model's `answer` entry (its map and thresholds) plus `free_form` with no map
+    of its own. Read as plain JSON: a cached merge may carry fit fields of a newer writer."""
+    data = json.loads((model_dir / "calibration.json").read_text())
+    answer = data["methods"]["answer"]
+    methods = {"answer": {k: answer[k] for k in ("params", "calibrator", "thresholds")
+                          if k in answer},
+               "mean": {}, free_form: {}}
+    doc = CalibrationDocument.from_dict({"version": 2, "methods": methods,
+                                         "multiple_choice": "answer", "free_form": free_form})
     return doc.write(out)
 
 
