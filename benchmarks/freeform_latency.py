@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.reliability.harness import InProcessServer  # noqa: E402
 from calibserve.calibration import CalibrationDocument  # noqa: E402
 from calibserve.server.config import ServerSettings  # noqa: E402
+from tests import vllm_process  # noqa: E402
 from tests.vllm_process import VLLMProcess  # noqa: E402
 
 
@@ -64,10 +66,61 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def request(endpoint: str, text: str, max_tokens: int) -> tuple[str, dict[str, object]]:
+    """Chat: the text as a plain user message (the demo template then asks for an answer);
+    completions: the raw text as the prompt, continued as free text (no template)."""
+    if endpoint == "chat":
+        return "/v1/chat/completions", {"model": "merged", "max_tokens": max_tokens,
+                                        "temperature": 0,
+                                        "messages": [{"role": "user", "content": text}]}
+    return "/v1/completions", {"model": "merged", "max_tokens": max_tokens, "temperature": 0,
+                               "prompt": text}
+
+
+def measure(client: httpx.Client, servers: dict[str, InProcessServer], endpoint: str,
+            texts: list[str], max_tokens: int) -> None:
+    lat: dict[str, list[float]] = {"mean": [], "verify": []}
+    free_lat: dict[str, list[float]] = {"mean": [], "verify": []}
+    verified = 0
+    for warm in texts[:4]:  # warm both paths (and vLLM's caches) before measuring
+        for server in servers.values():
+            path, body = request(endpoint, warm, max_tokens)
+            client.post(server.url + path, json=body)
+    for text in texts:
+        path, body = request(endpoint, text, max_tokens)
+        methods: dict[str, str] = {}
+        for method, server in servers.items():
+            started = time.perf_counter()
+            r = client.post(server.url + path, json=body)
+            elapsed = time.perf_counter() - started
+            r.raise_for_status()
+            lat[method].append(elapsed)
+            methods[method] = r.json()["choices"][0]["confidence"]["method"]
+        if methods["mean"] != "answer":  # a free-form reply (the same greedy reply in both)
+            for method in servers:
+                free_lat[method].append(lat[method][-1])
+            verified += methods["verify"] == "verify"
+    for label, data in ((f"{endpoint}: all requests", lat),
+                        (f"{endpoint}: free-form replies", free_lat)):
+        if not data["mean"]:
+            print(f"{label:32} {0:>4}")
+            continue
+        m50, v50 = statistics.median(data["mean"]), statistics.median(data["verify"])
+        mavg, vavg = statistics.fmean(data["mean"]), statistics.fmean(data["verify"])
+        m90, v90 = percentile(data["mean"], 0.9), percentile(data["verify"], 0.9)
+        print(f"{label:32} {len(data['mean']):>4} {m50 * 1e3:>7.1f}ms {v50 * 1e3:>8.1f}ms "
+              f"{v50 / m50:>6.2f} {mavg * 1e3:>7.1f}ms {vavg * 1e3:>8.1f}ms {vavg / mavg:>6.2f} "
+              f"{v90 / m90:>9.2f}")
+    print(f"{endpoint}: free-form replies that got a verify request: {len(free_lat['verify'])}; "
+          f"with a yes/no verdict (method verify): {verified}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--start-timeout", type=float, default=1500.0,
+                        help="seconds to wait for vLLM (a shared 2-core machine is slow)")
     args = parser.parse_args()
 
     from calibserve.demo import build_world
@@ -76,6 +129,7 @@ def main() -> None:
     world = build_world()
     model_dir = merge_demo(world) / "model"
     tmp = Path(tempfile.mkdtemp(prefix="freeform-latency-"))
+    vllm_process.START_TIMEOUT_S = max(vllm_process.START_TIMEOUT_S, args.start_timeout)
     engine = VLLMProcess(model_dir, "merged", tmp)
     engine.start()
     servers: dict[str, InProcessServer] = {}
@@ -89,49 +143,16 @@ def main() -> None:
                     "calibration": str(cal)}]})
             servers[method] = InProcessServer(settings)
         texts = prompts(world / "data", args.requests)
-        lat: dict[str, list[float]] = {"mean": [], "verify": []}
-        free_lat: dict[str, list[float]] = {"mean": [], "verify": []}
-        verified = 0
-        with httpx.Client(timeout=120) as client:
-            for warm in texts[:4]:  # compile / warm both paths
-                for server in servers.values():
-                    client.post(f"{server.url}/v1/chat/completions", json={
-                        "model": "merged", "messages": [{"role": "user", "content": warm}],
-                        "max_tokens": args.max_tokens, "temperature": 0})
-            for text in texts:
-                body = {"model": "merged", "messages": [{"role": "user", "content": text}],
-                        "max_tokens": args.max_tokens, "temperature": 0}
-                methods: dict[str, str] = {}
-                for method, server in servers.items():
-                    started = time.perf_counter()
-                    r = client.post(f"{server.url}/v1/chat/completions", json=body)
-                    elapsed = time.perf_counter() - started
-                    r.raise_for_status()
-                    lat[method].append(elapsed)
-                    methods[method] = r.json()["choices"][0]["confidence"]["method"]
-                if methods["mean"] != "answer":  # a free-form reply (the same greedy reply)
-                    for method in servers:
-                        free_lat[method].append(lat[method][-1])
-                    verified += methods["verify"] == "verify"
-        rows = []
-        for label, data in (("all requests", lat), ("free-form replies", free_lat)):
-            if not data["mean"]:
-                continue
-            m50, v50 = statistics.median(data["mean"]), statistics.median(data["verify"])
-            mavg, vavg = statistics.fmean(data["mean"]), statistics.fmean(data["verify"])
-            m90, v90 = percentile(data["mean"], 0.9), percentile(data["verify"], 0.9)
-            rows.append((label, len(data["mean"]), m50, v50, mavg, vavg, m90, v90))
         print(f"machine: {platform.machine()} {platform.processor() or ''} "
-              f"{platform.system()} {platform.release()}; python {platform.python_version()}; "
-              f"date {time.strftime('%Y-%m-%d')}")
-        print(f"requests: {len(texts)} sequential, max_tokens {args.max_tokens}, temperature 0; "
-              f"free-form replies: {len(free_lat['mean'])}, of which verified: {verified}")
-        print(f"{'':20} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
+              f"{platform.system()} {platform.release()}, {os.cpu_count()} cores (shared); "
+              f"python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}")
+        print(f"requests: {len(texts)} per endpoint, sequential, max_tokens {args.max_tokens}, "
+              "temperature 0")
+        print(f"{'':32} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
               f"{'avg mean':>9} {'avg verify':>10} {'ratio':>6} {'p90 ratio':>9}")
-        for label, n, m50, v50, mavg, vavg, m90, v90 in rows:
-            print(f"{label:20} {n:>4} {m50 * 1e3:>7.1f}ms {v50 * 1e3:>8.1f}ms {v50 / m50:>6.2f} "
-                  f"{mavg * 1e3:>7.1f}ms {vavg * 1e3:>8.1f}ms {vavg / mavg:>6.2f} "
-                  f"{v90 / m90:>9.2f}")
+        with httpx.Client(timeout=120) as client:
+            for endpoint in ("chat", "completions"):
+                measure(client, servers, endpoint, texts, args.max_tokens)
         stats = httpx.get(f"{servers['verify'].url}/metrics").text
         for line in stats.splitlines():
             if line.startswith("calibserve_confidence_requests_total{"):
