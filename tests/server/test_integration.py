@@ -334,12 +334,16 @@ def test_merged_model_serves_answer_confidence(
             assert conf["calibrated"] is expected.calibrated is True  # answer's own map
 
 
-def test_merged_model_serves_verify_confidence_on_free_form_chat(
+def test_merged_model_serves_verify_confidence_on_free_form_replies(
     merged_dir: Path, vllm_server: Callable[[Path, str], str], tmp_path: Path
 ) -> None:
-    """A document with `free_form: "verify"`: a free-form chat reply gets a `verify`
-    confidence, computed from one extra max_tokens-1 request to the same engine, which the
-    client never sees (no logprobs asked: none returned, one choice, its own text)."""
+    """A document with `free_form: "verify"`: a free-form reply gets its confidence from one
+    extra max_tokens-1 request to the same engine, which the client never sees; option-letter
+    replies keep `answer` and cost no extra request.
+
+    Through the demo chat template (`... answer :`) the merged model answers even "hello" with
+    an option letter, so the free-form replies here come from the completions endpoint (a raw
+    prompt, continued as free text)."""
     model_dir = merged_dir / "model"
     data = json.loads((model_dir / "calibration.json").read_text())
     answer = {k: v for k, v in data["methods"]["answer"].items()
@@ -353,14 +357,26 @@ def test_merged_model_serves_verify_confidence_on_free_form_chat(
         "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged",
                     "calibration": str(cal_path)}],
     })
+
+    def verify_requests(running: RunningServer) -> float:
+        text = httpx.get(f"{running.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("calibserve_confidence_requests_total{"))
+
     with serve(settings) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
-        resp = client.chat.completions.create(
+        chat = client.chat.completions.create(
             model="merged", messages=[{"role": "user", "content": "hello"}],
             temperature=0, max_tokens=12)
+        chat_conf = chat.choices[0].model_extra["confidence"]
+        if chat_conf["method"] == "answer":
+            assert verify_requests(running) == 0.0  # option letters: no extra request
+        resp = client.completions.create(
+            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12)
         (choice,) = resp.choices
         conf = choice.model_extra["confidence"]
-        assert choice.logprobs is None and choice.message.content
+        assert choice.logprobs is None and choice.text
+        assert conf["method"] != "answer", conf  # a free-form continuation
         assert conf["calibrated"] is False  # neither verify nor mean has a map of its own here
         metrics = httpx.get(f"{running.url}/metrics").text
         # The verify request was sent (and answered) whatever the verdict. A tokenizer with
@@ -375,12 +391,15 @@ def test_merged_model_serves_verify_confidence_on_free_form_chat(
         assert sample(metrics, "calibserve_confidence_requests_total", route="merged",
                       method="verify", outcome=outcome) == 1.0, metrics
         assert 0.0 <= conf["score"] == conf["raw"] <= 1.0
-        streamed = client.chat.completions.create(
-            model="merged", messages=[{"role": "user", "content": "hello"}],
-            temperature=0, max_tokens=12, stream=True)
+        streamed = client.completions.create(
+            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12,
+            stream=True)
         finals = [c.choices[0].model_extra.get("confidence") for c in streamed
                   if c.choices and c.choices[0].finish_reason]
         assert finals == [conf]
+        assert sample(httpx.get(f"{running.url}/metrics").text,
+                      "calibserve_confidence_requests_total", route="merged", method="verify",
+                      outcome=outcome) == 2.0
 
 
 def _has_yes_no(model_dir: Path) -> bool:
