@@ -24,6 +24,7 @@ from calibserve.calibration.confidence import (
     confidence_score,
     normalize_token,
 )
+from calibserve.calibration.consistency import consistency_confidence
 from calibserve.calibration.diversity import distinct_n, pairwise_jaccard
 from calibserve.calibration.document import (
     CURRENT_VERSION,
@@ -38,6 +39,12 @@ from calibserve.calibration.document import (
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
 from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
+from calibserve.calibration.methods import (
+    CONFIDENCE_METHODS,
+    REGISTRY,
+    ConfidenceMethod,
+    confidence_method,
+)
 from calibserve.calibration.metrics import (
     N_BINS,
     accuracy,
@@ -59,6 +66,12 @@ from calibserve.calibration.risk import (
     threshold_for_rate,
 )
 from calibserve.calibration.scorer import ScoredStream, Scorer, ServedMethod
+from calibserve.calibration.verify import (
+    NoVerdictError,
+    verify_confidence,
+    verify_messages,
+    verify_prompt,
+)
 
 __all__ = [
     # confidence
@@ -73,6 +86,15 @@ __all__ = [
     "ScoredStream",
     "ServedMethod",
     "METHODS",
+    # the method registry and the methods that need extra upstream work
+    "CONFIDENCE_METHODS",
+    "REGISTRY",
+    "ConfidenceMethod",
+    "confidence_method",
+    "verify_messages",
+    "verify_prompt",
+    "verify_confidence",
+    "consistency_confidence",
     # the calibration document (calibration.json)
     "CalibrationDocument",
     "MethodCalibration",
@@ -118,4 +140,5 @@ __all__ = [
     "CalibrationError",
     "DegenerateDataError",
     "NoOptionTokensError",
+    "NoVerdictError",
 ]

@@ -44,8 +44,17 @@ from pydantic import (
 )
 
 from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
-from calibserve.calibration.confidence import DEFAULT_OPTIONS, METHODS
+from calibserve.calibration.confidence import DEFAULT_OPTIONS
+from calibserve.calibration.confidence import METHODS as TOKEN_STATISTICS
 from calibserve.calibration.errors import CalibrationError
+from calibserve.calibration.methods import (
+    CONFIDENCE_METHODS as METHODS,
+)
+from calibserve.calibration.methods import (
+    DEFAULT_CONSISTENCY_K,
+    EXTRA_WORK_METHODS,
+    FREE_FORM_METHODS,
+)
 from calibserve.publish import write_atomic
 
 __all__ = [
@@ -64,8 +73,9 @@ FILE_NAME = "calibration.json"
 CURRENT_VERSION = 2
 SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 DEFAULT_QUANTILE = 0.1
-# Methods that can score a reply with no option letter (`answer` raises NoOptionTokensError).
-FREE_FORM_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "answer")
+# v1 knew the token statistics only (its `method` / `fallback`); v2 takes every registry method.
+_V1_METHODS = TOKEN_STATISTICS
+_V1_FREE_FORM = tuple(m for m in TOKEN_STATISTICS if m in FREE_FORM_METHODS)
 
 
 class _Model(BaseModel):
@@ -90,11 +100,29 @@ def _probability(value: float) -> float:
 
 
 class MethodParams(_Sparse):
-    """A method's parameters: `options` and `temperature` (`answer`), `quantile` (`quantile`)."""
+    """A method's parameters: `options` and `temperature` (`answer`), `quantile` (`quantile`),
+    `question` (`verify`: the yes/no question asked instead of the default), `k` (`consistency`:
+    samples per request, >= 2, default 5)."""
 
     options: list[str] | None = None
     temperature: float | None = None
     quantile: float | None = None
+    question: str | None = None
+    k: int | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _some_question(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("k")
+    @classmethod
+    def _samples(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"must be an integer >= 2, got {v!r}")
+        return v
 
     @field_validator("options")
     @classmethod
@@ -207,6 +235,10 @@ class CalibrationDocument(_Model):
                                  "`answer` parameters")
             if name != "quantile" and p.quantile is not None:
                 raise ValueError(f"methods.{name}.params: quantile is a `quantile` parameter")
+            if name != "verify" and p.question is not None:
+                raise ValueError(f"methods.{name}.params: question is a `verify` parameter")
+            if name != "consistency" and p.k is not None:
+                raise ValueError(f"methods.{name}.params: k is a `consistency` parameter")
         for role in ("multiple_choice", "free_form"):
             name = getattr(self, role)
             if name not in self.methods:
@@ -214,6 +246,11 @@ class CalibrationDocument(_Model):
                     f"{role}: {name!r} is not one of the document's methods "
                     f"({', '.join(self.methods) or 'none'})"
                 )
+        if self.multiple_choice in EXTRA_WORK_METHODS:
+            raise ValueError(
+                f"multiple_choice: {self.multiple_choice!r} needs extra upstream work and is "
+                "tried on every reply; name it as `free_form` instead"
+            )
         if self.free_form not in FREE_FORM_METHODS:
             raise ValueError(
                 f"free_form: {self.free_form!r} cannot score a reply without option letters; "
@@ -306,6 +343,17 @@ class CalibrationDocument(_Model):
         q = entry.params.quantile if entry is not None else None
         return DEFAULT_QUANTILE if q is None else q
 
+    def verify_question(self) -> str | None:
+        """The `verify` method's question override (None: calibration.verify's default)."""
+        entry = self.methods.get("verify")
+        return entry.params.question if entry is not None else None
+
+    def consistency_k(self) -> int:
+        """Samples per request of the `consistency` method (5 without one)."""
+        entry = self.methods.get("consistency")
+        k = entry.params.k if entry is not None else None
+        return DEFAULT_CONSISTENCY_K if k is None else k
+
 
 # --- version 1 ---------------------------------------------------------------------------------
 
@@ -321,15 +369,15 @@ class _V1Confidence(_Model):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; valid: {', '.join(METHODS)}")
+        if v not in _V1_METHODS:
+            raise ValueError(f"unknown method {v!r}; valid: {', '.join(_V1_METHODS)}")
         return v
 
     @field_validator("fallback")
     @classmethod
     def _free_form(cls, v: str) -> str:
-        if v not in FREE_FORM_METHODS:
-            raise ValueError(f"must be one of {', '.join(FREE_FORM_METHODS)}, got {v!r}")
+        if v not in _V1_FREE_FORM:
+            raise ValueError(f"must be one of {', '.join(_V1_FREE_FORM)}, got {v!r}")
         return v
 
     @field_validator("temperature")

@@ -7,6 +7,12 @@ free-form reply, `NoOptionTokensError`) by its free-form method instead. Each me
 through its own calibrator only: a method with none in the document gets the identity map and
 `calibrated=False`, never another method's map. merge writes the document; server and routing
 read it, so the confidence chosen offline is the one served.
+
+A free-form method that needs extra upstream work (`verify`, `consistency`: see methods.py) cannot
+be computed from the reply alone: the Scorer then scores the reply by the token statistic
+`FALLBACK` (`mean`, through `mean`'s own map) and says, through `extra_work(confidence)`, that
+routing should do that work; `refined(raw)` is the confidence once it is done. When the work fails
+the fallback is what is served, labelled `mean`, never with the other method's map.
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ from typing import Any
 from calibserve.calibration.calibrators import Calibrator, IdentityCalibrator
 from calibserve.calibration.confidence import (
     DEFAULT_OPTIONS,
-    METHODS,
     Confidence,
     StreamingConfidence,
 )
-from calibserve.calibration.document import DEFAULT_QUANTILE, FREE_FORM_METHODS, CalibrationDocument
+from calibserve.calibration.document import DEFAULT_QUANTILE, CalibrationDocument
 from calibserve.calibration.errors import CalibrationError, NoOptionTokensError
+from calibserve.calibration.methods import (
+    CONFIDENCE_METHODS,
+    DEFAULT_CONSISTENCY_K,
+    FALLBACK,
+    FREE_FORM_METHODS,
+    ConfidenceMethod,
+    confidence_method,
+)
 
 __all__ = ["Scorer", "ScoredStream", "ServedMethod"]
 
@@ -37,8 +50,15 @@ class ServedMethod:
     calibrator: Calibrator | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise CalibrationError(f"unknown method {self.name!r}; valid: {', '.join(METHODS)}")
+        if self.name not in CONFIDENCE_METHODS:
+            raise CalibrationError(
+                f"unknown method {self.name!r}; valid: {', '.join(CONFIDENCE_METHODS)}"
+            )
+
+    @property
+    def kind(self) -> ConfidenceMethod:
+        """The method's registry entry (what it reads, what extra work it needs)."""
+        return confidence_method(self.name)
 
     @property
     def calibrated(self) -> bool:
@@ -58,6 +78,15 @@ class ServedMethod:
     def from_document(cls, doc: CalibrationDocument, name: str) -> ServedMethod:
         return cls(name, doc.method(name).calibration_map())
 
+    @classmethod
+    def optional(cls, doc: CalibrationDocument, name: str) -> ServedMethod:
+        """`name` with its own map when the document has an entry for it, else uncalibrated."""
+        return cls.from_document(doc, name) if name in doc.methods else cls(name)
+
+    def confidence(self, raw: float) -> Confidence:
+        """`raw` served by this method: through its own map, labelled with its name."""
+        return Confidence(self.score(raw), raw, self.name, self.calibrated)
+
 
 @dataclass(frozen=True, slots=True)
 class Scorer:
@@ -68,6 +97,10 @@ class Scorer:
     options: tuple[str, ...] = DEFAULT_OPTIONS
     temperature: float = 1.0
     q: float = DEFAULT_QUANTILE
+    # What a free-form method needing extra work is served as until (or unless) it is done.
+    fallback_method: ServedMethod = field(default_factory=ServedMethod)
+    verify_question: str | None = None
+    consistency_k: int = DEFAULT_CONSISTENCY_K
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -89,6 +122,9 @@ class Scorer:
             options=doc.options(),
             temperature=doc.temperature(),
             q=doc.quantile(),
+            fallback_method=ServedMethod.optional(doc, FALLBACK),
+            verify_question=doc.verify_question(),
+            consistency_k=doc.consistency_k(),
         )
 
     @classmethod
@@ -112,6 +148,29 @@ class Scorer:
     def calibrator(self) -> Calibrator:
         """The multiple-choice method's map (the identity when it has none)."""
         return self.multiple_choice.map
+
+    @property
+    def extra(self) -> ServedMethod | None:
+        """The free-form method when it needs extra upstream work (verify, consistency)."""
+        return self.free_form if self.free_form.kind.needs_upstream else None
+
+    def extra_work(self, confidence: Any) -> ConfidenceMethod | None:
+        """What extra upstream work would replace `confidence` (a reply's confidence from
+        `score_choice` / `stream().confidence()`); None: it is final (option-letter replies, or a
+        free-form method that reads the reply's own logprobs)."""
+        extra = self.extra
+        if extra is None or getattr(confidence, "method", None) != self.fallback_method.name:
+            return None
+        if self.fallback_method.name == self.multiple_choice.name:
+            return None  # scored by the multiple-choice method: not a free-form reply
+        return extra.kind
+
+    def refined(self, raw: float) -> Confidence:
+        """The confidence once the extra work produced `raw` (through its method's own map)."""
+        extra = self.extra
+        if extra is None:
+            raise CalibrationError(f"method {self.free_form.name!r} needs no extra work")
+        return extra.confidence(raw)
 
     def stream(self) -> ScoredStream:
         """An incremental scorer for a streamed reply (one per choice)."""
@@ -153,10 +212,10 @@ class ScoredStream:
             raw = self._stream.value(served.name)
         except NoOptionTokensError:
             served = self.scorer.free_form
+            if served.kind.needs_upstream:
+                served = self.scorer.fallback_method  # until routing has done the extra work
             raw = self._stream.value(served.name)
-        return Confidence(
-            score=served.score(raw), raw=raw, method=served.name, calibrated=served.calibrated
-        )
+        return served.confidence(raw)
 
     @property
     def score(self) -> float:

@@ -21,7 +21,7 @@ from calibserve.routing.errors import UpstreamClientError, UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.policy import Decision
 from calibserve.routing.result import RoutedResult
-from calibserve.routing.route import Route, Tier
+from calibserve.routing.route import ConfidenceLike, Route, Tier
 
 T = TypeVar("T")
 Ask = Callable[[Tier], Awaitable[T]]
@@ -52,11 +52,18 @@ async def first_answer(
     raise first_error
 
 
-def judge_primary(route: Route, score: float | None, result: RoutedResult) -> bool:
-    """Ask the policy about the primary's score (None: no choices, judged as 0); should a
-    stronger tier answer? Records the score and threshold, and the reason when it should."""
+def judge_primary(route: Route, conf: ConfidenceLike | None, result: RoutedResult) -> bool:
+    """Ask the policy about the primary's least confident choice (None: no choices, judged as
+    0): should a stronger tier answer? The policy sees the score, the method that scored it and
+    whether it is calibrated (per-method thresholds, the `uncalibrated` setting). Records the
+    score and threshold, and the reason when it should."""
+    score = None if conf is None else float(conf.score)
     result.primary_confidence = score
-    decision: Decision = route.policy.decide(0.0 if score is None else score)
+    if conf is None:
+        decision: Decision = route.policy.decide(0.0)
+    else:
+        decision = route.policy.decide(score or 0.0, str(conf.method),
+                                       bool(getattr(conf, "calibrated", False)))
     result.threshold = decision.threshold
     if not decision.escalate or len(route.tiers) < 2:
         return False

@@ -44,6 +44,12 @@ class RoutingMetrics:
             "Stronger tiers that failed while escalating, by route and tier.",
             ["route", "tier"], registry=r,
         )
+        self.confidence_requests = Counter(
+            "calibserve_confidence_requests_total",
+            "Extra upstream requests a confidence method made (verify, consistency), by route, "
+            "method and outcome (ok|no_verdict|error|unsupported).",
+            ["route", "method", "outcome"], registry=r,
+        )
         self.upstream_retries = Counter(
             "calibserve_upstream_retries_total", "Retried upstream attempts.", ["upstream"],
             registry=r,
@@ -69,6 +75,9 @@ class RoutingMetrics:
 
     def escalation_failed(self, route: str, tier: str) -> None:
         self.escalation_errors.labels(route=route, tier=tier).inc()
+
+    def confidence_requested(self, route: str, method: str, outcome: str) -> None:
+        self.confidence_requests.labels(route=route, method=method, outcome=outcome).inc()
 
     def retried(self, upstream: str) -> None:
         self.upstream_retries.labels(upstream=upstream).inc()

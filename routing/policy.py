@@ -1,9 +1,10 @@
 """Escalation policies: given the primary's calibrated confidence, should a stronger tier answer?
 
 - `ThresholdPolicy(t)`: escalate when confidence < t. `ThresholdPolicy.auto(document,
-  target_accuracy, method)` takes t from the thresholds merge wrote into calibration.json for that
-  confidence method (the calibrated confidence above which the merged model reached that accuracy
-  on held-out data).
+  target_accuracy, method)` takes one threshold per confidence method from the thresholds merge
+  wrote into calibration.json (the calibrated confidence above which the model reached that
+  accuracy on held-out data), so each reply is judged by the threshold of the method that scored
+  it; what an uncalibrated confidence gets is the `uncalibrated` setting.
 - `BudgetPolicy(target_rate, window)`: escalate the least confident `target_rate` fraction of
   traffic. The threshold is the `target_rate` quantile of the last `window` confidences (a running
   quantile over a sorted window), so the escalation rate tracks the target even when the
@@ -19,7 +20,7 @@ import os
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from calibserve.calibration import CalibrationDocument
 
@@ -34,35 +35,93 @@ class Decision:
 
 
 class Policy(Protocol):
-    def decide(self, confidence: float) -> Decision: ...
+    def decide(
+        self, confidence: float, method: str | None = None, calibrated: bool = True
+    ) -> Decision: ...
 
 
 class NeverPolicy:
     """Never escalate."""
 
-    def decide(self, confidence: float) -> Decision:
+    def decide(
+        self, confidence: float, method: str | None = None, calibrated: bool = True
+    ) -> Decision:
         return Decision(escalate=False)
 
     def __repr__(self) -> str:
         return "NeverPolicy()"
 
 
+UNCALIBRATED_MODES = ("threshold", "escalate", "serve")
+Uncalibrated = Literal["threshold", "escalate", "serve"]
+
+
 class ThresholdPolicy:
-    """Escalate when the calibrated confidence is strictly below `threshold`."""
+    """Escalate when the calibrated confidence is strictly below the threshold of the method
+    that scored the reply.
+
+    - `threshold`: the threshold of every method `methods` does not name (None: those are served).
+    - `methods`: one threshold per confidence method (`auto` fills it from the document, so an
+      option-letter reply is judged by `answer`'s threshold and a free-form one by its own).
+    - `uncalibrated` (a documented setting, `--on-uncalibrated`): what a confidence that went
+      through no map of its own (`calibrated: false`) gets. `threshold` (default): judged by the
+      threshold of the method that scored it if `methods` names it, else by the free-form
+      method's (`free_form`) when there is one, else by `threshold` when the policy has no
+      per-method thresholds at all (an explicit `--threshold` applies to everything); with none
+      of those it is served without escalating. `escalate`: always escalated (reason
+      `uncalibrated`). `serve`: never escalated.
+    """
 
     reason = "low_confidence"
 
-    def __init__(self, threshold: float) -> None:
-        if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        self.threshold = float(threshold)
+    def __init__(
+        self,
+        threshold: float | None,
+        *,
+        methods: Mapping[str, float] | None = None,
+        free_form: str | None = None,
+        uncalibrated: str = "threshold",
+    ) -> None:
+        for t in [threshold, *(methods or {}).values()]:
+            if t is not None and (not 0.0 <= t <= 1.0 or math.isnan(t)):
+                raise ValueError(f"threshold must be in [0, 1], got {t}")
+        if uncalibrated not in UNCALIBRATED_MODES:
+            raise ValueError(f"uncalibrated must be one of {', '.join(UNCALIBRATED_MODES)}, "
+                             f"got {uncalibrated!r}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.methods = {k: float(v) for k, v in (methods or {}).items()}
+        self.free_form = free_form
+        self.uncalibrated = uncalibrated
 
     def __repr__(self) -> str:
-        return f"ThresholdPolicy({self.threshold:g})"
+        if not self.methods and self.uncalibrated == "threshold":
+            return f"ThresholdPolicy({self.threshold:g})" if self.threshold is not None \
+                else "ThresholdPolicy(None)"
+        per = ", ".join(f"{k}={v:g}" for k, v in sorted(self.methods.items()))
+        return f"ThresholdPolicy({self.threshold}, methods={{{per}}}, " \
+               f"uncalibrated={self.uncalibrated!r})"
 
-    def decide(self, confidence: float) -> Decision:
-        escalate = _finite(confidence) < self.threshold
-        return Decision(escalate, self.threshold, self.reason if escalate else None)
+    def threshold_for(self, method: str | None, calibrated: bool = True) -> float | None:
+        """The threshold a confidence of `method` is judged by (None: served, not judged)."""
+        if method is not None and method in self.methods:
+            return self.methods[method]
+        if calibrated or not self.methods:
+            return self.threshold
+        # Uncalibrated and not a method with a threshold of its own: the free-form method's.
+        return self.methods.get(self.free_form) if self.free_form is not None else None
+
+    def decide(
+        self, confidence: float, method: str | None = None, calibrated: bool = True
+    ) -> Decision:
+        if not calibrated and self.uncalibrated == "escalate":
+            return Decision(True, None, "uncalibrated")
+        if not calibrated and self.uncalibrated == "serve":
+            return Decision(False, None, None)
+        threshold = self.threshold_for(method, calibrated)
+        if threshold is None:
+            return Decision(False, None, None)
+        escalate = _finite(confidence) < threshold
+        return Decision(escalate, threshold, self.reason if escalate else None)
 
     @classmethod
     def auto(
@@ -70,14 +129,17 @@ class ThresholdPolicy:
         calibration: CalibrationDocument | Mapping[str, Any] | str | os.PathLike[str],
         target_accuracy: float | None = None,
         method: str | None = None,
+        *,
+        uncalibrated: str = "threshold",
     ) -> ThresholdPolicy:
-        """Threshold from the calibration document's thresholds for `method` (default: its
-        multiple-choice method). `calibration` is the typed document, a parsed calibration.json,
-        or a path to one (or to the model directory holding it), read by the one loader.
+        """Thresholds from the calibration document: one per method that has thresholds for the
+        target, and `method`'s (default: the multiple-choice method's) as the default for the
+        others. `calibration` is the typed document, a parsed calibration.json, or a path to one
+        (or to the model directory holding it), read by the one loader.
 
         With `target_accuracy`, the entry for exactly that target, else the entry with the
         smallest target above it (the conservative choice: a higher bar, more escalation).
-        Without it, the highest target in the file.
+        Without it, the highest target in the file. `method` must have such an entry.
         """
         if isinstance(calibration, CalibrationDocument):
             doc = calibration
@@ -86,20 +148,32 @@ class ThresholdPolicy:
         else:
             doc = CalibrationDocument.load(calibration)
         name = doc.multiple_choice if method is None else method
-        entries = sorted((t.target_accuracy, t.threshold) for t in doc.method(name).thresholds)
-        if not entries:
-            raise ValueError(f"calibration.json has no thresholds for method {name!r}; "
-                             "pass an explicit threshold")
-        if target_accuracy is None:
-            return cls(entries[-1][1])
-        for target, threshold in entries:
-            if target >= target_accuracy - 1e-9:
-                return cls(threshold)
-        known = ", ".join(f"{t:g}" for t, _ in entries)
-        raise ValueError(
-            f"no threshold for target accuracy {target_accuracy:g} in calibration.json "
-            f"for method {name!r} (targets: {known})"
-        )
+        default = _pick(doc, name, target_accuracy)
+        per_method: dict[str, float] = {}
+        for other in doc.methods:
+            try:
+                per_method[other] = _pick(doc, other, target_accuracy)
+            except ValueError:
+                continue  # no thresholds of its own (for this target): judged by the default
+        return cls(default, methods=per_method, free_form=doc.free_form,
+                   uncalibrated=uncalibrated)
+
+
+def _pick(doc: CalibrationDocument, name: str, target_accuracy: float | None) -> float:
+    entries = sorted((t.target_accuracy, t.threshold) for t in doc.method(name).thresholds)
+    if not entries:
+        raise ValueError(f"calibration.json has no thresholds for method {name!r}; "
+                         "pass an explicit threshold")
+    if target_accuracy is None:
+        return entries[-1][1]
+    for target, threshold in entries:
+        if target >= target_accuracy - 1e-9:
+            return threshold
+    known = ", ".join(f"{t:g}" for t, _ in entries)
+    raise ValueError(
+        f"no threshold for target accuracy {target_accuracy:g} in calibration.json "
+        f"for method {name!r} (targets: {known})"
+    )
 
 
 class BudgetPolicy:
@@ -143,7 +217,10 @@ class BudgetPolicy:
         # Strictly below the value at rank floor(r*n): about r of the window, ties excluded.
         return self._sorted[min(n - 1, int(self.target_rate * n))]
 
-    def decide(self, confidence: float) -> Decision:
+    def decide(
+        self, confidence: float, method: str | None = None, calibrated: bool = True
+    ) -> Decision:
+        # A rank over recent traffic: the method and the label do not change where a reply ranks.
         conf = _finite(confidence)
         threshold = self.threshold
         self._observe(conf)

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from typing import Any
 
 from calibserve.routing.agreement import answers_agree, choice_text
+from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.escalation import (
     escalate,
     first_answer,
@@ -26,8 +27,8 @@ from calibserve.routing.escalation import (
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.payload import endpoint_path, tier_body
 from calibserve.routing.result import RoutedChunk, RoutedResult
-from calibserve.routing.route import Route, Tier
-from calibserve.routing.scoring import attach_confidences, decision_score
+from calibserve.routing.route import ConfidenceLike, Route, Tier
+from calibserve.routing.scoring import least_confident, score_answer
 from calibserve.routing.stream_run import StreamRun
 
 
@@ -70,18 +71,22 @@ class Router:
         async def ask(tier: Tier) -> dict[str, Any]:
             return await _ask(tier, endpoint, body, result)
 
+        async def scored(answer: dict[str, Any], tier: Tier) -> ConfidenceLike | None:
+            work = ConfidenceWork(tier, endpoint, body, result, self.metrics)
+            least = least_confident(await score_answer(answer, work))
+            result.confidence = None if least is None else float(least.score)
+            return least
+
         answer, tier = await first_answer(r, ask, result, self.metrics)
         result.body = answer
-        result.confidence = decision_score(attach_confidences(answer, tier.confidence_scorer))
-        if result.escalated or not judge_primary(r, result.confidence, result):
+        primary = await scored(answer, tier)
+        if result.escalated or not judge_primary(r, primary, result):
             return result
         stronger = await escalate(r, ask, result, self.metrics)
         if stronger is not None:
             other, other_tier = stronger
             result.body = other
-            result.confidence = decision_score(
-                attach_confidences(other, other_tier.confidence_scorer)
-            )
+            await scored(other, other_tier)
             record_agreement(self.metrics, result, _agree(answer, other))
         return result
 

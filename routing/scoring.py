@@ -1,9 +1,17 @@
-"""Attach each choice's calibrated confidence to an upstream response."""
+"""Attach each choice's confidence to an upstream response, and pick the one routing judges.
+
+`score_answer` is the one scoring step of the non-streaming path: every choice scored by the
+answering tier's scorer, then (for a free-form method that needs it) refined by the extra
+upstream work of confidence_work.py, before anything is judged or returned.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from calibserve.routing.agreement import choice_text
+from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.route import ConfidenceLike, Scorer
 
 
@@ -23,6 +31,18 @@ def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:
     return scores
 
 
+async def score_answer(body: dict[str, Any], work: ConfidenceWork) -> list[ConfidenceLike]:
+    """Score every choice of `body` (the tier's JSON answer), do the method's extra work, set
+    `choice["confidence"]`; the confidences by position."""
+    choices = body.get("choices") or []
+    scorer = work.tier.confidence_scorer
+    first = [(scorer.score_choice(c.get("logprobs")), choice_text(c)) for c in choices]
+    confs = await work.refine_all(first)
+    for choice, conf in zip(choices, confs, strict=True):
+        choice["confidence"] = confidence_dict(conf)
+    return confs
+
+
 def decision_score(scores: list[float]) -> float | None:
     """The request's confidence for routing: the least confident choice.
 
@@ -30,3 +50,8 @@ def decision_score(scores: list[float]) -> float | None:
     answer it returns; with n=1 (the usual case) this is simply that choice's confidence.
     """
     return min(scores) if scores else None
+
+
+def least_confident(confs: Sequence[ConfidenceLike]) -> ConfidenceLike | None:
+    """The choice `decision_score` judges (its method and label decide the threshold)."""
+    return min(confs, key=lambda c: float(c.score)) if confs else None

@@ -28,7 +28,7 @@ from calibserve.routing.escalation import (
 from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import Route, Tier
-from calibserve.routing.scoring import decision_score
+from calibserve.routing.scoring import decision_score, least_confident
 from calibserve.routing.stream_mode import OFF
 from calibserve.routing.tier_stream import TierStream
 
@@ -77,11 +77,11 @@ class StreamRun:
             if chunk is None:
                 break
             held.append(chunk)
-        score = decision_score(
-            [primary.state(i).score() for i in range(self.n) if i in primary.choices]
+        least = least_confident(
+            [primary.state(i).confidence() for i in range(self.n) if i in primary.choices]
         )
         stronger = None
-        if judge_primary(self.route, score, result):
+        if judge_primary(self.route, least, result):
             stronger = await escalate(self.route, self._open_tier, result, self.metrics)
         if stronger is None:
             # Not escalating (or every stronger tier failed): the primary's answer, held part first.
@@ -115,7 +115,7 @@ class StreamRun:
         """Asking a tier: start its stream and read the first chunk (failures to start surface
         here, while a fallback can still hide them from the client)."""
         stream, first = await TierStream.open(
-            tier, self.endpoint, self.body, self.result, self.route.name
+            tier, self.endpoint, self.body, self.result, self.route.name, self.metrics
         )
         self._open.append(stream)
         return stream, first

@@ -3,6 +3,9 @@
 Feeds each choice's logprobs to the tier's streaming scorer, attaches `confidence` to the chunk
 that carries a choice's `finish_reason`, keeps each choice's text (for agreement) and token count
 (for `prefix:N`), renames `model` to the route, and times every wait on the upstream.
+A choice whose method needs extra upstream work (`verify`, `consistency`: confidence_work.py)
+has its finish chunk held until that work is done, so the chunk the client gets carries the
+final confidence; the work is the same `ConfidenceWork` the non-streaming path uses.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.errors import UpstreamError
+from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.payload import endpoint_path, tier_body
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
@@ -30,9 +35,11 @@ class ChoiceState:
     def finished(self) -> bool:
         return self.final is not None
 
+    def confidence(self) -> ConfidenceLike:
+        return self.final if self.final is not None else self.scorer.confidence()
+
     def score(self) -> float:
-        conf = self.final if self.final is not None else self.scorer.confidence()
-        return float(conf.score)
+        return float(self.confidence().score)
 
 
 class TierStream:
@@ -44,8 +51,10 @@ class TierStream:
         chunks: AsyncIterator[dict[str, Any]],
         result: RoutedResult,
         route_name: str,
+        work: ConfidenceWork | None = None,
     ) -> None:
         self.tier = tier
+        self._work = work
         self._chunks = chunks
         self._result = result
         self._route_name = route_name
@@ -54,14 +63,16 @@ class TierStream:
 
     @classmethod
     async def open(
-        cls, tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult, route: str
+        cls, tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult, route: str,
+        metrics: RoutingMetrics,
     ) -> tuple[TierStream, dict[str, Any] | None]:
         """Start the tier's stream and read its first chunk, so that failures to start (the
         ones a fallback can still hide from the client) surface here."""
         result.tiers_tried.append(tier.name)
         payload = tier_body(endpoint, body, tier.model, stream=True)
         chunks = tier.upstream.stream(endpoint_path(endpoint), payload)
-        stream = cls(tier, chunks, result, route)
+        work = ConfidenceWork(tier, endpoint, body, result, metrics)
+        stream = cls(tier, chunks, result, route, work)
         try:
             first = await stream.next()
         except BaseException:
@@ -83,8 +94,20 @@ class TierStream:
             raise
         finally:
             self._result.upstream_seconds += time.perf_counter() - started
-        self._observe(chunk)
+        pending = self._observe(chunk)
+        if pending and self._work is not None:
+            await self._refine(pending)
         return chunk
+
+    async def _refine(self, pending: list[tuple[dict[str, Any], ChoiceState]]) -> None:
+        """The extra work of the choices this chunk finishes, before the chunk goes out."""
+        assert self._work is not None
+        finals = await self._work.refine_all(
+            [(state.confidence(), "".join(state.text)) for _, state in pending]
+        )
+        for (choice, state), conf in zip(pending, finals, strict=True):
+            state.final = conf
+            choice["confidence"] = confidence_dict(conf)
 
     async def aclose(self) -> None:
         self.ended = True
@@ -106,7 +129,9 @@ class TierStream:
     def final_scores(self) -> list[float]:
         return [s.score() for _, s in sorted(self.choices.items())]
 
-    def _observe(self, chunk: dict[str, Any]) -> None:
+    def _observe(self, chunk: dict[str, Any]) -> list[tuple[dict[str, Any], ChoiceState]]:
+        """Score the chunk; the (choice, state) pairs it finished that still need extra work."""
+        pending: list[tuple[dict[str, Any], ChoiceState]] = []
         if "model" in chunk:
             chunk["model"] = self._route_name
         for choice in chunk.get("choices") or []:
@@ -121,6 +146,9 @@ class TierStream:
             if choice.get("finish_reason") is not None and state.final is None:
                 state.final = state.scorer.confidence()
                 choice["confidence"] = confidence_dict(state.final)
+                if self._work is not None and self._work.pending(state.final):
+                    pending.append((choice, state))
+        return pending
 
 
 def _delta_text(choice: dict[str, Any]) -> str:

@@ -104,6 +104,7 @@ def settings_from_cli(
     policy: str | None = None,
     budget: float | None = None,
     stream_mode: str | None = None,
+    on_uncalibrated: str | None = None,
     api_key: list[str] | None = None,
     feedback_key: list[str] | None = None,
     signing_key: str | None = None,
@@ -131,6 +132,8 @@ def settings_from_cli(
     entry: dict[str, Any] = {"engine": engine, "policy": policy, "budget": budget,
                              "stream_mode": stream_mode, "target_accuracy": target_accuracy,
                              "threshold": threshold}
+    if on_uncalibrated is not None:
+        entry["uncalibrated"] = on_uncalibrated
     if model is not None:
         if not model.is_dir():
             raise typer.BadParameter(f"{model}: not a directory", param_hint="--model")
@@ -207,6 +210,11 @@ def serve(
     budget: Annotated[float | None, typer.Option(
         help="with --policy budget: target escalation rate")] = None,
     stream_mode: Annotated[str | None, typer.Option(help="buffer | prefix:N | off")] = None,
+    on_uncalibrated: Annotated[str | None, typer.Option(
+        "--on-uncalibrated",
+        help="threshold policy on a confidence with no calibrator of its own: threshold "
+        "(default: its method's threshold, else the free-form method's, else serve) | "
+        "escalate | serve")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
         "--api-key", envvar="CALIBSERVE_API_KEY", help="bearer key(s) required on /v1/*")] = None,
     feedback_key: Annotated[list[str] | None, typer.Option(
@@ -231,7 +239,8 @@ def serve(
         served_model_name=served_model_name, escalate_to=escalate_to,
         escalate_calibration=escalate_calibration, threshold=threshold,
         target_accuracy=target_accuracy, policy=policy, budget=budget, stream_mode=stream_mode,
-        api_key=api_key, feedback_key=feedback_key, signing_key=signing_key,
+        on_uncalibrated=on_uncalibrated, api_key=api_key, feedback_key=feedback_key,
+        signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,
     )
     run_server(settings.model_copy(update={"log_level": log_level}))

@@ -117,6 +117,12 @@ class ModelSettings(TierSettings):
         None, description="escalate below this calibrated confidence; auto: from calibration.json"
     )
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    uncalibrated: Literal["threshold", "escalate", "serve"] = Field(
+        "threshold",
+        description="threshold policy on a confidence with no calibrator of its own: threshold "
+        "(the scoring method's threshold, else the free-form method's, else serve), escalate, "
+        "serve",
+    )
     budget: float | None = Field(None, ge=0, le=1, description="target escalation rate (budget)")
     stream_mode: str | None = Field(None, description="buffer | prefix:N | off (routing default)")
 

@@ -39,10 +39,14 @@ class FeedbackRecorder:
         models: set[str],
         ttl_s: float,
         memory: int,
+        multiple_choice: dict[str, str] | None = None,
     ) -> None:
         self.signer = signer
         self.metrics = metrics
         self.models = models
+        # Per model label: the method an id that names none is counted under (ids issued
+        # before ids carried the method were all scored as option letters).
+        self.multiple_choice = multiple_choice or {}
         self.guard = ReplayGuard(memory, ttl_s)
         self._lock = threading.Lock()
 
@@ -85,8 +89,9 @@ class FeedbackRecorder:
                                    "this response is too old to accept feedback for",
                                    "response_id_expired")
             self.guard.add(key, claims.issued_at)
-            self.metrics.record_feedback(model, confidence, correct)
+            method = claims.method(request.choice, self.multiple_choice.get(model, "answer"))
+            self.metrics.record_feedback(model, confidence, correct, method)
         return FeedbackResponse(
             id=request.id, model=model, confidence=confidence, correct=correct,
-            bin=int(bin_index([confidence], n_bins=N_BINS)[0]),
+            bin=int(bin_index([confidence], n_bins=N_BINS)[0]), method=method,
         )

@@ -1,8 +1,10 @@
 """HMAC-signed response ids: feedback works on any replica with no shared store.
 
 An id keeps OpenAI's prefix (`chatcmpl-`, `cmpl-`) so SDKs and logs treat it as usual, and carries
-what feedback needs: the model, the calibrated and raw confidence of each choice, the issue time and
-a random nonce (two identical answers still get different ids). Layout::
+what feedback needs: the model, the calibrated and raw confidence of each choice, the confidence
+method of each choice (`k`; ids issued before it was added lack it and verify all the same: their
+feedback is counted under the model's multiple-choice method), the issue time and a random nonce
+(two identical answers still get different ids). Layout::
 
     <prefix><base64url(json payload)>.<base64url(HMAC-SHA256(key, prefix + payload)[:16])>
 
@@ -51,6 +53,13 @@ class IdClaims:
     raws: tuple[float, ...]
     issued_at: float
     nonce: str
+    methods: tuple[str, ...] | None = None  # per choice; None: an id from before methods
+
+    def method(self, choice: int, default: str) -> str:
+        """The confidence method of `choice` (`default` for an id that does not say)."""
+        if self.methods is None or choice >= len(self.methods):
+            return default
+        return self.methods[choice]
 
     @property
     def score(self) -> float:
@@ -88,6 +97,7 @@ class ResponseIdSigner:
         scores: list[float],
         raws: list[float],
         now: float | None = None,
+        methods: list[str] | None = None,
     ) -> str:
         if prefix not in PREFIXES:
             raise ValueError(f"unknown id prefix {prefix!r}")
@@ -99,6 +109,8 @@ class ResponseIdSigner:
             "t": int(now if now is not None else time.time()),
             "n": os.urandom(6).hex(),
         }
+        if methods is not None:
+            body["k"] = [str(m) for m in methods]
         payload = _b64e(json.dumps(body, separators=(",", ":")).encode())
         return f"{prefix}{payload}.{_b64e(self._tag(prefix, payload))}"
 
@@ -128,11 +140,13 @@ class ResponseIdSigner:
             raws = tuple(float(x) for x in body["r"])
             issued_at = float(body["t"])
             nonce = str(body["n"])
+            kinds = body.get("k")
+            methods = None if kinds is None else tuple(str(k) for k in kinds)
         except (ValueError, KeyError, TypeError) as exc:  # signed by us, so this is a bug
             raise MalformedId("response id payload is invalid") from exc
         if not isinstance(model, str) or not scores:
             raise MalformedId("response id payload is invalid")
-        return IdClaims(prefix, model, scores, raws, issued_at, nonce)
+        return IdClaims(prefix, model, scores, raws, issued_at, nonce, methods)
 
 
 class ReplayGuard:

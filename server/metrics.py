@@ -6,6 +6,10 @@ routing's (`routing.RoutingMetrics`); `/metrics` renders that registry alone, so
 rendered by hand: prometheus_client would rename `calibserve_calibration_confidence_sum` to
 `..._sum_total`, and fleet ECE recording rules rely on the exact names. The ECE gauge is computed
 by calibration/'s accumulator from the same pairs.
+
+Confidence series are labelled by `method` (the confidence method that scored the reply): the
+ECE of option-letter answers (`answer`) and of free-form ones (`verify`, `mean`, ...) are different
+quantities and are never summed into one.
 """
 
 from __future__ import annotations
@@ -64,11 +68,11 @@ class ServerMetrics:
         )
         self.confidence = Histogram(
             "calibserve_confidence", "Calibrated confidence of served choices",
-            ["model"], buckets=_CONFIDENCE_BUCKETS, registry=r,
+            ["model", "method"], buckets=_CONFIDENCE_BUCKETS, registry=r,
         )
         self.ece = Gauge(
             "calibserve_ece", f"ECE ({N_BINS} bins) of accepted feedback on this replica",
-            ["model"], registry=r,
+            ["model", "method"], registry=r,
         )
         self.feedback = Counter(
             "calibserve_feedback", "Feedback by outcome", ["model", "outcome"], registry=r,
@@ -84,34 +88,39 @@ class ServerMetrics:
             "calibserve_engine_up", "1 when the managed engine answers health checks",
             ["model"], registry=r,
         )
-        self._bins: dict[str, CalibrationAccumulator] = {}
+        self._bins: dict[tuple[str, str], CalibrationAccumulator] = {}
         self._lock = threading.Lock()
 
-    def init_model(self, model: str) -> None:
-        """Create a model's series at zero so dashboards and rate() see them from the start."""
+    def init_model(self, model: str, methods: tuple[str, ...] = ("answer",)) -> None:
+        """Create a model's series (per method) at zero so dashboards and rate() see them."""
         with self._lock:
-            self._bins.setdefault(model, CalibrationAccumulator(n_bins=N_BINS))
-        self.ece.labels(model).set(0.0)
+            for method in methods:
+                self._bins.setdefault((model, method), CalibrationAccumulator(n_bins=N_BINS))
+        for method in methods:
+            self.ece.labels(model, method).set(0.0)
 
-    def record_feedback(self, model: str, confidence: float, correct: bool) -> None:
-        """One accepted feedback: per-bin counters and the ECE gauge move together."""
+    def record_feedback(self, model: str, confidence: float, correct: bool,
+                        method: str = "answer") -> None:
+        """One accepted feedback: per-bin counters and the ECE gauge of its method move
+        together."""
         with self._lock:
-            acc = self._bins.setdefault(model, CalibrationAccumulator(n_bins=N_BINS))
+            acc = self._bins.setdefault((model, method), CalibrationAccumulator(n_bins=N_BINS))
             acc.update(confidence, bool(correct))
             ece = float(acc.ece())
-        self.ece.labels(model).set(ece)
+        self.ece.labels(model, method).set(ece)
         self.feedback.labels(model, "accepted").inc()
 
-    def accumulator(self, model: str) -> CalibrationAccumulator:
-        """A copy of a model's calibration statistics on this replica."""
+    def accumulator(self, model: str, method: str = "answer") -> CalibrationAccumulator:
+        """A copy of a model's calibration statistics for one method on this replica."""
         with self._lock:
-            acc = self._bins.get(model)
+            acc = self._bins.get((model, method))
             return acc.copy() if acc is not None else CalibrationAccumulator(n_bins=N_BINS)
 
     def _calibration_text(self) -> str:
         with self._lock:
-            snapshot = {m: (acc.counts.tolist(), acc.conf_sum.tolist(), acc.correct_sum.tolist())
-                        for m, acc in sorted(self._bins.items())}
+            snapshot = {key: (acc.counts.tolist(), acc.conf_sum.tolist(),
+                              acc.correct_sum.tolist())
+                        for key, acc in sorted(self._bins.items())}
         families = (
             ("calibserve_calibration_samples_total", "Feedback samples per confidence bin", 0),
             ("calibserve_calibration_confidence_sum",
@@ -122,10 +131,12 @@ class ServerMetrics:
         for name, doc, idx in families:
             lines.append(f"# HELP {name} {doc}")
             lines.append(f"# TYPE {name} counter")
-            for model, values in snapshot.items():
-                label = _escape(model)
+            for (model, method), values in snapshot.items():
+                label, kind = _escape(model), _escape(method)
                 for b, v in enumerate(values[idx]):
-                    lines.append(f'{name}{{bin="{b}",model="{label}"}} {_number(v)}')
+                    lines.append(
+                        f'{name}{{bin="{b}",method="{kind}",model="{label}"}} {_number(v)}'
+                    )
         return "\n".join(lines) + "\n"
 
     def render(self) -> bytes:

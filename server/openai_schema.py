@@ -150,6 +150,7 @@ class FeedbackResponse(BaseModel):
     confidence: float
     correct: bool
     bin: int
+    method: str | None = None  # the confidence method the feedback is counted under
 
 
 class ModelCard(_Open):

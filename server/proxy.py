@@ -278,9 +278,10 @@ class Proxy:
         raise ClientDisconnected
 
     def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]],
-                        view: ClientView) -> tuple[list[float], list[float]]:
+                        view: ClientView) -> tuple[list[float], list[float], list[str]]:
         scores: list[float] = []
         raws: list[float] = []
+        methods: list[str] = []
         for choice in choices:
             conf = choice.get("confidence")
             if not isinstance(conf, dict):  # a router that did not score: score here
@@ -290,8 +291,9 @@ class Proxy:
             view.apply(choice)
             scores.append(float(conf["score"]))
             raws.append(float(conf["raw"]))
-            self.metrics.confidence.labels(model.name).observe(scores[-1])
-        return scores, raws
+            methods.append(str(conf["method"]))
+            self.metrics.confidence.labels(model.name, methods[-1]).observe(scores[-1])
+        return scores, raws, methods
 
     @staticmethod
     def _headers(result: RoutedResult, score: float | None) -> dict[str, str]:
@@ -326,10 +328,11 @@ class Proxy:
             return self._engine_down(outcome, model)
         answer = result.body or {}
         choices = answer.get("choices") or []
-        scores, raws = self._finish_choices(model, choices, view)
+        scores, raws, methods = self._finish_choices(model, choices, view)
         view.apply_prompt(answer)  # chat: the prompt's logprobs are the response's
         answer["id"] = self.rt.signer.issue(
-            PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws
+            PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws,
+            methods=methods,
         )
         answer["model"] = model.name
         answer["calibserve"] = result.calibserve()
@@ -375,6 +378,7 @@ class Proxy:
                       started: float) -> AsyncIterator[str]:
         scores: dict[int, float] = {}
         raws: dict[int, float] = {}
+        methods: dict[int, str] = {}
         held: dict[str, Any] | None = None  # the usage chunk, sent last with the summary
         last: dict[str, Any] = {}
         kind = "ok"
@@ -391,7 +395,9 @@ class Proxy:
                         if isinstance(conf, dict):
                             idx = int(choice.get("index", 0))
                             scores[idx], raws[idx] = float(conf["score"]), float(conf["raw"])
-                            self.metrics.confidence.labels(model.name).observe(conf["score"])
+                            methods[idx] = str(conf["method"])
+                            self.metrics.confidence.labels(
+                                model.name, methods[idx]).observe(conf["score"])
                         view.apply(choice)
                     last = chunk
                     yield f"data: {_dumps(chunk)}\n\n"
@@ -409,6 +415,7 @@ class Proxy:
                 PREFIX[endpoint], model.calibration_label(result.served_by),
                 [scores[i] for i in order] or [0.0],
                 [raws[i] for i in order] or [0.0],
+                methods=[methods[i] for i in order] or None,
             )
             summary["model"] = model.name
             summary["calibserve"] = {**result.calibserve(), "confidence": result.confidence}

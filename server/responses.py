@@ -155,13 +155,14 @@ class ResponsesProxy:
         obj["confidence"] = conf
         tier = model.primary.tier.name
         feedback_id = self.rt.signer.issue(
-            "chatcmpl-", model.calibration_label(tier), [scored.score], [scored.raw])
+            "chatcmpl-", model.calibration_label(tier), [scored.score], [scored.raw],
+            methods=[scored.method])
         obj["calibserve"] = {"served_by": tier, "escalated": False, "primary_confidence":
                              scored.score, "threshold": None, "reason": None,
                              "escalation_error": None, "primary_error": None,
                              "tiers_tried": [tier], "agreement": None,
                              "feedback_id": feedback_id}
-        self.rt.metrics.confidence.labels(model.name).observe(scored.score)
+        self.rt.metrics.confidence.labels(model.name, scored.method).observe(scored.score)
         return self._headers(model, scored.score)
 
     @staticmethod

@@ -158,6 +158,17 @@ class ModelRuntime:
     def calibration_labels(self) -> set[str]:
         return {self.calibration_label(t.tier.name) for t in self.tiers}
 
+    def label_methods(self) -> dict[str, tuple[str, ...]]:
+        """Per calibration label: the methods its tier serves (multiple-choice first)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for t in self.tiers:
+            scorer = t.scorer
+            names = [scorer.multiple_choice.name, scorer.free_form.name]
+            if scorer.extra is not None:
+                names.append(scorer.fallback_method.name)
+            out[self.calibration_label(t.tier.name)] = tuple(dict.fromkeys(names))
+        return out
+
     def _policy(self) -> Policy:
         s = self.settings
         kind = s.resolved_policy()
@@ -171,8 +182,9 @@ class ModelRuntime:
             if self.primary.calibration is None:
                 raise ValueError(f"model {s.name!r}: threshold auto needs a calibration.json; "
                                  "give --threshold FLOAT")
-            return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy)
-        return ThresholdPolicy(float(s.threshold))
+            return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy,
+                                        uncalibrated=s.uncalibrated)
+        return ThresholdPolicy(float(s.threshold), uncalibrated=s.uncalibrated)
 
     @property
     def fast_fail(self) -> bool:
@@ -199,7 +211,8 @@ class ServerRuntime:
         self.models: dict[str, ModelRuntime] = {}
         for model in settings.models:
             self.models[model.name] = ModelRuntime(model, self.metrics, self.routing_metrics)
-            self.metrics.init_model(model.name)
+            self.metrics.init_model(
+                model.name, self.models[model.name].label_methods()[model.name])
         self.router = Router([m.route for m in self.models.values()],
                              metrics=self.routing_metrics)
         self.feedback = FeedbackRecorder(
@@ -207,6 +220,8 @@ class ServerRuntime:
             {label for m in self.models.values() for label in m.calibration_labels},
             settings.feedback_ttl_s,
             settings.feedback_memory,
+            {label: methods[0] for m in self.models.values()
+             for label, methods in m.label_methods().items()},
         )
         self.started = False
 

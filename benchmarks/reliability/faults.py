@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -106,27 +107,40 @@ def _wait(cond: Any, timeout: float, step: float = 0.05) -> float | None:
 
 # --- 1. the managed engine killed ---------------------------------------------------------------
 
+VERIFY_DOCUMENT = {"version": 2, "methods": {"answer": {}, "mean": {}, "verify": {}},
+                   "multiple_choice": "answer", "free_form": "verify"}
+
+
 def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
-                server: InProcessServer | None = None, recover_timeout: float = 420.0
-                ) -> dict[str, Any]:
+                server: InProcessServer | None = None, recover_timeout: float = 420.0,
+                verify: bool = False) -> dict[str, Any]:
     """SIGKILL the managed engine under load (see the module docstring). Reuses `server` if
-    given (a running calibserve whose first model has a managed engine)."""
+    given (a running calibserve whose first model has a managed engine). `verify`: the model
+    serves `free_form: "verify"` and the load is free-form chat, so every request also makes the
+    verify request to the engine (the path a kill can hit between the reply and its verdict)."""
+    import tempfile
+
     from calibserve.server.config import ServerSettings
 
     own = server is None
     if server is None:
+        entry: dict[str, Any] = {"name": name, "model": str(model_dir),
+                                 "engine": {"max_model_len": 256, "restart_backoff_s": 0.5}}
+        if verify:
+            cal = Path(tempfile.mkdtemp(prefix="faults-verify-")) / "calibration.json"
+            cal.write_text(json.dumps(VERIFY_DOCUMENT))
+            entry["calibration"] = str(cal)
         settings = ServerSettings.model_validate({
-            "signing_key": SIGNING_KEY, "host": "127.0.0.1",
-            "models": [{"name": name, "model": str(model_dir),
-                        "engine": {"max_model_len": 256, "restart_backoff_s": 0.5}}]})
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1", "models": [entry]})
         server = InProcessServer(settings, start_timeout=recover_timeout)
     try:
         runtime = server.runtime
         model = next(iter(runtime.models))
         engine = runtime.engines[0]
+        content = ("tell me about the sokiba" if verify else
+                   "question : what is the color of ent1 ? A red B blue C green D gold")
         body = {"model": model, "max_tokens": 16,
-                "messages": [{"role": "user", "content": "question : what is the color of "
-                              "ent1 ? A red B blue C green D gold"}]}
+                "messages": [{"role": "user", "content": content}]}
         with httpx.Client(base_url=server.url, timeout=60) as c:
             warm = c.post("/v1/chat/completions", json=body)
             assert warm.status_code == 200, warm.text
@@ -176,6 +190,8 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
             "engine_restarts": metric_sum(after, "calibserve_engine_restarts_total")
             - metric_sum(before, "calibserve_engine_restarts_total"),
             "new_engine_pid": engine.pid != old_pid,
+            "confidence_requests": metric_sum(after, "calibserve_confidence_requests_total")
+            - metric_sum(before, "calibserve_confidence_requests_total"),
             "errors_not_200_or_503": len(errors),
             "error_samples": [f"{o.status} {o.error}" for o in errors[:3]],
         }

@@ -44,7 +44,7 @@ def test_unit_tests_catch_per_replica_ece(tmp_path: Path) -> None:
     is the classic mistake; the unit tests must reject a rules file that makes it."""
     text = RULES.read_text()
     broken = text.replace(
-        "sum by (model, bin) (increase(", "sum by (model, bin, instance) (increase("
+        "sum by (model, method, bin) (increase(", "sum by (model, method, bin, instance) (increase("
     )
     assert broken != text
     (tmp_path / "tests").mkdir()
@@ -70,7 +70,8 @@ def test_unit_test_expectation_is_calibration_ece() -> None:
     expected = ece(conf, correct, n_bins=N_BINS)
     text = (RULES.parent / "tests" / "calibration_test.yml").read_text()
     stated = re.search(
-        r"model:calibserve_calibration_ece:1h\{model=\"m\"\}'\n\s+value: ([0-9.]+)", text
+        r"model:calibserve_calibration_ece:1h\{method=\"answer\",model=\"m\"\}'\n\s+value: "
+        r"([0-9.]+)", text
     )
     assert stated is not None
     assert float(stated.group(1)) == pytest.approx(expected, abs=1e-12)
@@ -92,10 +93,12 @@ def test_ece_rules_aggregate_bins_before_abs() -> None:
         for rule in group["rules"]:
             if rule.get("record", "").startswith("model:calibserve_calibration_ece:"):
                 expr = " ".join(rule["expr"].split())
-                assert "abs( sum by (model, bin) (increase(calibserve_calibration_confidence_sum" \
-                    in expr
-                assert "- sum by (model, bin) (increase(calibserve_calibration_correct_total" \
-                    in expr
+                # per (model, method): option-letter and free-form ECE are never mixed
+                assert "abs( sum by (model, method, bin) (increase(" \
+                    "calibserve_calibration_confidence_sum" in expr
+                assert "- sum by (model, method, bin) (increase(" \
+                    "calibserve_calibration_correct_total" in expr
+                assert expr.startswith("sum by (model, method) (")
 
 
 def test_prometheusrule_is_rendered_from_rules_file() -> None:

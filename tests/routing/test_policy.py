@@ -106,3 +106,44 @@ def test_budget_window_is_the_last_values_sorted(values: list[float], window: in
     for v in values:
         p.decide(v)
     assert p._sorted == sorted(values[-window:])
+
+
+def _two_method_doc() -> dict[str, object]:
+    th = [{"target_accuracy": 0.8, "threshold": 0.6, "coverage": 0.5}]
+    return {"version": 2, "multiple_choice": "answer", "free_form": "verify",
+            "methods": {"answer": {"thresholds": th,
+                                   "calibrator": {"type": "temperature", "temperature": 2.0}},
+                        "verify": {"calibrator": {"type": "platt", "a": 1.0, "b": 0.0},
+                                   "thresholds": [{"target_accuracy": 0.8, "threshold": 0.4,
+                                                   "coverage": 0.5}]},
+                        "mean": {}}}
+
+
+def test_auto_holds_one_threshold_per_method() -> None:
+    from calibserve.routing import ThresholdPolicy
+
+    p = ThresholdPolicy.auto(_two_method_doc(), 0.8)
+    assert p.methods == {"answer": 0.6, "verify": 0.4} and p.threshold == 0.6
+    assert p.decide(0.5, "answer", True).escalate          # answer's own 0.6
+    assert not p.decide(0.5, "verify", True).escalate      # verify's own 0.4
+    assert p.decide(0.5, "verify", True).threshold == 0.4
+    # uncalibrated `mean` (verify's fallback): judged by the free-form method's threshold
+    assert p.decide(0.3, "mean", False).threshold == 0.4
+    assert p.decide(0.3, "mean", False).escalate
+
+
+def test_the_uncalibrated_setting() -> None:
+    from calibserve.routing import ThresholdPolicy
+
+    doc = _two_method_doc()
+    esc = ThresholdPolicy.auto(doc, uncalibrated="escalate").decide(0.99, "mean", False)
+    assert esc.escalate and esc.reason == "uncalibrated"
+    assert not ThresholdPolicy.auto(doc, uncalibrated="serve").decide(0.0, "mean", False).escalate
+    # no threshold for the free-form method: an uncalibrated reply is served
+    del doc["methods"]["verify"]["thresholds"]  # type: ignore[index]
+    served = ThresholdPolicy.auto(doc).decide(0.0, "mean", False)
+    assert not served.escalate and served.threshold is None
+    # an explicit threshold applies to every method, calibrated or not
+    assert ThresholdPolicy(0.5).decide(0.4, "mean", False).escalate
+    with pytest.raises(ValueError, match="uncalibrated must be one of"):
+        ThresholdPolicy(0.5, uncalibrated="sometimes")

@@ -58,8 +58,9 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
                             timeout=10)
             assert fb.status_code == 200 and fb.json()["model"] == label, fb.text
         text = httpx.get(f"{running.url}/metrics", timeout=10).text
-        assert f'calibserve_calibration_samples_total{{bin="11",model="{label}"}} 2.0' in text \
-            or f'calibserve_calibration_samples_total{{model="{label}",bin="11"}} 2.0' in text
+        # ... and under the method that scored it (no calibration.json: `mean`).
+        assert (f'calibserve_calibration_samples_total{{bin="11",method="mean",'
+                f'model="{label}"}} 2.0') in text
 
 
 def test_an_escalation_tier_is_scored_with_its_own_calibration(fake_upstream: FakeUpstream,

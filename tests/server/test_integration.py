@@ -332,3 +332,77 @@ def test_merged_model_serves_answer_confidence(
             assert conf["method"] == cal.multiple_choice == expected.method
             assert conf["score"] == expected.score and conf["raw"] == expected.raw
             assert conf["calibrated"] is expected.calibrated is True  # answer's own map
+
+
+def test_merged_model_serves_verify_confidence_on_free_form_replies(
+    merged_dir: Path, vllm_server: Callable[[Path, str], str], tmp_path: Path
+) -> None:
+    """A document with `free_form: "verify"`: a free-form reply gets its confidence from one
+    extra max_tokens-1 request to the same engine, which the client never sees; option-letter
+    replies keep `answer` and cost no extra request.
+
+    Through the demo chat template (`... answer :`) the merged model answers even "hello" with
+    an option letter, so the free-form replies here come from the completions endpoint (a raw
+    prompt, continued as free text)."""
+    model_dir = merged_dir / "model"
+    data = json.loads((model_dir / "calibration.json").read_text())
+    answer = {k: v for k, v in data["methods"]["answer"].items()
+              if k in ("params", "calibrator", "thresholds")}  # not the fit: another writer's
+    cal_path = CalibrationDocument.from_dict({
+        "version": 2, "methods": {"answer": answer, "mean": {}, "verify": {}},
+        "multiple_choice": "answer", "free_form": "verify"}).write(tmp_path / "calibration.json")
+    url = vllm_server(model_dir, "merged")
+    settings = ServerSettings.model_validate({
+        "signing_key": "merged-verify",
+        "models": [{"name": "merged", "upstreams": [url], "upstream_model": "merged",
+                    "calibration": str(cal_path)}],
+    })
+
+    def verify_requests(running: RunningServer) -> float:
+        text = httpx.get(f"{running.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("calibserve_confidence_requests_total{"))
+
+    with serve(settings) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        chat = client.chat.completions.create(
+            model="merged", messages=[{"role": "user", "content": "hello"}],
+            temperature=0, max_tokens=12)
+        chat_conf = chat.choices[0].model_extra["confidence"]
+        if chat_conf["method"] == "answer":
+            assert verify_requests(running) == 0.0  # option letters: no extra request
+        resp = client.completions.create(
+            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12)
+        (choice,) = resp.choices
+        conf = choice.model_extra["confidence"]
+        assert choice.logprobs is None and choice.text
+        assert conf["method"] != "answer", conf  # a free-form continuation
+        assert conf["calibrated"] is False  # neither verify nor mean has a map of its own here
+        metrics = httpx.get(f"{running.url}/metrics").text
+        # The verify request was sent (and answered) whatever the verdict. A tokenizer with
+        # yes/no tokens gives a verdict (`verify`); the demo's vocabulary (335 tokens) has none
+        # today, so no verdict is possible and the reply is served, labelled, as `mean`.
+        if _has_yes_no(model_dir):
+            assert conf["method"] == "verify", conf
+            outcome = "ok"
+        else:
+            assert conf["method"] == "mean", conf
+            outcome = "no_verdict"
+        assert sample(metrics, "calibserve_confidence_requests_total", route="merged",
+                      method="verify", outcome=outcome) == 1.0, metrics
+        assert 0.0 <= conf["score"] == conf["raw"] <= 1.0
+        streamed = client.completions.create(
+            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12,
+            stream=True)
+        finals = [c.choices[0].model_extra.get("confidence") for c in streamed
+                  if c.choices and c.choices[0].finish_reason]
+        assert finals == [conf]
+        assert sample(httpx.get(f"{running.url}/metrics").text,
+                      "calibserve_confidence_requests_total", route="merged", method="verify",
+                      outcome=outcome) == 2.0
+
+
+def _has_yes_no(model_dir: Path) -> bool:
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    words = {calibration.normalize_token(t).lower() for t in vocab}
+    return bool(words & {"yes", "true"}) and bool(words & {"no", "false"})

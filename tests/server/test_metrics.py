@@ -51,7 +51,7 @@ def exercised_metrics() -> ServerMetrics:
     m.requests.labels("m", "chat", "ok").inc()
     m.duration.labels("m", "chat").observe(0.1)
     m.overhead.labels("m", "chat").observe(0.001)
-    m.confidence.labels("m").observe(0.5)
+    m.confidence.labels("m", "answer").observe(0.5)
     m.feedback.labels("m", "forged").inc()
     m.upstream_errors.labels("u", "connect").inc()
     m.engine_restarts.labels("m").inc()
@@ -163,3 +163,32 @@ def test_one_registry_holds_server_routing_and_process_series() -> None:
     assert 'upstream="one-registry-a"' not in other
     assert REGISTRY.get_sample_value("calibserve_circuit_state",
                                      {"upstream": "one-registry-a"}) is None
+
+
+def test_feedback_is_counted_under_the_method_the_id_carries() -> None:
+    """Option-letter and free-form feedback never share bins; an id issued before ids carried
+    the method is still accepted and counted under the model's multiple-choice method."""
+    metrics = ServerMetrics()
+    signer = ResponseIdSigner("k")
+    recorder = FeedbackRecorder(signer, metrics, {"m"}, ttl_s=3600, memory=1000,
+                                multiple_choice={"m": "answer"})
+    metrics.init_model("m", ("answer", "verify"))
+    both = signer.issue("chatcmpl-", "m", [0.9, 0.2], [0.9, 0.2], methods=["answer", "verify"])
+    old = signer.issue("chatcmpl-", "m", [0.5], [0.5])  # no methods in it
+    assert signer.verify(old).methods is None
+    assert recorder.record(FeedbackRequest(id=both, correct=True, choice=1)).method == "verify"
+    assert recorder.record(FeedbackRequest(id=both, correct=True, choice=0)).method == "answer"
+    assert recorder.record(FeedbackRequest(id=old, correct=False)).method == "answer"
+    text = metrics.render().decode()
+    assert sample(text, "calibserve_calibration_samples_total", model="m", method="verify",
+                  bin="3") == 1
+    assert sample(text, "calibserve_calibration_samples_total", model="m", method="answer",
+                  bin="13") == 1
+    assert sample(text, "calibserve_calibration_samples_total", model="m", method="answer",
+                  bin="7") == 1
+    assert sample(text, "calibserve_calibration_samples_total", model="m", method="verify",
+                  bin="13") == 0
+    assert sample(text, "calibserve_ece", model="m", method="verify") == pytest.approx(0.8)
+    metrics.confidence.labels("m", "verify").observe(0.3)
+    assert sample(metrics.render().decode(), "calibserve_confidence_count", model="m",
+                  method="verify") == 1

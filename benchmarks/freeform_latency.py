@@ -1,0 +1,167 @@
+"""What `verify` adds to a non-streaming request's latency, on the CPU demo (issue 12 floor: +30%).
+
+One real vLLM CPU engine serves the merged demo model; two calibserve servers front it side by
+side, identical but for the calibration document's free-form method: `mean` (the reply's own
+logprobs, no extra request) and `verify` (one extra prompt-only request per reply, max_tokens 1,
+served by the same engine, whose prefix cache holds the conversation). Requests are the demo
+world's short-answer questions and open prompts as plain user messages, sent one at a time and
+interleaved (mean, verify, mean, verify, ...) so both see the same engine state. Replies the
+multiple-choice method scores (option letters) cost no verify request either way; the table
+reports both all requests and the free-form ones only, and how many were verified.
+
+    CALIBSERVE_HOME=... .venv/bin/python benchmarks/freeform_latency.py [--requests 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.reliability.harness import InProcessServer  # noqa: E402
+from calibserve.calibration import CalibrationDocument  # noqa: E402
+from calibserve.server.config import ServerSettings  # noqa: E402
+from tests import vllm_process  # noqa: E402
+from tests.vllm_process import VLLMProcess  # noqa: E402
+
+
+def prompts(data: Path, limit: int) -> list[str]:
+    out: list[str] = []
+    for name, key in (("open_prompts.jsonl", "prompt"), ("short_answer.jsonl", "question")):
+        for line in (data / name).read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line)[key])
+    # Open prompts first (free-form replies), then short-answer questions, alternating.
+    opens, shorts = out[:40], out[40:]
+    mixed = [p for pair in zip(opens, shorts, strict=False) for p in pair]
+    return (mixed + shorts[len(opens):])[:limit]
+
+
+def document(model_dir: Path, free_form: str, out: Path) -> Path:
+    """The merged model's `answer` entry (its map and thresholds) plus `free_form` with no map
+    of its own. Read as plain JSON: a cached merge may carry fit fields of a newer writer."""
+    data = json.loads((model_dir / "calibration.json").read_text())
+    answer = data["methods"]["answer"]
+    methods = {"answer": {k: answer[k] for k in ("params", "calibrator", "thresholds")
+                          if k in answer},
+               "mean": {}, free_form: {}}
+    doc = CalibrationDocument.from_dict({"version": 2, "methods": methods,
+                                         "multiple_choice": "answer", "free_form": free_form})
+    return doc.write(out)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def request(endpoint: str, text: str, max_tokens: int) -> tuple[str, dict[str, object]]:
+    """Chat: the text as a plain user message (the demo template then asks for an answer);
+    completions: the raw text as the prompt, continued as free text (no template)."""
+    if endpoint == "chat":
+        return "/v1/chat/completions", {"model": "merged", "max_tokens": max_tokens,
+                                        "temperature": 0,
+                                        "messages": [{"role": "user", "content": text}]}
+    return "/v1/completions", {"model": "merged", "max_tokens": max_tokens, "temperature": 0,
+                               "prompt": text}
+
+
+def measure(client: httpx.Client, servers: dict[str, InProcessServer], endpoint: str,
+            texts: list[str], max_tokens: int) -> None:
+    lat: dict[str, list[float]] = {"mean": [], "verify": []}
+    free_lat: dict[str, list[float]] = {"mean": [], "verify": []}
+    verified = 0
+    for warm in texts[:4]:  # warm both paths (and vLLM's caches) before measuring
+        for server in servers.values():
+            path, body = request(endpoint, warm, max_tokens)
+            client.post(server.url + path, json=body)
+    for text in texts:
+        path, body = request(endpoint, text, max_tokens)
+        methods: dict[str, str] = {}
+        for method, server in servers.items():
+            started = time.perf_counter()
+            r = client.post(server.url + path, json=body)
+            elapsed = time.perf_counter() - started
+            r.raise_for_status()
+            lat[method].append(elapsed)
+            methods[method] = r.json()["choices"][0]["confidence"]["method"]
+        if methods["mean"] != "answer":  # a free-form reply (the same greedy reply in both)
+            for method in servers:
+                free_lat[method].append(lat[method][-1])
+            verified += methods["verify"] == "verify"
+    for label, data in ((f"{endpoint}: all requests", lat),
+                        (f"{endpoint}: free-form replies", free_lat)):
+        if not data["mean"]:
+            print(f"{label:32} {0:>4}")
+            continue
+        m50, v50 = statistics.median(data["mean"]), statistics.median(data["verify"])
+        mavg, vavg = statistics.fmean(data["mean"]), statistics.fmean(data["verify"])
+        m90, v90 = percentile(data["mean"], 0.9), percentile(data["verify"], 0.9)
+        print(f"{label:32} {len(data['mean']):>4} {m50 * 1e3:>7.1f}ms {v50 * 1e3:>8.1f}ms "
+              f"{v50 / m50:>6.2f} {mavg * 1e3:>7.1f}ms {vavg * 1e3:>8.1f}ms {vavg / mavg:>6.2f} "
+              f"{v90 / m90:>9.2f}")
+    print(f"{endpoint}: free-form replies that got a verify request: {len(free_lat['verify'])}; "
+          f"with a yes/no verdict (method verify): {verified}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--start-timeout", type=float, default=1500.0,
+                        help="seconds to wait for vLLM (a shared 2-core machine is slow)")
+    args = parser.parse_args()
+
+    from calibserve.demo import build_world
+    from calibserve.demo_pipeline import merge_demo
+
+    world = build_world()
+    model_dir = merge_demo(world) / "model"
+    tmp = Path(tempfile.mkdtemp(prefix="freeform-latency-"))
+    vllm_process.START_TIMEOUT_S = max(vllm_process.START_TIMEOUT_S, args.start_timeout)
+    engine = VLLMProcess(model_dir, "merged", tmp)
+    engine.start()
+    servers: dict[str, InProcessServer] = {}
+    try:
+        engine.wait_ready()
+        for method in ("mean", "verify"):
+            cal = document(model_dir, method, tmp / f"calibration-{method}.json")
+            settings = ServerSettings.model_validate({
+                "signing_key": "bench", "models": [{
+                    "name": "merged", "upstreams": [engine.url], "upstream_model": "merged",
+                    "calibration": str(cal)}]})
+            servers[method] = InProcessServer(settings)
+        texts = prompts(world / "data", args.requests)
+        print(f"machine: {platform.machine()} {platform.processor() or ''} "
+              f"{platform.system()} {platform.release()}, {os.cpu_count()} cores (shared); "
+              f"python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}")
+        print(f"requests: {len(texts)} per endpoint, sequential, max_tokens {args.max_tokens}, "
+              "temperature 0")
+        print(f"{'':32} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
+              f"{'avg mean':>9} {'avg verify':>10} {'ratio':>6} {'p90 ratio':>9}")
+        with httpx.Client(timeout=120) as client:
+            for endpoint in ("chat", "completions"):
+                measure(client, servers, endpoint, texts, args.max_tokens)
+        stats = httpx.get(f"{servers['verify'].url}/metrics").text
+        for line in stats.splitlines():
+            if line.startswith("calibserve_confidence_requests_total{"):
+                print(line)
+    finally:
+        for server in servers.values():
+            server.stop()
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

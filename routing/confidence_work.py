@@ -1,0 +1,177 @@
+"""The extra upstream work a free-form confidence method needs, done for one tier's reply.
+
+When a tier's Scorer serves a free-form method that reads more than the reply's own logprobs
+(calibration/methods.py), the reply is first scored by the token-statistic fallback (`mean`),
+then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method reads:
+
+- `verify`: one prompt-only request per choice (concurrently for n > 1): the conversation with
+  the reply as the assistant's turn and the yes/no question (`calibration.verify_messages`; for
+  completions `verify_prompt`), `max_tokens: 1`, temperature 0, the verdict token's top 20
+  logprobs. Confidence: `verify_confidence` (P(yes) renormalised over yes/no).
+- `consistency`: one request per client request (shared by its choices) with `n: k` samples of
+  the same prompt at temperature 1 (or the client's temperature), no logprobs. Confidence: the
+  fraction of samples agreeing with the reply after `normalize_answer`.
+
+These requests go straight to the tier's upstream: they are not routed, never escalate, never
+count as user requests, and the client never sees them. Each is counted once in
+`calibserve_confidence_requests_total{route,method,outcome}` (outcome `ok`, `no_verdict`,
+`error`, `unsupported`) and its time is upstream time. When the work fails (an upstream error,
+no yes/no among the verdict's alternatives, a request shape it cannot rephrase, e.g. a
+tokenised completions prompt) the fallback confidence is served, labelled `mean`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from calibserve.calibration import (
+    CalibrationError,
+    NoVerdictError,
+    consistency_confidence,
+    token_logprobs,
+    verify_confidence,
+    verify_messages,
+    verify_prompt,
+)
+from calibserve.calibration import Scorer as CalibrationScorer
+from calibserve.routing.agreement import choice_text
+from calibserve.routing.errors import UpstreamError
+from calibserve.routing.metrics import RoutingMetrics
+from calibserve.routing.payload import endpoint_path
+from calibserve.routing.result import RoutedResult
+from calibserve.routing.route import ConfidenceLike, Tier
+
+VERIFY_TOP_LOGPROBS = 20
+# Sampling keys that would change what a consistency sample or a verdict is.
+_DROP = ("stream", "stream_options", "logprobs", "top_logprobs", "best_of", "echo", "n",
+         "suffix", "prompt_logprobs")
+
+
+class _Unsupported(Exception):
+    """The request cannot be rephrased for this method (counted as `unsupported`)."""
+
+
+class ConfidenceWork:
+    """The extra work one tier's reply to one request may need; `refine` each choice."""
+
+    def __init__(self, tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult,
+                 metrics: RoutingMetrics) -> None:
+        scorer = tier.confidence_scorer
+        self.scorer = scorer if isinstance(scorer, CalibrationScorer) else None
+        self.tier = tier
+        self.endpoint = endpoint
+        self.body = body
+        self.result = result
+        self.metrics = metrics
+        self._samples: asyncio.Task[list[str] | None] | None = None
+
+    def pending(self, confidence: ConfidenceLike) -> bool:
+        """Will `refine` replace this confidence (does it need extra upstream work)?"""
+        return self.scorer is not None and self.scorer.extra_work(confidence) is not None
+
+    async def refine(self, confidence: ConfidenceLike, text: str) -> ConfidenceLike:
+        """The choice's confidence after its method's extra work; `confidence` when none is
+        needed or the work failed (the fallback, as labelled)."""
+        if self.scorer is None:
+            return confidence
+        kind = self.scorer.extra_work(confidence)
+        if kind is None:
+            return confidence
+        if kind.extra == "verify":
+            raw = await self._verify(text)
+        else:
+            raw = await self._consistency(text)
+        return confidence if raw is None else self.scorer.refined(raw)
+
+    async def refine_all(
+        self, items: Sequence[tuple[ConfidenceLike, str]]
+    ) -> list[ConfidenceLike]:
+        """`refine` every (confidence, text), concurrently."""
+        if not any(self.pending(conf) for conf, _ in items):
+            return [conf for conf, _ in items]
+        return list(await asyncio.gather(*(self.refine(c, t) for c, t in items)))
+
+    # -- verify ---------------------------------------------------------------------------
+    def _verify_body(self, reply: str) -> dict[str, Any]:
+        assert self.scorer is not None
+        question = self.scorer.verify_question
+        out: dict[str, Any] = {"model": self.tier.model, "max_tokens": 1, "temperature": 0,
+                               "stream": False}
+        if self.endpoint == "chat":
+            messages = self.body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise _Unsupported
+            out["messages"] = (verify_messages(messages, reply) if question is None
+                               else verify_messages(messages, reply, question))
+            out["logprobs"] = True
+            out["top_logprobs"] = VERIFY_TOP_LOGPROBS
+        else:
+            prompt = self.body.get("prompt")
+            if not isinstance(prompt, str):
+                raise _Unsupported  # token ids or a batch of prompts: not rephrasable
+            out["prompt"] = (verify_prompt(prompt, reply) if question is None
+                             else verify_prompt(prompt, reply, f"\n{question}\nAnswer:"))
+            out["logprobs"] = VERIFY_TOP_LOGPROBS
+        return out
+
+    async def _verify(self, reply: str) -> float | None:
+        try:
+            answer = await self._request(self._verify_body(reply))
+            choice = (answer.get("choices") or [{}])[0]
+            parsed = token_logprobs(choice.get("logprobs"))
+            if not len(parsed):
+                raise NoVerdictError("the verdict has no token")
+            top = dict(parsed.top[0])
+            top.setdefault(parsed.tokens[0], float(parsed.logprobs[0]))
+            raw = verify_confidence(top)
+        except _Unsupported:
+            self._count("verify", "unsupported")
+            return None
+        except NoVerdictError:
+            self._count("verify", "no_verdict")
+            return None
+        except (UpstreamError, CalibrationError, LookupError, TypeError, AttributeError):
+            self._count("verify", "error")
+            return None
+        self._count("verify", "ok")
+        return raw
+
+    # -- consistency ----------------------------------------------------------------------
+    async def _consistency(self, reply: str) -> float | None:
+        if self._samples is None:
+            self._samples = asyncio.ensure_future(self._sample())
+        samples = await self._samples
+        if not samples:
+            return None
+        return consistency_confidence(reply, samples)
+
+    async def _sample(self) -> list[str] | None:
+        assert self.scorer is not None
+        out = {k: v for k, v in self.body.items() if k not in _DROP}
+        out["model"] = self.tier.model
+        out["n"] = self.scorer.consistency_k
+        if out.get("temperature") is None:
+            out["temperature"] = 1.0
+        out["stream"] = False
+        try:
+            answer = await self._request(out)
+            samples = [choice_text(c) for c in answer.get("choices") or []]
+        except (UpstreamError, LookupError, TypeError, AttributeError):
+            self._count("consistency", "error")
+            return None
+        self._count("consistency", "ok" if samples else "error")
+        return samples
+
+    # -- shared ---------------------------------------------------------------------------
+    async def _request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return await self.tier.upstream.request_json(endpoint_path(self.endpoint), payload)
+        finally:
+            self.result.upstream_seconds += time.perf_counter() - started
+
+    def _count(self, method: str, outcome: str) -> None:
+        self.metrics.confidence_requested(self.result.route, method, outcome)

@@ -1,0 +1,294 @@
+"""The extra confidence work (verify, consistency) in both router paths, on in-process fakes.
+
+The verify request goes to the SAME tier's upstream with max_tokens 1, is never seen by the
+client, never escalates, falls back to `mean` (labelled so) when it fails, and the streamed and
+non-streamed paths agree on the confidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from typing import Any
+
+import httpx
+import pytest
+
+from calibserve.calibration import CalibrationDocument, Scorer
+from calibserve.calibration.verify import VERIFY_QUESTION, VERIFY_SUFFIX
+from calibserve.routing import (
+    NeverPolicy,
+    RetryPolicy,
+    Route,
+    Router,
+    RoutingMetrics,
+    ThresholdPolicy,
+    Tier,
+    Upstream,
+)
+from tests.routing.fakes import FakeUpstream, fake_chat_answer, fake_chat_events
+
+pytestmark = pytest.mark.anyio
+NO_RETRY = RetryPolicy(max_attempts=1)
+PLATT = {"type": "platt", "a": 2.0, "b": 0.0}  # sigmoid(2 logit p): 0.75 -> 0.9
+MESSAGES = [{"role": "user", "content": "capital of france ?"}]
+
+
+def scorer(free_form: str, calibrated: bool = False, **params: Any) -> Scorer:
+    entry: dict[str, Any] = {"params": params} if params else {}
+    if calibrated:
+        entry["calibrator"] = PLATT
+        entry["thresholds"] = [{"target_accuracy": 0.8, "threshold": 0.7, "coverage": 0.5}]
+    doc = CalibrationDocument.from_dict({
+        "version": 2, "multiple_choice": "answer", "free_form": free_form,
+        "methods": {"answer": {"thresholds": [{"target_accuracy": 0.8, "threshold": 0.2,
+                                               "coverage": 0.5}]},
+                    free_form: entry}})
+    return Scorer.from_document(doc)
+
+
+def verdict(top: dict[str, float]) -> dict[str, Any]:
+    first = next(iter(top))
+    return {"object": "chat.completion", "model": "fake", "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": first}, "finish_reason": "length",
+        "logprobs": {"content": [{"token": first, "logprob": math.log(top[first]),
+                                  "top_logprobs": [{"token": t, "logprob": math.log(p)}
+                                                   for t, p in top.items()]}]}}]}
+
+
+def completion_verdict(top: dict[str, float]) -> dict[str, Any]:
+    first = next(iter(top))
+    return {"object": "text_completion", "model": "fake", "choices": [{
+        "index": 0, "text": first, "finish_reason": "length",
+        "logprobs": {"tokens": [first], "token_logprobs": [math.log(top[first])],
+                     "top_logprobs": [{t: math.log(p) for t, p in top.items()}]}}]}
+
+
+YES_NO = {"yes": 0.6, "no": 0.2, "maybe": 0.1}  # P(yes) renormalised: 0.75
+
+
+class Engine:
+    """A fake engine: answers the main request with `text`, verdicts with `top`, samples."""
+
+    def __init__(self, text: str = "paris", prob: float = 0.5, top: dict[str, float] = YES_NO,
+                 samples: list[str] | None = None, verify_status: int = 200) -> None:
+        self.text, self.prob, self.top = text, prob, top
+        self.samples = samples or []
+        self.verify_status = verify_status
+        self.fake = FakeUpstream([self.handle])
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body.get("max_tokens") == 1:
+            if self.verify_status != 200:
+                return httpx.Response(self.verify_status, json={"error": {"message": "boom"}})
+            if request.url.path.endswith("/completions") and "prompt" in body:
+                return httpx.Response(200, json=completion_verdict(self.top))
+            return httpx.Response(200, json=verdict(self.top))
+        if "n" in body and body["n"] > 1 and not body.get("logprobs"):
+            answer = fake_chat_answer("x", 0.5)
+            answer["choices"] = [{"index": i, "message": {"role": "assistant", "content": s},
+                                  "finish_reason": "stop"} for i, s in enumerate(self.samples)]
+            return httpx.Response(200, json=answer)
+        if body.get("stream"):
+            content = b"".join(fake_chat_events([(self.text, self.prob)]))
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=content)
+        answer = fake_chat_answer(self.text, self.prob)
+        n = int(body.get("n") or 1)
+        answer["choices"] = [dict(answer["choices"][0], index=i) for i in range(n)]
+        return httpx.Response(200, json=answer)
+
+    def upstream(self, name: str, metrics: RoutingMetrics) -> Upstream:
+        return Upstream(name, "http://fake", retry=NO_RETRY, transport=self.fake.transport(),
+                        metrics=metrics)
+
+    def extra(self) -> list[dict[str, Any]]:
+        return [b for b in self.fake.bodies if b.get("max_tokens") == 1 or
+                (int(b.get("n") or 1) > 1 and not b.get("logprobs"))]
+
+
+def build(engine: Engine, s: Scorer, policy: Any = None,
+          expert: Engine | None = None) -> tuple[Router, RoutingMetrics]:
+    metrics = RoutingMetrics()
+    tiers = [Tier("m", engine.upstream("p", metrics), s, name="primary")]
+    if expert is not None:
+        tiers.append(Tier("e", expert.upstream("e", metrics), None, name="expert"))
+    route = Route("r", tiers, policy=policy or NeverPolicy(), stream_mode="buffer")
+    return Router([route], metrics=metrics), metrics
+
+
+def count(metrics: RoutingMetrics, method: str, outcome: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "calibserve_confidence_requests_total", {"route": "r", "method": method,
+                                                 "outcome": outcome})
+    return value or 0.0
+
+
+async def stream_confidence(router: Router, body: dict[str, Any]) -> dict[str, Any]:
+    confs = []
+    async for item in router.stream("r", "chat", {**body, "stream": True}):
+        if item.data is None:
+            break
+        for choice in item.data.get("choices") or []:
+            if "confidence" in choice:
+                confs.append(choice["confidence"])
+    assert len(confs) == 1
+    return confs[0]
+
+
+async def test_verify_asks_the_same_upstream_a_one_token_question() -> None:
+    engine = Engine()
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    choices = res.body["choices"]  # type: ignore[index]
+    assert len(choices) == 1 and choices[0]["message"]["content"] == "paris"
+    assert choices[0]["confidence"] == {"score": pytest.approx(0.75), "raw": pytest.approx(0.75),
+                                        "method": "verify", "calibrated": False}
+    (main, extra) = engine.fake.bodies
+    assert extra == {"model": "m", "max_tokens": 1, "temperature": 0, "stream": False,
+                     "logprobs": True, "top_logprobs": 20,
+                     "messages": [*MESSAGES, {"role": "assistant", "content": "paris"},
+                                  {"role": "user", "content": VERIFY_QUESTION}]}
+    assert main["logprobs"] is True and "max_tokens" not in main
+    assert count(metrics, "verify", "ok") == 1
+    assert metrics.registry.get_sample_value("calibserve_route_requests_total",
+                                             {"route": "r"}) == 1
+
+
+async def test_verify_through_its_own_map_and_the_question_override() -> None:
+    engine = Engine()
+    router, _ = build(engine, scorer("verify", calibrated=True, question="Right?"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    conf = res.body["choices"][0]["confidence"]  # type: ignore[index]
+    assert conf["method"] == "verify" and conf["calibrated"] is True
+    assert conf["score"] == pytest.approx(0.9)
+    assert engine.extra()[0]["messages"][-1]["content"] == "Right?"
+
+
+async def test_streamed_and_non_streamed_agree() -> None:
+    for s in (scorer("verify"), scorer("verify", calibrated=True)):
+        engine = Engine()
+        router, metrics = build(engine, s, expert=Engine(text="lyon"),
+                                policy=ThresholdPolicy(0.1))
+        body = {"model": "r", "messages": MESSAGES}
+        whole = (await router.complete("r", "chat", body)).body["choices"][0]["confidence"]  # type: ignore[index]
+        streamed = await stream_confidence(router, body)
+        assert streamed == whole and streamed["method"] == "verify"
+        assert count(metrics, "verify", "ok") == 2
+        # the verify request of the stream is a plain JSON request, asked after the reply ended
+        assert [b.get("stream") for b in engine.fake.bodies] == [False, False, True, False]
+
+
+@pytest.mark.parametrize(("engine", "outcome"), [
+    (Engine(top={"paris": 0.9, "maybe": 0.1}), "no_verdict"),
+    (Engine(verify_status=500), "error"),
+])
+async def test_failed_verify_falls_back_to_mean_and_never_escalates(
+    engine: Engine, outcome: str
+) -> None:
+    expert = Engine(text="lyon")
+    router, metrics = build(engine, scorer("verify"), policy=ThresholdPolicy(0.3), expert=expert)
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    conf = res.body["choices"][0]["confidence"]  # type: ignore[index]
+    assert conf == {"score": 0.5, "raw": 0.5, "method": "mean", "calibrated": False}
+    assert res.served_by == "primary" and not res.escalated and not expert.fake.bodies
+    assert count(metrics, "verify", outcome) == 1
+    assert metrics.registry.get_sample_value(
+        "calibserve_escalations_total", {"route": "r", "reason": "primary_failed",
+                                         "tier": "expert"}) is None
+    streamed = await stream_confidence(router, {"model": "r", "messages": MESSAGES})
+    assert streamed == conf
+
+
+async def test_n_choices_are_verified_concurrently_one_request_each() -> None:
+    engine = Engine()
+    in_flight = 0
+    peak = 0
+    original = engine.fake.handle
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        try:
+            return await original(request)
+        finally:
+            in_flight -= 1
+
+    engine.fake.handle = handle  # type: ignore[method-assign]
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES, "n": 3})
+    confs = [c["confidence"]["method"] for c in res.body["choices"]]  # type: ignore[index]
+    assert confs == ["verify"] * 3
+    assert len(engine.extra()) == 3 and peak == 3
+    assert count(metrics, "verify", "ok") == 3
+
+
+async def test_option_letter_replies_keep_answer_and_cost_nothing() -> None:
+    engine = Engine(text="B", prob=0.8)
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert res.body["choices"][0]["confidence"]["method"] == "answer"  # type: ignore[index]
+    assert engine.extra() == [] and count(metrics, "verify", "ok") == 0
+
+
+async def test_completions_verify_uses_the_prompt_and_20_logprobs() -> None:
+    engine = Engine()
+
+    def completion(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body.get("max_tokens") == 1:
+            return httpx.Response(200, json=completion_verdict(YES_NO))
+        return httpx.Response(200, json={"object": "text_completion", "model": "fake",
+                                         "choices": [{"index": 0, "text": " paris",
+                                                      "finish_reason": "stop",
+                                                      "logprobs": {"tokens": [" paris"],
+                                                                   "token_logprobs": [-0.7],
+                                                                   "top_logprobs": [{}]}}]})
+
+    engine.fake.steps = [completion]
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "completions", {"model": "r", "prompt": "q : capital ?"})
+    assert res.body["choices"][0]["confidence"]["method"] == "verify"  # type: ignore[index]
+    extra = engine.fake.bodies[1]
+    assert extra["prompt"] == "q : capital ?" + " paris" + VERIFY_SUFFIX
+    assert extra["max_tokens"] == 1 and extra["logprobs"] == 20
+    # a tokenised prompt cannot be rephrased: served as mean, counted as unsupported
+    res = await router.complete("r", "completions", {"model": "r", "prompt": [1, 2, 3]})
+    assert res.body["choices"][0]["confidence"]["method"] == "mean"  # type: ignore[index]
+    assert count(metrics, "verify", "unsupported") == 1
+
+
+async def test_consistency_is_one_request_with_n_k_shared_by_the_choices() -> None:
+    engine = Engine(samples=["Paris.", "paris", "the Paris", "lyon", "rome"])
+    router, metrics = build(engine, scorer("consistency", k=5))
+    body = {"model": "r", "messages": MESSAGES, "n": 2, "temperature": 0.7, "max_tokens": 8}
+    res = await router.complete("r", "chat", body)
+    confs = [c["confidence"] for c in res.body["choices"]]  # type: ignore[index]
+    assert [c["method"] for c in confs] == ["consistency"] * 2
+    assert confs[0]["raw"] == pytest.approx(0.6)
+    (sample,) = engine.extra()
+    assert sample["n"] == 5 and sample["temperature"] == 0.7 and sample["max_tokens"] == 8
+    assert "logprobs" not in sample and "top_logprobs" not in sample
+    assert count(metrics, "consistency", "ok") == 1
+    default_t = Engine(samples=["paris"] * 5)
+    router, _ = build(default_t, scorer("consistency"))
+    await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert default_t.extra()[0]["temperature"] == 1.0
+    streamed = await stream_confidence(router, {"model": "r", "messages": MESSAGES})
+    assert streamed["method"] == "consistency" and streamed["raw"] == 1.0
+
+
+async def test_escalation_judges_by_the_scoring_methods_threshold() -> None:
+    # verify calibrated, threshold 0.95 of its own; answer's threshold is 0.2.
+    s = scorer("verify", calibrated=True)
+    doc_policy = ThresholdPolicy(0.2, methods={"answer": 0.2, "verify": 0.95}, free_form="verify")
+    engine, expert = Engine(), Engine(text="lyon")
+    router, _ = build(engine, s, policy=doc_policy, expert=expert)
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    # served verify score 0.9 < 0.95: escalated on verify's own threshold, not answer's 0.2
+    assert res.escalated and res.threshold == 0.95 and res.reason == "low_confidence"
+    assert res.primary_confidence == pytest.approx(0.9)
