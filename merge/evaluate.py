@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from calibserve.calibration import (
     N_BINS,
+    OptionLogits,
     accuracy,
     answer_confidence,
     brier,
@@ -114,24 +115,44 @@ class Scores:
     # Probability that the predicted choice is right, when items carry the true distribution
     # (`p_true`): a lower-variance accuracy than one sampled gold answer per question.
     expected: NDArray[np.float64] | None = None
+    # What the multi-class option temperature is fitted on (None: not recorded, e.g. a sweep
+    # cache written before it was): the option-letter token logprobs and each item's gold option.
+    options: OptionLogits | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        opts = self.options
         return {
             "confidence": self.confidence.tolist(),
             "correct": self.correct.astype(int).tolist(),
             "prediction": self.prediction.tolist(),
             "expected": None if self.expected is None else self.expected.tolist(),
+            "options": None if opts is None else {
+                # JSON has no -inf: absent tokens are written as the vLLM floor, -9999.
+                "logits": np.maximum(opts.logits, -9999.0).tolist(),
+                "groups": opts.groups.tolist(),
+                "gold": opts.gold.tolist(),
+            },
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Scores:
         exp = d.get("expected")
+        pred = np.asarray(d["prediction"], np.int64)
+        o = d.get("options")
+        opts = None if o is None else OptionLogits(
+            np.asarray(o["logits"], np.float64), np.asarray(o["groups"], np.intp),
+            pred.astype(np.intp), np.asarray(o["gold"], np.intp))
         return cls(
             np.asarray(d["confidence"], np.float64),
             np.asarray(d["correct"], bool),
-            np.asarray(d["prediction"], np.int64),
+            pred,
             None if exp is None else np.asarray(exp, np.float64),
+            opts,
         )
+
+    def served(self, confidence: NDArray[np.float64]) -> Scores:
+        """The same answers with another confidence (e.g. the calibrated one)."""
+        return Scores(confidence, self.correct, self.prediction, self.expected, self.options)
 
 
 def point_metrics(scores: Scores, n_bins: int = N_BINS) -> dict[str, float]:
@@ -255,8 +276,19 @@ class MCEvaluator:
             top = dict(zip(self.column_tokens, lps[i].tolist(), strict=True))
             pred[i] = self._argmax_option(top, options)
             conf[i] = answer_confidence(top, options[pred[i]], options)
-        correct = pred == np.asarray([it["answer"] for it in self.items])
-        return Scores(conf, correct, pred, self._expected(pred))
+        gold = np.asarray([it["answer"] for it in self.items], np.intp)
+        correct = pred == gold
+        return Scores(conf, correct, pred, self._expected(pred), self._options(lps, pred, gold))
+
+    def _options(
+        self, lps: NDArray[np.float64], pred: NDArray[np.int64], gold: NDArray[np.intp]
+    ) -> OptionLogits:
+        groups = np.asarray([LETTERS.index(normalize_token(t)) for t in self.column_tokens],
+                            np.intp)
+        n_choices = np.asarray([len(it["choices"]) for it in self.items])
+        # An item with fewer choices has no options beyond its own: absent, as in serving.
+        logits = np.where(groups[None, :] < n_choices[:, None], lps, -np.inf)
+        return OptionLogits(logits, groups, pred.astype(np.intp), gold)
 
     def _expected(self, pred: NDArray[np.int64]) -> NDArray[np.float64] | None:
         probs = [it.get("p_true") for it in self.items]
