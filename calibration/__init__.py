@@ -63,6 +63,7 @@ from calibserve.calibration.metrics import (
 from calibserve.calibration.risk import (
     RiskCoverage,
     aurc,
+    auroc,
     risk_coverage,
     threshold_for_accuracy,
     threshold_for_rate,
@@ -129,6 +130,7 @@ __all__ = [
     "RiskCoverage",
     "risk_coverage",
     "aurc",
+    "auroc",
     "threshold_for_accuracy",
     "threshold_for_rate",
     # errors

@@ -36,6 +36,9 @@ __all__ = [
     "LETTERS",
     "format_mc_prompt",
     "load_items",
+    "load_short_answers",
+    "short_answer_split",
+    "SHORT_ANSWER_FILES",
     "Scores",
     "MCEvaluator",
     "point_metrics",
@@ -103,6 +106,48 @@ def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any
     if not items:
         raise InvalidData(f"{path} has no multiple-choice items", "--data")
     return items, skipped
+
+
+def load_short_answers(path: Path) -> list[dict[str, Any]]:
+    """Short-answer items (`{"question", "answer": str, "aliases"?: [str]}`) of a JSONL file;
+    multiple-choice items in it are skipped (they are `load_items`' business). Extra keys stay."""
+    if not path.is_file():
+        raise InvalidData(f"{path} does not exist", "--data")
+    items: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from exc
+            _check_item(item, where)
+            if _is_mc(item):
+                continue
+            aliases = item.get("aliases", [])
+            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+                raise InvalidData(f"{where}: 'aliases' must be a list of strings", "--data")
+            items.append(item)
+    return items
+
+
+# Where a data directory's short-answer items are: their own files, and any short-answer items
+# mixed into the multiple-choice split of the same name (recognised by their shape).
+SHORT_ANSWER_FILES: dict[str, tuple[str, ...]] = {
+    "calibrate": ("short_calibrate.jsonl", "calibrate.jsonl"),
+    "test": ("short_test.jsonl", "test.jsonl"),
+}
+
+
+def short_answer_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Every short-answer item of `split` (`calibrate` or `test`) in `data_dir` (may be none)."""
+    items: list[dict[str, Any]] = []
+    for name in SHORT_ANSWER_FILES[split]:
+        if (Path(data_dir) / name).is_file():
+            items += load_short_answers(Path(data_dir) / name)
+    return items
 
 
 @dataclass(frozen=True, slots=True)
