@@ -12,7 +12,9 @@ scalar map on top of it is the identity). The result says which won and every fa
 ECE, which merge and `calibserve calibrate` record in the method's `fit` metrics.
 
 A fold whose training part is degenerate for a family (all labels equal: nothing for a scalar map
-to learn) serves that fold with the identity, as the final fit would.
+to learn) serves that fold with the identity, as the final fit would; `platt` alone fits such data
+with the constant of Platt's smoothed target, `(n_right + 1) / (n + 2)` (a model that is always
+wrong is then served a confidence near 0, not its raw one).
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def fit_family(
             raise CalibrationError("option_temperature needs the option logits")
         t = OptionTemperature().fit(options.logits, options.gold, options.groups).temperature
         return IdentityCalibrator(), t
+    if family == "platt":
+        c, y = as_pair(conf, correct)
+        if np.all(y == y[0]):
+            # Single-class data (a model always wrong, say): PlattScaling.fit refuses it, but
+            # Platt's smoothed target (n_right + 1) / (n + 2) is still the best constant map, and
+            # far better than serving the raw confidence.
+            p = (float(y.sum()) + 1.0) / (y.size + 2.0)
+            return PlattScaling(0.0, float(np.log(p) - np.log1p(-p))), 1.0
     if family not in SCALAR_FAMILIES:
         raise CalibrationError(
             f"unknown calibrator family {family!r}; valid: {', '.join(FAMILIES)}"

@@ -16,9 +16,10 @@ user chat message. For each reply:
 Every method in `FREE_FORM_FIT_METHODS` is then fitted on all graded replies with the family
 choice of `calibration.choose_calibrator` (or one forced family), with escalation thresholds of its
 own, into the document's `methods`. `free_form` is the fitted method with the highest AUROC (raw
-confidence, right vs wrong, on the calibrate split; ties: the earlier in the list); when no method
-could be fitted (every reply right, or every reply wrong) `free_form` stays `mean` with no
-calibrator, served `calibrated: false`. A `test` split of short answers is reported per method in
+confidence, right vs wrong, on the calibrate split; an undefined AUROC, one class only, counts as
+0.5; ties: the earlier in the list); when no method could be fitted `free_form` stays `mean` with
+no calibrator, served `calibrated: false`. Single-class data (every reply wrong) is fitted by
+Platt's smoothed constant (`calibration.family`), so an always-wrong model is served ~0. A `test` split of short answers is reported per method in
 `metrics.short_answer`.
 
 The fit is over every reply, also those whose first token is an option letter (the server then
@@ -273,7 +274,9 @@ def fit_free_form(
     aucs = {m: auroc(raws[m], correct) for m in methods}
     notes: list[str] = []
     if fitted:
-        free_form = max(fitted, key=lambda m: (aucs[m], -methods.index(m)))
+        # An AUROC of one class (NaN) ranks nothing: counted as chance.
+        free_form = max(fitted, key=lambda m: (aucs[m] if math.isfinite(aucs[m]) else 0.5,
+                                               -methods.index(m)))
     else:
         free_form = "mean" if "mean" in methods else methods[0]
         notes.append(f"no free-form calibrator fitted ({int(correct.sum())} of {correct.size} "

@@ -122,11 +122,14 @@ def test_fit_free_form_fits_every_method_and_the_scorer_reproduces_it() -> None:
     assert held["ece_calibrated"] < held["ece_raw"] and held["auroc"] > 0.7
 
 
-def test_fit_free_form_with_no_right_answer_stays_uncalibrated() -> None:
+def test_fit_free_form_with_no_right_answer_serves_near_zero() -> None:
     items, replies = _data(50)
     wrong = [Reply("nope", r.confidence, r.logprobs) for r in replies]
     fit = fit_free_form((items, wrong))
-    assert fit.free_form == "mean" and not any(e.calibrated for e in fit.methods.values())
-    assert fit.notes and "calibrated: false" in fit.notes[0]
+    assert fit.free_form == "mean"  # no AUROC is defined: the first fitted method
+    for entry in fit.methods.values():
+        assert entry.calibrated and entry.fit is not None and entry.fit.calibrator == "platt"
+        assert entry.fit.ece_calibrated < 0.05 < entry.fit.ece_raw
     doc = with_free_form(_doc(), fit)
     assert doc.metrics["short_answer"]["calibrate"]["methods"]["mean"]["auroc"] is None
+    assert ServedMethod.from_document(doc, "mean").score(0.9) == pytest.approx(1 / 52)

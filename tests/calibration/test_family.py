@@ -147,7 +147,10 @@ def test_family_choice_is_seeded_and_handles_degenerate_labels() -> None:
     conf, y = _scalar_world(500, "overconfident")
     assert choose_calibrator(conf, y, seed=7) == choose_calibrator(conf, y, seed=7)
     allwrong = choose_calibrator(conf, np.zeros_like(y))
-    assert allwrong.family == "identity"  # nothing a scalar map can learn; no crash
+    # Only Platt's smoothed constant fits single-class data: near 0 for a model always wrong.
+    assert allwrong.family == "platt"
+    assert float(allwrong.calibrator.apply(0.9)) == pytest.approx(1 / 502)
+    assert choose_calibrator(conf, np.zeros_like(y), families=["isotonic"]).family == "identity"
     few = choose_calibrator([0.3, 0.6, 0.9], [0, 1, 1])
     assert few.family == "identity" and few.held_out_ece == {}
     only = choose_calibrator(conf, y, families=["platt"])
