@@ -19,8 +19,8 @@ own, into the document's `methods`. `free_form` is the fitted method with the hi
 confidence, right vs wrong, on the calibrate split; an undefined AUROC, one class only, counts as
 0.5; ties: the earlier in the list); when no method could be fitted `free_form` stays `mean` with
 no calibrator, served `calibrated: false`. Single-class data (every reply wrong) is fitted by
-Platt's smoothed constant (`calibration.family`), so an always-wrong model is served ~0. A `test` split of short answers is reported per method in
-`metrics.short_answer`.
+Platt's smoothed constant (`calibration.family`), so an always-wrong model is served ~0. A `test`
+split of short answers is reported per method in `metrics.short_answer`.
 
 The fit is over every reply, also those whose first token is an option letter (the server then
 serves them with `answer`): the free-form methods' statistics are defined on every reply, and the
