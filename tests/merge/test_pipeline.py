@@ -131,7 +131,8 @@ def test_thresholds_use_the_calibrated_confidence(
     from calibserve.calibration import threshold_for_accuracy
 
     out = run_merge(
-        _config(tiny_world, tmp_path / "o", grid="0,1", refine=False, target_accuracy=[0.3, 0.35]),
+        _config(tiny_world, tmp_path / "o", grid="0,1", refine=False, target_accuracy=[0.3, 0.35],
+                calibrator="temperature"),
         progress=False,
     )
     cal = json.loads((out / "model" / "calibration.json").read_text())
