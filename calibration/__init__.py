@@ -12,6 +12,7 @@ from calibserve.calibration.calibrators import (
     HistogramBinning,
     IdentityCalibrator,
     IsotonicCalibrator,
+    OptionTemperature,
     PlattScaling,
     TemperatureScaling,
     calibrator_from_dict,
@@ -37,6 +38,14 @@ from calibserve.calibration.document import (
     Threshold,
 )
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError, NoOptionTokensError
+from calibserve.calibration.family import (
+    FAMILIES,
+    SCALAR_FAMILIES,
+    FamilyChoice,
+    OptionLogits,
+    choose_calibrator,
+    fit_family,
+)
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
 from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
 from calibserve.calibration.methods import (
@@ -61,6 +70,7 @@ from calibserve.calibration.metrics import (
 from calibserve.calibration.risk import (
     RiskCoverage,
     aurc,
+    auroc,
     risk_coverage,
     threshold_for_accuracy,
     threshold_for_rate,
@@ -127,6 +137,14 @@ __all__ = [
     "HistogramBinning",
     "IdentityCalibrator",
     "calibrator_from_dict",
+    "OptionTemperature",
+    # choosing the calibrator family by held-out ECE
+    "FAMILIES",
+    "SCALAR_FAMILIES",
+    "FamilyChoice",
+    "OptionLogits",
+    "choose_calibrator",
+    "fit_family",
     # choosing
     "RULES",
     "pareto_frontier",
@@ -134,6 +152,7 @@ __all__ = [
     "RiskCoverage",
     "risk_coverage",
     "aurc",
+    "auroc",
     "threshold_for_accuracy",
     "threshold_for_rate",
     # errors

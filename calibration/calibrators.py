@@ -16,6 +16,12 @@ risk-coverage curve and escalation order are unchanged, only thresholds move).
   accuracy; bins are pooled with pool-adjacent-violators so the map is monotone, and empty bins
   take the value interpolated between their non-empty neighbours' centres.
 - `IdentityCalibrator`: the raw confidence, clipped to [0, 1].
+- `OptionTemperature`: the multi-class temperature of the option-letter method,
+  `softmax(z / T)` over the option logits (NLL-fitted on option logprobs and gold options). It is
+  not a scalar map: it is served as the `answer` method's `params.temperature` (which
+  `answer_confidence` applies to the top logprobs), with a scalar map on top (the identity).
+  Unlike the binary form it reaches every probability (below 0.5 too: a 4-option model that is
+  right 20% of the time is served ~0.2).
 
 Fitting on degenerate data (empty, NaN, lengths that differ, all labels equal) raises
 `DegenerateDataError`.
@@ -29,7 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, overload
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from calibserve.calibration._inputs import FloatArray, as_float_list, as_pair, check_n_bins
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError
@@ -42,6 +48,7 @@ __all__ = [
     "IsotonicCalibrator",
     "HistogramBinning",
     "IdentityCalibrator",
+    "OptionTemperature",
     "calibrator_from_dict",
     "pool_adjacent_violators",
 ]
@@ -374,6 +381,129 @@ class HistogramBinning(Calibrator):
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type_name, "n_bins": self.n_bins, "values": as_float_list(self.values)}
+
+
+def _option_matrix(
+    logits: ArrayLike, groups: ArrayLike | None
+) -> tuple[FloatArray, NDArray[np.intp], int]:
+    """Token logprobs `[n, m]` (-inf: absent), each column's option index, number of options."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] < 2:
+        raise DegenerateDataError(f"logits must have shape [n>0, m>=2], got {z.shape}")
+    if np.isnan(z).any():
+        raise DegenerateDataError("logits contain NaN")
+    g = np.arange(z.shape[1]) if groups is None else np.asarray(groups).reshape(-1)
+    if g.shape[0] != z.shape[1] or not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
+        raise DegenerateDataError("groups must give a non-negative option index per column")
+    k = int(g.max()) + 1
+    if k < 2:
+        raise DegenerateDataError("the logits name fewer than two options")
+    # vLLM's -9999 floor and missing options count as absent (probability 0), as in serving.
+    z = np.where(z <= -9999.0, -np.inf, z)
+    return z, g.astype(np.intp), k
+
+
+def _option_log_probs(z: FloatArray, groups: NDArray[np.intp], k: int, t: float) -> FloatArray:
+    """log softmax over options of logsumexp(z / T) per option: `answer_confidence`'s formula
+    (each token's logprob is divided by T before the tokens naming one option are added up)."""
+    s = z / t
+    per = np.full((z.shape[0], k), -np.inf)
+    for j in range(k):
+        cols = s[:, groups == j]
+        if cols.shape[1]:
+            peak = cols.max(axis=1, keepdims=True)
+            safe = np.where(np.isfinite(peak), peak, 0.0)
+            with np.errstate(divide="ignore"):
+                per[:, j] = safe[:, 0] + np.log(np.exp(cols - safe).sum(axis=1))
+    peak = per.max(axis=1, keepdims=True)
+    safe = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        lse = safe + np.log(np.exp(per - safe).sum(axis=1, keepdims=True))
+    out: FloatArray = per - lse
+    return out
+
+
+class OptionTemperature:
+    """Multi-class temperature scaling of the option logits: `softmax(z / T)` over the options.
+
+    `fit(logits, labels, groups=None)`: `logits` are the option-letter token logprobs `[n, m]`
+    (-inf or vLLM's -9999 where a token is absent), `groups[c]` the option index of column `c`
+    (default: one column per option), `labels` the gold option per row. T minimises the NLL of
+    the gold option (golden-section search on log T in [0.01, 100]); no pair of right and wrong
+    answers is needed, so it also fits a model that is always wrong. `confidence(logits,
+    prediction, groups)` is the probability of each row's predicted option at T: what
+    `answer_confidence(top, chosen, options, temperature=T)` returns for the same logprobs.
+    """
+
+    type_name: ClassVar[str] = "option_temperature"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        t = float(temperature)
+        if not (t > 0.0 and math.isfinite(t)):
+            raise CalibrationError(f"temperature must be positive and finite, got {temperature!r}")
+        self.temperature = t
+
+    def fit(
+        self, logits: ArrayLike, labels: ArrayLike, groups: ArrayLike | None = None
+    ) -> OptionTemperature:
+        z, g, k = _option_matrix(logits, groups)
+        lab = np.asarray(labels).reshape(-1)
+        if lab.shape[0] != z.shape[0]:
+            raise DegenerateDataError(
+                f"logits and labels differ in length ({z.shape[0]} != {lab.shape[0]})"
+            )
+        if not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= k:
+            raise DegenerateDataError(f"labels must be integers in [0, {k})")
+        rows = np.arange(z.shape[0])
+        # Rows whose gold option has no finite logprob carry no information about T.
+        gold_ok = np.isfinite(_option_log_probs(z, g, k, 1.0)[rows, lab])
+        if not gold_ok.any():
+            raise DegenerateDataError("no row has a finite logprob for its gold option")
+        z, lab = z[gold_ok], lab[gold_ok]
+        rows = np.arange(z.shape[0])
+
+        def objective(log_t: float) -> float:
+            return float(-np.mean(_option_log_probs(z, g, k, math.exp(log_t))[rows, lab]))
+
+        self.temperature = TemperatureScaling._best(objective)
+        return self
+
+    def probabilities(self, logits: ArrayLike, groups: ArrayLike | None = None) -> FloatArray:
+        """`[n, k]` option probabilities at T."""
+        z, g, k = _option_matrix(logits, groups)
+        out: FloatArray = np.exp(_option_log_probs(z, g, k, self.temperature))
+        return out
+
+    def confidence(
+        self, logits: ArrayLike, prediction: ArrayLike, groups: ArrayLike | None = None
+    ) -> FloatArray:
+        """Probability of each row's predicted option at T."""
+        p = self.probabilities(logits, groups)
+        pred = np.asarray(prediction, dtype=np.intp).reshape(-1)
+        out: FloatArray = p[np.arange(p.shape[0]), pred]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name, "temperature": self.temperature}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OptionTemperature:
+        if not isinstance(d, Mapping) or d.get("type") != cls.type_name:
+            raise CalibrationError(f"not an {cls.type_name!r} object: {d!r}")
+        extra = set(d) - {"type", "temperature"}
+        if extra:
+            raise CalibrationError(f"bad parameters for {cls.type_name!r}: {sorted(extra)}")
+        return cls(d.get("temperature", 1.0))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OptionTemperature):
+            return NotImplemented
+        return self.temperature == other.temperature
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OptionTemperature(temperature={self.temperature!r})"
 
 
 _TYPES: dict[str, type[Calibrator]] = {

@@ -167,6 +167,10 @@ class FitMetrics(_Sparse):
     ece_calibrated: float
     accuracy: float | None = None
     unreachable_targets: list[float] | None = None  # targets no threshold reaches
+    calibrator: str | None = None  # the family fitted (`auto`: the one chosen)
+    held_out_ece: dict[str, float] | None = None  # every candidate family's held-out ECE
+    selection: str | None = None  # how the family was chosen (folds, seed)
+    notes: list[str] | None = None  # what the fit had to say (degenerate data, skipped items)
 
 
 class MethodCalibration(_Model):
@@ -186,8 +190,14 @@ class MethodCalibration(_Model):
 
     @property
     def calibrated(self) -> bool:
-        """Does this method have a map of its own? (the identity is no map)."""
-        return self.calibrator is not None and self.calibrator.get("type") != "identity"
+        """Does this method have a map of its own? The identity is no map, unless the method's
+        fitted multi-class temperature (`params.temperature` != 1) is the map it sits on."""
+        if self.calibrator is None:
+            return False
+        if self.calibrator.get("type") != "identity":
+            return True
+        t = self.params.temperature
+        return t is not None and t != 1.0
 
     def calibration_map(self) -> Calibrator | None:
         """The fitted calibrator, or None when the method has no map of its own."""
@@ -423,7 +433,8 @@ class _V1Document(_Model):
         methods = {
             conf.method: MethodCalibration(
                 params=conf.params(conf.method),
-                calibrator=self.calibrator or None,  # v1 treated {} as no calibrator
+                # v1 treated {} (and the identity) as no calibrator.
+                calibrator=None if _no_map(self.calibrator) else self.calibrator,
                 thresholds=list(self.thresholds or []),
                 fit=fit,
             )
@@ -438,6 +449,10 @@ class _V1Document(_Model):
             merge=self.merge,
             metrics=metrics,
         )
+
+
+def _no_map(calibrator: dict[str, Any] | None) -> bool:
+    return not calibrator or calibrator.get("type") == "identity"
 
 
 def _fit_from_v1(data: Any) -> FitMetrics:

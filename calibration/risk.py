@@ -15,7 +15,14 @@ from numpy.typing import ArrayLike
 from calibserve.calibration._inputs import FloatArray, as_confidences, as_pair
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError
 
-__all__ = ["RiskCoverage", "risk_coverage", "aurc", "threshold_for_accuracy", "threshold_for_rate"]
+__all__ = [
+    "RiskCoverage",
+    "risk_coverage",
+    "aurc",
+    "auroc",
+    "threshold_for_accuracy",
+    "threshold_for_rate",
+]
 
 
 class RiskCoverage(NamedTuple):
@@ -48,6 +55,30 @@ def aurc(conf: ArrayLike, correct: ArrayLike) -> float:
     rc = risk_coverage(conf, correct)
     sizes = np.diff(np.concatenate(([0.0], rc.coverage))) * c.size
     return float(np.sum(sizes * (1.0 - rc.accuracy)) / c.size)
+
+
+def auroc(conf: ArrayLike, correct: ArrayLike) -> float:
+    """Area under the ROC curve of right vs wrong answers ranked by confidence (ties count
+    half); NaN when every answer is right or every answer is wrong."""
+    c, y = as_pair(conf, correct)
+    pos, neg = c[y > 0.5], c[y <= 0.5]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    # Mann-Whitney U from midranks.
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    allc = np.concatenate([pos, neg])[order]
+    ranks = np.empty(allc.size)
+    i = 0
+    while i < allc.size:
+        j = i
+        while j + 1 < allc.size and allc[j + 1] == allc[i]:
+            j += 1
+        ranks[i : j + 1] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    r = np.empty(allc.size)
+    r[order] = ranks
+    u = r[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (pos.size * neg.size))
 
 
 def threshold_for_accuracy(

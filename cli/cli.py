@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from calibserve.calibrate import calibrate as calibrate_command
 from calibserve.demo.cli import app as demo_app
-from calibserve.merge.cli import calibrate as calibrate_command
 from calibserve.merge.cli import merge as merge_command
 from calibserve.server.cli import serve as serve_command
 

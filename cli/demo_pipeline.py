@@ -80,7 +80,8 @@ def calibrate_demo_expert(demo_dir: Path) -> Path:
         demo_dir / "data" / "calibrate.jsonl",
         demo_dir / "data" / "test.jsonl",
     ]
-    ident = {"files": file_identity(inputs), "calibration_version": CURRENT_VERSION}
+    ident = {"files": file_identity(inputs), "calibration_version": CURRENT_VERSION,
+             "calibrator": "auto"}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     out = demo_dir.parent / f"expert-calibration-{demo_dir.name}-{key}.json"
     # calibrate_checkpoint writes its file atomically: a killed fit leaves no file behind.

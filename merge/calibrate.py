@@ -16,62 +16,71 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibserve.calibration import (
+    FAMILIES,
     N_BINS,
     CalibrationDocument,
     Calibrator,
     DegenerateDataError,
+    FamilyChoice,
     FitMetrics,
     IdentityCalibrator,
-    IsotonicCalibrator,
     MergeInfo,
     MethodCalibration,
     MethodParams,
-    PlattScaling,
-    TemperatureScaling,
+    OptionLogits,
+    OptionTemperature,
     Threshold,
+    choose_calibrator,
     ece,
     threshold_for_accuracy,
 )
 from calibserve.merge.evaluate import Scores
 
-__all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json"]
+__all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json", "thresholds_for"]
 
-CALIBRATORS: dict[str, type[Calibrator]] = {
-    "temperature": TemperatureScaling,
-    "platt": PlattScaling,
-    "isotonic": IsotonicCalibrator,
-}
+# `--calibrator`: one family, or `auto` (the default) to choose by held-out ECE.
+CALIBRATORS: tuple[str, ...] = ("auto", *FAMILIES)
 
 
 @dataclass
 class Calibration:
-    """A fitted calibrator with its thresholds and fit-split metrics."""
+    """A fitted calibrator with its thresholds and fit-split metrics.
+
+    `temperature` is the `answer` method's multi-class option temperature (1.0 unless the
+    `option_temperature` family was chosen); `calibrator` is the scalar map on top of it.
+    """
 
     calibrator: Calibrator
     thresholds: list[dict[str, Any]]
     metrics: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    family: str = "identity"
 
-    def apply(self, conf: NDArray[np.float64]) -> NDArray[np.float64]:
-        return np.asarray(self.calibrator.apply(conf), dtype=np.float64)
+    def apply(self, conf: NDArray[np.float64], options: OptionLogits | None = None
+              ) -> NDArray[np.float64]:
+        """Served confidence from the raw (T = 1) one; the option logits when T != 1."""
+        raw = conf
+        if self.temperature != 1.0:
+            if options is None:
+                raise ValueError("the option temperature needs the option logits")
+            raw = OptionTemperature(self.temperature).confidence(
+                options.logits, options.prediction, options.groups)
+        return np.asarray(self.calibrator.apply(raw), dtype=np.float64)
+
+    def serve(self, scores: Scores) -> Scores:
+        """`scores` with the served (calibrated) confidence."""
+        return scores.served(self.apply(scores.confidence, scores.options))
 
 
-def fit_calibration(
-    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS
-) -> Calibration:
-    """Fit `kind` on (raw confidence, correct); thresholds on the CALIBRATED confidence."""
-    notes: list[str] = []
-    try:
-        calibrator: Calibrator = CALIBRATORS[kind]().fit(scores.confidence, scores.correct)
-    except DegenerateDataError as exc:
-        # All answers right (or all wrong): nothing to learn; serve the raw confidence.
-        calibrator = IdentityCalibrator()
-        notes.append(f"calibrator not fitted ({exc}); the identity map is used")
-    calibrated = np.asarray(calibrator.apply(scores.confidence), dtype=np.float64)
+def thresholds_for(
+    calibrated: NDArray[np.float64], correct: NDArray[np.bool_], targets: Sequence[float]
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """Escalation thresholds on the CALIBRATED confidence, and the targets none reaches."""
     thresholds: list[dict[str, Any]] = []
     unreachable: list[float] = []
     for target in targets:
-        found = threshold_for_accuracy(calibrated, scores.correct, target)
+        found = threshold_for_accuracy(calibrated, correct, target)
         thr = float(found["threshold"])  # type: ignore[arg-type]
         if not math.isfinite(thr):
             unreachable.append(target)  # no threshold reaches it; JSON has no infinity
@@ -84,6 +93,33 @@ def fit_calibration(
                 "accuracy": found["accuracy"],
             }
         )
+    return thresholds, unreachable
+
+
+def fit_calibration(
+    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS, seed: int = 0
+) -> Calibration:
+    """Fit `kind` (a family, or `auto`: chosen by 5-fold held-out ECE) on (raw confidence,
+    correct) and the option logits; thresholds on the CALIBRATED confidence."""
+    if kind not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator {kind!r}; valid: {', '.join(CALIBRATORS)}")
+    options = scores.options
+    notes: list[str] = []
+    if kind == "option_temperature" and options is None:
+        raise ValueError("option_temperature needs the option logits (not in these scores)")
+    families = None if kind == "auto" else [kind]
+    try:
+        choice = choose_calibrator(scores.confidence, scores.correct, options,
+                                   families=families, n_bins=n_bins, seed=seed)
+    except DegenerateDataError as exc:  # empty or NaN data
+        choice = FamilyChoice("identity", IdentityCalibrator(),
+                              notes=[f"calibrator not fitted ({exc}); the identity map is used"])
+    notes += choice.notes
+    if kind == "auto" and options is None:
+        notes.append("option logits not recorded: option_temperature was not a candidate")
+    cal = Calibration(choice.calibrator, [], {}, notes, choice.temperature, choice.family)
+    calibrated = cal.apply(scores.confidence, options)
+    cal.thresholds, unreachable = thresholds_for(calibrated, scores.correct, targets)
     if unreachable:
         notes.append(
             "no confidence threshold reaches target accuracy "
@@ -95,10 +131,16 @@ def fit_calibration(
         "ece_calibrated": ece(calibrated, scores.correct, n_bins),
         "n": int(calibrated.size),
         "accuracy": float(np.mean(scores.correct)),
+        "calibrator": choice.family,
     }
+    if choice.held_out_ece:
+        metrics["held_out_ece"] = dict(choice.held_out_ece)
+    if choice.selection:
+        metrics["selection"] = choice.selection
     if unreachable:
         metrics["unreachable_targets"] = unreachable
-    return Calibration(calibrator, thresholds, metrics, notes)
+    cal.metrics = metrics
+    return cal
 
 
 def calibration_json(
@@ -106,12 +148,16 @@ def calibration_json(
     options: Sequence[str],
     merge_block: Mapping[str, Any] | None,
     extra_metrics: Mapping[str, Any],
+    free_form_methods: Mapping[str, MethodCalibration] | None = None,
+    free_form: str = "mean",
 ) -> CalibrationDocument:
     """The `OUT/model/calibration.json` document (`merge_block` None: not a merge).
 
     The calibrator was fitted on multiple-choice items scored by `answer`, so it is `answer`'s
-    alone; free-form replies are scored by `mean`, which has no calibrator of its own (served
-    with `calibrated: false`) until one is fitted on short answers.
+    alone (a chosen option temperature is `answer`'s `params.temperature`, the identity on
+    top). Free-form replies are scored by `free_form` (default `mean`); `free_form_methods`
+    holds the free-form methods' own entries (fitted on short answers: `calibserve.serve_fit`);
+    a free-form method without one has no calibrator (served with `calibrated: false`).
     """
     fit = FitMetrics(
         n=int(cal.metrics["n"]),
@@ -119,18 +165,23 @@ def calibration_json(
         ece_calibrated=float(cal.metrics["ece_calibrated"]),
         accuracy=float(cal.metrics["accuracy"]),
         unreachable_targets=cal.metrics.get("unreachable_targets"),
+        calibrator=cal.metrics.get("calibrator"),
+        held_out_ece=cal.metrics.get("held_out_ece"),
+        selection=cal.metrics.get("selection"),
+        notes=list(cal.notes) or None,
     )
-    fitted = not isinstance(cal.calibrator, IdentityCalibrator)  # identity: nothing was learnt
+    # The identity learnt nothing, unless it sits on a fitted option temperature (the map then).
+    fitted = not isinstance(cal.calibrator, IdentityCalibrator) or cal.temperature != 1.0
     answer = MethodCalibration(
-        params=MethodParams(options=list(options), temperature=1.0),
+        params=MethodParams(options=list(options), temperature=cal.temperature),
         calibrator=cal.calibrator.to_dict() if fitted else None,
         thresholds=[Threshold.model_validate(t) for t in cal.thresholds],
         fit=fit,
     )
     return CalibrationDocument(
-        methods={"answer": answer, "mean": MethodCalibration()},
+        methods={"answer": answer, free_form: MethodCalibration(), **(free_form_methods or {})},
         multiple_choice="answer",
-        free_form="mean",
+        free_form=free_form,
         merge=MergeInfo.model_validate(dict(merge_block)) if merge_block is not None else None,
         metrics=dict(extra_metrics),
     )

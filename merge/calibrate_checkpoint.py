@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from calibserve.calibration import N_BINS, CalibrationDocument
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
-from calibserve.merge.evaluate import LETTERS, MCEvaluator, Scores, load_items, point_metrics
+from calibserve.merge.evaluate import LETTERS, MCEvaluator, load_items, point_metrics
 
 
 def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: str,
@@ -34,7 +34,8 @@ def check_inputs(model_dir: Path, data_dir: Path, out_file: Path, calibrator: st
     if Path(out_file).exists() and not overwrite:
         raise OutputExists(f"{out_file} exists (pass --overwrite to replace it)", "--out")
     if calibrator not in CALIBRATORS:
-        raise InvalidConfig(f"unknown calibrator {calibrator!r}", "--calibrator")
+        raise InvalidConfig(f"unknown calibrator {calibrator!r}; valid: {', '.join(CALIBRATORS)}",
+                            "--calibrator")
     if any(not 0 < t < 1 for t in targets):
         raise InvalidConfig("target accuracies must be between 0 and 1", "--target-accuracy")
 
@@ -43,7 +44,7 @@ def calibrate_checkpoint(
     model_dir: Path,
     data_dir: Path,
     out_file: Path,
-    calibrator: str = "temperature",
+    calibrator: str = "auto",
     targets: Sequence[float] = (0.7, 0.8, 0.9),
     n_bins: int = N_BINS,
 ) -> CalibrationDocument:
@@ -62,8 +63,7 @@ def calibrate_checkpoint(
     if test_path.is_file():
         test_items, _ = load_items(test_path)
         raw = MCEvaluator(tokenizer, test_items).score(model)
-        served = Scores(cal.apply(raw.confidence), raw.correct, raw.prediction, raw.expected)
-        extra["test"] = point_metrics(served, n_bins)
+        extra["test"] = point_metrics(cal.serve(raw), n_bins)
     n_options = max(len(it["choices"]) for it in items)
     doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
     doc.write(Path(out_file))

@@ -25,9 +25,15 @@ class Method(StrEnum):
 
 
 class CalibratorName(StrEnum):
+    """`auto` chooses the family by 5-fold held-out ECE; the others force one family."""
+
+    auto = "auto"
+    identity = "identity"
     temperature = "temperature"
-    isotonic = "isotonic"
+    option_temperature = "option_temperature"
     platt = "platt"
+    histogram = "histogram"
+    isotonic = "isotonic"
 
 
 class DType(StrEnum):
@@ -70,8 +76,10 @@ def merge(
         float, typer.Option("--tolerance", help="Accuracy tolerance of min-ece-at-accuracy.")
     ] = 0.01,
     calibrator: Annotated[
-        CalibratorName, typer.Option("--calibrator", help="Calibrator fitted on calibrate split.")
-    ] = CalibratorName.temperature,
+        CalibratorName,
+        typer.Option("--calibrator", help="Calibrator fitted on the calibrate split; auto: the "
+                     "family with the lowest held-out ECE (5-fold cross-validation)."),
+    ] = CalibratorName.auto,
     diversity: Annotated[
         bool, typer.Option("--diversity/--no-diversity", help="Measure output diversity.")
     ] = False,
@@ -144,7 +152,8 @@ def calibrate(
         "--data", help="directory with calibrate.jsonl (and test.jsonl, reported if present)")],
     out: Annotated[Path, typer.Option("--out", help="the calibration.json to write")],
     calibrator: Annotated[CalibratorName, typer.Option(
-        help="calibration map fitted on calibrate.jsonl")] = CalibratorName.temperature,
+        help="calibration map fitted on calibrate.jsonl; auto: the family with the lowest "
+        "held-out ECE (5-fold cross-validation)")] = CalibratorName.auto,
     target_accuracy: Annotated[list[float] | None, typer.Option(
         "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
         "[default: 0.7 0.8 0.9]")] = None,
@@ -164,5 +173,5 @@ def calibrate(
         raise typer.Exit(2) from None
     fit = doc.method().fit
     assert fit is not None  # calibrate_checkpoint always records its fit
-    typer.echo(f"{out}: {calibrator.value} calibrator, ECE on calibrate.jsonl "
+    typer.echo(f"{out}: {fit.calibrator or calibrator.value} calibrator, ECE on calibrate.jsonl "
                f"{fit.ece_raw:.3f} raw -> {fit.ece_calibrated:.3f} calibrated")

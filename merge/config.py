@@ -149,7 +149,9 @@ class MergeConfig(BaseModel):
     method: Literal["linear", "slerp"] = "linear"
     select: str = "max-accuracy"
     tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
-    calibrator: Literal["temperature", "isotonic", "platt"] = "temperature"
+    # auto: the family with the lowest held-out ECE (calibration.choose_calibrator)
+    calibrator: Literal["auto", "identity", "temperature", "option_temperature", "platt",
+                        "histogram", "isotonic"] = "auto"
     diversity: bool = False
     refine: bool = True
     device: str = "cpu"

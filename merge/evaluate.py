@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from calibserve.calibration import (
     N_BINS,
+    OptionLogits,
     accuracy,
     answer_confidence,
     brier,
@@ -35,6 +36,9 @@ __all__ = [
     "LETTERS",
     "format_mc_prompt",
     "load_items",
+    "load_short_answers",
+    "short_answer_split",
+    "SHORT_ANSWER_FILES",
     "Scores",
     "MCEvaluator",
     "point_metrics",
@@ -104,6 +108,48 @@ def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any
     return items, skipped
 
 
+def load_short_answers(path: Path) -> list[dict[str, Any]]:
+    """Short-answer items (`{"question", "answer": str, "aliases"?: [str]}`) of a JSONL file;
+    multiple-choice items in it are skipped (they are `load_items`' business). Extra keys stay."""
+    if not path.is_file():
+        raise InvalidData(f"{path} does not exist", "--data")
+    items: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name} line {lineno}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from exc
+            _check_item(item, where)
+            if _is_mc(item):
+                continue
+            aliases = item.get("aliases", [])
+            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+                raise InvalidData(f"{where}: 'aliases' must be a list of strings", "--data")
+            items.append(item)
+    return items
+
+
+# Where a data directory's short-answer items are: their own files, and any short-answer items
+# mixed into the multiple-choice split of the same name (recognised by their shape).
+SHORT_ANSWER_FILES: dict[str, tuple[str, ...]] = {
+    "calibrate": ("short_calibrate.jsonl", "calibrate.jsonl"),
+    "test": ("short_test.jsonl", "test.jsonl"),
+}
+
+
+def short_answer_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Every short-answer item of `split` (`calibrate` or `test`) in `data_dir` (may be none)."""
+    items: list[dict[str, Any]] = []
+    for name in SHORT_ANSWER_FILES[split]:
+        if (Path(data_dir) / name).is_file():
+            items += load_short_answers(Path(data_dir) / name)
+    return items
+
+
 @dataclass(frozen=True, slots=True)
 class Scores:
     """Per-item results of one evaluation."""
@@ -114,24 +160,44 @@ class Scores:
     # Probability that the predicted choice is right, when items carry the true distribution
     # (`p_true`): a lower-variance accuracy than one sampled gold answer per question.
     expected: NDArray[np.float64] | None = None
+    # What the multi-class option temperature is fitted on (None: not recorded, e.g. a sweep
+    # cache written before it was): the option-letter token logprobs and each item's gold option.
+    options: OptionLogits | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        opts = self.options
         return {
             "confidence": self.confidence.tolist(),
             "correct": self.correct.astype(int).tolist(),
             "prediction": self.prediction.tolist(),
             "expected": None if self.expected is None else self.expected.tolist(),
+            "options": None if opts is None else {
+                # JSON has no -inf: absent tokens are written as the vLLM floor, -9999.
+                "logits": np.maximum(opts.logits, -9999.0).tolist(),
+                "groups": opts.groups.tolist(),
+                "gold": opts.gold.tolist(),
+            },
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Scores:
         exp = d.get("expected")
+        pred = np.asarray(d["prediction"], np.int64)
+        o = d.get("options")
+        opts = None if o is None else OptionLogits(
+            np.asarray(o["logits"], np.float64), np.asarray(o["groups"], np.intp),
+            pred.astype(np.intp), np.asarray(o["gold"], np.intp))
         return cls(
             np.asarray(d["confidence"], np.float64),
             np.asarray(d["correct"], bool),
-            np.asarray(d["prediction"], np.int64),
+            pred,
             None if exp is None else np.asarray(exp, np.float64),
+            opts,
         )
+
+    def served(self, confidence: NDArray[np.float64]) -> Scores:
+        """The same answers with another confidence (e.g. the calibrated one)."""
+        return Scores(confidence, self.correct, self.prediction, self.expected, self.options)
 
 
 def point_metrics(scores: Scores, n_bins: int = N_BINS) -> dict[str, float]:
@@ -255,8 +321,19 @@ class MCEvaluator:
             top = dict(zip(self.column_tokens, lps[i].tolist(), strict=True))
             pred[i] = self._argmax_option(top, options)
             conf[i] = answer_confidence(top, options[pred[i]], options)
-        correct = pred == np.asarray([it["answer"] for it in self.items])
-        return Scores(conf, correct, pred, self._expected(pred))
+        gold = np.asarray([it["answer"] for it in self.items], np.intp)
+        correct = pred == gold
+        return Scores(conf, correct, pred, self._expected(pred), self._options(lps, pred, gold))
+
+    def _options(
+        self, lps: NDArray[np.float64], pred: NDArray[np.int64], gold: NDArray[np.intp]
+    ) -> OptionLogits:
+        groups = np.asarray([LETTERS.index(normalize_token(t)) for t in self.column_tokens],
+                            np.intp)
+        n_choices = np.asarray([len(it["choices"]) for it in self.items])
+        # An item with fewer choices has no options beyond its own: absent, as in serving.
+        logits = np.where(groups[None, :] < n_choices[:, None], lps, -np.inf)
+        return OptionLogits(logits, groups, pred.astype(np.intp), gold)
 
     def _expected(self, pred: NDArray[np.int64]) -> NDArray[np.float64] | None:
         probs = [it.get("p_true") for it in self.items]

@@ -22,7 +22,7 @@ from rich.console import Console
 from calibserve.merge.calibrate import calibration_json, fit_calibration
 from calibserve.merge.card import model_card
 from calibserve.merge.config import MergeConfig
-from calibserve.merge.evaluate import Scores, point_metrics
+from calibserve.merge.evaluate import point_metrics
 from calibserve.merge.prepare import Prepared, check_out, prepare
 from calibserve.merge.progress import closing_table, sweep_progress, write_progress
 from calibserve.merge.report import (
@@ -148,12 +148,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
         for name, lam in (("base", 0.0), ("aligned", 1.0), ("selected", sel.lam))
     }
     sel_scores = held["selected"].scores
-    held_cal = Scores(
-        cal.apply(sel_scores.confidence),
-        sel_scores.correct,
-        sel_scores.prediction,
-        sel_scores.expected,
-    )
+    held_cal = cal.serve(sel_scores)
     held_models = {name: dict(pt.metrics) for name, pt in held.items()}
     held_models["selected+calibrator"] = point_metrics(held_cal, c.n_bins)
 
@@ -188,7 +183,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
                 held["aligned"].scores.correct,
             ),
             (f"selected {sel.lam:g}, raw", sel_scores.confidence, sel_scores.correct),
-            (f"selected {sel.lam:g}, {c.calibrator}", held_cal.confidence, held_cal.correct),
+            (f"selected {sel.lam:g}, {cal.family}", held_cal.confidence, held_cal.correct),
         ],
         c.n_bins,
         held_split,

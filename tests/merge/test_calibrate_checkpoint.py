@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import CalibrationDocument, Scorer
+from calibserve.calibration import CalibrationDocument, OptionTemperature, Scorer
 from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.evaluate import MCEvaluator, load_items
 
@@ -31,7 +31,10 @@ def test_the_demo_expert_gets_a_calibration_that_lowers_its_ece(demo_dir: Path,
     items, _ = load_items(demo_dir / "data" / "test.jsonl")
     model = AutoModelForCausalLM.from_pretrained(demo_dir / "expert", dtype=torch.float32)
     scores = MCEvaluator(AutoTokenizer.from_pretrained(demo_dir / "expert"), items).score(model)
-    served = np.asarray(scorer.calibrator.apply(scores.confidence))
+    assert scores.options is not None and fit.calibrator is not None
+    raw = OptionTemperature(doc.temperature()).confidence(
+        scores.options.logits, scores.options.prediction, scores.options.groups)
+    served = np.asarray(scorer.calibrator.apply(raw))
     assert float(np.mean(served)) == pytest.approx(doc.metrics["test"]["mean_confidence"])
     thresholds = doc.method().thresholds
     assert thresholds == sorted(thresholds, key=lambda t: t.target_accuracy)

@@ -43,7 +43,8 @@ def _tree(root: Path) -> set[str]:
 def merged(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("merged") / "out"
     return run_merge(
-        _config(tiny_world, out, grid="0:1:0.25", diversity=True, shard_size="100KB"),
+        _config(tiny_world, out, grid="0:1:0.25", diversity=True, shard_size="100KB",
+                calibrator="temperature"),  # one family forced: `auto` has its own tests
         progress=False,
     )
 
@@ -107,6 +108,7 @@ def test_calibration_json_schema_and_scorer(merged: Path) -> None:
     }
     calib = answer["fit"]
     assert {"ece_raw", "ece_calibrated", "n", "accuracy"} <= set(calib) and calib["n"] == 24
+    assert calib["calibrator"] == "temperature"
     assert calib["accuracy"] == report["calibration"]["calibrate"]["accuracy"]
     assert "calibrate" not in cal["metrics"] and "select" in cal["metrics"]
     # Every target is either a threshold or listed as unreachable.
@@ -129,7 +131,8 @@ def test_thresholds_use_the_calibrated_confidence(
     from calibserve.calibration import threshold_for_accuracy
 
     out = run_merge(
-        _config(tiny_world, tmp_path / "o", grid="0,1", refine=False, target_accuracy=[0.3, 0.35]),
+        _config(tiny_world, tmp_path / "o", grid="0,1", refine=False, target_accuracy=[0.3, 0.35],
+                calibrator="temperature"),
         progress=False,
     )
     cal = json.loads((out / "model" / "calibration.json").read_text())

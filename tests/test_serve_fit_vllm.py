@@ -1,0 +1,51 @@
+"""End to end on the demo: `calibrate_with_serving` through a real vLLM CPU engine and
+calibserve's own app; the fitted free-form calibrator is what a second served request gets."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from calibserve.calibration import CalibrationDocument, ServedMethod
+from calibserve.serve_fit import ask_short_answers, calibrate_with_serving, method_raw
+
+
+@pytest.mark.vllm
+def test_free_form_fit_through_the_serving_path(
+    demo_dir: Path, merged_dir: Path, tmp_path: Path
+) -> None:
+    # calibserve's managed engine (what `calibserve calibrate` starts), not the `vllm_server`
+    # fixture: the fit must go through the engine calibserve itself supervises.
+    pytest.importorskip("vllm")
+    model = merged_dir / "model"
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(demo_dir / "data" / "calibrate.jsonl", data / "calibrate.jsonl")
+    lines = (demo_dir / "data" / "short_answer.jsonl").read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    (data / "short_calibrate.jsonl").write_text("\n".join(lines[:40]) + "\n")
+    (data / "short_test.jsonl").write_text("\n".join(lines[40:60]) + "\n")
+    out = tmp_path / "calibration.json"
+    doc = calibrate_with_serving(model, data, out)
+    assert CalibrationDocument.load(out) == doc
+    ff = doc.method(doc.free_form)
+    assert ff.calibrated and ff.fit is not None and ff.fit.n == 40 and ff.fit.held_out_ece
+    assert doc.metrics["short_answer"]["test"]["n"] == 20
+    assert doc.method("answer").fit is not None  # the option-letter fit is still there
+    # Served with the new document: free-form replies get exactly the fitted map of their raw;
+    # every reply's free-form statistic maps as fitted.
+    questions = [json.loads(x)["question"] for x in lines[:10]]
+    replies = ask_short_answers(questions, model_dir=model, calibration=out)
+    served = ServedMethod.from_document(doc, doc.free_form)
+    fitted = ff.calibration_map()
+    assert fitted is not None
+    for r in replies:
+        raw = method_raw(r, doc.free_form, doc.quantile())
+        assert served.score(raw) == pytest.approx(float(fitted.apply(raw)), abs=1e-12)
+        if r.confidence["method"] == doc.free_form:
+            assert r.confidence["calibrated"] is True
+            assert r.confidence["score"] == pytest.approx(served.score(raw), abs=1e-9)
