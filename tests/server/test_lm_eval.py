@@ -20,10 +20,15 @@ from typing import Any
 import pytest
 
 from calibserve.demo.chat import LETTERS, format_mc_prompt, render_prompt
+from tests.conftest import require
 from tests.server.fidelity import MODEL
 from tests.server.test_fidelity import calibserve, engine  # noqa: F401  (shared fixtures)
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is in the test extra")
+try:
+    import lm_eval
+    import lm_eval.tasks
+except ImportError:  # a skip here, a failure in CI (tests/conftest.py `require`)
+    lm_eval = None
 
 pytestmark = pytest.mark.vllm
 
@@ -82,6 +87,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def task_dir(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two task YAMLs and a local JSONL of LIMIT test items spread over the split."""
+    require(lm_eval is not None, "lm-eval (the test extra) is not installed")
     out = tmp_path_factory.mktemp("lm-eval-tasks")
     lines = (demo_dir / "data" / "test.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines if line.strip()]
@@ -155,3 +161,18 @@ def test_generation_scores_are_identical(
     assert sorted(d) == sorted(v) and len(d) == LIMIT
     assert all(d[i]["resps"] == v[i]["resps"] for i in d), "generations differ"
     assert metrics(direct, GEN_TASK)["exact_match,letter"] > 0.3
+
+
+def test_the_tokenizer_backend_lm_eval_detects_is_the_same(
+    engine: str, calibserve: Any  # noqa: F811
+) -> None:
+    """`tokenizer_backend=auto` (lm-eval's default) probes /tokenizer_info and /tokenize: the
+    answer through calibserve is the engine's, so lm-eval tokenizes the same way both ways."""
+    require(lm_eval is not None, "lm-eval (the test extra) is not installed")
+    from lm_eval.utils import check_remote_tokenizer_support
+
+    for endpoint in ("completions", "chat/completions"):
+        direct = check_remote_tokenizer_support(f"{engine}/v1/{endpoint}", max_retries=1)
+        via = check_remote_tokenizer_support(f"{calibserve.url}/v1/{endpoint}", max_retries=1)
+        print(f"lm-eval remote tokenizer support ({endpoint}): direct {direct} calibserve {via}")
+        assert direct == via
