@@ -58,6 +58,7 @@ class Load:
     url: str
     body: dict[str, Any]
     clients: int = 4
+    path: str = "/v1/chat/completions"
     timeout: float = 30.0
     pause: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
@@ -73,7 +74,7 @@ class Load:
             while not self._stop.is_set():
                 t0 = time.monotonic()
                 try:
-                    r = client.post("/v1/chat/completions", json=self.body)
+                    r = client.post(self.path, json=self.body)
                     body = r.json() if r.headers.get("content-type", "").startswith(
                         "application/json") else None
                     o = Outcome(t0, time.monotonic(), r.status_code, body=body)
@@ -137,15 +138,22 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
         runtime = server.runtime
         model = next(iter(runtime.models))
         engine = runtime.engines[0]
-        content = ("tell me about the sokiba" if verify else
-                   "question : what is the color of ent1 ? A red B blue C green D gold")
-        body = {"model": model, "max_tokens": 16,
+        body: dict[str, Any]
+        if verify:
+            # A plain completions prompt: through the chat template the demo models answer
+            # everything with an option letter (scored by `answer`, no verify request).
+            path, body = "/v1/completions", {"model": model, "max_tokens": 16,
+                                             "prompt": "tell me about the sokiba"}
+        else:
+            content = "question : what is the color of ent1 ? A red B blue C green D gold"
+            path, body = "/v1/chat/completions", {
+                "model": model, "max_tokens": 16,
                 "messages": [{"role": "user", "content": content}]}
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            warm = c.post("/v1/chat/completions", json=body)
+            warm = c.post(path, json=body)
             assert warm.status_code == 200, warm.text
             before = scrape(server.url)
-        with Load(server.url, body, clients=clients) as load:
+        with Load(server.url, body, clients=clients, path=path) as load:
             time.sleep(2.0)  # a steady state with requests in flight
             old_pid = engine.pid
             assert old_pid is not None

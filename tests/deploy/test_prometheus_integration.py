@@ -215,7 +215,8 @@ def test_fleet_ece_from_prometheus_equals_calibration_ece(
         raw = re.sub(r"increase\((\w+)\[1h\]\)", r"\1", ece_rule("1h"))
         assert "increase" not in raw
         got = query(prom, raw, at)
-        assert [r["metric"] for r in got] == [{"model": MODEL}]
+        # The demo tier serves `mean`-scored replies here: ECE is kept per (model, method).
+        assert [r["metric"] for r in got] == [{"model": MODEL, "method": "mean"}]
         assert float(got[0]["value"][1]) == pytest.approx(expected, abs=1e-9)
 
         # 2. The recorded series itself, increase() and all. Every series' first sample is 0

@@ -161,11 +161,19 @@ def client(smollm2_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused")
 
 
+def letter_scorer() -> Scorer:
+    """The option-letter method with `mean` for free-form replies, no calibrator of either."""
+    return Scorer.from_config({
+        "version": 2, "multiple_choice": "answer", "free_form": "mean",
+        "methods": {"answer": {"params": {"options": list(LETTERS)}}, "mean": {}},
+    })
+
+
 @pytest.mark.vllm
 def test_vllm_first_token_carries_option_letters(
     client: openai.OpenAI, questions: list[dict[str, Any]], hf_tops: list[dict[str, float]]
 ) -> None:
-    scorer = Scorer(method="answer", options=LETTERS)
+    scorer = letter_scorer()
     for item, hf_top in zip(questions, hf_tops, strict=True):
         prompt = user_prompt(item)
         resp = client.chat.completions.create(
@@ -201,7 +209,7 @@ def test_vllm_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI)
     )
     choice = resp.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
-    confidence = Scorer(method="answer", fallback="mean").score_choice(
+    confidence = letter_scorer().score_choice(
         choice.logprobs.model_dump()
     )
     if normalize_token(choice.logprobs.content[0].token) not in LETTERS:
