@@ -16,7 +16,7 @@ import typer
 from calibserve.merge.config import DEFAULT_GRID, build_config
 from calibserve.merge.errors import MergeError
 
-__all__ = ["merge", "calibrate", "app"]
+__all__ = ["merge", "app"]
 
 
 class Method(StrEnum):
@@ -143,35 +143,3 @@ def merge(
 
 app = typer.Typer(add_completion=False, help="calibserve merge")
 app.command("merge")(merge)
-
-
-def calibrate(
-    model: Annotated[Path, typer.Option(
-        "--model", help="checkpoint directory (weights, tokenizer with chat template)")],
-    data: Annotated[Path, typer.Option(
-        "--data", help="directory with calibrate.jsonl (and test.jsonl, reported if present)")],
-    out: Annotated[Path, typer.Option("--out", help="the calibration.json to write")],
-    calibrator: Annotated[CalibratorName, typer.Option(
-        help="calibration map fitted on calibrate.jsonl; auto: the family with the lowest "
-        "held-out ECE (5-fold cross-validation)")] = CalibratorName.auto,
-    target_accuracy: Annotated[list[float] | None, typer.Option(
-        "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
-        "[default: 0.7 0.8 0.9]")] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
-) -> None:
-    """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
-    model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
-    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, check_inputs
-
-    targets = target_accuracy if target_accuracy else [0.7, 0.8, 0.9]
-    try:
-        check_inputs(model, data, out, calibrator.value, targets, overwrite)
-        doc = calibrate_checkpoint(model, data, out, calibrator.value, targets)
-    except MergeError as exc:
-        where = f"Invalid value for '{exc.param}': " if exc.param else ""
-        typer.echo(f"Error: {where}{exc.message}", err=True)
-        raise typer.Exit(2) from None
-    fit = doc.method().fit
-    assert fit is not None  # calibrate_checkpoint always records its fit
-    typer.echo(f"{out}: {fit.calibrator or calibrator.value} calibrator, ECE on calibrate.jsonl "
-               f"{fit.ece_raw:.3f} raw -> {fit.ece_calibrated:.3f} calibrated")

@@ -10,7 +10,7 @@ option; confidence = its probability renormalised over the options.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,10 @@ def _check_item(item: Any, where: str) -> None:
         raise InvalidData(f"{where}: a short-answer item needs a string 'answer'", "--data")
 
 
-def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
-    """Multiple-choice items of a JSONL split, and how many short-answer items were skipped."""
+def _checked_items(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """Each item of a JSONL file, checked (`_check_item`), with where it is (`FILE line N`)."""
     if not path.is_file():
         raise InvalidData(f"{path} does not exist", "--data")
-    items: list[dict[str, Any]] = []
-    skipped = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -97,12 +95,20 @@ def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any
             except json.JSONDecodeError as exc:
                 raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from exc
             _check_item(item, where)
-            if _is_mc(item):
-                items.append(item)
-            else:
-                skipped += 1  # short-answer items have no option distribution to score
-            if limit is not None and len(items) >= limit:
-                break
+            yield item, where
+
+
+def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Multiple-choice items of a JSONL split, and how many short-answer items were skipped."""
+    items: list[dict[str, Any]] = []
+    skipped = 0
+    for item, _ in _checked_items(path):
+        if _is_mc(item):
+            items.append(item)
+        else:
+            skipped += 1  # short-answer items have no option distribution to score
+        if limit is not None and len(items) >= limit:
+            break
     if not items:
         raise InvalidData(f"{path} has no multiple-choice items", "--data")
     return items, skipped
@@ -111,25 +117,14 @@ def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any
 def load_short_answers(path: Path) -> list[dict[str, Any]]:
     """Short-answer items (`{"question", "answer": str, "aliases"?: [str]}`) of a JSONL file;
     multiple-choice items in it are skipped (they are `load_items`' business). Extra keys stay."""
-    if not path.is_file():
-        raise InvalidData(f"{path} does not exist", "--data")
     items: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name} line {lineno}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from exc
-            _check_item(item, where)
-            if _is_mc(item):
-                continue
-            aliases = item.get("aliases", [])
-            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-                raise InvalidData(f"{where}: 'aliases' must be a list of strings", "--data")
-            items.append(item)
+    for item, where in _checked_items(path):
+        if _is_mc(item):
+            continue
+        aliases = item.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise InvalidData(f"{where}: 'aliases' must be a list of strings", "--data")
+        items.append(item)
     return items
 
 
