@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.get("CALIBSERVE_DEMO_DIR", "/work/dev-demo")) / "aligned")
     parser.add_argument("--skip-engine", action="store_true", help="no real vLLM engine kill")
     parser.add_argument("--quick", action="store_true", help="same as the default (bounded)")
+    parser.add_argument("--verify", action="store_true",
+                        help="the engine kill with the verify path (free-form load, free_form: "
+                        "verify): main and verify requests in flight at the kill")
     args = parser.parse_args(argv)
     console = Console(width=140)
     out: dict[str, Any] = {}
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_engine:
         with console.status(f"SIGKILL of the managed vLLM engine ({args.model}); start and "
                             "restart take minutes on a shared CPU"):
-            out["engine_kill"] = engine_kill(args.model)
+            out["engine_kill"] = engine_kill(args.model, verify=args.verify)
         oks["engine_kill"] = engine_kill_ok(out["engine_kill"])
     for name, result in out.items():
         console.print(f"{'[green]ok[/]' if oks[name] else '[red]FAIL[/]'} {name}: {result}")
