@@ -100,14 +100,20 @@ class Forwarder:
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(upstream), status_code=upstream.status_code,
                                      headers=out_headers)
+        data = await self.read(model, upstream)
+        return Response(data, status_code=upstream.status_code, headers=out_headers)
+
+    @staticmethod
+    async def read(model: ModelRuntime, upstream: httpx.Response) -> bytes:
+        """The whole body of an answer `open` returned, then the connection is released; an
+        engine that breaks off mid-body is a 502."""
         try:
-            data = await upstream.aread()
+            return await upstream.aread()
         except httpx.HTTPError as exc:
             raise APIError(502, f"the engine for `{model.name}` broke off its answer: {exc!r}",
                            code="upstream_protocol") from exc
         finally:
             await upstream.aclose()
-        return Response(data, status_code=upstream.status_code, headers=out_headers)
 
     async def aclose(self) -> None:
         for client in self._clients.values():

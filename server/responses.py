@@ -124,13 +124,7 @@ class ResponsesProxy:
         content = json.dumps(payload).encode()
         upstream = await self.forwarder.open(model, "POST", PATH, content, _JSON)
         if upstream.status_code != 200 or not body.get("stream"):
-            try:
-                data = await upstream.aread()
-            except httpx.HTTPError as exc:
-                raise APIError(502, f"the engine for `{model.name}` broke off its answer",
-                               code="upstream_protocol") from exc
-            finally:
-                await upstream.aclose()
+            data = await self.forwarder.read(model, upstream)
             if upstream.status_code != 200:  # the engine's error, as it sent it
                 return Response(data, status_code=upstream.status_code,
                                 media_type=upstream.headers.get("content-type"))
