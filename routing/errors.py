@@ -3,6 +3,11 @@
 Each class carries the HTTP status the server should answer with and a `kind` label
 (`connect|timeout|status|protocol`) matching `calibserve_upstream_errors_total{kind}`, so the
 server can map errors to responses and metrics without inspecting messages.
+
+An error the upstream answered itself (an HTTP 4xx or 5xx) also carries that answer: `answered`
+(its status) and `body`. The server passes such an answer through to the client as the engine
+sent it; only failures with no answer (connect refused, timeout, a broken or non-JSON answer,
+circuit open) are answered with `status_code`, calibserve's own 502/503/504.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class UpstreamError(RoutingError):
         upstream: str = "",
         kind: str | None = None,
         retry_after: float | None = None,
+        answered: int | None = None,
+        body: Any = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -35,6 +42,10 @@ class UpstreamError(RoutingError):
             self.kind = kind
         # Seconds the upstream asked us to wait (Retry-After), for the server to pass on.
         self.retry_after = retry_after
+        # The upstream's own error answer: its HTTP status (None: it gave none) and its body,
+        # parsed JSON when it sent JSON (OpenAI's error shape), else the raw text.
+        self.answered = answered
+        self.body = body
 
     def __str__(self) -> str:
         prefix = f"upstream {self.upstream!r}: " if self.upstream else ""
@@ -42,7 +53,8 @@ class UpstreamError(RoutingError):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """Cannot reach the upstream: connect error, circuit open, or 503 after retries (-> 503)."""
+    """Cannot reach the upstream: connect error, circuit open (-> 503), or its 503 answer after
+    retries (`answered`: passed through)."""
 
     status_code = 503
     kind = "connect"
@@ -56,7 +68,8 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamBadResponse(UpstreamError):
-    """The upstream answered 5xx or something that is not valid OpenAI JSON / SSE (-> 502)."""
+    """The upstream answered 5xx (`answered`: passed through) or something that is not valid
+    OpenAI JSON / SSE (-> 502)."""
 
     status_code = 502
     kind = "status"
@@ -76,10 +89,9 @@ class UpstreamClientError(UpstreamError):
         upstream: str = "",
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, upstream=upstream, retry_after=retry_after)
+        super().__init__(message, upstream=upstream, retry_after=retry_after,
+                         answered=status_code, body=body)
         self.status_code = status_code
-        # Parsed JSON when the upstream sent JSON (OpenAI error shape), else the raw text.
-        self.body = body
 
 
 class CircuitOpen(UpstreamUnavailable):

@@ -5,6 +5,9 @@ in what asking a tier means; that is the `ask` callable each passes in. The rule
 1. `first_answer`: the primary, else the next tier that answers (reason `primary_failed`). A 4xx
    from the primary is the request's fault and goes back to the client (UpstreamClientError); a
    fallback tier rejecting the request does not make it the client's fault, so it is skipped.
+   A primary that fails otherwise (unreachable, timeout, or a 5xx it answered: the engine failed,
+   not the request) falls back like that too; when no tier answers, the primary's error is
+   raised, carrying the engine's own answer if it gave one (the server passes it through).
 2. `judge_primary`: the route's policy decides on the primary's (least confident) score.
 3. `escalate`: ask the stronger tiers in order; the first that answers is served. If all fail,
    the client keeps the primary's answer, with `escalation_error`.

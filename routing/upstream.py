@@ -265,14 +265,11 @@ class Upstream:
         error: UpstreamError
         if status >= 500:
             self.breaker.record_failure()
-            if status == 503:
-                error = UpstreamUnavailable(
-                    message, upstream=self.name, kind="status", retry_after=retry_after
-                )
-            elif status == 504:
-                error = UpstreamTimeout(message, upstream=self.name, kind="status")
-            else:
-                error = UpstreamBadResponse(message, upstream=self.name, retry_after=retry_after)
+            # The engine's own answer travels with the error: the server passes it through.
+            cls = UpstreamUnavailable if status == 503 else (
+                UpstreamTimeout if status == 504 else UpstreamBadResponse)
+            error = cls(message, upstream=self.name, kind="status", retry_after=retry_after,
+                         answered=status, body=body)
         else:
             # 4xx: the upstream is alive and judged the request; not a breaker failure.
             self.breaker.record_success()
@@ -305,7 +302,7 @@ class Upstream:
         if "error" in chunk and "choices" not in chunk:
             # vLLM reports failures inside an open stream as an error event.
             raise UpstreamBadResponse(
-                f"error event: {_error_message(chunk)}", upstream=self.name
+                f"error event: {_error_message(chunk)}", upstream=self.name, body=chunk
             )
         return chunk
 

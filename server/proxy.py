@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from calibserve.routing import RoutedChunk, RoutedResult, UpstreamClientError, UpstreamError
+from calibserve.routing import RoutedChunk, RoutedResult, UpstreamError
 from calibserve.routing.payload import client_prompt_logprobs
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
@@ -56,12 +56,20 @@ def reject_non_json_numbers(value: Any, path: str = "") -> None:
             reject_non_json_numbers(item, f"{path}[{index}]")
 
 
-def upstream_rejection(exc: UpstreamClientError) -> Response:
-    """The upstream's own 4xx, status and body unchanged (vLLM's errors stay vLLM's)."""
+def engine_answer(exc: UpstreamError, status: int) -> Response:
+    """The upstream's own error answer (4xx or 5xx), status and body unchanged (vLLM's errors
+    stay vLLM's), with its Retry-After."""
+    headers = _retry_after(exc)
     if isinstance(exc.body, dict | list):
-        return JSONResponse(exc.body, status_code=exc.status_code)
-    return Response(str(exc.body or ""), status_code=exc.status_code,
+        return JSONResponse(exc.body, status_code=status, headers=headers)
+    return Response(str(exc.body or ""), status_code=status, headers=headers,
                     media_type="text/plain; charset=utf-8")
+
+
+def _retry_after(exc: UpstreamError) -> dict[str, str] | None:
+    if exc.retry_after is None:
+        return None
+    return {"Retry-After": str(max(1, round(exc.retry_after)))}
 
 
 def _engine_stopped(model: ModelRuntime) -> APIError:
@@ -218,17 +226,18 @@ class Proxy:
 
     # -- shared ---------------------------------------------------------------------------
     def _upstream_failure(self, outcome: Outcome, model: str, exc: UpstreamError) -> Response:
-        """No tier could answer: an upstream 4xx passes through, anything else is 502/503/504."""
-        if isinstance(exc, UpstreamClientError):
+        """No tier could answer. An error the engine answered itself (4xx or 5xx) passes
+        through as it came; a failure with no answer is calibserve's own 502/503/504."""
+        status = exc.answered
+        if status is not None and status < 500:
             outcome.record(model, "client_error")
-            return upstream_rejection(exc)
+            return engine_answer(exc, status)
         outcome.record(model, "upstream_error")
         self.metrics.upstream_errors.labels(exc.upstream or model, exc.kind).inc()
-        headers = None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        if status is not None:
+            return engine_answer(exc, status)
         return APIError(exc.status_code, str(exc), code="upstream_" + exc.kind,
-                        headers=headers).response()
+                        headers=_retry_after(exc)).response()
 
     async def _engine_died(self, model: ModelRuntime, exc: UpstreamError) -> bool:
         """Did a transport failure come from our managed engine dying? Then it is a 503.
@@ -237,7 +246,7 @@ class Proxy:
         briefly for the exit rather than report the death as a bad gateway.
         """
         engine = model.primary.engine if len(model.tiers) == 1 else None
-        if engine is None or isinstance(exc, UpstreamClientError):
+        if engine is None or exc.answered is not None:  # the engine answered: it is alive
             return False
         exited = engine.exited()
         with contextlib.suppress(TimeoutError):
@@ -427,8 +436,11 @@ class Proxy:
         except UpstreamError as exc:
             kind = "upstream_error"
             self.metrics.upstream_errors.labels(exc.upstream or model.name, exc.kind).inc()
-            # vLLM's way to fail an open stream: an error event, then [DONE].
-            yield f"data: {_dumps(error_body(str(exc), 'BadGatewayError', None, 502))}\n\n"
+            # vLLM's way to fail an open stream: an error event, then [DONE]. The engine's
+            # own error event passes as it came.
+            event = exc.body if isinstance(exc.body, dict) and "error" in exc.body else \
+                error_body(str(exc), "BadGatewayError", None, 502)
+            yield f"data: {_dumps(event)}\n\n"
         except Exception as exc:  # noqa: BLE001 - a stream cannot change its status any more
             kind = "server_error"
             log.exception("error while streaming: %s", exc)

@@ -20,6 +20,7 @@ from calibserve.routing import (
     ThresholdPolicy,
     Tier,
     Upstream,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from tests.routing.fakes import FakeUpstream, SlowStream, fake_chat_events, ok, status
@@ -96,6 +97,26 @@ async def test_failing_primary_falls_back_and_4xx_does_not() -> None:
                                 tier("e", FakeUpstream(["refuse"]))], ThresholdPolicy(0.5))
     with pytest.raises(UpstreamUnavailable):
         await Router().complete(both_dead, "chat", dict(CHAT))
+
+
+async def test_primary_5xx_answer_falls_back_and_is_raised_when_no_tier_answers() -> None:
+    """An engine's 5xx is the engine failing, not the request: another tier may answer. When
+    none does, the primary's error carries the primary engine's own answer."""
+    route = Route("fb5-r", [tier("p", FakeUpstream([status(500)])),
+                            tier("e", FakeUpstream([ok("C", 0.9)]))], ThresholdPolicy(0.5))
+    res = await Router().complete(route, "chat", dict(CHAT))
+    assert res.served_by == "e" and res.escalated and res.reason == "primary_failed"
+    assert "HTTP 500" in (res.primary_error or "")
+    both = Route("fb5b-r", [tier("p", FakeUpstream([status(500)])),
+                            tier("e", FakeUpstream([status(502)]))], ThresholdPolicy(0.5))
+    with pytest.raises(UpstreamError) as info:
+        await Router().complete(both, "chat", dict(CHAT))
+    assert info.value.answered == 500 and info.value.body == {"error": {"message": "fake 500"}}
+    unreachable = Route("fb5c-r", [tier("p", FakeUpstream(["refuse"])),
+                                   tier("e", FakeUpstream([status(500)]))], ThresholdPolicy(0.5))
+    with pytest.raises(UpstreamUnavailable) as refused:
+        await Router().complete(unreachable, "chat", dict(CHAT))
+    assert refused.value.answered is None  # the primary gave no answer: calibserve's own 503
 
 
 async def test_stream_never_is_pass_through_with_confidence_on_finish_chunk() -> None:

@@ -64,15 +64,18 @@ async def test_503s_exhaust_retries_then_unavailable() -> None:
     with pytest.raises(UpstreamUnavailable) as info:
         await up.request_json("chat/completions", {"model": "m"})
     assert info.value.status_code == 503 and "HTTP 503" in str(info.value)
+    assert info.value.answered == 503 and info.value.body == {"error": {"message": "fake 503"}}
     assert len(fake.requests) == 3
 
 
-async def test_500_is_not_retried_and_maps_to_502() -> None:
+async def test_500_is_not_retried_and_carries_the_engines_answer() -> None:
     fake = FakeUpstream([status(500)])
     up = Upstream("fake-500", "http://fake", retry=FAST, transport=fake.transport())
     with pytest.raises(UpstreamBadResponse) as info:
         await up.request_json("chat/completions", {"model": "m"})
     assert info.value.status_code == 502 and len(fake.requests) == 1
+    # The server passes the engine's own answer through (status and body).
+    assert info.value.answered == 500 and info.value.body == {"error": {"message": "fake 500"}}
 
 
 async def test_400_passes_through_untouched() -> None:
@@ -90,6 +93,7 @@ async def test_hang_times_out() -> None:
     with pytest.raises(UpstreamTimeout) as info:
         await up.request_json("chat/completions", {"model": "m"})
     assert info.value.status_code == 504 and time.perf_counter() - started < 2
+    assert info.value.answered is None  # no answer: calibserve's own 504
 
 
 async def test_dead_port_is_unavailable_after_retries() -> None:
@@ -97,6 +101,7 @@ async def test_dead_port_is_unavailable_after_retries() -> None:
     with pytest.raises(UpstreamUnavailable) as info:
         await up.request_json("chat/completions", {"model": "m"})
     assert info.value.kind == "connect" and retries("dead") == 2
+    assert info.value.answered is None and info.value.body is None
     await up.aclose()
 
 

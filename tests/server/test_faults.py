@@ -132,9 +132,7 @@ def test_oversized_body_413(client: httpx.Client) -> None:
     still_serving(client)
 
 
-@pytest.mark.parametrize("mode, status", [
-    ("error500", 502), ("garbage", 502), ("drop", 502), ("error503", 503), ("hang", 504),
-])
+@pytest.mark.parametrize("mode, status", [("garbage", 502), ("drop", 502), ("hang", 504)])
 def test_upstream_faults_map_to_5xx(
     client: httpx.Client, fake_upstream: FakeUpstream, mode: str, status: int
 ) -> None:
@@ -145,6 +143,29 @@ def test_upstream_faults_map_to_5xx(
     err = assert_openai_error(r, status)
     assert err["code"] == status
     assert elapsed < 5, "never hang: the upstream timeout is 1 s"
+    fake_upstream.mode("ok")
+    still_serving(client)
+
+
+@pytest.mark.parametrize("mode", ["error500", "error503"])
+@pytest.mark.parametrize("path, extra", [("/v1/chat/completions", {}),
+                                         ("/v1/chat/completions", {"stream": True}),
+                                         ("/v1/completions", {"prompt": "q"})])
+def test_engine_5xx_answer_passes_through(
+    client: httpx.Client, fake_upstream: FakeUpstream, mode: str, path: str,
+    extra: dict[str, object]
+) -> None:
+    """An error the engine answered (here a 500 or a 503 after retries) reaches the client with
+    the engine's status and body; only failures with no answer get calibserve's own 5xx."""
+    body = {**CHAT, **extra}
+    if "prompt" in extra:
+        body.pop("messages")
+    fake_upstream.mode(mode)
+    through = client.post(path, json=body)
+    direct = httpx.post(fake_upstream.url + path, json=body, timeout=10)
+    assert direct.status_code >= 500
+    assert (through.status_code, through.json()) == (direct.status_code, direct.json())
+    assert through.json()["error"]["type"] == "FakeError"  # the engine's, not calibserve's
     fake_upstream.mode("ok")
     still_serving(client)
 
@@ -171,7 +192,7 @@ def test_stream_dropped_midway_ends_with_error_event(
 def test_stream_that_cannot_start_gets_http_status(
     client: httpx.Client, fake_upstream: FakeUpstream
 ) -> None:
-    fake_upstream.mode("error500")
+    fake_upstream.mode("drop")
     r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
     assert_openai_error(r, 502)
 
@@ -308,9 +329,39 @@ def test_each_request_counted_once_under_its_outcome(
     fake_upstream.mode("error400")
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 400
     fake_upstream.mode("error500")
-    assert client.post("/v1/chat/completions", json=CHAT).status_code == 502
-    assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 502
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 500
+    assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 500
     after = counts()
     delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert delta == {("fake", "ok"): 2, ("", "client_error"): 2, ("fake", "client_error"): 1,
                      ("fake", "upstream_error"): 2}
+
+
+def test_primary_engine_5xx_falls_back_to_another_tier(fake_upstream: FakeUpstream) -> None:
+    """A primary engine's 5xx is the engine failing, not the request: the next tier answers
+    (reason `primary_failed`); when none can, the client gets the primary engine's answer."""
+    expert = FakeUpstream()
+    settings = ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "fake", "upstreams": [fake_upstream.url],
+                    "upstream_model": "fake-model", "policy": "threshold", "threshold": 0.0,
+                    "escalate_to": [{"name": "expert", "upstreams": [expert.url],
+                                     "upstream_model": "fake-model"}]}],
+    })
+    try:
+        with serve(settings) as running, httpx.Client(base_url=running.url, timeout=10) as c:
+            fake_upstream.mode("error500")
+            for extra in ({}, {"stream": True}):
+                r = c.post("/v1/chat/completions", json={**CHAT, **extra})
+                assert r.status_code == 200, r.text
+                assert r.headers["x-calibserve-served-by"] == "expert"
+                assert r.headers["x-calibserve-escalated"] == "true"
+            events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+            assert json.loads(events[-2])["calibserve"]["reason"] == "primary_failed"
+            expert.mode("error503")
+            r = c.post("/v1/chat/completions", json=CHAT)
+            direct = httpx.post(fake_upstream.url + "/v1/chat/completions", json=CHAT)
+            assert (r.status_code, r.json()) == (500, direct.json())
+    finally:
+        fake_upstream.mode("ok")
+        expert.stop()
