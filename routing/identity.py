@@ -2,7 +2,8 @@
 
 The one rule for a base URL's `/v1` root (`api_root`) and for the server root its `/health`
 lives under (`server_root`); the one way to learn a model name from `/v1/models`
-(`served_models` + `choose_model`, together `discover_model`); the one health probe.
+(`served_models` + `choose_model`, together `discover_model`) and its card there (`model_card`);
+the one health probe.
 """
 
 from __future__ import annotations
@@ -32,12 +33,22 @@ def server_root(base_url: str) -> str:
     return api_root(base_url).rsplit("/", 1)[0]
 
 
-def model_ids(listing: Any) -> list[str]:
-    """The model ids of a `/v1/models` answer (`{"data": [{"id": ...}, ...]}`)."""
+def model_cards(listing: Any) -> list[dict[str, Any]]:
+    """The model cards of a `/v1/models` answer (`{"data": [{"id": ...}, ...]}`), as listed."""
     data = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(data, list):
         return []
-    return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def model_ids(listing: Any) -> list[str]:
+    """The model ids of a `/v1/models` answer."""
+    return [m["id"] for m in model_cards(listing)]
+
+
+def model_card(listing: Any, model: str) -> dict[str, Any] | None:
+    """The card a `/v1/models` answer lists for `model` (None: not listed)."""
+    return next((m for m in model_cards(listing) if m["id"] == model), None)
 
 
 def choose_model(ids: list[str], preferred: str | None = None) -> str | None:

@@ -75,3 +75,47 @@ def responses_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     out["include"] = include
     out["top_logprobs"] = max(MIN_TOP_LOGPROBS, asked)
     return out
+
+
+def responses_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """The chat request that asks what a `/v1/responses` body asks, for the confidence work of
+    confidence_work.py (verify's conversation, consistency's samples) on the same engine.
+
+    `instructions` become the system turn and `input` (a string, or message items whose content
+    is a string or text parts) the conversation; sampling keys carry over (`max_output_tokens`
+    as `max_tokens`). Input it cannot rephrase (tool calls, images, ...) leaves `messages` out,
+    which the confidence work counts as `unsupported`.
+    """
+    out: dict[str, Any] = {k: body[k] for k in ("model", "temperature", "top_p", "seed")
+                           if body.get(k) is not None}
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens"] = body["max_output_tokens"]
+    messages = _responses_messages(body.get("input"))
+    if messages is not None:
+        instructions = body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            messages.insert(0, {"role": "system", "content": instructions})
+        out["messages"] = messages
+    return out
+
+
+def _responses_messages(value: Any) -> list[dict[str, Any]] | None:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        return None
+    messages: list[dict[str, Any]] = []
+    for item in value:
+        if not isinstance(item, dict) or item.get("type", "message") != "message" or \
+                not isinstance(item.get("role"), str):
+            return None
+        content = item.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            if not texts or not all(isinstance(t, str) for t in texts):
+                return None
+            content = "".join(texts)  # type: ignore[arg-type]
+        if not isinstance(content, str):
+            return None
+        messages.append({"role": item["role"], "content": content})
+    return messages

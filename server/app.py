@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from calibserve.server.errors import APIError, install_error_handlers
 from calibserve.server.limits import BodySizeLimit
 from calibserve.server.metrics import CONTENT_TYPE
+from calibserve.server.model_cards import engine_card, model_list
 from calibserve.server.openai_schema import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -143,14 +144,18 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
         return await proxy.handle(request, "completions", body.model_dump(exclude_unset=True))
 
     @app.get("/v1/models", dependencies=[Depends(api_key)], tags=["openai"],
-             response_model=ModelList, responses={401: _ERRORS[401]})
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_card(m) for m in rt.models.values()]}
+             response_model=ModelList, responses={401: _ERRORS[401]},
+             description="The engine's own card (vLLM's fields) of each served model's primary "
+             "tier, under the served name; calibserve's minimal card when the engine cannot "
+             "say.")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(await model_list(rt))
 
     @app.get("/v1/models/{model}", dependencies=[Depends(api_key)], tags=["openai"],
-             response_model=ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]})
-    async def get_model(model: str) -> dict[str, Any]:
-        return _card(proxy.lookup(model))
+             response_model=ModelCard, responses={401: _ERRORS[401], 404: _ERRORS[404]},
+             description="One card of /v1/models (vLLM has no such route; OpenAI's API does).")
+    async def get_model(model: str) -> JSONResponse:
+        return JSONResponse(await engine_card(proxy.lookup(model)))
 
     @app.post("/v1/feedback", dependencies=[Depends(feedback_key)], tags=["calibserve"],
               response_model=FeedbackResponse, responses=_FEEDBACK_ERRORS,
@@ -248,7 +253,3 @@ def _openapi(app: FastAPI, max_n: int) -> dict[str, Any]:
     app.openapi_schema = doc
     return doc
 
-
-def _card(model: Any) -> dict[str, Any]:
-    return {"id": model.name, "object": "model", "created": model.created,
-            "owned_by": "calibserve", "root": model.name, "parent": None}

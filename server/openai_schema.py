@@ -154,10 +154,16 @@ class FeedbackResponse(BaseModel):
 
 
 class ModelCard(_Open):
+    """The engine's card (vLLM's fields), `id` the served name; open to whatever it adds."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "calibserve"
+    owned_by: str = Field("vllm", description="the engine's; `calibserve` when it cannot say")
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] | None = None
 
 
 class ModelList(BaseModel):

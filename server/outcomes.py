@@ -1,4 +1,4 @@
-"""Each chat/completions request's outcome, counted once in `calibserve_requests_total`.
+"""Each chat/completions/responses request's outcome, counted once in `calibserve_requests_total`.
 
 Whoever writes the response says what happened, on the request's `Outcome`: the proxy once the
 model is known (`ok`; `client_error` for an upstream 4xx or a client gone away; `upstream_error`),
@@ -20,7 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from calibserve.server.metrics import ServerMetrics
 
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+             "/v1/responses": "responses"}
 _SCOPE_KEY = "calibserve.outcome"
 
 

@@ -4,11 +4,13 @@
 server that calibserve has no route of its own for go to the primary tier's engine of the model the
 body names (`model`, renamed to the engine's name; the first model when there is none) and come back
 with the engine's status, body and content headers unchanged. An engine that cannot be reached is
-a 503 in the one error shape (errors.py). The Responses API (responses.py) uses the same client.
+a 503, one that does not answer within the tier's `timeout_s` a 504, in the one error shape
+(errors.py). The Responses API (responses.py) uses the same client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -67,8 +69,10 @@ class Forwarder:
         client = self._client(root, model)
         request = client.build_request(method, root + path, content=content, headers=headers)
         try:
-            return await client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
+            # An asyncio deadline too: the lean transport does not enforce httpx's timeouts.
+            async with asyncio.timeout(model.primary.settings.timeout_s):
+                return await client.send(request, stream=True)
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise APIError(504, f"the engine for `{model.name}` did not answer in time",
                            code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
@@ -108,7 +112,11 @@ class Forwarder:
         """The whole body of an answer `open` returned, then the connection is released; an
         engine that breaks off mid-body is a 502."""
         try:
-            return await upstream.aread()
+            async with asyncio.timeout(model.primary.settings.timeout_s):
+                return await upstream.aread()
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise APIError(504, f"the engine for `{model.name}` did not finish its answer in "
+                           "time", code="upstream_timeout") from exc
         except httpx.HTTPError as exc:
             raise APIError(502, f"the engine for `{model.name}` broke off its answer: {exc!r}",
                            code="upstream_protocol") from exc

@@ -6,8 +6,19 @@ reads them; routing.payload.responses_body) and comes back as the engine sent it
 and `calibserve` (with `feedback_id`, the signed id to send to /v1/feedback) on the response object,
 the `x-calibserve-*` headers, and logprobs cut back to what the client asked for (none unless its
 `include` has `message.output_text.logprobs`, then its `top_logprobs` alternatives). The response's
-own `id` is the engine's: `previous_response_id` and `GET /v1/responses/{id}` need it. Responses are
-scored, not escalated: they are served by the primary tier.
+own `id` is the engine's: `previous_response_id` and `GET /v1/responses/{id}` need it.
+
+Scoring is the chat path's one scoring step (routing.scoring.score_answer): the output's logprobs
+scored by the primary tier's scorer, then, for a free-form method that needs it (verify,
+consistency), the extra requests of routing/confidence_work.py on the same engine, asked as the
+chat request that asks what the Responses body asks (routing.payload.responses_chat). Each
+request is counted in `calibserve_requests_total{endpoint="responses"}` and timed like chat's.
+
+Responses are scored, not escalated: they are served by the primary tier. The Responses API is
+stateful (a response's id, its stored state and every `previous_response_id` chain live in the
+engine that produced it): an answer from another tier could be neither retrieved nor continued
+through the primary, and its stream's events are not the chat chunks the streaming escalation
+core reads.
 
 Streams are the engine's events, `event:` lines and all; the terminal event's `response`
 (`response.completed`, `.incomplete` or `.failed`) carries `confidence` and `calibserve`.
@@ -16,8 +27,10 @@ Errors from the engine pass through unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,8 +38,13 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from calibserve.routing.payload import OUTPUT_LOGPROBS, responses_body
+from calibserve.routing import RoutedResult
+from calibserve.routing.confidence_work import ConfidenceWork
+from calibserve.routing.payload import OUTPUT_LOGPROBS, responses_body, responses_chat
+from calibserve.routing.route import ConfidenceLike
+from calibserve.routing.scoring import confidence_dict, score_answer
 from calibserve.server.errors import APIError, error_body
+from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.passthrough import Forwarder
 from calibserve.server.proxy import EventStream, reject_non_json_numbers
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
@@ -117,47 +135,91 @@ class ResponsesProxy:
         return model
 
     async def handle(self, request: Request, body: dict[str, Any]) -> Response:
+        started = time.perf_counter()
         reject_non_json_numbers(body)
         model = self._model(body.get("model"))
-        view = ResponsesView(body)
+        outcome = outcome_of(request)
+        run = _Run(model, body, started)
         payload = responses_body(body, model.primary.upstream_model)
         content = json.dumps(payload).encode()
-        upstream = await self.forwarder.open(model, "POST", PATH, content, _JSON)
-        if upstream.status_code != 200 or not body.get("stream"):
+        asked = time.perf_counter()
+        try:
+            upstream = await self.forwarder.open(model, "POST", PATH, content, _JSON)
+            if upstream.status_code == 200 and body.get("stream"):
+                return EventStream(self._events(outcome, run, upstream),
+                                   media_type="text/event-stream",
+                                   headers=self._headers(model, None))
             data = await self.forwarder.read(model, upstream)
-            if upstream.status_code != 200:  # the engine's error, as it sent it
-                return Response(data, status_code=upstream.status_code,
-                                media_type=upstream.headers.get("content-type"))
-            try:
-                obj = json.loads(data)
-            except ValueError as exc:
-                raise APIError(502, "the engine's answer is not JSON",
-                               code="upstream_protocol") from exc
-            headers = self._finish(model, obj, view)
-            return JSONResponse(obj, headers=headers)
-        return EventStream(self._events(model, upstream, view), media_type="text/event-stream",
-                           headers=self._headers(model, None))
+        except APIError as exc:  # no answer from the engine: calibserve's own 5xx
+            self._failed(outcome, model, exc.reason or "")
+            return exc.response()
+        finally:
+            run.upstream_s += time.perf_counter() - asked
+        if upstream.status_code != 200:  # the engine's error, as it sent it
+            if upstream.status_code < 500:
+                outcome.record(model.name, "client_error")
+            else:
+                self._failed(outcome, model, "upstream_status")
+            return Response(data, status_code=upstream.status_code,
+                            media_type=upstream.headers.get("content-type"))
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            self._failed(outcome, model, "upstream_protocol")
+            return APIError(502, "the engine's answer is not JSON",
+                            code="upstream_protocol").response()
+        headers = await self._finish(run, obj)
+        self._observe(run)
+        outcome.record(model.name, "ok")
+        return JSONResponse(obj, headers=headers)
 
-    def _finish(self, model: ModelRuntime, obj: dict[str, Any],
-                view: ResponsesView) -> dict[str, str]:
+    def _failed(self, outcome: Outcome, model: ModelRuntime, reason: str) -> None:
+        outcome.record(model.name, "upstream_error")
+        kind = reason.removeprefix("upstream_") or "status"
+        self.rt.metrics.upstream_errors.labels(model.primary.tier.name, kind).inc()
+
+    def _observe(self, run: _Run) -> None:
+        total = time.perf_counter() - run.started
+        name = run.model.name
+        self.rt.metrics.duration.labels(name, "responses").observe(total)
+        self.rt.metrics.overhead.labels(name, "responses").observe(max(0.0, total - run.upstream_s))
+
+    async def _score(self, run: _Run, obj: dict[str, Any]) -> ConfidenceLike:
+        """The response's confidence through the one scoring step, with its method's extra
+        work (verify, consistency) asked of the same engine as chat."""
+        tier = run.model.primary.tier
+        content = [
+            part.get("text") or "" for item in obj.get("output") or [] if isinstance(item, dict)
+            for part in item.get("content") or []
+            if isinstance(part, dict) and part.get("type") == "output_text"]
+        answer = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                       "content": "".join(content)},
+                               "logprobs": {"content": output_logprobs(obj)}}]}
+        work = ConfidenceWork(tier, "chat", run.chat, run.result, self.rt.routing_metrics)
+        before = run.result.upstream_seconds
+        (conf,) = await score_answer(answer, work)
+        run.upstream_s += run.result.upstream_seconds - before
+        return conf
+
+    async def _finish(self, run: _Run, obj: dict[str, Any]) -> dict[str, str]:
         """Score a response object, add calibserve's fields, cut logprobs; the headers."""
-        scored = model.primary.scorer.score_choice({"content": output_logprobs(obj)})
-        conf = scored.to_dict()
-        view.response(obj)
+        model = run.model
+        conf = confidence_dict(await self._score(run, obj))
+        run.view.response(obj)
         if "model" in obj:
             obj["model"] = model.name
         obj["confidence"] = conf
         tier = model.primary.tier.name
         feedback_id = self.rt.signer.issue(
-            "chatcmpl-", model.calibration_label(tier), [scored.score], [scored.raw],
-            methods=[scored.method])
+            "chatcmpl-", model.calibration_label(tier), [conf["score"]], [conf["raw"]],
+            methods=[conf["method"]])
         obj["calibserve"] = {"served_by": tier, "escalated": False, "primary_confidence":
-                             scored.score, "threshold": None, "reason": None,
+                             conf["score"], "threshold": None, "reason": None,
                              "escalation_error": None, "primary_error": None,
                              "tiers_tried": [tier], "agreement": None,
                              "feedback_id": feedback_id}
-        self.rt.metrics.confidence.labels(model.name, scored.method).observe(scored.score)
-        return self._headers(model, scored.score)
+        self.rt.metrics.confidence.labels(model.name, conf["method"]).observe(conf["score"])
+        return self._headers(model, conf["score"])
 
     @staticmethod
     def _headers(model: ModelRuntime, score: float | None) -> dict[str, str]:
@@ -167,31 +229,51 @@ class ResponsesProxy:
             headers["x-calibserve-confidence"] = f"{score:.6f}"
         return headers
 
-    async def _events(self, model: ModelRuntime, upstream: httpx.Response,
-                      view: ResponsesView) -> AsyncIterator[str]:
+    async def _events(self, outcome: Outcome, run: _Run,
+                      upstream: httpx.Response) -> AsyncIterator[str]:
+        model = run.model
         name: str | None = None
         data: list[str] = []
+        kind = "ok"
+        lines = upstream.aiter_lines()
+        timeout = model.primary.settings.timeout_s
         try:
-            async for line in upstream.aiter_lines():
+            while True:
+                waited = time.perf_counter()
+                try:
+                    async with asyncio.timeout(timeout):  # a stalled engine ends the stream
+                        line = await anext(lines)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    run.upstream_s += time.perf_counter() - waited
                 if line.startswith("event:"):
                     name = line[6:].strip()
                 elif line.startswith("data:"):
                     data.append(line[5:].lstrip(" "))
                 elif not line and data:
-                    yield self._event(model, name, "\n".join(data), view)
+                    yield await self._event(run, name, "\n".join(data))
                     name, data = None, []
             if data:
-                yield self._event(model, name, "\n".join(data), view)
-        except httpx.HTTPError as exc:
+                yield await self._event(run, name, "\n".join(data))
+            self._observe(run)
+        except (asyncio.CancelledError, GeneratorExit):
+            kind = "client_error"  # the client went away mid-stream
+            raise
+        except (httpx.HTTPError, TimeoutError) as exc:
+            kind = "upstream_error"
             log.warning("responses stream from %s broke off: %r", model.name, exc)
+            self.rt.metrics.upstream_errors.labels(
+                model.primary.tier.name,
+                "timeout" if isinstance(exc, TimeoutError) else "protocol").inc()
             body = error_body(f"the engine for `{model.name}` broke off the stream",
                               "BadGatewayError", None, 502)
             yield f"event: error\ndata: {json.dumps(body)}\n\n"
         finally:
             await upstream.aclose()
+            outcome.record(model.name, kind)
 
-    def _event(self, model: ModelRuntime, name: str | None, payload: str,
-               view: ResponsesView) -> str:
+    async def _event(self, run: _Run, name: str | None, payload: str) -> str:
         head = f"event: {name}\n" if name else ""
         try:
             event = json.loads(payload)
@@ -200,10 +282,26 @@ class ResponsesProxy:
         if isinstance(event, dict):
             response = event.get("response")
             if event.get("type") in _TERMINAL and isinstance(response, dict):
-                self._finish(model, response, view)
+                await self._finish(run, response)
             else:
-                view.event(event)
+                run.view.event(event)
                 if isinstance(response, dict) and "model" in response:
-                    response["model"] = model.name
+                    response["model"] = run.model.name
         text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         return f"{head}data: {text}\n\n"
+
+
+class _Run:
+    """One Responses request: its model, what the client asked to see, its timing, and the
+    chat request its confidence work asks."""
+
+    __slots__ = ("model", "view", "chat", "result", "started", "upstream_s")
+
+    def __init__(self, model: ModelRuntime, body: dict[str, Any], started: float) -> None:
+        self.model = model
+        self.view = ResponsesView(body)
+        self.chat = responses_chat(body)
+        tier = model.primary.tier.name
+        self.result = RoutedResult(route=model.name, served_by=tier, tiers_tried=[tier])
+        self.started = started
+        self.upstream_s = 0.0

@@ -22,6 +22,9 @@ MC = "question : what is the color of ent1 ? A red B blue C green D gold"
 ADDED_KEYS = {"confidence", "calibserve"}            # calibserve's documented additions
 VOLATILE_TOP = {"id", "created", "created_at"}        # differ between two vLLM calls too
 VOLATILE_ANYWHERE = {"item_id"}                       # Responses: per-call message ids
+# Fields vLLM makes anew on every call, in objects of these `object` kinds: a model card's
+# `created` (the time of the listing) and its permission entries' `id` and `created`.
+VOLATILE_BY_OBJECT = {"model": {"created"}, "model_permission": {"id", "created"}}
 # Responses: output items' `id` (msg_...) and a stream's `response.id` are per call as well.
 
 
@@ -125,6 +128,8 @@ CORPUS: list[Kind] = [
          stream=True),
     Kind("responses instructions + items", "/v1/responses",
          resp(instructions="be brief", input=[{"role": "user", "content": MC}])),
+    # models: the engine's own cards
+    Kind("models", "/v1/models", None, method="GET"),
     # engine routes passed through
     Kind("tokenize", "/tokenize", {"model": MODEL, "prompt": MC}),
     Kind("tokenize chat", "/tokenize", {"model": MODEL,
@@ -144,13 +149,17 @@ CORPUS: list[Kind] = [
     Kind("bad: responses top_logprobs 50", "/v1/responses",
          resp(include=["message.output_text.logprobs"], top_logprobs=50)),
     Kind("bad: max_tokens not an int", "/v1/completions", comp(max_tokens="x"), own_error=True),
+    # An engine 5xx is the engine's answer too: its status and body, streaming or not.
+    Kind("engine 500: chat json_schema (the demo tokenizer)", "/v1/chat/completions",
+         chat(max_tokens=12, response_format={
+             "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})),
+    Kind("engine 500: chat json_schema stream", "/v1/chat/completions",
+         chat(max_tokens=12, stream=True, response_format={
+             "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}),
+         stream=True),
+    Kind("engine 500: completions json_object", "/v1/completions",
+         comp(max_tokens=12, response_format={"type": "json_object"})),
 ]
-
-# An engine 5xx is the one documented difference: calibserve answers 502 (BadGatewayError) after
-# its retries, so that clients and tiers can tell the engine failed. Tested apart.
-ENGINE_5XX = Kind("chat json_schema (engine 500 with the demo tokenizer)", "/v1/chat/completions",
-                  chat(max_tokens=12, response_format={
-                      "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}))
 
 
 @dataclass
@@ -188,8 +197,11 @@ def send(client: httpx.Client, base: str, kind: Kind) -> Answer:
 def _clean(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, dict):
         out = {}
+        volatile = VOLATILE_BY_OBJECT.get(obj.get("object"), set()) \
+            if isinstance(obj.get("object"), str) else set()
         for k, v in obj.items():
-            if k in ADDED_KEYS or k in VOLATILE_ANYWHERE or (depth == 0 and k in VOLATILE_TOP):
+            if k in ADDED_KEYS or k in VOLATILE_ANYWHERE or (depth == 0 and k in VOLATILE_TOP) \
+                    or k in volatile:
                 continue
             if k == "response" and isinstance(v, dict):  # a Responses stream event's object
                 out[k] = _clean(v, 0)

@@ -365,3 +365,17 @@ def test_primary_engine_5xx_falls_back_to_another_tier(fake_upstream: FakeUpstre
     finally:
         fake_upstream.mode("ok")
         expert.stop()
+
+
+def test_models_are_the_engines_cards(client: httpx.Client, fake_upstream: FakeUpstream) -> None:
+    """/v1/models lists the primary engine's own card under the served name; an engine that
+    cannot say leaves the model listed with calibserve's minimal card."""
+    engine = httpx.get(fake_upstream.url + "/v1/models", timeout=10).json()["data"][0]
+    listing = client.get("/v1/models").json()
+    assert listing == {"object": "list", "data": [{**engine, "id": "fake"}]}
+    assert client.get("/v1/models/fake").json() == listing["data"][0]
+    fake_upstream.mode("error500")
+    down = client.get("/v1/models")
+    assert down.status_code == 200
+    assert [(c["id"], c["owned_by"]) for c in down.json()["data"]] == [("fake", "calibserve")]
+    assert client.get("/v1/models/fake").json()["owned_by"] == "calibserve"
