@@ -153,7 +153,8 @@ CORPUS: list[Kind] = [
     Kind("engine 500: chat json_schema (the demo tokenizer)", "/v1/chat/completions",
          chat(max_tokens=12, response_format={
              "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}})),
-    Kind("engine 500: chat json_schema stream", "/v1/chat/completions",
+    # vLLM starts this stream (200, the role chunk) and ends it with its 500 error event.
+    Kind("engine error event: chat json_schema stream", "/v1/chat/completions",
          chat(max_tokens=12, stream=True, response_format={
              "type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}),
          stream=True),

@@ -71,9 +71,14 @@ def test_additions_are_there(calibserve: RunningServer) -> None:
             k: v for k, v in listed.items() if k not in ("created", "permission")}
 
 
-def test_engine_5xx_kinds_are_engine_errors(engine: str) -> None:
-    """The corpus's `engine 500` kinds do fail inside the engine (else they test nothing)."""
+def test_engine_error_kinds_are_engine_errors(engine: str) -> None:
+    """The corpus's engine-error kinds do fail inside the engine (else they test nothing): a
+    5xx status, or for the stream an error event in vLLM's shape."""
     with httpx.Client() as client:
         for kind in CORPUS:
             if kind.name.startswith("engine 500"):
                 assert send(client, engine, kind).status >= 500, kind.name
+            elif kind.name.startswith("engine error event"):
+                events = send(client, engine, kind).events
+                assert any(isinstance(data, dict) and data.get("error", {}).get("code") == 500
+                           for _, data in events), kind.name
