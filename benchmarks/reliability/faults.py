@@ -10,6 +10,11 @@
 3. `sigterm_drain`: `calibserve serve` (subprocess) over a slow FAKE upstream; requests in flight,
    then SIGTERM. Want: every in-flight request completes with 200 and the process exits cleanly
    (status 0, or -15: uvicorn re-raises SIGTERM after draining).
+4. `upstream_errors_and_death`: every request path (chat, completions, responses, streamed or
+   not, /v1/models, tokenize, a pass-through GET) with the FAKE engine answering 500, then 503:
+   want the engine's own status and body (the model list: calibserve's own card); then with the
+   engine SIGKILLed: want calibserve's 502/503/504 in OpenAI's shape within a bounded wait, the
+   model list still 200.
 
     python -m benchmarks.reliability.faults [--model /work/dev-demo/aligned] [--skip-engine]
 """
@@ -276,6 +281,110 @@ def escalation_ok(r: dict[str, Any]) -> bool:
         "expert" in k for k in r["before_kill"])
 
 
+# --- 4. engine errors and the upstream killed, on every request path ---------------------------
+
+# Every request path calibserve has in front of an engine: the scored routes (streamed or not),
+# the model list, the pass-through routes.
+PATHS: list[tuple[str, str, dict[str, Any] | None]] = [
+    ("POST", "/v1/chat/completions", chat_body()),
+    ("POST", "/v1/chat/completions", chat_body(stream=True)),
+    ("POST", "/v1/completions", {"model": FAKE_MODEL, "prompt": "q", "max_tokens": 4}),
+    ("POST", "/v1/responses", {"model": FAKE_MODEL, "input": "q", "max_output_tokens": 4}),
+    ("POST", "/v1/responses", {"model": FAKE_MODEL, "input": "q", "stream": True}),
+    ("POST", "/tokenize", {"model": FAKE_MODEL, "prompt": "q"}),
+    ("GET", "/version", None),
+    ("GET", "/v1/models", None),
+    ("GET", f"/v1/models/{FAKE_MODEL}", None),
+]
+MODEL_PATHS = ("/v1/models", f"/v1/models/{FAKE_MODEL}")
+
+
+def _send(client: httpx.Client, url: str, method: str, path: str,
+          body: dict[str, Any] | None) -> tuple[int | None, Any, float]:
+    t0 = time.monotonic()
+    try:
+        r = client.request(method, url + path, json=body)
+    except httpx.HTTPError as exc:
+        return None, repr(exc)[:120], time.monotonic() - t0
+    try:
+        parsed: Any = r.json()
+    except ValueError:
+        parsed = r.text
+    return r.status_code, parsed, time.monotonic() - t0
+
+
+def upstream_errors_and_death(timeout_s: float = 2.0) -> dict[str, Any]:
+    """Each request path twice: with the engine answering errors (a 500, a 503 after retries),
+    where the client must get the engine's own status and body (the model list: calibserve's
+    card), then with the engine SIGKILLed, where the client must get calibserve's own 502/503/504
+    in OpenAI's shape within a bounded wait (the model list: still 200, calibserve's card)."""
+    from calibserve.server.config import ServerSettings
+
+    rows: list[dict[str, Any]] = []
+    alive = True
+    with FakeUpstream() as fake, httpx.Client(timeout=30) as client:
+        settings = ServerSettings.model_validate({
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1",
+            "models": [{"name": FAKE_MODEL, "upstreams": [fake.url],
+                        "upstream_model": FAKE_MODEL, "timeout_s": timeout_s}]})
+        # A server per phase: the breaker one phase opens would answer the next (calibserve's
+        # own 503, by the rule) before the engine is asked.
+        for phase in ("error500", "error503", "killed"):
+            with InProcessServer(settings) as srv:
+                if phase == "killed":
+                    fake.mode("ok")
+                    fake.proc.kill()  # SIGKILL: the engine vanishes
+                    fake.proc.wait()
+                else:
+                    fake.mode(phase)
+                for method, path, body in PATHS:
+                    status, got, took = _send(client, srv.url, method, path, body)
+                    row: dict[str, Any] = {
+                        "phase": phase, "request": f"{method} {path}"
+                        f"{' stream' if (body or {}).get('stream') else ''}",
+                        "status": status, "ms": round(took * 1000)}
+                    if path in MODEL_PATHS:
+                        row["want"] = "200, calibserve's card"
+                        row["ok"] = status == 200 and _own_card(got)
+                    elif phase == "killed":
+                        row["want"] = "502/503/504, OpenAI's shape"
+                        row["ok"] = status in (502, 503, 504) and _openai_error(got) and \
+                            took < 3 * timeout_s
+                    else:
+                        d_status, d_body, _ = _send(client, fake.url, method, path, body)
+                        row["want"] = f"{d_status}, the engine's body"
+                        # Failures open the upstream's breaker (a few requests in, with the
+                        # 503's retries): from then on calibserve answers its own 503 without
+                        # asking the engine, by the same rule.
+                        row["source"] = "engine" if (status, got) == (d_status, d_body) else \
+                            "breaker" if status == 503 and _openai_error(got) and \
+                            "circuit open" in got["error"]["message"] else "?"
+                        row["ok"] = row["source"] != "?"
+                    rows.append(row)
+                alive = alive and _send(client, srv.url, "GET", "/health", None)[0] == 200
+    return {"rows": rows, "server_alive_after": alive,
+            "failed": [r for r in rows if not r["ok"]]}
+
+
+def _own_card(listing: Any) -> bool:
+    cards = listing.get("data", [listing]) if isinstance(listing, dict) else []
+    return bool(cards) and all(c.get("owned_by") == "calibserve" and c.get("id") == FAKE_MODEL
+                               for c in cards)
+
+
+def _openai_error(body: Any) -> bool:
+    err = body.get("error") if isinstance(body, dict) else None
+    return isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err)
+
+
+def upstream_errors_ok(r: dict[str, Any]) -> bool:
+    """Every row as wanted, the server alive, and the engine's own answer seen in each error
+    phase (the first request of a phase meets a closed breaker)."""
+    first = {row["phase"]: row for row in reversed(r["rows"])}
+    return (not r["failed"] and r["server_alive_after"] and len(r["rows"]) == 3 * len(PATHS)
+            and all(first[p].get("source") == "engine" for p in ("error500", "error503")))
+
+
 # --- 3. SIGTERM drains --------------------------------------------------------------------------
 
 def sigterm_drain(in_flight: int = 8, delay_ms: float = 1500) -> dict[str, Any]:
@@ -345,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     with console.status("escalation tier dying under load"):
         out["escalation_dies"] = escalation_dies()
     oks["escalation_dies"] = escalation_ok(out["escalation_dies"])
+    with console.status("engine errors, then the engine killed, on every request path"):
+        out["upstream_errors_and_death"] = upstream_errors_and_death()
+    oks["upstream_errors_and_death"] = upstream_errors_ok(out["upstream_errors_and_death"])
     with console.status("SIGTERM with requests in flight"):
         out["sigterm_drain"] = sigterm_drain()
     oks["sigterm_drain"] = drain_ok(out["sigterm_drain"])

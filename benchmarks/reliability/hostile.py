@@ -1,4 +1,5 @@
-"""Hostile clients: oversized and invalid bodies, slow senders, disconnects, idle hordes, huge asks.
+"""Hostile clients: oversized and invalid bodies, slow senders, disconnects, idle hordes, huge asks,
+hostile model-list paths.
 
 Each attack runs against calibserve (a subprocess, over the recording FAKE upstream) while a
 prober sends ordinary chat requests; the verdict for each attack is:
@@ -280,6 +281,29 @@ def attack_huge_asks(url: str, max_n: int) -> list[Verdict]:
     return out
 
 
+def attack_model_paths(url: str) -> list[Verdict]:
+    """The model list's routes with hostile paths and bodies: a clean 404 (OpenAI's shape) for
+    what names no served model, the list itself answered (never the body read into memory past
+    the limit)."""
+    cases: list[tuple[str, str, bytes | None, tuple[int, ...]]] = [
+        ("model id of 8k characters", "/v1/models/" + "a" * 8000, None, (404,)),
+        ("model id with encoded traversal", "/v1/models/%2e%2e%2f%2e%2e%2fetc%2fpasswd", None,
+         (404,)),
+        ("model id with a NUL", "/v1/models/%00", None, (404,)),
+        ("model id with invalid UTF-8", "/v1/models/%ff%fe", None, (404,)),
+        ("GET /v1/models with a 1 MB body", "/v1/models", b"x" * (1024 * 1024), (200, 413)),
+    ]
+    out: list[Verdict] = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for name, path, content, allowed in cases:
+            with Prober(url) as prober:
+                r = client.request("GET", path, content=content)
+            shaped = r.status_code < 400 or error_shape_ok(r)
+            out.append(prober.fill(Verdict(name, f"{r.status_code}",
+                                           r.status_code in allowed and shaped)))
+    return out
+
+
 def _wait_for(cond: Callable[[], bool], timeout: float) -> float | None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -438,6 +462,7 @@ def run_all(url: str, fake: FakeUpstream, rss: Callable[[], int] | None, max_n: 
     steps: list[tuple[str, Callable[[], list[Verdict]]]] = [
         ("bodies", lambda: attack_bodies(url, fake, limit)),
         ("huge asks", lambda: attack_huge_asks(url, max_n)),
+        ("model paths", lambda: attack_model_paths(url)),
         ("disconnects", lambda: attack_disconnects(url, fake)),
         ("idle", lambda: [attack_idle(url, idle, hold_s, b"", f"{idle} idle connections", rss),
                           attack_idle(url, min(idle, 500), hold_s,

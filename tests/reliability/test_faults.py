@@ -14,6 +14,8 @@ from benchmarks.reliability.faults import (
     escalation_dies,
     escalation_ok,
     sigterm_drain,
+    upstream_errors_and_death,
+    upstream_errors_ok,
 )
 from tests.conftest import require
 
@@ -22,6 +24,11 @@ def test_escalation_tier_dying_degrades_to_primary() -> None:
     result = escalation_dies(clients=3, seconds=1.5)
     assert escalation_ok(result), result
     assert "expert" in (result["sample_error"] or "")
+
+
+def test_engine_errors_pass_through_and_a_killed_engine_is_calibserves_5xx() -> None:
+    result = upstream_errors_and_death()
+    assert upstream_errors_ok(result), result["failed"] or result
 
 
 def test_sigterm_drains_in_flight_requests() -> None:

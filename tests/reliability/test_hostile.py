@@ -17,6 +17,7 @@ from benchmarks.reliability.harness import (
 from benchmarks.reliability.hostile import (
     attack_disconnects,
     attack_idle,
+    attack_model_paths,
     raw_exchange,
     request_bytes,
 )
@@ -73,6 +74,11 @@ def test_huge_asks_400(rel_server: InProcessServer, huge: dict[str, object]) -> 
     r = httpx.post(f"{rel_server.url}/v1/chat/completions", json={**chat_body(), **huge},
                    timeout=10)
     assert r.status_code == 400 and is_openai_error(r.json())
+
+
+def test_hostile_model_paths_are_clean(rel_server: InProcessServer) -> None:
+    verdicts = attack_model_paths(rel_server.url)
+    assert all(v.ok for v in verdicts), [v for v in verdicts if not v.ok]
 
 
 def test_client_disconnect_cancels_upstream(rel_server: InProcessServer,
