@@ -56,10 +56,13 @@ def reject_non_json_numbers(value: Any, path: str = "") -> None:
             reject_non_json_numbers(item, f"{path}[{index}]")
 
 
+ERROR_SOURCE = "x-calibserve-error-source"  # `engine` on an error the engine answered itself
+
+
 def engine_answer(exc: UpstreamError, status: int) -> Response:
     """The upstream's own error answer (4xx or 5xx), status and body unchanged (vLLM's errors
-    stay vLLM's), with its Retry-After."""
-    headers = _retry_after(exc)
+    stay vLLM's), with its Retry-After; marked so a client can tell it from calibserve's own."""
+    headers = {**(_retry_after(exc) or {}), ERROR_SOURCE: "engine"}
     if isinstance(exc.body, dict | list):
         return JSONResponse(exc.body, status_code=status, headers=headers)
     return Response(str(exc.body or ""), status_code=status, headers=headers,

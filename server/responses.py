@@ -46,7 +46,7 @@ from calibserve.routing.scoring import confidence_dict, score_answer
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.passthrough import Forwarder
-from calibserve.server.proxy import EventStream, reject_non_json_numbers
+from calibserve.server.proxy import ERROR_SOURCE, EventStream, reject_non_json_numbers
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
 
 log = logging.getLogger("calibserve.server")
@@ -161,7 +161,8 @@ class ResponsesProxy:
             else:
                 self._failed(outcome, model, "upstream_status")
             return Response(data, status_code=upstream.status_code,
-                            media_type=upstream.headers.get("content-type"))
+                            media_type=upstream.headers.get("content-type"),
+                            headers={ERROR_SOURCE: "engine"})
         try:
             obj = json.loads(data)
         except ValueError:

@@ -7,6 +7,9 @@ generation modes) and sent to a running calibserve. Every answer is classified:
   upstream-mapped 502/503/504): a finding;
 - `upstream_5xx`: a documented 502/503/504 (expected only when the upstream fails; in front of
   the healthy fake upstream these are findings too, counted apart);
+- `engine_5xx`: a 5xx the engine answered itself, passed through as it came (marked
+  `x-calibserve-error-source: engine`; a real engine answers 500 to some valid bodies, e.g.
+  grammars its tokenizer cannot compile): not calibserve's, counted apart;
 - `bad_error_shape`: a 4xx/5xx whose body is not OpenAI's `{"error": {...}}`: a finding;
 - `bad_success`: a 200 chat/completions JSON answer without per-choice `confidence` or the
   `calibserve` object: a finding;
@@ -150,10 +153,14 @@ def check_doc(doc: dict[str, Any]) -> dict[str, Any]:
     return {"missing": missing, "notes": notes}
 
 
-def classify(operation: str, status: int | None, body: bytes, content_type: str) -> str:
-    """The harness's verdict on one answer (see the module docstring)."""
+def classify(operation: str, status: int | None, body: bytes, content_type: str,
+             source: str = "") -> str:
+    """The harness's verdict on one answer (see the module docstring); `source` the answer's
+    `x-calibserve-error-source` header."""
     if status is None:
         return "transport"
+    if status >= 500 and source == "engine":
+        return "engine_5xx" if _json_error(body) else "bad_error_shape"
     if status >= 500:
         if status not in UPSTREAM_STATUSES:
             return "server_5xx"
@@ -280,9 +287,11 @@ def fuzz(  # noqa: C901 - one schemathesis run; its closures share the run's sta
             ctype = ctype[0] if isinstance(ctype, list) else str(ctype)
             report.by_status[status] += 1
             report.by_op_status.setdefault(op, Counter())[status] += 1
-            kind = classify(op, status, response.content, ctype)
+            source = response.headers.get("x-calibserve-error-source", [""])
+            source = source[0] if isinstance(source, list) else str(source)
+            kind = classify(op, status, response.content, ctype, source)
             report.kinds[kind] += 1
-            if kind in FINDING_KINDS or kind == "upstream_5xx":
+            if kind in FINDING_KINDS or kind in ("upstream_5xx", "engine_5xx"):
                 report.add_example(Example(kind, op, status, _req(case),
                                            response.content[:300].decode(errors="replace")))
             try:

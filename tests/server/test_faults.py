@@ -142,6 +142,7 @@ def test_upstream_faults_map_to_5xx(
     elapsed = time.monotonic() - started
     err = assert_openai_error(r, status)
     assert err["code"] == status
+    assert "x-calibserve-error-source" not in r.headers  # calibserve's own
     assert elapsed < 5, "never hang: the upstream timeout is 1 s"
     fake_upstream.mode("ok")
     still_serving(client)
@@ -166,6 +167,7 @@ def test_engine_5xx_answer_passes_through(
     assert direct.status_code >= 500
     assert (through.status_code, through.json()) == (direct.status_code, direct.json())
     assert through.json()["error"]["type"] == "FakeError"  # the engine's, not calibserve's
+    assert through.headers["x-calibserve-error-source"] == "engine"
     fake_upstream.mode("ok")
     still_serving(client)
 
@@ -379,3 +381,15 @@ def test_models_are_the_engines_cards(client: httpx.Client, fake_upstream: FakeU
     assert down.status_code == 200
     assert [(c["id"], c["owned_by"]) for c in down.json()["data"]] == [("fake", "calibserve")]
     assert client.get("/v1/models/fake").json()["owned_by"] == "calibserve"
+
+
+def test_models_lists_every_served_model_not_its_tiers(fake_upstream: FakeUpstream) -> None:
+    """Two served models (here over one engine) are two cards; an escalation tier is none."""
+    fake_upstream.mode("ok")
+    tier = {"upstreams": [fake_upstream.url], "upstream_model": "fake-model"}
+    settings = ServerSettings.model_validate({"signing_key": "k", "models": [
+        {"name": "small", **tier, "escalate_to": [{"name": "big", **tier}], "threshold": 0.5},
+        {"name": "other", **tier}]})
+    with serve(settings) as running:
+        cards = httpx.get(running.url + "/v1/models", timeout=10).json()["data"]
+    assert [(c["id"], c["owned_by"]) for c in cards] == [("small", "fake"), ("other", "fake")]

@@ -101,6 +101,7 @@ def test_responses_counted_under_their_outcome(consistency: RunningServer,
     fake_upstream.mode("error500")
     r = httpx.post(url, json=BODY, timeout=10)
     assert r.status_code == 500 and r.json()["error"]["type"] == "FakeError"  # the engine's
+    assert r.headers["x-calibserve-error-source"] == "engine"
     fake_upstream.mode("hang")
     assert httpx.post(url, json=BODY, timeout=10).status_code == 504
     fake_upstream.mode("ok")
