@@ -10,6 +10,9 @@ change in the machine's load hits both alike:
   target, the order of the two builds alternating by round; the fake alone is measured in every
   round too. Added p50/p99 = a build's pooled p50/p99 minus the fake's pooled p50/p99; the paired
   per-round ratios (candidate / baseline) are reported beside the pooled ratio.
+- CPU per request: each build's process CPU time (user + system, /proc) over its sequential
+  requests of the round, divided by their number: far less sensitive to a busy machine than
+  latency, so it says whether a latency ratio is the build or the noise.
 - sustained rate: proxy_overhead.py's open-loop search (rates x1.5 until a step fails, then 3
   bisection steps; zero errors, every answer within `--deadline`), `--rate-rounds` rounds in the
   order baseline, candidate, then candidate, baseline.
@@ -81,6 +84,12 @@ def _calibserve(python: str, fake_port: int, port: int, log: Path) -> subprocess
                   "--log-level", "warning"], log, env=dict(os.environ))
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -119,10 +128,12 @@ def main() -> None:  # noqa: C901 - one linear run: start, measure, report
                            "--port", str(fake_port)], work / "fake.log")
         procs.append(fake_proc)
         wait_http(fake_port, "/health", 20, fake_proc)
+        pids: dict[str, int] = {}
         for name, python, port in (("baseline", args.baseline_python, base_port),
                                    ("candidate", args.candidate_python, cand_port)):
             proc = _calibserve(python, fake_port, port, work / f"{name}.log")
             procs.append(proc)
+            pids[name] = proc.pid
             wait_http(port, "/health", 90, proc)
         fake = Target("fake", fake_port)
         builds = {"baseline": Target("baseline", base_port),
@@ -140,21 +151,27 @@ def main() -> None:  # noqa: C901 - one linear run: start, measure, report
         for r in range(args.rounds):
             order = ["baseline", "candidate"] if r % 2 == 0 else ["candidate", "baseline"]
             lat = {"fake": asyncio.run(sequential(fake, args.sequential))}
+            cpu: dict[str, float] = {}
             for name in order:
+                before = _cpu_s(pids[name])
                 lat[name] = asyncio.run(sequential(builds[name], args.sequential))
+                cpu[name] = 1000 * (_cpu_s(pids[name]) - before) / args.sequential
             row: dict[str, Any] = {"order": order, "loadavg": _loadavg()}
             for name in ("baseline", "candidate"):
                 p50, p99 = _added(lat[name], lat["fake"])
-                row[name] = {"added_p50_ms": p50, "added_p99_ms": p99}
+                row[name] = {"added_p50_ms": p50, "added_p99_ms": p99,
+                             "cpu_ms_per_request": cpu[name]}
             row["ratio_p50"] = row["candidate"]["added_p50_ms"] / row["baseline"]["added_p50_ms"]
             row["ratio_p99"] = row["candidate"]["added_p99_ms"] / row["baseline"]["added_p99_ms"]
+            row["ratio_cpu"] = cpu["candidate"] / cpu["baseline"] if cpu["baseline"] else None
             results["rounds"].append(row)
             for name, values in lat.items():
                 pooled[name].extend(values)
             log(f"  round {r + 1}: added p50 base {row['baseline']['added_p50_ms']:.3f} ms, "
                 f"cand {row['candidate']['added_p50_ms']:.3f} ms (x{row['ratio_p50']:.3f}); "
                 f"p99 base {row['baseline']['added_p99_ms']:.3f}, cand "
-                f"{row['candidate']['added_p99_ms']:.3f} (x{row['ratio_p99']:.3f})")
+                f"{row['candidate']['added_p99_ms']:.3f} (x{row['ratio_p99']:.3f}); CPU/request "
+                f"base {cpu['baseline']:.3f} ms, cand {cpu['candidate']:.3f} ms")
         summary: dict[str, Any] = {}
         for name in ("baseline", "candidate"):
             p50, p99 = _added(pooled[name], pooled["fake"])
@@ -171,9 +188,19 @@ def main() -> None:  # noqa: C901 - one linear run: start, measure, report
             r["ratio_p50"] for r in results["rounds"])
         summary["median_round_ratio_p99"] = statistics.median(
             r["ratio_p99"] for r in results["rounds"])
+        for name in ("baseline", "candidate"):
+            summary[name]["cpu_ms_per_request"] = statistics.median(
+                r[name]["cpu_ms_per_request"] for r in results["rounds"])
+        summary["ratio_cpu"] = (summary["candidate"]["cpu_ms_per_request"]
+                                / summary["baseline"]["cpu_ms_per_request"]
+                                if summary["baseline"]["cpu_ms_per_request"] else None)
         log(f"pooled added p50: base {summary['baseline']['added_p50_ms']:.3f} ms, cand "
             f"{summary['candidate']['added_p50_ms']:.3f} ms: x{summary['ratio_added_p50']:.3f} "
             f"(median round x{summary['median_round_ratio_p50']:.3f})")
+        log(f"CPU per request (median of rounds): base "
+            f"{summary['baseline']['cpu_ms_per_request']:.3f} ms, cand "
+            f"{summary['candidate']['cpu_ms_per_request']:.3f} ms: "
+            f"x{summary['ratio_cpu'] or 0:.3f}")
         log(f"pooled added p99: base {summary['baseline']['added_p99_ms']:.3f} ms, cand "
             f"{summary['candidate']['added_p99_ms']:.3f} ms: x{summary['ratio_added_p99']:.3f} "
             f"(median round x{summary['median_round_ratio_p99']:.3f})")
@@ -197,14 +224,16 @@ def main() -> None:  # noqa: C901 - one linear run: start, measure, report
                     f"(load {_loadavg()})")
         for name in ("baseline", "candidate"):
             summary[name]["sustained_rps"] = rates[name]
-            summary[name]["sustained_rps_median"] = statistics.median(rates[name])
+            summary[name]["sustained_rps_median"] = (statistics.median(rates[name])
+                                                     if rates[name] else None)
         summary["ratio_sustained"] = (summary["candidate"]["sustained_rps_median"]
-                                      / summary["baseline"]["sustained_rps_median"])
+                                      / summary["baseline"]["sustained_rps_median"]
+                                      if rates["baseline"] else None)
         results["summary"] = summary
         results["steps"] = steps
         results["loadavg_end"] = _loadavg()
         log(f"sustained: base {rates['baseline']} cand {rates['candidate']}: "
-            f"x{summary['ratio_sustained']:.3f}; load average at the end "
+            f"x{summary['ratio_sustained'] or 0:.3f}; load average at the end "
             f"{results['loadavg_end']}")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
