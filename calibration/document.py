@@ -166,6 +166,8 @@ class FitMetrics(_Sparse):
     ece_raw: float
     ece_calibrated: float
     accuracy: float | None = None
+    # Right vs wrong ranked by the raw confidence (None: one class only, nothing to rank).
+    auroc: float | None = None
     unreachable_targets: list[float] | None = None  # targets no threshold reaches
     calibrator: str | None = None  # the family fitted (`auto`: the one chosen)
     held_out_ece: dict[str, float] | None = None  # every candidate family's held-out ECE

@@ -9,8 +9,10 @@ then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method r
   completions `verify_prompt`), `max_tokens: 1`, temperature 0, the verdict token's top 20
   logprobs. Confidence: `verify_confidence` (P(yes) renormalised over yes/no).
 - `consistency`: one request per client request (shared by its choices) with `n: k` samples of
-  the same prompt at temperature 1 (or the client's temperature), no logprobs. Confidence: the
-  fraction of samples agreeing with the reply after `normalize_answer`.
+  the same prompt at temperature 1 with no top-p / top-k / min-p truncation, whatever the
+  client's own sampling (a greedy client's samples would all equal its reply: agreement 1 says
+  nothing), no logprobs; so the map fitted on these samples applies to every client. Confidence:
+  the fraction of samples agreeing with the reply after `normalize_answer`.
 
 These requests go straight to the tier's upstream: they are not routed, never escalate, never
 count as user requests, and the client never sees them. Each is counted once in
@@ -47,7 +49,9 @@ from calibserve.routing.route import ConfidenceLike, Tier
 VERIFY_TOP_LOGPROBS = 20
 # Sampling keys that would change what a consistency sample or a verdict is.
 _DROP = ("stream", "stream_options", "logprobs", "top_logprobs", "best_of", "echo", "n",
-         "suffix", "prompt_logprobs")
+         "suffix", "prompt_logprobs", "temperature", "top_p", "top_k", "min_p")
+# Consistency samples the model's own distribution (see the module docstring).
+SAMPLE_TEMPERATURE = 1.0
 
 
 class _Unsupported(Exception):
@@ -153,8 +157,7 @@ class ConfidenceWork:
         out = {k: v for k, v in self.body.items() if k not in _DROP}
         out["model"] = self.tier.model
         out["n"] = self.scorer.consistency_k
-        if out.get("temperature") is None:
-            out["temperature"] = 1.0
+        out["temperature"] = SAMPLE_TEMPERATURE
         out["stream"] = False
         try:
             answer = await self._request(out)

@@ -151,3 +151,33 @@ def test_calibrate_fits_one_checkpoint_and_refuses_bad_arguments(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
     again = runner.invoke(main_app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
+
+
+def test_calibrate_refuses_free_form_methods_it_cannot_fit_before_writing(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from calibserve.cli import app as main_app
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    (data / "short_calibrate.jsonl").write_text(
+        json.dumps({"question": "colour of w1 ?", "answer": "w2"}) + "\n")
+    out = tmp_path / "cal.json"
+    base = ["calibrate", "--model", str(tiny_world["aligned"]), "--data", str(data),
+            "--out", str(out)]
+    cases = {
+        # the tiny word-level tokenizer has no yes/no token: verify cannot be read
+        "--verify": [*base, "--verify"],
+        "--free-form-method": [*base, "--free-form-method", "answer"],
+        "--consistency-k": [*base, "--consistency-k", "3"],
+    }
+    for flag, argv in cases.items():
+        result = runner.invoke(main_app, argv)
+        assert result.exit_code == 2, (flag, result.output)
+        assert f"Invalid value for '{flag}'" in result.output, result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
+    result = runner.invoke(main_app, [*base, "--verify"])
+    assert "no single token for yes and no" in result.output
