@@ -87,10 +87,14 @@ __all__ = [
     "FreeFormFit",
     "Reply",
     "ServeFitError",
+    "ask_passes",
     "ask_short_answers",
     "calibrate_with_serving",
+    "check_verify",
     "checkpoint_verdict_tokens",
     "fit_free_form",
+    "fit_methods",
+    "fit_written_model",
     "load_grader",
     "method_raw",
     "serve_and_fit",
@@ -158,14 +162,14 @@ def _settings(model_dir: Path | None, upstream: str | None, upstream_model: str 
 
 async def _ask(
     settings: Any, questions: Sequence[str], max_tokens: int, temperature: float,
-    concurrency: int,
-) -> list[Reply]:
+    concurrency: int, then: Sequence[Path] = (),
+) -> list[list[Reply]]:
+    """The questions served with `settings`, then again with each document of `then` (a
+    calibserve app over the same engine: the managed one when `settings` has one)."""
     from calibserve.server.app import create_app
     from calibserve.server.runtime import ServerRuntime
 
-    runtime = ServerRuntime(settings)
-    await runtime.start()
-    try:
+    async def served(settings: Any, runtime: Any) -> list[Reply]:
         app = create_app(settings, runtime)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://calibserve",
@@ -185,6 +189,24 @@ async def _ask(
                 return Reply(text, choice["confidence"], choice.get("logprobs"))
 
             return list(await asyncio.gather(*(one(q) for q in questions)))
+
+    runtime = ServerRuntime(settings)
+    await runtime.start()
+    try:
+        out = [await served(settings, runtime)]
+        model = settings.models[0]
+        engine = runtime.models[model.name].primary.engine
+        upstream = engine.url if engine is not None else model.upstreams[0]
+        upstream_model = SERVED_NAME if engine is not None else model.upstream_model
+        for calibration in then:
+            again = _settings(None, upstream, upstream_model, calibration)
+            other = ServerRuntime(again)
+            await other.start()
+            try:
+                out.append(await served(again, other))
+            finally:
+                await other.stop()
+        return out
     finally:
         await runtime.stop()
 
@@ -202,10 +224,34 @@ def ask_short_answers(
 ) -> list[Reply]:
     """Each question as a plain user message through calibserve's app: a managed vLLM engine on
     `model_dir`, or the vLLM at `upstream`; served with `calibration` (a calibration.json)."""
+    return ask_passes(questions, [calibration], model_dir=model_dir, upstream=upstream,
+                      upstream_model=upstream_model, max_tokens=max_tokens,
+                      temperature=temperature, concurrency=concurrency)[0]
+
+
+def ask_passes(
+    questions: Sequence[str],
+    calibrations: Sequence[Path | None],
+    *,
+    model_dir: Path | None = None,
+    upstream: str | None = None,
+    upstream_model: str | None = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    concurrency: int = 8,
+) -> list[list[Reply]]:
+    """`ask_short_answers` once per calibration document, one engine for all of them (a managed
+    engine on `model_dir` is started once)."""
     if (model_dir is None) == (upstream is None):
         raise ValueError("give exactly one of model_dir or upstream")
-    settings = _settings(model_dir, upstream, upstream_model, calibration)
-    return asyncio.run(_ask(settings, questions, max_tokens, temperature, concurrency))
+    if not calibrations:
+        return []
+    first, *then = calibrations
+    if any(c is None for c in then):
+        raise ValueError("only the first pass may be served without a calibration document")
+    settings = _settings(model_dir, upstream, upstream_model, first)
+    return asyncio.run(_ask(settings, questions, max_tokens, temperature, concurrency,
+                            [c for c in then if c is not None]))
 
 
 def served_raw(reply: Reply, method: str) -> float | None:
@@ -529,27 +575,24 @@ def serve_and_fit(
     if "consistency" in methods and consistency_k is not None:
         params["consistency"] = MethodParams(k=consistency_k)
 
-    def ask(method: str | None, work: Path) -> tuple[list[Reply], list[Reply]]:
-        served = (work / "calibration.json" if method is None
-                  else _serving_document(doc, method, params.get(method),
-                                         work / f"calibration-{method}.json"))
-        if method is None:
-            doc.write(served)
-        replies = ask_short_answers(
-            questions, model_dir=None if upstream is not None else model_dir,
-            upstream=upstream, upstream_model=upstream_model, calibration=served,
-            max_tokens=max_tokens, temperature=temperature)
-        return replies[:n_cal], replies[n_cal:]
-
     with tempfile.TemporaryDirectory(prefix="calibserve-fit-") as tmp:
         work = Path(tmp)
-        cal_replies, test_replies = ask("verify" if "verify" in methods else None, work)
-        passes: dict[str, Split] = {}
-        test_passes: dict[str, Split] = {}
+        first = ("verify" if "verify" in methods else None)
+        docs = [(_serving_document(doc, first, params.get(first), work / f"{first}.json")
+                 if first is not None else doc.write(work / "calibration.json"))]
         if "consistency" in methods:
-            c_cal, c_test = ask("consistency", work)
-            passes["consistency"] = (short_cal, c_cal)
-            test_passes["consistency"] = (short_test, c_test)
+            docs.append(_serving_document(doc, "consistency", params.get("consistency"),
+                                          work / "consistency.json"))
+        served = ask_passes(
+            questions, docs, model_dir=None if upstream is not None else model_dir,
+            upstream=upstream, upstream_model=upstream_model, max_tokens=max_tokens,
+            temperature=temperature)
+    cal_replies, test_replies = served[0][:n_cal], served[0][n_cal:]
+    passes: dict[str, Split] = {}
+    test_passes: dict[str, Split] = {}
+    if "consistency" in methods:
+        passes["consistency"] = (short_cal, served[1][:n_cal])
+        test_passes["consistency"] = (short_test, served[1][n_cal:])
     return fit_free_form(
         (short_cal, cal_replies), (short_test, test_replies) if short_test else None,
         grader=grader, kind=kind, targets=targets, methods=methods, q=doc.quantile(),
@@ -651,4 +694,25 @@ def calibrate_with_serving(
     fit.notes[:0] = notes
     doc = with_free_form(doc, fit)
     doc.write(out_file)
+    return doc
+
+
+def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
+    """`calibserve merge --free-form`: the written checkpoint's calibration.json (its
+    multiple-choice fit) extended with the free-form methods fitted on `data_dir`'s short-answer
+    items through a managed vLLM engine on `model_dir` (`serve_and_fit`; verify when the
+    tokenizer has yes/no tokens); rewritten in place, atomically."""
+    from calibserve.merge.evaluate import short_answer_split
+
+    path = Path(model_dir) / "calibration.json"
+    doc = CalibrationDocument.load(path)
+    short_cal = short_answer_split(data_dir, "calibrate")
+    if not short_cal:
+        raise ServeFitError(f"{data_dir} has no short-answer items to fit on", "--free-form")
+    methods, notes = fit_methods(Path(model_dir), None, False)
+    fit = serve_and_fit(Path(model_dir), doc, short_cal, short_answer_split(data_dir, "test"),
+                        methods=methods)
+    fit.notes[:0] = notes
+    doc = with_free_form(doc, fit)
+    doc.write(path)
     return doc
