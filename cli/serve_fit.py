@@ -78,6 +78,7 @@ from calibserve.calibration import (
     verdict_tokens,
 )
 from calibserve.calibration.answers import Grader, exact_match
+from calibserve.calibration.verify import verdict_word
 from calibserve.merge.calibrate import thresholds_for
 
 __all__ = [
@@ -91,6 +92,7 @@ __all__ = [
     "ask_short_answers",
     "calibrate_with_serving",
     "check_verify",
+    "checkpoint_verdict_ids",
     "checkpoint_verdict_tokens",
     "fit_free_form",
     "fit_methods",
@@ -516,17 +518,31 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def checkpoint_verdict_ids(model_dir: Path) -> dict[str, list[int]]:
+    """The checkpoint tokenizer's yes and no token ids (`{"yes": [...], "no": [...]}`, either
+    list may be empty): what verify's request asks the engine for (`verdict_token_ids`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = tokenizer.get_vocab()
+    # Vocabulary entries are in the tokenizer's own spelling ("Ġyes", "▁no"); a candidate counts
+    # only if its decoded text, which the engine returns in the logprobs, reads the same way.
+    candidates = verdict_tokens(vocab)
+    out: dict[str, list[int]] = {"yes": [], "no": []}
+    for token in (*candidates.yes, *candidates.no):
+        word = verdict_word(str(tokenizer.decode([vocab[token]])))
+        if word is not None:
+            out[word].append(vocab[token])
+    return {side: sorted(ids) for side, ids in out.items()}
+
+
 def checkpoint_verdict_tokens(model_dir: Path) -> VerdictTokens:
     """The yes and no tokens of the checkpoint's tokenizer, each as the engine prints it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # Vocabulary entries are in the tokenizer's own spelling ("Ġyes", "▁no"); a candidate counts
-    # only if its decoded text, which the engine returns in the logprobs, reads the same way.
-    candidates = verdict_tokens(tokenizer.get_vocab())
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in (*candidates.yes, *candidates.no)]
-    return verdict_tokens(str(tokenizer.decode([i])) for i in ids)
+    ids = checkpoint_verdict_ids(model_dir)
+    return verdict_tokens(str(tokenizer.decode([i])) for i in (*ids["yes"], *ids["no"]))
 
 
 def _serving_document(doc: CalibrationDocument, method: str, params: MethodParams | None,
@@ -567,11 +583,13 @@ def serve_and_fit(
     if unknown:
         raise ServeFitError(f"cannot fit {', '.join(unknown)}; free-form methods: "
                             f"{', '.join(FREE_FORM_FIT_METHODS)}")
+    params: dict[str, MethodParams] = {}
     if "verify" in methods:
         check_verify(model_dir)
+        # The verdict request asks for exactly these logprobs, in the fit as when served.
+        params["verify"] = MethodParams(verdict_token_ids=checkpoint_verdict_ids(model_dir))
     questions = [str(it["question"]) for it in [*short_cal, *short_test]]
     n_cal = len(short_cal)
-    params: dict[str, MethodParams] = {}
     if "consistency" in methods and consistency_k is not None:
         params["consistency"] = MethodParams(k=consistency_k)
 

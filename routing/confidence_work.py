@@ -6,8 +6,11 @@ then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method r
 
 - `verify`: one prompt-only request per choice (concurrently for n > 1): the conversation with
   the reply as the assistant's turn and the yes/no question (`calibration.verify_messages`; for
-  completions `verify_prompt`), `max_tokens: 1`, temperature 0, the verdict token's top 20
-  logprobs. Confidence: `verify_confidence` (P(yes) renormalised over yes/no).
+  completions `verify_prompt`), `max_tokens: 1`, temperature 0, and the verdict token's logprobs:
+  when the calibration document names the tokenizer's yes/no token ids (the fit records them),
+  exactly those (vLLM's `logprob_token_ids`: both sides are always read, never a one-sided or
+  missing verdict because a spelling fell out of a top-k), else the top 20. Confidence:
+  `verify_confidence` (P(yes) renormalised over yes/no).
 - `consistency`: one request per client request (shared by its choices) with `n: k` samples of
   the same prompt at temperature 1 with no top-p / top-k / min-p truncation, whatever the
   client's own sampling (a greedy client's samples would all equal its reply: agreement 1 says
@@ -112,6 +115,9 @@ class ConfidenceWork:
                                else verify_messages(messages, reply, question))
             out["logprobs"] = True
             out["top_logprobs"] = VERIFY_TOP_LOGPROBS
+            if self.scorer.verdict_token_ids:
+                out["top_logprobs"] = 1  # the verdict ids replace vLLM's top-k
+                out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         else:
             prompt = self.body.get("prompt")
             if not isinstance(prompt, str):
@@ -119,6 +125,9 @@ class ConfidenceWork:
             out["prompt"] = (verify_prompt(prompt, reply) if question is None
                              else verify_prompt(prompt, reply, f"\n{question}\nAnswer:"))
             out["logprobs"] = VERIFY_TOP_LOGPROBS
+            if self.scorer.verdict_token_ids:
+                out["logprobs"] = 1
+                out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         return out
 
     async def _verify(self, reply: str) -> float | None:

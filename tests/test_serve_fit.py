@@ -18,6 +18,7 @@ from calibserve.serve_fit import (
     TOKEN_FIT_METHODS,
     Reply,
     ServeFitError,
+    checkpoint_verdict_ids,
     checkpoint_verdict_tokens,
     fit_free_form,
     fit_methods,
@@ -239,6 +240,8 @@ def test_verify_needs_a_tokenizer_with_yes_and_no(tmp_path: Path) -> None:
     assert not checkpoint_verdict_tokens(words).usable
     found = checkpoint_verdict_tokens(both)
     assert found.yes == ("yes",) and found.no == ("No",)
+    vocab = make_tokenizer(("yes", "No")).get_vocab()
+    assert checkpoint_verdict_ids(both) == {"yes": [vocab["yes"]], "no": [vocab["No"]]}
     assert fit_methods(both, None, False)[0] == (*TOKEN_FIT_METHODS, "verify")
     for model in (words, one):
         methods, notes = fit_methods(model, None, True)

@@ -296,3 +296,18 @@ async def test_escalation_judges_by_the_scoring_methods_threshold() -> None:
     # served verify score 0.9 < 0.95: escalated on verify's own threshold, not answer's 0.2
     assert res.escalated and res.threshold == 0.95 and res.reason == "low_confidence"
     assert res.primary_confidence == pytest.approx(0.9)
+
+
+async def test_verify_asks_for_exactly_the_verdict_token_ids_when_the_document_has_them(
+) -> None:
+    ids = {"yes": [11, 12], "no": [13]}
+    engine = Engine()
+    router, _ = build(engine, scorer("verify", verdict_token_ids=ids))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert res.body["choices"][0]["confidence"]["method"] == "verify"  # type: ignore[index]
+    extra = engine.fake.bodies[1]
+    assert extra["logprob_token_ids"] == [11, 12, 13] and extra["top_logprobs"] == 1
+    assert extra["logprobs"] is True and extra["max_tokens"] == 1
+    await router.complete("r", "completions", {"model": "r", "prompt": "q : capital ?"})
+    extra = engine.fake.bodies[-1]
+    assert extra["logprob_token_ids"] == [11, 12, 13] and extra["logprobs"] == 1
