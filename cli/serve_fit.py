@@ -88,6 +88,7 @@ __all__ = [
     "FreeFormFit",
     "Reply",
     "ServeFitError",
+    "ServedPass",
     "ask_passes",
     "ask_short_answers",
     "calibrate_with_serving",
@@ -100,7 +101,9 @@ __all__ = [
     "load_grader",
     "method_raw",
     "serve_and_fit",
+    "serve_passes",
     "served_raw",
+    "extra_request_notes",
     "with_free_form",
 ]
 
@@ -162,16 +165,42 @@ def _settings(model_dir: Path | None, upstream: str | None, upstream_model: str 
     return ServerSettings(models=[model], signing_key=secrets.token_hex(16), log_level="warning")
 
 
+# `calibserve_confidence_requests_total` outcomes (routing/confidence_work.py).
+EXTRA_OUTCOMES = ("ok", "no_verdict", "error", "unsupported")
+
+
+@dataclass(frozen=True)
+class ServedPass:
+    """One pass of the questions through the serving path: the replies, and how the server's
+    extra requests ended (`{method: {outcome: count}}`, from its own counter)."""
+
+    replies: list[Reply]
+    extra_requests: dict[str, dict[str, int]]
+
+
+def _extra_requests(runtime: Any) -> dict[str, dict[str, int]]:
+    registry = runtime.routing_metrics.registry
+    out: dict[str, dict[str, int]] = {}
+    for method in ("verify", "consistency"):
+        counts = {o: int(registry.get_sample_value(
+            "calibserve_confidence_requests_total",
+            {"route": SERVED_NAME, "method": method, "outcome": o}) or 0)
+            for o in EXTRA_OUTCOMES}
+        if any(counts.values()):
+            out[method] = counts
+    return out
+
+
 async def _ask(
     settings: Any, questions: Sequence[str], max_tokens: int, temperature: float,
     concurrency: int, then: Sequence[Path] = (),
-) -> list[list[Reply]]:
+) -> list[ServedPass]:
     """The questions served with `settings`, then again with each document of `then` (a
     calibserve app over the same engine: the managed one when `settings` has one)."""
     from calibserve.server.app import create_app
     from calibserve.server.runtime import ServerRuntime
 
-    async def served(settings: Any, runtime: Any) -> list[Reply]:
+    async def served(settings: Any, runtime: Any) -> ServedPass:
         app = create_app(settings, runtime)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://calibserve",
@@ -190,7 +219,8 @@ async def _ask(
                 text = (choice.get("message") or {}).get("content") or ""
                 return Reply(text, choice["confidence"], choice.get("logprobs"))
 
-            return list(await asyncio.gather(*(one(q) for q in questions)))
+            replies = list(await asyncio.gather(*(one(q) for q in questions)))
+            return ServedPass(replies, _extra_requests(runtime))
 
     runtime = ServerRuntime(settings)
     await runtime.start()
@@ -244,6 +274,24 @@ def ask_passes(
 ) -> list[list[Reply]]:
     """`ask_short_answers` once per calibration document, one engine for all of them (a managed
     engine on `model_dir` is started once)."""
+    return [p.replies for p in serve_passes(
+        questions, calibrations, model_dir=model_dir, upstream=upstream,
+        upstream_model=upstream_model, max_tokens=max_tokens, temperature=temperature,
+        concurrency=concurrency)]
+
+
+def serve_passes(
+    questions: Sequence[str],
+    calibrations: Sequence[Path | None],
+    *,
+    model_dir: Path | None = None,
+    upstream: str | None = None,
+    upstream_model: str | None = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    concurrency: int = 8,
+) -> list[ServedPass]:
+    """`ask_passes` with how each pass's extra requests (verify, consistency) ended."""
     if (model_dir is None) == (upstream is None):
         raise ValueError("give exactly one of model_dir or upstream")
     if not calibrations:
@@ -601,22 +649,43 @@ def serve_and_fit(
         if "consistency" in methods:
             docs.append(_serving_document(doc, "consistency", params.get("consistency"),
                                           work / "consistency.json"))
-        served = ask_passes(
+        runs = serve_passes(
             questions, docs, model_dir=None if upstream is not None else model_dir,
             upstream=upstream, upstream_model=upstream_model, max_tokens=max_tokens,
             temperature=temperature)
+    served = [run.replies for run in runs]
     cal_replies, test_replies = served[0][:n_cal], served[0][n_cal:]
     passes: dict[str, Split] = {}
     test_passes: dict[str, Split] = {}
     if "consistency" in methods:
         passes["consistency"] = (short_cal, served[1][:n_cal])
         test_passes["consistency"] = (short_test, served[1][n_cal:])
-    return fit_free_form(
+    fit = fit_free_form(
         (short_cal, cal_replies), (short_test, test_replies) if short_test else None,
         grader=grader, kind=kind, targets=targets, methods=methods, q=doc.quantile(),
         n_bins=n_bins, passes=passes, test_passes=test_passes, params=params,
         free_form=free_form,
     )
+    extra: dict[str, dict[str, int]] = {}
+    for run in runs:
+        extra.update(run.extra_requests)
+    fit.report["extra_requests"] = extra
+    fit.notes.extend(extra_request_notes(extra))
+    return fit
+
+
+def extra_request_notes(extra: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """What to say about extra requests that did not give their method's confidence (those
+    replies were served by the `mean` fallback and are not in that method's fit)."""
+    notes: list[str] = []
+    for method, counts in extra.items():
+        total = sum(counts.values())
+        failed = {o: n for o, n in counts.items() if o != "ok" and n}
+        if failed:
+            parts = ", ".join(f"{n} {o}" for o, n in failed.items())
+            notes.append(f"{method}: {total - counts.get('ok', 0)} of {total} extra requests "
+                         f"gave no confidence ({parts}); those replies were served by mean")
+    return notes
 
 
 def check_verify(model_dir: Path) -> VerdictTokens:

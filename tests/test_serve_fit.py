@@ -20,6 +20,7 @@ from calibserve.serve_fit import (
     ServeFitError,
     checkpoint_verdict_ids,
     checkpoint_verdict_tokens,
+    extra_request_notes,
     fit_free_form,
     fit_methods,
     load_grader,
@@ -251,3 +252,12 @@ def test_verify_needs_a_tokenizer_with_yes_and_no(tmp_path: Path) -> None:
             fit_methods(model, True, False)
         assert err.value.param == "--verify"
     assert fit_methods(both, False, False)[0] == TOKEN_FIT_METHODS
+
+
+def test_extra_requests_that_gave_no_confidence_are_reported() -> None:
+    extra = {"verify": {"ok": 8, "no_verdict": 3, "error": 1, "unsupported": 0},
+             "consistency": {"ok": 5, "no_verdict": 0, "error": 0, "unsupported": 0}}
+    (note,) = extra_request_notes(extra)
+    assert note.startswith("verify: 4 of 12 extra requests gave no confidence")
+    assert "3 no_verdict, 1 error" in note and "unsupported" not in note
+    assert extra_request_notes({"verify": {"ok": 2}}) == []
