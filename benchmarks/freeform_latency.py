@@ -1,13 +1,20 @@
 """What `verify` adds to a non-streaming request's latency, on the CPU demo (issue 12 floor: +30%).
 
-One real vLLM CPU engine serves the merged demo model; two calibserve servers front it side by
-side, identical but for the calibration document's free-form method: `mean` (the reply's own
-logprobs, no extra request) and `verify` (one extra prompt-only request per reply, max_tokens 1,
-served by the same engine, whose prefix cache holds the conversation). Requests are the demo
-world's short-answer questions and open prompts as plain user messages, sent one at a time and
-interleaved (mean, verify, mean, verify, ...) so both see the same engine state. Replies the
-multiple-choice method scores (option letters) cost no verify request either way; the table
-reports both all requests and the free-form ones only, and how many were verified.
+One real vLLM CPU engine serves the merged demo model (or `--model DIR`); two calibserve servers
+front it side by side, identical but for the calibration document's free-form method: `mean`
+(the reply's own logprobs, no extra request) and `verify` (one extra prompt-only request per
+reply, max_tokens 1, served by the same engine). Requests are the demo world's short-answer
+questions and open prompts as plain user messages (chat) or raw prompts (completions), sent one
+at a time and interleaved (mean, verify, then the engine probes below) so all see the same
+engine state. Replies the multiple-choice method scores (option letters) cost no verify request
+either way; the table reports both all requests and the free-form ones only.
+
+Where the time goes, measured in the same loop straight against the engine (no calibserve):
+`engine reply` (the client's request as calibserve forwards it), `engine verify` (the verify
+request exactly as calibserve sends it for that reply), `engine verify ids` (the same verify
+prompt as token ids, completions only: no tokenisation in vLLM's API server), and `engine
+floor` (a one-token completion of a one-token prompt: vLLM's fixed cost per request). vLLM's
+prefix-cache counters are printed at the end.
 
     CALIBSERVE_HOME=... .venv/bin/python benchmarks/freeform_latency.py [--requests 60]
 """
@@ -48,14 +55,17 @@ def prompts(data: Path, limit: int) -> list[str]:
     return (mixed + shorts[len(opens):])[:limit]
 
 
-def document(model_dir: Path, free_form: str, out: Path) -> Path:
-    """The merged model's `answer` entry (its map and thresholds) plus `free_form` with no map
-    of its own. Read as plain JSON: a cached merge may carry fit fields of a newer writer."""
-    data = json.loads((model_dir / "calibration.json").read_text())
-    answer = data["methods"]["answer"]
-    methods = {"answer": {k: answer[k] for k in ("params", "calibrator", "thresholds")
-                          if k in answer},
-               "mean": {}, free_form: {}}
+def document(model_dir: Path, free_form: str, out: Path,
+             verify: dict[str, object] | None = None) -> Path:
+    """The model's `answer` entry (its map and thresholds) plus `free_form` with no map of its
+    own (`verify` params: the verdict token ids when the tokenizer has them). Read as plain
+    JSON: a cached merge may carry fit fields of a newer writer."""
+    path = model_dir / "calibration.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"methods": {"answer": {}}}
+    answer = data["methods"].get("answer", {})
+    methods: dict[str, object] = {
+        "answer": {k: answer[k] for k in ("params", "calibrator", "thresholds") if k in answer},
+        "mean": {}, free_form: {"params": verify} if free_form == "verify" and verify else {}}
     doc = CalibrationDocument.from_dict({"version": 2, "methods": methods,
                                          "multiple_choice": "answer", "free_form": free_form})
     return doc.write(out)
@@ -77,10 +87,44 @@ def request(endpoint: str, text: str, max_tokens: int) -> tuple[str, dict[str, o
                                "prompt": text}
 
 
-def measure(client: httpx.Client, servers: dict[str, InProcessServer], endpoint: str,
-            texts: list[str], max_tokens: int) -> None:
+def engine_probes(client: httpx.Client, url: str, endpoint: str, text: str, max_tokens: int,
+                  verify: dict[str, object]) -> dict[str, float]:
+    """The engine-side costs of one request (see the module docstring), in seconds."""
+    from calibserve.calibration import verify_messages, verify_prompt
+    from calibserve.routing.payload import tier_body
+
+    def timed(path: str, body: dict[str, object]) -> tuple[float, dict[str, object]]:
+        started = time.perf_counter()
+        r = client.post(url + path, json=body)
+        elapsed = time.perf_counter() - started
+        r.raise_for_status()
+        return elapsed, r.json()
+
+    path, body = request(endpoint, text, max_tokens)
+    out: dict[str, float] = {}
+    out["engine reply"], answer = timed(path, tier_body(endpoint, body, "merged", stream=False))
+    choice = answer["choices"][0]  # type: ignore[index]
+    verdict: dict[str, object] = {"model": "merged", "max_tokens": 1, "temperature": 0,
+                                  "stream": False, **verify}
+    if endpoint == "chat":
+        reply = choice["message"]["content"] or ""
+        verdict["messages"] = verify_messages(body["messages"], reply)  # type: ignore[arg-type]
+        out["engine verify"], _ = timed(path, verdict)
+    else:
+        prompt = verify_prompt(str(body["prompt"]), choice["text"])
+        out["engine verify"], _ = timed(path, {**verdict, "prompt": prompt})
+        ids = client.post(url + "/tokenize", json={"model": "merged", "prompt": prompt}).json()
+        out["engine verify ids"], _ = timed(path, {**verdict, "prompt": ids["tokens"]})
+    out["engine floor"], _ = timed("/v1/completions", {"model": "merged", "prompt": "a",
+                                                      "max_tokens": 1, "temperature": 0})
+    return out
+
+
+def measure(client: httpx.Client, servers: dict[str, InProcessServer], engine_url: str,
+            endpoint: str, texts: list[str], max_tokens: int, verify: dict[str, object]) -> None:
     lat: dict[str, list[float]] = {"mean": [], "verify": []}
     free_lat: dict[str, list[float]] = {"mean": [], "verify": []}
+    probes: dict[str, list[float]] = {}
     verified = 0
     for warm in texts[:4]:  # warm both paths (and vLLM's caches) before measuring
         for server in servers.values():
@@ -100,6 +144,9 @@ def measure(client: httpx.Client, servers: dict[str, InProcessServer], endpoint:
             for method in servers:
                 free_lat[method].append(lat[method][-1])
             verified += methods["verify"] == "verify"
+            for name, seconds in engine_probes(client, engine_url, endpoint, text, max_tokens,
+                                               verify).items():
+                probes.setdefault(name, []).append(seconds)
     for label, data in ((f"{endpoint}: all requests", lat),
                         (f"{endpoint}: free-form replies", free_lat)):
         if not data["mean"]:
@@ -113,11 +160,22 @@ def measure(client: httpx.Client, servers: dict[str, InProcessServer], endpoint:
               f"{v90 / m90:>9.2f}")
     print(f"{endpoint}: free-form replies that got a verify request: {len(free_lat['verify'])}; "
           f"with a yes/no verdict (method verify): {verified}")
+    if probes:
+        reply = statistics.median(probes["engine reply"])
+        added = statistics.median(free_lat["verify"]) - statistics.median(free_lat["mean"])
+        print(f"{endpoint}: where the time goes (free-form replies, p50; ratio to engine reply):")
+        print(f"  {'calibserve verify - mean':28} {added * 1e3:7.1f}ms {added / reply:6.2f}")
+        for name, values in probes.items():
+            p50 = statistics.median(values)
+            print(f"  {name:28} {p50 * 1e3:7.1f}ms {p50 / reply:6.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="serve this checkpoint instead of the merged demo model (the demo "
+                        "world's prompts are still the requests)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--start-timeout", type=float, default=1500.0,
                         help="seconds to wait for vLLM (a shared 2-core machine is slow)")
@@ -125,9 +183,16 @@ def main() -> None:
 
     from calibserve.demo import build_world
     from calibserve.demo_pipeline import merge_demo
+    from calibserve.serve_fit import checkpoint_verdict_ids
 
     world = build_world()
-    model_dir = merge_demo(world) / "model"
+    model_dir = args.model or merge_demo(world) / "model"
+    ids = checkpoint_verdict_ids(model_dir)
+    # What calibserve's verify request asks for: the verdict ids when the tokenizer has them
+    # (the fit records them), else the top 20 (the demo's word-level tokenizer has no yes/no).
+    verdict_params: dict[str, object] = (
+        {"verdict_token_ids": ids} if ids["yes"] and ids["no"] else {})
+    all_ids = [*ids["yes"], *ids["no"]]
     tmp = Path(tempfile.mkdtemp(prefix="freeform-latency-"))
     vllm_process.START_TIMEOUT_S = max(vllm_process.START_TIMEOUT_S, args.start_timeout)
     engine = VLLMProcess(model_dir, "merged", tmp)
@@ -136,7 +201,8 @@ def main() -> None:
     try:
         engine.wait_ready()
         for method in ("mean", "verify"):
-            cal = document(model_dir, method, tmp / f"calibration-{method}.json")
+            cal = document(model_dir, method, tmp / f"calibration-{method}.json",
+                           verdict_params)
             settings = ServerSettings.model_validate({
                 "signing_key": "bench", "models": [{
                     "name": "merged", "upstreams": [engine.url], "upstream_model": "merged",
@@ -150,12 +216,25 @@ def main() -> None:
               "temperature 0")
         print(f"{'':32} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
               f"{'avg mean':>9} {'avg verify':>10} {'ratio':>6} {'p90 ratio':>9}")
+        print(f"model: {model_dir}; verdict: "
+              + (f"{len(all_ids)} yes/no token ids (logprob_token_ids)" if verdict_params
+                 else "top 20 logprobs (the tokenizer has no yes/no token)"))
         with httpx.Client(timeout=120) as client:
             for endpoint in ("chat", "completions"):
-                measure(client, servers, endpoint, texts, args.max_tokens)
+                verify: dict[str, object] = (
+                    {"logprob_token_ids": all_ids} if verdict_params else {})
+                if endpoint == "chat":
+                    verify = {"logprobs": True, "top_logprobs": 1 if verdict_params else 20,
+                              **verify}
+                else:
+                    verify = {"logprobs": 1 if verdict_params else 20, **verify}
+                measure(client, servers, engine.url, endpoint, texts, args.max_tokens, verify)
         stats = httpx.get(f"{servers['verify'].url}/metrics").text
         for line in stats.splitlines():
             if line.startswith("calibserve_confidence_requests_total{"):
+                print(line)
+        for line in httpx.get(f"{engine.url}/metrics").text.splitlines():
+            if line.startswith(("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")):
                 print(line)
     finally:
         for server in servers.values():

@@ -78,6 +78,10 @@ from calibserve.calibration.risk import (
 from calibserve.calibration.scorer import ScoredStream, Scorer, ServedMethod
 from calibserve.calibration.verify import (
     NoVerdictError,
+    NoVerdictTokensError,
+    VerdictTokens,
+    require_verdict_tokens,
+    verdict_tokens,
     verify_confidence,
     verify_messages,
     verify_prompt,
@@ -104,6 +108,10 @@ __all__ = [
     "verify_messages",
     "verify_prompt",
     "verify_confidence",
+    "verdict_tokens",
+    "require_verdict_tokens",
+    "VerdictTokens",
+    "NoVerdictTokensError",
     "consistency_confidence",
     # the calibration document (calibration.json)
     "CalibrationDocument",

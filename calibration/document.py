@@ -101,14 +101,28 @@ def _probability(value: float) -> float:
 
 class MethodParams(_Sparse):
     """A method's parameters: `options` and `temperature` (`answer`), `quantile` (`quantile`),
-    `question` (`verify`: the yes/no question asked instead of the default), `k` (`consistency`:
+    `question` (`verify`: the yes/no question asked instead of the default), `verdict_token_ids`
+    (`verify`: the tokenizer's yes and no token ids, `{"yes": [...], "no": [...]}`, recorded by
+    the fit: the verdict request then asks vLLM for exactly those logprobs), `k` (`consistency`:
     samples per request, >= 2, default 5)."""
 
     options: list[str] | None = None
     temperature: float | None = None
     quantile: float | None = None
     question: str | None = None
+    verdict_token_ids: dict[str, list[int]] | None = None
     k: int | None = None
+
+    @field_validator("verdict_token_ids")
+    @classmethod
+    def _both_sides(cls, v: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        if v is None:
+            return v
+        if set(v) != {"yes", "no"} or not v["yes"] or not v["no"]:
+            raise ValueError("needs non-empty 'yes' and 'no' lists of token ids")
+        if any(i < 0 for ids in v.values() for i in ids):
+            raise ValueError("token ids must be >= 0")
+        return v
 
     @field_validator("question")
     @classmethod
@@ -166,6 +180,8 @@ class FitMetrics(_Sparse):
     ece_raw: float
     ece_calibrated: float
     accuracy: float | None = None
+    # Right vs wrong ranked by the raw confidence (None: one class only, nothing to rank).
+    auroc: float | None = None
     unreachable_targets: list[float] | None = None  # targets no threshold reaches
     calibrator: str | None = None  # the family fitted (`auto`: the one chosen)
     held_out_ece: dict[str, float] | None = None  # every candidate family's held-out ECE
@@ -245,8 +261,9 @@ class CalibrationDocument(_Model):
                                  "`answer` parameters")
             if name != "quantile" and p.quantile is not None:
                 raise ValueError(f"methods.{name}.params: quantile is a `quantile` parameter")
-            if name != "verify" and p.question is not None:
-                raise ValueError(f"methods.{name}.params: question is a `verify` parameter")
+            if name != "verify" and (p.question is not None or p.verdict_token_ids is not None):
+                raise ValueError(f"methods.{name}.params: question and verdict_token_ids are "
+                                 "`verify` parameters")
             if name != "consistency" and p.k is not None:
                 raise ValueError(f"methods.{name}.params: k is a `consistency` parameter")
         for role in ("multiple_choice", "free_form"):
@@ -357,6 +374,12 @@ class CalibrationDocument(_Model):
         """The `verify` method's question override (None: calibration.verify's default)."""
         entry = self.methods.get("verify")
         return entry.params.question if entry is not None else None
+
+    def verdict_token_ids(self) -> tuple[int, ...]:
+        """The `verify` method's yes and no token ids (empty: unknown, read the top 20)."""
+        entry = self.methods.get("verify")
+        ids = entry.params.verdict_token_ids if entry is not None else None
+        return () if ids is None else tuple(dict.fromkeys([*ids["yes"], *ids["no"]]))
 
     def consistency_k(self) -> int:
         """Samples per request of the `consistency` method (5 without one)."""

@@ -100,6 +100,8 @@ class Scorer:
     # What a free-form method needing extra work is served as until (or unless) it is done.
     fallback_method: ServedMethod = field(default_factory=ServedMethod)
     verify_question: str | None = None
+    # The tokenizer's yes/no ids (from the fit): the verdict asks for exactly their logprobs.
+    verdict_token_ids: tuple[int, ...] = ()
     consistency_k: int = DEFAULT_CONSISTENCY_K
 
     def __post_init__(self) -> None:
@@ -124,6 +126,7 @@ class Scorer:
             q=doc.quantile(),
             fallback_method=ServedMethod.optional(doc, FALLBACK),
             verify_question=doc.verify_question(),
+            verdict_token_ids=doc.verdict_token_ids(),
             consistency_k=doc.consistency_k(),
         )
 

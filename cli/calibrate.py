@@ -3,8 +3,11 @@
 The multiple-choice items fit the option-letter method (as merge does for the model it picks);
 short-answer items, when the data directory has any (`short_calibrate.jsonl` / `short_test.jsonl`,
 or short-answer lines mixed into `calibrate.jsonl` / `test.jsonl`), fit the free-form methods
-through the real serving path (`calibserve.serve_fit`). Errors the user can fix are one line that
-names the argument, exit status 2.
+through the real serving path (`calibserve.serve_fit`): the token statistics, `verify` (one extra
+prompt-only request per question; by default when the tokenizer has yes/no tokens, `--verify`
+requires them, `--no-verify` skips it) and, opt-in for its cost (k more generations per
+question), `consistency`. Errors the user can fix are one line that names the argument, exit
+status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -43,13 +46,26 @@ def calibrate(
     free_form: Annotated[bool, typer.Option(
         "--free-form/--no-free-form", help="fit the free-form methods on the short answers")
     ] = True,
+    verify: Annotated[bool | None, typer.Option(
+        "--verify/--no-verify", help="fit verify (P(yes) of one extra prompt-only request per "
+        "reply); default: when the tokenizer has yes/no tokens, --verify: an error without "
+        "them", show_default=False)] = None,
+    consistency: Annotated[bool, typer.Option(
+        "--consistency/--no-consistency", help="also fit consistency (agreement of k extra "
+        "samples per reply: k more generations per question)")] = False,
+    consistency_k: Annotated[int | None, typer.Option(
+        "--consistency-k", min=2, help="samples per reply for consistency [default: 5]")
+    ] = None,
+    free_form_method: Annotated[str | None, typer.Option(
+        "--free-form-method", help="serve this fitted method for free-form replies "
+        "[default: the fitted one with the highest AUROC]")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
 ) -> None:
     """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
     model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
     from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, check_inputs
     from calibserve.merge.errors import MergeError
-    from calibserve.serve_fit import calibrate_with_serving, load_grader
+    from calibserve.serve_fit import ServeFitError, calibrate_with_serving, load_grader
 
     targets = target_accuracy if target_accuracy else [0.7, 0.8, 0.9]
     try:
@@ -59,21 +75,38 @@ def calibrate(
         except (ValueError, ImportError) as exc:
             typer.echo(f"Error: Invalid value for '--grader': {exc}", err=True)
             raise typer.Exit(2) from None
+        if consistency_k is not None and not consistency:
+            typer.echo("Error: Invalid value for '--consistency-k': only with --consistency",
+                       err=True)
+            raise typer.Exit(2)
         if free_form:
-            doc = calibrate_with_serving(model, data, out, calibrator.value, targets,
-                                         grader=grade, upstream=upstream, max_tokens=max_tokens)
+            doc = calibrate_with_serving(
+                model, data, out, calibrator.value, targets, grader=grade, upstream=upstream,
+                max_tokens=max_tokens, verify=verify, consistency=consistency,
+                consistency_k=consistency_k, free_form=free_form_method)
         else:
             doc = calibrate_checkpoint(model, data, out, calibrator.value, targets)
     except MergeError as exc:
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
         raise typer.Exit(2) from None
+    except ServeFitError as exc:
+        where = f"Invalid value for '{exc.param}': " if exc.param else ""
+        typer.echo(f"Error: {where}{exc.message}", err=True)
+        raise typer.Exit(2 if exc.param else 1) from None
     for name, entry in doc.methods.items():
         fit = entry.fit
         if fit is None:
             typer.echo(f"{out}: {name}: no calibrator (no data of its kind)")
             continue
+        if fit.n == 0:
+            typer.echo(f"{out}: {name}: no calibrator ({'; '.join(fit.notes or [])})")
+            continue
+        area = f", AUROC {fit.auroc:.3f}" if fit.auroc is not None else ""
         typer.echo(f"{out}: {name}: {fit.calibrator or calibrator.value} calibrator, ECE on "
                    f"{fit.n} calibrate items {fit.ece_raw:.3f} raw -> {fit.ece_calibrated:.3f} "
-                   f"calibrated (accuracy {fit.accuracy if fit.accuracy is not None else 0:.3f})")
+                   f"calibrated (accuracy {fit.accuracy if fit.accuracy is not None else 0:.3f}"
+                   f"{area})")
+    for note in (doc.metrics.get("short_answer") or {}).get("notes") or []:
+        typer.echo(f"{out}: note: {note}")
     typer.echo(f"{out}: multiple_choice={doc.multiple_choice} free_form={doc.free_form}")

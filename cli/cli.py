@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from calibserve.calibrate import calibrate as calibrate_command
 from calibserve.demo.cli import app as demo_app
-from calibserve.merge.cli import merge as merge_command
+from calibserve.merge.cli import merge_command
 from calibserve.server.cli import serve as serve_command
 
 app = typer.Typer(
@@ -16,8 +18,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+def _fit_written_model(model_dir: Path, data_dir: Path) -> None:
+    """`merge --free-form`: the serving-path fit (imported when used: it starts an engine)."""
+    from calibserve.serve_fit import fit_written_model
+
+    fit_written_model(model_dir, data_dir)
+
+
 app.command("merge", help="Sweep base-to-aligned interpolations, pick a Pareto point, write it.")(
-    merge_command
+    merge_command(_fit_written_model)
 )
 app.command("calibrate", help="Fit calibration.json for one checkpoint (an escalation tier).")(
     calibrate_command

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,21 @@ from calibserve.merge.sweep import Point, refine_lambdas
 from calibserve.merge.sweep import run_sweep as sweep_points
 from calibserve.merge.writer import write_model
 
-__all__ = ["run_merge", "staging_dir", "Prepared", "prepare"]
+__all__ = ["AfterWrite", "run_merge", "staging_dir", "Prepared", "prepare"]
 
 
-def run_merge(config: MergeConfig, progress: bool = True) -> Path:
-    """Run the whole merge for `config` and return OUT (see the module docstring)."""
+# A step run on the written (still staged) checkpoint before OUT is published: given the model
+# directory and the data directory, it rewrites the model's calibration.json (the free-form fit
+# through the serving path, which merge cannot import: cli/serve_fit.py provides it).
+AfterWrite = Callable[[Path, Path], None]
+
+
+def run_merge(config: MergeConfig, progress: bool = True,
+              after_write: AfterWrite | None = None) -> Path:
+    """Run the whole merge for `config` and return OUT (see the module docstring).
+
+    `after_write` runs on the staged `model/` before the rename to OUT, so a failed or killed
+    step leaves OUT absent, as a killed merge does."""
     console = Console(stderr=True, quiet=not progress)
     t_start = time.perf_counter()
     p = prepare(config)
@@ -53,6 +64,10 @@ def run_merge(config: MergeConfig, progress: bool = True) -> Path:
     with running(work):
         check_out(out, config.overwrite)  # another run may have finished meanwhile
         _run(p, work, console, progress)
+        if after_write is not None:
+            with console.status("fitting the free-form methods through the serving path") \
+                    if progress else contextlib.nullcontext():
+                after_write(work / "model", config.data.expanduser())
         publish(work, out, config.overwrite)
     console.print(
         f"[green]merged model written to {out / 'model'}[/] ({time.perf_counter() - t_start:.1f} s)"

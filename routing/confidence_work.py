@@ -6,11 +6,16 @@ then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method r
 
 - `verify`: one prompt-only request per choice (concurrently for n > 1): the conversation with
   the reply as the assistant's turn and the yes/no question (`calibration.verify_messages`; for
-  completions `verify_prompt`), `max_tokens: 1`, temperature 0, the verdict token's top 20
-  logprobs. Confidence: `verify_confidence` (P(yes) renormalised over yes/no).
+  completions `verify_prompt`), `max_tokens: 1`, temperature 0, and the verdict token's logprobs:
+  when the calibration document names the tokenizer's yes/no token ids (the fit records them),
+  exactly those (vLLM's `logprob_token_ids`: both sides are always read, never a one-sided or
+  missing verdict because a spelling fell out of a top-k), else the top 20. Confidence:
+  `verify_confidence` (P(yes) renormalised over yes/no).
 - `consistency`: one request per client request (shared by its choices) with `n: k` samples of
-  the same prompt at temperature 1 (or the client's temperature), no logprobs. Confidence: the
-  fraction of samples agreeing with the reply after `normalize_answer`.
+  the same prompt at temperature 1 with no top-p / top-k / min-p truncation, whatever the
+  client's own sampling (a greedy client's samples would all equal its reply: agreement 1 says
+  nothing), no logprobs; so the map fitted on these samples applies to every client. Confidence:
+  the fraction of samples agreeing with the reply after `normalize_answer`.
 
 These requests go straight to the tier's upstream: they are not routed, never escalate, never
 count as user requests, and the client never sees them. Each is counted once in
@@ -47,7 +52,9 @@ from calibserve.routing.route import ConfidenceLike, Tier
 VERIFY_TOP_LOGPROBS = 20
 # Sampling keys that would change what a consistency sample or a verdict is.
 _DROP = ("stream", "stream_options", "logprobs", "top_logprobs", "best_of", "echo", "n",
-         "suffix", "prompt_logprobs")
+         "suffix", "prompt_logprobs", "temperature", "top_p", "top_k", "min_p")
+# Consistency samples the model's own distribution (see the module docstring).
+SAMPLE_TEMPERATURE = 1.0
 
 
 class _Unsupported(Exception):
@@ -108,6 +115,9 @@ class ConfidenceWork:
                                else verify_messages(messages, reply, question))
             out["logprobs"] = True
             out["top_logprobs"] = VERIFY_TOP_LOGPROBS
+            if self.scorer.verdict_token_ids:
+                out["top_logprobs"] = 1  # the verdict ids replace vLLM's top-k
+                out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         else:
             prompt = self.body.get("prompt")
             if not isinstance(prompt, str):
@@ -115,6 +125,9 @@ class ConfidenceWork:
             out["prompt"] = (verify_prompt(prompt, reply) if question is None
                              else verify_prompt(prompt, reply, f"\n{question}\nAnswer:"))
             out["logprobs"] = VERIFY_TOP_LOGPROBS
+            if self.scorer.verdict_token_ids:
+                out["logprobs"] = 1
+                out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         return out
 
     async def _verify(self, reply: str) -> float | None:
@@ -153,8 +166,7 @@ class ConfidenceWork:
         out = {k: v for k, v in self.body.items() if k not in _DROP}
         out["model"] = self.tier.model
         out["n"] = self.scorer.consistency_k
-        if out.get("temperature") is None:
-            out["temperature"] = 1.0
+        out["temperature"] = SAMPLE_TEMPERATURE
         out["stream"] = False
         try:
             answer = await self._request(out)

@@ -15,9 +15,14 @@ from calibserve.merge.errors import InvalidData
 from calibserve.merge.evaluate import load_short_answers, short_answer_split
 from calibserve.serve_fit import (
     FREE_FORM_FIT_METHODS,
+    TOKEN_FIT_METHODS,
     Reply,
     ServeFitError,
+    checkpoint_verdict_ids,
+    checkpoint_verdict_tokens,
+    extra_request_notes,
     fit_free_form,
+    fit_methods,
     load_grader,
     method_raw,
     with_free_form,
@@ -102,17 +107,19 @@ def _doc() -> CalibrationDocument:
 def test_fit_free_form_fits_every_method_and_the_scorer_reproduces_it() -> None:
     cal, test = _data(400, 0), _data(200, 1)
     fit = fit_free_form(cal, test)
-    assert set(fit.methods) == set(FREE_FORM_FIT_METHODS)
-    assert all(fit.methods[m].calibrated for m in FREE_FORM_FIT_METHODS)
+    # No reply was served by verify or consistency: by default only the token statistics.
+    assert set(fit.methods) == set(TOKEN_FIT_METHODS)
+    assert all(fit.methods[m].calibrated for m in TOKEN_FIT_METHODS)
     ranked = fit.report["calibrate"]["methods"]
-    assert fit.free_form == max(FREE_FORM_FIT_METHODS, key=lambda m: ranked[m]["auroc"])
+    assert fit.free_form == max(TOKEN_FIT_METHODS, key=lambda m: ranked[m]["auroc"])
     doc = with_free_form(_doc(), fit)
     assert CalibrationDocument.from_dict(doc.to_dict()) == doc
     assert doc.free_form == fit.free_form and "short_answer" in doc.metrics
-    for m in FREE_FORM_FIT_METHODS:
+    for m in TOKEN_FIT_METHODS:
         entry = doc.method(m)
         assert entry.fit is not None and entry.fit.calibrator is not None
         assert entry.fit.held_out_ece and entry.fit.n == 400
+        assert entry.fit.auroc == pytest.approx(ranked[m]["auroc"])
         # What the document serves for a raw is exactly what was fitted.
         served = ServedMethod.from_document(doc, m)
         raws = np.asarray([method_raw(r, m, doc.quantile()) for r in cal[1]])
@@ -133,3 +140,124 @@ def test_fit_free_form_with_no_right_answer_serves_near_zero() -> None:
     doc = with_free_form(_doc(), fit)
     assert doc.metrics["short_answer"]["calibrate"]["methods"]["mean"]["auroc"] is None
     assert ServedMethod.from_document(doc, "mean").score(0.9) == pytest.approx(1 / 52)
+
+
+def _extra_reply(text: str, method: str, raw: float | None) -> Reply:
+    """A reply as a document serving `method` (verify / consistency) serves it: `method` with
+    its raw when the extra request worked, else the `mean` fallback (raw None) or `answer`."""
+    lps = [-0.3, -0.2]
+    fallback = confidence_score({"content": [{"token": "a", "logprob": v, "top_logprobs": []}
+                                             for v in lps]}, "mean", q=0.1)
+    served = method if raw is not None else "mean"
+    value = raw if raw is not None else fallback
+    return Reply(text, {"score": value, "raw": value, "method": served, "calibrated": False},
+                 {"content": [{"token": f"t{i}", "logprob": v, "top_logprobs": []}
+                              for i, v in enumerate(lps)]})
+
+
+def _extra_data(n: int, method: str, seed: int, gap: float = 0.4
+                ) -> tuple[list[dict[str, object]], list[Reply]]:
+    # The extra method ranks right above wrong; every 7th reply got no verdict (fallback) and
+    # every 11th was an option letter (served by answer).
+    rng = np.random.default_rng(seed)
+    items: list[dict[str, object]] = []
+    replies: list[Reply] = []
+    for i in range(n):
+        right = bool(rng.random() < 0.5)
+        p = float(np.clip(rng.normal(0.5 + (gap if right else -gap) / 2, 0.15), 0.0, 1.0))
+        items.append({"question": "q ?", "answer": "gold"})
+        text = "gold" if right else "blue"
+        if i % 11 == 0:
+            r = _extra_reply(text, method, p)
+            replies.append(Reply(text, {**r.confidence, "method": "answer"}, r.logprobs))
+        else:
+            replies.append(_extra_reply(text, method, None if i % 7 == 0 else p))
+    return items, replies
+
+
+def test_verify_and_consistency_are_fitted_on_the_replies_they_served() -> None:
+    cal, test = _extra_data(400, "verify", 0), _extra_data(200, "verify", 1)
+    c_cal, c_test = _extra_data(400, "consistency", 2), _extra_data(200, "consistency", 3)
+    fit = fit_free_form(cal, test, passes={"consistency": c_cal},
+                        test_passes={"consistency": c_test})
+    assert set(fit.methods) == set(FREE_FORM_FIT_METHODS)  # both served something: both fitted
+    served_by = {"verify": cal[1], "consistency": c_cal[1]}
+    for method, replies in served_by.items():
+        entry = fit.methods[method]
+        n_served = sum(r.confidence["method"] == method for r in replies)
+        assert entry.calibrated and entry.fit is not None and entry.fit.n == n_served < 400
+        assert entry.fit.auroc is not None and entry.fit.auroc > 0.8
+        assert entry.fit.ece_calibrated < entry.fit.ece_raw
+        assert any("not served by it" in note for note in entry.fit.notes or [])
+        assert entry.thresholds  # its own escalation thresholds
+        row = fit.report["calibrate"]["methods"][method]
+        assert row["not_served"] == {"answer": 37, "mean": sum(
+            r.confidence["method"] == "mean" for r in replies)}
+        held = fit.report["test"]["methods"][method]
+        assert held["ece_calibrated"] < held["ece_raw"] and held["auroc"] > 0.8
+        # The served map of the method reproduces the fit on exactly the raws it served.
+        doc = with_free_form(_doc(), fit)
+        raws = np.asarray([method_raw(r, method, 0.1) for r in replies
+                           if r.confidence["method"] == method])
+        served = ServedMethod.from_document(doc, method)
+        fitted = doc.method(method).calibration_map()
+        assert fitted is not None
+        assert np.allclose([served.score(float(v)) for v in raws],
+                           np.clip(fitted.apply(raws), 0, 1))
+    # The extra methods rank right vs wrong far better than the flat token statistics.
+    assert fit.free_form in ("verify", "consistency")
+    with pytest.raises(ServeFitError, match="cannot be|unknown"):
+        method_raw(cal[1][0], "verify", 0.1)  # served by answer: no verify confidence
+    forced = fit_free_form(cal, methods=["mean", "verify"], free_form="mean")
+    assert forced.free_form == "mean" and forced.report["rule"].endswith("caller")
+    with pytest.raises(ValueError, match="not among"):
+        fit_free_form(cal, methods=["mean"], free_form="verify")
+
+
+def test_a_method_that_served_nothing_gets_no_calibrator_and_says_why() -> None:
+    items, replies = _extra_data(40, "verify", 0)
+    no_verdict = [Reply(r.text, {**r.confidence, "method": "mean",
+                                 "raw": method_raw(r, "mean", 0.1),
+                                 "score": method_raw(r, "mean", 0.1)}, r.logprobs)
+                  for r in replies]
+    fit = fit_free_form((items, no_verdict), methods=["mean", "verify"])
+    entry = fit.methods["verify"]
+    assert not entry.calibrated and entry.fit is not None and entry.fit.n == 0
+    assert "40 by mean" in (entry.fit.notes or [""])[0]
+    assert fit.free_form == "mean"
+    doc = with_free_form(_doc(), fit)
+    assert not ServedMethod.from_document(doc, "verify").calibrated  # served calibrated: false
+
+
+def test_verify_needs_a_tokenizer_with_yes_and_no(tmp_path: Path) -> None:
+    from tests.merge.conftest import make_tokenizer
+
+    words = tmp_path / "words"  # a word-level vocabulary without yes/no: all map to <unk>
+    make_tokenizer().save_pretrained(words)
+    both = tmp_path / "both"
+    make_tokenizer(("yes", "No")).save_pretrained(both)
+    one = tmp_path / "one"
+    make_tokenizer(("no",)).save_pretrained(one)  # one-sided: P(yes) would always be 0
+    assert not checkpoint_verdict_tokens(words).usable
+    found = checkpoint_verdict_tokens(both)
+    assert found.yes == ("yes",) and found.no == ("No",)
+    vocab = make_tokenizer(("yes", "No")).get_vocab()
+    assert checkpoint_verdict_ids(both) == {"yes": [vocab["yes"]], "no": [vocab["No"]]}
+    assert fit_methods(both, None, False)[0] == (*TOKEN_FIT_METHODS, "verify")
+    for model in (words, one):
+        methods, notes = fit_methods(model, None, True)
+        assert methods == (*TOKEN_FIT_METHODS, "consistency")  # left out, with the reason
+        assert "verify not fitted" in notes[0] and "yes" in notes[0]
+        with pytest.raises(ServeFitError, match="no single token") as err:
+            fit_methods(model, True, False)
+        assert err.value.param == "--verify"
+    assert fit_methods(both, False, False)[0] == TOKEN_FIT_METHODS
+
+
+def test_extra_requests_that_gave_no_confidence_are_reported() -> None:
+    extra = {"verify": {"ok": 8, "no_verdict": 3, "error": 1, "unsupported": 0},
+             "consistency": {"ok": 5, "no_verdict": 0, "error": 0, "unsupported": 0}}
+    (note,) = extra_request_notes(extra)
+    assert note.startswith("verify: 4 of 12 extra requests gave no confidence")
+    assert "3 no_verdict, 1 error" in note and "unsupported" not in note
+    assert extra_request_notes({"verify": {"ok": 2}}) == []

@@ -49,3 +49,38 @@ def test_free_form_fit_through_the_serving_path(
         if r.confidence["method"] == doc.free_form:
             assert r.confidence["calibrated"] is True
             assert r.confidence["score"] == pytest.approx(served.score(raw), abs=1e-9)
+
+
+@pytest.mark.vllm
+def test_merge_free_form_writes_a_model_with_both_calibrations(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    # One command: the merge (multiple choice), then the free-form fit through a managed vLLM
+    # engine on the written checkpoint, before OUT is published.
+    pytest.importorskip("vllm")
+    from typer.testing import CliRunner
+
+    from calibserve.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("select.jsonl", "calibrate.jsonl"):
+        shutil.copy(demo_dir / "data" / name, data / name)
+    lines = (demo_dir / "data" / "short_answer.jsonl").read_text().splitlines()
+    (data / "short_calibrate.jsonl").write_text("\n".join(lines[:20]) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "merge", "--base", str(demo_dir / "base"), "--aligned", str(demo_dir / "aligned"),
+        "--data", str(data), "--out", str(out), "--grid", "0,1", "--no-refine", "--quiet",
+        "--free-form"])
+    assert result.exit_code == 0, result.output
+    doc = CalibrationDocument.load(out / "model" / "calibration.json")
+    assert doc.method("answer").fit is not None and doc.merge is not None
+    short = doc.metrics["short_answer"]
+    assert short["calibrate"]["n"] == 20
+    for method in ("mean", "min", "first", "quantile"):
+        fit = doc.method(method).fit
+        assert fit is not None and fit.n == 20
+    # The demo's word-level tokenizer has no yes/no token: verify is left out, and says why.
+    assert "verify" not in doc.methods
+    assert any("verify not fitted" in note for note in short["notes"])

@@ -62,6 +62,10 @@ def test_document_accepts_verify_and_consistency_params() -> None:
     assert d.consistency_k() == 8
     assert doc("consistency").consistency_k() == 5
     assert doc("verify").verify_question() is None
+    assert doc("verify").verdict_token_ids() == ()
+    ids = doc("verify", verify={"params": {"verdict_token_ids": {"yes": [7, 9], "no": [3]}}})
+    assert ids.verdict_token_ids() == (7, 9, 3)
+    assert Scorer.from_document(ids).verdict_token_ids == (7, 9, 3)
     assert CalibrationDocument.from_dict(d.to_dict()) == d
 
 
@@ -71,8 +75,14 @@ def test_document_accepts_verify_and_consistency_params() -> None:
         ({"consistency": {"params": {"k": 1}}}, "methods.consistency.params.k"),
         ({"consistency": {"params": {"k": "5"}}}, "methods.consistency.params.k"),
         ({"mean": {"params": {"k": 3}}}, "k is a `consistency` parameter"),
-        ({"mean": {"params": {"question": "q"}}}, "question is a `verify` parameter"),
+        ({"mean": {"params": {"question": "q"}}}, "question and verdict_token_ids are `verify`"),
+        ({"mean": {"params": {"verdict_token_ids": {"yes": [1], "no": [2]}}}},
+         "question and verdict_token_ids are `verify`"),
         ({"verify": {"params": {"question": " "}}}, "methods.verify.params.question"),
+        ({"verify": {"params": {"verdict_token_ids": {"yes": [1], "no": []}}}},
+         "methods.verify.params.verdict_token_ids"),
+        ({"verify": {"params": {"verdict_token_ids": {"yes": [1]}}}},
+         "methods.verify.params.verdict_token_ids"),
     ],
 )
 def test_bad_method_params_are_refused(methods: dict[str, Any], message: str) -> None:

@@ -11,6 +11,9 @@ from calibserve.calibration.errors import DegenerateDataError
 from calibserve.calibration.verify import (
     VERIFY_QUESTION,
     NoVerdictError,
+    NoVerdictTokensError,
+    require_verdict_tokens,
+    verdict_tokens,
     verify_confidence,
     verify_messages,
     verify_prompt,
@@ -47,3 +50,15 @@ def test_consistency_counts_normalised_agreement() -> None:
     assert consistency_confidence("x", ["y"]) == 0.0
     with pytest.raises(DegenerateDataError):
         consistency_confidence("x", [])
+
+
+def test_verdict_tokens_of_a_vocabulary() -> None:
+    bpe = ["Ġyes", "ĠNo", "▁true", "false", "yesterday", "Ġnot", "y", "es"]
+    found = verdict_tokens(bpe)
+    assert found.yes == ("Ġyes", "▁true") and found.no == ("false", "ĠNo") and found.usable
+    assert require_verdict_tokens(bpe) == found
+    for vocab, missing in ((["<unk>", "the", "y", "es"], "yes and no"),
+                           (["the", " no"], "yes"), (["Yes"], "no")):
+        assert not verdict_tokens(vocab).usable
+        with pytest.raises(NoVerdictTokensError, match=f"no single token for {missing} "):
+            require_verdict_tokens(vocab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from calibserve.merge.cli import app
@@ -151,3 +152,73 @@ def test_calibrate_fits_one_checkpoint_and_refuses_bad_arguments(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal"]
     again = runner.invoke(main_app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
+
+
+def test_calibrate_refuses_free_form_methods_it_cannot_fit_before_writing(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from calibserve.cli import app as main_app
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world["data"], data)
+    (data / "short_calibrate.jsonl").write_text(
+        json.dumps({"question": "colour of w1 ?", "answer": "w2"}) + "\n")
+    out = tmp_path / "cal.json"
+    base = ["calibrate", "--model", str(tiny_world["aligned"]), "--data", str(data),
+            "--out", str(out)]
+    cases = {
+        # the tiny word-level tokenizer has no yes/no token: verify cannot be read
+        "--verify": [*base, "--verify"],
+        "--free-form-method": [*base, "--free-form-method", "answer"],
+        "--consistency-k": [*base, "--consistency-k", "3"],
+    }
+    for flag, argv in cases.items():
+        result = runner.invoke(main_app, argv)
+        assert result.exit_code == 2, (flag, result.output)
+        assert f"Invalid value for '{flag}'" in result.output, result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
+    result = runner.invoke(main_app, [*base, "--verify"])
+    assert "no single token for yes and no" in result.output
+
+
+def test_merge_free_form_is_checked_before_anything_is_written(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    from calibserve.cli import app as main_app
+
+    out = tmp_path / "out"
+    # the data has multiple-choice items only: nothing to fit the free-form methods on
+    result = runner.invoke(main_app, ["merge", *_args(tiny_world, out, "--free-form",
+                                                      "--grid", "0,1", "--quiet")])
+    assert result.exit_code == 2 and "Invalid value for '--free-form'" in result.output
+    assert "short-answer" in result.output and "Traceback" not in result.output
+    # merge's own command (no serving path to run the fit with) refuses the flag
+    result = runner.invoke(app, _args(tiny_world, out, "--free-form", "--quiet"))
+    assert result.exit_code == 2 and "Invalid value for '--free-form'" in result.output
+    assert not out.exists()
+
+
+def test_a_failed_after_write_step_leaves_out_unpublished(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    from calibserve.merge.config import build_config
+    from calibserve.merge.pipeline import run_merge
+
+    out = tmp_path / "out"
+    seen: list[Path] = []
+
+    def step(model_dir: Path, data_dir: Path) -> None:
+        seen.append(model_dir)
+        assert (model_dir / "calibration.json").is_file() and data_dir == tiny_world["data"]
+        raise RuntimeError("engine died")
+
+    config = build_config(base=str(tiny_world["base"]), aligned=str(tiny_world["aligned"]),
+                          data=tiny_world["data"], out=out, grid="0,1", refine=False)
+    with pytest.raises(RuntimeError, match="engine died"):
+        run_merge(config, progress=False, after_write=step)
+    assert seen and not out.exists()  # the written model stayed staged: OUT never looks done
+    assert run_merge(config, progress=False, after_write=lambda m, d: None) == out.resolve()
+    assert (out / "model" / "calibration.json").is_file()

@@ -265,19 +265,23 @@ async def test_completions_verify_uses_the_prompt_and_20_logprobs() -> None:
 async def test_consistency_is_one_request_with_n_k_shared_by_the_choices() -> None:
     engine = Engine(samples=["Paris.", "paris", "the Paris", "lyon", "rome"])
     router, metrics = build(engine, scorer("consistency", k=5))
-    body = {"model": "r", "messages": MESSAGES, "n": 2, "temperature": 0.7, "max_tokens": 8}
+    body = {"model": "r", "messages": MESSAGES, "n": 2, "temperature": 0.7, "top_p": 0.5,
+            "max_tokens": 8}
     res = await router.complete("r", "chat", body)
     confs = [c["confidence"] for c in res.body["choices"]]  # type: ignore[index]
     assert [c["method"] for c in confs] == ["consistency"] * 2
     assert confs[0]["raw"] == pytest.approx(0.6)
     (sample,) = engine.extra()
-    assert sample["n"] == 5 and sample["temperature"] == 0.7 and sample["max_tokens"] == 8
+    # The model's own distribution, whatever the client samples with (the fitted map then
+    # applies to every client): temperature 1, no truncation; the length budget is the client's.
+    assert sample["n"] == 5 and sample["temperature"] == 1.0 and sample["max_tokens"] == 8
+    assert "top_p" not in sample
     assert "logprobs" not in sample and "top_logprobs" not in sample
     assert count(metrics, "consistency", "ok") == 1
     default_t = Engine(samples=["paris"] * 5)
     router, _ = build(default_t, scorer("consistency"))
-    await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
-    assert default_t.extra()[0]["temperature"] == 1.0
+    await router.complete("r", "chat", {"model": "r", "messages": MESSAGES, "temperature": 0})
+    assert default_t.extra()[0]["temperature"] == 1.0  # a greedy client's samples still vary
     streamed = await stream_confidence(router, {"model": "r", "messages": MESSAGES})
     assert streamed["method"] == "consistency" and streamed["raw"] == 1.0
 
@@ -292,3 +296,18 @@ async def test_escalation_judges_by_the_scoring_methods_threshold() -> None:
     # served verify score 0.9 < 0.95: escalated on verify's own threshold, not answer's 0.2
     assert res.escalated and res.threshold == 0.95 and res.reason == "low_confidence"
     assert res.primary_confidence == pytest.approx(0.9)
+
+
+async def test_verify_asks_for_exactly_the_verdict_token_ids_when_the_document_has_them(
+) -> None:
+    ids = {"yes": [11, 12], "no": [13]}
+    engine = Engine()
+    router, _ = build(engine, scorer("verify", verdict_token_ids=ids))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert res.body["choices"][0]["confidence"]["method"] == "verify"  # type: ignore[index]
+    extra = engine.fake.bodies[1]
+    assert extra["logprob_token_ids"] == [11, 12, 13] and extra["top_logprobs"] == 1
+    assert extra["logprobs"] is True and extra["max_tokens"] == 1
+    await router.complete("r", "completions", {"model": "r", "prompt": "q : capital ?"})
+    extra = engine.fake.bodies[-1]
+    assert extra["logprob_token_ids"] == [11, 12, 13] and extra["logprobs"] == 1
