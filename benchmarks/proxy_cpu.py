@@ -91,7 +91,7 @@ def main() -> None:
                                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                    "load_average_start": os.getloadavg(), "runs": []}
         print(f"machine: {results['machine']}; load average {os.getloadavg()}", flush=True)
-        for name, (port, _) in targets.items():  # warm-up
+        for port, _proc in targets.values():  # warm-up
             for kind, _conns in CASES:
                 raw = build_request("127.0.0.1", port, "/v1/chat/completions",
                                     {**BODY, "stream": kind == "stream"})
