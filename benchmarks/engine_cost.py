@@ -37,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.procstat import cpu_seconds, descendants  # noqa: E402
 from benchmarks.proxy_overhead import machine, start, stop, wait_http  # noqa: E402
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
@@ -67,31 +68,6 @@ def body(variant: str, tokens: int) -> dict[str, Any]:
         out |= {"logprobs": True, "top_logprobs": 0}
     elif variant == "direct-top5":
         out |= {"logprobs": True, "top_logprobs": 5}
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
     return out
 
 

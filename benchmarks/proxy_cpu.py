@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.engine_cost import cpu_seconds  # noqa: E402
+from benchmarks.procstat import cpu_seconds  # noqa: E402
 from benchmarks.proxy_overhead import BODY, machine, start, stop, wait_http  # noqa: E402
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
