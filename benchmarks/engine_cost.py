@@ -11,7 +11,11 @@ alternatives). Closed-loop load at each concurrency, the variants interleaved:
 - `direct-top0`: the engine, `logprobs: true, top_logprobs: 0` (what token statistics need);
 - `direct-top5`: the engine, `top_logprobs: 5` (what the `answer` method needs);
 - `calibserve`: through calibserve, `demo` (its logprob request is direct-top5's);
-- `calibserve-mean`: through calibserve, `demo-mean` (its logprob request is direct-top0's).
+- `calibserve-mean`: through calibserve, `demo-mean` (its logprob request is direct-top0's);
+- `calibserve-pinned`: `demo` through a second calibserve process (`--upstream` to the same
+  engine, same calibration) pinned with `taskset` to the last core, the one vLLM's CPU backend
+  reserves for its scheduler (it binds the worker's OpenMP threads to the others): the proxy
+  then never preempts the worker.
 
 Every request is a chat completion of exactly `--tokens` tokens (`min_tokens` = `max_tokens`,
 temperature 0). Reported: requests/s, p50 latency, CPU seconds per request of calibserve and of
@@ -42,7 +46,8 @@ from benchmarks.proxy_overhead import machine, start, stop, wait_http  # noqa: E
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
 PROMPT = "question : which colour is the sky ? A red B blue C green D black"
-VARIANTS = ("direct", "direct-top0", "direct-top5", "calibserve", "calibserve-mean")
+VARIANTS = ("direct", "direct-top0", "direct-top5", "calibserve", "calibserve-mean",
+            "calibserve-pinned")
 
 
 def merged_model() -> Path:
@@ -115,14 +120,14 @@ async def closed_loop(port: int, raw: bytes, concurrency: int, seconds: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="default: the merged demo model")
-    ap.add_argument("--ports", default="18360,18361", help="calibserve,engine")
+    ap.add_argument("--ports", default="18360,18361,18362", help="calibserve,engine,pinned")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats (medians)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    cs_port, engine_port = (int(p) for p in args.ports.split(","))
+    cs_port, engine_port, pinned_port = (int(p) for p in args.ports.split(","))
     model = args.model or merged_model()
     work = Path(tempfile.mkdtemp(prefix="engine-cost-"))
     config = work / "serve.yaml"
@@ -142,12 +147,27 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime()),
                                "model": str(model), "tokens": args.tokens, "runs": []}
+    pinned = None
     try:
         wait_http(cs_port, "/ready", 600, proc)
+        last_core = sorted(os.sched_getaffinity(0))[-1]
+        pinned_config = work / "pinned.yaml"
+        pinned_config.write_text(json.dumps({
+            "host": "127.0.0.1", "port": pinned_port, "signing_key": "bench",
+            "models": [{"name": "demo", "upstreams": [f"http://127.0.0.1:{engine_port}"],
+                        "upstream_model": "demo",
+                        "calibration": str(model / "calibration.json")}]}))
+        pinned = start(["taskset", "-c", str(last_core), sys.executable, "-m",
+                        "calibserve.server", "serve", "--config", str(pinned_config),
+                        "--log-level", "warning"], work / "pinned.log",
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        wait_http(pinned_port, "/ready", 120, pinned)
         results["placement"] = placement(proc.pid)
+        results["placement_pinned"] = placement(pinned.pid)
         results["load_average_start"] = os.getloadavg()
         engine_pids = descendants(proc.pid)
         ports = {v: (engine_port if v.startswith("direct") else cs_port) for v in VARIANTS}
+        ports["calibserve-pinned"] = pinned_port
         raws = {v: build_request("127.0.0.1", ports[v], "/v1/chat/completions",
                                  body(v, args.tokens)) for v in VARIANTS}
         for v in VARIANTS:  # warm-up, and a check that every variant answers
@@ -155,10 +175,11 @@ def main() -> None:
         for conc in (int(c) for c in args.concurrency.split(",")):
             for rnd in range(args.rounds):
                 for v in VARIANTS:
-                    c0 = cpu_seconds(proc.pid)
+                    front = pinned.pid if v == "calibserve-pinned" else proc.pid
+                    c0 = cpu_seconds(front)
                     e0 = sum(cpu_seconds(p) for p in engine_pids)
                     lat, wall = asyncio.run(closed_loop(ports[v], raws[v], conc, args.seconds))
-                    c1 = cpu_seconds(proc.pid)
+                    c1 = cpu_seconds(front)
                     e1 = sum(cpu_seconds(p) for p in engine_pids)
                     n = len(lat)
                     run = {"variant": v, "concurrency": conc, "round": rnd, "requests": n,
@@ -171,6 +192,8 @@ def main() -> None:
                           f" engine {run['engine_cpu_ms']:.2f} ms/req", flush=True)
         results["load_average_end"] = os.getloadavg()
     finally:
+        if pinned is not None:
+            stop(pinned)
         stop(proc)
     summary: dict[str, dict[str, float]] = {}
     for conc in sorted({r["concurrency"] for r in results["runs"]}):
@@ -182,7 +205,8 @@ def main() -> None:
               + f" | top5/direct {row['direct-top5'] / row['direct']:.2f}"
               f" top0/direct {row['direct-top0'] / row['direct']:.2f}"
               f" calibserve/top5 {row['calibserve'] / row['direct-top5']:.2f}"
-              f" calibserve-mean/top0 {row['calibserve-mean'] / row['direct-top0']:.2f}")
+              f" calibserve-mean/top0 {row['calibserve-mean'] / row['direct-top0']:.2f}"
+              f" pinned/top5 {row['calibserve-pinned'] / row['direct-top5']:.2f}")
     results["median_rps"] = summary
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
