@@ -40,7 +40,7 @@ from calibserve.routing.identity import api_root
 from calibserve.routing.jsoncodec import loads
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
-from calibserve.routing.sse import DONE, iter_sse_bytes, iter_sse_data, parse_chunk
+from calibserve.routing.sse import DONE, iter_sse_bytes, parse_chunk
 
 _JSON_HEADERS = {"content-type": "application/json"}
 _DONE = DONE.encode()
@@ -232,12 +232,11 @@ class Upstream:
         response, which makes vLLM abort the generation.
         """
         response = await self._open_stream(path, body)
-        events: AsyncGenerator[Any, None]  # str payloads from httpx's lines, bytes from raw
-        if isinstance(response, httpx.Response):
-            events = iter_sse_data(response.aiter_lines())
-        else:
-            events = iter_sse_bytes(response.aiter_raw())
-        payload: str | bytes
+        # Events split on bytes for both transports: httpx's text lines would also break an event
+        # at a U+2028 inside its JSON (str.splitlines), which engines send unescaped.
+        events = iter_sse_bytes(response.aiter_bytes() if isinstance(response, httpx.Response)
+                                else response.aiter_raw())
+        payload: bytes
         try:
             while True:
                 try:
@@ -250,7 +249,7 @@ class Upstream:
                     if error is None:
                         raise
                     raise error from exc
-                if payload.strip() in (DONE, _DONE):
+                if payload.strip() == _DONE:
                     return
                 yield self._decode_event(payload)
         finally:
