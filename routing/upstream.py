@@ -331,7 +331,10 @@ class Upstream:
 
     def _status_error(self, status: int, headers: httpx.Headers | list[tuple[bytes, bytes]],
                       data: bytes) -> tuple[UpstreamError, bool]:
-        response = httpx.Response(status, headers=headers, content=data)
+        raw = headers.raw if isinstance(headers, httpx.Headers) else headers
+        # `data` is already decoded: a content-encoding kept here would be decoded a second time.
+        response = httpx.Response(status, content=data, headers=[
+            (k, v) for k, v in raw if k.lower() != b"content-encoding"])
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         try:
             body: Any = response.json()
