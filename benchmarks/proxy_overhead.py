@@ -1,14 +1,24 @@
-"""Proxy overhead: a fake upstream alone, calibserve in front of it, LiteLLM's proxy in front of it.
+"""Proxy overhead: a fake upstream alone, and calibserve, LiteLLM's proxy and Portkey's gateway
+in front of it.
 
-All three run side by side in one run on this machine, against the same FAKE upstream
+All run side by side in one run on this machine, against the same FAKE upstream
 (tests/fakes/openai_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
-only the proxy. For each target it measures:
+only the proxy. Peers are configured as their docs recommend for production: LiteLLM with one
+worker, `LITELLM_MODE=PRODUCTION`, no database (so no spend tracking), spend and error logs off,
+the local cost map (no fetch at start), uvicorn's access log off (`--log_config`), httptools
+installed beside it; Portkey's gateway (`--portkey DIR`, the npm package's folder) with
+`NODE_ENV=production`, headless, routed to the fake as an OpenAI-compatible provider
+(`x-portkey-provider: openai`, `x-portkey-custom-host`). For each target it measures:
 
 - added latency: p50/p99 of sequential request latency (one request in flight), minus the
   fake's own p50/p99;
+- closed-loop rate and CPU per request: 16 connections sending back to back for
+  `--step-seconds`, the target process tree's CPU time (utime + stime) over the requests answered;
 - sustained rate: the highest constant (open-loop) request rate it holds for `--step-seconds`
   with zero errors, every request answered within `--deadline` seconds and the offered rate
-  actually achieved. Rates go up by 1.5x until a failure, then a binary search refines.
+  actually achieved. The search starts at half the closed-loop rate; a failing step is repeated
+  once (one late request at a loaded moment must not end the search), then rates go up by 1.5x
+  until a step fails twice, and a binary search refines (each failing probe also repeated).
 
 The load generator is a raw asyncio HTTP/1.1 client (keep-alive, pre-built request bytes) so that
 it costs far less CPU than the proxies it measures; on a 2-core machine it still shares the CPU
@@ -45,8 +55,10 @@ BODY = {
 
 
 try:
+    from benchmarks.procstat import tree_cpu
     from benchmarks.rawhttp import Conn, build_request
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is sys.path[0]
+    from procstat import tree_cpu  # type: ignore[no-redef]
     from rawhttp import Conn, build_request  # type: ignore[no-redef]
 
 
@@ -58,10 +70,11 @@ class Target:
     host: str = "127.0.0.1"
     raw: bytes = b""
     check: str = "choices"
-    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None  # the process (tree) whose CPU is counted
 
     def __post_init__(self) -> None:
-        self.raw = build_request(self.host, self.port, self.path, BODY)
+        self.raw = build_request(self.host, self.port, self.path, BODY, self.headers)
 
 
 async def sequential(target: Target, n: int) -> list[float]:
@@ -162,33 +175,68 @@ async def settle(target: Target, quick: float, limit: float = 60.0) -> None:
         await asyncio.sleep(1.0)
 
 
-async def max_rate(target: Target, seconds: float, deadline: float, start: float,
-                   quick: float, log: Any) -> tuple[float, list[dict[str, Any]]]:
-    """Rates up by 1.5x from `start` until one is not held, then 3 bisection steps."""
-    steps: list[dict[str, Any]] = []
-    rate, good, bad = start, 0.0, None
-    while bad is None and rate < 20000:
+async def held_twice(target: Target, rate: float, seconds: float, deadline: float,
+                     quick: float, steps: list[dict[str, Any]], log: Any) -> bool:
+    """Does `target` hold `rate`? A failing step is repeated once after the target drained."""
+    for attempt in (1, 2):
         r = await open_loop(target, rate, seconds, deadline)
+        r["attempt"] = attempt
         steps.append(r)
         log(f"  {target.name:10s} {rate:8.0f}/s -> {_fmt(r)}")
+        await settle(target, quick)
         if held(r):
-            good, rate = rate, rate * 1.5
+            return True
+    return False
+
+
+async def max_rate(target: Target, seconds: float, deadline: float, start: float,
+                   quick: float, log: Any) -> tuple[float, list[dict[str, Any]]]:
+    """From `start`: down by half until a rate holds, up by 1.5x until one does not, then 3
+    bisection steps; every verdict of "not held" is confirmed by a repeat."""
+    steps: list[dict[str, Any]] = []
+    rate = start
+    while not await held_twice(target, rate, seconds, deadline, quick, steps, log):
+        rate /= 2
+        if rate < 1:
+            return 0.0, steps
+    good, bad = rate, None
+    while bad is None and rate < 20000:
+        rate *= 1.5
+        if await held_twice(target, rate, seconds, deadline, quick, steps, log):
+            good = rate
         else:
             bad = rate
-        await settle(target, quick)
     if bad is None:
         return good, steps
     for _ in range(3):
         mid = (good + bad) / 2
-        r = await open_loop(target, mid, seconds, deadline)
-        steps.append(r)
-        log(f"  {target.name:10s} {mid:8.0f}/s -> {_fmt(r)}")
-        if held(r):
+        if await held_twice(target, mid, seconds, deadline, quick, steps, log):
             good = mid
         else:
             bad = mid
-        await settle(target, quick)
     return good, steps
+
+
+async def closed_loop(target: Target, conns: int, seconds: float) -> tuple[int, float]:
+    """`conns` connections back to back for `seconds`: (answers, wall seconds)."""
+    pool = [await Conn.open(target.host, target.port) for _ in range(conns)]
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(conn: Conn) -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            status, body = await conn.request(target.raw)
+            if status != 200 or target.check.encode() not in body:
+                raise RuntimeError(f"{target.name}: bad answer {status} {body[:200]!r}")
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in pool))
+    wall = time.perf_counter() - t0
+    for c in pool:
+        c.close()
+    return done, wall
 
 
 def _fmt(r: dict[str, Any]) -> str:
@@ -223,6 +271,21 @@ def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen[bytes
     raise RuntimeError(f"nothing healthy on port {port} after {timeout}s")
 
 
+def wait_tcp(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Until something accepts connections on `port` (servers with no health route)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process on port {port} exited with {proc.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
+
+
 def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
           ) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
@@ -252,16 +315,51 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
+def start_litellm(binary: str, fake_port: int, port: int, work: Path) -> subprocess.Popen[bytes]:
+    """LiteLLM's proxy as its production docs recommend, minus what needs a database."""
+    config = work / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: fake-model\n"
+        "    litellm_params:\n"
+        "      model: openai/fake-model\n"
+        f"      api_base: http://127.0.0.1:{fake_port}/v1\n"
+        "      api_key: sk-fake\n"
+        "litellm_settings:\n"
+        "  drop_params: true\n"
+        "  set_verbose: false\n"
+        "  request_timeout: 600\n"
+        "general_settings:\n"
+        "  disable_spend_logs: true\n"
+        "  disable_error_logs: true\n"
+    )
+    log_config = work / "litellm-logging.json"  # uvicorn's access log off (a line per request)
+    log_config.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "loggers": {"uvicorn.access": {"level": "WARNING"}, "uvicorn.error": {"level": "INFO"}},
+    }))
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_MODE": "PRODUCTION"}
+    return start([binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                  "--num_workers", "1", "--log_config", str(log_config)],
+                 work / "litellm.log", env=env)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="calibserve vs LiteLLM proxy overhead")
-    ap.add_argument("--litellm", default=str(REPO / ".venv-litellm" / "bin" / "litellm"))
-    ap.add_argument("--ports", default="18320,18321,18322", help="fake,calibserve,litellm")
+    ap.add_argument("--litellm", default=str(REPO / ".peers" / "litellm" / "bin" / "litellm"))
+    ap.add_argument("--portkey", default=str(REPO / ".peers" / "portkey" / "node_modules"
+                                             / "@portkey-ai" / "gateway"))
+    ap.add_argument("--warmup", type=int, default=3000, help="requests per target first "
+                    "(Portkey's JIT needs about 3,000 before its latency settles)")
+    ap.add_argument("--ports", default="18320,18321,18322,18323",
+                    help="fake,calibserve,litellm,portkey")
     ap.add_argument("--sequential", type=int, default=2000)
     ap.add_argument("--step-seconds", type=float, default=5.0)
     ap.add_argument("--deadline", type=float, default=1.0)
     ap.add_argument("--json", type=Path, default=None, help="write results here")
     args = ap.parse_args()
-    fake_port, cs_port, ll_port = (int(p) for p in args.ports.split(","))
+    fake_port, cs_port, ll_port, pk_port = (int(p) for p in args.ports.split(","))
     work = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
 
@@ -280,35 +378,33 @@ def main() -> None:
                    env={**os.environ, "PYTHONPATH": str(REPO)})
         procs.append(cs)
         wait_http(cs_port, "/health", 60, cs)
-        targets = [Target("fake", fake_port), Target("calibserve", cs_port)]
+        targets = [Target("fake", fake_port, pid=fake.pid),
+                   Target("calibserve", cs_port, pid=cs.pid)]
         if Path(args.litellm).exists():
-            config = work / "litellm.yaml"
-            config.write_text(
-                "model_list:\n"
-                "  - model_name: fake-model\n"
-                "    litellm_params:\n"
-                "      model: openai/fake-model\n"
-                f"      api_base: http://127.0.0.1:{fake_port}/v1\n"
-                "      api_key: sk-fake\n"
-                "litellm_settings:\n"
-                "  drop_params: true\n"
-                "  set_verbose: false\n"
-            )
-            env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
-            ll = start([args.litellm, "--config", str(config), "--host", "127.0.0.1",
-                        "--port", str(ll_port), "--num_workers", "1"], work / "litellm.log",
-                       env=env)
+            ll = start_litellm(args.litellm, fake_port, ll_port, work)
             procs.append(ll)
             wait_http(ll_port, "/health/liveliness", 180, ll)
-            targets.append(Target("litellm", ll_port))
+            targets.append(Target("litellm", ll_port, pid=ll.pid))
         else:
             log(f"LiteLLM not found at {args.litellm}: skipping it")
+        gateway = Path(args.portkey) / "build" / "start-server.js"
+        if gateway.exists():
+            pk = start(["node", str(gateway), "--headless", f"--port={pk_port}"],
+                       work / "portkey.log", env={**os.environ, "NODE_ENV": "production"})
+            procs.append(pk)
+            wait_tcp(pk_port, 60, pk)
+            targets.append(Target("portkey", pk_port, pid=pk.pid, headers={
+                "x-portkey-provider": "openai",
+                "x-portkey-custom-host": f"http://127.0.0.1:{fake_port}/v1"}))
+        else:
+            log(f"Portkey's gateway not found at {args.portkey}: skipping it")
 
-        results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-                                   "targets": {}}
+        results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                          time.gmtime()),
+                                   "load_average_start": os.getloadavg(), "targets": {}}
         log(f"machine: {results['machine']}")
-        for t in targets:  # warm up (imports, connection pools, caches)
-            asyncio.run(sequential(t, 200))
+        for t in targets:  # warm up (imports, connection pools, caches, JIT)
+            asyncio.run(sequential(t, args.warmup))
         log("sequential latency (one request in flight):")
         seq: dict[str, list[float]] = {}
         for t in targets:
@@ -323,24 +419,37 @@ def main() -> None:
             }
             log(f"  {t.name:10s} p50 {1000 * p50:7.3f} ms  p99 {1000 * p99:7.3f} ms  "
                 f"added p50 {1000 * (p50 - base50):7.3f} ms  p99 {1000 * (p99 - base99):7.3f} ms")
+        log("closed loop (16 connections) and CPU per request:")
+        for t in targets:
+            c0 = tree_cpu(t.pid) if t.pid else 0.0
+            n, wall = asyncio.run(closed_loop(t, 16, args.step_seconds))
+            cpu = (tree_cpu(t.pid) - c0) if t.pid else 0.0
+            row = results["targets"][t.name]
+            row["closed_loop_rps"] = n / wall
+            row["cpu_ms_per_request"] = 1000 * cpu / n
+            log(f"  {t.name:10s} {n / wall:8.0f} req/s  CPU {1000 * cpu / n:.3f} ms/request")
         log(f"sustained rate (open loop, {args.step_seconds:g}s steps, deadline "
             f"{args.deadline:g}s, zero errors):")
         for t in targets:
-            # Start well below what one-at-a-time latency allows, so the first step holds.
             p50 = pct(seq[t.name], 0.5)
-            first = max(5.0, min(200.0, 0.25 / p50))
+            first = max(5.0, 0.5 * results["targets"][t.name]["closed_loop_rps"])
             quick = 3 * p50 + 0.005
             rate, steps = asyncio.run(
                 max_rate(t, args.step_seconds, args.deadline, first, quick, log))
             results["targets"][t.name]["sustained_rps"] = rate
             results["targets"][t.name]["steps"] = steps
             log(f"  {t.name:10s} sustained {rate:.0f} req/s")
-        cs_rate = results["targets"]["calibserve"]["sustained_rps"]
-        if "litellm" in results["targets"]:
-            ll_rate = results["targets"]["litellm"]["sustained_rps"]
-            results["calibserve_vs_litellm_rate"] = cs_rate / ll_rate if ll_rate else None
-            ratio = results["calibserve_vs_litellm_rate"]
-            log(f"calibserve / LiteLLM sustained rate: {ratio:.2f}x")
+        cs = results["targets"]["calibserve"]
+        for peer in ("litellm", "portkey"):
+            other = results["targets"].get(peer)
+            if other and other["sustained_rps"]:
+                results[f"calibserve_vs_{peer}"] = {
+                    "sustained_rate": cs["sustained_rps"] / other["sustained_rps"],
+                    "added_p50": cs["added_p50_ms"] / other["added_p50_ms"]}
+                log(f"calibserve / {peer}: sustained rate "
+                    f"{results[f'calibserve_vs_{peer}']['sustained_rate']:.2f}x, added p50 "
+                    f"{results[f'calibserve_vs_{peer}']['added_p50']:.2f}x")
+        results["load_average_end"] = os.getloadavg()
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))

@@ -94,8 +94,10 @@ class ConnPool:
         return build_request(self.host, self.port, path, body)
 
 
-def build_request(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
+def build_request(host: str, port: int, path: str, body: dict[str, Any],
+                  headers: dict[str, str] | None = None) -> bytes:
     data = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     return (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-            f"authorization: Bearer sk-bench\r\ncontent-length: {len(data)}\r\n\r\n"
+            f"authorization: Bearer sk-bench\r\n{extra}content-length: {len(data)}\r\n\r\n"
             ).encode() + data

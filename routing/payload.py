@@ -1,14 +1,21 @@
 """The request a tier's upstream receives: the client's body with model and logprobs forced.
 
-The confidence needs the answer's logprobs (and a few alternatives for the `answer` method), so
-they are always requested; nothing more is. Where vLLM would derive the prompt's logprobs from
-the forced value (`echo` without `prompt_logprobs`), the prompt's are asked for explicitly at the
-client's own value, so the engine computes no more of them than the client wanted.
+The confidence needs the answer's logprobs, so they are always requested, with only as many
+alternatives per token as the tier's confidence methods read (`tier_top_logprobs`): the
+`answer` method reads the first token's alternatives (5), the token statistics (`mean`, `min`,
+`first`, `quantile`) the sampled tokens' own logprobs (0 alternatives), and `verify`'s main
+request nothing beyond its fallback's (`mean`: 0). Never fewer than the client asked for.
+Alternatives cost the engine: each is a token to detokenize and serialise on every position.
+Where vLLM would derive the prompt's logprobs from the forced value (`echo` without
+`prompt_logprobs`), the prompt's are asked for explicitly at the client's own value, so the
+engine computes no more of them than the client wanted.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from calibserve.calibration.methods import FALLBACK, REGISTRY
 
 ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions"}
 MIN_TOP_LOGPROBS = 5
@@ -36,8 +43,23 @@ def client_prompt_logprobs(endpoint: str, body: dict[str, Any]) -> int | None:
     return None if value is None else int(value)
 
 
-def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool) -> dict[str, Any]:
-    """Copy of `body` for one tier: its model name, logprobs always on, `stream` as asked.
+def tier_top_logprobs(scorer: object) -> int:
+    """Alternatives per token that a tier's scorer reads from the main request.
+
+    The scorer's multiple-choice method (`method`), its free-form method (`fallback`) and the
+    fallback of methods needing extra work (`FALLBACK`) each read the reply's logprobs; the
+    most any of them needs. A scorer that does not name its methods gets `MIN_TOP_LOGPROBS`.
+    """
+    names = [getattr(scorer, "method", None), getattr(scorer, "fallback", None)]
+    if not all(isinstance(name, str) and name in REGISTRY for name in names):
+        return MIN_TOP_LOGPROBS
+    return max(REGISTRY[str(name)].top_logprobs for name in [*names, FALLBACK])
+
+
+def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,
+              top_logprobs: int = MIN_TOP_LOGPROBS) -> dict[str, Any]:
+    """Copy of `body` for one tier: its model name, logprobs always on with at least
+    `top_logprobs` alternatives (`tier_top_logprobs` of its scorer), `stream` as asked.
 
     The server strips the logprobs back to what the client asked for (server/proxy.py).
     """
@@ -46,9 +68,9 @@ def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool) 
     if endpoint == "chat":
         asked = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
         out["logprobs"] = True
-        out["top_logprobs"] = max(MIN_TOP_LOGPROBS, asked)
+        out["top_logprobs"] = max(top_logprobs, asked)
     elif endpoint == "completions":
-        out["logprobs"] = max(MIN_TOP_LOGPROBS, int(body.get("logprobs") or 0))
+        out["logprobs"] = max(top_logprobs, int(body.get("logprobs") or 0))
     else:
         endpoint_path(endpoint)  # raises
     if body.get("echo") and body.get("prompt_logprobs") is None:

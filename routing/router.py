@@ -25,7 +25,7 @@ from calibserve.routing.escalation import (
     record_agreement,
 )
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
-from calibserve.routing.payload import endpoint_path, tier_body
+from calibserve.routing.payload import endpoint_path, tier_body, tier_top_logprobs
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import ConfidenceLike, Route, Tier
 from calibserve.routing.scoring import least_confident, score_answer
@@ -111,7 +111,8 @@ async def _ask(
 ) -> dict[str, Any]:
     """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded."""
     result.tiers_tried.append(tier.name)
-    payload = tier_body(endpoint, body, tier.model, stream=False)
+    payload = tier_body(endpoint, body, tier.model, stream=False,
+                        top_logprobs=tier_top_logprobs(tier.confidence_scorer))
     started = time.perf_counter()
     try:
         answer = await tier.upstream.request_json(endpoint_path(endpoint), payload)

@@ -18,7 +18,7 @@ from typing import Any
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.errors import UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
-from calibserve.routing.payload import endpoint_path, tier_body
+from calibserve.routing.payload import endpoint_path, tier_body, tier_top_logprobs
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
 from calibserve.routing.scoring import confidence_dict
@@ -69,7 +69,8 @@ class TierStream:
         """Start the tier's stream and read its first chunk, so that failures to start (the
         ones a fallback can still hide from the client) surface here."""
         result.tiers_tried.append(tier.name)
-        payload = tier_body(endpoint, body, tier.model, stream=True)
+        payload = tier_body(endpoint, body, tier.model, stream=True,
+                            top_logprobs=tier_top_logprobs(tier.confidence_scorer))
         chunks = tier.upstream.stream(endpoint_path(endpoint), payload)
         work = ConfidenceWork(tier, endpoint, body, result, metrics)
         stream = cls(tier, chunks, result, route, work)

@@ -161,10 +161,12 @@ def run_server(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+    from calibserve.server.http_protocol import JoinedWritesProtocol
+
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port,
         log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s),
-        access_log=False,
+        access_log=False, http=JoinedWritesProtocol,
     )
     uvicorn.Server(config).run()
 

@@ -75,7 +75,7 @@ def build_command(
         settings.python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", served_model_name,
         "--host", host, "--port", str(port),
-        # calibserve always asks for top_logprobs; vLLM's default cap (20) is what it needs.
+        # calibserve asks for up to 5 alternatives (20 for verify's request): vLLM's default cap.
         "--max-logprobs", str(settings.max_logprobs),
     ]
     env = dict(os.environ)

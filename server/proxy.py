@@ -6,7 +6,7 @@ on the request's Outcome (outcomes.py counts it).
 What the client gets is the upstream's answer with three changes: each choice carries
 `confidence`, the response carries `calibserve` and a signed `id`, and logprobs appear only if the
 client asked for them (then as the upstream sent them, cut to the `top_logprobs` it asked for:
-the router always asks for at least 5 alternatives to compute the confidence).
+the router asks for the alternatives the confidence methods read, 5 for the `answer` method).
 
 Streams: every chunk passes through as it comes; the chunk with a choice's `finish_reason` carries
 its `confidence`; the last chunk before `[DONE]` (the usage chunk when the client asked for usage,

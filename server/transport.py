@@ -88,6 +88,32 @@ class _Body(httpx.AsyncByteStream):
             self._conn.close()
 
 
+class RawResponse:
+    """An answer from `LeanTransport.exchange`: status, raw headers and the unread body."""
+
+    __slots__ = ("status_code", "headers", "_body")
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], body: _Body) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self._body = body
+
+    async def read(self) -> bytes:
+        """The whole body; the connection goes back to the pool (or is closed)."""
+        try:
+            parts = [part async for part in self._body]
+        finally:
+            await self._body.aclose()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (one item per HTTP chunk of a chunked answer)."""
+        return self._body.__aiter__()
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
 class LeanTransport(httpx.AsyncBaseTransport):
     """Keep-alive HTTP/1.1 client connections over asyncio streams (http:// only)."""
 
@@ -138,13 +164,33 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if not has_length and (body or request.method in ("POST", "PUT", "PATCH")):
             lines.append(b"content-length: " + str(len(body)).encode() + b"\r\n")
         head = b"".join(lines) + b"\r\n"
+        status, headers, stream = await self._send(key, head, body, timeouts.get("connect"),
+                                                   request.method == "HEAD")
+        return httpx.Response(status, headers=headers, stream=stream,
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def exchange(self, method: str, host: str, port: int, head: bytes, body: bytes,
+                       connect_timeout: float | None) -> RawResponse:
+        """One request without httpx's request/response objects (routing's hot path).
+
+        `head` is the request line and headers, ready to send (content-length included, ending
+        in the blank line); the answer's body is read from the returned `RawResponse`. Errors
+        are the same httpx exceptions `handle_async_request` raises.
+        """
+        status, headers, stream = await self._send((host, port), head, body, connect_timeout,
+                                                   method == "HEAD")
+        return RawResponse(status, headers, stream)
+
+    async def _send(self, key: tuple[str, int], head: bytes, body: bytes,
+                    connect_timeout: float | None, head_only: bool
+                    ) -> tuple[int, list[tuple[bytes, bytes]], _Body]:
         for attempt in (1, 2):
-            conn = await self._connect(key, timeouts.get("connect"))
+            conn = await self._connect(key, connect_timeout)
             try:
                 conn.writer.write(head + body if len(body) < 65536 else head)
                 if len(body) >= 65536:
                     conn.writer.write(body)
-                return await self._read_head(key, conn, request)
+                return await self._read_head(key, conn, head_only)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 conn.close()
                 got_nothing = isinstance(exc, asyncio.IncompleteReadError) and not exc.partial
@@ -159,8 +205,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise
         raise AssertionError("unreachable")
 
-    async def _read_head(self, key: tuple[str, int], conn: _Conn,
-                         request: httpx.Request) -> httpx.Response:
+    async def _read_head(self, key: tuple[str, int], conn: _Conn, head_only: bool
+                         ) -> tuple[int, list[tuple[bytes, bytes]], _Body]:
         try:
             raw = await conn.reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError as exc:
@@ -185,11 +231,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             elif lname == b"connection":
                 keep_alive = b"close" not in value.lower()
             headers.append((name.strip(), value))
-        if request.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        if head_only or status in (204, 304) or 100 <= status < 200:
             length = 0
         stream = _Body(self, key, conn, length if not chunked else None, chunked, keep_alive)
-        return httpx.Response(status, headers=headers, stream=stream,
-                              extensions={"http_version": b"HTTP/1.1"})
+        return status, headers, stream
 
     async def aclose(self) -> None:
         for idle in self._idle.values():

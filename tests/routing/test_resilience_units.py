@@ -113,3 +113,50 @@ async def test_sse_parsing_multiline_comments_and_trailing_event() -> None:
             yield line
 
     assert [d async for d in iter_sse_data(lines())] == ['{"a":\n1}', "[DONE]"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("split", [1, 3, 7, 64, 10_000])
+async def test_sse_bytes_parser_yields_what_the_line_parser_does(split: int) -> None:
+    from calibserve.routing.sse import iter_sse_bytes
+
+    text = ('data: {"a": 1}\n\n: keep-alive\n\ndata: {"b":\n data: 2}\r\n\r\n'
+            'event: x\nid: 3\ndata: {"c": "\u2028 é"}\n\ndata\n\ndata: [DONE]\n\ndata: tail')
+    raw = text.encode()
+
+    from collections.abc import AsyncIterator
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(raw), split):
+            yield raw[i:i + split]
+
+    async def lines() -> AsyncIterator[str]:
+        for line in text.split("\n"):
+            yield line
+
+    expected = [d async for d in iter_sse_data(lines())]
+    got = [d.decode() async for d in iter_sse_bytes(chunks())]
+    assert got == expected and expected[-2:] == ["[DONE]", "tail"]
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"a": [1, -0.0, 1.5e300, 123456789012345678901234567890], "b": "\\u00e9\xe2\x80\xa8"}',
+    b'{"a": 1, "a": 2}', b'{"x": NaN}', b'{"x": 1e400}', b'"\\ud800"', b'\xef\xbb\xbf{}',
+])
+def test_json_codec_gives_what_the_standard_library_gives(doc: bytes) -> None:
+    import json
+
+    from calibserve.routing.jsoncodec import loads
+
+    got, expected = loads(doc), json.loads(doc)
+    assert json.dumps(got) == json.dumps(expected)
+
+
+@pytest.mark.parametrize("doc", [b'{"a": ', b"\xff", b""])
+def test_json_codec_raises_the_standard_library_errors(doc: bytes) -> None:
+    import json
+
+    from calibserve.routing.jsoncodec import loads
+
+    with pytest.raises((json.JSONDecodeError, UnicodeDecodeError)):
+        loads(doc)

@@ -54,7 +54,8 @@ async def test_never_passes_through_with_confidence_and_forced_logprobs() -> Non
     assert res.served_by == "primary" and not res.escalated and res.threshold is None
     assert res.body["model"] == "never-r"
     sent = fake.bodies[0]
-    assert sent["model"] == "primary" and sent["logprobs"] is True and sent["top_logprobs"] == 5
+    # The default scorer (`mean`) reads the sampled tokens' logprobs only: no alternatives.
+    assert sent["model"] == "primary" and sent["logprobs"] is True and sent["top_logprobs"] == 0
     assert sent["stream"] is False
     assert res.upstream_seconds > 0 and res.tiers_tried == ["primary"]
 

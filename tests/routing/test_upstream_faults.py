@@ -145,3 +145,30 @@ async def test_stream_that_stalls_times_out() -> None:
         async for c in up.stream("chat/completions", {"model": "m"}):
             got.append(c)
     assert len(got) == 1
+
+
+def test_a_compressed_4xx_from_an_https_upstream_passes_through_decoded() -> None:
+    import gzip
+
+    import httpx
+
+    from calibserve.routing import Upstream, UpstreamClientError
+
+    body = gzip.compress(b'{"error": {"message": "no such model"}}')
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, content=body, headers={
+            "content-encoding": "gzip", "content-type": "application/json"})
+
+    async def main() -> UpstreamClientError:
+        up = Upstream("u", "https://api.example/v1", transport=httpx.MockTransport(handler))
+        try:
+            await up.request_json("chat/completions", {"model": "m"})
+        except UpstreamClientError as exc:
+            return exc
+        finally:
+            await up.aclose()
+        raise AssertionError("no error")
+
+    exc = asyncio.run(main())
+    assert exc.status_code == 404 and exc.body == {"error": {"message": "no such model"}}

@@ -107,3 +107,59 @@ def test_errors_map_to_httpx_exceptions() -> None:
 
     with pytest.raises(httpx.UnsupportedProtocol):
         asyncio.run(https())
+
+
+def test_upstream_raw_path_sends_and_reads_what_the_httpx_path_does() -> None:
+    """`Upstream` over `LeanTransport.exchange` (no httpx objects) against httpx's own path:
+    the same request line, headers (less accept-encoding) and body; the same decoded answers,
+    streams and errors."""
+    from calibserve.routing import Upstream, UpstreamClientError
+
+    seen: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
+    answer = b'{"id": "x", "big": 123456789012345678901234567890, "t": "\\u00e9\xe2\x80\xa8"}'
+    events = (b'data: {"a": 1}\n\n: ping\n\ndata: {"b": "\xe2\x80\xa8"}\r\n\r\n'
+              b"data: [DONE]\n\n")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            line, *rest = head[:-4].split(b"\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (h.partition(b":") for h in rest)}
+            body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+            seen.append((line, headers, body))
+            if b"stream" in body:
+                chunk = b"%x\r\n" % len(events) + events + b"\r\n0\r\n\r\n"
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk)
+            elif b"bad" in body:
+                err = b'{"error": {"message": "no such model"}}'
+                writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: %d\r\n\r\n" % len(err)
+                             + err)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer)
+                             + answer)
+            await writer.drain()
+
+    async def test(url: str) -> None:
+        results = []
+        for transport in (LeanTransport(), None):
+            up = Upstream("u", url + "/v1", api_key="k", transport=transport)
+            got = await up.request_json("chat/completions", {"model": "m"})
+            chunks = [c async for c in up.stream("/v1/chat/completions", {"stream": True})]
+            with pytest.raises(UpstreamClientError) as err:
+                await up.request_json("chat/completions", {"model": "bad"})
+            results.append((got, chunks, err.value.status_code, err.value.body, str(err.value)))
+            await up.aclose()
+        assert results[0] == results[1]
+        assert results[0][0]["big"] == 123456789012345678901234567890
+        assert results[0][1] == [{"a": 1}, {"b": "\u2028"}]
+        lean, plain = seen[:3], seen[3:]
+        for (l_line, l_headers, l_body), (p_line, p_headers, p_body) in zip(lean, plain,
+                                                                            strict=True):
+            p_headers.pop(b"accept-encoding", None)
+            assert (l_line, l_headers, l_body) == (p_line, p_headers, p_body)
+
+    asyncio.run(with_server(handler, test))

@@ -1,0 +1,217 @@
+"""What confidence costs the engine: a real vLLM CPU engine, direct and through calibserve.
+
+One `calibserve serve --config` process runs the managed vLLM engine of the merged demo model
+(the engine's port is fixed in the config, so the benchmark can also reach it directly) and
+serves two models on it: `demo` with the model's own calibration.json (multiple choice by the
+`answer` method: calibserve asks for 5 alternatives per token) and `demo-mean`, the same engine
+with token statistics only (`mean`: calibserve asks for the sampled tokens' logprobs, no
+alternatives). Closed-loop load at each concurrency, the variants interleaved:
+
+- `direct`: the engine, no logprobs (what confidence is measured against);
+- `direct-top0`: the engine, `logprobs: true, top_logprobs: 0` (what token statistics need);
+- `direct-top5`: the engine, `top_logprobs: 5` (what the `answer` method needs);
+- `calibserve`: through calibserve, `demo` (its logprob request is direct-top5's);
+- `calibserve-mean`: through calibserve, `demo-mean` (its logprob request is direct-top0's);
+- `calibserve-pinned`: `demo` through a second calibserve process (`--upstream` to the same
+  engine, same calibration) pinned with `taskset` to the last core, the one vLLM's CPU backend
+  reserves for its scheduler (it binds the worker's OpenMP threads to the others): the proxy
+  then never preempts the worker.
+
+Every request is a chat completion of exactly `--tokens` tokens (`min_tokens` = `max_tokens`,
+temperature 0). Reported: requests/s, p50 latency, CPU seconds per request of calibserve and of
+the engine's processes, and which cores each process may run on.
+
+    CALIBSERVE_HOME=... flock /work/heavy.lock .venv/bin/python benchmarks/engine_cost.py \\
+        --json benchmarks/.work/engine_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.procstat import cpu_seconds, descendants  # noqa: E402
+from benchmarks.proxy_overhead import machine, start, stop, wait_http  # noqa: E402
+from benchmarks.rawhttp import Conn, build_request  # noqa: E402
+
+PROMPT = "question : which colour is the sky ? A red B blue C green D black"
+VARIANTS = ("direct", "direct-top0", "direct-top5", "calibserve", "calibserve-mean",
+            "calibserve-pinned")
+
+
+def merged_model() -> Path:
+    """The merged demo model (built once and cached under CALIBSERVE_HOME)."""
+    from calibserve.demo import build_world
+    from calibserve.demo_pipeline import merge_demo
+
+    merged = Path(merge_demo(build_world()))
+    return merged / "model" if (merged / "model").is_dir() else merged
+
+
+def mean_document(out: Path) -> Path:
+    out.write_text(json.dumps({"version": 2, "methods": {"mean": {}},
+                               "multiple_choice": "mean", "free_form": "mean"}))
+    return out
+
+
+def body(variant: str, tokens: int) -> dict[str, Any]:
+    model = {"calibserve": "demo", "calibserve-mean": "demo-mean"}.get(variant, "demo")
+    out: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                           "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
+    if variant == "direct-top0":
+        out |= {"logprobs": True, "top_logprobs": 0}
+    elif variant == "direct-top5":
+        out |= {"logprobs": True, "top_logprobs": 5}
+    return out
+
+
+def placement(pid: int) -> dict[str, Any]:
+    """Each process's command (short) and the cores its threads may run on."""
+    out: dict[str, Any] = {}
+    for p in [pid, *descendants(pid)]:
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+            cores: dict[str, int] = {}
+            for task in Path(f"/proc/{p}/task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("Cpus_allowed_list"):
+                        key = line.split(":", 1)[1].strip()
+                        cores[key] = cores.get(key, 0) + 1
+            out[str(p)] = {"cmd": cmd, "threads_by_cores": cores}
+        except OSError:
+            continue
+    return out
+
+
+async def closed_loop(port: int, raw: bytes, concurrency: int, seconds: float
+                      ) -> tuple[list[float], float]:
+    """`concurrency` connections sending back to back for `seconds`: latencies and wall time."""
+    conns = [await Conn.open("127.0.0.1", port) for _ in range(concurrency)]
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(conn: Conn) -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            status, answer = await conn.request(raw)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {answer[:300]!r}")
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    wall = time.perf_counter() - t0
+    for conn in conns:
+        conn.close()
+    return latencies, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=None, help="default: the merged demo model")
+    ap.add_argument("--ports", default="18360,18361,18362", help="calibserve,engine,pinned")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats (medians)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    cs_port, engine_port, pinned_port = (int(p) for p in args.ports.split(","))
+    model = args.model or merged_model()
+    work = Path(tempfile.mkdtemp(prefix="engine-cost-"))
+    config = work / "serve.yaml"
+    config.write_text(json.dumps({
+        "host": "127.0.0.1", "port": cs_port, "signing_key": "bench",
+        "models": [
+            {"name": "demo", "model": str(model),
+             "engine": {"port": engine_port, "max_model_len": 256}},
+            {"name": "demo-mean", "upstreams": [f"http://127.0.0.1:{engine_port}"],
+             "upstream_model": "demo", "calibration": str(mean_document(work / "mean.json"))},
+        ],
+    }))
+    print(f"machine: {machine()}; log: {work / 'calibserve.log'}", flush=True)
+    proc = start([sys.executable, "-m", "calibserve.server", "serve", "--config", str(config),
+                  "--log-level", "warning"], work / "calibserve.log",
+                 env={**os.environ, "PYTHONPATH": str(REPO)})
+    results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                          time.gmtime()),
+                               "model": str(model), "tokens": args.tokens, "runs": []}
+    pinned = None
+    try:
+        wait_http(cs_port, "/ready", 600, proc)
+        last_core = sorted(os.sched_getaffinity(0))[-1]
+        pinned_config = work / "pinned.yaml"
+        pinned_config.write_text(json.dumps({
+            "host": "127.0.0.1", "port": pinned_port, "signing_key": "bench",
+            "models": [{"name": "demo", "upstreams": [f"http://127.0.0.1:{engine_port}"],
+                        "upstream_model": "demo",
+                        "calibration": str(model / "calibration.json")}]}))
+        pinned = start(["taskset", "-c", str(last_core), sys.executable, "-m",
+                        "calibserve.server", "serve", "--config", str(pinned_config),
+                        "--log-level", "warning"], work / "pinned.log",
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        wait_http(pinned_port, "/ready", 120, pinned)
+        results["placement"] = placement(proc.pid)
+        results["placement_pinned"] = placement(pinned.pid)
+        results["load_average_start"] = os.getloadavg()
+        engine_pids = descendants(proc.pid)
+        ports = {v: (engine_port if v.startswith("direct") else cs_port) for v in VARIANTS}
+        ports["calibserve-pinned"] = pinned_port
+        raws = {v: build_request("127.0.0.1", ports[v], "/v1/chat/completions",
+                                 body(v, args.tokens)) for v in VARIANTS}
+        for v in VARIANTS:  # warm-up, and a check that every variant answers
+            asyncio.run(closed_loop(ports[v], raws[v], 4, 2.0))
+        for conc in (int(c) for c in args.concurrency.split(",")):
+            for rnd in range(args.rounds):
+                for v in VARIANTS:
+                    front = pinned.pid if v == "calibserve-pinned" else proc.pid
+                    c0 = cpu_seconds(front)
+                    e0 = sum(cpu_seconds(p) for p in engine_pids)
+                    lat, wall = asyncio.run(closed_loop(ports[v], raws[v], conc, args.seconds))
+                    c1 = cpu_seconds(front)
+                    e1 = sum(cpu_seconds(p) for p in engine_pids)
+                    n = len(lat)
+                    run = {"variant": v, "concurrency": conc, "round": rnd, "requests": n,
+                           "rps": n / wall, "p50_ms": 1000 * statistics.median(lat),
+                           "calibserve_cpu_ms": 1000 * (c1 - c0) / n,
+                           "engine_cpu_ms": 1000 * (e1 - e0) / n}
+                    results["runs"].append(run)
+                    print(f"  c={conc:3d} {v:16s} {run['rps']:7.1f} req/s  p50 "
+                          f"{run['p50_ms']:7.1f} ms  cpu calibserve {run['calibserve_cpu_ms']:.2f}"
+                          f" engine {run['engine_cpu_ms']:.2f} ms/req", flush=True)
+        results["load_average_end"] = os.getloadavg()
+    finally:
+        if pinned is not None:
+            stop(pinned)
+        stop(proc)
+    summary: dict[str, dict[str, float]] = {}
+    for conc in sorted({r["concurrency"] for r in results["runs"]}):
+        row = {v: statistics.median(r["rps"] for r in results["runs"]
+                                    if r["variant"] == v and r["concurrency"] == conc)
+               for v in VARIANTS}
+        summary[str(conc)] = row
+        print(f"c={conc}: " + ", ".join(f"{v} {row[v]:.1f}" for v in VARIANTS)
+              + f" | top5/direct {row['direct-top5'] / row['direct']:.2f}"
+              f" top0/direct {row['direct-top0'] / row['direct']:.2f}"
+              f" calibserve/top5 {row['calibserve'] / row['direct-top5']:.2f}"
+              f" calibserve-mean/top0 {row['calibserve-mean'] / row['direct-top0']:.2f}"
+              f" pinned/top5 {row['calibserve-pinned'] / row['direct-top5']:.2f}")
+    results["median_rps"] = summary
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

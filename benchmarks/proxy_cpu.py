@@ -1,0 +1,141 @@
+"""CPU per proxied request: calibserve now against a baseline build, side by side in one run.
+
+The floor (issue 17): at most 0.8 ms of calibserve's own CPU per non-streaming request, and
+per streamed chunk, with confidence, signed id and metrics on every answer. In front of the
+FAKE upstream (tests/fakes/openai_upstream.py: canned answers with logprobs, no model), each
+calibserve process is loaded with the raw keep-alive client (rawhttp.py), one connection
+(sequential) and 16 connections (closed loop), non-streaming and streaming chat completions;
+its CPU time (utime + stime from /proc) over the requests answered. Rounds interleave the
+targets so both see the same machine; medians are reported.
+
+    .venv/bin/python benchmarks/proxy_cpu.py [--baseline-python /path/to/base/.venv/bin/python]
+
+The baseline is any other calibserve build importable by that interpreter (for example a
+`git archive` of main with its own strict editable install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.procstat import cpu_seconds  # noqa: E402
+from benchmarks.proxy_overhead import BODY, machine, start, stop, wait_http  # noqa: E402
+from benchmarks.rawhttp import Conn, build_request  # noqa: E402
+
+CASES = (("json", 1), ("json", 16), ("stream", 1), ("stream", 16))
+
+
+async def load(port: int, raw: bytes, conns: int, n: int) -> tuple[int, int]:
+    """`n` requests over `conns` connections; (answered, SSE events seen)."""
+    pool = [await Conn.open("127.0.0.1", port) for _ in range(conns)]
+    events = 0
+
+    async def worker(conn: Conn, count: int) -> None:
+        nonlocal events
+        for _ in range(count):
+            status, body = await conn.request(raw)
+            if status != 200 or b"confidence" not in body:
+                raise RuntimeError(f"bad answer {status}: {body[:200]!r}")
+            events += body.count(b"data: ")
+
+    per = n // conns
+    await asyncio.gather(*(worker(c, per) for c in pool))
+    for c in pool:
+        c.close()
+    return per * conns, events
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline-python", default=None)
+    ap.add_argument("--baseline-label", default="baseline")
+    ap.add_argument("--ports", default="18340,18341,18342", help="fake,calibserve,baseline")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    fake_port, cs_port, base_port = (int(p) for p in args.ports.split(","))
+    work = Path(tempfile.mkdtemp(prefix="proxy-cpu-"))
+    procs = []
+    try:
+        fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
+                      "--port", str(fake_port)], work / "fake.log")
+        procs.append(fake)
+        wait_http(fake_port, "/health", 20, fake)
+        targets: dict[str, tuple[int, Any]] = {}
+        pythons = [("calibserve", sys.executable, cs_port)]
+        if args.baseline_python:
+            pythons.append((args.baseline_label, args.baseline_python, base_port))
+        for name, python, port in pythons:
+            proc = start([python, "-m", "calibserve.server", "serve", "--upstream",
+                          f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
+                          "--host", "127.0.0.1", "--port", str(port), "--signing-key", "bench",
+                          "--log-level", "warning"], work / f"{name}.log",
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            procs.append(proc)
+            wait_http(port, "/health", 60, proc)
+            targets[name] = (port, proc)
+        results: dict[str, Any] = {"machine": machine(),
+                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                   "load_average_start": os.getloadavg(), "runs": []}
+        print(f"machine: {results['machine']}; load average {os.getloadavg()}", flush=True)
+        for port, _proc in targets.values():  # warm-up
+            for kind, _conns in CASES:
+                raw = build_request("127.0.0.1", port, "/v1/chat/completions",
+                                    {**BODY, "stream": kind == "stream"})
+                asyncio.run(load(port, raw, 4, 400))
+        for rnd in range(args.rounds):
+            for kind, conns in CASES:
+                for name, (port, proc) in targets.items():
+                    raw = build_request("127.0.0.1", port, "/v1/chat/completions",
+                                        {**BODY, "stream": kind == "stream"})
+                    c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+                    n, events = asyncio.run(load(port, raw, conns, args.requests))
+                    c1, t1 = cpu_seconds(proc.pid), time.perf_counter()
+                    run = {"target": name, "kind": kind, "connections": conns, "round": rnd,
+                           "requests": n, "rps": n / (t1 - t0),
+                           "cpu_ms_per_request": 1000 * (c1 - c0) / n,
+                           "cpu_ms_per_chunk": 1000 * (c1 - c0) / events if events else None}
+                    results["runs"].append(run)
+                    per_chunk = (f", {run['cpu_ms_per_chunk']:.3f} ms/chunk"
+                                 if kind == "stream" else "")
+                    print(f"  {name:12s} {kind:6s} x{conns:<2d} {run['rps']:7.0f} req/s  CPU "
+                          f"{run['cpu_ms_per_request']:.3f} ms/request{per_chunk}", flush=True)
+        results["load_average_end"] = os.getloadavg()
+        summary: dict[str, dict[str, float]] = {}
+        for kind, conns in CASES:
+            for name in targets:
+                rows = [r for r in results["runs"] if r["target"] == name
+                        and r["kind"] == kind and r["connections"] == conns]
+                key = f"{name} {kind} x{conns}"
+                summary[key] = {
+                    "cpu_ms_per_request": statistics.median(r["cpu_ms_per_request"]
+                                                            for r in rows),
+                    "rps": statistics.median(r["rps"] for r in rows)}
+                if kind == "stream":
+                    summary[key]["cpu_ms_per_chunk"] = statistics.median(
+                        r["cpu_ms_per_chunk"] for r in rows)
+                print(f"{key:32s} " + "  ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
+        results["median"] = summary
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+if __name__ == "__main__":
+    main()
