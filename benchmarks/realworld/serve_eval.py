@@ -15,11 +15,11 @@ Steps (each skips what is already done, so a run can be split and resumed):
    methods on the short answers through the serving path (`--upstream`: a vLLM engine started
    with the managed engine's command line, `--enforce-eager`), graded by
    `benchmarks.realworld.grading:contains_answer`.
-3. `mc-calibration-wording`, `mc-user-wording`, `short-answer`: `calibserve serve` with that
-   calibration.json; the held-out items through `openai.AsyncOpenAI`, as a user sends them (no
-   logprobs asked): the calibration prompts' wording, a user's own wording (`A. ...` on separate
-   lines, "Reply with the letter ..."), and the short-answer test split. Each answer is appended
-   to a JSONL file as it arrives.
+3. `serve` (or one of its parts `mc-calibration-wording`, `mc-user-wording`, `short-answer`):
+   one `calibserve serve` with that calibration.json; the held-out items through
+   `openai.AsyncOpenAI`, as a user sends them (no logprobs asked): the calibration prompts'
+   wording, a user's own wording (`A. ...` on separate lines, "Reply with the letter ..."), and
+   the short-answer test split. Each answer is appended to a JSONL file as it arrives.
 4. `report`: accuracy, ECE raw and calibrated (15 bins), AUROC per run; reliability diagrams
    (`reliability.png`); `results.json` and `report.md` in the output directory.
 
@@ -48,8 +48,7 @@ import numpy as np
 from benchmarks.realworld.grading import contains_answer, short_answer_prompt
 
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
-STEPS = ("prepare", "calibrate", "mc-calibration-wording", "mc-user-wording", "short-answer",
-         "report")
+STEPS = ("prepare", "calibrate", "serve", "report")
 SERVED_NAME = "smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 N_BINS = 15
@@ -106,15 +105,19 @@ class Run:
             "task": args.task, "n_calibrate": args.n_calibrate, "n_test": args.n_test,
             "n_short_calibrate": args.n_short_calibrate, "n_short_test": args.n_short_test,
             "max_prompt_tokens": args.max_prompt_tokens, "seed": args.seed,
+            "held_out": args.held_out,
         }
         name = (f"{args.task}-c{args.n_calibrate}-t{args.n_test}-"
                 f"s{args.n_short_calibrate}x{args.n_short_test}-p{args.max_prompt_tokens}-"
-                f"seed{args.seed}")
+                f"seed{args.seed}" + ("" if args.held_out == "test" else
+                                      f"-{args.held_out.replace(',', '+')}"))
         self.out = Path(args.out or home / "realworld" / "serve_eval" / name)
         self.data = self.out / "calibrate-data"
         self.calibration = self.out / "calibration.json"
         self.concurrency = args.concurrency
         self.max_model_len = args.max_prompt_tokens + 64
+        # --n-short-calibrate 0: multiple choice only (no free-form fit, no short-answer step).
+        self.short_answers = args.n_short_calibrate > 0
 
     def timed(self, step: str, fn: Callable[[], bool]) -> None:
         """Run a step; record its wall time and the load when it did any work."""
@@ -152,8 +155,9 @@ def prepare(run: Run) -> bool:
     limit = int(run.params["max_prompt_tokens"])
     task_dir = run.realworld / "data" / str(run.params["task"])
 
-    def pick(split: str, n: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        items = read_jsonl(task_dir / f"{split}.jsonl")
+    def pick(splits: str, n: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        items = [it for split in splits.split(",")
+                 for it in read_jsonl(task_dir / f"{split}.jsonl")]
         rng.shuffle(items)
         picked: list[dict[str, Any]] = []
         seen = 0
@@ -164,7 +168,7 @@ def prepare(run: Run) -> bool:
                 if len(picked) == n:
                     break
         if len(picked) < n:
-            sys.exit(f"error: only {len(picked)} {split} items fit {limit} prompt tokens")
+            sys.exit(f"error: only {len(picked)} {splits} items fit {limit} prompt tokens")
         return picked, {"examined": seen, "kept": len(picked)}
 
     def pick_short(split: str, n: int) -> list[dict[str, Any]]:
@@ -174,13 +178,14 @@ def prepare(run: Run) -> bool:
 
     run.data.mkdir(parents=True, exist_ok=True)
     cal, cal_info = pick("calibrate", int(run.params["n_calibrate"]))
-    test, test_info = pick("test", int(run.params["n_test"]))
+    test, test_info = pick(str(run.params["held_out"]), int(run.params["n_test"]))
     write_jsonl(run.data / "calibrate.jsonl", cal)
     write_jsonl(run.out / "test_mc.jsonl", test)
-    write_jsonl(run.data / "short_calibrate.jsonl",
-                pick_short("calibrate", int(run.params["n_short_calibrate"])))
-    write_jsonl(run.out / "test_short.jsonl",
-                pick_short("test", int(run.params["n_short_test"])))
+    if run.short_answers:
+        write_jsonl(run.data / "short_calibrate.jsonl",
+                    pick_short("calibrate", int(run.params["n_short_calibrate"])))
+        write_jsonl(run.out / "test_short.jsonl",
+                    pick_short("test", int(run.params["n_short_test"])))
     info = {"calibrate": cal_info, "test": test_info}
     (run.out / "selection.json").write_text(json.dumps(info, indent=1))
     params_path.write_text(json.dumps(run.params, indent=1))
@@ -192,35 +197,58 @@ def calibrate(run: Run) -> bool:
         return False
     from benchmarks.realworld.served import engine
 
-    with engine(run.model, SERVED_NAME, run.out / "calibrate-engine.log",
-                run.max_model_len) as url:
-        cmd = [sys.executable, "-m", "calibserve.cli", "calibrate", "--model", str(run.model),
-               "--data", str(run.data), "--out", str(run.calibration), "--calibrator", "auto",
-               "--upstream", url, "--grader", "benchmarks.realworld.grading:contains_answer"]
-        print("running:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+    cmd = [sys.executable, "-m", "calibserve", "calibrate", "--model", str(run.model),
+           "--data", str(run.data), "--out", str(run.calibration), "--calibrator", "auto"]
+    if not run.short_answers:
+        print("running:", " ".join([*cmd, "--no-free-form"]), flush=True)
+        subprocess.run([*cmd, "--no-free-form"], check=True)
+    else:
+        with engine(run.model, SERVED_NAME, run.out / "calibrate-engine.log",
+                    run.max_model_len) as url:
+            cmd += ["--upstream", url,
+                    "--grader", "benchmarks.realworld.grading:contains_answer"]
+            print("running:", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+    if not run.calibration.is_file():
+        sys.exit(f"error: calibserve calibrate wrote no {run.calibration}")
     return True
 
 
-def served(run: Run, step: str) -> bool:
-    from benchmarks.realworld.served import calibserve_serve, done_keys, drive
+SERVED_STEPS = ("mc-calibration-wording", "mc-user-wording", "short-answer")
 
+
+def _served_prompts(run: Run, step: str) -> tuple[dict[int, str], int]:
+    """The prompts of a served step and its `max_tokens`."""
     if step == "short-answer":
         items = read_jsonl(run.out / "test_short.jsonl")
-        prompts = {i: str(it["question"]) for i, it in enumerate(items)}
-        max_tokens = 16
-    else:
-        items = read_jsonl(run.out / "test_mc.jsonl")
-        wording = calibration_prompt if step == "mc-calibration-wording" else user_prompt
-        prompts = {i: wording(it) for i, it in enumerate(items)}
-        max_tokens = 1 if step == "mc-calibration-wording" else 4
-    out = run.out / f"{step}.jsonl"
-    if len(done_keys(out) & set(prompts)) == len(prompts):
+        return {i: str(it["question"]) for i, it in enumerate(items)}, 16
+    items = read_jsonl(run.out / "test_mc.jsonl")
+    if step == "mc-calibration-wording":
+        return {i: calibration_prompt(it) for i, it in enumerate(items)}, 1
+    return {i: user_prompt(it) for i, it in enumerate(items)}, 4
+
+
+def served(run: Run, steps: Sequence[str]) -> bool:
+    """The served steps not yet complete, all against one `calibserve serve`."""
+    from benchmarks.realworld.served import calibserve_serve, done_keys, drive
+
+    todo = []
+    for step in steps:
+        if step == "short-answer" and not run.short_answers:
+            continue
+        prompts, max_tokens = _served_prompts(run, step)
+        out = run.out / f"{step}.jsonl"
+        if len(done_keys(out) & set(prompts)) < len(prompts):
+            todo.append((step, prompts, max_tokens, out))
+    if not todo:
         return False
     with calibserve_serve(run.model, SERVED_NAME, run.calibration, run.out,
                           run.max_model_len) as url:
-        drive(url, SERVED_NAME, prompts, out, max_tokens=max_tokens,
-              concurrency=run.concurrency, desc=step)
+        for step, prompts, max_tokens, out in todo:
+            t0 = time.monotonic()
+            drive(url, SERVED_NAME, prompts, out, max_tokens=max_tokens,
+                  concurrency=run.concurrency, desc=step)
+            print(f"{step}: {len(prompts)} items in {time.monotonic() - t0:.0f} s", flush=True)
     return True
 
 
@@ -270,7 +298,7 @@ def report(run: Run) -> None:
                                "selection": _read(run.out / "selection.json"),
                                "machine": _machine()}
     diagrams: dict[str, Any] = {}
-    for step in ("mc-calibration-wording", "mc-user-wording", "short-answer"):
+    for step in SERVED_STEPS:
         if not (run.out / f"{step}.jsonl").is_file():
             continue
         raw, score, correct, methods = _load(run, step)
@@ -374,16 +402,20 @@ def _markdown(results: Mapping[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--step", choices=(*STEPS, "all"), default="all",
+    p.add_argument("--step", choices=(*STEPS, *SERVED_STEPS, "all"), default="all",
                    help="run one step (each skips what is done); default: all in order")
     p.add_argument("--task", default="mmlu", choices=("mmlu", "social_iqa", "strategyqa"),
                    help="the multiple-choice task")
     p.add_argument("--n-calibrate", type=int, default=600)
     p.add_argument("--n-test", type=int, default=1000)
-    p.add_argument("--n-short-calibrate", type=int, default=400)
+    p.add_argument("--n-short-calibrate", type=int, default=400,
+                   help="qa_wikidata items for the free-form fit (0: multiple choice only)")
     p.add_argument("--n-short-test", type=int, default=400)
     p.add_argument("--max-prompt-tokens", type=int, default=192,
                    help="keep multiple-choice items whose prompt fits this (both wordings)")
+    p.add_argument("--held-out", default="test",
+                   help="the task's splits the held-out items come from (comma list; never "
+                   "calibrate): social_iqa and strategyqa need test,select for 1,000 items")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realworld", type=Path, default=None,
@@ -391,10 +423,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default $CALIBSERVE_HOME/realworld/serve_eval/<params>)")
     args = p.parse_args(argv)
-    for name in ("n_calibrate", "n_test", "n_short_calibrate", "n_short_test",
-                 "max_prompt_tokens", "concurrency"):
+    held = args.held_out.split(",")
+    if "calibrate" in held or not set(held) <= {"test", "select"}:
+        p.error("--held-out: a comma list of test and select (the calibrate split is fitted on)")
+    for name in ("n_calibrate", "n_test", "max_prompt_tokens", "concurrency"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.n_short_calibrate < 0 or args.n_short_test < (1 if args.n_short_calibrate else 0):
+        p.error("--n-short-calibrate must be >= 0 (0: no short answers) and --n-short-test "
+                "at least 1 when it is not 0")
     return args
 
 
@@ -408,9 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     actions: dict[str, Callable[[], Any]] = {
         "prepare": lambda: prepare(run),
         "calibrate": lambda: calibrate(run),
-        "mc-calibration-wording": lambda: served(run, "mc-calibration-wording"),
-        "mc-user-wording": lambda: served(run, "mc-user-wording"),
-        "short-answer": lambda: served(run, "short-answer"),
+        "serve": lambda: served(run, SERVED_STEPS),
+        **{step: (lambda step=step: served(run, (step,))) for step in SERVED_STEPS},
     }
     steps = STEPS if args.step == "all" else (args.step,)
     print(f"run directory: {run.out}", flush=True)

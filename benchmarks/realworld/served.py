@@ -112,7 +112,7 @@ def calibserve_serve(model_dir: Path, name: str, calibration: Path, workdir: Pat
     }
     cfg = workdir / "serve.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "calibserve.cli", "serve", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "calibserve", "serve", "--config", str(cfg)]
     log = workdir / "serve.log"
     proc = _popen(cmd, log)
     try:
