@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         targs = TrainingArguments(
             output_dir=str(tmp / "trainer"), per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.03,
+            learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.03,  # float: ratio
             weight_decay=0.0, num_train_epochs=1, max_steps=args.max_steps,
             bf16=cuda, use_cpu=not cuda, logging_steps=10, save_strategy="no",
             report_to=[], seed=args.seed, remove_unused_columns=False,
