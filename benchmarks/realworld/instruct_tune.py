@@ -21,12 +21,15 @@ Recipe (full fine-tuning with transformers' `Trainer`, one run, seeded):
 - Optimiser: AdamW, lr 2e-5, cosine schedule with 3% warm-up, weight decay 0, batch 16, one epoch
   (8,278 items, 518 steps), max length 256 tokens; bf16 on a GPU, float32 on a CPU; seed 0.
 
-Cost: one epoch is 8,278 sequences of about 40-80 tokens. On a GPU (an H200) that is a few
-minutes (mostly model load and the 262k-vocabulary logits); on this 2-core CPU one step of batch 16
-took about the time recorded in the README (CPU-only runs are for checking the script, not the
-recipe). The output is a Hugging Face checkpoint (float32 safetensors, tokenizer, chat template,
-`train_info.json` with the recipe and its measured time) that `calibserve merge` loads as
-`--aligned`; it is written to a temporary directory and renamed into place when complete.
+Cost: one epoch is 8,278 sequences of about 40-80 tokens, about 1,100 tokens a step. Gemma 3 270M
+has about 100 M non-embedding parameters and a 262,144 x 640 tied embedding, so a step is about
+6 x 100 M x 1,100 (layers, forward and backward) + 3 x 2 x 168 M x 1,100 (the logits) = 1.8 TFLOP:
+about a minute a step at the few tens of GFLOP/s this 2-core CPU sustains (8-9 hours for the
+epoch: not run here), well under a second on one H200 in bf16 (a few minutes with loading and
+saving). CPU runs with `--max-steps` only check the script end to end. The output is a Hugging
+Face checkpoint (float32 safetensors, tokenizer, chat template, `train_info.json` with the recipe
+and its measured time) that `calibserve merge` loads as `--aligned`; it is written to a temporary
+directory and renamed into place when complete.
 
 Follow-up, the real pair (see the README section "On real models"):
 
