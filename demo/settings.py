@@ -12,7 +12,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the generator or training code changes what a given settings object builds.
-CODE_VERSION = "5"
+CODE_VERSION = "6"
 
 
 class WorldSettings(BaseModel):
@@ -37,6 +37,12 @@ class WorldSettings(BaseModel):
     sft_questions_per_fact: int = Field(1, ge=1)
     eval_questions_per_fact: int = Field(2, ge=1, description="MC items per held-out fact")
     open_prompts: int = Field(40, ge=1)
+    # Open questions (no options, the reply is the value): plain quizzes in pretraining with
+    # values drawn from the fact, majority values in SFT, held-out splits like the MC ones.
+    short_docs_per_fact: int = Field(2, ge=0, description="plain short answers per QA fact")
+    sft_short_per_fact: int = Field(1, ge=0, description="chat short answers per QA fact in SFT")
+    short_questions_per_fact: int = Field(
+        2, ge=1, description="short-answer items per held-out fact")
 
 
 class ModelSettings(BaseModel):
