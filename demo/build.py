@@ -33,6 +33,7 @@ from transformers.utils import logging as hf_logging
 from calibserve.demo import cache
 from calibserve.demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
 from calibserve.demo.corpus import (
+    base_format_examples,
     eval_splits,
     open_prompts,
     pretraining_documents,
@@ -166,6 +167,7 @@ class Materials:
     tokenizer: PreTrainedTokenizerFast
     doc_ids: list[list[int]]
     sft_ids: list[list[int]]
+    format_ids: list[list[int]]  # the base's open-question format SFT
     pad_id: int
     eos_id: int
 
@@ -180,6 +182,7 @@ def make_materials(settings: DemoSettings, seed: int) -> Materials:
     sft_texts = sft_examples(world, ws, rng)
     splits = eval_splits(world, ws, rng)
     prompts = open_prompts(world, ws)
+    format_texts = base_format_examples(world, ws)  # no draws: exact proportions
     # Drawn after everything else, so the multiple-choice splits are those of older worlds.
     short = short_answer_splits(world, ws, rng)
 
@@ -194,6 +197,7 @@ def make_materials(settings: DemoSettings, seed: int) -> Materials:
 
     return Materials(world, splits, short, prompts, tokenizer,
                      [encode(d) for d in docs], [encode(t) for t in sft_texts],
+                     [encode(t) for t in format_texts],
                      int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
 
 
@@ -216,6 +220,9 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
         base = make_model(settings.model, len(tokenizer), pad_id, eos_id)
         pretrain(base, doc_ids, eos_id, settings.pretrain, gen,
                  run("pretrain base", settings.pretrain.steps))
+        if settings.base_format_sft is not None and mat.format_ids:
+            sft(base, mat.format_ids, pad_id, settings.base_format_sft, gen,
+                run("format SFT base", sft_steps(len(mat.format_ids), settings.base_format_sft)))
         aligned = copy.deepcopy(base)
         sft(aligned, sft_ids, pad_id, settings.sft, gen,
             run("SFT aligned", sft_steps(len(sft_ids), settings.sft)))

@@ -145,6 +145,18 @@ def pretraining_documents(
     return [docs[i] for i in order]
 
 
+def base_format_examples(
+    world: World, settings: WorldSettings
+) -> list[str]:
+    """Open chat questions on the QA entities answered with values in the fact's exact
+    proportions: teaches the base the open-question form without sharpening what it knows."""
+    return [
+        render_exchange(question_text(fact), value)
+        for fact in world.facts_of(world.qa_entities)
+        for value in mentions(fact, settings.base_format_per_fact)
+    ] if settings.base_format_per_fact else []
+
+
 def sft_examples(world: World, settings: WorldSettings, rng: np.random.Generator) -> list[str]:
     """Chat exchanges on the QA entities answered with the majority (as alignment does): the
     letter of a multiple-choice question, the value of an open one. Each ends answer, `<|end|>`
