@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -183,12 +184,22 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average": [round(x, 1) for x in load], "cpus": os.cpu_count(),
+        "machine": f"{platform.machine()}, vllm {_version('vllm')}, openai {_version('openai')}",
         "wall_seconds": time.perf_counter() - started,
         "demo_dir": str(demo_dir), "demo_digest": manifest.get("digest"),
         "served_model": str(served), "free_form": doc.free_form,
         "lambda": (doc.to_dict().get("merge") or {}).get("lambda"),
         "short": short, "mc": mc, "replies": per_method, "expert": expert, "mc_replies": mc_answers,
     }
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def _graded(replies: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -281,7 +292,8 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     esc_text = "n/a" if esc_ece is None else f"{esc_ece:.3f}"
     body = "\n".join([
         "Free-form confidence benchmark (`python -m benchmarks.freeform.run`, issue 12 item 6).",
-        f"{raw['date']}; {raw['cpus']} CPU cores shared with other engineers' jobs (load average "
+        f"{raw['date']}; {raw.get('machine', '')}; {raw['cpus']} CPU cores shared with other "
+        "engineers' jobs (load average "
         f"{' / '.join(str(x) for x in raw['load_average'])} at the end); "
         f"{raw['wall_seconds']:.0f} s wall (2 vLLM starts included).",
         f"Build: demo world {raw['demo_digest']}, served model `{raw['served_model']}` (merge "
