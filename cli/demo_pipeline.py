@@ -1,4 +1,5 @@
-"""The demo's offline steps after its world is built: the base/aligned merge and the expert's
+"""The demo's offline steps after its world is built: the base/aligned merge, the served model
+(the merge plus free-form calibrators fitted through the real serving path) and the expert's
 calibration, each built once per world and cached next to it.
 
 Used by `calibserve demo`, the tests and the benchmarks. This composes `merge` with the demo
