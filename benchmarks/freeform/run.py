@@ -318,6 +318,9 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
         f"- Escalating free-form replies to the expert (expert alone {100 * expert.mean():.1f}%): "
         f"at 20% the calibrated route gives {100 * curves[next(iter(curves))][i20]:.1f}%, random "
         f"{100 * curves['random'][i20]:.1f}%, oracle {100 * curves['oracle'][i20]:.1f}%.",
+        *[f"- Note: `{m}` was served as itself on {100 * r['served_as_method']:.0f}% of the "
+          "replies; the rest fell back to `mean` (its row then measures `mean` plus the cost of "
+          "the failed extra request)." for m, r in rows.items() if r["served_as_method"] < 1],
         "- Floors (default method served ECE <= 0.10 and below raw, AUROC >= 0.70, MC ECE within "
         "0.02): " + ("all met." if not failures else "MISSED: " + "; ".join(failures)),
         "",
