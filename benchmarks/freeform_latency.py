@@ -45,7 +45,7 @@ from tests.vllm_process import VLLMProcess  # noqa: E402
 
 def prompts(data: Path, limit: int) -> list[str]:
     out: list[str] = []
-    for name, key in (("open_prompts.jsonl", "prompt"), ("short_answer.jsonl", "question")):
+    for name, key in (("open_prompts.jsonl", "prompt"), ("short_test.jsonl", "question")):
         for line in (data / name).read_text().splitlines():
             if line.strip():
                 out.append(json.loads(line)[key])

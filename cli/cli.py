@@ -47,15 +47,17 @@ def demo(
     if ctx.invoked_subcommand is not None:
         return
     from calibserve.demo import build_world
-    from calibserve.demo_pipeline import calibrate_demo_expert, merge_demo
+    from calibserve.demo_pipeline import calibrate_demo_expert, merge_demo, served_demo_model
     from calibserve.server.cli import serve_model
 
     world = build_world(seed=seed)
     out = merge_demo(world, progress=True)
+    # The merge's calibration.json plus free-form methods fitted through the serving path.
+    model = served_demo_model(world, out)
     expert_calibration = calibrate_demo_expert(world)
-    typer.echo(f"serving {out / 'model'} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    typer.echo(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
     serve_model(
-        out / "model",
+        model,
         host=host,
         port=port,
         served_model_name="calibserve-demo",

@@ -1,4 +1,5 @@
-"""The demo's offline steps after its world is built: the base/aligned merge and the expert's
+"""The demo's offline steps after its world is built: the base/aligned merge, the served model
+(the merge plus free-form calibrators fitted through the real serving path) and the expert's
 calibration, each built once per world and cached next to it.
 
 Used by `calibserve demo`, the tests and the benchmarks. This composes `merge` with the demo
@@ -12,17 +13,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from calibserve.calibration import CURRENT_VERSION
+from calibserve.calibration import CURRENT_VERSION, CalibrationDocument
 from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.config import MergeConfig
+from calibserve.merge.evaluate import load_short_answers
 from calibserve.merge.pipeline import run_merge
 from calibserve.merge.sweep import file_identity, fingerprint
-from calibserve.publish import build_once
+from calibserve.publish import build_once, publish_dir, staging
+from calibserve.serve_fit import (
+    FREE_FORM_FIT_METHODS,
+    ask_short_answers,
+    fit_free_form,
+    with_free_form,
+)
 
-__all__ = ["DEMO_MERGE_SETTINGS", "calibrate_demo_expert", "merge_demo"]
+__all__ = [
+    "DEMO_FREE_FORM_SETTINGS",
+    "DEMO_MERGE_SETTINGS",
+    "calibrate_demo_expert",
+    "merge_demo",
+    "served_demo_model",
+]
 
 # The merge options `calibserve demo` uses (part of the cache key: change one, merge again).
 DEMO_MERGE_SETTINGS: dict[str, Any] = {
@@ -88,3 +103,71 @@ def calibrate_demo_expert(demo_dir: Path) -> Path:
     return build_once(
         out, Path.is_file, lambda o: calibrate_checkpoint(demo_dir / "expert", demo_dir / "data", o)
     )
+
+
+# How the served demo model's free-form methods are fitted (part of the cache key). Platt, not
+# `auto`: auto keeps the identity when the raw confidence is already within one standard error
+# of the best held-out ECE, and serve_fit serves an identity as `calibrated: false`; the demo
+# is meant to show a calibrated free-form confidence (its held-out numbers are in the document).
+DEMO_FREE_FORM_SETTINGS: dict[str, Any] = {"calibrator": "platt", "max_tokens": 16,
+                                           "temperature": 0.0}
+
+
+def served_demo_model(
+    demo_dir: Path,
+    merged: Path | None = None,
+    *,
+    upstream: str | None = None,
+    upstream_model: str | None = None,
+) -> Path:
+    """The model `calibserve demo` serves: the merge's `model/`, its calibration.json extended
+    with the free-form methods fitted through the real serving path (a vLLM engine on the merged
+    checkpoint, calibserve's own app, each question of `data/short_calibrate.jsonl` as a plain
+    user message; `short_test.jsonl` is reported per method in `metrics.short_answer.test`).
+
+    Built once per merge and cached beside the world (`served-<world>-<key>/`, a copy of the
+    merged checkpoint: the merge's own output stays as it was written). Returns the model
+    directory. By default calibserve starts its own managed engine for the fit; `upstream` (a
+    vLLM already serving the merged checkpoint as `upstream_model`) saves that start.
+    """
+    demo_dir = Path(demo_dir).resolve()
+    model = (Path(merged) if merged is not None else merge_demo(demo_dir)) / "model"
+    data = demo_dir / "data"
+    cal_file, test_file = data / "short_calibrate.jsonl", data / "short_test.jsonl"
+    ident = {
+        "files": file_identity([*sorted(model.glob("*.safetensors")), model / "calibration.json",
+                                cal_file, test_file]),
+        "settings": DEMO_FREE_FORM_SETTINGS,
+        "methods": list(FREE_FORM_FIT_METHODS),
+        "calibration_version": CURRENT_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+    def fit(out: Path) -> None:
+        cal, test = load_short_answers(cal_file), load_short_answers(test_file)
+        replies = ask_short_answers(
+            [str(it["question"]) for it in [*cal, *test]],
+            model_dir=None if upstream is not None else model, upstream=upstream,
+            upstream_model=upstream_model, calibration=model / "calibration.json",
+            max_tokens=DEMO_FREE_FORM_SETTINGS["max_tokens"],
+            temperature=DEMO_FREE_FORM_SETTINGS["temperature"],
+        )
+        doc = CalibrationDocument.load(model)
+        result = fit_free_form((cal, replies[: len(cal)]), (test, replies[len(cal):]),
+                               kind=DEMO_FREE_FORM_SETTINGS["calibrator"], q=doc.quantile())
+        with staging(out) as tmp:
+            shutil.copytree(model, tmp, dirs_exist_ok=True)
+            with_free_form(doc, result).write(tmp / "calibration.json")
+            publish_dir(tmp, out)
+
+    out = demo_dir.parent / f"served-{demo_dir.name}-{key}"
+    return build_once(out, _has_free_form, fit)
+
+
+def _has_free_form(model_dir: Path) -> bool:
+    """A served demo model is complete once its calibration.json names the free-form fit."""
+    try:
+        doc = CalibrationDocument.load(model_dir)
+    except (OSError, ValueError):
+        return False
+    return "short_answer" in doc.to_dict().get("metrics", {})

@@ -33,13 +33,14 @@ from transformers.utils import logging as hf_logging
 from calibserve.demo import cache
 from calibserve.demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
 from calibserve.demo.corpus import (
+    base_format_examples,
     eval_splits,
     open_prompts,
     pretraining_documents,
     sft_examples,
-    short_answer_items,
+    short_answer_splits,
 )
-from calibserve.demo.evaluate import mc_metrics, option_probs
+from calibserve.demo.evaluate import mc_metrics, option_probs, short_metrics
 from calibserve.demo.settings import CODE_VERSION, DemoSettings
 from calibserve.demo.tokenizer import build_tokenizer
 from calibserve.demo.train import make_model, pretrain, sft, sft_steps
@@ -161,11 +162,12 @@ class Materials:
 
     world: World
     splits: dict[str, list[dict[str, Any]]]
-    short: list[dict[str, Any]]
+    short: dict[str, list[dict[str, Any]]]  # split -> short-answer items
     prompts: list[dict[str, Any]]
     tokenizer: PreTrainedTokenizerFast
     doc_ids: list[list[int]]
     sft_ids: list[list[int]]
+    format_ids: list[list[int]]  # the base's open-question format SFT
     pad_id: int
     eos_id: int
 
@@ -179,12 +181,14 @@ def make_materials(settings: DemoSettings, seed: int) -> Materials:
     docs = pretraining_documents(world, ws, rng)
     sft_texts = sft_examples(world, ws, rng)
     splits = eval_splits(world, ws, rng)
-    short = short_answer_items(world, rng)
     prompts = open_prompts(world, ws)
+    format_texts = base_format_examples(world, ws)  # no draws: exact proportions
+    # Drawn after everything else, so the multiple-choice splits are those of older worlds.
+    short = short_answer_splits(world, ws, rng)
 
     vocab_texts = [*docs, *sft_texts, ANSWER_PREFIX, " ".join(LETTERS)]
     vocab_texts += [format_mc_prompt(item) for items in splits.values() for item in items]
-    vocab_texts += [f"{s['question']} {s['answer']}" for s in short]
+    vocab_texts += [f"{s['question']} {s['answer']}" for items in short.values() for s in items]
     vocab_texts += [p["prompt"] for p in prompts]
     tokenizer = build_tokenizer(vocab_texts)
 
@@ -193,6 +197,7 @@ def make_materials(settings: DemoSettings, seed: int) -> Materials:
 
     return Materials(world, splits, short, prompts, tokenizer,
                      [encode(d) for d in docs], [encode(t) for t in sft_texts],
+                     [encode(t) for t in format_texts],
                      int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
 
 
@@ -203,6 +208,7 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
     tokenizer, doc_ids, sft_ids = mat.tokenizer, mat.doc_ids, mat.sft_ids
     pad_id, eos_id = mat.pad_id, mat.eos_id
     metrics: dict[str, dict[str, float]] = {}
+    short_scores: dict[str, dict[str, float]] = {}
     with _torch_state(settings.threads), _progress(show) as bar:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -214,6 +220,9 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
         base = make_model(settings.model, len(tokenizer), pad_id, eos_id)
         pretrain(base, doc_ids, eos_id, settings.pretrain, gen,
                  run("pretrain base", settings.pretrain.steps))
+        if settings.base_format_sft is not None and mat.format_ids:
+            sft(base, mat.format_ids, pad_id, settings.base_format_sft, gen,
+                run("format SFT base", sft_steps(len(mat.format_ids), settings.base_format_sft)))
         aligned = copy.deepcopy(base)
         sft(aligned, sft_ids, pad_id, settings.sft, gen,
             run("SFT aligned", sft_steps(len(sft_ids), settings.sft)))
@@ -229,13 +238,15 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
         for name, model in models.items():
             probs = option_probs(model, tokenizer, splits["test"])
             metrics[name] = mc_metrics(probs, splits["test"])
+            short_scores[name] = short_metrics(model, tokenizer, short["test"])
             bar.update(task, advance=1)
         for name, model in models.items():
             _save_model(model, tokenizer, root / name)
 
     for split in SPLITS:
         _write_jsonl(root / "data" / f"{split}.jsonl", splits[split])
-    _write_jsonl(root / "data" / "short_answer.jsonl", short)
+    for split in SPLITS:
+        _write_jsonl(root / "data" / f"short_{split}.jsonl", short[split])
     _write_jsonl(root / "data" / "open_prompts.jsonl", prompts)
     report = {
         "code_version": CODE_VERSION,
@@ -248,7 +259,10 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
             "letters": list(LETTERS[:4]),
         },
         "sizes": {split: len(items) for split, items in splits.items()},
+        "short_sizes": {split: len(items) for split, items in short.items()},
         "metrics": {"split": "test", "n_bins": 15, **metrics},
+        # The first generated token against the sampled gold value (greedy, chat format).
+        "short_answer_metrics": {"split": "test", "n_bins": 15, **short_scores},
         "world": world.to_json(),
     }
     (root / "world.json").write_text(json.dumps(report, indent=1) + "\n")

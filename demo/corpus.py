@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from calibserve.demo.chat import LETTERS, format_mc_prompt, render_exchange
+from calibserve.demo.chat import ANSWER_PREFIX, LETTERS, format_mc_prompt, render_exchange
 from calibserve.demo.settings import WorldSettings
 from calibserve.demo.world import ATTRIBUTES, SPLITS, Fact, World
 
@@ -85,13 +85,42 @@ def mc_item(fact: Fact, rng: np.random.Generator, split: str) -> dict[str, Any]:
     }
 
 
+def sampled_value(fact: Fact, rng: np.random.Generator) -> str:
+    """One value drawn from the fact's distribution (a gold that rewards calibration)."""
+    values = list(fact.probs)
+    probs = np.array([fact.probs[v] for v in values])
+    return values[int(rng.choice(len(values), p=probs / probs.sum()))]
+
+
+def short_item(fact: Fact, rng: np.random.Generator, split: str) -> dict[str, Any]:
+    """An open question (no options) with a gold value drawn from the fact."""
+    return {
+        "question": question_text(fact),
+        "answer": sampled_value(fact, rng),
+        "majority": fact.majority,
+        "probs": fact.probs,  # the probability each value is true
+        "entity": fact.entity,
+        "attribute": fact.attribute,
+        "uncertain": fact.uncertain,
+        "split": split,
+    }
+
+
+def short_quiz(question: str, value: str) -> str:
+    """A plain-format short answer, as the base reads it in pretraining."""
+    return f"question : {question} {ANSWER_PREFIX} {value}"
+
+
 def pretraining_documents(
     world: World, settings: WorldSettings, rng: np.random.Generator
 ) -> list[str]:
-    """Sentences, MC questions on the QA entities (mostly plain, some chat), chat-wrapped sentences.
+    """Sentences, MC questions on the QA entities (mostly plain, some chat), chat-wrapped sentences,
+    and plain short-answer questions on the QA entities.
 
     The chat-wrapped documents let the base model see the chat markers before alignment; without
-    them it puts almost no probability on option letters in the chat format.
+    them it puts almost no probability on option letters in the chat format. The short answers
+    (values drawn from the fact, like the MC letters) give the base the open-question form, so the
+    merge interpolates between two models that both answer it.
     """
     said = sentences(world, settings, rng)
     docs = list(said)
@@ -109,17 +138,36 @@ def pretraining_documents(
     for i in rng.choice(len(said), size=n_chat, replace=False):
         entity = next(w for w in said[i].split() if w in entities)
         docs.append(render_exchange(OPEN_PROMPT.format(e=entity), said[i]))
+    for fact in world.facts_of(world.qa_entities):
+        for _ in range(settings.short_docs_per_fact):
+            docs.append(short_quiz(question_text(fact), sampled_value(fact, rng)))
     order = rng.permutation(len(docs))
     return [docs[i] for i in order]
 
 
+def base_format_examples(
+    world: World, settings: WorldSettings
+) -> list[str]:
+    """Open chat questions on the QA entities answered with values in the fact's exact
+    proportions: teaches the base the open-question form without sharpening what it knows."""
+    return [
+        render_exchange(question_text(fact), value)
+        for fact in world.facts_of(world.qa_entities)
+        for value in mentions(fact, settings.base_format_per_fact)
+    ] if settings.base_format_per_fact else []
+
+
 def sft_examples(world: World, settings: WorldSettings, rng: np.random.Generator) -> list[str]:
-    """Chat exchanges on the QA entities answered with the majority letter (as alignment does)."""
+    """Chat exchanges on the QA entities answered with the majority (as alignment does): the
+    letter of a multiple-choice question, the value of an open one. Each ends answer, `<|end|>`
+    (the two tokens SFT puts its loss on)."""
     out: list[str] = []
     for fact in world.facts_of(world.qa_entities):
         for _ in range(settings.sft_questions_per_fact):
             item = mc_item(fact, rng, "sft")
             out.append(render_exchange(format_mc_prompt(item), LETTERS[item["majority"]]))
+        for _ in range(settings.sft_short_per_fact):
+            out.append(render_exchange(question_text(fact), fact.majority))
     return out
 
 
@@ -137,18 +185,19 @@ def eval_splits(
     }
 
 
-def short_answer_items(world: World, rng: np.random.Generator) -> list[dict[str, Any]]:
-    """Open questions about the test entities, gold value drawn from the fact."""
-    items = []
-    for fact in world.facts_of(world.heldout["test"]):
-        values = list(fact.probs)
-        probs = np.array([fact.probs[v] for v in values])
-        gold = values[int(rng.choice(len(values), p=probs / probs.sum()))]
-        items.append({
-            "question": question_text(fact), "answer": gold, "entity": fact.entity,
-            "attribute": fact.attribute, "probs": fact.probs,
-        })
-    return items
+def short_answer_splits(
+    world: World, settings: WorldSettings, rng: np.random.Generator
+) -> dict[str, list[dict[str, Any]]]:
+    """Held-out open questions, one split per MC split (same entities), golds drawn from each
+    fact as for multiple choice."""
+    return {
+        split: [
+            short_item(fact, rng, split)
+            for fact in world.facts_of(world.heldout[split])
+            for _ in range(settings.short_questions_per_fact)
+        ]
+        for split in SPLITS
+    }
 
 
 def open_prompts(world: World, settings: WorldSettings) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the generator or training code changes what a given settings object builds.
-CODE_VERSION = "5"
+CODE_VERSION = "6"
 
 
 class WorldSettings(BaseModel):
@@ -37,6 +37,16 @@ class WorldSettings(BaseModel):
     sft_questions_per_fact: int = Field(1, ge=1)
     eval_questions_per_fact: int = Field(2, ge=1, description="MC items per held-out fact")
     open_prompts: int = Field(40, ge=1)
+    # Open questions (no options, the reply is the value). Plain quizzes in pretraining (values
+    # drawn from the fact): 2 per fact changed the base enough that seed 0 failed the MC gap
+    # (base ECE 0.205 vs aligned 0.190), so 0; the base learns the open form from a short
+    # format SFT instead (DemoSettings.base_format_sft). Majority values in the aligned SFT.
+    short_docs_per_fact: int = Field(0, ge=0, description="plain short answers per QA fact")
+    base_format_per_fact: int = Field(
+        4, ge=0, description="chat short answers per QA fact for the base (values in proportion)")
+    sft_short_per_fact: int = Field(1, ge=0, description="chat short answers per QA fact in SFT")
+    short_questions_per_fact: int = Field(
+        2, ge=1, description="short-answer items per held-out fact")
 
 
 class ModelSettings(BaseModel):
@@ -88,6 +98,11 @@ class DemoSettings(BaseModel):
     pretrain: PretrainSettings = PretrainSettings()
     # 30 epochs: the ECE ratio's worst seed (of 0-2) goes from 1.65x to 1.85x.
     sft: SFTSettings = SFTSettings(epochs=30)
+    # The base's open-question format: chat short answers on the QA entities with values in the
+    # fact's exact proportions (calibrated targets, not majority ones), after pretraining. Without
+    # it the base never answers an open chat question with a value, and the merge has a cliff:
+    # at lambda 0.2 3% of open answers were values, at 0.3 97% (old base, demo/tuning/trials.md).
+    base_format_sft: SFTSettings | None = SFTSettings(epochs=2)
     # The expert continues the base's pretraining for more steps, then gets SFT (20 epochs).
     expert_extra_steps: int = Field(1200, ge=0)
     expert_sft: SFTSettings = SFTSettings()

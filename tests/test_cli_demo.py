@@ -1,4 +1,5 @@
-"""`calibserve demo` wiring: build (cached), merge (cached), calibrate the expert, serve both."""
+"""`calibserve demo` wiring: build (cached), merge (cached), fit free-form confidence, calibrate
+the expert, serve both."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def test_demo_serves_the_merge_and_a_calibrated_expert(
     served: list[tuple[Path, dict[str, Any]]] = []
     monkeypatch.setattr(demo, "build_world", lambda seed: demo_dir)
     monkeypatch.setattr(calibserve.demo_pipeline, "merge_demo", lambda world, progress: merged_dir)
+    # The free-form fit starts an engine: tests/test_demo_pipeline.py covers it.
+    monkeypatch.setattr(calibserve.demo_pipeline, "served_demo_model",
+                        lambda world, merged: merged / "model")
     monkeypatch.setattr(calibserve.server.cli, "serve_model",
                         lambda model, **kw: served.append((Path(model), kw)))
     result = CliRunner().invoke(app, ["demo", "--port", "18398"])

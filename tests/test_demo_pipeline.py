@@ -1,16 +1,26 @@
-"""calibserve.demo_pipeline: the demo's merge and expert calibration, cached next to the world."""
+"""calibserve.demo_pipeline: the demo's merge, expert calibration and free-form fit, cached next
+to the world."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 from pathlib import Path
 
 import pytest
 
 import calibserve.demo_pipeline as demo_pipeline
-from calibserve.demo_pipeline import DEMO_MERGE_SETTINGS, calibrate_demo_expert, merge_demo
+from calibserve.calibration import CalibrationDocument
+from calibserve.demo_pipeline import (
+    DEMO_MERGE_SETTINGS,
+    calibrate_demo_expert,
+    merge_demo,
+    served_demo_model,
+)
 from calibserve.merge.config import MergeConfig
+from calibserve.serve_fit import FREE_FORM_FIT_METHODS, Reply
 
 
 def _fake_world(root: Path) -> Path:
@@ -62,3 +72,58 @@ def test_the_demo_expert_calibration_is_cached_next_to_the_world(demo_dir: Path)
     assert first.stat().st_mtime_ns == stamp  # not fitted again
     assert not (demo_dir / "expert" / "calibration.json").exists()  # the world stays as built
     assert json.loads(first.read_text())["merge"] is None
+
+
+def _fake_merge(root: Path) -> Path:
+    """A merge's output as served_demo_model reads it: model/ with weights and a document."""
+    model = root / "merged" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_text("weights")
+    CalibrationDocument.from_dict({
+        "version": 2, "methods": {"answer": {}, "mean": {}}, "multiple_choice": "answer",
+        "free_form": "mean",
+    }).write(model)
+    return model.parent
+
+
+def test_served_demo_model_fits_free_form_once_beside_the_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = _fake_world(tmp_path)
+    merged = _fake_merge(tmp_path)
+    rng = random.Random(0)
+    for split in ("calibrate", "test"):
+        rows = [{"question": f"what is the color of the e{i} ?", "answer": "red"}
+                for i in range(60)]
+        (world / "data" / f"short_{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    asked: list[int] = []
+
+    def fake_ask(questions: list[str], **kw: object) -> list[Reply]:
+        # A stand-in for the engine: confident replies are right more often, but less often than
+        # they claim (so a calibrator is chosen over the identity).
+        asked.append(len(questions))
+        assert kw["calibration"] == merged / "model" / "calibration.json"
+        out = []
+        for _ in questions:
+            p = rng.uniform(0.2, 0.99)
+            text = "red" if rng.random() < p - 0.2 else "blue"
+            out.append(Reply(text, {"method": "none"},
+                             {"content": [{"token": text, "logprob": math.log(p)}]}))
+        return out
+
+    monkeypatch.setattr(demo_pipeline, "ask_short_answers", fake_ask)
+    served = served_demo_model(world, merged)
+    assert asked == [120] and served.parent == tmp_path and served.name.startswith("served-world-")
+    assert (served / "model.safetensors").read_text() == "weights"
+    doc = CalibrationDocument.load(served)
+    assert doc.method(doc.free_form).calibrated and doc.free_form in FREE_FORM_FIT_METHODS
+    assert doc.metrics["short_answer"]["test"]["n"] == 60
+    # The merge's own document stays as the merge wrote it.
+    assert CalibrationDocument.load(merged / "model").free_form == "mean"
+    assert not CalibrationDocument.load(merged / "model").method("mean").calibrated
+    assert served_demo_model(world, merged) == served and asked == [120]  # cached
+    (world / "data" / "short_calibrate.jsonl").write_text(
+        json.dumps({"question": "q ?", "answer": "red"}) + "\n" * 1)
+    os.utime(world / "data" / "short_calibrate.jsonl", ns=(1, 1))
+    assert served_demo_model(world, merged) != served and asked == [120, 61]  # new data: refit

@@ -25,7 +25,7 @@ def test_free_form_fit_through_the_serving_path(
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(demo_dir / "data" / "calibrate.jsonl", data / "calibrate.jsonl")
-    lines = (demo_dir / "data" / "short_answer.jsonl").read_text().splitlines()
+    lines = (demo_dir / "data" / "short_calibrate.jsonl").read_text().splitlines()
     random.Random(0).shuffle(lines)
     (data / "short_calibrate.jsonl").write_text("\n".join(lines[:40]) + "\n")
     (data / "short_test.jsonl").write_text("\n".join(lines[40:60]) + "\n")

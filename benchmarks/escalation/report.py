@@ -46,15 +46,15 @@ def table(rates: Sequence[float], curves: Mapping[str, Sequence[float]],
     return "\n".join(lines)
 
 
-def write_section(results_md: Path, body: str) -> None:
-    """Replace (or append) only the `## routing` section of RESULTS.md."""
+def write_section(results_md: Path, body: str, heading: str = SECTION) -> None:
+    """Replace (or append) only the `heading` section (default `## routing`) of RESULTS.md."""
     text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    start = _find(text, SECTION)
+    section = f"{heading}\n\n{body.strip()}\n"
+    start = _find(text, heading)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
+        nxt = text.find("\n## ", start + len(heading))
         end = len(text) if nxt < 0 else nxt + 1
         text = text[:start] + section + ("\n" + text[end:] if nxt >= 0 else "")
     results_md.write_text(text)

@@ -129,7 +129,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     digest = json.loads(manifest.read_text()).get("digest") if manifest.is_file() else None
     return {
         "via": cls.via, "demo_dir": str(demo_dir), "demo_digest": digest,
-        "merged_model": str(merged_model), "calibration": cal, "threshold_20": t20,
+        "merged_model": str(merged_model), "calibration": cal.to_dict(), "threshold_20": t20,
         "wall_seconds": time.perf_counter() - started,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "items": {"merged": [a.to_dict() for a in merged_ans],

@@ -31,7 +31,8 @@ def test_layout_and_second_call_is_instant(home: Path) -> None:
         for f in ("model.safetensors", "config.json", "generation_config.json",
                   "tokenizer.json", "tokenizer_config.json"):
             assert (first / name / f).is_file(), f"{name}/{f}"
-    for f in ("select", "calibrate", "test", "short_answer", "open_prompts"):
+    for f in ("select", "calibrate", "test", "short_select", "short_calibrate", "short_test",
+              "open_prompts"):
         assert (first / "data" / f"{f}.jsonl").stat().st_size > 0
     assert verify(first)
     stamp = (first / "base" / "model.safetensors").stat().st_mtime_ns

@@ -56,6 +56,24 @@ def test_splits_are_held_out(demo_dir: Path, report: dict) -> None:
     assert not by_split["calibrate"] & by_split["test"]
 
 
+def test_short_answer_splits_are_held_out_with_sampled_golds(demo_dir: Path, report: dict
+                                                             ) -> None:
+    seen = set(report["world"]["qa_entities"])
+    for split in ("select", "calibrate", "test"):
+        mc = [json.loads(x) for x in (demo_dir / "data" / f"{split}.jsonl").open()]
+        rows = [json.loads(x) for x in (demo_dir / "data" / f"short_{split}.jsonl").open()]
+        assert len(rows) >= 320
+        assert {r["entity"] for r in rows} == {r["entity"] for r in mc} and not (
+            {r["entity"] for r in rows} & seen)
+        assert all("choices" not in r and r["probs"][r["answer"]] > 0 for r in rows)
+        uncertain = [r for r in rows if r["uncertain"]]
+        # Golds are drawn from the fact, not its majority value: some uncertain golds differ.
+        minority = sum(r["answer"] != r["majority"] for r in uncertain)
+        assert 0.15 * len(uncertain) < minority < 0.6 * len(uncertain)
+    # SFT taught the aligned model to answer an open question with a value.
+    assert report["short_answer_metrics"]["aligned"]["answers_a_value"] > 0.9
+
+
 def test_reported_gap_holds(report: dict) -> None:
     m = report["metrics"]
     assert m["aligned"]["ece"] >= 1.5 * m["base"]["ece"]
