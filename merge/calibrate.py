@@ -96,6 +96,12 @@ def thresholds_for(
     return thresholds, unreachable
 
 
+def confidence_quantiles(calibrated: NDArray[np.float64]) -> list[float]:
+    """0%, 1%, ..., 100% quantiles of the served confidence (the drift reference)."""
+    q = np.quantile(np.clip(np.asarray(calibrated, np.float64), 0.0, 1.0), np.linspace(0, 1, 101))
+    return [float(x) for x in np.maximum.accumulate(q)]
+
+
 def fit_calibration(
     scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS, seed: int = 0
 ) -> Calibration:
@@ -133,6 +139,8 @@ def fit_calibration(
         "accuracy": float(np.mean(scores.correct)),
         "calibrator": choice.family,
     }
+    if calibrated.size:
+        metrics["confidence_quantiles"] = confidence_quantiles(calibrated)
     if choice.held_out_ece:
         metrics["held_out_ece"] = dict(choice.held_out_ece)
     if choice.selection:
@@ -169,6 +177,7 @@ def calibration_json(
         held_out_ece=cal.metrics.get("held_out_ece"),
         selection=cal.metrics.get("selection"),
         notes=list(cal.notes) or None,
+        confidence_quantiles=cal.metrics.get("confidence_quantiles"),
     )
     # The identity learnt nothing, unless it sits on a fitted option temperature (the map then).
     fitted = not isinstance(cal.calibrator, IdentityCalibrator) or cal.temperature != 1.0

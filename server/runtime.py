@@ -33,10 +33,12 @@ from calibserve.routing import (
     served_models,
 )
 from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
+from calibserve.server.drift import FitReference
 from calibserve.server.engine import ManagedEngine
 from calibserve.server.feedback import FeedbackRecorder
 from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics, server_registry
+from calibserve.server.probes import ProbeMetrics, ProbeRunner, ProbeSet
 from calibserve.server.replicas import ReplicaPool
 from calibserve.server.transport import LeanTransport
 
@@ -223,7 +225,28 @@ class ServerRuntime:
             {label: methods[0] for m in self.models.values()
              for label, methods in m.label_methods().items()},
         )
+        self.probes = self._probe_runners(registry)
+        fit = FitReference(registry)
+        for served in self.models.values():
+            fit.publish(served.name, served.primary.calibration)
         self.started = False
+
+    def _probe_runners(self, registry: Any) -> list[ProbeRunner]:
+        """One runner per model with a probe set, when probes are on (server/probes.py)."""
+        if self.settings.probe_rate <= 0:
+            return []
+        probe_metrics = ProbeMetrics(registry)
+        runners = []
+        for model in self.models.values():
+            path = model.settings.probe_path()
+            if path is None:
+                log.warning("model %s: probes are on but there is no probe set (--probe-data, "
+                            "or probes.jsonl next to calibration.json): no probes", model.name)
+                continue
+            runners.append(ProbeRunner(
+                model.name, model.primary.tier, ProbeSet.load(path), self.settings.probe_rate,
+                self.metrics, probe_metrics, model.label_methods()[model.name]))
+        return runners
 
     @property
     def engines(self) -> list[ManagedEngine]:
@@ -239,9 +262,12 @@ class ServerRuntime:
                 await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
                 raise errors[0]
         await asyncio.gather(*(t.discover_model() for m in self.models.values() for t in m.tiers))
+        for runner in self.probes:
+            runner.start()
         self.started = True
 
     async def stop(self) -> None:
+        await asyncio.gather(*(runner.stop() for runner in self.probes))
         await self.router.aclose()
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
         self.started = False
