@@ -34,6 +34,7 @@ from calibserve.calibration import (
     ece,
     threshold_for_accuracy,
 )
+from calibserve.calibration.online import confidence_quantiles
 from calibserve.merge.evaluate import Scores
 
 __all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json", "thresholds_for"]
@@ -94,12 +95,6 @@ def thresholds_for(
             }
         )
     return thresholds, unreachable
-
-
-def confidence_quantiles(calibrated: NDArray[np.float64]) -> list[float]:
-    """0%, 1%, ..., 100% quantiles of the served confidence (the drift reference)."""
-    q = np.quantile(np.clip(np.asarray(calibrated, np.float64), 0.0, 1.0), np.linspace(0, 1, 101))
-    return [float(x) for x in np.maximum.accumulate(q)]
 
 
 def fit_calibration(

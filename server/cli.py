@@ -113,6 +113,8 @@ def settings_from_cli(
     engine_arg: list[str] | None = None,
     probe_rate: float | None = None,
     probe_data: Path | None = None,
+    recalibrate: str | None = None,
+    recalibration_dir: Path | None = None,
 ) -> ServerSettings:
     """Flags -> ServerSettings (the same object a YAML config produces)."""
     if probe_rate is not None and not 0 <= probe_rate <= 6000:
@@ -120,8 +122,12 @@ def settings_from_cli(
                                  param_hint="--probe-rate")
     if probe_data is not None:
         _check_probe_data(probe_data)
+    if recalibrate is not None and recalibrate not in ("off", "shadow", "on"):
+        raise typer.BadParameter(f"{recalibrate!r}: must be off, shadow or on",
+                                 param_hint="--recalibrate")
     overrides: dict[str, Any] = {
         "host": host, "port": port, "signing_key": signing_key, "probe_rate": probe_rate,
+        "recalibrate": recalibrate, "recalibration_dir": recalibration_dir,
         "api_keys": _split(api_key) or None, "feedback_keys": _split(feedback_key) or None,
     }
     if config is not None:
@@ -256,6 +262,13 @@ def serve(
     probe_data: Annotated[Path | None, typer.Option(
         "--probe-data", help="probe items, eval JSONL [default: probes.jsonl next to "
         "calibration.json: the held-out split merge writes]")] = None,
+    recalibrate: Annotated[str | None, typer.Option(
+        "--recalibrate", help="online recalibration from probes and feedback: off | shadow "
+        "(export the refitted candidate's ECE) | on (swap it in when better) [default: off]")
+    ] = None,
+    recalibration_dir: Annotated[Path | None, typer.Option(
+        "--recalibration-dir", help="persist swapped calibrators here (a volume shared by "
+        "replicas; a restart serves the latest)")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve models with calibrated confidence behind an OpenAI-compatible API."""
@@ -267,7 +280,8 @@ def serve(
         on_uncalibrated=on_uncalibrated, api_key=api_key, feedback_key=feedback_key,
         signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,
-        probe_rate=probe_rate, probe_data=probe_data,
+        probe_rate=probe_rate, probe_data=probe_data, recalibrate=recalibrate,
+        recalibration_dir=recalibration_dir,
     )
     run_server(settings.model_copy(update={"log_level": log_level}))
 

@@ -175,6 +175,11 @@ class ServerSettings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     probe_rate: float = Field(0.0, ge=0, le=6000, description="calibration probes per minute "
                               "per model (0: off)")
+    recalibrate: Literal["off", "shadow", "on"] = Field(
+        "off", description="online recalibration from probes and feedback (server/"
+        "recalibration.py): shadow exports the candidate's ECE, on swaps a better map in")
+    recalibration_dir: Path | None = Field(
+        None, description="where swapped calibrators are persisted (shared by replicas)")
     log_level: str = "info"
 
     @field_validator("api_keys", "feedback_keys", mode="before")

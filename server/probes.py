@@ -169,6 +169,8 @@ class ProbeRunner:
         random.Random(seed).shuffle(self._order)
         self._next = 0
         self._clock = clock
+        # Called with (method, raw, correct) of each recorded probe (online recalibration).
+        self.on_outcome: Callable[[str, float, bool], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         for outcome in ("ok", "error", "skipped"):
@@ -201,9 +203,11 @@ class ProbeRunner:
             log.debug("probe for %s failed: %s", self.model, exc)
             self.counter.labels(self.model, "error").inc()
             return
-        self.metrics.record_outcome(self.model, score, probe.grade(reply), str(conf.method),
-                                    PROBE)
+        right = probe.grade(reply)
+        self.metrics.record_outcome(self.model, score, right, str(conf.method), PROBE)
         self.counter.labels(self.model, "ok").inc()
+        if self.on_outcome is not None:
+            self.on_outcome(str(conf.method), float(conf.raw), right)
 
     def tick(self) -> None:
         """Launch the next probe unless too many are still in flight."""

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from calibserve.calibration import CalibrationDocument, CalibrationError
-from calibserve.merge.calibrate import confidence_quantiles
+from calibserve.calibration.online import confidence_quantiles
 from calibserve.server.drift import FitReference, reference_cdf
 from calibserve.server.metrics import CONFIDENCE_BUCKETS
 from tests.server.test_metrics import sample

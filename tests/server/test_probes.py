@@ -82,6 +82,12 @@ def test_cli_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         result = invoke(*args)
         assert result.exit_code == 2 and hint in result.output  # type: ignore[attr-defined]
         assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    ok = invoke("--recalibrate", "shadow", "--recalibration-dir", str(tmp_path / "store"))
+    assert ok.exit_code == 0, ok.output  # type: ignore[attr-defined]
+    assert seen[-1].recalibrate == "shadow"
+    assert seen[-1].recalibration_dir == tmp_path / "store"
+    bad = invoke("--recalibrate", "always")
+    assert bad.exit_code == 2 and "--recalibrate" in bad.output  # type: ignore[attr-defined]
     # The default probe set: probes.jsonl beside calibration.json.
     (model / "calibration.json").write_text("{}")
     write_items(model / "probes.jsonl", ITEMS)
