@@ -2,8 +2,12 @@
 
 Per model and calibrated method of its primary tier, at start:
 
-- `calibserve_calibration_fit_ece{model, method}`: the ECE of the served map on its fit split
-  (`methods.M.fit.ece_calibrated`), and `calibserve_calibration_fit_samples` its sample count;
+- `calibserve_calibration_fit_ece{model, method, split}`: the ECE of the served map recorded at
+  fit time, on its fit split (`split="fit"`, `methods.M.fit.ece_calibrated`) and, for the
+  multiple-choice method when merge recorded it, on the held-out test split (`split="held_out"`,
+  `metrics.test.ece`: the probe split itself). The rules compare live ECE with the larger of the
+  two: in-sample ECE flatters the map (the demo's: 0.091 fit, 0.133 held out), and probes are
+  held-out data. `calibserve_calibration_fit_samples` is the fit split's sample count;
 - `calibserve_calibration_fit_confidence_cdf{model, method, le}`: the fraction of the fit split's
   served confidence at or below each bucket edge of the `calibserve_confidence` histogram (from
   `fit.confidence_quantiles`; absent for documents written before it). The label-free rule
@@ -52,8 +56,9 @@ class FitReference:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.ece = Gauge("calibserve_calibration_fit_ece",
-                         "ECE of the served calibrator on its fit split (calibration.json)",
-                         ["model", "method"], registry=registry)
+                         "ECE of the served calibrator recorded at fit time (calibration.json), "
+                         "on its fit split or held out", ["model", "method", "split"],
+                         registry=registry)
         self.samples = Gauge("calibserve_calibration_fit_samples",
                              "Samples the served calibrator was fitted on",
                              ["model", "method"], registry=registry)
@@ -69,7 +74,11 @@ class FitReference:
             fit = entry.fit
             if fit is None or not entry.calibrated:
                 continue
-            self.ece.labels(model, method).set(fit.ece_calibrated)
+            self.ece.labels(model, method, "fit").set(fit.ece_calibrated)
+            held_out = doc.metrics.get("test")
+            if method == doc.multiple_choice and isinstance(held_out, dict) \
+                    and isinstance(held_out.get("ece"), int | float):
+                self.ece.labels(model, method, "held_out").set(float(held_out["ece"]))
             self.samples.labels(model, method).set(fit.n)
             if fit.confidence_quantiles:
                 edges = [*CONFIDENCE_BUCKETS, float("inf")]

@@ -187,7 +187,9 @@ class Recalibrator:
                       f"{result.n_validate}"],
         }
         version = max(self.version, self._stored_version()) + 1
-        data["metrics"] = {**data.get("metrics", {}), "recalibration": {
+        # The held-out report was the old map's: it says nothing about this one.
+        data["metrics"] = {k: v for k, v in data.get("metrics", {}).items() if k != "test"}
+        data["metrics"] = {**data["metrics"], "recalibration": {
             "version": version, "method": method, "at": int(time.time()),
             "current_ece": result.current_ece, "candidate_ece": result.candidate_ece}}
         doc = CalibrationDocument.from_dict(data)

@@ -30,6 +30,7 @@ def test_reference_cdf_inverts_the_quantiles() -> None:
 def doc(**fit: object) -> CalibrationDocument:
     return CalibrationDocument.from_dict({
         "version": 2, "multiple_choice": "answer", "free_form": "mean",
+        "metrics": {"test": {"ece": 0.13, "n": 320}},
         "methods": {
             "answer": {"calibrator": {"type": "temperature", "temperature": 2.0},
                        "fit": {"n": 320, "ece_raw": 0.2, "ece_calibrated": 0.04, **fit}},
@@ -42,7 +43,10 @@ def test_fit_gauges() -> None:
     registry = CollectorRegistry()
     FitReference(registry).publish("m", doc(confidence_quantiles=list(np.linspace(0.5, 1, 101))))
     text = generate_latest(registry).decode()
-    assert sample(text, "calibserve_calibration_fit_ece", model="m", method="answer") == 0.04
+    assert sample(text, "calibserve_calibration_fit_ece", model="m", method="answer",
+                  split="fit") == 0.04
+    assert sample(text, "calibserve_calibration_fit_ece", model="m", method="answer",
+                  split="held_out") == 0.13
     assert sample(text, "calibserve_calibration_fit_samples", model="m", method="answer") == 320
     assert sample(text, "calibserve_calibration_fit_confidence_cdf", model="m", method="answer",
                   le="0.5") == 0.0
