@@ -137,3 +137,17 @@ def test_feedback_feeds_the_window(tmp_path: Path) -> None:
     rid = rt.signer.issue("chatcmpl-", "m:x", [0.9], [0.95], methods=["answer"])
     rt.feedback.record(FeedbackRequest(id=rid, correct=True))
     assert len(recal._samples["answer"]) == 1  # noqa: SLF001
+
+
+def test_a_replica_adopts_the_swap_another_made(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    a, b = runtime(tmp_path, "on", store), runtime(tmp_path, "on", store)
+    feed(a)
+    version = a.recalibrators["m"].version
+    assert version >= 1 and b.recalibrators["m"].version == 0
+    b.recalibrators["m"].step("answer")  # B's next refit looks at the store first
+    assert b.recalibrators["m"].version == version
+    assert b.models["m"].primary.tier.scorer.calibrate(0.95) == pytest.approx(
+        a.models["m"].primary.tier.scorer.calibrate(0.95))
+    assert sample(metrics(b), "calibserve_recalibrations_total", model="m", method="answer",
+                  outcome="adopted") == 1
