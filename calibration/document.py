@@ -60,6 +60,7 @@ from calibserve.publish import write_atomic
 __all__ = [
     "CURRENT_VERSION",
     "FILE_NAME",
+    "PROBES_FILE",
     "SUPPORTED_VERSIONS",
     "CalibrationDocument",
     "FitMetrics",
@@ -70,6 +71,9 @@ __all__ = [
 ]
 
 FILE_NAME = "calibration.json"
+# Beside calibration.json: the held-out items the server probes with (server/probes.py), written
+# by merge and `calibserve calibrate` from the test split, never from the items fitted on.
+PROBES_FILE = "probes.jsonl"
 CURRENT_VERSION = 2
 SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 DEFAULT_QUANTILE = 0.1
@@ -187,6 +191,17 @@ class FitMetrics(_Sparse):
     held_out_ece: dict[str, float] | None = None  # every candidate family's held-out ECE
     selection: str | None = None  # how the family was chosen (folds, seed)
     notes: list[str] | None = None  # what the fit had to say (degenerate data, skipped items)
+    # 101 quantiles (0%, 1%, ..., 100%) of the served (calibrated) confidence on the fit split:
+    # the reference the server's label-free drift signal compares served traffic against.
+    confidence_quantiles: list[float] | None = None
+
+    @field_validator("confidence_quantiles")
+    @classmethod
+    def _sorted_probabilities(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) < 2 or any(not 0.0 <= q <= 1.0 for q in v)
+                              or any(a > b for a, b in zip(v, v[1:], strict=False))):
+            raise ValueError("must be at least 2 ascending numbers in [0, 1]")
+        return v
 
 
 class MethodCalibration(_Model):

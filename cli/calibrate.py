@@ -1,5 +1,8 @@
 """`calibserve calibrate`: calibration.json for one checkpoint, every method on its own data.
 
+Beside the document it writes `probes.jsonl`, a copy of the held-out `test.jsonl` (when the data
+has one): the server's default calibration probes (`calibserve serve --probe-rate N`).
+
 The multiple-choice items fit the option-letter method (as merge does for the model it picks);
 short-answer items, when the data directory has any (`short_calibrate.jsonl` / `short_test.jsonl`,
 or short-answer lines mixed into `calibrate.jsonl` / `test.jsonl`), fit the free-form methods
@@ -17,7 +20,9 @@ from typing import Annotated
 
 import typer
 
+from calibserve.calibration.document import PROBES_FILE
 from calibserve.merge.cli import CalibratorName
+from calibserve.publish import write_atomic
 
 __all__ = ["calibrate"]
 
@@ -94,6 +99,13 @@ def calibrate(
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
         raise typer.Exit(2 if exc.param else 1) from None
+    test_split = data / "test.jsonl"
+    if test_split.is_file():
+        # The server's default probes: the held-out split, never the items fitted on.
+        probes = out.parent / PROBES_FILE
+        write_atomic(probes, test_split.read_text(encoding="utf-8"))
+        typer.echo(f"{probes}: probe split for `calibserve serve --probe-rate N` (from "
+                   f"{test_split.name})")
     for name, entry in doc.methods.items():
         fit = entry.fit
         if fit is None:

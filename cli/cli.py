@@ -7,9 +7,12 @@ from pathlib import Path
 import typer
 
 from calibserve.calibrate import calibrate as calibrate_command
+from calibserve.calibration.document import PROBES_FILE
 from calibserve.demo.cli import app as demo_app
 from calibserve.merge.cli import merge_command
 from calibserve.server.cli import serve as serve_command
+
+DEMO_PROBE_RATE = 60.0  # calibration probes per minute in `calibserve demo`
 
 app = typer.Typer(
     name="calibserve",
@@ -64,6 +67,11 @@ def demo(
         escalate_to=[str(world / "expert")],
         escalate_calibration=[expert_calibration],  # escalated answers are calibrated too
         threshold="auto",
+        # Probes make live ECE exist from the first minute; an older cached merge has no
+        # probes.jsonl beside it, and the world's test split is the same held-out set.
+        probe_rate=DEMO_PROBE_RATE,
+        probe_data=None if (out / "model" / PROBES_FILE).is_file()
+        else world / "data" / "test.jsonl",
     )
 
 

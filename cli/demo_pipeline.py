@@ -67,6 +67,9 @@ def merge_demo(demo_dir: Path, progress: bool = False) -> Path:
             "eval_version": fingerprint({}),
             # A cache shared with older code never hands it a document version it cannot read.
             "calibration_version": CURRENT_VERSION,
+            # What the merge writes beside the model: probes.jsonl (the held-out probe split)
+            # and the fit's confidence quantiles (the drift reference) arrived together.
+            "model_files": ["calibration.json", "probes.jsonl", "confidence_quantiles"],
         },
         sort_keys=True,
     )

@@ -34,6 +34,7 @@ from calibserve.calibration import (
     ece,
     threshold_for_accuracy,
 )
+from calibserve.calibration.online import confidence_quantiles
 from calibserve.merge.evaluate import Scores
 
 __all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json", "thresholds_for"]
@@ -133,6 +134,8 @@ def fit_calibration(
         "accuracy": float(np.mean(scores.correct)),
         "calibrator": choice.family,
     }
+    if calibrated.size:
+        metrics["confidence_quantiles"] = confidence_quantiles(calibrated)
     if choice.held_out_ece:
         metrics["held_out_ece"] = dict(choice.held_out_ece)
     if choice.selection:
@@ -169,6 +172,7 @@ def calibration_json(
         held_out_ece=cal.metrics.get("held_out_ece"),
         selection=cal.metrics.get("selection"),
         notes=list(cal.notes) or None,
+        confidence_quantiles=cal.metrics.get("confidence_quantiles"),
     )
     # The identity learnt nothing, unless it sits on a fitted option temperature (the map then).
     fitted = not isinstance(cal.calibrator, IdentityCalibrator) or cal.temperature != 1.0

@@ -11,6 +11,7 @@ run leaves OUT absent and resumes from its staging directory when the same comma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from rich.console import Console
 
+from calibserve.calibration.document import PROBES_FILE
 from calibserve.merge.calibrate import calibration_json, fit_calibration
 from calibserve.merge.card import model_card
 from calibserve.merge.config import MergeConfig
@@ -130,6 +132,9 @@ def _write(
             on_bytes=lambda n: prog.advance(task, n),
             extra_json={"calibration.json": cal_json},
         )
+    if "test" in p.items:  # the server's default probes: held out, never the fitted items
+        (model_tmp / PROBES_FILE).write_text(
+            "".join(json.dumps(item) + "\n" for item in p.items["test"]), encoding="utf-8")
     os.rename(model_tmp, model_dir)
 
 

@@ -111,10 +111,23 @@ def settings_from_cli(
     upstream_api_key: str | None = None,
     max_model_len: int | None = None,
     engine_arg: list[str] | None = None,
+    probe_rate: float | None = None,
+    probe_data: Path | None = None,
+    recalibrate: str | None = None,
+    recalibration_dir: Path | None = None,
 ) -> ServerSettings:
     """Flags -> ServerSettings (the same object a YAML config produces)."""
+    if probe_rate is not None and not 0 <= probe_rate <= 6000:
+        raise typer.BadParameter(f"{probe_rate}: must be between 0 and 6000 per minute",
+                                 param_hint="--probe-rate")
+    if probe_data is not None:
+        _check_probe_data(probe_data)
+    if recalibrate is not None and recalibrate not in ("off", "shadow", "on"):
+        raise typer.BadParameter(f"{recalibrate!r}: must be off, shadow or on",
+                                 param_hint="--recalibrate")
     overrides: dict[str, Any] = {
-        "host": host, "port": port, "signing_key": signing_key,
+        "host": host, "port": port, "signing_key": signing_key, "probe_rate": probe_rate,
+        "recalibrate": recalibrate, "recalibration_dir": recalibration_dir,
         "api_keys": _split(api_key) or None, "feedback_keys": _split(feedback_key) or None,
     }
     if config is not None:
@@ -127,11 +140,14 @@ def settings_from_cli(
     if model is None and not upstreams:
         if not settings.models:
             raise typer.BadParameter("give --model DIR, --upstream URL or --config FILE")
+        if probe_data is not None:
+            raise typer.BadParameter("with --config alone, set probe_data per model in the "
+                                     "file", param_hint="--probe-data")
         return settings
     engine = EngineSettings(max_model_len=max_model_len, extra_args=list(engine_arg or []))
     entry: dict[str, Any] = {"engine": engine, "policy": policy, "budget": budget,
                              "stream_mode": stream_mode, "target_accuracy": target_accuracy,
-                             "threshold": threshold}
+                             "threshold": threshold, "probe_data": probe_data}
     if on_uncalibrated is not None:
         entry["uncalibrated"] = on_uncalibrated
     if model is not None:
@@ -152,6 +168,15 @@ def settings_from_cli(
     models = [m for m in settings.models if m.name != entry["name"]]
     models.insert(0, ModelSettings(**{k: v for k, v in entry.items() if v is not None}))
     return settings.model_copy(update={"models": models})
+
+
+def _check_probe_data(path: Path) -> None:
+    from calibserve.server.probes import ProbeDataError, ProbeSet
+
+    try:
+        ProbeSet.load(path)
+    except ProbeDataError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--probe-data") from None
 
 
 def run_server(settings: ServerSettings) -> None:
@@ -233,6 +258,19 @@ def serve(
     engine_arg: Annotated[list[str] | None, typer.Option(
         "--engine-arg", help="extra vLLM argument (repeatable), e.g. --engine-arg=--enforce-eager")
     ] = None,
+    probe_rate: Annotated[float | None, typer.Option(
+        "--probe-rate", help="calibration probes per minute per model, sent through the serving "
+        "path and graded by calibserve (source=\"probe\" counters) [default: 0, off]")] = None,
+    probe_data: Annotated[Path | None, typer.Option(
+        "--probe-data", help="probe items, eval JSONL [default: probes.jsonl next to "
+        "calibration.json: the held-out split merge writes]")] = None,
+    recalibrate: Annotated[str | None, typer.Option(
+        "--recalibrate", help="online recalibration from probes and feedback: off | shadow "
+        "(export the refitted candidate's ECE) | on (swap it in when better) [default: off]")
+    ] = None,
+    recalibration_dir: Annotated[Path | None, typer.Option(
+        "--recalibration-dir", help="persist swapped calibrators here (a volume shared by "
+        "replicas; a restart serves the latest)")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve models with calibrated confidence behind an OpenAI-compatible API."""
@@ -244,6 +282,8 @@ def serve(
         on_uncalibrated=on_uncalibrated, api_key=api_key, feedback_key=feedback_key,
         signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,
+        probe_rate=probe_rate, probe_data=probe_data, recalibrate=recalibrate,
+        recalibration_dir=recalibration_dir,
     )
     run_server(settings.model_copy(update={"log_level": log_level}))
 

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from calibserve.calibration.document import PROBES_FILE
+
 DEFAULT_PORT = 8000
 
 
@@ -125,6 +127,18 @@ class ModelSettings(TierSettings):
     )
     budget: float | None = Field(None, ge=0, le=1, description="target escalation rate (budget)")
     stream_mode: str | None = Field(None, description="buffer | prefix:N | off (routing default)")
+    probe_data: Path | None = Field(
+        None, description="calibration probes, eval JSONL (default: probes.jsonl next to the "
+        "calibration.json, the held-out split merge / calibserve calibrate write)")
+
+    def probe_path(self) -> Path | None:
+        """The probe file: `probe_data`, else probes.jsonl beside calibration.json if there."""
+        if self.probe_data is not None:
+            return self.probe_data
+        cal = self.calibration_path()
+        if cal is not None and (cal.parent / PROBES_FILE).is_file():
+            return cal.parent / PROBES_FILE
+        return None
 
     @field_validator("threshold", mode="before")
     @classmethod
@@ -159,6 +173,13 @@ class ServerSettings(BaseModel):
     feedback_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     feedback_memory: int = Field(200_000, ge=1, description="ids remembered to answer 409")
     drain_timeout_s: float = Field(30.0, ge=0)
+    probe_rate: float = Field(0.0, ge=0, le=6000, description="calibration probes per minute "
+                              "per model (0: off)")
+    recalibrate: Literal["off", "shadow", "on"] = Field(
+        "off", description="online recalibration from probes and feedback (server/"
+        "recalibration.py): shadow exports the candidate's ECE, on swaps a better map in")
+    recalibration_dir: Path | None = Field(
+        None, description="where swapped calibrators are persisted (shared by replicas)")
     log_level: str = "info"
 
     @field_validator("api_keys", "feedback_keys", mode="before")
@@ -198,7 +219,7 @@ class ServerSettings(BaseModel):
 
 
 def _resolve_paths(entry: dict[str, Any], base: Path) -> None:
-    for key in ("model", "calibration"):
+    for key in ("model", "calibration", "probe_data"):
         if entry.get(key):
             p = Path(str(entry[key])).expanduser()
             entry[key] = str(p if p.is_absolute() else (base / p))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 
 from calibserve.calibration import N_BINS, bin_index
 from calibserve.server.errors import APIError
@@ -49,6 +50,9 @@ class FeedbackRecorder:
         self.multiple_choice = multiple_choice or {}
         self.guard = ReplayGuard(memory, ttl_s)
         self._lock = threading.Lock()
+        # Called with (model label, method, raw confidence, correct) of each accepted feedback
+        # (online recalibration refits on it).
+        self.on_outcome: Callable[[str, str, float, bool], None] | None = None
 
     def _reject(self, model: str, outcome: str, status: int, message: str, code: str) -> APIError:
         self.metrics.feedback.labels(model, outcome).inc()
@@ -91,6 +95,8 @@ class FeedbackRecorder:
             self.guard.add(key, claims.issued_at)
             method = claims.method(request.choice, self.multiple_choice.get(model, "answer"))
             self.metrics.record_feedback(model, confidence, correct, method)
+        if self.on_outcome is not None and request.choice < len(claims.raws):
+            self.on_outcome(model, method, claims.raws[request.choice], correct)
         return FeedbackResponse(
             id=request.id, model=model, confidence=confidence, correct=correct,
             bin=int(bin_index([confidence], n_bins=N_BINS)[0]), method=method,

@@ -9,7 +9,9 @@ by calibration/'s accumulator from the same pairs.
 
 Confidence series are labelled by `method` (the confidence method that scored the reply): the
 ECE of option-letter answers (`answer`) and of free-form ones (`verify`, `mean`, ...) are different
-quantities and are never summed into one.
+quantities and are never summed into one. The per-bin counters are also labelled by `source`:
+`feedback` (users, /v1/feedback) or `probe` (calibserve's own labelled probes, server/probes.py);
+the two are kept apart so a quiet feedback channel and a busy probe channel never mix.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ _LATENCY_BUCKETS = (
 _OVERHEAD_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
 )
-_CONFIDENCE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+CONFIDENCE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+FEEDBACK = "feedback"  # the `source` of user feedback's per-bin counters
+PROBE = "probe"  # the `source` of calibserve's own probes (server/probes.py)
 
 
 def server_registry() -> CollectorRegistry:
@@ -68,7 +72,7 @@ class ServerMetrics:
         )
         self.confidence = Histogram(
             "calibserve_confidence", "Calibrated confidence of served choices",
-            ["model", "method"], buckets=_CONFIDENCE_BUCKETS, registry=r,
+            ["model", "method"], buckets=CONFIDENCE_BUCKETS, registry=r,
         )
         self.ece = Gauge(
             "calibserve_ece", f"ECE ({N_BINS} bins) of accepted feedback on this replica",
@@ -88,32 +92,50 @@ class ServerMetrics:
             "calibserve_engine_up", "1 when the managed engine answers health checks",
             ["model"], registry=r,
         )
-        self._bins: dict[tuple[str, str], CalibrationAccumulator] = {}
+        self._bins: dict[tuple[str, str, str], CalibrationAccumulator] = {}
         self._lock = threading.Lock()
 
     def init_model(self, model: str, methods: tuple[str, ...] = ("answer",)) -> None:
         """Create a model's series (per method) at zero so dashboards and rate() see them."""
         with self._lock:
             for method in methods:
-                self._bins.setdefault((model, method), CalibrationAccumulator(n_bins=N_BINS))
+                self._bins.setdefault((model, method, FEEDBACK),
+                                      CalibrationAccumulator(n_bins=N_BINS))
         for method in methods:
             self.ece.labels(model, method).set(0.0)
+
+    def init_source(self, model: str, methods: tuple[str, ...], source: str) -> None:
+        """Create a model's per-bin counters for another `source` (probes) at zero."""
+        with self._lock:
+            for method in methods:
+                self._bins.setdefault((model, method, source),
+                                      CalibrationAccumulator(n_bins=N_BINS))
+
+    def record_outcome(self, model: str, confidence: float, correct: bool, method: str,
+                       source: str) -> None:
+        """One labelled outcome into the per-bin counters of (model, method, source) only."""
+        with self._lock:
+            acc = self._bins.setdefault((model, method, source),
+                                        CalibrationAccumulator(n_bins=N_BINS))
+            acc.update(confidence, bool(correct))
 
     def record_feedback(self, model: str, confidence: float, correct: bool,
                         method: str = "answer") -> None:
         """One accepted feedback: per-bin counters and the ECE gauge of its method move
         together."""
         with self._lock:
-            acc = self._bins.setdefault((model, method), CalibrationAccumulator(n_bins=N_BINS))
+            acc = self._bins.setdefault((model, method, FEEDBACK),
+                                        CalibrationAccumulator(n_bins=N_BINS))
             acc.update(confidence, bool(correct))
             ece = float(acc.ece())
         self.ece.labels(model, method).set(ece)
         self.feedback.labels(model, "accepted").inc()
 
-    def accumulator(self, model: str, method: str = "answer") -> CalibrationAccumulator:
-        """A copy of a model's calibration statistics for one method on this replica."""
+    def accumulator(self, model: str, method: str = "answer",
+                    source: str = "feedback") -> CalibrationAccumulator:
+        """A copy of a model's calibration statistics for one method and source here."""
         with self._lock:
-            acc = self._bins.get((model, method))
+            acc = self._bins.get((model, method, source))
             return acc.copy() if acc is not None else CalibrationAccumulator(n_bins=N_BINS)
 
     def _calibration_text(self) -> str:
@@ -122,21 +144,21 @@ class ServerMetrics:
                               acc.correct_sum.tolist())
                         for key, acc in sorted(self._bins.items())}
         families = (
-            ("calibserve_calibration_samples_total", "Feedback samples per confidence bin", 0),
+            ("calibserve_calibration_samples_total",
+             "Labelled samples (feedback or probe) per confidence bin", 0),
             ("calibserve_calibration_confidence_sum",
-             "Summed calibrated confidence of feedback samples per bin", 1),
-            ("calibserve_calibration_correct_total", "Feedback marked correct per bin", 2),
+             "Summed calibrated confidence of labelled samples per bin", 1),
+            ("calibserve_calibration_correct_total", "Labelled samples correct per bin", 2),
         )
         lines: list[str] = []
         for name, doc, idx in families:
             lines.append(f"# HELP {name} {doc}")
             lines.append(f"# TYPE {name} counter")
-            for (model, method), values in snapshot.items():
-                label, kind = _escape(model), _escape(method)
+            for (model, method, source), values in snapshot.items():
+                label, kind, src = _escape(model), _escape(method), _escape(source)
                 for b, v in enumerate(values[idx]):
-                    lines.append(
-                        f'{name}{{bin="{b}",method="{kind}",model="{label}"}} {_number(v)}'
-                    )
+                    lines.append(f'{name}{{bin="{b}",method="{kind}",model="{label}",'
+                                 f'source="{src}"}} {_number(v)}')
         return "\n".join(lines) + "\n"
 
     def render(self) -> bytes:

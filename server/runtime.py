@@ -33,10 +33,13 @@ from calibserve.routing import (
     served_models,
 )
 from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
+from calibserve.server.drift import FitReference
 from calibserve.server.engine import ManagedEngine
 from calibserve.server.feedback import FeedbackRecorder
 from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics, server_registry
+from calibserve.server.probes import ProbeMetrics, ProbeRunner, ProbeSet
+from calibserve.server.recalibration import RecalibrationMetrics, Recalibrator
 from calibserve.server.replicas import ReplicaPool
 from calibserve.server.transport import LeanTransport
 
@@ -223,7 +226,55 @@ class ServerRuntime:
             {label: methods[0] for m in self.models.values()
              for label, methods in m.label_methods().items()},
         )
+        self.probes = self._probe_runners(registry)
+        self.recalibrators = self._recalibrators(registry)
+        fit = FitReference(registry)
+        for served in self.models.values():
+            # After a stored recalibration was adopted: the document served now.
+            fit.publish(served.name, served.primary.calibration)
+            recal = self.recalibrators.get(served.name)
+            if recal is not None:
+                recal.on_swap = lambda doc, name=served.name: fit.publish(name, doc)
         self.started = False
+
+    def _probe_runners(self, registry: Any) -> list[ProbeRunner]:
+        """One runner per model with a probe set, when probes are on (server/probes.py)."""
+        if self.settings.probe_rate <= 0:
+            return []
+        probe_metrics = ProbeMetrics(registry)
+        runners = []
+        for model in self.models.values():
+            path = model.settings.probe_path()
+            if path is None:
+                log.warning("model %s: probes are on but there is no probe set (--probe-data, "
+                            "or probes.jsonl next to calibration.json): no probes", model.name)
+                continue
+            runners.append(ProbeRunner(
+                model.name, model.primary.tier, ProbeSet.load(path), self.settings.probe_rate,
+                self.metrics, probe_metrics, model.label_methods()[model.name]))
+        return runners
+
+    def _recalibrators(self, registry: Any) -> dict[str, Recalibrator]:
+        """Per model with a calibration.json, when `recalibrate` is shadow or on; fed by its
+        probes and by accepted feedback for its primary tier (server/recalibration.py)."""
+        s = self.settings
+        if s.recalibrate == "off":
+            return {}
+        metrics = RecalibrationMetrics(registry)
+        out = {name: Recalibrator(model, s.recalibrate, s.recalibration_dir, metrics)
+               for name, model in self.models.items() if model.primary.calibration is not None}
+        for runner in self.probes:
+            recal = out.get(runner.model)
+            if recal is not None:
+                runner.on_outcome = recal.observe
+
+        def feedback(label: str, method: str, raw: float, correct: bool) -> None:
+            recal = out.get(label)  # the primary tier's label is the model's name
+            if recal is not None:
+                recal.observe(method, raw, correct)
+
+        self.feedback.on_outcome = feedback
+        return out
 
     @property
     def engines(self) -> list[ManagedEngine]:
@@ -239,9 +290,12 @@ class ServerRuntime:
                 await asyncio.gather(*(e.stop() for e in engines), return_exceptions=True)
                 raise errors[0]
         await asyncio.gather(*(t.discover_model() for m in self.models.values() for t in m.tiers))
+        for runner in self.probes:
+            runner.start()
         self.started = True
 
     async def stop(self) -> None:
+        await asyncio.gather(*(runner.stop() for runner in self.probes))
         await self.router.aclose()
         await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
         self.started = False

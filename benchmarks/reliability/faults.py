@@ -15,6 +15,11 @@
    want the engine's own status and body (the model list: calibserve's own card); then with the
    engine SIGKILLed: want calibserve's 502/503/504 in OpenAI's shape within a bounded wait, the
    model list still 200.
+5. `probe_upstream_killed`: calibration probes (server/probes.py) at 1200 a minute over a slow
+   FAKE upstream, which is SIGKILLed with probes in flight. Every probe item's gold answer is the
+   fake's reply, so a recorded wrong answer is a mislabel. Want: the server keeps answering, every
+   recorded probe sample is one that was answered (samples == ok probes), none is mislabelled,
+   the killed probes are counted as errors, and no user-traffic series moved.
 
     python -m benchmarks.reliability.faults [--model /work/dev-demo/aligned] [--skip-engine]
 """
@@ -436,6 +441,50 @@ def drain_ok(r: dict[str, Any]) -> bool:
     return r["statuses"] == {"200": r["in_flight"]} and r["exit_code"] in (0, -signal.SIGTERM)
 
 
+def probe_upstream_killed(delay_ms: float = 300, seconds: float = 2.0) -> dict[str, Any]:
+    import tempfile
+
+    from calibserve.server.config import ServerSettings
+
+    probes = Path(tempfile.mkdtemp(prefix="faults-probes-")) / "probes.jsonl"
+    # The fake answers "A" to everything: gold A everywhere, so a wrong sample is a mislabel.
+    probes.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["a", "b", "c", "d"],
+                                          "answer": 0}) + "\n" for i in range(20)))
+    with FakeUpstream() as fake:
+        fake.mode("slow", delay_ms=delay_ms)
+        settings = ServerSettings.model_validate({
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1", "probe_rate": 1200,
+            "models": [{"name": FAKE_MODEL, "upstreams": [fake.url], "upstream_model": FAKE_MODEL,
+                        "probe_data": str(probes), "timeout_s": 5.0}]})
+        with InProcessServer(settings) as srv:
+            time.sleep(seconds)
+            fake.proc.kill()  # SIGKILL with probes in flight (each waits delay_ms)
+            fake.proc.wait()
+            time.sleep(seconds)
+            health = httpx.get(f"{srv.url}/health", timeout=5).status_code
+            m = scrape(srv.url)
+    samples = metric_sum(m, "calibserve_calibration_samples_total", source="probe")
+    return {
+        "health": health,
+        "probe_samples": samples,
+        "probe_correct": metric_sum(m, "calibserve_calibration_correct_total", source="probe"),
+        "probes_ok": metric_sum(m, "calibserve_probes_total", outcome="ok"),
+        "probes_error": metric_sum(m, "calibserve_probes_total", outcome="error"),
+        "user_series": {name: metric_sum(m, name) for name in (
+            "calibserve_requests_total", "calibserve_confidence_count",
+            "calibserve_feedback_total", "calibserve_route_requests_total")},
+        "feedback_samples": metric_sum(m, "calibserve_calibration_samples_total",
+                                       source="feedback"),
+    }
+
+
+def probe_kill_ok(r: dict[str, Any]) -> bool:
+    return (r["health"] == 200 and r["probe_samples"] > 0
+            and r["probe_samples"] == r["probes_ok"] == r["probe_correct"]
+            and r["probes_error"] > 0 and r["feedback_samples"] == 0
+            and not any(r["user_series"].values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -460,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     with console.status("SIGTERM with requests in flight"):
         out["sigterm_drain"] = sigterm_drain()
     oks["sigterm_drain"] = drain_ok(out["sigterm_drain"])
+    with console.status("probe upstream SIGKILLed with probes in flight"):
+        out["probe_upstream_killed"] = probe_upstream_killed()
+    oks["probe_upstream_killed"] = probe_kill_ok(out["probe_upstream_killed"])
     if not args.skip_engine:
         with console.status(f"SIGKILL of the managed vLLM engine ({args.model}); start and "
                             "restart take minutes on a shared CPU"):

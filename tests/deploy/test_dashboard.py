@@ -37,6 +37,7 @@ def exported() -> set[str]:
     from calibserve.server.app import create_app
     from calibserve.server.config import ServerSettings
     from calibserve.server.metrics import ServerMetrics
+    from calibserve.server.probes import ProbeMetrics
 
     settings = ServerSettings.model_validate({
         "models": [{"name": "m", "upstreams": ["http://127.0.0.1:9/v1"], "upstream_model": "m"}],
@@ -53,6 +54,7 @@ def exported() -> set[str]:
     registry = CollectorRegistry()
     ServerMetrics(registry)
     RoutingMetrics(registry)
+    ProbeMetrics(registry)  # only built when probes are on
     collectors = [*registry._collector_to_names]  # noqa: SLF001 - the only list of collectors
     for collector in collectors:
         for family in collector.collect():

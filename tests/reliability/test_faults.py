@@ -13,6 +13,8 @@ from benchmarks.reliability.faults import (
     engine_kill_ok,
     escalation_dies,
     escalation_ok,
+    probe_kill_ok,
+    probe_upstream_killed,
     sigterm_drain,
     upstream_errors_and_death,
     upstream_errors_ok,
@@ -34,6 +36,11 @@ def test_engine_errors_pass_through_and_a_killed_engine_is_calibserves_5xx() -> 
 def test_sigterm_drains_in_flight_requests() -> None:
     result = sigterm_drain(in_flight=6, delay_ms=1500)
     assert drain_ok(result), result
+
+
+def test_probe_upstream_killed_mid_probe() -> None:
+    result = probe_upstream_killed(delay_ms=300, seconds=1.5)
+    assert probe_kill_ok(result), result
 
 
 @pytest.mark.vllm

@@ -60,7 +60,7 @@ def test_threshold_decides(fake_upstream: FakeUpstream, threshold: float, escala
         text = httpx.get(f"{running.url}/metrics", timeout=10).text
         # ... and under the method that scored it (no calibration.json: `mean`).
         assert (f'calibserve_calibration_samples_total{{bin="11",method="mean",'
-                f'model="{label}"}} 2.0') in text
+                f'model="{label}",source="feedback"}} 2.0') in text
 
 
 def test_an_escalation_tier_is_scored_with_its_own_calibration(fake_upstream: FakeUpstream,
