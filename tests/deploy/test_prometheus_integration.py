@@ -212,7 +212,7 @@ def test_fleet_ece_from_prometheus_equals_calibration_ece(
         # own factor (1 + time since its last scrape / time since its first) and so cannot be
         # compared at 1e-9. Everything else (per-(model, bin) sums across replicas, the one-to-one
         # match on bin, abs, the sums over bins, the > 0 guard) is what runs in production.
-        raw = re.sub(r"increase\((\w+)\[1h\]\)", r"\1", ece_rule("1h"))
+        raw = re.sub(r"increase\((\w+(?:\{[^}]*\})?)\[1h\]\)", r"\1", ece_rule("1h"))
         assert "increase" not in raw
         got = query(prom, raw, at)
         # The demo tier serves `mean`-scored replies here: ECE is kept per (model, method).

@@ -43,9 +43,8 @@ def test_unit_tests_catch_per_replica_ece(tmp_path: Path) -> None:
     """Negative control: keeping `instance` apart inside the bins (per-replica |conf - correct|)
     is the classic mistake; the unit tests must reject a rules file that makes it."""
     text = RULES.read_text()
-    broken = text.replace(
-        "sum by (model, method, bin) (increase(", "sum by (model, method, bin, instance) (increase("
-    )
+    broken = re.sub(r"sum by \(model, method, bin\)(\s*)\(increase\(",
+                    r"sum by (model, method, bin, instance)\1(increase(", text)
     assert broken != text
     (tmp_path / "tests").mkdir()
     (tmp_path / "rules.yml").write_text(broken)
