@@ -89,7 +89,6 @@ __all__ = [
     "Reply",
     "ServeFitError",
     "ServedPass",
-    "ask_passes",
     "ask_short_answers",
     "calibrate_with_serving",
     "check_verify",
@@ -256,28 +255,9 @@ def ask_short_answers(
 ) -> list[Reply]:
     """Each question as a plain user message through calibserve's app: a managed vLLM engine on
     `model_dir`, or the vLLM at `upstream`; served with `calibration` (a calibration.json)."""
-    return ask_passes(questions, [calibration], model_dir=model_dir, upstream=upstream,
-                      upstream_model=upstream_model, max_tokens=max_tokens,
-                      temperature=temperature, concurrency=concurrency)[0]
-
-
-def ask_passes(
-    questions: Sequence[str],
-    calibrations: Sequence[Path | None],
-    *,
-    model_dir: Path | None = None,
-    upstream: str | None = None,
-    upstream_model: str | None = None,
-    max_tokens: int = 16,
-    temperature: float = 0.0,
-    concurrency: int = 8,
-) -> list[list[Reply]]:
-    """`ask_short_answers` once per calibration document, one engine for all of them (a managed
-    engine on `model_dir` is started once)."""
-    return [p.replies for p in serve_passes(
-        questions, calibrations, model_dir=model_dir, upstream=upstream,
-        upstream_model=upstream_model, max_tokens=max_tokens, temperature=temperature,
-        concurrency=concurrency)]
+    return serve_passes(questions, [calibration], model_dir=model_dir, upstream=upstream,
+                        upstream_model=upstream_model, max_tokens=max_tokens,
+                        temperature=temperature, concurrency=concurrency)[0].replies
 
 
 def serve_passes(
@@ -291,7 +271,9 @@ def serve_passes(
     temperature: float = 0.0,
     concurrency: int = 8,
 ) -> list[ServedPass]:
-    """`ask_passes` with how each pass's extra requests (verify, consistency) ended."""
+    """`ask_short_answers` once per calibration document, one engine for all of them (a managed
+    engine on `model_dir` is started once), with how each pass's extra requests (verify,
+    consistency) ended."""
     if (model_dir is None) == (upstream is None):
         raise ValueError("give exactly one of model_dir or upstream")
     if not calibrations:
