@@ -129,8 +129,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             conn.close()
 
-    async def _connect(self, key: tuple[str, int], timeout: float | None) -> _Conn:
-        idle = self._idle.get(key)
+    async def _connect(self, key: tuple[str, int], timeout: float | None,
+                       fresh: bool = False) -> _Conn:
+        idle = None if fresh else self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.usable():
@@ -185,7 +186,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                     connect_timeout: float | None, head_only: bool
                     ) -> tuple[int, list[tuple[bytes, bytes]], _Body]:
         for attempt in (1, 2):
-            conn = await self._connect(key, connect_timeout)
+            # The retry opens a new connection: the next idle one may be just as stale.
+            conn = await self._connect(key, connect_timeout, fresh=attempt == 2)
             try:
                 conn.writer.write(head + body if len(body) < 65536 else head)
                 if len(body) >= 65536:

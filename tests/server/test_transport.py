@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -76,6 +77,27 @@ def test_server_closing_idle_connection_is_retried_once() -> None:
         async with httpx.AsyncClient(transport=LeanTransport()) as client:
             for i in range(3):
                 assert (await client.post(url, content=b"%d" % i)).content == b"%d" % i
+
+    asyncio.run(with_server(handler, test))
+
+
+def test_retry_after_a_stale_connection_does_not_take_another_idle_one() -> None:
+    # Every connection answers one request and drops the next without a reply (as a server that
+    # restarted behind a pool of kept-alive connections): the retry must connect afresh, since
+    # the pool's other idle connections are just as dead.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+        writer.close()
+
+    async def test(url: str) -> None:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            first = await asyncio.gather(*(client.post(url, content=b"x") for _ in range(3)))
+            assert [r.status_code for r in first] == [200] * 3  # three connections now idle
+            assert (await client.post(url, content=b"after")).content == b"after"
 
     asyncio.run(with_server(handler, test))
 
