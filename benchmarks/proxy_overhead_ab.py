@@ -17,12 +17,12 @@ change in the machine's load hits both alike:
   bisection steps; zero errors, every answer within `--deadline`), `--rate-rounds` rounds in the
   order baseline, candidate, then candidate, baseline.
 
-The baseline is another checkout with its own venv (its calibserve installed there), e.g.::
+The baseline is another checkout with its own venv (its calibserve installed there), made by
+`benchmarks/baseline_build.sh` (`git archive` of the commit, a venv chained to this checkout's
+packages)::
 
-    git archive 58e0927 | tar -x -C /tmp/base   # the commit before the change, no worktree
-    python3 -m venv --without-pip /tmp/base/.venv  # + a .pth chaining the packages, see
-                                                    # /work/wt/mk.sh; then pip install -e .
-    .venv/bin/python benchmarks/proxy_overhead_ab.py --baseline-python /tmp/base/.venv/bin/python \\
+    base=$(benchmarks/baseline_build.sh 58e0927)   # the commit before the change
+    .venv/bin/python benchmarks/proxy_overhead_ab.py --baseline-python $base/.venv/bin/python \\
         --baseline-label 58e0927 --json benchmarks/.work/proxy_overhead_ab.json
 """
 
