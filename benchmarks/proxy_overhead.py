@@ -1,30 +1,65 @@
-"""Proxy overhead: a fake upstream alone, and calibserve, LiteLLM's proxy and Portkey's gateway
-in front of it.
+"""Proxy overhead: a fake upstream alone, and nginx, calibserve, LiteLLM's proxy and Portkey's
+gateway in front of it.
 
 All run side by side in one run on this machine, against the same FAKE upstream
 (tests/fakes/openai_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
-only the proxy. Peers are configured as their docs recommend for production: LiteLLM with one
-worker, `LITELLM_MODE=PRODUCTION`, no database (so no spend tracking), spend and error logs off,
-the local cost map (no fetch at start), uvicorn's access log off (`--log_config`), httptools
-installed beside it; Portkey's gateway (`--portkey DIR`, the npm package's folder) with
-`NODE_ENV=production`, headless, routed to the fake as an OpenAI-compatible provider
-(`x-portkey-provider: openai`, `x-portkey-custom-host`). For each target it measures:
+only the proxy. `bash benchmarks/peers/install.sh` installs the peers into `.peers/` (git-ignored);
+a peer that is not installed is skipped with a line saying so. Peers are configured as their docs
+recommend for production:
+
+- nginx (the floor: a reverse proxy that does no work on the body): one worker, a keep-alive pool
+  to the upstream, `access_log off`, `proxy_buffering off` (streams pass through as they come);
+  its config is generated in the run's temporary folder;
+- LiteLLM with one worker, `LITELLM_MODE=PRODUCTION`, a master key (1.106+ refuses to start
+  without one), no database (so no spend tracking), spend and error logs off, the local cost map
+  (no fetch at start), uvicorn's access log off (`--log_config`), httptools and uvloop installed
+  beside it;
+- Portkey's gateway (`--portkey DIR`, the npm package's folder) with `NODE_ENV=production`,
+  headless, routed to the fake as an OpenAI-compatible provider (`x-portkey-provider: openai`,
+  `x-portkey-custom-host`).
+
+For each target it measures:
 
 - added latency: p50/p99 of sequential request latency (one request in flight), minus the
   fake's own p50/p99;
 - closed-loop rate and CPU per request: 16 connections sending back to back for
   `--step-seconds`, the target process tree's CPU time (utime + stime) over the requests answered;
+- the concurrency sweep (`--concurrency`, default 1, 8, 64, 256 requests in flight, closed loop,
+  `--step-seconds` each), non-streaming and streaming (`"stream": true`): req/s, p50/p99 latency,
+  CPU per request of the target's process tree, and for streams the time to the first SSE `data:`
+  event (p50/p99) and the per-chunk gap (median over streams of the mean gap between later
+  events). The fake paces streamed events `--stream-interval-ms` apart (default 2 ms, 8 tokens:
+  a stream lasts about 16 ms), like an engine emitting tokens, so a proxy that buffers a stream
+  shows a first token as late as its last; each row also has what the target added to the
+  fake's own row at the same concurrency (`added_p50_ms`, `added_ttft_p50_ms`,
+  `added_per_chunk_ms`). The fake is one Python process: at 256 streams in flight its own pacing
+  slips (its row shows by how much), which is why rows are compared with its row;
 - sustained rate: the highest constant (open-loop) request rate it holds for `--step-seconds`
   with zero errors, every request answered within `--deadline` seconds and the offered rate
   actually achieved. The search starts at half the closed-loop rate; a failing step is repeated
   once (one late request at a loaded moment must not end the search), then rates go up by 1.5x
   until a step fails twice, and a binary search refines (each failing probe also repeated).
 
-The load generator is a raw asyncio HTTP/1.1 client (keep-alive, pre-built request bytes) so that
-it costs far less CPU than the proxies it measures; on a 2-core machine it still shares the CPU
-with them, which is stated with the results.
+The load generator is a raw asyncio HTTP/1.1 client (benchmarks/rawhttp.py: keep-alive, pre-built
+request bytes, a chunked SSE reader that only counts `data:` per chunk) so that it costs far less
+CPU than the proxies it measures; its own CPU per request is in each sweep row
+(`client_cpu_ms_per_request`). On a 2-core machine it still shares the CPU with them, which is
+stated with the results. At the end it prints ratios against calibserve first (req/s:
+calibserve / peer; CPU per request and added p50: peer / calibserve), then one row per target,
+mode and concurrency; `--json FILE` writes everything (settings, machine, load average, every row
+and every open-loop step).
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--litellm .venv-litellm/bin/litellm]
+Full run (all five targets, defaults; on 2 cores about 10-12 minutes, most of it the sweep's
+40 steps and the open-loop searches):
+
+    bash benchmarks/peers/install.sh
+    .venv/bin/python -u benchmarks/proxy_overhead.py --json benchmarks/.work/proxy_overhead.json
+
+Smoke run (seconds): `--only calibserve --warmup 20 --sequential 50 --step-seconds 0.3
+--concurrency 1,8 --skip-sustained`; `--skip-sweep` leaves the sweep out.
+
+Known: Portkey's gateway 1.15.2 answers every streamed chat request here with a 500
+("TypeError: immutable" in its updateHeaders, on Node 20), so its stream rows are all errors.
 """
 
 from __future__ import annotations
@@ -656,7 +691,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ports", default="18320,18321,18322,18323,18324",
                     help="fake,calibserve,litellm,portkey[,nginx]")
     ap.add_argument("--sequential", type=int, default=2000)
-    ap.add_argument("--step-seconds", type=float, default=5.0,
+    ap.add_argument("--step-seconds", type=float, default=4.0,
                     help="length of each closed-loop, sweep and open-loop step")
     ap.add_argument("--deadline", type=float, default=1.0)
     ap.add_argument("--concurrency", default=",".join(map(str, SWEEP_CONCURRENCY)),
