@@ -134,6 +134,22 @@ async def sequential(target: Target, n: int) -> list[float]:
     return out
 
 
+async def stream_warmup(target: Target, n: int) -> int:
+    """`n` streamed requests one after another (a proxy's streaming path has its own first-use
+    costs); failures are not raised here, the sweep counts them. Returns how many succeeded."""
+    conn = await Conn.open(target.host, target.port)
+    ok = 0
+    try:
+        for _ in range(n):
+            got = await conn.stream(target.raw_stream)
+            ok += got.status == 200 and got.done
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        pass
+    finally:
+        conn.close()
+    return ok
+
+
 async def open_loop(target: Target, rate: float, seconds: float, deadline: float,
                     max_conns: int = 512) -> dict[str, Any]:
     """Offer `rate` requests/s for `seconds`; count errors and late answers."""
@@ -729,6 +745,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"machine: {results['machine']}")
         for t in targets:  # warm up (imports, connection pools, caches, JIT)
             asyncio.run(sequential(t, args.warmup))
+            if not args.skip_sweep:  # and the streaming path, a tenth as many
+                asyncio.run(stream_warmup(t, max(1, args.warmup // 10)))
         log("sequential latency (one request in flight):")
         seq: dict[str, list[float]] = {}
         for t in targets:

@@ -4,7 +4,7 @@
 #
 #   .peers/litellm   a venv with litellm[proxy]==LITELLM_VERSION, plus httptools and uvloop
 #                    (LiteLLM's production docs: uvicorn picks them up when they are installed)
-#   .peers/portkey   npm install @portkey-ai/gateway@PORTKEY_VERSION (@hono/node-server pinned)
+#   .peers/portkey   npm install @portkey-ai/gateway@PORTKEY_VERSION
 #   nginx            from Debian (nginx-light, else nginx) when root and missing; else skipped
 #
 # Quiet: one line per peer; everything the installers print goes to .peers/install.log.
@@ -16,9 +16,10 @@ set -euo pipefail
 # versions that are not published there).
 LITELLM_VERSION=1.106.12
 PORTKEY_VERSION=1.15.2
-# The gateway's streamed answers fail on Node ("TypeError: immutable" in updateHeaders) with
-# @hono/node-server newer than 1.14.2 (Portkey-AI/gateway issue 1389): pinned by an npm override.
-HONO_NODE_SERVER_VERSION=1.14.2
+# As shipped (dependencies as npm resolves them). Its streamed chat answers are 500s here
+# ("TypeError: immutable" in updateHeaders, Node 20); pinning @hono/node-server to 1.14.2, the
+# workaround in Portkey-AI/gateway issue 1389, did not change that (nor did gateway 1.9.8), so
+# nothing is overridden.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PEERS="$REPO/.peers"
@@ -53,9 +54,7 @@ PKG="$PK/node_modules/@portkey-ai/gateway"
 if ! command -v npm >/dev/null 2>&1; then
     echo "peers: npm not found: Portkey's gateway skipped"
 elif [ -f "$PKG/build/start-server.js" ] && [ "$(node -p "require('$PKG/package.json').version" \
-        2>>"$LOG")" = "$PORTKEY_VERSION" ] && [ "$(node -p \
-        "require('$PK/node_modules/@hono/node-server/package.json').version" 2>>"$LOG")" \
-        = "$HONO_NODE_SERVER_VERSION" ]; then
+        2>>"$LOG")" = "$PORTKEY_VERSION" ]; then
     echo "peers: portkey gateway $PORTKEY_VERSION already installed"
 else
     echo "peers: installing @portkey-ai/gateway@$PORTKEY_VERSION"
@@ -64,8 +63,7 @@ else
 {
   "name": "calibserve-peers-portkey",
   "private": true,
-  "dependencies": {"@portkey-ai/gateway": "$PORTKEY_VERSION"},
-  "overrides": {"@hono/node-server": "$HONO_NODE_SERVER_VERSION"}
+  "dependencies": {"@portkey-ai/gateway": "$PORTKEY_VERSION"}
 }
 JSON
     rm -rf "$PK/node_modules" "$PK/package-lock.json"
