@@ -1,30 +1,65 @@
-"""Proxy overhead: a fake upstream alone, and calibserve, LiteLLM's proxy and Portkey's gateway
-in front of it.
+"""Proxy overhead: a fake upstream alone, and nginx, calibserve, LiteLLM's proxy and Portkey's
+gateway in front of it.
 
 All run side by side in one run on this machine, against the same FAKE upstream
 (tests/fakes/openai_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
-only the proxy. Peers are configured as their docs recommend for production: LiteLLM with one
-worker, `LITELLM_MODE=PRODUCTION`, no database (so no spend tracking), spend and error logs off,
-the local cost map (no fetch at start), uvicorn's access log off (`--log_config`), httptools
-installed beside it; Portkey's gateway (`--portkey DIR`, the npm package's folder) with
-`NODE_ENV=production`, headless, routed to the fake as an OpenAI-compatible provider
-(`x-portkey-provider: openai`, `x-portkey-custom-host`). For each target it measures:
+only the proxy. `bash benchmarks/peers/install.sh` installs the peers into `.peers/` (git-ignored);
+a peer that is not installed is skipped with a line saying so. Peers are configured as their docs
+recommend for production:
+
+- nginx (the floor: a reverse proxy that does no work on the body): one worker, a keep-alive pool
+  to the upstream, `access_log off`, `proxy_buffering off` (streams pass through as they come);
+  its config is generated in the run's temporary folder;
+- LiteLLM with one worker, `LITELLM_MODE=PRODUCTION`, a master key (1.106+ refuses to start
+  without one), no database (so no spend tracking), spend and error logs off, the local cost map
+  (no fetch at start), uvicorn's access log off (`--log_config`), httptools and uvloop installed
+  beside it;
+- Portkey's gateway (`--portkey DIR`, the npm package's folder) with `NODE_ENV=production`,
+  headless, routed to the fake as an OpenAI-compatible provider (`x-portkey-provider: openai`,
+  `x-portkey-custom-host`).
+
+For each target it measures:
 
 - added latency: p50/p99 of sequential request latency (one request in flight), minus the
   fake's own p50/p99;
 - closed-loop rate and CPU per request: 16 connections sending back to back for
   `--step-seconds`, the target process tree's CPU time (utime + stime) over the requests answered;
+- the concurrency sweep (`--concurrency`, default 1, 8, 64, 256 requests in flight, closed loop,
+  `--step-seconds` each), non-streaming and streaming (`"stream": true`): req/s, p50/p99 latency,
+  CPU per request of the target's process tree, and for streams the time to the first SSE `data:`
+  event (p50/p99) and the per-chunk gap (median over streams of the mean gap between later
+  events). The fake paces streamed events `--stream-interval-ms` apart (default 2 ms, 8 tokens:
+  a stream lasts about 16 ms), like an engine emitting tokens, so a proxy that buffers a stream
+  shows a first token as late as its last; each row also has what the target added to the
+  fake's own row at the same concurrency (`added_p50_ms`, `added_ttft_p50_ms`,
+  `added_per_chunk_ms`). The fake is one Python process: at 256 streams in flight its own pacing
+  slips (its row shows by how much), which is why rows are compared with its row;
 - sustained rate: the highest constant (open-loop) request rate it holds for `--step-seconds`
   with zero errors, every request answered within `--deadline` seconds and the offered rate
   actually achieved. The search starts at half the closed-loop rate; a failing step is repeated
   once (one late request at a loaded moment must not end the search), then rates go up by 1.5x
   until a step fails twice, and a binary search refines (each failing probe also repeated).
 
-The load generator is a raw asyncio HTTP/1.1 client (keep-alive, pre-built request bytes) so that
-it costs far less CPU than the proxies it measures; on a 2-core machine it still shares the CPU
-with them, which is stated with the results.
+The load generator is a raw asyncio HTTP/1.1 client (benchmarks/rawhttp.py: keep-alive, pre-built
+request bytes, a chunked SSE reader that only counts `data:` per chunk) so that it costs far less
+CPU than the proxies it measures; its own CPU per request is in each sweep row
+(`client_cpu_ms_per_request`). On a 2-core machine it still shares the CPU with them, which is
+stated with the results. At the end it prints ratios against calibserve first (req/s:
+calibserve / peer; CPU per request and added p50: peer / calibserve), then one row per target,
+mode and concurrency; `--json FILE` writes everything (settings, machine, load average, every row
+and every open-loop step).
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--litellm .venv-litellm/bin/litellm]
+Full run (all five targets, defaults; on 2 cores about 10-12 minutes, most of it the sweep's
+40 steps and the open-loop searches):
+
+    bash benchmarks/peers/install.sh
+    .venv/bin/python -u benchmarks/proxy_overhead.py --json benchmarks/.work/proxy_overhead.json
+
+Smoke run (seconds): `--only calibserve --warmup 20 --sequential 50 --step-seconds 0.3
+--concurrency 1,8 --skip-sustained`; `--skip-sweep` leaves the sweep out.
+
+Known: Portkey's gateway 1.15.2 answers every streamed chat request here with a 500
+("TypeError: immutable" in its updateHeaders, on Node 20), so its stream rows are all errors.
 """
 
 from __future__ import annotations
@@ -34,6 +69,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -52,14 +88,17 @@ BODY = {
     "max_tokens": 8,
     "temperature": 0,
 }
+STREAM_BODY = {**BODY, "stream": True}
+PEERS = ("nginx", "litellm", "portkey")  # besides the fake (the baseline) and calibserve
+SWEEP_CONCURRENCY = (1, 8, 64, 256)
 
 
 try:
     from benchmarks.procstat import tree_cpu
-    from benchmarks.rawhttp import Conn, build_request
+    from benchmarks.rawhttp import Conn, Streamed, build_request
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is sys.path[0]
-    from procstat import tree_cpu  # type: ignore[no-redef]
-    from rawhttp import Conn, build_request  # type: ignore[no-redef]
+    from procstat import tree_cpu  # type: ignore[no-redef,import-not-found]
+    from rawhttp import Conn, Streamed, build_request  # type: ignore[no-redef,import-not-found]
 
 
 @dataclass
@@ -72,9 +111,12 @@ class Target:
     check: str = "choices"
     headers: dict[str, str] = field(default_factory=dict)
     pid: int | None = None  # the process (tree) whose CPU is counted
+    raw_stream: bytes = b""
 
     def __post_init__(self) -> None:
         self.raw = build_request(self.host, self.port, self.path, BODY, self.headers)
+        self.raw_stream = build_request(self.host, self.port, self.path, STREAM_BODY,
+                                        self.headers)
 
 
 async def sequential(target: Target, n: int) -> list[float]:
@@ -90,6 +132,22 @@ async def sequential(target: Target, n: int) -> list[float]:
     finally:
         conn.close()
     return out
+
+
+async def stream_warmup(target: Target, n: int) -> int:
+    """`n` streamed requests one after another (a proxy's streaming path has its own first-use
+    costs); failures are not raised here, the sweep counts them. Returns how many succeeded."""
+    conn = await Conn.open(target.host, target.port)
+    ok = 0
+    try:
+        for _ in range(n):
+            got = await conn.stream(target.raw_stream)
+            ok += got.status == 200 and got.done
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        pass
+    finally:
+        conn.close()
+    return ok
 
 
 async def open_loop(target: Target, rate: float, seconds: float, deadline: float,
@@ -157,8 +215,8 @@ async def open_loop(target: Target, rate: float, seconds: float, deadline: float
 
 
 def held(result: dict[str, Any]) -> bool:
-    return (result["errors"] == 0 and result["late"] == 0
-            and result["achieved"] >= 0.95 * result["rate"])
+    return bool(result["errors"] == 0 and result["late"] == 0
+                and result["achieved"] >= 0.95 * result["rate"])
 
 
 async def settle(target: Target, quick: float, limit: float = 60.0) -> None:
@@ -237,6 +295,177 @@ async def closed_loop(target: Target, conns: int, seconds: float) -> tuple[int, 
     for c in pool:
         c.close()
     return done, wall
+
+
+# -- the concurrency sweep ----------------------------------------------------------------------
+
+def _pct_ms(values: list[float], q: float) -> float | None:
+    return 1000 * pct(values, q) if values else None
+
+
+async def sweep_step(target: Target, conns: int, seconds: float, stream: bool,
+                     grace: float = 30.0) -> dict[str, Any]:
+    """`conns` requests in flight (closed loop: each connection sends its next request when the
+    last is answered) for `seconds`. Latency is request written to answer read; for a stream,
+    also the time to the first `data:` event and the mean gap between later events. A failed
+    request counts as an error (its connection is reopened); a step still running `grace`
+    seconds after its end is cut off (`cut_off`). CPU: the target's process tree over the step,
+    and this load generator's own (so a reader can see whether the client kept up)."""
+    raw = target.raw_stream if stream else target.raw
+    check = target.check.encode()
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    errors = 0
+    pool = list(await asyncio.gather(*(Conn.open(target.host, target.port)
+                                       for _ in range(conns))))
+    cpu0 = tree_cpu(target.pid) if target.pid else 0.0
+    client0 = time.process_time()
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+
+    async def worker(slot: int) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            conn = pool[slot]
+            try:
+                if stream:
+                    got: Streamed = await conn.stream(raw)
+                    ok = got.status == 200 and got.events >= 2 and got.done
+                    if ok:
+                        latencies.append(got.total)
+                        ttfts.append(got.ttft)
+                        gaps.append(got.per_chunk)
+                else:
+                    sent = time.perf_counter()
+                    status, body = await conn.request(raw)
+                    ok = status == 200 and check in body
+                    if ok:
+                        latencies.append(time.perf_counter() - sent)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                ok = False
+                conn.close()
+                try:
+                    pool[slot] = await Conn.open(target.host, target.port)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+            if not ok:
+                errors += 1
+                await asyncio.sleep(0.01)  # a target answering errors must not spin the client
+
+    cut_off = False
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(conns))),
+                               seconds + grace)
+    except TimeoutError:
+        cut_off = True
+    wall = time.perf_counter() - t0
+    client = time.process_time() - client0
+    cpu = (tree_cpu(target.pid) - cpu0) if target.pid else 0.0
+    for conn in pool:
+        conn.close()
+    n = len(latencies)
+    row: dict[str, Any] = {
+        "concurrency": conns, "stream": stream, "seconds": wall, "requests": n,
+        "errors": errors, "cut_off": cut_off, "rps": n / wall if wall > 0 else 0.0,
+        "p50_ms": _pct_ms(latencies, 0.5), "p99_ms": _pct_ms(latencies, 0.99),
+        "cpu_ms_per_request": 1000 * cpu / n if n and target.pid else None,
+        "client_cpu_ms_per_request": 1000 * client / n if n else None,
+    }
+    if stream:
+        row.update({"ttft_p50_ms": _pct_ms(ttfts, 0.5), "ttft_p99_ms": _pct_ms(ttfts, 0.99),
+                    "per_chunk_ms": _pct_ms(gaps, 0.5), "per_chunk_p99_ms": _pct_ms(gaps, 0.99)})
+    return row
+
+
+def sweep(targets: list[Target], concurrency: list[int], seconds: float, log: Any,
+          stream_modes: tuple[bool, ...] = (False, True)) -> dict[str, Any]:
+    """Every target at every concurrency, non-streaming then streaming. Where the fake (the
+    baseline) is among the targets, each row also gets what the target added to it:
+    `added_p50_ms`, and for streams `added_ttft_p50_ms` and `added_per_chunk_ms`."""
+    out: dict[str, Any] = {}
+    for t in targets:
+        for stream in stream_modes:
+            mode = "stream" if stream else "non_stream"
+            for c in concurrency:
+                row = asyncio.run(sweep_step(t, c, seconds, stream))
+                out.setdefault(t.name, {}).setdefault(mode, {})[str(c)] = row
+                log(f"  {t.name:10s} {mode:10s} {c:4d} in flight  {_fmt_sweep(row)}")
+    base = out.get("fake")
+    if base:
+        for modes in out.values():
+            for mode, rows in modes.items():
+                for c, row in rows.items():
+                    ref = base.get(mode, {}).get(c)
+                    if not ref:
+                        continue
+                    for key, added in (("p50_ms", "added_p50_ms"),
+                                       ("ttft_p50_ms", "added_ttft_p50_ms"),
+                                       ("per_chunk_ms", "added_per_chunk_ms")):
+                        if row.get(key) is not None and ref.get(key) is not None:
+                            row[added] = row[key] - ref[key]
+    return out
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_sweep(r: dict[str, Any]) -> str:
+    line = (f"{r['rps']:8.0f} req/s  p50 {_f(r['p50_ms'])} p99 {_f(r['p99_ms'])} ms  "
+            f"CPU {_f(r['cpu_ms_per_request'], 3)} ms/req  errors {r['errors']}")
+    if r["stream"]:
+        line += (f"  TTFT p50 {_f(r['ttft_p50_ms'])} p99 {_f(r['ttft_p99_ms'])} ms  "
+                 f"chunk gap {_f(r['per_chunk_ms'], 3)} ms")
+    return line + ("  CUT OFF" if r["cut_off"] else "")
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """Ratios against calibserve first, then one compact row per target, mode and concurrency."""
+    lines: list[str] = []
+    sw = results.get("sweep") or {}
+    targets = results.get("targets", {})
+    cs_seq = targets.get("calibserve")
+    peers = [p for p in PEERS if p in targets or p in sw]
+    if cs_seq is not None and peers:
+        lines.append("calibserve vs each peer (req/s: calibserve / peer, higher is better for "
+                     "calibserve; CPU per request and added p50: peer / calibserve, likewise):")
+        for peer in peers:
+            other = targets.get(peer, {})
+            added = _ratio(other.get("added_p50_ms"), cs_seq.get("added_p50_ms"))
+            cpu = _ratio(other.get("cpu_ms_per_request"), cs_seq.get("cpu_ms_per_request"))
+            parts = [f"added p50 {added}", f"CPU/req {cpu}"]
+            if cs_seq.get("sustained_rps") is not None:
+                held_ratio = _ratio(cs_seq.get("sustained_rps"), other.get("sustained_rps"))
+                parts.append(f"sustained {held_ratio}")
+            for mode in ("non_stream", "stream"):
+                rows_cs = sw.get("calibserve", {}).get(mode, {})
+                rows_p = sw.get(peer, {}).get(mode, {})
+                for c, row in rows_cs.items():
+                    if c in rows_p:
+                        tag = "s" if mode == "stream" else ""
+                        rps = _ratio(row["rps"], rows_p[c]["rps"])
+                        cpu = _ratio(rows_p[c]["cpu_ms_per_request"], row["cpu_ms_per_request"])
+                        parts.append(f"{tag}{c}: {rps} rps {cpu} cpu")
+            lines.append(f"  {peer:8s} " + ", ".join(parts))
+    if sw:
+        lines.append(f"{'target':10s} {'mode':10s} {'c':>4s} {'req/s':>8s} {'p50':>7s} "
+                     f"{'p99':>7s} {'ttft50':>7s} {'ttft99':>7s} {'chunk':>6s} {'cpu/req':>7s} "
+                     f"{'err':>4s}  (ms)")
+        for name, modes in sw.items():
+            for mode, rows in modes.items():
+                for c, r in rows.items():
+                    lines.append(
+                        f"{name:10s} {mode:10s} {c:>4s} {r['rps']:8.0f} {_f(r['p50_ms']):>7s} "
+                        f"{_f(r['p99_ms']):>7s} {_f(r.get('ttft_p50_ms')):>7s} "
+                        f"{_f(r.get('ttft_p99_ms')):>7s} {_f(r.get('per_chunk_ms'), 3):>6s} "
+                        f"{_f(r['cpu_ms_per_request'], 3):>7s} {r['errors']:4d}")
+    return lines
 
 
 def _fmt(r: dict[str, Any]) -> str:
@@ -330,6 +559,9 @@ def start_litellm(binary: str, fake_port: int, port: int, work: Path) -> subproc
         "  set_verbose: false\n"
         "  request_timeout: 600\n"
         "general_settings:\n"
+        # LiteLLM 1.106+ refuses to start without a master key (as production would have); the
+        # load generator sends `Bearer sk-bench`.
+        "  master_key: sk-bench\n"
         "  disable_spend_logs: true\n"
         "  disable_error_logs: true\n"
     )
@@ -345,32 +577,66 @@ def start_litellm(binary: str, fake_port: int, port: int, work: Path) -> subproc
                  work / "litellm.log", env=env)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="calibserve vs LiteLLM proxy overhead")
-    ap.add_argument("--litellm", default=str(REPO / ".peers" / "litellm" / "bin" / "litellm"))
-    ap.add_argument("--portkey", default=str(REPO / ".peers" / "portkey" / "node_modules"
-                                             / "@portkey-ai" / "gateway"))
-    ap.add_argument("--warmup", type=int, default=3000, help="requests per target first "
-                    "(Portkey's JIT needs about 3,000 before its latency settles)")
-    ap.add_argument("--ports", default="18320,18321,18322,18323",
-                    help="fake,calibserve,litellm,portkey")
-    ap.add_argument("--sequential", type=int, default=2000)
-    ap.add_argument("--step-seconds", type=float, default=5.0)
-    ap.add_argument("--deadline", type=float, default=1.0)
-    ap.add_argument("--json", type=Path, default=None, help="write results here")
-    args = ap.parse_args()
-    fake_port, cs_port, ll_port, pk_port = (int(p) for p in args.ports.split(","))
-    work = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
+def start_nginx(binary: str, fake_port: int, port: int, work: Path) -> subprocess.Popen[bytes]:
+    """nginx as a plain reverse proxy to the fake (the floor: it does no work on the body): one
+    worker, keep-alive pool to the upstream, no access log, no buffering (streams pass through
+    as they come). Config, pid, temp folders and logs live in `work`."""
+    conf = work / "nginx.conf"
+    temp = work / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    conf.write_text(f"""\
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    keepalive_requests 1000000;
+    upstream fake {{
+        server 127.0.0.1:{fake_port};
+        keepalive 512;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+""")
+    return start([binary, "-p", str(work), "-e", str(work / "nginx-error.log"), "-c", str(conf)],
+                 work / "nginx.log")
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
-    try:
-        fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
-                      "--port", str(fake_port)], work / "fake.log")
-        procs.append(fake)
-        wait_http(fake_port, "/health", 20, fake)
+def find_nginx() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def start_targets(args: argparse.Namespace, wanted: set[str], ports: list[int], work: Path,
+                  procs: list[subprocess.Popen[bytes]], log: Any) -> list[Target]:
+    """Start the fake and every wanted target that is installed (appending each process to
+    `procs`, which the caller stops); the targets in order fake, calibserve, nginx, litellm,
+    portkey."""
+    fake_port, cs_port, ll_port, pk_port = ports[:4]
+    ng_port = ports[4] if len(ports) > 4 else pk_port + 1
+    fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
+                  "--port", str(fake_port), "--stream-interval-ms",
+                  str(args.stream_interval_ms)], work / "fake.log")
+    procs.append(fake)
+    wait_http(fake_port, "/health", 20, fake)
+    targets = [Target("fake", fake_port, pid=fake.pid)]
+    if "calibserve" in wanted:
         cs = start([sys.executable, "-m", "calibserve.server", "serve", "--upstream",
                     f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
                     "--host", "127.0.0.1", "--port", str(cs_port), "--signing-key", "bench",
@@ -378,33 +644,109 @@ def main() -> None:
                    env={**os.environ, "PYTHONPATH": str(REPO)})
         procs.append(cs)
         wait_http(cs_port, "/health", 60, cs)
-        targets = [Target("fake", fake_port, pid=fake.pid),
-                   Target("calibserve", cs_port, pid=cs.pid)]
-        if Path(args.litellm).exists():
-            ll = start_litellm(args.litellm, fake_port, ll_port, work)
-            procs.append(ll)
-            wait_http(ll_port, "/health/liveliness", 180, ll)
-            targets.append(Target("litellm", ll_port, pid=ll.pid))
-        else:
-            log(f"LiteLLM not found at {args.litellm}: skipping it")
-        gateway = Path(args.portkey) / "build" / "start-server.js"
-        if gateway.exists():
-            pk = start(["node", str(gateway), "--headless", f"--port={pk_port}"],
-                       work / "portkey.log", env={**os.environ, "NODE_ENV": "production"})
-            procs.append(pk)
-            wait_tcp(pk_port, 60, pk)
-            targets.append(Target("portkey", pk_port, pid=pk.pid, headers={
-                "x-portkey-provider": "openai",
-                "x-portkey-custom-host": f"http://127.0.0.1:{fake_port}/v1"}))
-        else:
-            log(f"Portkey's gateway not found at {args.portkey}: skipping it")
+        targets.append(Target("calibserve", cs_port, pid=cs.pid))
+    if "nginx" in wanted and Path(args.nginx).exists():
+        ng = start_nginx(args.nginx, fake_port, ng_port, work)
+        procs.append(ng)
+        wait_http(ng_port, "/health", 20, ng)
+        targets.append(Target("nginx", ng_port, pid=ng.pid))
+    elif "nginx" in wanted:
+        log(f"nginx not found at {args.nginx}: skipping it (benchmarks/peers/install.sh)")
+    if "litellm" in wanted and Path(args.litellm).exists():
+        ll = start_litellm(args.litellm, fake_port, ll_port, work)
+        procs.append(ll)
+        wait_http(ll_port, "/health/liveliness", 180, ll)
+        targets.append(Target("litellm", ll_port, pid=ll.pid))
+    elif "litellm" in wanted:
+        log(f"LiteLLM not found at {args.litellm}: skipping it (benchmarks/peers/install.sh)")
+    gateway = Path(args.portkey) / "build" / "start-server.js"
+    if "portkey" in wanted and gateway.exists():
+        pk = start(["node", str(gateway), "--headless", f"--port={pk_port}"],
+                   work / "portkey.log", env={**os.environ, "NODE_ENV": "production"})
+        procs.append(pk)
+        wait_tcp(pk_port, 60, pk)
+        targets.append(Target("portkey", pk_port, pid=pk.pid, headers={
+            "x-portkey-provider": "openai",
+            "x-portkey-custom-host": f"http://127.0.0.1:{fake_port}/v1"}))
+    elif "portkey" in wanted:
+        log(f"Portkey's gateway not found at {args.portkey}: skipping it "
+            "(benchmarks/peers/install.sh)")
+    return targets
 
-        results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                          time.gmtime()),
-                                   "load_average_start": os.getloadavg(), "targets": {}}
+
+def headline_ratios(targets: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """`calibserve_vs_PEER`: calibserve's sustained rate / the peer's, its added p50 / the
+    peer's (the keys the earlier runs' JSON had), for each peer that ran."""
+    cs_row = targets.get("calibserve")
+    out: dict[str, dict[str, float]] = {}
+    for peer in PEERS:
+        other = targets.get(peer)
+        if not (cs_row and other):
+            continue
+        vs: dict[str, float] = {}
+        if other.get("sustained_rps"):
+            vs["sustained_rate"] = cs_row["sustained_rps"] / other["sustained_rps"]
+        if other["added_p50_ms"]:
+            vs["added_p50"] = cs_row["added_p50_ms"] / other["added_p50_ms"]
+        out[f"calibserve_vs_{peer}"] = vs
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="calibserve vs nginx, LiteLLM's proxy and Portkey's "
+                                 "gateway, in front of one FAKE upstream")
+    ap.add_argument("--litellm", default=str(REPO / ".peers" / "litellm" / "bin" / "litellm"))
+    ap.add_argument("--portkey", default=str(REPO / ".peers" / "portkey" / "node_modules"
+                                             / "@portkey-ai" / "gateway"))
+    ap.add_argument("--nginx", default=find_nginx(), help="the nginx binary")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated targets to run among calibserve,nginx,litellm,portkey "
+                    "(the fake, the baseline, always runs)")
+    ap.add_argument("--warmup", type=int, default=3000, help="requests per target first "
+                    "(Portkey's JIT needs about 3,000 before its latency settles)")
+    ap.add_argument("--ports", default="18320,18321,18322,18323,18324",
+                    help="fake,calibserve,litellm,portkey[,nginx]")
+    ap.add_argument("--sequential", type=int, default=2000)
+    ap.add_argument("--step-seconds", type=float, default=4.0,
+                    help="length of each closed-loop, sweep and open-loop step")
+    ap.add_argument("--deadline", type=float, default=1.0)
+    ap.add_argument("--concurrency", default=",".join(map(str, SWEEP_CONCURRENCY)),
+                    help="the sweep's requests in flight")
+    ap.add_argument("--stream-interval-ms", type=float, default=2.0,
+                    help="the fake paces streamed events this far apart, like an engine "
+                    "emitting a token every N ms (0: a whole stream in one write)")
+    ap.add_argument("--skip-sweep", action="store_true", help="no concurrency sweep")
+    ap.add_argument("--skip-sustained", action="store_true", help="no open-loop rate search")
+    ap.add_argument("--json", type=Path, default=None, help="write results here")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    ports = [int(p) for p in args.ports.split(",")]
+    wanted = set(args.only.split(",")) if args.only else {"calibserve", *PEERS}
+    unknown = wanted - {"calibserve", "fake", *PEERS}
+    if unknown:
+        raise SystemExit(f"--only: unknown target(s) {sorted(unknown)}")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    try:
+        targets = start_targets(args, wanted, ports, work, procs, log)
+        results: dict[str, Any] = {
+            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_start": os.getloadavg(), "settings": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "targets": {}}
         log(f"machine: {results['machine']}")
         for t in targets:  # warm up (imports, connection pools, caches, JIT)
             asyncio.run(sequential(t, args.warmup))
+            if not args.skip_sweep:  # and the streaming path, a tenth as many
+                asyncio.run(stream_warmup(t, max(1, args.warmup // 10)))
         log("sequential latency (one request in flight):")
         seq: dict[str, list[float]] = {}
         for t in targets:
@@ -428,31 +770,32 @@ def main() -> None:
             row["closed_loop_rps"] = n / wall
             row["cpu_ms_per_request"] = 1000 * cpu / n
             log(f"  {t.name:10s} {n / wall:8.0f} req/s  CPU {1000 * cpu / n:.3f} ms/request")
-        log(f"sustained rate (open loop, {args.step_seconds:g}s steps, deadline "
-            f"{args.deadline:g}s, zero errors):")
-        for t in targets:
-            p50 = pct(seq[t.name], 0.5)
-            first = max(5.0, 0.5 * results["targets"][t.name]["closed_loop_rps"])
-            quick = 3 * p50 + 0.005
-            rate, steps = asyncio.run(
-                max_rate(t, args.step_seconds, args.deadline, first, quick, log))
-            results["targets"][t.name]["sustained_rps"] = rate
-            results["targets"][t.name]["steps"] = steps
-            log(f"  {t.name:10s} sustained {rate:.0f} req/s")
-        cs = results["targets"]["calibserve"]
-        for peer in ("litellm", "portkey"):
-            other = results["targets"].get(peer)
-            if other and other["sustained_rps"]:
-                results[f"calibserve_vs_{peer}"] = {
-                    "sustained_rate": cs["sustained_rps"] / other["sustained_rps"],
-                    "added_p50": cs["added_p50_ms"] / other["added_p50_ms"]}
-                log(f"calibserve / {peer}: sustained rate "
-                    f"{results[f'calibserve_vs_{peer}']['sustained_rate']:.2f}x, added p50 "
-                    f"{results[f'calibserve_vs_{peer}']['added_p50']:.2f}x")
+        if not args.skip_sweep:
+            log(f"concurrency sweep (closed loop, {args.step_seconds:g}s per step, "
+                f"{','.join(map(str, concurrency))} in flight, non-streaming and streaming):")
+            results["sweep"] = sweep(targets, concurrency, args.step_seconds, log)
+        if not args.skip_sustained:
+            log(f"sustained rate (open loop, {args.step_seconds:g}s steps, deadline "
+                f"{args.deadline:g}s, zero errors):")
+            for t in targets:
+                p50 = pct(seq[t.name], 0.5)
+                first = max(5.0, 0.5 * results["targets"][t.name]["closed_loop_rps"])
+                quick = 3 * p50 + 0.005
+                rate, steps = asyncio.run(
+                    max_rate(t, args.step_seconds, args.deadline, first, quick, log))
+                results["targets"][t.name]["sustained_rps"] = rate
+                results["targets"][t.name]["steps"] = steps
+                log(f"  {t.name:10s} sustained {rate:.0f} req/s")
+        results.update(headline_ratios(results["targets"]))
         results["load_average_end"] = os.getloadavg()
+        log("")
+        for line in summary_table(results):
+            log(line)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))
+            log(f"results: {args.json}")
+        return results
     finally:
         for p in reversed(procs):
             stop(p)

@@ -5,7 +5,9 @@ In the soak at 400 req/s offered an httpx client used 94-100% of a core (calibse
 fell behind, and its own queueing showed up as the server's latency (that is what made the
 first 400 req/s soak fail; this client used 8-12% in the soak that passed, RESULTS.md).
 This client does only what a benchmark needs: write pre-built bytes, read one response
-(content-length or chunked), keep the connection for the next request.
+(content-length or chunked), keep the connection for the next request. `Conn.stream` reads a
+chunked server-sent-events answer and times it: when the first `data:` event arrived, when the
+last one did, and how many there were.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 _CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)")
@@ -54,8 +57,71 @@ class Conn:
         self.last_used = time.monotonic()
         return status, body
 
+    async def stream(self, raw: bytes) -> Streamed:
+        """Send `raw`, read one SSE answer (chunked, or a whole body for an error), timing its
+        `data:` events as they arrive. Events are counted per HTTP chunk (an event split across
+        two chunks is counted where its `data:` starts); times are `time.perf_counter()`."""
+        t0 = time.perf_counter()
+        self.writer.write(raw)
+        reader = self.reader
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        first = last = 0.0
+        events = 0
+        tail = b""
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                found = chunk.count(b"data:")
+                if found:
+                    last = time.perf_counter()
+                    if not events:
+                        first = last
+                    events += found
+                tail = chunk[-32:]
+        else:
+            m = _CONTENT_LENGTH.search(lower)
+            body = await (reader.readexactly(int(m.group(1))) if m else reader.read())
+            events = body.count(b"data:")
+            if events:
+                first = last = time.perf_counter()
+            tail = body[-32:]
+        end = time.perf_counter()
+        self.last_used = time.monotonic()
+        return Streamed(status, t0, first, last, end, events, b"[DONE]" in tail)
+
     def close(self) -> None:
         self.writer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """One streamed answer's timing (perf_counter seconds) and shape."""
+
+    status: int
+    sent: float  # the request was written
+    first: float  # the first `data:` event arrived (0.0: none did)
+    last: float  # the last one did
+    end: float  # the terminating chunk arrived
+    events: int
+    done: bool  # `data: [DONE]` ended it
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def total(self) -> float:
+        return self.end - self.sent
+
+    @property
+    def per_chunk(self) -> float:
+        """Mean gap between successive events after the first."""
+        return (self.last - self.first) / (self.events - 1) if self.events > 1 else 0.0
 
 
 class ConnPool:

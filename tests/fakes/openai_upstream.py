@@ -11,7 +11,13 @@ request: `ok` (default), `error500`, `error503`, `error400`, `garbage` (200 with
 `hang` (never answers), `drop` (closes the connection without answering), `drop_mid_stream`
 (streams two chunks, then closes), `slow` (waits delay_ms before answering).
 
+Streams are written at once by default; `--stream-interval-ms D` paces them like an engine that
+emits a token every D ms (the first event at once, each later one D ms after the one before, the
+closing `data: [DONE]` right after the last), so a benchmark can time a proxy's first token and
+its per-chunk cost. Non-streamed answers are never delayed.
+
     python tests/fakes/openai_upstream.py --port 18310 [--model fake-model] [--tokens 8]
+        [--stream-interval-ms 0]
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ LETTERS = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "N",
 
 
 class FakeState:
-    def __init__(self, model: str, tokens: int) -> None:
+    def __init__(self, model: str, tokens: int, stream_interval_ms: float = 0.0) -> None:
         self.model = model
         self.tokens = tokens
+        self.stream_interval = stream_interval_ms / 1000
         self.mode = "ok"
         self.delay_ms = 0.0
         self.requests = 0
@@ -233,7 +240,11 @@ class FakeProtocol(asyncio.Protocol):
             self._write(self._control(method, path, raw))
             return
         if mode == "ok":
-            self._write(self._serve(path, raw))  # the fast path: no task, no await
+            out = self._serve(path, raw)  # the fast path: no task, no await
+            if isinstance(out, list) and self.state.stream_interval > 0 and len(out) > 4:
+                self._write_paced(out)
+            else:
+                self._write(out)
             return
         task = asyncio.get_running_loop().create_task(self._faulty(path, raw, mode))
         self.tasks.add(task)
@@ -246,6 +257,25 @@ class FakeProtocol(asyncio.Protocol):
             self.transport.writelines(data)
         else:
             self.transport.write(data)
+
+    def _write_paced(self, parts: list[bytes]) -> None:
+        """Head and first event now, each later event `stream_interval` after the one before;
+        the last event (`[DONE]`) and the terminating chunk go with the one before them."""
+        head, *events, done, end = parts
+        loop = asyncio.get_running_loop()
+        interval = self.state.stream_interval
+
+        def send(i: int) -> None:
+            if self.transport is None or self.transport.is_closing():
+                return  # the client went away: stop pacing
+            if i == len(events) - 1:
+                self._write([events[i], done, end])
+                return
+            self._write(events[i])
+            loop.call_later(interval, send, i + 1)
+
+        self._write(head)
+        send(0)
 
     def _control(self, method: bytes, path: str, raw: bytes) -> bytes:
         if path == "/health":
@@ -359,8 +389,9 @@ class FakeProtocol(asyncio.Protocol):
             self._write(self._serve(path, raw))
 
 
-async def serve(host: str, port: int, model: str, tokens: int) -> None:
-    state = FakeState(model, tokens)
+async def serve(host: str, port: int, model: str, tokens: int,
+                stream_interval_ms: float = 0.0) -> None:
+    state = FakeState(model, tokens, stream_interval_ms)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: FakeProtocol(state), host, port, backlog=4096)
     bound = server.sockets[0].getsockname()[1]
@@ -375,13 +406,16 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=18310)
     parser.add_argument("--model", default="fake-model")
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="pace streamed events this far apart (0: all at once)")
     args = parser.parse_args()
+    main_task = serve(args.host, args.port, args.model, args.tokens, args.stream_interval_ms)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port, args.model, args.tokens))
+        asyncio.run(main_task)
     else:
-        uvloop.run(serve(args.host, args.port, args.model, args.tokens))
+        uvloop.run(main_task)
 
 
 if __name__ == "__main__":
