@@ -85,8 +85,10 @@ def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,
     return out
 
 
-def responses_body(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """Copy of a `/v1/responses` body for the upstream: its model name, output logprobs on."""
+def responses_body(body: dict[str, Any], model: str,
+                   top_logprobs: int = MIN_TOP_LOGPROBS) -> dict[str, Any]:
+    """Copy of a `/v1/responses` body for the upstream: its model name, output logprobs on with
+    `top_logprobs` alternatives (`tier_top_logprobs`), never fewer than the client asked for."""
     out = dict(body)
     out["model"] = model
     include = body.get("include")
@@ -95,7 +97,7 @@ def responses_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     if OUTPUT_LOGPROBS not in include:
         include.append(OUTPUT_LOGPROBS)
     out["include"] = include
-    out["top_logprobs"] = max(MIN_TOP_LOGPROBS, asked)
+    out["top_logprobs"] = max(top_logprobs, asked)
     return out
 
 

@@ -40,7 +40,12 @@ from fastapi.responses import JSONResponse, Response
 
 from calibserve.routing import RoutedResult
 from calibserve.routing.confidence_work import ConfidenceWork
-from calibserve.routing.payload import OUTPUT_LOGPROBS, responses_body, responses_chat
+from calibserve.routing.payload import (
+    OUTPUT_LOGPROBS,
+    responses_body,
+    responses_chat,
+    tier_top_logprobs,
+)
 from calibserve.routing.route import ConfidenceLike
 from calibserve.routing.scoring import confidence_dict, score_answer
 from calibserve.server.errors import APIError, error_body
@@ -140,7 +145,8 @@ class ResponsesProxy:
         model = self._model(body.get("model"))
         outcome = outcome_of(request)
         run = _Run(model, body, started)
-        payload = responses_body(body, model.primary.upstream_model)
+        payload = responses_body(body, model.primary.upstream_model,
+                                 tier_top_logprobs(model.primary.tier.confidence_scorer))
         content = json.dumps(payload).encode()
         asked = time.perf_counter()
         try:

@@ -62,6 +62,10 @@ def test_responses_body_forces_output_logprobs_and_keeps_the_clients_ask() -> No
     asked = responses_body({"model": "a", "input": "q", "include": [OUTPUT_LOGPROBS],
                             "top_logprobs": 9}, "engine")
     assert asked["include"] == [OUTPUT_LOGPROBS] and asked["top_logprobs"] == 9
+    # A tier whose methods read no alternatives (token statistics) asks the engine for none.
+    assert responses_body({"model": "a", "input": "q"}, "engine", 0)["top_logprobs"] == 0
+    assert responses_body({"model": "a", "input": "q", "include": [OUTPUT_LOGPROBS],
+                           "top_logprobs": 2}, "engine", 0)["top_logprobs"] == 2
 
 
 def test_responses_chat_rephrases_instructions_and_message_items() -> None:
