@@ -11,7 +11,9 @@ vLLM CPU engine and `probe_rate` probes a minute (the probe split merge wrote be
    the probes' own shape (one multiple-choice question, one token, greedy) for `--seconds` per
    phase, phases alternating probes off / on in ABBA order (off on on off off on on off) on the
    same server and engine.
-   Cost = 1 - (requests/s with probes) / (requests/s without), the two means side by side.
+   Cost = 1 - (requests/s with probes) / (requests/s without), the two means side by side, and,
+   counted rather than timed, the probes' share of the requests the engine served in the "on"
+   phases (the same request shape, so the same share of its throughput).
 
     flock /work/heavy.lock python -m benchmarks.probes [--rate 60] [--seconds 30] [--clients 8]
 
@@ -160,9 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         # Spread of the estimate: the cost of each ABBA block on its own.
         blocks = [1.0 - (on_[i] + on_[i + 1]) / (off[i] + off[i + 1])
                   for i in range(0, len(off), 2)]
+        # The engine's share taken by probes in the "on" phases: probes over all the requests it
+        # served then. Probes have the user load's shape, so this is their throughput cost,
+        # counted instead of timed (a busy machine moves the timed ratio far more than 5%).
+        share = [p["probes_sent"] / (p["requests_per_s"] * args.seconds + p["probes_sent"])
+                 for p in phases if p["probes"]]
+        engine_share = sum(share) / len(share)
         result.update(phases=phases, throughput_cost=cost, cost_per_block=blocks,
+                      probe_share_of_engine_requests=engine_share,
                       clients=args.clients, seconds_per_phase=args.seconds)
-        console.print(f"throughput cost of {args.rate:g} probes/min: {100 * cost:.1f}%")
+        console.print(f"throughput cost of {args.rate:g} probes/min: {100 * cost:.1f}% timed "
+                      f"(blocks: {', '.join(f'{100 * b:.1f}%' for b in blocks)}); probes were "
+                      f"{100 * engine_share:.2f}% of the engine's requests")
         requests = metric_sum(scrape(srv.url), "calibserve_requests_total")
         result["user_requests_counted"] = requests
     finally:
