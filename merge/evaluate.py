@@ -30,6 +30,7 @@ from calibserve.calibration import (
     nll,
     normalize_token,
 )
+from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
 from calibserve.merge.errors import InvalidData
 
 __all__ = [
@@ -44,18 +45,6 @@ __all__ = [
     "point_metrics",
     "option_token_map",
 ]
-
-LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H")
-
-
-def format_mc_prompt(item: Mapping[str, Any]) -> str:
-    """`question : {question} A {c0} B {c1} ...`: one space between words (docs/internals.md)."""
-    choices: Sequence[str] = item["choices"]
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"at most {len(LETTERS)} choices are supported, got {len(choices)}")
-    parts = [f"question : {item['question']}"]
-    parts += [f"{LETTERS[i]} {choice}" for i, choice in enumerate(choices)]
-    return " ".join(parts)
 
 
 def _is_mc(item: Mapping[str, Any]) -> bool:
@@ -77,6 +66,8 @@ def _check_item(item: Any, where: str) -> None:
         ans = item.get("answer")
         if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
             raise InvalidData(f"{where}: 'answer' must be the index of the right choice", "--data")
+        if "prompt" in item and not isinstance(item["prompt"], str):
+            raise InvalidData(f"{where}: 'prompt' must be a string (the user message)", "--data")
     elif not isinstance(item.get("answer"), str):
         raise InvalidData(f"{where}: a short-answer item needs a string 'answer'", "--data")
 

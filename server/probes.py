@@ -35,13 +35,13 @@ from prometheus_client import CollectorRegistry, Counter
 from calibserve.calibration import normalize_token
 from calibserve.calibration.answers import exact_match
 from calibserve.calibration.document import PROBES_FILE
+from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
 from calibserve.routing.payload import endpoint_path, tier_body
 from calibserve.server.metrics import PROBE, ServerMetrics
 
 log = logging.getLogger("calibserve.server.probes")
 
 FILE_NAME = PROBES_FILE
-LETTERS: tuple[str, ...] = ("A", "B", "C", "D", "E", "F", "G", "H")
 MC_MAX_TOKENS = 1  # the option letter is the first token, as merge's evaluator reads it
 SHORT_MAX_TOKENS = 16  # as `calibserve calibrate` asks short answers
 MAX_IN_FLIGHT = 4  # a slow engine makes probes wait, never pile up
@@ -49,14 +49,6 @@ MAX_IN_FLIGHT = 4  # a slow engine makes probes wait, never pile up
 
 class ProbeDataError(ValueError):
     """A probe file that cannot be used (names the file and line)."""
-
-
-def format_mc_prompt(item: Mapping[str, Any]) -> str:
-    """`question : {question} A {c0} B {c1} ...`, the contract merge's evaluator uses
-    (docs/internals.md; tests check both agree: the server may not import merge)."""
-    parts = [f"question : {item['question']}"]
-    parts += [f"{LETTERS[i]} {choice}" for i, choice in enumerate(item["choices"])]
-    return " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -95,6 +87,8 @@ def _probe(item: Any, where: str) -> Probe:
             raise ProbeDataError(f"{where}: 'choices' must be 2 to {len(LETTERS)} strings")
         if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices):
             raise ProbeDataError(f"{where}: 'answer' must be the index of the right choice")
+        if "prompt" in item and not isinstance(item["prompt"], str):
+            raise ProbeDataError(f"{where}: 'prompt' must be a string (the user message)")
         return Probe(format_mc_prompt(item), LETTERS[ans])
     aliases = item.get("aliases", [])
     if not isinstance(item.get("answer"), str) or not (

@@ -11,7 +11,9 @@ Steps (each skips what is already done, so a run can be split and resumed):
    split), keeping items whose prompt fits `--max-prompt-tokens` in both wordings; qa_wikidata
    short answers for the free-form methods (calibrate and test splits).
 2. `calibrate`: `calibserve calibrate --calibrator auto` on those: the option-letter method on the
-   multiple-choice items (in merge's prompt wording, `question : ... A ... B ...`), the free-form
+   multiple-choice items (in the eval contract's wording, `question : ... A ... B ...`, followed
+   by "Answer with the letter of the correct option." unless `--calibration-wording contract`;
+   the items carry it as their own `prompt`), the free-form
    methods on the short answers through the serving path (`--upstream`: a vLLM engine started
    with the managed engine's command line, `--enforce-eager`), graded by
    `benchmarks.realworld.grading:contains_answer`.
@@ -57,11 +59,18 @@ N_BINS = 15
 # --- prompts ----------------------------------------------------------------------------------
 
 
-def calibration_prompt(item: Mapping[str, Any]) -> str:
-    """The wording `calibserve calibrate` fits on (merge's `format_mc_prompt`)."""
-    from calibserve.merge.evaluate import format_mc_prompt
+WORDINGS = ("instructed", "contract")
+INSTRUCTION = "Answer with the letter of the correct option."
 
-    return format_mc_prompt(item)
+
+def calibration_prompt(item: Mapping[str, Any], wording: str = "instructed") -> str:
+    """The wording `calibserve calibrate` fits on: the eval contract's (`format_mc_prompt`,
+    `question : ... A ... B ...`), and for `instructed` the instruction to answer with a letter
+    after it (written into the calibration items as their own `prompt`)."""
+    from calibserve.calibration.mc_prompt import format_mc_prompt
+
+    bare = format_mc_prompt({k: v for k, v in item.items() if k != "prompt"})
+    return bare if wording == "contract" else f"{bare}\n{INSTRUCTION}"
 
 
 def user_prompt(item: Mapping[str, Any]) -> str:
@@ -105,12 +114,15 @@ class Run:
             "task": args.task, "n_calibrate": args.n_calibrate, "n_test": args.n_test,
             "n_short_calibrate": args.n_short_calibrate, "n_short_test": args.n_short_test,
             "max_prompt_tokens": args.max_prompt_tokens, "seed": args.seed,
-            "held_out": args.held_out,
+            "held_out": args.held_out, "calibration_wording": args.calibration_wording,
         }
+        self.wording = str(args.calibration_wording)
         name = (f"{args.task}-c{args.n_calibrate}-t{args.n_test}-"
                 f"s{args.n_short_calibrate}x{args.n_short_test}-p{args.max_prompt_tokens}-"
                 f"seed{args.seed}" + ("" if args.held_out == "test" else
-                                      f"-{args.held_out.replace(',', '+')}"))
+                                      f"-{args.held_out.replace(',', '+')}")
+                + ("" if args.calibration_wording == "contract"
+                   else f"-{args.calibration_wording}"))
         self.out = Path(args.out or home / "realworld" / "serve_eval" / name)
         self.data = self.out / "calibrate-data"
         self.calibration = self.out / "calibration.json"
@@ -163,7 +175,8 @@ def prepare(run: Run) -> bool:
         seen = 0
         for item in items:
             seen += 1
-            if max(n_tokens(calibration_prompt(item)), n_tokens(user_prompt(item))) <= limit:
+            if max(n_tokens(calibration_prompt(item, run.wording)),
+                   n_tokens(user_prompt(item))) <= limit:
                 picked.append(item)
                 if len(picked) == n:
                     break
@@ -179,6 +192,8 @@ def prepare(run: Run) -> bool:
     run.data.mkdir(parents=True, exist_ok=True)
     cal, cal_info = pick("calibrate", int(run.params["n_calibrate"]))
     test, test_info = pick(str(run.params["held_out"]), int(run.params["n_test"]))
+    if run.wording != "contract":  # calibrate asks each item in its own `prompt`
+        cal = [{**it, "prompt": calibration_prompt(it, run.wording)} for it in cal]
     write_jsonl(run.data / "calibrate.jsonl", cal)
     write_jsonl(run.out / "test_mc.jsonl", test)
     if run.short_answers:
@@ -224,7 +239,7 @@ def _served_prompts(run: Run, step: str) -> tuple[dict[int, str], int]:
         return {i: str(it["question"]) for i, it in enumerate(items)}, 16
     items = read_jsonl(run.out / "test_mc.jsonl")
     if step == "mc-calibration-wording":
-        return {i: calibration_prompt(it) for i, it in enumerate(items)}, 1
+        return {i: calibration_prompt(it, run.wording) for i, it in enumerate(items)}, 1
     return {i: user_prompt(it) for i, it in enumerate(items)}, 4
 
 
@@ -436,6 +451,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--held-out", default="test",
                    help="the task's splits the held-out items come from (comma list; never "
                    "calibrate): social_iqa and strategyqa need test,select for 1,000 items")
+    p.add_argument("--calibration-wording", choices=WORDINGS, default="instructed",
+                   help="how the calibration prompts ask: the eval contract's wording followed "
+                   "by 'Answer with the letter of the correct option.' (instructed), or the bare "
+                   "contract wording (contract: this instruction-tuned model then answers most "
+                   "items with a word, see RESULTS.md)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realworld", type=Path, default=None,

@@ -33,6 +33,13 @@ def test_format_mc_prompt_agrees_with_the_demo() -> None:
     assert format_mc_prompt(item) == chat.format_mc_prompt(item)
 
 
+def test_an_item_may_carry_its_own_wording() -> None:
+    item = {"question": "q ?", "choices": ["a", "b"], "answer": 1}
+    assert format_mc_prompt(item) == "question : q ? A a B b"
+    own = {**item, "prompt": "q?\nA. a\nB. b\nAnswer with the letter of the correct option."}
+    assert format_mc_prompt(own) == own["prompt"]
+
+
 def test_load_items_validates_and_skips_short_answers(tmp_path: Path) -> None:
     p = tmp_path / "s.jsonl"
     p.write_text(
@@ -48,6 +55,7 @@ def test_load_items_validates_and_skips_short_answers(tmp_path: Path) -> None:
         {"question": "q", "choices": ["a"], "answer": 0},
         {"question": "q", "choices": ["a", "b"], "answer": True},
         {"choices": ["a", "b"], "answer": 0},
+        {"question": "q", "choices": ["a", "b"], "answer": 0, "prompt": ["not", "a", "string"]},
     ):
         p.write_text(json.dumps(bad) + "\n")
         with pytest.raises(InvalidData) as err:

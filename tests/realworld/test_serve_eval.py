@@ -18,7 +18,9 @@ ITEM = {"question": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1}
 
 
 def test_user_wording_differs_from_the_calibration_wording() -> None:
-    assert serve_eval.calibration_prompt(ITEM) == "question : 2 + 2 = A 3 B 4 C 5"
+    assert serve_eval.calibration_prompt(ITEM, "contract") == "question : 2 + 2 = A 3 B 4 C 5"
+    assert serve_eval.calibration_prompt(ITEM) == (
+        "question : 2 + 2 = A 3 B 4 C 5\nAnswer with the letter of the correct option.")
     user = serve_eval.user_prompt(ITEM)
     assert user.startswith("2 + 2 =\n\nA. 3\nB. 4\nC. 5\n\n")
     assert user.endswith("(A, B or C).")

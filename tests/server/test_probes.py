@@ -34,9 +34,13 @@ def write_items(path: Path, items: list[dict[str, object]]) -> Path:
     return path
 
 
-def test_the_probe_prompt_is_merge_evaluators() -> None:
+def test_the_probe_asks_what_merges_evaluator_asks_and_an_items_own_prompt(tmp_path: Path) -> None:
     item = {"question": "who ?", "choices": ["a b", "c", "d"], "answer": 2}
-    assert format_mc_prompt(item) == merge_prompt(item)
+    worded = {**item, "prompt": "Who?\nA. a b\nB. c\nC. d\nAnswer with the letter."}
+    probes = ProbeSet.load(write_items(tmp_path / "p.jsonl", [item, worded])).probes
+    assert [p.content for p in probes] == [merge_prompt(item), worded["prompt"]]
+    assert [p.gold for p in probes] == ["C", "C"]
+    assert format_mc_prompt(item) == "question : who ? A a b B c C d"
 
 
 def test_grading() -> None:
@@ -54,6 +58,9 @@ def test_bad_probe_files_name_file_and_line(tmp_path: Path) -> None:
         ProbeSet.load(bad)
     write_items(bad, [{"question": "q", "choices": ["a", "b"], "answer": 5}])
     with pytest.raises(ProbeDataError, match="line 1: 'answer' must be the index"):
+        ProbeSet.load(bad)
+    write_items(bad, [{"question": "q", "choices": ["a", "b"], "answer": 0, "prompt": 7}])
+    with pytest.raises(ProbeDataError, match="line 1: 'prompt' must be a string"):
         ProbeSet.load(bad)
     bad.write_text("\n")
     with pytest.raises(ProbeDataError, match="no probe items"):
