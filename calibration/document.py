@@ -322,7 +322,8 @@ class CalibrationDocument(_Model):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationDocument:
-        """Read `path` (a `calibration.json`, or a model directory holding one)."""
+        """Read `path` (a `calibration.json`, or a model directory holding one). A missing,
+        unreadable or invalid file is a `CalibrationError` naming it."""
         file = Path(path)
         if file.is_dir():
             file = file / FILE_NAME
@@ -330,6 +331,8 @@ class CalibrationDocument(_Model):
             data = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{file}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise CalibrationError(f"{file}: cannot read it ({exc.strerror or exc})") from None
         try:
             return cls.from_dict(data)
         except CalibrationError as exc:

@@ -285,7 +285,22 @@ def serve(
         probe_rate=probe_rate, probe_data=probe_data, recalibrate=recalibrate,
         recalibration_dir=recalibration_dir,
     )
+    _check_calibrations(settings, "--config" if config is not None else "--model")
     run_server(settings.model_copy(update={"log_level": log_level}))
+
+
+def _check_calibrations(settings: ServerSettings, hint: str) -> None:
+    """Every tier's calibration.json loads, before anything starts: a bad one is a usage error
+    naming the file, not a traceback from the app's start."""
+    from calibserve.calibration import CalibrationError
+    from calibserve.server.runtime import load_calibration
+
+    for model in settings.models:
+        for tier in [model, *model.escalate_to]:
+            try:
+                load_calibration(tier.calibration_path())
+            except CalibrationError as exc:
+                raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 app.command("serve")(serve)

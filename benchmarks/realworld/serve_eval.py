@@ -107,8 +107,9 @@ class Run:
     """Paths and parameters of one benchmark run (its output directory)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        home = Path(os.environ.get("CALIBSERVE_HOME", ".calibserve"))
-        self.realworld = Path(args.realworld or home / "realworld")
+        # Absolute: the serve step's YAML config resolves relative paths against its own folder.
+        home = Path(os.environ.get("CALIBSERVE_HOME", ".calibserve")).resolve()
+        self.realworld = Path(args.realworld or home / "realworld").resolve()
         self.model = self.realworld / "models" / MODEL_NAME
         self.params = {
             "task": args.task, "n_calibrate": args.n_calibrate, "n_test": args.n_test,
@@ -123,7 +124,7 @@ class Run:
                                       f"-{args.held_out.replace(',', '+')}")
                 + ("" if args.calibration_wording == "contract"
                    else f"-{args.calibration_wording}"))
-        self.out = Path(args.out or home / "realworld" / "serve_eval" / name)
+        self.out = Path(args.out or home / "realworld" / "serve_eval" / name).resolve()
         self.data = self.out / "calibrate-data"
         self.calibration = self.out / "calibration.json"
         self.concurrency = args.concurrency

@@ -90,6 +90,23 @@ def test_errors(tmp_path: Path, captured: list[ServerSettings]) -> None:
         ServerSettings.from_yaml(bad)
 
 
+@pytest.mark.parametrize("content", [None, "{not json", '{"version": 99}'])
+def test_a_bad_calibration_file_is_a_usage_error_naming_it(
+        tmp_path: Path, captured: list[ServerSettings], content: str | None) -> None:
+    cal = tmp_path / "calibration.json"
+    if content is not None:
+        cal.write_text(content)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"models:\n  - name: x\n    upstreams: [\"http://127.0.0.1:9\"]\n"
+                      f"    calibration: {cal.name}\n")  # relative: resolved against c.yaml
+    result = invoke("--config", str(config))
+    assert result.exit_code == 2, result.output  # type: ignore[attr-defined]
+    # rich's error box wraps long paths: compare without its borders and any whitespace
+    out = "".join(c for c in result.output if c not in "│ \n")  # type: ignore[attr-defined]
+    assert "--config" in out and str(cal).replace(" ", "") in out and "Traceback" not in out
+    assert not captured  # nothing started
+
+
 def test_help_lists_the_documented_options() -> None:
     result = CliRunner().invoke(
         calibserve.server.cli.app, ["serve", "--help"], env={"COLUMNS": "200"}
