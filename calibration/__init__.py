@@ -77,6 +77,8 @@ from calibserve.calibration.risk import (
 )
 from calibserve.calibration.scorer import ScoredStream, Scorer, ServedMethod
 from calibserve.calibration.verify import (
+    VERIFY_QUESTION,
+    VERIFY_SUFFIX,
     NoVerdictError,
     NoVerdictTokensError,
     VerdictTokens,
@@ -105,6 +107,8 @@ __all__ = [
     "REGISTRY",
     "ConfidenceMethod",
     "confidence_method",
+    "VERIFY_QUESTION",
+    "VERIFY_SUFFIX",
     "verify_messages",
     "verify_prompt",
     "verify_confidence",

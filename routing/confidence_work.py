@@ -11,6 +11,12 @@ then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method r
   exactly those (vLLM's `logprob_token_ids`: both sides are always read, never a one-sided or
   missing verdict because a spelling fell out of a top-k), else the top 20. Confidence:
   `verify_confidence` (P(yes) renormalised over yes/no).
+  The verify prompt is the reply's prompt plus the reply plus the question, so a reply that ran
+  to (or near) the engine's context length leaves no room for the question: vLLM refuses the
+  verify request with a 400 (`param: input_tokens`). Then the request is sent once more with the
+  reply's tail cut (`fit_reply`): at least as many of its tokens as the question and the chat
+  template's turn markers can take, so, since the reply's own request fitted, the verify prompt
+  fits; a verdict on the reply's beginning instead of none. No extra cost on the happy path.
 - `consistency`: one request per client request (shared by its choices) with `n: k` samples of
   the same prompt at temperature 1 with no top-p / top-k / min-p truncation, whatever the
   client's own sampling (a greedy client's samples would all equal its reply: agreement 1 says
@@ -33,6 +39,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from calibserve.calibration import (
+    VERIFY_QUESTION,
+    VERIFY_SUFFIX,
     CalibrationError,
     NoVerdictError,
     consistency_confidence,
@@ -43,7 +51,7 @@ from calibserve.calibration import (
 )
 from calibserve.calibration import Scorer as CalibrationScorer
 from calibserve.routing.agreement import choice_text
-from calibserve.routing.errors import UpstreamError
+from calibserve.routing.errors import UpstreamClientError, UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.payload import endpoint_path
 from calibserve.routing.result import RoutedResult
@@ -55,10 +63,37 @@ _DROP = ("stream", "stream_options", "logprobs", "top_logprobs", "best_of", "ech
          "suffix", "prompt_logprobs", "temperature", "top_p", "top_k", "min_p")
 # Consistency samples the model's own distribution (see the module docstring).
 SAMPLE_TEMPERATURE = 1.0
+# Tokens a chat template adds around the reply's turn and the question's (the assistant's end
+# marker, the user turn's header and end, the next assistant header): ChatML takes 10, Llama 3
+# 15; `fit_reply` reserves this many beside the question's own tokens.
+TEMPLATE_TOKENS = 32
+# vLLM's `param` on a prompt longer than the context (renderers/params.py).
+_OVERFLOW_PARAMS = ("input_tokens", "input_text")
 
 
 class _Unsupported(Exception):
     """The request cannot be rephrased for this method (counted as `unsupported`)."""
+
+
+def context_overflow(exc: UpstreamClientError) -> bool:
+    """Did the engine refuse the request because its prompt exceeds the context length?"""
+    if exc.status_code != 400:
+        return False
+    body = exc.body
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and error.get("param") in _OVERFLOW_PARAMS:
+        return True
+    return "maximum context length" in str(exc)
+
+
+def fit_reply(pieces: Sequence[str], question: str) -> str | None:
+    """The reply (its tokens as the engine returned them, or its streamed pieces, each at least
+    one token) without the last pieces the verify question needs room for: at least the
+    question's UTF-8 bytes (no byte-level token is shorter than a byte) plus `TEMPLATE_TOKENS`
+    plus the verdict token. None when nothing of the reply would be left."""
+    kept = [p for p in pieces if p]
+    keep = len(kept) - (len(question.encode("utf-8")) + TEMPLATE_TOKENS + 1)
+    return "".join(kept[:keep]) if keep > 0 else None
 
 
 class ConfidenceWork:
@@ -79,27 +114,29 @@ class ConfidenceWork:
         """Will `refine` replace this confidence (does it need extra upstream work)?"""
         return self.scorer is not None and self.scorer.extra_work(confidence) is not None
 
-    async def refine(self, confidence: ConfidenceLike, text: str) -> ConfidenceLike:
+    async def refine(self, confidence: ConfidenceLike, text: str,
+                     pieces: Sequence[str] = ()) -> ConfidenceLike:
         """The choice's confidence after its method's extra work; `confidence` when none is
-        needed or the work failed (the fallback, as labelled)."""
+        needed or the work failed (the fallback, as labelled). `pieces`: the reply's tokens (or
+        streamed pieces) joining to `text`, for `fit_reply`; empty: never cut."""
         if self.scorer is None:
             return confidence
         kind = self.scorer.extra_work(confidence)
         if kind is None:
             return confidence
         if kind.extra == "verify":
-            raw = await self._verify(text)
+            raw = await self._verify(text, pieces)
         else:
             raw = await self._consistency(text)
         return confidence if raw is None else self.scorer.refined(raw)
 
     async def refine_all(
-        self, items: Sequence[tuple[ConfidenceLike, str]]
+        self, items: Sequence[tuple[ConfidenceLike, str, Sequence[str]]]
     ) -> list[ConfidenceLike]:
-        """`refine` every (confidence, text), concurrently."""
-        if not any(self.pending(conf) for conf, _ in items):
-            return [conf for conf, _ in items]
-        return list(await asyncio.gather(*(self.refine(c, t) for c, t in items)))
+        """`refine` every (confidence, text, pieces), concurrently."""
+        if not any(self.pending(conf) for conf, _, _ in items):
+            return [conf for conf, _, _ in items]
+        return list(await asyncio.gather(*(self.refine(c, t, p) for c, t, p in items)))
 
     # -- verify ---------------------------------------------------------------------------
     def _verify_body(self, reply: str) -> dict[str, Any]:
@@ -130,9 +167,24 @@ class ConfidenceWork:
                 out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         return out
 
-    async def _verify(self, reply: str) -> float | None:
+    def _verify_question(self) -> str:
+        """What the verify prompt adds after the reply (the question, or completions' suffix)."""
+        assert self.scorer is not None
+        question = self.scorer.verify_question
+        if self.endpoint == "chat":
+            return VERIFY_QUESTION if question is None else question
+        return VERIFY_SUFFIX if question is None else f"\n{question}\nAnswer:"
+
+    async def _verify(self, reply: str, pieces: Sequence[str] = ()) -> float | None:
         try:
-            answer = await self._request(self._verify_body(reply))
+            try:
+                answer = await self._request(self._verify_body(reply))
+            except UpstreamClientError as exc:
+                # The reply filled the context: no room for the question (module docstring).
+                shorter = fit_reply(pieces, self._verify_question())
+                if shorter is None or not context_overflow(exc):
+                    raise
+                answer = await self._request(self._verify_body(shorter))
             choice = (answer.get("choices") or [{}])[0]
             parsed = token_logprobs(choice.get("logprobs"))
             if not len(parsed):

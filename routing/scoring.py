@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from calibserve.calibration import CalibrationError, token_logprobs
 from calibserve.routing.agreement import choice_text
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.route import ConfidenceLike, Scorer
@@ -31,12 +32,21 @@ def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:
     return scores
 
 
+def reply_tokens(choice: dict[str, Any]) -> list[str]:
+    """The choice's tokens as its logprobs spell them (empty when it has none)."""
+    try:
+        return list(token_logprobs(choice.get("logprobs")).tokens)
+    except (CalibrationError, LookupError, TypeError, ValueError):
+        return []
+
+
 async def score_answer(body: dict[str, Any], work: ConfidenceWork) -> list[ConfidenceLike]:
     """Score every choice of `body` (the tier's JSON answer), do the method's extra work, set
     `choice["confidence"]`; the confidences by position."""
     choices = body.get("choices") or []
     scorer = work.tier.confidence_scorer
-    first = [(scorer.score_choice(c.get("logprobs")), choice_text(c)) for c in choices]
+    first = [(scorer.score_choice(c.get("logprobs")), choice_text(c), reply_tokens(c))
+             for c in choices]
     confs = await work.refine_all(first)
     for choice, conf in zip(choices, confs, strict=True):
         choice["confidence"] = confidence_dict(conf)

@@ -104,7 +104,7 @@ class TierStream:
         """The extra work of the choices this chunk finishes, before the chunk goes out."""
         assert self._work is not None
         finals = await self._work.refine_all(
-            [(state.confidence(), "".join(state.text)) for _, state in pending]
+            [(state.confidence(), "".join(state.text), state.text) for _, state in pending]
         )
         for (choice, state), conf in zip(pending, finals, strict=True):
             state.final = conf

@@ -15,6 +15,7 @@ import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,13 +52,17 @@ def mmlu_dir() -> Path:
     return _fetch("mmlu")
 
 
-# The served document for the smoke test: the option-letter method for A-D, `mean` for
-# free-form replies, no calibrator of either (served `calibrated: false`). Fitting one is the
-# benchmark's job (benchmarks/realworld/serve_eval.py); here only the served path is checked.
-SMOKE_CALIBRATION = {
-    "version": 2, "multiple_choice": "answer", "free_form": "mean",
-    "methods": {"answer": {"params": {"options": ["A", "B", "C", "D"]}}, "mean": {}},
-}
+# The served document for the smoke test: the option-letter method for A-D, `verify` for
+# free-form replies (with the checkpoint's yes/no token ids, as `calibserve calibrate --verify`
+# records them), `mean` its fallback, no calibrator of any (served `calibrated: false`). Fitting
+# one is the benchmark's job (benchmarks/realworld/serve_eval.py); here only the served path is
+# checked.
+def smoke_calibration(verdict_token_ids: dict[str, list[int]]) -> dict[str, Any]:
+    return {
+        "version": 2, "multiple_choice": "answer", "free_form": "verify",
+        "methods": {"answer": {"params": {"options": ["A", "B", "C", "D"]}}, "mean": {},
+                    "verify": {"params": {"verdict_token_ids": verdict_token_ids}}},
+    }
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +81,8 @@ def smollm2_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     work = tmp_path_factory.mktemp("calibserve-smollm2")
     calibration = work / "calibration.json"
-    calibration.write_text(json.dumps(SMOKE_CALIBRATION))
+    from calibserve.serve_fit import checkpoint_verdict_ids
+
+    calibration.write_text(json.dumps(smoke_calibration(checkpoint_verdict_ids(smollm2_dir))))
     with calibserve_serve(smollm2_dir, "smollm2", calibration, work, max_model_len=256) as url:
         yield url

@@ -6,14 +6,15 @@ option letters are vocabulary pieces ("A", "ĠA") that `normalize_token` reads a
 openai SDK, an MMLU question asked as a chat message gets a first token whose top_logprobs hold
 option letters; the served `confidence` is the option-letter method's (the server found the
 letter tokens under the ChatML template and byte-level BPE) and agrees with transformers' own
-next-token distribution read in raw BPE pieces; a free-form reply gets a free-form confidence
-(`mean`), and a request without logprobs still gets a confidence.
+next-token distribution read in raw BPE pieces; a free-form reply gets the free-form method's
+confidence (`verify`: the engine's P(yes) over the yes/no token ids), also when the reply ran to
+the engine's 256-token context (issue 12: its verify prompt did not fit and fell back to
+`mean`), and a request without logprobs still gets a confidence.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def test_served_option_letter_confidence_under_chatml_and_bpe(
         conf = served_confidence(choice)
         letter = normalize_token(first.token)
         if letter not in LETTERS:  # the reply is not an option letter: a free-form method
-            assert conf["method"] == "mean", conf
+            assert conf["method"] == "verify", conf
             continue
         by_answer += 1
         # The server found the letter tokens under the ChatML template in byte-level BPE pieces
@@ -207,7 +208,7 @@ def test_served_option_letter_confidence_under_chatml_and_bpe(
 
 
 @pytest.mark.vllm
-def test_served_free_form_reply_gets_a_free_form_confidence(client: openai.OpenAI) -> None:
+def test_served_free_form_reply_gets_a_verify_confidence(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
         model="smollm2",
         messages=sdk_chat("What is the capital of France? Answer in one sentence."),
@@ -218,9 +219,23 @@ def test_served_free_form_reply_gets_a_free_form_confidence(client: openai.OpenA
     assert normalize_token(choice.logprobs.content[0].token) not in LETTERS
     assert "Paris" in (choice.message.content or "")
     conf = served_confidence(choice)
-    assert conf["method"] == "mean" and conf["calibrated"] is False
-    lps = [t.logprob for t in choice.logprobs.content]
-    assert conf["raw"] == pytest.approx(math.exp(sum(lps) / len(lps)), rel=1e-6)
+    # The verdict read with SmolLM2's own yes/no ids: neither side is ever missing.
+    assert conf["method"] == "verify" and conf["calibrated"] is False, conf
+    assert 0.0 < conf["raw"] < 1.0 and conf["score"] == conf["raw"]
+
+
+@pytest.mark.vllm
+def test_verify_of_a_reply_that_filled_the_context(client: openai.OpenAI) -> None:
+    # No max_tokens: the reply runs until the 256-token context is full, so the verify prompt
+    # (the conversation, the reply and the question) cannot fit as it is (issue 12).
+    resp = client.chat.completions.create(
+        model="smollm2", temperature=0.0,
+        messages=sdk_chat("Write a long story about a balcony, repeating yourself."),
+    )
+    choice = resp.choices[0]
+    assert resp.usage is not None and resp.usage.total_tokens >= 250, resp.usage
+    conf = served_confidence(choice)
+    assert conf["method"] == "verify", conf
     assert 0.0 < conf["raw"] < 1.0
 
 
@@ -236,4 +251,4 @@ def test_served_confidence_without_logprobs_asked(
     choice = resp.choices[0]
     assert choice.logprobs is None
     conf = served_confidence(choice)
-    assert conf["method"] in ("answer", "mean") and 0.0 <= conf["score"] <= 1.0
+    assert conf["method"] in ("answer", "verify") and 0.0 <= conf["score"] <= 1.0

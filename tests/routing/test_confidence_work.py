@@ -27,6 +27,7 @@ from calibserve.routing import (
     Tier,
     Upstream,
 )
+from calibserve.routing.confidence_work import TEMPLATE_TOKENS, fit_reply
 from tests.routing.fakes import FakeUpstream, fake_chat_answer, fake_chat_events
 
 pytestmark = pytest.mark.anyio
@@ -311,3 +312,77 @@ async def test_verify_asks_for_exactly_the_verdict_token_ids_when_the_document_h
     await router.complete("r", "completions", {"model": "r", "prompt": "q : capital ?"})
     extra = engine.fake.bodies[-1]
     assert extra["logprob_token_ids"] == [11, 12, 13] and extra["logprobs"] == 1
+
+
+# A reply that ran to the engine's context length leaves no room for the verify question: the
+# engine refuses the verify prompt (HTTP 400, vLLM's `param: input_tokens`). Issue 12: on
+# SmolLM2 behind a 256-token CPU engine, replies without max_tokens ran to the limit and their
+# verify always fell back to `mean`.
+CONTEXT = 200  # the fake engine's context, in tokens (one "w " piece = one token)
+OVERFLOW = {"error": {"message": "This model's maximum context length is 200 tokens. However, "
+                                 "your prompt contains at least 201 input tokens",
+                      "type": "BadRequestError", "param": "input_tokens", "code": 400}}
+
+
+class ContextEngine(Engine):
+    """Replies with `n_tokens` pieces "w "; refuses a verify prompt over `CONTEXT` tokens
+    (the reply's pieces plus one token per byte of the question: an upper bound)."""
+
+    def __init__(self, n_tokens: int, refusal: dict[str, Any] = OVERFLOW) -> None:
+        super().__init__()
+        self.n_tokens, self.refusal = n_tokens, refusal
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        pieces = [("w ", 0.5)] * self.n_tokens
+        if body.get("max_tokens") == 1:
+            reply, question = body["messages"][-2]["content"], body["messages"][-1]["content"]
+            if reply.count("w") + len(question) > CONTEXT:
+                return httpx.Response(400, json=self.refusal)
+            return httpx.Response(200, json=verdict(self.top))
+        if body.get("stream"):
+            return httpx.Response(200, headers={"content-type": "text/event-stream"},
+                                  content=b"".join(fake_chat_events(pieces)))
+        answer = fake_chat_answer("w " * self.n_tokens, 0.5)
+        answer["choices"][0]["logprobs"] = {"content": [
+            {"token": t, "logprob": math.log(p), "top_logprobs": [{"token": t,
+                                                                   "logprob": math.log(p)}]}
+            for t, p in pieces]}
+        return httpx.Response(200, json=answer)
+
+
+async def test_verify_of_a_reply_that_filled_the_context_is_retried_with_its_tail_cut() -> None:
+    engine = ContextEngine(CONTEXT - 20)
+    router, metrics = build(engine, scorer("verify"))
+    body = {"model": "r", "messages": MESSAGES}
+    res = await router.complete("r", "chat", body)
+    choice = res.body["choices"][0]  # type: ignore[index]
+    assert choice["message"]["content"] == "w " * (CONTEXT - 20)  # the client's reply is whole
+    assert choice["confidence"]["method"] == "verify"
+    assert choice["confidence"]["raw"] == pytest.approx(0.75)
+    refused, retried = engine.extra()
+    assert refused["messages"][-2]["content"] == "w " * (CONTEXT - 20)
+    # cut by the question's bytes, the template's allowance and the verdict token, no more
+    cut = CONTEXT - 20 - (len(VERIFY_QUESTION.encode()) + TEMPLATE_TOKENS + 1)
+    assert retried["messages"][-2]["content"] == "w " * cut
+    assert retried["messages"][-1]["content"] == VERIFY_QUESTION
+    assert count(metrics, "verify", "ok") == 1 and count(metrics, "verify", "error") == 0
+    streamed = await stream_confidence(router, body)
+    assert streamed == choice["confidence"]
+
+
+async def test_verify_refused_for_another_reason_is_not_retried() -> None:
+    refusal = {"error": {"message": "bad messages", "type": "BadRequestError",
+                         "param": "messages", "code": 400}}
+    engine = ContextEngine(CONTEXT - 20, refusal=refusal)
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert res.body["choices"][0]["confidence"]["method"] == "mean"  # type: ignore[index]
+    assert len(engine.extra()) == 1 and count(metrics, "verify", "error") == 1
+
+
+def test_fit_reply_keeps_nothing_rather_than_an_empty_reply() -> None:
+    question = "ok?"
+    need = len(question) + TEMPLATE_TOKENS + 1
+    assert fit_reply(["a"] * need, question) is None
+    assert fit_reply(["a", "", "b"] * need, question) == "ab" * (need // 2) + "a" * (need % 2)
