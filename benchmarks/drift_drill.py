@@ -9,6 +9,13 @@ candidate. With `--prometheus` a real Prometheus scrapes calibserve every 5 s wi
 rules (deploy/prometheus/rules.yml, groups evaluated every minute) and the drill times
 `CalibserveProbeCalibrationDrift` from the first probe to firing.
 
+A second fault, whose size does not depend on the demo world's build (`sharpened_calibration`,
+what the CI test uses): the MERGED model under its own calibration.json with the served method's
+map replaced by a sharpening temperature (T = 0.3), as a deploy that shipped a broken map would.
+The first fault's size varies with the build: the aligned model and the merge can sit close
+together (on one AVX2 build the merge picked lambda 0.5 and the aligned model's probe ECE under
+its map, 0.069, was below the map's own fit ECE, 0.105: no drift to see).
+
 Measured: the probe ECE before the swap; when the alert fires; shadow's candidate vs served ECE;
 the swap; the live ECE of the probes answered after the swap under the swapped map, against the
 alert level (fit ECE + 0.05) and against a calibrator fitted OFFLINE on that engine
@@ -107,6 +114,20 @@ def offline_map(aligned: Path, data: Path) -> Any:
     out = Path(tempfile.mkdtemp(prefix="drill-offline-")) / "calibration.json"
     doc = calibrate_checkpoint(aligned, data, out, "temperature")
     return doc.method("answer").calibration_map()
+
+
+def sharpened_calibration(calibration: Path, temperature: float = 0.3) -> Path:
+    """A copy of `calibration` (in a new temp folder) whose multiple-choice method's map is
+    `sigmoid(logit(p) / temperature)`: overconfident for any model, its recorded fit ECE kept."""
+    from calibserve.calibration import CalibrationDocument, TemperatureScaling
+
+    doc = CalibrationDocument.load(calibration)
+    name = doc.multiple_choice
+    broken = doc.methods[name].model_copy(
+        update={"calibrator": TemperatureScaling(temperature).to_dict()})
+    out = Path(tempfile.mkdtemp(prefix="drill-broken-map-")) / "calibration.json"
+    doc.model_copy(update={"methods": {**doc.methods, name: broken}}).write(out)
+    return out
 
 
 def run_drill(model_dir: Path, calibration: Path, probes: Path, *, rate: float,

@@ -35,7 +35,11 @@ def test_a_short_run_has_every_field_and_streams_arrive_token_by_token(tmp_path:
                 assert step["concurrency"] == int(c) and step["stream"] == (mode == "stream")
                 assert step["errors"] == 0 and not step["cut_off"] and step["requests"] > 0
                 assert step["rps"] > 0 and 0 < step["p50_ms"] <= step["p99_ms"]
-                assert step["cpu_ms_per_request"] > 0
+                # CPU time is counted in 10 ms clock ticks: a light target's short step (nginx,
+                # a dozen streams in 0.3 s) can read 0; calibserve's non-streaming steps cannot.
+                assert step["cpu_ms_per_request"] >= 0
+                if name == "calibserve" and mode == "non_stream":
+                    assert step["cpu_ms_per_request"] > 0
                 assert "added_p50_ms" in step
         for step in results["sweep"][name]["stream"].values():
             # 8 tokens, 3 ms apart: the first arrives long before the last.
