@@ -13,8 +13,8 @@ A second fault, whose size does not depend on the demo world's build (`sharpened
 what the CI test uses): the MERGED model under its own calibration.json with the served method's
 map replaced by a sharpening temperature (T = 0.3), as a deploy that shipped a broken map would.
 The first fault's size varies with the build: the aligned model and the merge can sit close
-together (on one AMD EPYC build, AVX-512, the merge picked lambda 0.5 and the aligned model's probe ECE under
-its map, 0.069, was below the map's own fit ECE, 0.105: no drift to see).
+together (on one AMD EPYC build, AVX-512, the merge picked lambda 0.5 and the aligned model's
+probe ECE under its map, 0.069, was below the map's own fit ECE, 0.105: no drift to see).
 
 Measured: the probe ECE before the swap; when the alert fires; shadow's candidate vs served ECE;
 the swap; the live ECE of the probes answered after the swap under the swapped map, against the
