@@ -74,7 +74,8 @@ def test_sigterm_stops_the_managed_engine(tmp_path: Path) -> None:
         "    engine: {python: " + fake_python(tmp_path) + "}\n"
     )
     proc = start_server(["--config", str(settings)], port)
-    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True,
+                        text=True).stdout
     engine_pids = [int(line.split()[0]) for line in ps.splitlines()
                    if "openai_upstream.py" in line and str(proc.pid) in line.split()[1]]
     assert engine_pids, ps
