@@ -19,10 +19,15 @@ alternatives). Closed-loop load at each concurrency, the variants interleaved:
 
 Every request is a chat completion of exactly `--tokens` tokens (`min_tokens` = `max_tokens`,
 temperature 0). Reported: requests/s, p50 latency, CPU seconds per request of calibserve and of
-the engine's processes, and which cores each process may run on.
+the engine's processes, split by role (vLLM's API server, which renders, tokenises and writes
+the JSON answer with its logprobs; its engine core, the scheduler; its worker, the model), and
+which cores each process may run on.
 
-    CALIBSERVE_HOME=... flock /work/heavy.lock .venv/bin/python benchmarks/engine_cost.py \\
-        --json benchmarks/.work/engine_cost.json
+    .venv/bin/python -u benchmarks/engine_cost.py --rounds 3 \\
+        --json benchmarks/.work/engine_cost.json       # the managed engine's CPU default
+    .venv/bin/python -u benchmarks/engine_cost.py --rounds 3 \\
+        --engine-env VLLM_ENABLE_V1_MULTIPROCESSING=1 \\
+        --json benchmarks/.work/engine_cost_vllm_default.json   # vLLM's own placement
 """
 
 from __future__ import annotations
@@ -76,6 +81,33 @@ def body(variant: str, tokens: int) -> dict[str, Any]:
     return out
 
 
+def role(pid: int) -> str:
+    """Which part of vLLM a process of the engine's tree is (by the name vLLM gives it). With
+    `VLLM_ENABLE_V1_MULTIPROCESSING=0` there is no worker process: the model runs in the
+    engine core's, and its CPU is counted there."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if comm.startswith("VLLM::Worker"):
+        return "worker"
+    if comm.startswith("VLLM::EngineCor"):
+        return "engine_core"
+    return "api_server"  # the API server itself (and its small resource tracker)
+
+
+ROLES = ("api_server", "engine_core", "worker")
+
+
+def role_cpu(pids: list[int]) -> dict[str, float]:
+    out = dict.fromkeys(ROLES, 0.0)
+    for p in pids:
+        r = role(p)
+        if r in out:
+            out[r] += cpu_seconds(p)
+    return out
+
+
 def placement(pid: int) -> dict[str, Any]:
     """Each process's command (short) and the cores its threads may run on."""
     out: dict[str, Any] = {}
@@ -125,8 +157,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repeats (medians)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="a subset, in this order")
+    ap.add_argument("--engine-args", default="", help="more vLLM arguments (engine.extra_args), "
+                    "e.g. '--distributed-executor-backend uni'")
+    ap.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the managed engine (repeatable)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    bad_env = [e for e in args.engine_env if "=" not in e]
+    if bad_env:
+        ap.error(f"--engine-env: {bad_env[0]!r} is not KEY=VALUE")
+    engine_env = dict(e.split("=", 1) for e in args.engine_env)
     cs_port, engine_port, pinned_port = (int(p) for p in args.ports.split(","))
     model = args.model or merged_model()
     work = Path(tempfile.mkdtemp(prefix="engine-cost-"))
@@ -135,7 +180,8 @@ def main() -> None:
         "host": "127.0.0.1", "port": cs_port, "signing_key": "bench",
         "models": [
             {"name": "demo", "model": str(model),
-             "engine": {"port": engine_port, "max_model_len": 256}},
+             "engine": {"port": engine_port, "max_model_len": 256,
+                        "extra_args": args.engine_args.split()}},
             {"name": "demo-mean", "upstreams": [f"http://127.0.0.1:{engine_port}"],
              "upstream_model": "demo", "calibration": str(mean_document(work / "mean.json"))},
         ],
@@ -143,70 +189,77 @@ def main() -> None:
     print(f"machine: {machine()}; log: {work / 'calibserve.log'}", flush=True)
     proc = start([sys.executable, "-m", "calibserve.server", "serve", "--config", str(config),
                   "--log-level", "warning"], work / "calibserve.log",
-                 env={**os.environ, "PYTHONPATH": str(REPO)})
+                 env={**os.environ, "PYTHONPATH": str(REPO), **engine_env})
     results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                           time.gmtime()),
-                               "model": str(model), "tokens": args.tokens, "runs": []}
+                               "model": str(model), "tokens": args.tokens,
+                               "engine_args": args.engine_args, "engine_env": engine_env,
+                               "runs": []}
     pinned = None
     try:
         wait_http(cs_port, "/ready", 600, proc)
-        last_core = sorted(os.sched_getaffinity(0))[-1]
-        pinned_config = work / "pinned.yaml"
-        pinned_config.write_text(json.dumps({
-            "host": "127.0.0.1", "port": pinned_port, "signing_key": "bench",
-            "models": [{"name": "demo", "upstreams": [f"http://127.0.0.1:{engine_port}"],
-                        "upstream_model": "demo",
-                        "calibration": str(model / "calibration.json")}]}))
-        pinned = start(["taskset", "-c", str(last_core), sys.executable, "-m",
-                        "calibserve.server", "serve", "--config", str(pinned_config),
-                        "--log-level", "warning"], work / "pinned.log",
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-        wait_http(pinned_port, "/ready", 120, pinned)
         results["placement"] = placement(proc.pid)
-        results["placement_pinned"] = placement(pinned.pid)
+        if "calibserve-pinned" in variants:
+            last_core = sorted(os.sched_getaffinity(0))[-1]
+            pinned_config = work / "pinned.yaml"
+            pinned_config.write_text(json.dumps({
+                "host": "127.0.0.1", "port": pinned_port, "signing_key": "bench",
+                "models": [{"name": "demo", "upstreams": [f"http://127.0.0.1:{engine_port}"],
+                            "upstream_model": "demo",
+                            "calibration": str(model / "calibration.json")}]}))
+            pinned = start(["taskset", "-c", str(last_core), sys.executable, "-m",
+                            "calibserve.server", "serve", "--config", str(pinned_config),
+                            "--log-level", "warning"], work / "pinned.log",
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+            wait_http(pinned_port, "/ready", 120, pinned)
+            results["placement_pinned"] = placement(pinned.pid)
         results["load_average_start"] = os.getloadavg()
         engine_pids = descendants(proc.pid)
-        ports = {v: (engine_port if v.startswith("direct") else cs_port) for v in VARIANTS}
+        ports = {v: (engine_port if v.startswith("direct") else cs_port) for v in variants}
         ports["calibserve-pinned"] = pinned_port
         raws = {v: build_request("127.0.0.1", ports[v], "/v1/chat/completions",
-                                 body(v, args.tokens)) for v in VARIANTS}
-        for v in VARIANTS:  # warm-up, and a check that every variant answers
+                                 body(v, args.tokens)) for v in variants}
+        for v in variants:  # warm-up, and a check that every variant answers
             asyncio.run(closed_loop(ports[v], raws[v], 4, 2.0))
         for conc in (int(c) for c in args.concurrency.split(",")):
             for rnd in range(args.rounds):
-                for v in VARIANTS:
-                    front = pinned.pid if v == "calibserve-pinned" else proc.pid
+                for v in variants:
+                    front = pinned.pid if pinned and v == "calibserve-pinned" else proc.pid
                     c0 = cpu_seconds(front)
-                    e0 = sum(cpu_seconds(p) for p in engine_pids)
+                    e0 = role_cpu(engine_pids)
                     lat, wall = asyncio.run(closed_loop(ports[v], raws[v], conc, args.seconds))
                     c1 = cpu_seconds(front)
-                    e1 = sum(cpu_seconds(p) for p in engine_pids)
+                    e1 = role_cpu(engine_pids)
                     n = len(lat)
+                    by_role = {r: 1000 * (e1[r] - e0[r]) / n for r in ROLES}
                     run = {"variant": v, "concurrency": conc, "round": rnd, "requests": n,
                            "rps": n / wall, "p50_ms": 1000 * statistics.median(lat),
                            "calibserve_cpu_ms": 1000 * (c1 - c0) / n,
-                           "engine_cpu_ms": 1000 * (e1 - e0) / n}
+                           "engine_cpu_ms": sum(by_role.values()),
+                           "engine_cpu_ms_by_role": by_role,
+                           "engine_cores_busy": sum(e1[r] - e0[r] for r in ROLES) / wall}
                     results["runs"].append(run)
-                    print(f"  c={conc:3d} {v:16s} {run['rps']:7.1f} req/s  p50 "
-                          f"{run['p50_ms']:7.1f} ms  cpu calibserve {run['calibserve_cpu_ms']:.2f}"
-                          f" engine {run['engine_cpu_ms']:.2f} ms/req", flush=True)
+                    print(f"  c={conc:3d} {v:17s} {run['rps']:6.1f} req/s  p50 "
+                          f"{run['p50_ms']:6.1f} ms  cpu ms/req: calibserve "
+                          f"{run['calibserve_cpu_ms']:.2f}, vLLM api "
+                          f"{by_role['api_server']:.2f} core {by_role['engine_core']:.2f} "
+                          f"worker {by_role['worker']:.2f} ({run['engine_cores_busy']:.2f} cores)",
+                          flush=True)
         results["load_average_end"] = os.getloadavg()
     finally:
         if pinned is not None:
             stop(pinned)
         stop(proc)
     summary: dict[str, dict[str, float]] = {}
+    ratios = (("direct-top5", "direct"), ("direct-top0", "direct"), ("calibserve", "direct-top5"),
+              ("calibserve-mean", "direct-top0"), ("calibserve-pinned", "direct-top5"))
     for conc in sorted({r["concurrency"] for r in results["runs"]}):
         row = {v: statistics.median(r["rps"] for r in results["runs"]
                                     if r["variant"] == v and r["concurrency"] == conc)
-               for v in VARIANTS}
+               for v in variants}
         summary[str(conc)] = row
-        print(f"c={conc}: " + ", ".join(f"{v} {row[v]:.1f}" for v in VARIANTS)
-              + f" | top5/direct {row['direct-top5'] / row['direct']:.2f}"
-              f" top0/direct {row['direct-top0'] / row['direct']:.2f}"
-              f" calibserve/top5 {row['calibserve'] / row['direct-top5']:.2f}"
-              f" calibserve-mean/top0 {row['calibserve-mean'] / row['direct-top0']:.2f}"
-              f" pinned/top5 {row['calibserve-pinned'] / row['direct-top5']:.2f}")
+        print(f"c={conc}: " + ", ".join(f"{v} {row[v]:.1f}" for v in variants) + " | " + " ".join(
+            f"{a}/{b} {row[a] / row[b]:.2f}" for a, b in ratios if a in row and b in row))
     results["median_rps"] = summary
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

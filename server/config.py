@@ -48,6 +48,12 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     max_logprobs: int = Field(20, ge=1)
     kvcache_space_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    cpu_worker_in_engine_core: bool = Field(
+        True,
+        description="CPU: vLLM's model worker runs inside its engine-core process "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING=0), not as a process of its own that the engine core "
+        "busy-polls, taking the cores calibserve needs (docs/operations.md, 'A CPU engine')",
+    )
     extra_args: list[str] = Field(default_factory=list)
     start_timeout_s: float = Field(600.0, gt=0)
     restart_backoff_s: float = Field(1.0, gt=0, description="first restart delay; doubles")

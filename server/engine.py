@@ -99,6 +99,14 @@ def build_command(
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization or 0.3),
         ]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kvcache_space_gib))
+        if settings.cpu_worker_in_engine_core:
+            # By default the engine core and its model worker are two processes that busy-poll
+            # the shared-memory queue between them (it spins for 1 s after each message): on a
+            # CPU box they take the cores calibserve and the API server need, and through
+            # calibserve the engine ran 0.35-0.40x of its direct throughput at 8-32 requests in
+            # flight; with the worker in the engine-core process, 0.77-0.84x
+            # (benchmarks/engine_cost.py, RESULTS.md). The operator's own setting wins.
+            env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cmd += list(settings.extra_args)
     return cmd, env
 

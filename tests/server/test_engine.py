@@ -44,7 +44,8 @@ def fake_python(tmp_path: Path, body: str | None = None) -> str:
     return str(script)
 
 
-def test_cpu_and_gpu_commands(tmp_path: Path) -> None:
+def test_cpu_and_gpu_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
     cmd, env = build_command(tmp_path, "m", "127.0.0.1", 18350, EngineSettings(), cuda=False)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -53,9 +54,22 @@ def test_cpu_and_gpu_commands(tmp_path: Path) -> None:
                  "--max-logprobs 20", "--served-model-name m", "--port 18350"):
         assert part in joined
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    gpu, _ = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(), cuda=True)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the worker in the engine core on CPU
+    gpu, gpu_env = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(), cuda=True)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu_env  # GPU: vLLM's own default
     assert "--dtype" not in gpu and "--gpu-memory-utilization" not in gpu
     assert "--max-logprobs" in gpu
+
+
+def test_cpu_worker_placement_is_a_setting(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    off = EngineSettings(cpu_worker_in_engine_core=False)
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 1, off, cuda=False)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the operator's own choice wins
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(), cuda=False)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
 def test_start_failure_includes_log_tail(tmp_path: Path) -> None:
