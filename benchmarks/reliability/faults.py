@@ -203,7 +203,14 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
         recovery = (min(firsts) - killed) if firsts else None
         down = [o for o in outcomes if killed <= o.started and (
             recovery is None or o.started < killed + recovery)]
-        post = [o for o in outcomes if recovery is not None and o.started >= killed + recovery]
+        # After recovery: requests sent once the first recovered 200 had come back. A request a
+        # client sent a moment after that 200's own request can still reach the server first,
+        # while the engine is down, and get the prompt 503 (a client's send time is not the
+        # server's arrival order: seen with 3 clients, 1 ms apart); after the 200 has arrived
+        # the engine is up for everyone.
+        first_ok = min((o for o in outcomes if o.status == 200 and o.started > killed + 1.0),
+                       key=lambda o: o.started, default=None)
+        post = [o for o in outcomes if first_ok is not None and o.started >= first_ok.ended]
         errors = [o for o in in_flight + down if o.status not in (200, 503)]
         return {
             "model_dir": str(model_dir),
@@ -231,6 +238,12 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
                 default=0.0), 1),
             "recovery_s": None if recovery is None else round(recovery, 1),
             "statuses_after_recovery": _count(o.status for o in post),
+            # Which non-200s came after recovery, and when (seconds after the first 200 was sent).
+            "not_200_after_recovery": [
+                {"after_recovery_s": round(o.started - killed - (recovery or 0.0), 3),
+                 "status": o.status,
+                 "error": o.error or ((o.body or {}).get("error") or {}).get("message")}
+                for o in post if o.status != 200][:5],
             "engine_restarts": metric_sum(after, "calibserve_engine_restarts_total")
             - metric_sum(before, "calibserve_engine_restarts_total"),
             "new_engine_pid": engine.pid != old_pid,
