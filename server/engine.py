@@ -104,7 +104,7 @@ def build_command(
             # the shared-memory queue between them (it spins for 1 s after each message): on a
             # CPU box they take the cores calibserve and the API server need, and through
             # calibserve the engine ran 0.35-0.40x of its direct throughput at 8-32 requests in
-            # flight; with the worker in the engine-core process, 0.77-0.84x
+            # flight; with the worker in the engine-core process, 0.77-0.79x
             # (benchmarks/engine_cost.py, RESULTS.md). The operator's own setting wins.
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     cmd += list(settings.extra_args)

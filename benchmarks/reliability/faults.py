@@ -199,8 +199,9 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
         in_flight = [o for o in outcomes if o.started < killed < o.ended]
         # Recovery: the first request started after the engine was surely dead (1 s) that got a
         # 200 (the wait above only bounds the test; this is the figure reported).
-        firsts = [o.started for o in outcomes if o.status == 200 and o.started > killed + 1.0]
-        recovery = (min(firsts) - killed) if firsts else None
+        first_ok = min((o for o in outcomes if o.status == 200 and o.started > killed + 1.0),
+                       key=lambda o: o.started, default=None)
+        recovery = None if first_ok is None else first_ok.started - killed
         down = [o for o in outcomes if killed <= o.started and (
             recovery is None or o.started < killed + recovery)]
         # After recovery: requests sent once the first recovered 200 had come back. A request a
@@ -208,8 +209,6 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
         # while the engine is down, and get the prompt 503 (a client's send time is not the
         # server's arrival order: seen with 3 clients, 1 ms apart); after the 200 has arrived
         # the engine is up for everyone.
-        first_ok = min((o for o in outcomes if o.status == 200 and o.started > killed + 1.0),
-                       key=lambda o: o.started, default=None)
         post = [o for o in outcomes if first_ok is not None and o.started >= first_ok.ended]
         errors = [o for o in in_flight + down if o.status not in (200, 503)]
         return {

@@ -62,7 +62,7 @@ def test_cpu_and_gpu_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_cpu_worker_placement_is_a_setting(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     off = EngineSettings(cpu_worker_in_engine_core=False)
     _, env = build_command(tmp_path, "m", "127.0.0.1", 1, off, cuda=False)
