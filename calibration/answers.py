@@ -8,6 +8,10 @@ the calibration data and the confidence that is served share one notion of "the 
 
 Users with their own notion of correct (numbers with units, code, a judge model) pass any
 callable `(reply, gold, aliases) -> bool` wherever a `Grader` is accepted.
+
+A reply to a multiple-choice prompt is graded by the option it names with its leading letter
+(`option_letter`: "B", " B.", "B) ...", "(B)", "**B**"); a reply that starts with a word names no
+option and is wrong, which is what the `no_letter` method's map is fitted on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["Grader", "normalize_answer", "exact_match"]
+from calibserve.calibration.mc_prompt import LETTERS
+
+__all__ = ["Grader", "normalize_answer", "exact_match", "option_letter"]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -40,3 +46,14 @@ def exact_match(reply: str, gold: str, aliases: Sequence[str] = ()) -> bool:
     """The default grader: the normalised reply equals the normalised gold or an alias."""
     got = normalize_answer(reply)
     return bool(got) and any(got == normalize_answer(g) for g in (gold, *aliases))
+
+
+def option_letter(reply: str, options: Sequence[str] = LETTERS) -> str | None:
+    """The option `reply` names by its leading letter (after whitespace and any of `(*[`), when
+    the letter stands alone (end of reply, or followed by a non-alphanumeric); else None."""
+    text = reply.strip().lstrip("(*[")
+    for option in sorted(options, key=len, reverse=True):
+        rest = text[len(option):]
+        if option and text.startswith(option) and (not rest or not rest[0].isalnum()):
+            return option
+    return None

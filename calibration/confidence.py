@@ -7,7 +7,9 @@ logprobs, plain floats, None). `null` logprobs are skipped (they carry no eviden
 Raw methods (`confidence_score`): `mean` = geometric-mean token probability, `min` = least likely
 token, `first` = first (non-null) token, `quantile` = the `q`-quantile (default 0.1) of token
 probabilities (a low quantile is robust to length), `answer` = probability of the chosen option
-among the option tokens (see `answer_confidence`). A reply with no usable token scores 0.0.
+among the option tokens (see `answer_confidence`), `no_letter` = the `mean` statistic again (the
+method a reply to an option prompt that names no letter is served by: same number, own map, see
+methods.py). A reply with no usable token scores 0.0.
 
 `StreamingConfidence` keeps the running statistics of every method, so it can be fed chunk by
 chunk and read at any time; the batch functions are that same object fed once, so the two agree
@@ -42,7 +44,7 @@ __all__ = [
     "StreamingConfidence",
 ]
 
-METHODS: tuple[str, ...] = ("mean", "min", "first", "quantile", "answer")
+METHODS: tuple[str, ...] = ("mean", "min", "first", "quantile", "answer", "no_letter")
 DEFAULT_OPTIONS: tuple[str, ...] = ("A", "B", "C", "D")
 _TOKEN_PREFIXES = ("\u2581", "\u0120")  # SentencePiece "▁" and GPT-2 byte-level BPE "Ġ"
 
@@ -203,7 +205,7 @@ class StreamingConfidence:
             )
         if self._count == 0:
             return 0.0
-        if method == "mean":
+        if method in ("mean", "no_letter"):
             return math.exp(self._sum / self._count)
         if method == "min":
             return math.exp(self._min)

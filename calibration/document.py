@@ -54,6 +54,7 @@ from calibserve.calibration.methods import (
     DEFAULT_CONSISTENCY_K,
     EXTRA_WORK_METHODS,
     FREE_FORM_METHODS,
+    NO_LETTER,
 )
 from calibserve.publish import write_atomic
 
@@ -78,7 +79,7 @@ CURRENT_VERSION = 2
 SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 DEFAULT_QUANTILE = 0.1
 # v1 knew the token statistics only (its `method` / `fallback`); v2 takes every registry method.
-_V1_METHODS = TOKEN_STATISTICS
+_V1_METHODS = tuple(m for m in TOKEN_STATISTICS if m != NO_LETTER)
 _V1_FREE_FORM = tuple(m for m in TOKEN_STATISTICS if m in FREE_FORM_METHODS)
 
 
@@ -288,6 +289,9 @@ class CalibrationDocument(_Model):
                     f"{role}: {name!r} is not one of the document's methods "
                     f"({', '.join(self.methods) or 'none'})"
                 )
+        if self.multiple_choice == NO_LETTER:
+            raise ValueError(f"multiple_choice: {NO_LETTER!r} scores only the replies the "
+                             "multiple-choice method finds no option letter in")
         if self.multiple_choice in EXTRA_WORK_METHODS:
             raise ValueError(
                 f"multiple_choice: {self.multiple_choice!r} needs extra upstream work and is "

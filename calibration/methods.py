@@ -6,7 +6,12 @@ needs, and which logprobs to ask for) read one table:
 
 - token statistics (`mean`, `min`, `first`, `quantile`) read the reply's own token logprobs;
 - `answer` reads the first token's alternatives (`top_logprobs` >= the number of options) and
-  scores only option-letter replies;
+  scores only option-letter replies to a prompt that offers options (`mc_prompt.offers_options`);
+- `no_letter` scores the other replies to such a prompt (a word, not a letter: "The answer
+  is ..."): the reply's geometric-mean token probability, like `mean`, but its own method with its
+  own map, fitted on replies of that kind (`calibserve calibrate` sends the multiple-choice items
+  through the serving path for it), so that neither the option-letter map nor a free-form map
+  fitted on short answers is ever applied to them;
 - `verify` (P(True)) needs one extra prompt-only request to the same engine (`max_tokens` 1, the
   verdict token's top 20 logprobs); `consistency` one extra request with `n=k` samples. Both fall
   back to `FALLBACK` (the `mean` token statistic, with its own map) when the extra work fails.
@@ -23,6 +28,7 @@ __all__ = [
     "CONFIDENCE_METHODS",
     "EXTRA_WORK_METHODS",
     "FALLBACK",
+    "NO_LETTER",
     "FREE_FORM_METHODS",
     "REGISTRY",
     "TOKEN_METHODS",
@@ -42,6 +48,8 @@ class ConfidenceMethod:
     extra: ExtraWork = "none"  # none: the reply's own logprobs; verify / sample: one request
     top_logprobs: int = 0  # alternatives per token it needs from the main request
     option_letters: bool = False  # scores only replies whose first token is an option letter
+    # scores only replies to an option prompt whose first token is not an option letter
+    letterless: bool = False
     summary: str = ""
 
     @property
@@ -51,8 +59,8 @@ class ConfidenceMethod:
 
     @property
     def free_form(self) -> bool:
-        """Can it score a reply with no option letter (the document's `free_form` role)?"""
-        return not self.option_letters
+        """Can it score any reply to a prompt without options (the document's `free_form`)?"""
+        return not (self.option_letters or self.letterless)
 
 
 REGISTRY: dict[str, ConfidenceMethod] = {
@@ -64,6 +72,9 @@ REGISTRY: dict[str, ConfidenceMethod] = {
         ConfidenceMethod("quantile", summary="q-quantile of token probabilities"),
         ConfidenceMethod("answer", top_logprobs=5, option_letters=True,
                          summary="chosen option's probability among the option letters"),
+        ConfidenceMethod("no_letter", letterless=True,
+                         summary="geometric-mean token probability of a reply to an option "
+                                 "prompt that names no option letter"),
         ConfidenceMethod("verify", extra="verify",
                          summary="P(yes) of a prompt-only 'is this answer correct?' request"),
         ConfidenceMethod("consistency", extra="sample",
@@ -77,6 +88,8 @@ FREE_FORM_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.f
 # What a method that needs extra work is served as when that work fails (no verdict, an upstream
 # error, an unsupported request shape): a token statistic of the reply itself, with its own map.
 FALLBACK = "mean"
+# What a reply to an option prompt is scored by when its first token is not an option letter.
+NO_LETTER = "no_letter"
 DEFAULT_CONSISTENCY_K = 5
 
 

@@ -1,9 +1,20 @@
 """`Scorer`: the served confidence, built from the calibration document, for batch and streamed
 replies.
 
-One object turns a choice's logprobs into `Confidence(score, raw, method, calibrated)`. A reply is
-scored by the document's multiple-choice method; when that method finds no option letter (a
-free-form reply, `NoOptionTokensError`) by its free-form method instead. Each method is served
+One object turns a choice's logprobs into `Confidence(score, raw, method, calibrated)`. Which
+method scores a reply depends on its prompt (`options_offered`: `mc_prompt.offers_options` of the
+request; None when it cannot be read) and, for an option-letter multiple-choice method (`answer`),
+on the reply's first token:
+
+- a prompt that offers options: a reply starting with an option letter by the multiple-choice
+  method, any other reply by `no_letter` (such replies are another kind of data than short
+  answers, whose map the free-form method has);
+- a prompt without options: the free-form method, whatever the first token;
+- a prompt that cannot be read (token ids; a caller that does not say): a letter reply by the
+  multiple-choice method, any other by the free-form method.
+
+A multiple-choice method that reads no letters (a token statistic, as v1 documents may name)
+scores every reply. Each method is served
 through its own calibrator only: a method with none in the document gets the identity map and
 `calibrated=False`, never another method's map. merge writes the document; server and routing
 read it, so the confidence chosen offline is the one served.
@@ -35,6 +46,7 @@ from calibserve.calibration.methods import (
     DEFAULT_CONSISTENCY_K,
     FALLBACK,
     FREE_FORM_METHODS,
+    NO_LETTER,
     ConfidenceMethod,
     confidence_method,
 )
@@ -94,6 +106,8 @@ class Scorer:
 
     multiple_choice: ServedMethod = field(default_factory=ServedMethod)
     free_form: ServedMethod = field(default_factory=ServedMethod)
+    # Replies to an option prompt the option-letter method finds no letter in.
+    no_letter: ServedMethod = field(default_factory=lambda: ServedMethod(NO_LETTER))
     options: tuple[str, ...] = DEFAULT_OPTIONS
     temperature: float = 1.0
     q: float = DEFAULT_QUANTILE
@@ -112,6 +126,9 @@ class Scorer:
                 f"the free-form method must be one of {', '.join(FREE_FORM_METHODS)}, "
                 f"got {self.free_form.name!r}"
             )
+        if self.no_letter.name != NO_LETTER:
+            raise CalibrationError(f"the no-letter method must be {NO_LETTER!r}, "
+                                   f"got {self.no_letter.name!r}")
 
     @classmethod
     def from_document(cls, doc: CalibrationDocument | None) -> Scorer:
@@ -121,6 +138,7 @@ class Scorer:
         return cls(
             multiple_choice=ServedMethod.from_document(doc, doc.multiple_choice),
             free_form=ServedMethod.from_document(doc, doc.free_form),
+            no_letter=ServedMethod.optional(doc, NO_LETTER),
             options=doc.options(),
             temperature=doc.temperature(),
             q=doc.quantile(),
@@ -175,13 +193,16 @@ class Scorer:
             raise CalibrationError(f"method {self.free_form.name!r} needs no extra work")
         return extra.confidence(raw)
 
-    def stream(self) -> ScoredStream:
-        """An incremental scorer for a streamed reply (one per choice)."""
-        return ScoredStream(self)
+    def stream(self, options_offered: bool | None = None) -> ScoredStream:
+        """An incremental scorer for a streamed reply (one per choice); `options_offered`: does
+        its prompt offer lettered options (`mc_prompt.offers_options`; None: unknown; module
+        docstring)."""
+        return ScoredStream(self, options_offered)
 
-    def score_choice(self, choice_logprobs: Any) -> Confidence:
+    def score_choice(self, choice_logprobs: Any, options_offered: bool | None = None
+                     ) -> Confidence:
         """Confidence of one choice from its `logprobs` object (chat or completions) or floats."""
-        s = self.stream()
+        s = self.stream(options_offered)
         s.feed(choice_logprobs)
         return s.confidence()
 
@@ -193,8 +214,9 @@ class Scorer:
 class ScoredStream:
     """`feed(delta_logprobs)` chunk by chunk; `confidence()` equals the batch result so far."""
 
-    def __init__(self, scorer: Scorer) -> None:
+    def __init__(self, scorer: Scorer, options_offered: bool | None = None) -> None:
         self.scorer = scorer
+        self.options_offered = options_offered
         self._stream = StreamingConfidence(
             scorer.method, q=scorer.q, options=scorer.options, temperature=scorer.temperature
         )
@@ -210,15 +232,20 @@ class ScoredStream:
 
     def confidence(self) -> Confidence:
         """Confidence of what has been fed so far, through the scoring method's own map."""
-        served = self.scorer.multiple_choice
-        try:
-            raw = self._stream.value(served.name)
-        except NoOptionTokensError:
-            served = self.scorer.free_form
-            if served.kind.needs_upstream:
-                served = self.scorer.fallback_method  # until routing has done the extra work
-            raw = self._stream.value(served.name)
-        return served.confidence(raw)
+        scorer = self.scorer
+        offered = self.options_offered
+        if offered is not False or not scorer.multiple_choice.kind.option_letters:
+            served = scorer.multiple_choice
+            try:
+                return served.confidence(self._stream.value(served.name))
+            except NoOptionTokensError:
+                if offered:
+                    served = scorer.no_letter
+                    return served.confidence(self._stream.value(served.name))
+        served = scorer.free_form
+        if served.kind.needs_upstream:
+            served = scorer.fallback_method  # until routing has done the extra work
+        return served.confidence(self._stream.value(served.name))
 
     @property
     def score(self) -> float:

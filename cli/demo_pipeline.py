@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from calibserve.calibration import CURRENT_VERSION, CalibrationDocument
+from calibserve.calibration.mc_prompt import format_mc_prompt
+from calibserve.calibration.methods import NO_LETTER
 from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.evaluate import load_short_answers
@@ -26,8 +28,10 @@ from calibserve.merge.sweep import file_identity, fingerprint
 from calibserve.publish import build_once, publish_dir, staging
 from calibserve.serve_fit import (
     FREE_FORM_FIT_METHODS,
-    ask_short_answers,
     fit_free_form,
+    fit_no_letter,
+    mc_splits,
+    serve_passes,
     with_free_form,
 )
 
@@ -126,7 +130,9 @@ def served_demo_model(
     """The model `calibserve demo` serves: the merge's `model/`, its calibration.json extended
     with the free-form methods fitted through the real serving path (a vLLM engine on the merged
     checkpoint, calibserve's own app, each question of `data/short_calibrate.jsonl` as a plain
-    user message; `short_test.jsonl` is reported per method in `metrics.short_answer.test`).
+    user message; `short_test.jsonl` is reported per method in `metrics.short_answer.test`),
+    and `no_letter` on the multiple-choice items asked in the same pass (the merged model
+    answers them with a letter, so it is usually left without a map, with a note).
 
     Built once per merge and cached beside the world (`served-<world>-<key>/`, a copy of the
     merged checkpoint: the merge's own output stays as it was written). Returns the model
@@ -141,23 +147,31 @@ def served_demo_model(
         "files": file_identity([*sorted(model.glob("*.safetensors")), model / "calibration.json",
                                 cal_file, test_file]),
         "settings": DEMO_FREE_FORM_SETTINGS,
-        "methods": list(FREE_FORM_FIT_METHODS),
+        "methods": [*FREE_FORM_FIT_METHODS, NO_LETTER],
+        "mc": file_identity([data / "calibrate.jsonl", data / "test.jsonl"]),
         "calibration_version": CURRENT_VERSION,
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
     def fit(out: Path) -> None:
         cal, test = load_short_answers(cal_file), load_short_answers(test_file)
-        replies = ask_short_answers(
-            [str(it["question"]) for it in [*cal, *test]],
+        mc_cal, mc_test = mc_splits(data)
+        (served,) = serve_passes(
+            [str(it["question"]) for it in [*cal, *test]], [model / "calibration.json"],
             model_dir=None if upstream is not None else model, upstream=upstream,
-            upstream_model=upstream_model, calibration=model / "calibration.json",
+            upstream_model=upstream_model,
             max_tokens=DEMO_FREE_FORM_SETTINGS["max_tokens"],
             temperature=DEMO_FREE_FORM_SETTINGS["temperature"],
+            mc_questions=[format_mc_prompt(it) for it in [*mc_cal, *mc_test]],
         )
+        replies, n_short = served.replies, len(cal) + len(test)
         doc = CalibrationDocument.load(model)
-        result = fit_free_form((cal, replies[: len(cal)]), (test, replies[len(cal):]),
-                               kind=DEMO_FREE_FORM_SETTINGS["calibrator"], q=doc.quantile())
+        kind = DEMO_FREE_FORM_SETTINGS["calibrator"]
+        result = fit_free_form((cal, replies[: len(cal)]), (test, replies[len(cal):n_short]),
+                               kind=kind, q=doc.quantile())
+        mc_replies = replies[n_short:]
+        result.no_letter = fit_no_letter((mc_cal, mc_replies[: len(mc_cal)]),
+                                         (mc_test, mc_replies[len(mc_cal):]), kind=kind)
         with staging(out) as tmp:
             shutil.copytree(model, tmp, dirs_exist_ok=True)
             with_free_form(doc, result).write(tmp / "calibration.json")

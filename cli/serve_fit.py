@@ -37,8 +37,16 @@ Single-class data (every reply wrong) is fitted by Platt's smoothed constant
 reported per method in `metrics.short_answer`.
 
 The token statistics are fitted over every reply, also those whose first token is an option letter
-(the server then serves them with `answer`): they are defined on every reply, and the count of
-such replies is recorded (`metrics.short_answer.calibrate.served_by_answer`).
+(a short-answer question offers no options, so the server serves them with the free-form method
+too); the count of such replies is recorded (`metrics.short_answer.calibrate.served_by_answer`,
+0 unless a question reads as offering options).
+
+`no_letter` (a reply to a multiple-choice prompt that names no option letter, calibration/
+methods.py) is fitted on the same pass: the multiple-choice items (`mc_cal`, and `mc_test` to
+report) are sent too, each as its own user message (`format_mc_prompt`); the replies the server
+scored by `no_letter` are graded by `answers.option_letter` against the gold letter and fitted
+like the free-form methods (an always-wrong kind of reply gets Platt's smoothed constant, near 0).
+Fewer than `MIN_NO_LETTER` such replies: no map (served `calibrated: false`), with a note.
 
 This module composes server and merge, so it lives in cli/ (merge must not import server).
 """
@@ -77,7 +85,9 @@ from calibserve.calibration import (
     require_verdict_tokens,
     verdict_tokens,
 )
-from calibserve.calibration.answers import Grader, exact_match
+from calibserve.calibration.answers import Grader, exact_match, option_letter
+from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
+from calibserve.calibration.methods import NO_LETTER
 from calibserve.calibration.verify import verdict_word
 from calibserve.merge.calibrate import thresholds_for
 
@@ -86,6 +96,7 @@ __all__ = [
     "FREE_FORM_FIT_METHODS",
     "TOKEN_FIT_METHODS",
     "FreeFormFit",
+    "MIN_NO_LETTER",
     "Reply",
     "ServeFitError",
     "ServedPass",
@@ -96,6 +107,7 @@ __all__ = [
     "checkpoint_verdict_tokens",
     "fit_free_form",
     "fit_methods",
+    "fit_no_letter",
     "fit_written_model",
     "load_grader",
     "method_raw",
@@ -104,6 +116,7 @@ __all__ = [
     "served_raw",
     "extra_request_notes",
     "with_free_form",
+    "with_no_letter",
 ]
 
 # The token statistics: recomputed from any reply's logprobs.
@@ -117,6 +130,9 @@ DEFAULT_FIT_METHODS: tuple[str, ...] = (*TOKEN_FIT_METHODS, "verify")
 SERVED_NAME = "calibserve-fit"
 # Served and recomputed raw confidences must agree to float rounding.
 RAW_TOLERANCE = 1e-9
+# Below this many letterless replies to the multiple-choice calibrate items, `no_letter` gets no
+# map: a map fitted on a handful of replies would be checked on nothing.
+MIN_NO_LETTER = 20
 
 
 class ServeFitError(RuntimeError):
@@ -192,14 +208,15 @@ def _extra_requests(runtime: Any) -> dict[str, dict[str, int]]:
 
 async def _ask(
     settings: Any, questions: Sequence[str], max_tokens: int, temperature: float,
-    concurrency: int, then: Sequence[Path] = (),
+    concurrency: int, then: Sequence[Path] = (), mc_questions: Sequence[str] = (),
 ) -> list[ServedPass]:
-    """The questions served with `settings`, then again with each document of `then` (a
-    calibserve app over the same engine: the managed one when `settings` has one)."""
+    """The questions served with `settings` (and `mc_questions` after them), then the questions
+    again with each document of `then` (a calibserve app over the same engine: the managed one
+    when `settings` has one)."""
     from calibserve.server.app import create_app
     from calibserve.server.runtime import ServerRuntime
 
-    async def served(settings: Any, runtime: Any) -> ServedPass:
+    async def served(settings: Any, runtime: Any, asked: Sequence[str]) -> ServedPass:
         app = create_app(settings, runtime)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://calibserve",
@@ -218,13 +235,13 @@ async def _ask(
                 text = (choice.get("message") or {}).get("content") or ""
                 return Reply(text, choice["confidence"], choice.get("logprobs"))
 
-            replies = list(await asyncio.gather(*(one(q) for q in questions)))
+            replies = list(await asyncio.gather(*(one(q) for q in asked)))
             return ServedPass(replies, _extra_requests(runtime))
 
     runtime = ServerRuntime(settings)
     await runtime.start()
     try:
-        out = [await served(settings, runtime)]
+        out = [await served(settings, runtime, [*questions, *mc_questions])]
         model = settings.models[0]
         engine = runtime.models[model.name].primary.engine
         upstream = engine.url if engine is not None else model.upstreams[0]
@@ -234,7 +251,7 @@ async def _ask(
             other = ServerRuntime(again)
             await other.start()
             try:
-                out.append(await served(again, other))
+                out.append(await served(again, other, questions))
             finally:
                 await other.stop()
         return out
@@ -270,10 +287,12 @@ def serve_passes(
     max_tokens: int = 16,
     temperature: float = 0.0,
     concurrency: int = 8,
+    mc_questions: Sequence[str] = (),
 ) -> list[ServedPass]:
     """`ask_short_answers` once per calibration document, one engine for all of them (a managed
     engine on `model_dir` is started once), with how each pass's extra requests (verify,
-    consistency) ended."""
+    consistency) ended. `mc_questions` (multiple-choice prompts) are asked in the first pass
+    only, after `questions` (their replies follow theirs)."""
     if (model_dir is None) == (upstream is None):
         raise ValueError("give exactly one of model_dir or upstream")
     if not calibrations:
@@ -283,7 +302,7 @@ def serve_passes(
         raise ValueError("only the first pass may be served without a calibration document")
     settings = _settings(model_dir, upstream, upstream_model, first)
     return asyncio.run(_ask(settings, questions, max_tokens, temperature, concurrency,
-                            [c for c in then if c is not None]))
+                            [c for c in then if c is not None], mc_questions))
 
 
 def served_raw(reply: Reply, method: str) -> float | None:
@@ -326,6 +345,8 @@ class FreeFormFit:
     free_form: str
     report: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    # `no_letter`'s entry and report (`fit_no_letter`), when multiple-choice items were served.
+    no_letter: tuple[MethodCalibration, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -521,6 +542,65 @@ def fit_free_form(
     return FreeFormFit(entries, chosen, report, notes)
 
 
+def _letterless(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply]) -> _Sample:
+    """(raw, right) of the replies the server scored by `no_letter`; right: the reply's leading
+    letter is the gold one (`answers.option_letter`)."""
+    raw: list[float] = []
+    right: list[bool] = []
+    for item, reply in zip(items, replies, strict=True):
+        value = served_raw(reply, NO_LETTER)
+        if value is None:
+            continue
+        recomputed = confidence_score(reply.logprobs or {"content": []}, NO_LETTER)
+        if abs(value - (recomputed if math.isfinite(recomputed) else 0.0)) > RAW_TOLERANCE:
+            raise ServeFitError(f"served raw {NO_LETTER} confidence {value!r} differs from its "
+                                f"recomputation {recomputed!r}: the fit would not be what is "
+                                "served")
+        letters = LETTERS[: len(item["choices"])]
+        raw.append(value)
+        right.append(option_letter(reply.text, letters) == letters[int(item["answer"])])
+    return _Sample(np.asarray(raw, dtype=np.float64), np.asarray(right, dtype=bool), {})
+
+
+def fit_no_letter(
+    calibrate: Split,
+    test: Split | None = None,
+    *,
+    kind: str = "auto",
+    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    n_bins: int = N_BINS,
+    seed: int = 0,
+) -> tuple[MethodCalibration, dict[str, Any]]:
+    """`no_letter`'s entry, fitted on the multiple-choice (items, replies) the server scored by
+    it (module docstring), and its report: per split, the items asked, the replies without a
+    letter (`n`), their accuracy, ECE raw and calibrated."""
+    sample = _letterless(*calibrate)
+    report: dict[str, Any] = {"calibrate": {"items": len(calibrate[0])}}
+    if sample.raw.size < MIN_NO_LETTER:
+        entry = MethodCalibration(params=MethodParams(), fit=FitMetrics(
+            n=int(sample.raw.size), ece_raw=0.0, ece_calibrated=0.0,
+            notes=[f"{sample.raw.size} of {len(calibrate[0])} multiple-choice replies named no "
+                   f"option letter (fewer than {MIN_NO_LETTER}): no map, such replies are "
+                   "served calibrated: false"]))
+    else:
+        entry = _method_fit(sample, kind, targets, MethodParams(), NO_LETTER, n_bins, seed)
+    report["calibrate"].update(_report({NO_LETTER: sample}, {NO_LETTER: entry}, n_bins)[NO_LETTER])
+    if test is not None and len(test[0]):
+        held = _letterless(*test)
+        report["test"] = {"items": len(test[0]),
+                          **_report({NO_LETTER: held}, {NO_LETTER: entry}, n_bins)[NO_LETTER]}
+    return entry, report
+
+
+def with_no_letter(doc: CalibrationDocument, entry: MethodCalibration, report: Mapping[str, Any]
+                   ) -> CalibrationDocument:
+    """`doc` with the `no_letter` entry and `metrics.no_letter` (validated)."""
+    data = doc.to_dict()
+    data["methods"][NO_LETTER] = entry.model_dump(mode="json")
+    data["metrics"] = {**data.get("metrics", {}), NO_LETTER: dict(report)}
+    return CalibrationDocument.from_dict(_finite(data))
+
+
 def with_free_form(doc: CalibrationDocument, fit: FreeFormFit) -> CalibrationDocument:
     """`doc` with the free-form entries, `free_form` and `metrics.short_answer` (validated).
     A method's parameters already in `doc` (a verify question, consistency's k) are kept
@@ -534,7 +614,8 @@ def with_free_form(doc: CalibrationDocument, fit: FreeFormFit) -> CalibrationDoc
     data["free_form"] = fit.free_form
     data["metrics"] = {**data.get("metrics", {}),
                        "short_answer": {**fit.report, "notes": fit.notes}}
-    return CalibrationDocument.from_dict(_finite(data))
+    out = CalibrationDocument.from_dict(_finite(data))
+    return out if fit.no_letter is None else with_no_letter(out, *fit.no_letter)
 
 
 def _finite(value: Any) -> Any:
@@ -604,11 +685,15 @@ def serve_and_fit(
     consistency_k: int | None = None,
     free_form: str | None = None,
     n_bins: int = N_BINS,
+    mc_cal: Sequence[Mapping[str, Any]] = (),
+    mc_test: Sequence[Mapping[str, Any]] = (),
 ) -> FreeFormFit:
     """Serve the short answers with `doc` (the option-letter document) through the serving path
     and fit every method in `methods` (see the module docstring): one pass serving `verify`
     when it is asked for (else `doc` as it is), one more serving `consistency` when asked for.
-    Checks `verify`'s tokenizer first (`ServeFitError`, param `--verify`)."""
+    The multiple-choice items `mc_cal` / `mc_test` go through the first pass too, for
+    `no_letter` (`fit_no_letter`). Checks `verify`'s tokenizer first (`ServeFitError`, param
+    `--verify`)."""
     unknown = [m for m in methods if m not in FREE_FORM_FIT_METHODS]
     if unknown:
         raise ServeFitError(f"cannot fit {', '.join(unknown)}; free-form methods: "
@@ -619,7 +704,8 @@ def serve_and_fit(
         # The verdict request asks for exactly these logprobs, in the fit as when served.
         params["verify"] = MethodParams(verdict_token_ids=checkpoint_verdict_ids(model_dir))
     questions = [str(it["question"]) for it in [*short_cal, *short_test]]
-    n_cal = len(short_cal)
+    n_cal, n_short = len(short_cal), len(questions)
+    mc_prompts = [format_mc_prompt(it) for it in [*mc_cal, *mc_test]]
     if "consistency" in methods and consistency_k is not None:
         params["consistency"] = MethodParams(k=consistency_k)
 
@@ -634,9 +720,10 @@ def serve_and_fit(
         runs = serve_passes(
             questions, docs, model_dir=None if upstream is not None else model_dir,
             upstream=upstream, upstream_model=upstream_model, max_tokens=max_tokens,
-            temperature=temperature)
+            temperature=temperature, mc_questions=mc_prompts)
     served = [run.replies for run in runs]
-    cal_replies, test_replies = served[0][:n_cal], served[0][n_cal:]
+    cal_replies, test_replies = served[0][:n_cal], served[0][n_cal:n_short]
+    mc_replies = served[0][n_short:]
     passes: dict[str, Split] = {}
     test_passes: dict[str, Split] = {}
     if "consistency" in methods:
@@ -653,6 +740,11 @@ def serve_and_fit(
         extra.update(run.extra_requests)
     fit.report["extra_requests"] = extra
     fit.notes.extend(extra_request_notes(extra))
+    if mc_cal:
+        fit.no_letter = fit_no_letter(
+            (mc_cal, mc_replies[:len(mc_cal)]),
+            (mc_test, mc_replies[len(mc_cal):]) if mc_test else None,
+            kind=kind, targets=targets, n_bins=n_bins)
     return fit
 
 
@@ -754,16 +846,26 @@ def calibrate_with_serving(
     short_test = short_answer_split(data_dir, "test")
     kind = "auto" if calibrator == "option_temperature" else calibrator
     # The answering server scores with the document just written: what will be served.
+    mc_cal, mc_test = mc_splits(data_dir)
     fit = serve_and_fit(
         model_dir, doc, short_cal, short_test, methods=chosen, kind=kind, targets=targets,
         grader=grader, upstream=upstream, upstream_model=upstream_model,
         max_tokens=max_tokens, temperature=temperature, consistency_k=consistency_k,
-        free_form=free_form, n_bins=n_bins,
+        free_form=free_form, n_bins=n_bins, mc_cal=mc_cal, mc_test=mc_test,
     )
     fit.notes[:0] = notes
     doc = with_free_form(doc, fit)
     doc.write(out_file)
     return doc
+
+
+def mc_splits(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The multiple-choice items of `data_dir`'s calibrate and test splits (either may be
+    empty), for `no_letter`."""
+    from calibserve.merge.evaluate import load_mc_items
+
+    return (load_mc_items(Path(data_dir) / "calibrate.jsonl"),
+            load_mc_items(Path(data_dir) / "test.jsonl"))
 
 
 def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
@@ -779,8 +881,9 @@ def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
     if not short_cal:
         raise ServeFitError(f"{data_dir} has no short-answer items to fit on", "--free-form")
     methods, notes = fit_methods(Path(model_dir), None, False)
+    mc_cal, mc_test = mc_splits(data_dir)
     fit = serve_and_fit(Path(model_dir), doc, short_cal, short_answer_split(data_dir, "test"),
-                        methods=methods)
+                        methods=methods, mc_cal=mc_cal, mc_test=mc_test)
     fit.notes[:0] = notes
     doc = with_free_form(doc, fit)
     doc.write(path)

@@ -37,6 +37,7 @@ __all__ = [
     "LETTERS",
     "format_mc_prompt",
     "load_items",
+    "load_mc_items",
     "load_short_answers",
     "short_answer_split",
     "SHORT_ANSWER_FILES",
@@ -103,6 +104,13 @@ def load_items(path: Path, limit: int | None = None) -> tuple[list[dict[str, Any
     if not items:
         raise InvalidData(f"{path} has no multiple-choice items", "--data")
     return items, skipped
+
+
+def load_mc_items(path: Path) -> list[dict[str, Any]]:
+    """Every multiple-choice item of a JSONL split; none when the file does not exist."""
+    if not Path(path).is_file():
+        return []
+    return [item for item, _ in _checked_items(Path(path)) if _is_mc(item)]
 
 
 def load_short_answers(path: Path) -> list[dict[str, Any]]:

@@ -53,7 +53,7 @@ from calibserve.calibration import Scorer as CalibrationScorer
 from calibserve.routing.agreement import choice_text
 from calibserve.routing.errors import UpstreamClientError, UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
-from calibserve.routing.payload import endpoint_path
+from calibserve.routing.payload import endpoint_path, options_offered
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, Tier
 
@@ -108,6 +108,8 @@ class ConfidenceWork:
         self.body = body
         self.result = result
         self.metrics = metrics
+        # Does the prompt offer lettered options (which method scores the reply: scorer.py)?
+        self.options_offered = options_offered(endpoint, body, scorer)
         self._samples: asyncio.Task[list[str] | None] | None = None
 
     def pending(self, confidence: ConfidenceLike) -> bool:

@@ -4,7 +4,9 @@ The confidence needs the answer's logprobs, so they are always requested, with o
 alternatives per token as the tier's confidence methods read (`tier_top_logprobs`): the
 `answer` method reads the first token's alternatives (5), the token statistics (`mean`, `min`,
 `first`, `quantile`) the sampled tokens' own logprobs (0 alternatives), and `verify`'s main
-request nothing beyond its fallback's (`mean`: 0). Never fewer than the client asked for.
+request nothing beyond its fallback's (`mean`: 0). The `answer` method scores only replies to a
+prompt that offers lettered options (`options_offered`), so a prompt without them is asked for
+the free-form method's alternatives only. Never fewer than the client asked for.
 Alternatives cost the engine: each is a token to detokenize and serialise on every position.
 Where vLLM would derive the prompt's logprobs from the forced value (`echo` without
 `prompt_logprobs`), the prompt's are asked for explicitly at the client's own value, so the
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from calibserve.calibration.confidence import DEFAULT_OPTIONS
+from calibserve.calibration.mc_prompt import offers_options, prompt_text
 from calibserve.calibration.methods import FALLBACK, REGISTRY
 
 ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions"}
@@ -43,17 +47,32 @@ def client_prompt_logprobs(endpoint: str, body: dict[str, Any]) -> int | None:
     return None if value is None else int(value)
 
 
-def tier_top_logprobs(scorer: object) -> int:
+def options_offered(endpoint: str, body: dict[str, Any], scorer: object) -> bool | None:
+    """Does the request's prompt offer the scorer's option letters (`mc_prompt.offers_options`
+    on `mc_prompt.prompt_text`)? None when the prompt cannot be read as text (token ids): then
+    the reply alone decides (calibration/scorer.py)."""
+    text = prompt_text(endpoint, body)
+    if text is None:
+        return None
+    options = getattr(scorer, "options", DEFAULT_OPTIONS)
+    return offers_options(text, tuple(options))
+
+
+def tier_top_logprobs(scorer: object, options_offered: bool | None = None) -> int:
     """Alternatives per token that a tier's scorer reads from the main request.
 
-    The scorer's multiple-choice method (`method`), its free-form method (`fallback`) and the
-    fallback of methods needing extra work (`FALLBACK`) each read the reply's logprobs; the
-    most any of them needs. A scorer that does not name its methods gets `MIN_TOP_LOGPROBS`.
+    The scorer's multiple-choice method (`method`; not when the prompt offers no options and
+    the method reads letters), its free-form method (`fallback`) and the fallback of methods
+    needing extra work (`FALLBACK`) each read the reply's logprobs; the most any of them
+    needs. A scorer that does not name its methods gets `MIN_TOP_LOGPROBS`.
     """
-    names = [getattr(scorer, "method", None), getattr(scorer, "fallback", None)]
-    if not all(isinstance(name, str) and name in REGISTRY for name in names):
+    method, free_form = getattr(scorer, "method", None), getattr(scorer, "fallback", None)
+    if not all(isinstance(name, str) and name in REGISTRY for name in (method, free_form)):
         return MIN_TOP_LOGPROBS
-    return max(REGISTRY[str(name)].top_logprobs for name in [*names, FALLBACK])
+    names = [str(free_form), FALLBACK]
+    if options_offered is not False or not REGISTRY[str(method)].option_letters:
+        names.append(str(method))
+    return max(REGISTRY[name].top_logprobs for name in names)
 
 
 def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,

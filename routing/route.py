@@ -30,11 +30,13 @@ class StreamScorer(Protocol):
 
 
 class Scorer(Protocol):
-    """What routing needs from `calibration.Scorer`."""
+    """What routing needs from `calibration.Scorer`; `options_offered`: does the request's
+    prompt offer lettered options (routing.payload.options_offered)."""
 
-    def score_choice(self, choice_logprobs: Any) -> ConfidenceLike: ...
+    def score_choice(self, choice_logprobs: Any, options_offered: bool | None = None
+                     ) -> ConfidenceLike: ...
 
-    def stream(self) -> StreamScorer: ...
+    def stream(self, options_offered: bool | None = None) -> StreamScorer: ...
 
 
 def default_scorer() -> Scorer:

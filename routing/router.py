@@ -25,7 +25,12 @@ from calibserve.routing.escalation import (
     record_agreement,
 )
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
-from calibserve.routing.payload import endpoint_path, tier_body, tier_top_logprobs
+from calibserve.routing.payload import (
+    endpoint_path,
+    options_offered,
+    tier_body,
+    tier_top_logprobs,
+)
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import ConfidenceLike, Route, Tier
 from calibserve.routing.scoring import least_confident, score_answer
@@ -111,8 +116,9 @@ async def _ask(
 ) -> dict[str, Any]:
     """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded."""
     result.tiers_tried.append(tier.name)
-    payload = tier_body(endpoint, body, tier.model, stream=False,
-                        top_logprobs=tier_top_logprobs(tier.confidence_scorer))
+    scorer = tier.confidence_scorer
+    top = tier_top_logprobs(scorer, options_offered(endpoint, body, scorer))
+    payload = tier_body(endpoint, body, tier.model, stream=False, top_logprobs=top)
     started = time.perf_counter()
     try:
         answer = await tier.upstream.request_json(endpoint_path(endpoint), payload)

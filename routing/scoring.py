@@ -45,7 +45,8 @@ async def score_answer(body: dict[str, Any], work: ConfidenceWork) -> list[Confi
     `choice["confidence"]`; the confidences by position."""
     choices = body.get("choices") or []
     scorer = work.tier.confidence_scorer
-    first = [(scorer.score_choice(c.get("logprobs")), choice_text(c), reply_tokens(c))
+    offered = work.options_offered
+    first = [(scorer.score_choice(c.get("logprobs"), offered), choice_text(c), reply_tokens(c))
              for c in choices]
     confs = await work.refine_all(first)
     for choice, conf in zip(choices, confs, strict=True):

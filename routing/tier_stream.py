@@ -69,10 +69,10 @@ class TierStream:
         """Start the tier's stream and read its first chunk, so that failures to start (the
         ones a fallback can still hide from the client) surface here."""
         result.tiers_tried.append(tier.name)
-        payload = tier_body(endpoint, body, tier.model, stream=True,
-                            top_logprobs=tier_top_logprobs(tier.confidence_scorer))
-        chunks = tier.upstream.stream(endpoint_path(endpoint), payload)
         work = ConfidenceWork(tier, endpoint, body, result, metrics)
+        top = tier_top_logprobs(tier.confidence_scorer, work.options_offered)
+        payload = tier_body(endpoint, body, tier.model, stream=True, top_logprobs=top)
+        chunks = tier.upstream.stream(endpoint_path(endpoint), payload)
         stream = cls(tier, chunks, result, route, work)
         try:
             first = await stream.next()
@@ -118,7 +118,8 @@ class TierStream:
 
     def state(self, index: int) -> ChoiceState:
         if index not in self.choices:
-            self.choices[index] = ChoiceState(self.tier.confidence_scorer.stream())
+            offered = None if self._work is None else self._work.options_offered
+            self.choices[index] = ChoiceState(self.tier.confidence_scorer.stream(offered))
         return self.choices[index]
 
     def text(self, index: int = 0) -> str:

@@ -32,11 +32,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from calibserve.calibration import normalize_token
-from calibserve.calibration.answers import exact_match
+from calibserve.calibration.answers import exact_match, option_letter
 from calibserve.calibration.document import PROBES_FILE
 from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
-from calibserve.routing.payload import endpoint_path, tier_body
+from calibserve.routing.payload import (
+    endpoint_path,
+    options_offered,
+    tier_body,
+    tier_top_logprobs,
+)
 from calibserve.server.metrics import PROBE, ServerMetrics
 
 log = logging.getLogger("calibserve.server.probes")
@@ -65,10 +69,10 @@ class Probe:
         return MC_MAX_TOKENS if self.multiple_choice else SHORT_MAX_TOKENS
 
     def grade(self, reply: str) -> bool:
-        """Is `reply` right? Option items: its first token names the gold letter."""
+        """Is `reply` right? Option items: its leading letter is the gold one
+        (`answers.option_letter`)."""
         if self.multiple_choice:
-            words = reply.split()
-            return bool(words) and normalize_token(words[0]) == self.gold
+            return option_letter(reply) == self.gold
         return exact_match(reply, self.gold, self.aliases)
 
     def body(self) -> dict[str, Any]:
@@ -181,13 +185,17 @@ class ProbeRunner:
         raises (a failure is counted, and records nothing)."""
         tier = self.tier
         try:
-            body = tier_body("chat", probe.body(), tier.model, stream=False)
+            asked = probe.body()
+            scorer = tier.confidence_scorer
+            offered = options_offered("chat", asked, scorer)  # as for a client's request
+            body = tier_body("chat", asked, tier.model, stream=False,
+                             top_logprobs=tier_top_logprobs(scorer, offered))
             answer = await tier.upstream.request_json(endpoint_path("chat"), body)
             choice = answer["choices"][0]
             reply = (choice.get("message") or {}).get("content")
             if not isinstance(reply, str):
                 raise ValueError("the answer has no message content")
-            conf = tier.confidence_scorer.score_choice(choice.get("logprobs"))
+            conf = scorer.score_choice(choice.get("logprobs"), offered)
             score = float(conf.score)
             if not 0.0 <= score <= 1.0:
                 raise ValueError(f"confidence {score!r} out of range")

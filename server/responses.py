@@ -42,6 +42,7 @@ from calibserve.routing import RoutedResult
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.payload import (
     OUTPUT_LOGPROBS,
+    options_offered,
     responses_body,
     responses_chat,
     tier_top_logprobs,
@@ -145,8 +146,9 @@ class ResponsesProxy:
         model = self._model(body.get("model"))
         outcome = outcome_of(request)
         run = _Run(model, body, started)
-        payload = responses_body(body, model.primary.upstream_model,
-                                 tier_top_logprobs(model.primary.tier.confidence_scorer))
+        scorer = model.primary.tier.confidence_scorer
+        top = tier_top_logprobs(scorer, options_offered("chat", run.chat, scorer))
+        payload = responses_body(body, model.primary.upstream_model, top)
         content = json.dumps(payload).encode()
         asked = time.perf_counter()
         try:

@@ -167,6 +167,8 @@ class ModelRuntime:
         for t in self.tiers:
             scorer = t.scorer
             names = [scorer.multiple_choice.name, scorer.free_form.name]
+            if scorer.multiple_choice.kind.option_letters:
+                names.append(scorer.no_letter.name)
             if scorer.extra is not None:
                 names.append(scorer.fallback_method.name)
             out[self.calibration_label(t.tier.name)] = tuple(dict.fromkeys(names))

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibserve.calibration import CalibrationDocument, ServedMethod, confidence_score
+from calibserve.calibration import CalibrationDocument, Scorer, ServedMethod, confidence_score
 from calibserve.calibration.answers import exact_match
 from calibserve.merge.errors import InvalidData
 from calibserve.merge.evaluate import load_short_answers, short_answer_split
 from calibserve.serve_fit import (
     FREE_FORM_FIT_METHODS,
+    MIN_NO_LETTER,
     TOKEN_FIT_METHODS,
     Reply,
     ServeFitError,
@@ -23,9 +24,11 @@ from calibserve.serve_fit import (
     extra_request_notes,
     fit_free_form,
     fit_methods,
+    fit_no_letter,
     load_grader,
     method_raw,
     with_free_form,
+    with_no_letter,
 )
 
 
@@ -261,3 +264,66 @@ def test_extra_requests_that_gave_no_confidence_are_reported() -> None:
     assert note.startswith("verify: 4 of 12 extra requests gave no confidence")
     assert "3 no_verdict, 1 error" in note and "unsupported" not in note
     assert extra_request_notes({"verify": {"ok": 2}}) == []
+
+
+# --- no_letter: replies to multiple-choice prompts that name no option ------------------------
+
+def _mc_data(n: int, seed: int, letterless_every: int = 4
+             ) -> tuple[list[dict[str, object]], list[Reply]]:
+    """Multiple-choice items and replies as the server scored them: every `letterless_every`-th
+    reply starts with a word (served by `no_letter`, wrong unless it names the gold letter
+    first), the others with a letter (served by `answer`, not part of this fit)."""
+    rng = np.random.default_rng(seed)
+    items: list[dict[str, object]] = []
+    replies: list[Reply] = []
+    for i in range(n):
+        items.append({"question": "q ?", "choices": ["w", "x", "y", "z"], "answer": 1})
+        lps = list(np.log(rng.uniform(0.3, 0.9, 4)))
+        if i % letterless_every == 0:
+            replies.append(_reply("The answer is x", lps, served_method="no_letter"))
+        else:
+            letter = _reply("B", lps[:1], served_method="mean")
+            replies.append(Reply("B", {**letter.confidence, "method": "answer"}, letter.logprobs))
+    return items, replies
+
+
+def test_no_letter_is_fitted_on_letterless_replies_only_and_served_near_zero() -> None:
+    cal, test = _mc_data(400, 0), _mc_data(200, 1)
+    entry, report = fit_no_letter(cal, test)
+    assert entry.calibrated and entry.fit is not None and entry.fit.n == 100
+    assert entry.fit.accuracy == 0.0 and entry.fit.ece_calibrated < 0.05 < entry.fit.ece_raw
+    assert report["calibrate"]["items"] == 400 and report["calibrate"]["n"] == 100
+    assert report["test"]["n"] == 50 and report["test"]["ece_calibrated"] < 0.05
+    doc = with_no_letter(_doc(), entry, report)
+    assert CalibrationDocument.from_dict(doc.to_dict()) == doc
+    assert doc.metrics["no_letter"]["test"]["items"] == 200
+    # What the Scorer serves such a reply is this map: near 0, labelled calibrated.
+    scorer = Scorer.from_document(doc)
+    conf = scorer.score_choice(cal[1][0].logprobs, options_offered=True)
+    assert (conf.method, conf.calibrated) == ("no_letter", True) and conf.score < 0.05
+
+
+def test_no_letter_grades_the_leading_letter() -> None:
+    items, replies = _mc_data(80, 0, letterless_every=1)
+    # Half of them name the gold option after a bracket: right by `option_letter`.
+    named = [Reply("(B) x", r.confidence, r.logprobs) if i % 2 else r
+             for i, r in enumerate(replies)]
+    entry, _ = fit_no_letter((items, named))
+    assert entry.fit is not None and entry.fit.accuracy == pytest.approx(0.5)
+
+
+def test_no_letter_needs_enough_replies_and_says_so() -> None:
+    items, replies = _mc_data(40, 0, letterless_every=4)  # 10 letterless replies
+    entry, report = fit_no_letter((items, replies))
+    assert not entry.calibrated and entry.fit is not None and entry.fit.n == 10
+    assert entry.fit.notes and str(MIN_NO_LETTER) in entry.fit.notes[0]
+    assert report["calibrate"]["calibrated"] is False
+    assert Scorer.from_document(with_no_letter(_doc(), entry, report)).score_choice(
+        replies[0].logprobs, options_offered=True).calibrated is False
+
+
+def test_a_forged_no_letter_raw_is_refused() -> None:
+    items, replies = _mc_data(40, 0, letterless_every=1)
+    forged = [Reply(r.text, {**r.confidence, "raw": 0.99}, r.logprobs) for r in replies]
+    with pytest.raises(ServeFitError, match="no_letter"):
+        fit_no_letter((items, forged))

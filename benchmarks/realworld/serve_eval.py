@@ -83,11 +83,12 @@ def user_prompt(item: Mapping[str, Any]) -> str:
 
 
 def reply_letter(reply: str, n_options: int) -> int | None:
-    """The option a reply names by its leading letter ("B", "B.", "B) ..."), else None."""
-    text = reply.strip().lstrip("(*")
-    if text and text[0] in LETTERS[:n_options] and (len(text) == 1 or not text[1].isalnum()):
-        return LETTERS.index(text[0])
-    return None
+    """The option a reply names by its leading letter ("B", "B.", "B) ...": calibration's
+    `option_letter`, the grader `calibserve calibrate` fits `no_letter` with), else None."""
+    from calibserve.calibration.answers import option_letter
+
+    letter = option_letter(reply, LETTERS[:n_options])
+    return None if letter is None else LETTERS.index(letter)
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -332,12 +333,13 @@ def report(run: Run) -> None:
         entry["served_methods"] = {str(k): int(v) for k, v in zip(names, counts, strict=True)}
         if step != "short-answer":
             entry["floor_met"] = _floor(entry)
-            # The replies the option-letter method scored (their first token is a letter):
-            # what its calibrator was fitted for. The rest are free-form replies to an MC item.
-            sub = methods == "answer"
-            if sub.any():
-                entry["answer_method_only"] = _metrics(raw[sub], score[sub], correct[sub])
-                entry["answer_method_only"]["floor_met"] = _floor(entry["answer_method_only"])
+            # Per serving method: `answer` (the reply's first token is a letter) and
+            # `no_letter` (a word first), each through the map fitted on its own kind of reply.
+            entry["by_method"] = {}
+            for name in names:
+                sub = methods == name
+                entry["by_method"][str(name)] = _metrics(raw[sub], score[sub], correct[sub])
+                entry["by_method"][str(name)]["floor_met"] = _floor(entry["by_method"][str(name)])
         results["served"][step] = entry
         diagrams[step] = {"raw": reliability_diagram(raw, correct, N_BINS),
                           "calibrated": reliability_diagram(score, correct, N_BINS),
@@ -408,13 +410,12 @@ def _markdown(results: Mapping[str, Any]) -> str:
     lines = ["| run | n | accuracy | mean conf raw -> cal | ECE raw | ECE calibrated | "
              "AUROC raw / cal | served methods | floor |", "|---|---|---|---|---|---|---|---|---|"]
     for step, m in results["served"].items():
-        for name, row in ((step, m), (f"{step}, answer-method replies only",
-                                      m.get("answer_method_only"))):
-            if row is None:
-                continue
+        rows = [(step, m, m["served_methods"])]
+        rows += [(f"{step}, {method} replies only", sub, {method: sub["n"]})
+                 for method, sub in (m.get("by_method") or {}).items()]
+        for name, row, methods in rows:
             floor = ("-" if step == "short-answer" else
                      ("met" if row["floor_met"] else "NOT met"))
-            methods = m["served_methods"] if row is m else {"answer": row["n"]}
             lines.append(
                 f"| {name} | {row['n']} | {row['accuracy']} | {row['mean_raw']} -> "
                 f"{row['mean_calibrated']} | {row['ece_raw']} | {row['ece_calibrated']} | "

@@ -40,3 +40,14 @@ def test_exact_match_uses_aliases_and_rejects_empty() -> None:
     assert not exact_match("red", "blue", aliases=["green"])
     assert not exact_match("", "")  # an empty reply is never right
     assert not exact_match("the", "a")  # nothing left after normalisation
+
+
+def test_option_letter_is_the_leading_standalone_letter() -> None:
+    from calibserve.calibration.answers import option_letter
+
+    for reply, letter in [("B", "B"), (" B.", "B"), ("B) rome", "B"), ("(C)", "C"),
+                          ("**D** oslo", "D"), ("A", "A"), ("\nB\n", "B")]:
+        assert option_letter(reply) == letter, reply
+    for reply in ["The answer is B", "Bravo", "", "b", "-", "Answer: B"]:
+        assert option_letter(reply) is None, reply
+    assert option_letter("E", ("A", "B", "C", "D")) is None  # not one of the options

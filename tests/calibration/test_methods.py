@@ -42,11 +42,12 @@ def letter_reply() -> dict[str, Any]:
 
 
 def test_registry_names_every_method_and_its_cost() -> None:
-    assert CONFIDENCE_METHODS == ("mean", "min", "first", "quantile", "answer", "verify",
-                                  "consistency")
+    assert CONFIDENCE_METHODS == ("mean", "min", "first", "quantile", "answer", "no_letter",
+                                  "verify", "consistency")
     assert EXTRA_WORK_METHODS == ("verify", "consistency")
-    assert set(TOKEN_METHODS) == {"mean", "min", "first", "quantile", "answer"}
+    assert set(TOKEN_METHODS) == {"mean", "min", "first", "quantile", "answer", "no_letter"}
     assert "answer" not in FREE_FORM_METHODS and "verify" in FREE_FORM_METHODS
+    assert "no_letter" not in FREE_FORM_METHODS  # it scores replies to option prompts only
     assert confidence_method("verify").extra == "verify"
     assert confidence_method("consistency").extra == "sample"
     assert confidence_method("answer").top_logprobs >= 4

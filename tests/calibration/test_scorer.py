@@ -121,3 +121,46 @@ def test_quantile_method_from_config() -> None:
     conf = scorer.score_choice([-0.1, -2.0, -0.2])
     assert conf.method == "quantile"
     assert conf.raw == pytest.approx(math.exp(-2.0))
+
+
+FREE_FORM = {"content": [{"token": "The", "logprob": -0.5, "top_logprobs": []},
+                         {"token": " end", "logprob": -1.5, "top_logprobs": []}]}
+V2 = {"version": 2, "multiple_choice": "answer", "free_form": "mean", "methods": {
+    "answer": {"calibrator": {"type": "temperature", "temperature": 1.7}},
+    "mean": {"calibrator": {"type": "temperature", "temperature": 2.0}},
+    "no_letter": {"calibrator": {"type": "platt", "a": 0.0, "b": -4.0}}}}
+
+
+@pytest.mark.parametrize(("offered", "letter", "free"), [
+    (True, "answer", "no_letter"),  # an option prompt: a word first is a non-answer
+    (False, "mean", "mean"),  # no options: the free-form method, whatever the first token
+    (None, "answer", "mean"),  # unknown prompt (token ids): the reply alone decides
+])
+def test_the_prompt_decides_the_method(offered: bool | None, letter: str, free: str) -> None:
+    scorer = Scorer.from_config(V2)
+    mc = scorer.score_choice(mc_reply("B", 0.8), options_offered=offered)
+    ff = scorer.score_choice(FREE_FORM, options_offered=offered)
+    assert (mc.method, ff.method) == (letter, free)
+    assert mc.calibrated and ff.calibrated  # each through its own map
+    stream = scorer.stream(offered)
+    stream.feed(FREE_FORM)
+    assert stream.confidence() == ff  # streamed and batch agree
+
+
+def test_no_letter_is_served_by_its_own_map_or_none() -> None:
+    scorer = Scorer.from_config(V2)
+    conf = scorer.score_choice(FREE_FORM, options_offered=True)
+    assert conf.raw == pytest.approx(math.exp(-1.0))  # the mean statistic
+    assert conf.score == pytest.approx(1 / (1 + math.exp(4.0)))  # platt(a=0, b=-4)
+    without = {**V2, "methods": {k: v for k, v in V2["methods"].items() if k != "no_letter"}}
+    bare = Scorer.from_config(without).score_choice(FREE_FORM, options_offered=True)
+    # Never the free-form map (fitted on short answers) nor the option-letter one.
+    assert (bare.method, bare.calibrated, bare.score) == ("no_letter", False, bare.raw)
+
+
+def test_no_letter_cannot_be_the_multiple_choice_method() -> None:
+    bad = {**V2, "multiple_choice": "no_letter"}
+    with pytest.raises(CalibrationError, match="multiple_choice"):
+        Scorer.from_config(bad)
+    with pytest.raises(CalibrationError, match="free_form"):
+        Scorer.from_config({**V2, "free_form": "no_letter"})

@@ -87,7 +87,7 @@ def test_report_on_recorded_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert m["ece_calibrated"] == pytest.approx(abs(0.3 - m["accuracy"]), abs=1e-3)
     assert m["floor_met"] is (m["ece_calibrated"] <= 0.05)
     assert m["served_methods"] == {"answer": 1200}
-    assert m["answer_method_only"]["n"] == 1200
+    assert m["by_method"]["answer"]["n"] == 1200
     assert "short-answer" not in results["served"]
     assert (run.out / "reliability.png").stat().st_size > 10_000
     assert "mc-calibration-wording" in (run.out / "report.md").read_text()

@@ -6,7 +6,8 @@ option letters are vocabulary pieces ("A", "ĠA") that `normalize_token` reads a
 openai SDK, an MMLU question asked as a chat message gets a first token whose top_logprobs hold
 option letters; the served `confidence` is the option-letter method's (the server found the
 letter tokens under the ChatML template and byte-level BPE) and agrees with transformers' own
-next-token distribution read in raw BPE pieces; a free-form reply gets the free-form method's
+next-token distribution read in raw BPE pieces (a reply starting with a word is `no_letter`);
+a free-form reply to a prompt without options gets the free-form method's
 confidence (`verify`: the engine's P(yes) over the yes/no token ids), also when the reply ran to
 the engine's 256-token context (issue 12: its verify prompt did not fit and fell back to
 `mean`), and a request without logprobs still gets a confidence.
@@ -190,8 +191,8 @@ def test_served_option_letter_confidence_under_chatml_and_bpe(
 
         conf = served_confidence(choice)
         letter = normalize_token(first.token)
-        if letter not in LETTERS:  # the reply is not an option letter: a free-form method
-            assert conf["method"] == "verify", conf
+        if letter not in LETTERS:  # a word first, to a prompt listing options: no_letter
+            assert conf["method"] == "no_letter" and conf["calibrated"] is False, conf
             continue
         by_answer += 1
         # The server found the letter tokens under the ChatML template in byte-level BPE pieces
@@ -251,4 +252,4 @@ def test_served_confidence_without_logprobs_asked(
     choice = resp.choices[0]
     assert choice.logprobs is None
     conf = served_confidence(choice)
-    assert conf["method"] in ("answer", "verify") and 0.0 <= conf["score"] <= 1.0
+    assert conf["method"] in ("answer", "no_letter") and 0.0 <= conf["score"] <= 1.0

@@ -231,9 +231,19 @@ async def test_n_choices_are_verified_concurrently_one_request_each() -> None:
 async def test_option_letter_replies_keep_answer_and_cost_nothing() -> None:
     engine = Engine(text="B", prob=0.8)
     router, metrics = build(engine, scorer("verify"))
-    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    options = [{"role": "user", "content": "capital of france ?\nA. paris\nB. rome"}]
+    res = await router.complete("r", "chat", {"model": "r", "messages": options})
     assert res.body["choices"][0]["confidence"]["method"] == "answer"  # type: ignore[index]
     assert engine.extra() == [] and count(metrics, "verify", "ok") == 0
+
+
+async def test_a_letter_reply_to_a_prompt_without_options_is_free_form() -> None:
+    """"B" after "capital of france ?" answers no multiple-choice question: verify scores it."""
+    engine = Engine(text="B", prob=0.8)
+    router, metrics = build(engine, scorer("verify"))
+    res = await router.complete("r", "chat", {"model": "r", "messages": MESSAGES})
+    assert res.body["choices"][0]["confidence"]["method"] == "verify"  # type: ignore[index]
+    assert count(metrics, "verify", "ok") == 1
 
 
 async def test_completions_verify_uses_the_prompt_and_20_logprobs() -> None:

@@ -9,6 +9,7 @@ from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.routing.payload import (
     MIN_TOP_LOGPROBS,
     OUTPUT_LOGPROBS,
+    options_offered,
     responses_body,
     responses_chat,
     tier_body,
@@ -40,6 +41,19 @@ def test_the_upstream_is_asked_only_for_what_the_methods_read(
     sent = tier_body("completions", {"model": "m", "prompt": "p"}, "up", stream=False,
                      top_logprobs=top)
     assert sent["logprobs"] == top
+
+
+def test_a_prompt_without_options_is_not_asked_for_the_option_letters() -> None:
+    """`answer` reads the first token's alternatives only for a prompt that lists options."""
+    s = scorer("answer", "mean")
+    mc = {"model": "m", "messages": [{"role": "user", "content": "q ? A x B y C z D w"}]}
+    assert options_offered("chat", mc, s) is True
+    assert options_offered("chat", CHAT, s) is False
+    assert options_offered("completions", {"prompt": [1, 2]}, s) is None  # token ids: unknown
+    assert tier_top_logprobs(s, True) == 5 and tier_top_logprobs(s, None) == 5
+    assert tier_top_logprobs(s, False) == 0
+    # A multiple-choice method that reads no letters scores every reply: always asked for.
+    assert tier_top_logprobs(scorer("mean", "mean"), False) == 0
 
 
 def test_never_fewer_than_the_client_asked_for() -> None:

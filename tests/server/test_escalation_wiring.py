@@ -17,6 +17,7 @@ from calibserve.server.runtime import ServerRuntime
 from tests.server.conftest import FakeUpstream, serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
+OPTION_PROMPT = [{"role": "user", "content": "question : ? A x B y C z D w"}]
 
 
 def settings(fake: str, expert: str, **route: object) -> ServerSettings:
@@ -138,9 +139,10 @@ def test_a_bad_document_is_refused_at_start_naming_file_and_version(
 
 def test_a_free_form_reply_is_not_given_the_option_letter_map(fake_upstream: FakeUpstream,
                                                               tmp_path) -> None:
-    """The fake answers "A t1 t2 ...". With options W-Z that is a free-form reply: scored by
-    `mean`, which has no calibrator of its own, so it is served raw, never through `answer`'s
-    map; with options A-D it is an option-letter reply and gets that map."""
+    """The fake answers "A t1 t2 ..." to a prompt listing options A-D. With the document's
+    options W-Z the prompt offers none of them: a free-form reply, scored by `mean`, which has
+    no calibrator of its own, so it is served raw, never through `answer`'s map; with options
+    A-D it is an option-letter reply and gets that map."""
     fake_upstream.mode("ok")
     confidence = {}
     for options in ("WXYZ", "ABCD"):
@@ -149,7 +151,8 @@ def test_a_free_form_reply_is_not_given_the_option_letter_map(fake_upstream: Fak
         model = s.models[0].model_copy(update={"calibration": cal})
         with serve(s.model_copy(update={"models": [model]})) as running:
             r = httpx.post(f"{running.url}/v1/chat/completions",
-                           json={**CHAT, "logprobs": True, "top_logprobs": 3}, timeout=10)
+                           json={**CHAT, "messages": OPTION_PROMPT, "logprobs": True,
+                                 "top_logprobs": 3}, timeout=10)
         assert r.status_code == 200, r.text
         confidence[options] = r.json()["choices"][0]["confidence"]
     free, mc = confidence["WXYZ"], confidence["ABCD"]

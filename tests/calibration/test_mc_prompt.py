@@ -1,0 +1,56 @@
+"""Which prompts offer lettered options (`offers_options`), and what text a request asks about."""
+
+from __future__ import annotations
+
+import pytest
+
+from calibserve.calibration.mc_prompt import format_mc_prompt, offers_options, prompt_text
+
+ITEM = {"question": "capital of france ?", "choices": ["paris", "rome", "oslo"], "answer": 0}
+
+
+@pytest.mark.parametrize("text", [
+    format_mc_prompt(ITEM),  # the eval contract: question : q A x B y C z
+    "capital of france?\n\nA. paris\nB. rome\nC. oslo\n\nReply with the letter.",
+    "capital of france? (A) paris (B) rome",
+    "capital of france?\nA) paris\nB) rome",
+    "capital of france? A: paris B: rome",
+    "Options:\n[A] paris\n[B] rome",
+])
+def test_prompts_that_list_options(text: str) -> None:
+    assert offers_options(text)
+
+
+@pytest.mark.parametrize("text", [
+    "hello",
+    "capital of france ?",
+    "Is A bigger than B?",  # no option follows either letter
+    "vitamin B and vitamin A",  # out of order
+    "A,B",
+    "Answer A.",  # one letter is not a list
+    "",
+])
+def test_prompts_that_do_not(text: str) -> None:
+    assert not offers_options(text)
+
+
+def test_the_documents_own_letters_are_what_count() -> None:
+    text = format_mc_prompt(ITEM)
+    assert not offers_options(text, ("W", "X", "Y", "Z"))
+    assert offers_options("q ? W one X two", ("W", "X", "Y", "Z"))
+    assert not offers_options(text, ("A",))  # fewer than two options: never
+
+
+def test_prompt_text_of_chat_and_completions() -> None:
+    chat = {"messages": [{"role": "system", "content": "A. be brief B. be kind"},
+                         {"role": "user", "content": "first"},
+                         {"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": [{"type": "text", "text": "q ?"},
+                                                      {"type": "image_url", "image_url": {}},
+                                                      {"type": "text", "text": "A x B y"}]}]}
+    assert prompt_text("chat", chat) == "q ?\nA x B y"  # the last user turn, text parts only
+    assert prompt_text("chat", {"messages": [{"role": "system", "content": "x"}]}) is None
+    assert prompt_text("chat", {"messages": "nope"}) is None
+    assert prompt_text("completions", {"prompt": "q : A x B y"}) == "q : A x B y"
+    assert prompt_text("completions", {"prompt": ["one", "two"]}) == "one\ntwo"
+    assert prompt_text("completions", {"prompt": [1, 2, 3]}) is None  # token ids: unknown
