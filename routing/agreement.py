@@ -9,10 +9,12 @@ Multiple-choice answers are compared by option letter; anything else by normalis
 from __future__ import annotations
 
 import re
+import string
 from typing import Any
 
-# A bare option letter ("B", "(B)", "B.") or one that introduces the option ("B) blue", "B: ...").
-_LETTER = re.compile(r"^\(?([A-Z])\)?[.:)]?$|^\(?([A-Z])[.:)]\s")
+from calibserve.calibration.answers import option_letter as letter_of
+
+_CAPITALS = tuple(string.ascii_uppercase)
 _ANSWER_IS = re.compile(r"^(?:the\s+)?answer\s*(?:is)?\s*[:=]?\s*", re.IGNORECASE)
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACE = re.compile(r"\s+")
@@ -31,12 +33,9 @@ def normalise(text: str) -> str:
 
 
 def option_letter(text: str) -> str | None:
-    """The MC option letter an answer names, if it is one."""
-    stripped = _ANSWER_IS.sub("", text.strip(), count=1).strip()
-    match = _LETTER.match(stripped)
-    if match is None:
-        return None
-    return match.group(1) or match.group(2)
+    """The MC option letter an answer names, if it is one: after an optional "the answer is",
+    calibration's `option_letter` (the leading standalone capital: "B", "(B)", "B. blue")."""
+    return letter_of(_ANSWER_IS.sub("", text.strip(), count=1), _CAPITALS)
 
 
 def answers_agree(primary: str, other: str, *, primary_complete: bool = True) -> bool | None:
