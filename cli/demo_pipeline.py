@@ -148,7 +148,8 @@ def served_demo_model(
                                 cal_file, test_file]),
         "settings": DEMO_FREE_FORM_SETTINGS,
         "methods": [*FREE_FORM_FIT_METHODS, NO_LETTER],
-        "mc": file_identity([data / "calibrate.jsonl", data / "test.jsonl"]),
+        "mc": file_identity([p for p in (data / "calibrate.jsonl", data / "test.jsonl")
+                             if p.is_file()]),
         "calibration_version": CURRENT_VERSION,
     }
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

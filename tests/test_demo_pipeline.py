@@ -8,11 +8,13 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import calibserve.demo_pipeline as demo_pipeline
 from calibserve.calibration import CalibrationDocument
+from calibserve.calibration.mc_prompt import offers_options
 from calibserve.demo_pipeline import (
     DEMO_MERGE_SETTINGS,
     calibrate_demo_expert,
@@ -20,7 +22,7 @@ from calibserve.demo_pipeline import (
     served_demo_model,
 )
 from calibserve.merge.config import MergeConfig
-from calibserve.serve_fit import FREE_FORM_FIT_METHODS, Reply
+from calibserve.serve_fit import FREE_FORM_FIT_METHODS, Reply, ServedPass
 
 
 def _fake_world(root: Path) -> Path:
@@ -97,28 +99,45 @@ def test_served_demo_model_fits_free_form_once_beside_the_world(
                 for i in range(60)]
         (world / "data" / f"short_{split}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows))
+    for split in ("calibrate", "test"):  # multiple-choice items, asked in the same pass
+        rows = [{"question": f"what is the color of the e{i} ?", "choices": ["red", "blue"],
+                 "answer": 0} for i in range(40)]
+        (world / "data" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
     asked: list[int] = []
 
-    def fake_ask(questions: list[str], **kw: object) -> list[Reply]:
+    def fake_serve(questions: list[str], calibrations: list[Path], **kw: Any
+                   ) -> list[ServedPass]:
         # A stand-in for the engine: confident replies are right more often, but less often than
-        # they claim (so a calibrator is chosen over the identity).
+        # they claim (so a calibrator is chosen over the identity). Multiple-choice prompts are
+        # answered with a word first every other time (served by no_letter), else a letter.
         asked.append(len(questions))
-        assert kw["calibration"] == merged / "model" / "calibration.json"
+        assert calibrations == [merged / "model" / "calibration.json"]
         out = []
         for _ in questions:
             p = rng.uniform(0.2, 0.99)
             text = "red" if rng.random() < p - 0.2 else "blue"
             out.append(Reply(text, {"method": "none"},
                              {"content": [{"token": text, "logprob": math.log(p)}]}))
-        return out
+        for i, prompt in enumerate(kw["mc_questions"]):
+            assert offers_options(prompt)
+            lp = {"content": [{"token": "the", "logprob": -0.3}]}
+            raw = math.exp(-0.3)
+            out.append(Reply("the red one", {"method": "no_letter", "raw": raw, "score": raw},
+                             lp) if i % 2 else Reply("A", {"method": "answer"}, lp))
+        return [ServedPass(out, {})]
 
-    monkeypatch.setattr(demo_pipeline, "ask_short_answers", fake_ask)
+    monkeypatch.setattr(demo_pipeline, "serve_passes", fake_serve)
     served = served_demo_model(world, merged)
     assert asked == [120] and served.parent == tmp_path and served.name.startswith("served-world-")
     assert (served / "model.safetensors").read_text() == "weights"
     doc = CalibrationDocument.load(served)
     assert doc.method(doc.free_form).calibrated and doc.free_form in FREE_FORM_FIT_METHODS
     assert doc.metrics["short_answer"]["test"]["n"] == 60
+    # no_letter: fitted on the 20 letterless calibrate replies (all wrong), reported on test.
+    no_letter = doc.method("no_letter")
+    assert no_letter.calibrated and no_letter.fit is not None and no_letter.fit.n == 20
+    assert doc.metrics["no_letter"]["test"]["n"] == 20
     # The merge's own document stays as the merge wrote it.
     assert CalibrationDocument.load(merged / "model").free_form == "mean"
     assert not CalibrationDocument.load(merged / "model").method("mean").calibrated
