@@ -27,7 +27,6 @@ from calibserve.routing.escalation import (
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.payload import (
     endpoint_path,
-    options_offered,
     tier_body,
     tier_top_logprobs,
 )
@@ -73,11 +72,18 @@ class Router:
         self.metrics.routed(r.name)
         result = RoutedResult(route=r.name)
 
+        works: dict[int, ConfidenceWork] = {}  # per tier: read the prompt once
+
+        def work_for(tier: Tier) -> ConfidenceWork:
+            if id(tier) not in works:
+                works[id(tier)] = ConfidenceWork(tier, endpoint, body, result, self.metrics)
+            return works[id(tier)]
+
         async def ask(tier: Tier) -> dict[str, Any]:
-            return await _ask(tier, endpoint, body, result)
+            return await _ask(tier, endpoint, body, result, work_for(tier).options_offered)
 
         async def scored(answer: dict[str, Any], tier: Tier) -> ConfidenceLike | None:
-            work = ConfidenceWork(tier, endpoint, body, result, self.metrics)
+            work = work_for(tier)
             least = least_confident(await score_answer(answer, work))
             result.confidence = None if least is None else float(least.score)
             return least
@@ -112,12 +118,13 @@ class Router:
 
 
 async def _ask(
-    tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult
+    tier: Tier, endpoint: str, body: dict[str, Any], result: RoutedResult,
+    offered: bool | None,
 ) -> dict[str, Any]:
-    """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded."""
+    """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded;
+    `offered`: does the prompt offer lettered options (what the engine is asked for)."""
     result.tiers_tried.append(tier.name)
-    scorer = tier.confidence_scorer
-    top = tier_top_logprobs(scorer, options_offered(endpoint, body, scorer))
+    top = tier_top_logprobs(tier.confidence_scorer, offered)
     payload = tier_body(endpoint, body, tier.model, stream=False, top_logprobs=top)
     started = time.perf_counter()
     try:

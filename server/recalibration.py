@@ -110,9 +110,18 @@ class Recalibrator:
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The scalar-mapped methods of the primary scorer that can be refitted."""
+        """The scalar-mapped methods of the primary scorer that can be refitted.
+
+        `no_letter` (a reply to an options prompt that names no letter) joins them when the
+        document has an entry for it, with a map or without one (too few such replies at fit
+        time): its window is refitted like the others. Without an entry it stays uncalibrated,
+        as the document says, and its samples are not collected.
+        """
         scorer = self.model.primary.scorer
-        return tuple(dict.fromkeys((scorer.multiple_choice.name, scorer.free_form.name)))
+        names = [scorer.multiple_choice.name, scorer.free_form.name]
+        if scorer.no_letter.name in self.document.methods:
+            names.append(scorer.no_letter.name)
+        return tuple(dict.fromkeys(names))
 
     @property
     def document(self) -> CalibrationDocument:
@@ -161,8 +170,9 @@ class Recalibrator:
     # -- serving ------------------------------------------------------------------------------
     def _served(self, method: str) -> ServedMethod:
         scorer = self.model.primary.scorer
-        served: ServedMethod = (scorer.multiple_choice if scorer.multiple_choice.name == method
-                                else scorer.free_form)
+        served: ServedMethod = next(
+            m for m in (scorer.multiple_choice, scorer.no_letter, scorer.free_form)
+            if m.name == method)
         return served
 
     def _swap(self, method: str, result: RefitResult, raw: np.ndarray,

@@ -30,9 +30,10 @@ DOC = {
 }
 
 
-def runtime(tmp_path: Path, mode: str, store: Path | None = None) -> ServerRuntime:
+def runtime(tmp_path: Path, mode: str, store: Path | None = None,
+            doc: dict[str, object] | None = None) -> ServerRuntime:
     cal = tmp_path / "calibration.json"
-    cal.write_text(json.dumps(DOC))
+    cal.write_text(json.dumps(DOC if doc is None else doc))
     return ServerRuntime(ServerSettings.model_validate({
         "signing_key": "k", "recalibrate": mode,
         "recalibration_dir": str(store) if store else None,
@@ -42,10 +43,10 @@ def runtime(tmp_path: Path, mode: str, store: Path | None = None) -> ServerRunti
     }))
 
 
-def feed(rt: ServerRuntime, n: int = 1000) -> None:
+def feed(rt: ServerRuntime, n: int = 1000, method: str = "answer") -> None:
     recal = rt.recalibrators["m"]
     for r, y in zip(*overconfident(n), strict=True):
-        recal.observe("answer", float(r), bool(y))
+        recal.observe(method, float(r), bool(y))
 
 
 def metrics(rt: ServerRuntime) -> str:
@@ -151,3 +152,29 @@ def test_a_replica_adopts_the_swap_another_made(tmp_path: Path) -> None:
         a.models["m"].primary.tier.scorer.calibrate(0.95))
     assert sample(metrics(b), "calibserve_recalibrations_total", model="m", method="answer",
                   outcome="adopted") == 1
+
+
+def test_no_letter_is_refitted_on_its_own_window_when_the_document_has_it(tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(DOC))
+    doc["methods"]["no_letter"] = {"fit": {"n": 4, "ece_raw": 0.0, "ece_calibrated": 0.0,
+                                           "notes": ["too few letterless replies"]}}
+    rt = runtime(tmp_path, "on", tmp_path / "store", doc=doc)
+    recal, model = rt.recalibrators["m"], rt.models["m"]
+    assert recal.methods == ("answer", "mean", "no_letter")
+    assert not model.primary.scorer.no_letter.calibrated
+    feed(rt, method="no_letter")
+    scorer = model.primary.tier.scorer
+    assert scorer.no_letter.calibrated and scorer.no_letter.score(0.95) < 0.9
+    assert scorer.calibrate(0.95) == pytest.approx(0.95)  # answer's map is untouched
+    assert "answer" not in recal._samples  # noqa: SLF001 - the windows never mix
+    assert sample(metrics(rt), "calibserve_recalibrations_total", model="m",
+                  method="no_letter", outcome="swapped") >= 1
+
+
+def test_no_letter_without_an_entry_is_not_collected(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, "on", tmp_path / "store")
+    recal = rt.recalibrators["m"]
+    assert "no_letter" not in recal.methods
+    feed(rt, method="no_letter")
+    assert recal._samples == {}  # noqa: SLF001
+    assert not rt.models["m"].primary.tier.scorer.no_letter.calibrated
