@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -99,6 +100,17 @@ def ece_of(conf: list[float], correct: list[bool]) -> float:
     return float(ece(np.asarray(conf), np.asarray(correct, dtype=float)))
 
 
+def machine() -> str:
+    """The CPU model and core count, for the run line."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in
+                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, " \
+           f"{os.cpu_count()} shared cores"
+
+
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Run the passes (vLLM servers, calibserve) and return the raw per-item records."""
     demo_dir, merged_model = locate(args)
@@ -130,6 +142,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "via": cls.via, "demo_dir": str(demo_dir), "demo_digest": digest,
         "merged_model": str(merged_model), "calibration": cal.to_dict(), "threshold_20": t20,
+        "machine": machine(),
         "wall_seconds": time.perf_counter() - started,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "items": {"merged": [a.to_dict() for a in merged_ans],
@@ -145,7 +158,9 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
     merged_ans, aligned_ans = recs["merged"], recs["aligned"]
     expert_ok = [a["correct"] for a in recs["expert"]]
     live = recs["live_20"]
-    cal = raw["calibration"]
+    cal = raw["calibration"]  # the merged model's calibration.json (version 2)
+    mc = cal.get("multiple_choice", "answer")
+    mc_entry = (cal.get("methods") or {}).get(mc) or {}
     run_m = sweep.Pass.of([a["score"] for a in merged_ans], [a["correct"] for a in merged_ans],
                           expert_ok)
     run_a = sweep.Pass.of([a["score"] for a in aligned_ans], [a["correct"] for a in aligned_ans],
@@ -164,8 +179,8 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
         "via": raw["via"],
         "demo world": f"{raw['demo_dir']} (digest {raw['demo_digest']})",
         "merged model": f"{raw['merged_model']} (lambda {lam})",
-        "merged confidence": f"{cal.get('confidence', {}).get('method')} + "
-                             f"{(cal.get('calibrator') or {}).get('type', 'identity')} calibrator",
+        "merged confidence": f"{mc} + {(mc_entry.get('calibrator') or {}).get('type', 'identity')}"
+                             " calibrator",
         "accuracy alone (merged / aligned / expert)": " / ".join(
             f"{100 * np.mean(x):.1f}%" for x in
             (run_m.primary_correct, run_a.primary_correct, expert_ok)),
@@ -186,7 +201,7 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
             f"{100 * np.mean([a['correct'] for a in live]):.1f}% "
             f"(sweep predicts {100 * at20[NAMES[0]]:.1f}%)"),
         "run": f"{raw['date']}, {raw['wall_seconds']:.0f} s wall (3 vLLM starts included), "
-               "2 shared CPU cores",
+               f"{raw.get('machine', 'CPU not recorded')}",
     }
     notes = []
     if lam is not None and float(lam) == 1.0:
