@@ -13,11 +13,14 @@ way their traffic is, e.g. ending in "Answer with the letter of the correct opti
 not: only a reply to such a prompt is scored by the option-letter method (or, when it names no
 letter, by `no_letter`); a reply to any other prompt gets the free-form method, whatever its first
 token (a "B" after "hello" is not the answer to a multiple-choice question). The rule, a
-heuristic for the wordings seen in practice (`question : q A x B y`, `A. x` / `(A) x` / `A) x` /
-`A: x` on lines of their own): the first two option letters each appear as a word of their own
-(after whitespace or an opening bracket, followed by whitespace or by one of `.):]` and
-whitespace), the second after the first. "vitamin A and vitamin B" can pass it; a prompt that
-does not list them cannot.
+heuristic for the wordings seen in practice: option letters stand as words of their own (at the
+start or after whitespace), in the scorer's order, each written the same way. Written with a
+mark (`A. x`, `A) x`, `(A) x`, `[A] x`, `A: x`, usually on lines of their own), the first two
+letters are enough. Written bare, as in the contract wording `question : q A x B y C z`, a bare
+letter is also an ordinary word ("from point A to point B", "vitamin A and vitamin B"), so bare
+letters count only as the first three options in order, or the first two in a prompt that opens
+with the contract's `question :`. "vitamin A, vitamin B and vitamin C" still passes; a prompt
+that does not list them cannot.
 """
 
 from __future__ import annotations
@@ -46,9 +49,21 @@ def format_mc_prompt(item: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-@lru_cache(maxsize=16)
-def _marker(letter: str) -> re.Pattern[str]:
-    return re.compile(rf"(?:^|(?<=[\s(\[])){re.escape(letter)}(?=[.):\]]?(?:\s|$))")
+# An option letter as a word: at the start or after whitespace, an optional opening bracket,
+# the letter, an optional closing mark, then whitespace or the end.
+_OPEN, _CLOSE = r"[(\[]", r"[.):\]]"
+_CONTRACT_START = re.compile(r"\s*question\s*:")
+
+
+@lru_cache(maxsize=64)
+def _marker(letter: str, style: tuple[str, str] | None = None) -> re.Pattern[str]:
+    """`letter` as an option marker; `style` (opening, closing mark) pins how it is written,
+    None matches any style (the groups `open` and `close` say which)."""
+    if style is None:
+        opening, closing = f"(?P<open>{_OPEN}?)", f"(?P<close>{_CLOSE}?)"
+    else:
+        opening, closing = re.escape(style[0]), re.escape(style[1])
+    return re.compile(rf"(?:^|(?<=\s)){opening}{re.escape(letter)}{closing}(?=\s|$)")
 
 
 def offers_options(text: str, options: Sequence[str] = LETTERS[:4]) -> bool:
@@ -56,8 +71,24 @@ def offers_options(text: str, options: Sequence[str] = LETTERS[:4]) -> bool:
     `options`: never."""
     if len(options) < 2:
         return False
-    first = _marker(str(options[0])).search(text)
-    return first is not None and _marker(str(options[1])).search(text, first.end()) is not None
+    letters = [str(o) for o in options]
+    for first in _marker(letters[0]).finditer(text):
+        style = (first["open"], first["close"])
+        bare = style == ("", "")
+        needed = letters[1:3] if bare and not _CONTRACT_START.match(text) else letters[1:2]
+        if _listed(text, needed, style, first.end()):
+            return True
+    return False
+
+
+def _listed(text: str, letters: Sequence[str], style: tuple[str, str], at: int) -> bool:
+    """Do `letters` follow in order from `at`, each written in `style`?"""
+    for letter in letters:
+        found = _marker(letter, style).search(text, at)
+        if found is None:
+            return False
+        at = found.end()
+    return True
 
 
 def prompt_text(endpoint: str, body: Mapping[str, Any]) -> str | None:

@@ -16,6 +16,9 @@ ITEM = {"question": "capital of france ?", "choices": ["paris", "rome", "oslo"],
     "capital of france?\nA) paris\nB) rome",
     "capital of france? A: paris B: rome",
     "Options:\n[A] paris\n[B] rome",
+    "capital of france? A paris B rome C oslo",  # bare letters: three in order
+    "question : is the sky blue ? A yes B no",  # bare, two: the contract wording's opening
+    "vitamin A and (A) paris (B) rome",  # a bare A earlier does not hide the listed ones
 ])
 def test_prompts_that_list_options(text: str) -> None:
     assert offers_options(text)
@@ -28,6 +31,10 @@ def test_prompts_that_list_options(text: str) -> None:
     "vitamin B and vitamin A",  # out of order
     "A,B",
     "Answer A.",  # one letter is not a list
+    "what is the difference between vitamin A and vitamin B ?",  # bare letters are words too
+    "how long is it from point A to point B by car ?",
+    "A. paris B) rome",  # two letters written two ways are not one list
+    "capital of france? A paris B rome",  # two bare letters without the contract's opening
     "",
 ])
 def test_prompts_that_do_not(text: str) -> None:
@@ -37,7 +44,9 @@ def test_prompts_that_do_not(text: str) -> None:
 def test_the_documents_own_letters_are_what_count() -> None:
     text = format_mc_prompt(ITEM)
     assert not offers_options(text, ("W", "X", "Y", "Z"))
-    assert offers_options("q ? W one X two", ("W", "X", "Y", "Z"))
+    assert offers_options("q ? W. one X. two", ("W", "X", "Y", "Z"))
+    assert offers_options("q ? W one X two Y three", ("W", "X", "Y", "Z"))
+    assert offers_options("q ? A x B y", ("A", "B"))  # a two-letter scorer: two bare suffice
     assert not offers_options(text, ("A",))  # fewer than two options: never
 
 
