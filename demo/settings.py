@@ -45,8 +45,10 @@ class WorldSettings(BaseModel):
     base_format_per_fact: int = Field(
         4, ge=0, description="chat short answers per QA fact for the base (values in proportion)")
     sft_short_per_fact: int = Field(1, ge=0, description="chat short answers per QA fact in SFT")
+    # 4 gold draws per question (640 items a split): with 2, the gold draws alone moved the
+    # served free-form ECE by about 0.015 (one standard deviation) on the 160 questions of a split.
     short_questions_per_fact: int = Field(
-        2, ge=1, description="short-answer items per held-out fact")
+        4, ge=1, description="short-answer items per held-out fact")
 
 
 class ModelSettings(BaseModel):
