@@ -148,13 +148,18 @@ def pretraining_documents(
 def base_format_examples(
     world: World, settings: WorldSettings
 ) -> list[str]:
-    """Open chat questions on the QA entities answered with values in the fact's exact
-    proportions: teaches the base the open-question form without sharpening what it knows."""
-    return [
-        render_exchange(question_text(fact), value)
-        for fact in world.facts_of(world.qa_entities)
-        for value in mentions(fact, settings.base_format_per_fact)
-    ] if settings.base_format_per_fact else []
+    """Chat questions on the QA entities answered in the fact's exact proportions, open ones
+    (the value) then multiple-choice ones (the value's letter): teaches the base both chat
+    forms without sharpening what it knows."""
+    facts = world.facts_of(world.qa_entities)
+    out = [render_exchange(question_text(fact), value)
+           for fact in facts for value in mentions(fact, settings.base_format_per_fact)]
+    for fact in facts:
+        choices = list(ATTRIBUTES[fact.attribute])
+        prompt = format_mc_prompt({"question": question_text(fact), "choices": choices})
+        out += [render_exchange(prompt, LETTERS[choices.index(value)])
+                for value in mentions(fact, settings.base_format_mc_per_fact)]
+    return out
 
 
 def sft_examples(world: World, settings: WorldSettings, rng: np.random.Generator) -> list[str]:

@@ -12,7 +12,7 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the generator or training code changes what a given settings object builds.
-CODE_VERSION = "6"
+CODE_VERSION = "7"
 
 
 class WorldSettings(BaseModel):
@@ -44,6 +44,13 @@ class WorldSettings(BaseModel):
     short_docs_per_fact: int = Field(0, ge=0, description="plain short answers per QA fact")
     base_format_per_fact: int = Field(
         4, ge=0, description="chat short answers per QA fact for the base (values in proportion)")
+    # Multiple-choice chat questions in the same format SFT (letters in the facts' proportions).
+    # 0: the open exchanges pull the base's chat prompt towards value words and away from the
+    # letters; on seed 1 the base fell to chance on multiple choice (0.253, ECE 0.388) and the
+    # gap check failed. 2 passes seeds 0-3 (demo/tuning/trials.md, "Version 7"); 4 makes the
+    # base more accurate than the aligned model on seed 0.
+    base_format_mc_per_fact: int = Field(
+        2, ge=0, description="chat MC questions per QA fact for the base (letters in proportion)")
     sft_short_per_fact: int = Field(1, ge=0, description="chat short answers per QA fact in SFT")
     # 4 gold draws per question (640 items a split): with 2, the gold draws alone moved the
     # served free-form ECE by about 0.015 (one standard deviation) on the 160 questions of a split.
@@ -100,10 +107,11 @@ class DemoSettings(BaseModel):
     pretrain: PretrainSettings = PretrainSettings()
     # 30 epochs: the ECE ratio's worst seed (of 0-2) goes from 1.65x to 1.85x.
     sft: SFTSettings = SFTSettings(epochs=30)
-    # The base's open-question format: chat short answers on the QA entities with values in the
-    # fact's exact proportions (calibrated targets, not majority ones), after pretraining. Without
-    # it the base never answers an open chat question with a value, and the merge has a cliff:
-    # at lambda 0.2 3% of open answers were values, at 0.3 97% (old base, demo/tuning/trials.md).
+    # The base's chat formats: chat short answers and chat multiple-choice questions on the QA
+    # entities with values (letters) in the fact's exact proportions (calibrated targets, not
+    # majority ones), after pretraining. Without it the base never answers an open chat question
+    # with a value, and the merge has a cliff: at lambda 0.2 3% of open answers were values, at
+    # 0.3 97% (old base, demo/tuning/trials.md).
     base_format_sft: SFTSettings | None = SFTSettings(epochs=2)
     # The expert continues the base's pretraining for more steps, then gets SFT (20 epochs).
     expert_extra_steps: int = Field(1200, ge=0)
