@@ -18,8 +18,9 @@ start or after whitespace), in the scorer's order, each written the same way. Wr
 mark (`A. x`, `A) x`, `(A) x`, `[A] x`, `A: x`, usually on lines of their own), the first two
 letters are enough. Written bare, as in the contract wording `question : q A x B y C z`, a bare
 letter is also an ordinary word ("from point A to point B", "vitamin A and vitamin B"), so bare
-letters count only as the first three options in order, or the first two in a prompt that opens
-with the contract's `question :`. "vitamin A, vitamin B and vitamin C" still passes; a prompt
+letters count only as the first three options in order, or the first two after the contract's
+opening `question :` (any case; a scorer with only two letters needs only those two, bare or
+not). "vitamin A, vitamin B and vitamin C" still passes; a prompt
 that does not list them cannot.
 """
 
@@ -52,7 +53,9 @@ def format_mc_prompt(item: Mapping[str, Any]) -> str:
 # An option letter as a word: at the start or after whitespace, an optional opening bracket,
 # the letter, an optional closing mark, then whitespace or the end.
 _OPEN, _CLOSE = r"[(\[]", r"[.):\]]"
-_CONTRACT_START = re.compile(r"\s*question\s*:")
+# The contract wording's opening, as a word anywhere (a completions prompt may carry a rendered
+# chat template before it; users write "Question:").
+_CONTRACT_OPENING = re.compile(r"(?:^|(?<=\s))question\s*:", re.IGNORECASE)
 
 
 @lru_cache(maxsize=64)
@@ -72,10 +75,15 @@ def offers_options(text: str, options: Sequence[str] = LETTERS[:4]) -> bool:
     if len(options) < 2:
         return False
     letters = [str(o) for o in options]
+    tried: set[tuple[str, str]] = set()
     for first in _marker(letters[0]).finditer(text):
         style = (first["open"], first["close"])
+        if style in tried:  # a later first letter of a style tried already cannot do better
+            continue
+        tried.add(style)
         bare = style == ("", "")
-        needed = letters[1:3] if bare and not _CONTRACT_START.match(text) else letters[1:2]
+        opened = _CONTRACT_OPENING.search(text, 0, first.start()) is not None
+        needed = letters[1:3] if bare and not opened else letters[1:2]
         if _listed(text, needed, style, first.end()):
             return True
     return False

@@ -167,7 +167,7 @@ class Materials:
     tokenizer: PreTrainedTokenizerFast
     doc_ids: list[list[int]]
     sft_ids: list[list[int]]
-    format_ids: list[list[int]]  # the base's open-question format SFT
+    format_ids: list[list[int]]  # the base's format SFT (open and multiple-choice chat forms)
     pad_id: int
     eos_id: int
 

@@ -148,9 +148,10 @@ def pretraining_documents(
 def base_format_examples(
     world: World, settings: WorldSettings
 ) -> list[str]:
-    """Chat questions on the QA entities answered in the fact's exact proportions, open ones
-    (the value) then multiple-choice ones (the value's letter): teaches the base both chat
-    forms without sharpening what it knows."""
+    """Chat questions on the QA entities answered in the fact's proportions (`mentions`:
+    largest-remainder rounding, so with 2 per fact an uncertain fact gets one of each of its
+    values), open ones (the value) then multiple-choice ones (the value's letter): teaches the
+    base both chat forms without training it on the majority answer alone."""
     facts = world.facts_of(world.qa_entities)
     out = [render_exchange(question_text(fact), value)
            for fact in facts for value in mentions(fact, settings.base_format_per_fact)]

@@ -39,12 +39,14 @@ class WorldSettings(BaseModel):
     open_prompts: int = Field(40, ge=1)
     # Open questions (no options, the reply is the value). Plain quizzes in pretraining (values
     # drawn from the fact): 2 per fact changed the base enough that seed 0 failed the MC gap
-    # (base ECE 0.205 vs aligned 0.190), so 0; the base learns the open form from a short
+    # (base ECE 0.205 vs aligned 0.190), so 0; the base learns the chat forms from a short
     # format SFT instead (DemoSettings.base_format_sft). Majority values in the aligned SFT.
     short_docs_per_fact: int = Field(0, ge=0, description="plain short answers per QA fact")
     base_format_per_fact: int = Field(
         4, ge=0, description="chat short answers per QA fact for the base (values in proportion)")
-    # Multiple-choice chat questions in the same format SFT (letters in the facts' proportions).
+    # Multiple-choice chat questions in the same format SFT. Answers follow each fact's
+    # proportions by largest-remainder rounding (`corpus.mentions`): with 2 per fact an uncertain
+    # fact's two letters get one each (targets of one half, as 4 open answers get 2:2 or 3:1).
     # 0: the open exchanges pull the base's chat prompt towards value words and away from the
     # letters; on seed 1 the base fell to chance on multiple choice (0.253, ECE 0.388) and the
     # gap check failed. 2 passes seeds 0-3 (demo/tuning/trials.md, "Version 7"); 4 makes the
@@ -108,8 +110,8 @@ class DemoSettings(BaseModel):
     # 30 epochs: the ECE ratio's worst seed (of 0-2) goes from 1.65x to 1.85x.
     sft: SFTSettings = SFTSettings(epochs=30)
     # The base's chat formats: chat short answers and chat multiple-choice questions on the QA
-    # entities with values (letters) in the fact's exact proportions (calibrated targets, not
-    # majority ones), after pretraining. Without it the base never answers an open chat question
+    # entities with values (letters) in the fact's proportions, rounded (not the majority ones
+    # alone), after pretraining. Without it the base never answers an open chat question
     # with a value, and the merge has a cliff: at lambda 0.2 3% of open answers were values, at
     # 0.3 97% (old base, demo/tuning/trials.md).
     base_format_sft: SFTSettings | None = SFTSettings(epochs=2)

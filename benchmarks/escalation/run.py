@@ -210,12 +210,18 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
                      "escalates exactly the same items; the curves coincide.")
     gap0 = 100 * (curves[NAMES[0]][0] - curves[NAMES[1]][0])
     gap20 = 100 * (at20[NAMES[0]] - at20[NAMES[1]])
-    trend = ("Escalation narrows the gap because the weaker primary has more errors for the "
-             "expert to fix" if abs(gap20) < abs(gap0) else "Escalation does not narrow the gap")
-    side = "ahead of" if gap0 >= 0 else "behind"
+    if gap0 * gap20 < 0:
+        trend = ("Escalation reverses the order: the primary that starts behind has more errors "
+                 "for the expert to fix")
+    elif abs(gap20) < abs(gap0):
+        trend = ("Escalation narrows the gap because the weaker primary has more errors for the "
+                 "expert to fix")
+    else:
+        trend = "Escalation does not narrow the gap"
+    side = "level with" if gap0 == 0 else "ahead of" if gap0 > 0 else "behind"
     notes.append(
         f"Reading the lead over (b): with no escalation the merged model is "
-        f"{abs(gap0):.1f} points {side} the aligned one; at 20% the lead is {gap20:+.1f}. "
+        f"{abs(gap0):.1f} points {side} the aligned one; at 20% its lead is {gap20:+.1f}. "
         f"{trend}; per escalated item, compare each curve with random escalation of its own "
         "primary (lines above).")
     behind = [f"{100 * r:.0f}%" for r, a, b in zip(RATES, curves[NAMES[0]], curves[NAMES[1]],

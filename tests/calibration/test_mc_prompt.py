@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from calibserve.calibration.mc_prompt import format_mc_prompt, offers_options, prompt_text
@@ -18,6 +20,8 @@ ITEM = {"question": "capital of france ?", "choices": ["paris", "rome", "oslo"],
     "Options:\n[A] paris\n[B] rome",
     "capital of france? A paris B rome C oslo",  # bare letters: three in order
     "question : is the sky blue ? A yes B no",  # bare, two: the contract wording's opening
+    "Question: Is the sky blue? A yes B no",  # the opening in any case
+    "<|user|> question : is the sky blue ? A yes B no <|assistant|> answer :",  # a rendered chat
     "vitamin A and (A) paris (B) rome",  # a bare A earlier does not hide the listed ones
 ])
 def test_prompts_that_list_options(text: str) -> None:
@@ -35,10 +39,20 @@ def test_prompts_that_list_options(text: str) -> None:
     "how long is it from point A to point B by car ?",
     "A. paris B) rome",  # two letters written two ways are not one list
     "capital of france? A paris B rome",  # two bare letters without the contract's opening
+    "A paris B rome. question : which ?",  # the opening must come before the options
     "",
 ])
 def test_prompts_that_do_not(text: str) -> None:
     assert not offers_options(text)
+
+
+def test_long_prompts_stay_cheap() -> None:
+    # Thousands of "A"s with no B: each style's first A is tried once, not every A.
+    text = "A lot of text about A. " * 5000
+    started = time.perf_counter()
+    assert not offers_options(text)
+    assert time.perf_counter() - started < 0.5  # quadratic scanning took minutes
+    assert offers_options(text + "\nA. one\nB. two")
 
 
 def test_the_documents_own_letters_are_what_count() -> None:

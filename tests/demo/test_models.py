@@ -62,7 +62,7 @@ def test_short_answer_splits_are_held_out_with_sampled_golds(demo_dir: Path, rep
     for split in ("select", "calibrate", "test"):
         mc = [json.loads(x) for x in (demo_dir / "data" / f"{split}.jsonl").open()]
         rows = [json.loads(x) for x in (demo_dir / "data" / f"short_{split}.jsonl").open()]
-        assert len(rows) >= 320
+        assert len(rows) == len(mc) * 2  # MC: 2 items per fact; short answers: 4
         assert {r["entity"] for r in rows} == {r["entity"] for r in mc} and not (
             {r["entity"] for r in rows} & seen)
         assert all("choices" not in r and r["probs"][r["answer"]] > 0 for r in rows)
