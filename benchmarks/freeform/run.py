@@ -219,6 +219,15 @@ def _expected(replies: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]]
                        for r, it in zip(replies, items, strict=True)])
 
 
+def redrawn_ece(score: np.ndarray, expected: np.ndarray, rounds: int = 300, seed: int = 0
+                ) -> tuple[float, float]:
+    """Mean and standard deviation of the served ECE over `rounds` redraws of every item's gold
+    from its fact (right with probability `expected`): how much the one draw moves the ECE."""
+    rng = np.random.default_rng(seed)
+    draws = [ece(score, rng.random(expected.size) < expected) for _ in range(rounds)]
+    return float(np.mean(draws)), float(np.std(draws))
+
+
 def method_rows(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     short = raw["short"]
     base_lat = np.asarray([r["seconds"] for r in raw["replies"]["mean"]])
@@ -275,6 +284,10 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     mc_ece = ece(mc_score, mc_correct)
     esc_ece = escalation_mc_ece(escalation_results, raw["demo_digest"])
     d = rows[default]
+    default_expected = _expected(raw["replies"][default], short)
+    redrawn = None if default_expected is None else redrawn_ece(
+        np.asarray([float(r["confidence"]["score"]) for r in raw["replies"][default]]),
+        default_expected)
     failures = []
     if not (d["ece_served"] <= ECE_FLOOR and d["ece_served"] < d["ece_raw"]):
         failures.append(f"default method {default}: served ECE {d['ece_served']:.3f} (floor "
@@ -292,6 +305,7 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     report.plot(png, RATES, curves, float(expert.mean()),
                 f"demo short_test, n={len(short)}, free-form replies: accuracy vs escalation")
     (out / "results.json").write_text(json.dumps({**raw, "rows": rows, "curves": curves,
+                                                  "ece_served_redrawn": redrawn,
                                                   "mc_ece": mc_ece, "escalation_mc_ece": esc_ece,
                                                   "failures": failures}, indent=1))
     i20 = RATES.index(0.2)
@@ -333,6 +347,10 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
         f"- Multiple choice on the same build (`test.jsonl`, n={len(raw['mc'])}, default model): "
         f"served ECE {mc_ece:.3f}; benchmarks/escalation measured {esc_text} (tolerance "
         f"{MC_ECE_TOLERANCE}).",
+        *([] if redrawn is None else [
+            f"- Gold-draw noise: redrawing every item's gold from its fact 300 times gives the "
+            f"default method a served ECE of {redrawn[0]:.3f} +/- {redrawn[1]:.3f} (this run's "
+            f"draw: {d['ece_served']:.3f})."]),
         f"- Escalating free-form replies to the expert (expert alone {100 * expert.mean():.1f}%): "
         f"at 20% the calibrated route gives {100 * curves[next(iter(curves))][i20]:.1f}%, random "
         f"{100 * curves['random'][i20]:.1f}%, oracle {100 * curves['oracle'][i20]:.1f}%.",
