@@ -10,11 +10,16 @@ engine state. Replies the multiple-choice method scores (option letters) cost no
 either way; the table reports both all requests and the free-form ones only.
 
 Where the time goes, measured in the same loop straight against the engine (no calibserve):
-`engine reply` (the client's request as calibserve forwards it), `engine verify` (the verify
-request exactly as calibserve sends it for that reply), `engine verify ids` (the same verify
-prompt as token ids, completions only: no tokenisation in vLLM's API server), and `engine
-floor` (a one-token completion of a one-token prompt: vLLM's fixed cost per request). vLLM's
-prefix-cache counters are printed at the end.
+`engine reply` (the client's request as calibserve forwards it), `engine verify text` (the
+verify request as text: the conversation for chat, which vLLM renders and tokenises again, or
+the prompt + reply + suffix for completions), `engine verify ids` (the same verify prompt as
+token ids, one completions request: what calibserve sends since routing/verify_tokens.py), and
+`engine floor` (a one-token completion of a one-token prompt: vLLM's fixed cost per request).
+vLLM's prefix-cache counters are printed at the end.
+
+The engine runs as `calibserve serve` runs a managed CPU engine (`engine.cpu_worker_in_engine_core`:
+`VLLM_ENABLE_V1_MULTIPROCESSING=0`); `--vllm-placement` keeps vLLM's own (a model worker process
+that busy-polls beside the engine core), as runs before 2026-12-06 measured.
 
     CALIBSERVE_HOME=... .venv/bin/python benchmarks/freeform_latency.py [--requests 60]
 """
@@ -106,15 +111,21 @@ def engine_probes(client: httpx.Client, url: str, endpoint: str, text: str, max_
     choice = answer["choices"][0]  # type: ignore[index]
     verdict: dict[str, object] = {"model": "merged", "max_tokens": 1, "temperature": 0,
                                   "stream": False, **verify}
+    # The token-id prompt equals vLLM's tokens of the text one (tests/server/test_integration.py
+    # `test_verify_prompt_on_ids_is_the_text_prompts_tokens`), so /tokenize gives it here.
     if endpoint == "chat":
         reply = choice["message"]["content"] or ""
-        verdict["messages"] = verify_messages(body["messages"], reply)  # type: ignore[arg-type]
-        out["engine verify"], _ = timed(path, verdict)
+        messages = verify_messages(body["messages"], reply)  # type: ignore[arg-type]
+        out["engine verify text"], _ = timed(path, {**verdict, "messages": messages})
+        tokenize = {"messages": messages, "add_generation_prompt": True}
     else:
         prompt = verify_prompt(str(body["prompt"]), choice["text"])
-        out["engine verify"], _ = timed(path, {**verdict, "prompt": prompt})
-        ids = client.post(url + "/tokenize", json={"model": "merged", "prompt": prompt}).json()
-        out["engine verify ids"], _ = timed(path, {**verdict, "prompt": ids["tokens"]})
+        out["engine verify text"], _ = timed(path, {**verdict, "prompt": prompt})
+        tokenize = {"prompt": prompt}
+    ids = client.post(url + "/tokenize", json={"model": "merged", **tokenize}).json()
+    by_ids = {k: v for k, v in verdict.items() if k not in ("logprobs", "top_logprobs")}
+    by_ids["logprobs"] = verdict["top_logprobs"] if endpoint == "chat" else verdict["logprobs"]
+    out["engine verify ids"], _ = timed("/v1/completions", {**by_ids, "prompt": ids["tokens"]})
     out["engine floor"], _ = timed("/v1/completions", {"model": "merged", "prompt": "a",
                                                       "max_tokens": 1, "temperature": 0})
     return out
@@ -179,7 +190,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--start-timeout", type=float, default=1500.0,
                         help="seconds to wait for vLLM (a shared 2-core machine is slow)")
+    parser.add_argument("--vllm-placement", action="store_true",
+                        help="vLLM's own CPU placement (a busy-polling worker process) instead "
+                        "of the managed engine's default")
     args = parser.parse_args()
+    if not args.vllm_placement:  # what `calibserve serve` runs (server/engine.py)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     from calibserve.demo import build_world
     from calibserve.demo_pipeline import merge_demo
@@ -213,7 +229,9 @@ def main() -> None:
               f"{platform.system()} {platform.release()}, {os.cpu_count()} cores (shared); "
               f"python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}")
         print(f"requests: {len(texts)} per endpoint, sequential, max_tokens {args.max_tokens}, "
-              "temperature 0")
+              f"temperature 0; load average {os.getloadavg()[0]:.2f}; engine placement: "
+              + ("vLLM's own" if args.vllm_placement else
+                 f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']}"))
         print(f"{'':32} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
               f"{'avg mean':>9} {'avg verify':>10} {'ratio':>6} {'p90 ratio':>9}")
         print(f"model: {model_dir}; verdict: "
@@ -236,6 +254,7 @@ def main() -> None:
         for line in httpx.get(f"{engine.url}/metrics").text.splitlines():
             if line.startswith(("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")):
                 print(line)
+        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:
         for server in servers.values():
             server.stop()

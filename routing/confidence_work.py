@@ -10,7 +10,11 @@ then `ConfidenceWork.refine` asks the SAME tier's upstream for what the method r
   when the calibration document names the tokenizer's yes/no token ids (the fit records them),
   exactly those (vLLM's `logprob_token_ids`: both sides are always read, never a one-sided or
   missing verdict because a spelling fell out of a top-k), else the top 20. Confidence:
-  `verify_confidence` (P(yes) renormalised over yes/no).
+  `verify_confidence` (P(yes) renormalised over yes/no). When the main request returned its
+  token ids (asked for when verify may score the reply: `payload.verify_reads_ids`), the verify
+  prompt goes as ids instead, one `/v1/completions` request: the reply's prompt ids, its own
+  ids and the tail the engine's template adds after them (verify_tokens.py), so the engine
+  neither renders the template nor tokenises the conversation again.
   The verify prompt is the reply's prompt plus the reply plus the question, so a reply that ran
   to (or near) the engine's context length leaves no room for the question: vLLM refuses the
   verify request with a 400 (`param: input_tokens`). Then the request is sent once more with the
@@ -56,6 +60,7 @@ from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.payload import endpoint_path, options_offered
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, Tier
+from calibserve.routing.verify_tokens import ReplyIds
 
 VERIFY_TOP_LOGPROBS = 20
 # Sampling keys that would change what a consistency sample or a verdict is.
@@ -117,28 +122,33 @@ class ConfidenceWork:
         return self.scorer is not None and self.scorer.extra_work(confidence) is not None
 
     async def refine(self, confidence: ConfidenceLike, text: str,
-                     pieces: Sequence[str] = ()) -> ConfidenceLike:
+                     pieces: Sequence[str] = (), ids: ReplyIds | None = None
+                     ) -> ConfidenceLike:
         """The choice's confidence after its method's extra work; `confidence` when none is
         needed or the work failed (the fallback, as labelled). `pieces`: the reply's tokens (or
-        streamed pieces) joining to `text`, for `fit_reply`; empty: never cut."""
+        streamed pieces) joining to `text`, for `fit_reply`; empty: never cut. `ids`: the
+        reply's prompt and tokens (verify_tokens.py); None: verify sends its prompt as text."""
         if self.scorer is None:
             return confidence
         kind = self.scorer.extra_work(confidence)
         if kind is None:
             return confidence
         if kind.extra == "verify":
-            raw = await self._verify(text, pieces)
+            raw = await self._verify(text, pieces, ids)
         else:
             raw = await self._consistency(text)
         return confidence if raw is None else self.scorer.refined(raw)
 
     async def refine_all(
-        self, items: Sequence[tuple[ConfidenceLike, str, Sequence[str]]]
+        self, items: Sequence[tuple[ConfidenceLike, str, Sequence[str]]],
+        ids: Sequence[ReplyIds | None] = (),
     ) -> list[ConfidenceLike]:
-        """`refine` every (confidence, text, pieces), concurrently."""
+        """`refine` every (confidence, text, pieces), concurrently; `ids` by position."""
         if not any(self.pending(conf) for conf, _, _ in items):
             return [conf for conf, _, _ in items]
-        return list(await asyncio.gather(*(self.refine(c, t, p) for c, t, p in items)))
+        known = list(ids) + [None] * (len(items) - len(ids))
+        return list(await asyncio.gather(*(self.refine(c, t, p, i)
+                                           for (c, t, p), i in zip(items, known, strict=True))))
 
     # -- verify ---------------------------------------------------------------------------
     def _verify_body(self, reply: str) -> dict[str, Any]:
@@ -169,6 +179,23 @@ class ConfidenceWork:
                 out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
         return out
 
+    async def _verify_ids_body(self, ids: ReplyIds | None) -> dict[str, Any] | None:
+        """The verify request on token ids (verify_tokens.py), or None: send it as text."""
+        if ids is None:
+            return None
+        tail = await self.tier.verify_tails.tail(self.tier.upstream, self.tier.model,
+                                                 self.endpoint, self._verify_question())
+        if tail is None:
+            return None
+        assert self.scorer is not None
+        out: dict[str, Any] = {"model": self.tier.model, "max_tokens": 1, "temperature": 0,
+                               "stream": False, "prompt": [*ids.prompt, *ids.reply, *tail],
+                               "logprobs": VERIFY_TOP_LOGPROBS}
+        if self.scorer.verdict_token_ids:
+            out["logprobs"] = 1
+            out["logprob_token_ids"] = list(self.scorer.verdict_token_ids)
+        return out
+
     def _verify_question(self) -> str:
         """What the verify prompt adds after the reply (the question, or completions' suffix)."""
         assert self.scorer is not None
@@ -177,10 +204,15 @@ class ConfidenceWork:
             return VERIFY_QUESTION if question is None else question
         return VERIFY_SUFFIX if question is None else f"\n{question}\nAnswer:"
 
-    async def _verify(self, reply: str, pieces: Sequence[str] = ()) -> float | None:
+    async def _verify(self, reply: str, pieces: Sequence[str] = (),
+                      ids: ReplyIds | None = None) -> float | None:
         try:
             try:
-                answer = await self._request(self._verify_body(reply))
+                by_ids = await self._verify_ids_body(ids)
+                if by_ids is not None:
+                    answer = await self._request(by_ids, "completions")
+                else:
+                    answer = await self._request(self._verify_body(reply))
             except UpstreamClientError as exc:
                 # The reply filled the context: no room for the question (module docstring).
                 shorter = fit_reply(pieces, self._verify_question())
@@ -232,10 +264,12 @@ class ConfidenceWork:
         return samples
 
     # -- shared ---------------------------------------------------------------------------
-    async def _request(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, payload: dict[str, Any], endpoint: str | None = None
+                       ) -> dict[str, Any]:
         started = time.perf_counter()
+        path = endpoint_path(endpoint or self.endpoint)
         try:
-            return await self.tier.upstream.request_json(endpoint_path(self.endpoint), payload)
+            return await self.tier.upstream.request_json(path, payload)
         finally:
             self.result.upstream_seconds += time.perf_counter() - started
 

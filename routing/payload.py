@@ -75,15 +75,35 @@ def tier_top_logprobs(scorer: object, options_offered: bool | None = None) -> in
     return max(REGISTRY[name].top_logprobs for name in names)
 
 
-def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,
-              top_logprobs: int = MIN_TOP_LOGPROBS) -> dict[str, Any]:
-    """Copy of `body` for one tier: its model name, logprobs always on with at least
-    `top_logprobs` alternatives (`tier_top_logprobs` of its scorer), `stream` as asked.
+def verify_reads_ids(scorer: object, endpoint: str, body: dict[str, Any],
+                     options_offered: bool | None) -> bool:
+    """Should the main request return its token ids, for a verify prompt on ids
+    (verify_tokens.py)? When the tier's free-form method is `verify`, the prompt offers no
+    lettered options (so the reply may be scored by it) and verify can rephrase the request."""
+    free_form = getattr(scorer, "fallback", None)
+    method = REGISTRY.get(free_form) if isinstance(free_form, str) else None
+    if method is None or method.extra != "verify" or options_offered is True:
+        return False
+    if body.get("echo"):  # vLLM skips detokenising an echoed prompt when ids are returned
+        return False
+    if endpoint == "chat":
+        return isinstance(body.get("messages"), list)
+    return isinstance(body.get("prompt"), str)
 
-    The server strips the logprobs back to what the client asked for (server/proxy.py).
+
+def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,
+              top_logprobs: int = MIN_TOP_LOGPROBS, token_ids: bool = False) -> dict[str, Any]:
+    """Copy of `body` for one tier: its model name, logprobs always on with at least
+    `top_logprobs` alternatives (`tier_top_logprobs` of its scorer), `stream` as asked, and
+    the prompt's and reply's token ids when `token_ids` (`verify_reads_ids`).
+
+    The server strips the logprobs and token ids back to what the client asked for
+    (server/proxy.py).
     """
     out = dict(body)
     out["model"] = model
+    if token_ids:
+        out["return_token_ids"] = True
     if endpoint == "chat":
         asked = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
         out["logprobs"] = True

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 from calibserve.routing.policy import NeverPolicy, Policy
 from calibserve.routing.stream_mode import StreamMode
 from calibserve.routing.upstream_client import UpstreamClient
+from calibserve.routing.verify_tokens import VerifyTails
 
 
 class ConfidenceLike(Protocol):
@@ -55,6 +56,8 @@ class Tier:
     upstream: UpstreamClient
     scorer: Scorer | None = None
     name: str = ""
+    # What verify's token-id prompts append after a reply, learned from this tier's engine.
+    verify_tails: VerifyTails = field(default_factory=VerifyTails, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -29,6 +29,7 @@ from calibserve.routing.payload import (
     endpoint_path,
     tier_body,
     tier_top_logprobs,
+    verify_reads_ids,
 )
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import ConfidenceLike, Route, Tier
@@ -124,8 +125,10 @@ async def _ask(
     """One tier's JSON answer, `model` renamed to the route, time spent waiting recorded;
     `offered`: does the prompt offer lettered options (what the engine is asked for)."""
     result.tiers_tried.append(tier.name)
-    top = tier_top_logprobs(tier.confidence_scorer, offered)
-    payload = tier_body(endpoint, body, tier.model, stream=False, top_logprobs=top)
+    scorer = tier.confidence_scorer
+    top = tier_top_logprobs(scorer, offered)
+    payload = tier_body(endpoint, body, tier.model, stream=False, top_logprobs=top,
+                        token_ids=verify_reads_ids(scorer, endpoint, body, offered))
     started = time.perf_counter()
     try:
         answer = await tier.upstream.request_json(endpoint_path(endpoint), payload)

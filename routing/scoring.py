@@ -14,6 +14,7 @@ from calibserve.calibration import CalibrationError, token_logprobs
 from calibserve.routing.agreement import choice_text
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.route import ConfidenceLike, Scorer
+from calibserve.routing.verify_tokens import reply_ids
 
 
 def confidence_dict(conf: ConfidenceLike) -> dict[str, Any]:
@@ -48,7 +49,8 @@ async def score_answer(body: dict[str, Any], work: ConfidenceWork) -> list[Confi
     offered = work.options_offered
     first = [(scorer.score_choice(c.get("logprobs"), offered), choice_text(c), reply_tokens(c))
              for c in choices]
-    confs = await work.refine_all(first)
+    ids = [reply_ids(work.endpoint, body, c) for c in choices]
+    confs = await work.refine_all(first, ids)
     for choice, conf in zip(choices, confs, strict=True):
         choice["confidence"] = confidence_dict(conf)
     return confs

@@ -18,10 +18,16 @@ from typing import Any
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.errors import UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
-from calibserve.routing.payload import endpoint_path, tier_body, tier_top_logprobs
+from calibserve.routing.payload import (
+    endpoint_path,
+    tier_body,
+    tier_top_logprobs,
+    verify_reads_ids,
+)
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
 from calibserve.routing.scoring import confidence_dict
+from calibserve.routing.verify_tokens import ReplyIds, reply_ids
 
 
 @dataclass
@@ -30,6 +36,9 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     final: ConfidenceLike | None = None
+    # The reply as one choice of a whole answer, for `reply_ids` (verify's prompt on ids):
+    # its token ids (each chunk's delta), its prompt's (completions), how it finished.
+    ids: dict[str, Any] = field(default_factory=lambda: {"token_ids": [], "message": {}})
 
     @property
     def finished(self) -> bool:
@@ -52,9 +61,12 @@ class TierStream:
         result: RoutedResult,
         route_name: str,
         work: ConfidenceWork | None = None,
+        endpoint: str = "chat",
     ) -> None:
         self.tier = tier
         self._work = work
+        self._endpoint = endpoint
+        self._prompt_ids: Any = None  # chat: the first chunk's `prompt_token_ids`
         self._chunks = chunks
         self._result = result
         self._route_name = route_name
@@ -70,10 +82,12 @@ class TierStream:
         ones a fallback can still hide from the client) surface here."""
         result.tiers_tried.append(tier.name)
         work = ConfidenceWork(tier, endpoint, body, result, metrics)
-        top = tier_top_logprobs(tier.confidence_scorer, work.options_offered)
-        payload = tier_body(endpoint, body, tier.model, stream=True, top_logprobs=top)
+        scorer, offered = tier.confidence_scorer, work.options_offered
+        payload = tier_body(endpoint, body, tier.model, stream=True,
+                            top_logprobs=tier_top_logprobs(scorer, offered),
+                            token_ids=verify_reads_ids(scorer, endpoint, body, offered))
         chunks = tier.upstream.stream(endpoint_path(endpoint), payload)
-        stream = cls(tier, chunks, result, route, work)
+        stream = cls(tier, chunks, result, route, work, endpoint)
         try:
             first = await stream.next()
         except BaseException:
@@ -104,11 +118,15 @@ class TierStream:
         """The extra work of the choices this chunk finishes, before the chunk goes out."""
         assert self._work is not None
         finals = await self._work.refine_all(
-            [(state.confidence(), "".join(state.text), state.text) for _, state in pending]
+            [(state.confidence(), "".join(state.text), state.text) for _, state in pending],
+            [self._reply_ids(state) for _, state in pending],
         )
         for (choice, state), conf in zip(pending, finals, strict=True):
             state.final = conf
             choice["confidence"] = confidence_dict(conf)
+
+    def _reply_ids(self, state: ChoiceState) -> ReplyIds | None:
+        return reply_ids(self._endpoint, {"prompt_token_ids": self._prompt_ids}, state.ids)
 
     async def aclose(self) -> None:
         self.ended = True
@@ -136,8 +154,11 @@ class TierStream:
         pending: list[tuple[dict[str, Any], ChoiceState]] = []
         if "model" in chunk:
             chunk["model"] = self._route_name
+        if chunk.get("prompt_token_ids") is not None:
+            self._prompt_ids = chunk["prompt_token_ids"]
         for choice in chunk.get("choices") or []:
             state = self.state(int(choice.get("index", 0)))
+            _keep_ids(state.ids, choice)
             logprobs = choice.get("logprobs")
             if logprobs:
                 state.scorer.feed(logprobs)
@@ -151,6 +172,25 @@ class TierStream:
                 if self._work is not None and self._work.pending(state.final):
                     pending.append((choice, state))
         return pending
+
+
+def _keep_ids(ids: dict[str, Any], choice: dict[str, Any]) -> None:
+    """Add a streamed choice's token ids (and how it finished) to the reply's."""
+    delta = choice.get("token_ids")
+    if isinstance(delta, list):
+        ids["token_ids"].extend(delta)
+    elif delta is not None:
+        ids["token_ids"] = None  # not ids: never a verify prompt on them
+    if choice.get("prompt_token_ids") is not None:
+        ids["prompt_token_ids"] = choice["prompt_token_ids"]
+    message = choice.get("delta")
+    if isinstance(message, dict):
+        for key in ("tool_calls", "reasoning_content", "reasoning"):
+            if message.get(key):
+                ids["message"][key] = True
+    if choice.get("finish_reason") is not None:
+        ids["finish_reason"] = choice["finish_reason"]
+        ids["stop_reason"] = choice.get("stop_reason")
 
 
 def _delta_text(choice: dict[str, Any]) -> str:

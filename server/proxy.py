@@ -111,7 +111,7 @@ class ClientView:
     ones whose `rank` is within `k`.
     """
 
-    __slots__ = ("endpoint", "want", "top", "prompt")
+    __slots__ = ("endpoint", "want", "top", "prompt", "ids")
 
     def __init__(self, endpoint: str, body: dict[str, Any]) -> None:
         self.endpoint = endpoint
@@ -122,9 +122,21 @@ class ClientView:
             self.want = body.get("logprobs") is not None
             self.top = int(body.get("logprobs") or 0)
         self.prompt = client_prompt_logprobs(endpoint, body)
+        # The router may ask for the token ids (verify's prompt on ids: routing/verify_tokens.py)
+        self.ids = bool(body.get("return_token_ids"))
+
+    def apply_ids(self, holder: dict[str, Any]) -> None:
+        """The token ids of a choice or a chat response: null, as vLLM writes them, unless the
+        client asked for them."""
+        if self.ids:
+            return
+        for key in ("token_ids", "prompt_token_ids"):
+            if holder.get(key) is not None:
+                holder[key] = None
 
     def apply(self, choice: dict[str, Any]) -> None:
-        """Strip or trim one choice's (or one delta's) logprobs in place."""
+        """Strip or trim one choice's (or one delta's) logprobs and token ids in place."""
+        self.apply_ids(choice)
         if "prompt_logprobs" in choice:
             self.apply_prompt(choice)
         logprobs = choice.get("logprobs")
@@ -342,6 +354,7 @@ class Proxy:
         choices = answer.get("choices") or []
         scores, raws, methods = self._finish_choices(model, choices, view)
         view.apply_prompt(answer)  # chat: the prompt's logprobs are the response's
+        view.apply_ids(answer)  # chat: so are the prompt's token ids
         answer["id"] = self.rt.signer.issue(
             PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws,
             methods=methods,
@@ -399,6 +412,7 @@ class Proxy:
             while item.data is not None:
                 chunk = item.data
                 choices = chunk.get("choices")
+                view.apply_ids(chunk)  # chat: the first chunk's prompt ids
                 if not choices and "usage" in chunk:
                     held = chunk
                 else:

@@ -226,6 +226,18 @@ def test_served_free_form_reply_gets_a_verify_confidence(client: openai.OpenAI) 
 
 
 @pytest.mark.vllm
+@pytest.mark.anyio
+async def test_verify_prompt_on_ids_under_chatml_and_bpe(smollm2_url: str) -> None:
+    """verify's prompt on token ids (the reply's own ids and the ChatML tail learned from the
+    engine) is the token sequence vLLM makes of the text prompt, through calibserve."""
+    from tests.server.test_integration import check_verify_ids
+
+    await check_verify_ids(smollm2_url, "smollm2",
+                           "What is the capital of France? Answer in one sentence.",
+                           "The capital of France is")
+
+
+@pytest.mark.vllm
 def test_verify_of_a_reply_that_filled_the_context(client: openai.OpenAI) -> None:
     # No max_tokens: the reply runs until the 256-token context is full, so the verify prompt
     # (the conversation, the reply and the question) cannot fit as it is (issue 12).

@@ -398,10 +398,74 @@ def test_merged_model_serves_verify_confidence_on_free_form_replies(
         streamed = client.completions.create(
             model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12,
             stream=True)
-        finals = [c.choices[0].model_extra.get("confidence") for c in streamed
-                  if c.choices and c.choices[0].finish_reason]
+        chunks = [c for c in streamed if c.choices]
+        finals = [c.choices[0].model_extra.get("confidence") for c in chunks
+                  if c.choices[0].finish_reason]
         assert finals == [conf]
+        assert all(c.choices[0].model_extra.get("token_ids") is None and
+                   c.choices[0].model_extra.get("prompt_token_ids") is None for c in chunks)
         assert verify_requests(running) == before + 2.0
+        # The client never sees the token ids calibserve asked for (verify's prompt on ids),
+        # and gets them when it asks.
+        raw = httpx.post(f"{running.url}/v1/chat/completions", timeout=60, json={
+            "model": "merged", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4, "temperature": 0}).json()
+        assert raw["prompt_token_ids"] is None and raw["choices"][0]["token_ids"] is None
+        raw = httpx.post(f"{running.url}/v1/completions", timeout=60, json={
+            "model": "merged", "prompt": "tell me about the sokiba", "max_tokens": 4,
+            "temperature": 0, "return_token_ids": True}).json()
+        assert raw["choices"][0]["prompt_token_ids"] and raw["choices"][0]["token_ids"]
+
+
+@pytest.mark.anyio
+async def test_verify_prompt_on_ids_is_the_text_prompts_tokens(
+    merged_dir: Path, vllm_server: Callable[[Path, str], str]
+) -> None:
+    """On the real engine and the demo's own chat template: the reply's prompt ids + its ids +
+    the tail `VerifyTails` learns are exactly the tokens vLLM makes of verify's text prompt, for
+    chat and completions, so the ids path asks the model the same question."""
+    url = vllm_server(merged_dir / "model", "merged")
+    await check_verify_ids(url, "merged", "what is the color of the sokiba ?", "the sokiba is")
+
+
+async def check_verify_ids(url: str, model: str, question: str, prompt: str) -> None:
+    """`test_verify_prompt_on_ids_is_the_text_prompts_tokens` on the engine at `url` (or a
+    calibserve in front of it: it passes `return_token_ids` and /tokenize through)."""
+    from calibserve.routing import Upstream
+    from calibserve.routing.verify_tokens import VerifyTails, reply_ids
+
+    tails = VerifyTails()
+    upstream = Upstream("engine", url)
+    user = [{"role": "user", "content": question}]
+    cases = [
+        ("chat", {"messages": user}, calibration.VERIFY_QUESTION),
+        ("completions", {"prompt": prompt}, calibration.VERIFY_SUFFIX),
+    ]
+    try:
+        for endpoint, ask, suffix in cases:
+            path = "chat/completions" if endpoint == "chat" else "completions"
+            for max_tokens in (2, 12):  # cut by length, and (usually) ended by the model
+                answer = await upstream.request_json(path, {
+                    "model": model, **ask, "max_tokens": max_tokens, "temperature": 0,
+                    "return_token_ids": True})
+                choice = answer["choices"][0]
+                ids = reply_ids(endpoint, answer, choice)
+                assert ids is not None, choice
+                tail = await tails.tail(upstream, model, endpoint, suffix)
+                assert tail, endpoint
+                if endpoint == "chat":
+                    text = choice["message"]["content"]
+                    tokenize = {"messages": calibration.verify_messages(user, text),
+                                "add_generation_prompt": True}
+                else:
+                    text = choice["text"]
+                    tokenize = {"prompt": calibration.verify_prompt(prompt, text)}
+                async with httpx.AsyncClient() as client:
+                    r = await client.post(f"{url}/tokenize", timeout=60,
+                                          json={"model": model, **tokenize})
+                assert [*ids.prompt, *ids.reply, *tail] == r.json()["tokens"], (endpoint, text)
+    finally:
+        await upstream.aclose()
 
 
 def _has_yes_no(model_dir: Path) -> bool:
