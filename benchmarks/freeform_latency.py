@@ -17,9 +17,12 @@ token ids, one completions request: what calibserve sends since routing/verify_t
 `engine floor` (a one-token completion of a one-token prompt: vLLM's fixed cost per request).
 vLLM's prefix-cache counters are printed at the end.
 
-The engine runs as `calibserve serve` runs a managed CPU engine (`engine.cpu_worker_in_engine_core`:
-`VLLM_ENABLE_V1_MULTIPROCESSING=0`); `--vllm-placement` keeps vLLM's own (a model worker process
-that busy-polls beside the engine core), as runs before 2026-12-06 measured.
+The engine runs as `calibserve serve` runs a managed CPU engine: the model worker in the engine
+core (`engine.cpu_worker_in_engine_core`: `VLLM_ENABLE_V1_MULTIPROCESSING=0`; `--vllm-placement`
+keeps vLLM's own, a worker process that busy-polls beside the engine core) and, as for any tier
+that serves verify, 32-token KV blocks (server/engine.py `VERIFY_CPU_BLOCK_SIZE`: verify's prompt
+reuses the reply's cached blocks; `--engine-args "--block-size 128"` is vLLM's own CPU default).
+Runs before 2026-12-06 measured vLLM's own placement and block size.
 
     CALIBSERVE_HOME=... .venv/bin/python benchmarks/freeform_latency.py [--requests 60]
 """
@@ -44,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.reliability.harness import InProcessServer  # noqa: E402
 from calibserve.calibration import CalibrationDocument  # noqa: E402
 from calibserve.server.config import ServerSettings  # noqa: E402
+from calibserve.server.engine import VERIFY_CPU_BLOCK_SIZE  # noqa: E402
 from tests import vllm_process  # noqa: E402
 from tests.vllm_process import VLLMProcess  # noqa: E402
 
@@ -193,6 +197,9 @@ def main() -> None:
     parser.add_argument("--vllm-placement", action="store_true",
                         help="vLLM's own CPU placement (a busy-polling worker process) instead "
                         "of the managed engine's default")
+    parser.add_argument("--engine-args", default=f"--block-size {VERIFY_CPU_BLOCK_SIZE}",
+                        help="vLLM arguments beyond the test engine's (default: the managed CPU "
+                        "engine's block size; '--block-size 128' is vLLM's own on CPU)")
     args = parser.parse_args()
     if not args.vllm_placement:  # what `calibserve serve` runs (server/engine.py)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -211,7 +218,7 @@ def main() -> None:
     all_ids = [*ids["yes"], *ids["no"]]
     tmp = Path(tempfile.mkdtemp(prefix="freeform-latency-"))
     vllm_process.START_TIMEOUT_S = max(vllm_process.START_TIMEOUT_S, args.start_timeout)
-    engine = VLLMProcess(model_dir, "merged", tmp)
+    engine = VLLMProcess(model_dir, "merged", tmp, extra_args=tuple(args.engine_args.split()))
     engine.start()
     servers: dict[str, InProcessServer] = {}
     try:
@@ -231,7 +238,8 @@ def main() -> None:
         print(f"requests: {len(texts)} per endpoint, sequential, max_tokens {args.max_tokens}, "
               f"temperature 0; load average {os.getloadavg()[0]:.2f}; engine placement: "
               + ("vLLM's own" if args.vllm_placement else
-                 f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']}"))
+                 f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']}")
+              + f"; engine args: {args.engine_args or 'none'}")
         print(f"{'':32} {'n':>4} {'p50 mean':>9} {'p50 verify':>10} {'ratio':>6} "
               f"{'avg mean':>9} {'avg verify':>10} {'ratio':>6} {'p90 ratio':>9}")
         print(f"model: {model_dir}; verdict: "

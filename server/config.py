@@ -54,6 +54,13 @@ class EngineSettings(BaseModel):
         "(VLLM_ENABLE_V1_MULTIPROCESSING=0), not as a process of its own that the engine core "
         "busy-polls, taking the cores calibserve needs (docs/operations.md, 'A CPU engine')",
     )
+    block_size: int | None = Field(
+        None, ge=1,
+        description="vLLM's KV-cache block size (its prefix cache reuses whole blocks only). "
+        "Default: on CPU 32 when the tier serves `verify` (its prompt then reuses the reply's "
+        "cached blocks: docs/operations.md), else vLLM's own (128 on CPU, which needs multiples "
+        "of 32; 16 on GPU); `--block-size` in extra_args wins",
+    )
     extra_args: list[str] = Field(default_factory=list)
     start_timeout_s: float = Field(600.0, gt=0)
     restart_backoff_s: float = Field(1.0, gt=0, description="first restart delay; doubles")

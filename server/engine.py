@@ -33,6 +33,12 @@ from calibserve.server.config import EngineSettings
 log = logging.getLogger("calibserve.engine")
 
 CPU_MAX_MODEL_LEN = 2048
+# vLLM's CPU backend defaults to 128-token KV blocks and its prefix cache reuses whole blocks, so
+# a conversation shorter than 128 tokens is never reused: verify's prompt (the reply's prompt,
+# the reply, the question) prefilled it all again. With 32 (the smallest the CPU attention
+# accepts), verify on SmolLM2 cost +9% of a chat request instead of +21% (RESULTS.md). Only for
+# a tier that serves verify: its effect on throughput could not be told from this machine's noise.
+VERIFY_CPU_BLOCK_SIZE = 32
 STABLE_AFTER_S = 60.0  # an engine that ran this long resets the restart back-off
 
 
@@ -69,8 +75,10 @@ def build_command(
     port: int,
     settings: EngineSettings,
     cuda: bool,
+    verify: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
-    """The vLLM command line and environment for this machine."""
+    """The vLLM command line and environment for this machine; `verify`: the tier serves the
+    `verify` confidence method (its prompts extend the replies': smaller KV blocks on CPU)."""
     cmd = [
         settings.python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", served_model_name,
@@ -87,6 +95,8 @@ def build_command(
             cmd += ["--max-model-len", str(settings.max_model_len)]
         if settings.gpu_memory_utilization:
             cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        if settings.block_size and "--block-size" not in settings.extra_args:
+            cmd += ["--block-size", str(settings.block_size)]
     else:
         # On CPU, --gpu-memory-utilization is the share of host memory vLLM reserves and the
         # default (0.92) fails; bf16/fp16 kernels are not available on every CPU.
@@ -98,6 +108,9 @@ def build_command(
             "--max-model-len", str(model_len),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization or 0.3),
         ]
+        block_size = settings.block_size or (VERIFY_CPU_BLOCK_SIZE if verify else None)
+        if block_size and "--block-size" not in settings.extra_args:
+            cmd += ["--block-size", str(block_size)]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kvcache_space_gib))
         if settings.cpu_worker_in_engine_core:
             # By default the engine core and its model worker are two processes that busy-poll
@@ -134,10 +147,12 @@ class ManagedEngine:
         served_model_name: str | None = None,
         on_up: Callable[[bool], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        verify: bool = False,
     ) -> None:
         self.name = name
         self.model_dir = Path(model_dir)
         self.settings = settings
+        self.verify = verify  # the tier serves `verify` (build_command)
         self.served_model_name = served_model_name or name
         self.port = settings.port or free_port(settings.host)
         self.restarts = 0
@@ -196,7 +211,7 @@ class ManagedEngine:
         # The port is chosen once (in __init__): upstream clients keep using it across restarts.
         cmd, env = build_command(
             self.model_dir, self.served_model_name, self.settings.host, self.port,
-            self.settings, cuda_available(),
+            self.settings, cuda_available(), self.verify,
         )
         log.info("[engine %s] starting: %s", self.name, " ".join(cmd))
         self._proc = await asyncio.create_subprocess_exec(

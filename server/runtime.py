@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from calibserve.calibration import CalibrationDocument, Scorer
+from calibserve.calibration.methods import REGISTRY
 from calibserve.routing import (
     BudgetPolicy,
     CircuitBreaker,
@@ -80,6 +81,7 @@ class TierRuntime:
                 served_model_name=self.upstream_model,
                 on_up=lambda up: metrics.engine_up.labels(settings.name).set(int(up)),
                 on_restart=lambda: metrics.engine_restarts.labels(settings.name).inc(),
+                verify=REGISTRY[self.scorer.fallback].extra == "verify",
             )
             # A local engine restarting refuses connections: retrying would only delay the 503.
             self.upstream: UpstreamClient = Upstream(

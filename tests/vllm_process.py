@@ -35,12 +35,14 @@ class VLLMProcess:
         *,
         max_model_len: int = 256,
         enforce_eager: bool = False,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.model_dir = Path(model_dir)
         self.name = name
         self.max_model_len = max_model_len
         # No torch.compile: a 30-layer model then starts in about 50 s instead of 190 s here.
         self.enforce_eager = enforce_eager
+        self.extra_args = tuple(extra_args)  # more vLLM arguments (benchmarks)
         self.port = free_port()
         self.log_path = Path(log_dir) / f"vllm-{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -59,7 +61,7 @@ class VLLMProcess:
             "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", "float32", "--max-model-len", str(self.max_model_len),
             "--gpu-memory-utilization", "0.3", "--max-logprobs", "20",
-            *(["--enforce-eager"] if self.enforce_eager else []),
+            *(["--enforce-eager"] if self.enforce_eager else []), *self.extra_args,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")

@@ -59,6 +59,23 @@ def test_cpu_and_gpu_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu_env  # GPU: vLLM's own default
     assert "--dtype" not in gpu and "--gpu-memory-utilization" not in gpu
     assert "--max-logprobs" in gpu
+    assert "--block-size" not in gpu  # GPU: vLLM's own (16)
+
+
+def test_block_size_is_a_setting_and_extra_args_win(tmp_path: Path) -> None:
+    def block_sizes(settings: EngineSettings, cuda: bool, verify: bool = False) -> list[str]:
+        cmd, _ = build_command(tmp_path, "m", "127.0.0.1", 1, settings, cuda=cuda,
+                               verify=verify)
+        return [cmd[i + 1] for i, part in enumerate(cmd) if part == "--block-size"]
+
+    assert block_sizes(EngineSettings(), cuda=False) == []  # vLLM's own
+    assert block_sizes(EngineSettings(), cuda=False, verify=True) == ["32"]  # reuse the reply
+    assert block_sizes(EngineSettings(), cuda=True, verify=True) == []  # GPU: vLLM's 16
+    assert block_sizes(EngineSettings(block_size=64), cuda=False) == ["64"]
+    assert block_sizes(EngineSettings(block_size=32), cuda=True) == ["32"]
+    mine = EngineSettings(block_size=64, extra_args=["--block-size", "128"])
+    assert block_sizes(mine, cuda=False) == ["128"]
+    assert block_sizes(mine, cuda=True) == ["128"]
 
 
 def test_cpu_worker_placement_is_a_setting(tmp_path: Path,
