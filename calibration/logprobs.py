@@ -80,11 +80,16 @@ def _from_chat_content(content: Sequence[Any], top_tokens: int | None) -> TokenL
     lps: list[float] = []
     tops: list[dict[str, float]] = []
     for i, entry in enumerate(content):
-        if not isinstance(entry, Mapping):
+        # `type(...) is` first: the engine's JSON is plain dicts, str and float, and this loop
+        # runs for every token of every reply (ABC isinstance checks were its largest cost).
+        if type(entry) is not dict and not isinstance(entry, Mapping):
             raise CalibrationError(f"chat logprobs content entries must be objects, got {entry!r}")
         tok = entry.get("token")
-        tokens.append(tok if isinstance(tok, str) else "")
-        lps.append(clean_logprob(entry.get("logprob")))
+        tokens.append(tok if type(tok) is str or isinstance(tok, str) else "")
+        value = entry.get("logprob")
+        # An ordinary logprob is its own clean value (clean_logprob's common case).
+        lps.append(value if type(value) is float and LOGPROB_FLOOR < value < 0.0
+                   else clean_logprob(value))
         wanted = top_tokens is None or i < top_tokens
         tops.append(_chat_top(entry.get("top_logprobs")) if wanted else {})
     return TokenLogprobs(tokens, np.asarray(lps, dtype=np.float64), tops)
@@ -92,7 +97,8 @@ def _from_chat_content(content: Sequence[Any], top_tokens: int | None) -> TokenL
 
 def _from_completions(obj: Mapping[str, Any], top_tokens: int | None) -> TokenLogprobs:
     raw_lps = obj.get("token_logprobs") or []
-    lps = [clean_logprob(v) for v in raw_lps]
+    lps = [v if type(v) is float and LOGPROB_FLOOR < v < 0.0 else clean_logprob(v)
+           for v in raw_lps]  # the common case first, as in _from_chat_content
     raw_tokens = obj.get("tokens") or []
     tokens = [t if isinstance(t, str) else "" for t in raw_tokens]
     tokens = (tokens + [""] * len(lps))[: len(lps)]
