@@ -176,9 +176,9 @@ class TierStream:
 
 def _keep_ids(ids: dict[str, Any], choice: dict[str, Any]) -> None:
     """Add a streamed choice's token ids (and how it finished) to the reply's."""
-    delta = choice.get("token_ids")
-    if isinstance(delta, list):
-        ids["token_ids"].extend(delta)
+    delta, kept = choice.get("token_ids"), ids["token_ids"]
+    if isinstance(delta, list) and kept is not None:
+        kept.extend(delta)
     elif delta is not None:
         ids["token_ids"] = None  # not ids: never a verify prompt on them
     if choice.get("prompt_token_ids") is not None:

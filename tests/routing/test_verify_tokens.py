@@ -326,3 +326,14 @@ async def test_a_streamed_reply_is_verified_on_the_same_ids(endpoint: str) -> No
     first, second = engine.verifies()
     assert isinstance(first["prompt"], list) and second["prompt"] == first["prompt"]
     assert [b.get("return_token_ids") for b in engine.fake.bodies if b.get("stream")] == [True]
+
+
+def test_a_stream_with_a_malformed_ids_chunk_is_never_verified_on_ids() -> None:
+    from calibserve.routing.tier_stream import _keep_ids
+
+    ids: dict[str, Any] = {"token_ids": [], "message": {}}
+    for delta in ([5], "6", [7]):
+        _keep_ids(ids, {"token_ids": delta})
+    _keep_ids(ids, {"token_ids": [8], "finish_reason": "length"})
+    assert ids["token_ids"] is None
+    assert reply_ids("chat", {"prompt_token_ids": [1]}, ids) is None
