@@ -122,8 +122,10 @@ class ClientView:
             self.want = body.get("logprobs") is not None
             self.top = int(body.get("logprobs") or 0)
         self.prompt = client_prompt_logprobs(endpoint, body)
-        # The router may ask for the token ids (verify's prompt on ids: routing/verify_tokens.py)
-        self.ids = bool(body.get("return_token_ids"))
+        # The router may ask for the token ids (verify's prompt on ids: routing/verify_tokens.py),
+        # never with `echo` (payload.verify_reads_ids), whose stream carries the prompt's ids
+        # whatever was asked: there they are vLLM's own answer and stay.
+        self.ids = bool(body.get("return_token_ids")) or bool(body.get("echo"))
 
     def apply_ids(self, holder: dict[str, Any]) -> None:
         """The token ids of a choice or a chat response: null, as vLLM writes them, unless the
