@@ -10,6 +10,10 @@ targets so both see the same machine; medians are reported.
 
     .venv/bin/python benchmarks/proxy_cpu.py [--baseline-python /path/to/base/.venv/bin/python]
 
+With no calibration calibserve scores the fake's 8-token replies by its default method. The
+option-letter traffic of engine_cost.py (the `answer` method: 5 alternatives on each of 32
+tokens) is `--tokens 32 --calibration MERGED/model/calibration.json`.
+
 The baseline is any other calibserve build importable by that interpreter (for example a
 `git archive` of main with its own strict editable install).
 """
@@ -64,23 +68,35 @@ def main() -> None:
     ap.add_argument("--ports", default="18340,18341,18342", help="fake,calibserve,baseline")
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=8, help="tokens per fake reply")
+    ap.add_argument("--calibration", type=Path, default=None,
+                    help="calibration.json for the served model (default: none)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.calibration is not None and not args.calibration.is_file():
+        ap.error(f"--calibration: no file {args.calibration}")
     fake_port, cs_port, base_port = (int(p) for p in args.ports.split(","))
     work = Path(tempfile.mkdtemp(prefix="proxy-cpu-"))
     procs = []
     try:
         fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
-                      "--port", str(fake_port)], work / "fake.log")
+                      "--port", str(fake_port), "--tokens", str(args.tokens)], work / "fake.log")
         procs.append(fake)
         wait_http(fake_port, "/health", 20, fake)
         targets: dict[str, tuple[int, Any]] = {}
         pythons = [("calibserve", sys.executable, cs_port)]
         if args.baseline_python:
             pythons.append((args.baseline_label, args.baseline_python, base_port))
+        upstream = ["--upstream", f"http://127.0.0.1:{fake_port}", "--served-model-name",
+                    "fake-model"]
+        if args.calibration is not None:
+            config = work / "serve.yaml"
+            config.write_text(json.dumps({"models": [{
+                "name": "fake-model", "upstreams": [f"http://127.0.0.1:{fake_port}"],
+                "calibration": str(args.calibration.resolve())}]}))
+            upstream = ["--config", str(config)]
         for name, python, port in pythons:
-            proc = start([python, "-m", "calibserve.server", "serve", "--upstream",
-                          f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
+            proc = start([python, "-m", "calibserve.server", "serve", *upstream,
                           "--host", "127.0.0.1", "--port", str(port), "--signing-key", "bench",
                           "--log-level", "warning"], work / f"{name}.log",
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -47,7 +47,7 @@ from calibserve.calibration.family import (
     fit_family,
 )
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
-from calibserve.calibration.logprobs import TokenLogprobs, token_logprobs
+from calibserve.calibration.logprobs import TokenLogprobs, parse_logprobs, token_logprobs
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS,
     REGISTRY,
@@ -93,6 +93,7 @@ __all__ = [
     # confidence
     "Confidence",
     "TokenLogprobs",
+    "parse_logprobs",
     "token_logprobs",
     "normalize_token",
     "confidence_score",

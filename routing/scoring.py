@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from calibserve.calibration import CalibrationError, token_logprobs
+from calibserve.calibration import CalibrationError, parse_logprobs
 from calibserve.routing.agreement import choice_text
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.route import ConfidenceLike, Scorer
@@ -34,9 +34,10 @@ def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:
 
 
 def reply_tokens(choice: dict[str, Any]) -> list[str]:
-    """The choice's tokens as its logprobs spell them (empty when it has none)."""
+    """The choice's tokens as its logprobs spell them (empty when it has none); their
+    alternatives are not parsed (5 per token would be most of the work)."""
     try:
-        return list(token_logprobs(choice.get("logprobs")).tokens)
+        return parse_logprobs(choice.get("logprobs"), 0).tokens
     except (CalibrationError, LookupError, TypeError, ValueError):
         return []
 

@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from calibserve.server.errors import APIError, install_error_handlers
+from calibserve.server.heap import settle_heap
 from calibserve.server.limits import BodySizeLimit
 from calibserve.server.metrics import CONTENT_TYPE
 from calibserve.server.model_cards import engine_card, model_list
@@ -92,8 +93,11 @@ def _check_key(request: Request, keys: list[str]) -> None:
                    headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
-    """The calibserve app for `settings` (a ServerSettings); `runtime` to share a prebuilt one."""
+def create_app(settings: Any, runtime: ServerRuntime | None = None, *,
+               settle: bool = False) -> FastAPI:
+    """The calibserve app for `settings` (a ServerSettings); `runtime` to share a prebuilt one;
+    `settle`: once started, settle the process's heap for serving (heap.py; the server process
+    does, an app built inside tests does not)."""
     rt = runtime or ServerRuntime(settings)
     proxy = Proxy(rt)
     forwarder = Forwarder(rt)
@@ -103,6 +107,8 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if not rt.started:
             await rt.start()
+        if settle:
+            settle_heap()
         try:
             yield
         finally:

@@ -189,7 +189,7 @@ def run_server(settings: ServerSettings) -> None:
     from calibserve.server.http_protocol import JoinedWritesProtocol
 
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
+        create_app(settings, settle=True), host=settings.host, port=settings.port,
         log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s),
         access_log=False, http=JoinedWritesProtocol,
     )
