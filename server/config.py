@@ -61,6 +61,12 @@ class EngineSettings(BaseModel):
         "cached blocks: docs/operations.md), else vLLM's own (128 on CPU, which needs multiples "
         "of 32; 16 on GPU); `--block-size` in extra_args wins",
     )
+    access_log: bool = Field(
+        False,
+        description="vLLM's uvicorn access log, one line per request in calibserve's log "
+        "(calibserve counts every request in its own metrics); off by default "
+        "(--disable-uvicorn-access-log)",
+    )
     extra_args: list[str] = Field(default_factory=list)
     start_timeout_s: float = Field(600.0, gt=0)
     restart_backoff_s: float = Field(1.0, gt=0, description="first restart delay; doubles")

@@ -86,6 +86,10 @@ def build_command(
         # calibserve asks for up to 5 alternatives (20 for verify's request): vLLM's default cap.
         "--max-logprobs", str(settings.max_logprobs),
     ]
+    if not settings.access_log:
+        # Only calibserve and its probes call a managed engine, and calibserve's metrics count
+        # every request: a relayed access-log line per request is noise that costs CPU.
+        cmd.append("--disable-uvicorn-access-log")
     env = dict(os.environ)
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     if cuda:

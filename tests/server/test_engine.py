@@ -78,6 +78,15 @@ def test_block_size_is_a_setting_and_extra_args_win(tmp_path: Path) -> None:
     assert block_sizes(mine, cuda=True) == ["128"]
 
 
+def test_access_log_is_off_unless_asked(tmp_path: Path) -> None:
+    for cuda in (False, True):
+        cmd, _ = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(), cuda=cuda)
+        assert cmd.count("--disable-uvicorn-access-log") == 1
+        on, _ = build_command(tmp_path, "m", "127.0.0.1", 1, EngineSettings(access_log=True),
+                              cuda=cuda)
+        assert "--disable-uvicorn-access-log" not in on
+
+
 def test_cpu_worker_placement_is_a_setting(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
