@@ -21,7 +21,11 @@ Every request is a chat completion of exactly `--tokens` tokens (`min_tokens` = 
 temperature 0). Reported: requests/s, p50 latency, CPU seconds per request of calibserve and of
 the engine's processes, split by role (vLLM's API server, which renders, tokenises and writes
 the JSON answer with its logprobs; its engine core, the scheduler; its worker, the model), and
-which cores each process may run on.
+which cores each process may run on. Every ratio is also printed round by round (the variants
+of a round run seconds apart; a drifting machine moves the ratio of the medians more).
+`--nice-ab` runs each round twice, the engine as started and then with every engine thread 10
+steps nicer than calibserve: an A/B of CPU priority on one engine (setting it back each
+round needs root).
 
     .venv/bin/python -u benchmarks/engine_cost.py --rounds 3 \\
         --json benchmarks/.work/engine_cost.json       # the managed engine's CPU default
@@ -200,6 +204,8 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if args.nice_ab and os.geteuid() != 0:
+        ap.error("--nice-ab: setting the engine's niceness back each round needs root")
     bad_env = [e for e in args.engine_env if "=" not in e]
     if bad_env:
         ap.error(f"--engine-env: {bad_env[0]!r} is not KEY=VALUE")
