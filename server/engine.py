@@ -99,8 +99,6 @@ def build_command(
             cmd += ["--max-model-len", str(settings.max_model_len)]
         if settings.gpu_memory_utilization:
             cmd += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
-        if settings.block_size and "--block-size" not in settings.extra_args:
-            cmd += ["--block-size", str(settings.block_size)]
     else:
         # On CPU, --gpu-memory-utilization is the share of host memory vLLM reserves and the
         # default (0.92) fails; bf16/fp16 kernels are not available on every CPU.
@@ -112,9 +110,6 @@ def build_command(
             "--max-model-len", str(model_len),
             "--gpu-memory-utilization", str(settings.gpu_memory_utilization or 0.3),
         ]
-        block_size = settings.block_size or (VERIFY_CPU_BLOCK_SIZE if verify else None)
-        if block_size and "--block-size" not in settings.extra_args:
-            cmd += ["--block-size", str(block_size)]
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kvcache_space_gib))
         if settings.cpu_worker_in_engine_core:
             # By default the engine core and its model worker are two processes that busy-poll
@@ -124,6 +119,10 @@ def build_command(
             # flight; with the worker in the engine-core process, 0.77-0.79x
             # (benchmarks/engine_cost.py, RESULTS.md). The operator's own setting wins.
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # GPU: vLLM's own block size (16) unless set; CPU: 32 for a verify tier (VERIFY_CPU_BLOCK_SIZE).
+    block_size = settings.block_size or (VERIFY_CPU_BLOCK_SIZE if verify and not cuda else None)
+    if block_size and "--block-size" not in settings.extra_args:
+        cmd += ["--block-size", str(block_size)]
     cmd += list(settings.extra_args)
     return cmd, env
 
