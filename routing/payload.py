@@ -75,14 +75,19 @@ def tier_top_logprobs(scorer: object, options_offered: bool | None = None) -> in
     return max(REGISTRY[name].top_logprobs for name in names)
 
 
+def serves_verify(scorer: object) -> bool:
+    """Is the scorer's free-form method `verify` (a second request on the reply's prompt)?"""
+    free_form = getattr(scorer, "fallback", None)
+    method = REGISTRY.get(free_form) if isinstance(free_form, str) else None
+    return method is not None and method.extra == "verify"
+
+
 def verify_reads_ids(scorer: object, endpoint: str, body: dict[str, Any],
                      options_offered: bool | None) -> bool:
     """Should the main request return its token ids, for a verify prompt on ids
     (verify_tokens.py)? When the tier's free-form method is `verify`, the prompt offers no
     lettered options (so the reply may be scored by it) and verify can rephrase the request."""
-    free_form = getattr(scorer, "fallback", None)
-    method = REGISTRY.get(free_form) if isinstance(free_form, str) else None
-    if method is None or method.extra != "verify" or options_offered is True:
+    if not serves_verify(scorer) or options_offered is True:
         return False
     if body.get("echo"):  # vLLM skips detokenising an echoed prompt when ids are returned
         return False

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from calibserve.calibration import CalibrationDocument, Scorer
-from calibserve.calibration.methods import REGISTRY
 from calibserve.routing import (
     BudgetPolicy,
     CircuitBreaker,
@@ -33,6 +32,7 @@ from calibserve.routing import (
     probe_health,
     served_models,
 )
+from calibserve.routing.payload import serves_verify
 from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
 from calibserve.server.drift import FitReference
 from calibserve.server.engine import ManagedEngine
@@ -81,7 +81,7 @@ class TierRuntime:
                 served_model_name=self.upstream_model,
                 on_up=lambda up: metrics.engine_up.labels(settings.name).set(int(up)),
                 on_restart=lambda: metrics.engine_restarts.labels(settings.name).inc(),
-                verify=REGISTRY[self.scorer.fallback].extra == "verify",
+                verify=serves_verify(self.scorer),
             )
             # A local engine restarting refuses connections: retrying would only delay the 503.
             self.upstream: UpstreamClient = Upstream(

@@ -8,6 +8,7 @@ restarted once in test_integration.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -183,3 +184,20 @@ def test_server_with_managed_engine_down_and_back(tmp_path: Path) -> None:
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(("free_form", "verify"), [("verify", True), ("mean", False)])
+def test_a_managed_tier_that_serves_verify_starts_its_engine_for_it(
+        tmp_path: Path, free_form: str, verify: bool) -> None:
+    from calibserve.routing import RoutingMetrics
+    from calibserve.server.config import TierSettings
+    from calibserve.server.metrics import ServerMetrics, server_registry
+    from calibserve.server.runtime import TierRuntime
+
+    doc = tmp_path / "calibration.json"
+    doc.write_text(json.dumps({"version": 2, "methods": {"mean": {}, free_form: {}},
+                               "multiple_choice": "mean", "free_form": free_form}))
+    registry = server_registry()
+    tier = TierRuntime(TierSettings(name="t", model=tmp_path, calibration=doc),
+                       ServerMetrics(registry), "t", RoutingMetrics(registry))
+    assert tier.engine is not None and tier.engine.verify is verify
