@@ -1,6 +1,6 @@
 """The garbage collector set for serving: the start-up heap frozen, young collections rarer.
 
-Measured (benchmarks/proxy_cpu.py --tokens 32 in front of the FAKE upstream, 16 connections;
+Measured (benchmarks/proxy_cpu.py --tokens 32 --gc in front of the FAKE upstream, 16 connections;
 RESULTS.md "garbage collection"): with CPython's defaults a third of calibserve's CPU per
 option-letter request went to the cyclic garbage collector. Every answer with 5 alternatives on
 each of 32 tokens allocates about a thousand objects, so 16 answers in flight crossed the young
