@@ -1,4 +1,4 @@
-"""The `calibserve` command: `demo build`, `demo`, `merge`, `calibrate`, `serve`."""
+"""The `calibserve` command: `demo build`, `demo`, `merge`, `calibrate`, `serve`, `tune`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from calibserve.calibration.document import PROBES_FILE
 from calibserve.demo.cli import app as demo_app
 from calibserve.merge.cli import merge_command
 from calibserve.server.cli import serve as serve_command
+from calibserve.tune.cli import tune as tune_command
 
 DEMO_PROBE_RATE = 60.0  # calibration probes per minute in `calibserve demo`
 
@@ -37,6 +38,9 @@ app.command("calibrate", help="Fit calibration.json for one checkpoint (an escal
 )
 app.command("serve", help="Serve a model behind the calibrated OpenAI-compatible proxy.")(
     serve_command
+)
+app.command("tune", help="Fine-tune a checkpoint on chat or eval data (loss on replies only).")(
+    tune_command
 )
 
 
