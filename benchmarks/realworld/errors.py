@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["FetchError", "ChecksumMismatch", "DownloadFailed", "SourceInvalid", "ConversionFailed"]
+__all__ = [
+    "FetchError",
+    "ChecksumMismatch",
+    "DownloadFailed",
+    "SourceInvalid",
+    "SourceUnavailable",
+    "TargetsUnavailable",
+    "ConversionFailed",
+]
 
 
 class FetchError(Exception):
@@ -28,6 +36,21 @@ class DownloadFailed(FetchError):
 
 class SourceInvalid(FetchError):
     """A fetched archive lacks a file it should hold, or the file cannot be read as expected."""
+
+
+class SourceUnavailable(FetchError):
+    """A source cannot be had here (a package that is not installed, or another version of it):
+    the target it makes is reported unavailable and the fetch goes on with the rest."""
+
+
+class TargetsUnavailable(DownloadFailed):
+    """`fetch(strict=True)`: the sources of these targets could not be had (the rest were made).
+
+    `reasons` maps each unavailable target to why, in one line."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        self.reasons = dict(reasons)
+        super().__init__("; ".join(f"{t} unavailable: {why}" for t, why in reasons.items()))
 
 
 class ConversionFailed(FetchError):

