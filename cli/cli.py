@@ -62,11 +62,13 @@ def demo(
     # The merge's calibration.json plus free-form methods fitted through the serving path.
     model = served_demo_model(world, out)
     expert_calibration = calibrate_demo_expert(world)
-    typer.echo(f"serving {model} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    # The engines' own output goes to their log files; the ready block says where to send a
+    # request and points at the merge's report.
     serve_model(
         model,
         host=host,
         port=port,
+        report=out / "report.html",
         served_model_name="calibserve-demo",
         escalate_to=[str(world / "expert")],
         escalate_calibration=[expert_calibration],  # escalated answers are calibrated too

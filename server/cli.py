@@ -23,6 +23,7 @@ from calibserve.server.config import (
     ServerSettings,
     TierSettings,
 )
+from calibserve.server.engine_log import engine_output
 
 log = logging.getLogger("calibserve.server")
 app = typer.Typer(help="calibserve server", add_completion=False, no_args_is_help=True)
@@ -200,13 +201,30 @@ def serve_model(
     model_dir: Path | str,
     host: str = "0.0.0.0",
     port: int = DEFAULT_PORT,
+    report: Path | None = None,
     **options: Any,
 ) -> None:
     """Serve one checkpoint with a managed engine (what `calibserve demo` calls after merging).
 
-    `options` are `settings_from_cli` keywords (served_model_name, escalate_to, threshold, ...).
+    `options` are `settings_from_cli` keywords (served_model_name, escalate_to, threshold, ...);
+    `report`: a merge report (report.html) for the ready block to point at.
     """
-    run_server(settings_from_cli(model=Path(model_dir), host=host, port=port, **options))
+    _run_announced(settings_from_cli(model=Path(model_dir), host=host, port=port, **options),
+                   report)
+
+
+def _run_announced(settings: ServerSettings, report: Path | None = None) -> None:
+    """`run_server` with the console around its start (server/console.py): an engine that fails
+    to start is one line, and once /ready answers, the ready block."""
+    from calibserve.server.console import announce_when_ready, one_line_engine_errors
+
+    one_line_engine_errors()
+    announcer = announce_when_ready(settings, report)
+    try:
+        run_server(settings)
+    finally:
+        if announcer is not None:
+            announcer.cancel()
 
 
 def serve(
@@ -258,6 +276,12 @@ def serve(
     engine_arg: Annotated[list[str] | None, typer.Option(
         "--engine-arg", help="extra vLLM argument (repeatable), e.g. --engine-arg=--enforce-eager")
     ] = None,
+    engine_console: Annotated[bool, typer.Option(
+        "--engine-console", help="relay the managed engines' own output (vLLM's) to this "
+        "console too; by default each writes its log file, whose path is printed")] = False,
+    engine_log_dir: Annotated[Path | None, typer.Option(
+        "--engine-log-dir", help="directory of the managed engines' log files [default: this "
+        "run's, $CALIBSERVE_HOME/runs/<UTC time>-<pid>]")] = None,
     probe_rate: Annotated[float | None, typer.Option(
         "--probe-rate", help="calibration probes per minute per model, sent through the serving "
         "path and graded by calibserve (source=\"probe\" counters) [default: 0, off]")] = None,
@@ -286,7 +310,8 @@ def serve(
         recalibration_dir=recalibration_dir,
     )
     _check_calibrations(settings, "--config" if config is not None else "--model")
-    run_server(settings.model_copy(update={"log_level": log_level}))
+    _run_announced(engine_output(settings, engine_console, engine_log_dir).model_copy(
+        update={"log_level": log_level}))
 
 
 def _check_calibrations(settings: ServerSettings, hint: str) -> None:

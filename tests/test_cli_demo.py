@@ -32,12 +32,13 @@ def test_demo_serves_the_merge_and_a_calibrated_expert(
     ((model, kw),) = served
     assert model == merged_dir / "model" and kw["port"] == 18398
     assert kw["escalate_to"] == [str(demo_dir / "expert")] and kw["threshold"] == "auto"
+    assert kw["report"] == merged_dir / "report.html"  # the ready block points at it
     (calibration,) = kw["escalate_calibration"]
     doc = CalibrationDocument.load(calibration)  # the cached fit may predate version 2
     fit = doc.method().fit
     assert doc.merge is None and fit is not None and fit.ece_calibrated < fit.ece_raw
     # What serve_model would build from these options: the expert tier carries that file.
     settings = calibserve.server.cli.settings_from_cli(model=model, **{k: v for k, v in kw.items()
-                                                           if k != "host"})
+                                                           if k not in ("host", "report")})
     (tier,) = settings.models[0].escalate_to
     assert tier.calibration_path() == Path(calibration)

@@ -139,3 +139,19 @@ def test_escalate_calibration_goes_to_the_tier_in_the_same_position(
         assert "--escalate-calibration" in result.output  # type: ignore[attr-defined]
         assert "Traceback" not in result.output  # type: ignore[attr-defined]
     assert len(captured) == 1
+
+
+def test_engine_output_flags_reach_every_managed_engine(
+        tmp_path: Path, captured: list[ServerSettings]) -> None:
+    model, expert = tmp_path / "model", tmp_path / "expert"
+    model.mkdir()
+    expert.mkdir()
+    result = invoke("--model", str(model), "--escalate-to", str(expert), "--port", "18397",
+                    "--engine-console", "--engine-log-dir", str(tmp_path / "logs"))
+    assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+    (settings,) = captured
+    engines = [settings.models[0].engine, settings.models[0].escalate_to[0].engine]
+    assert all(e.console and e.log_dir == tmp_path / "logs" for e in engines)
+    invoke("--model", str(model), "--port", "18397")
+    assert not captured[1].models[0].engine.console  # off by default
+    assert captured[1].models[0].engine.log_dir is None  # this run's directory

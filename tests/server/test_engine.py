@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -99,30 +101,95 @@ def test_cpu_worker_placement_is_a_setting(tmp_path: Path,
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
 
 
-def test_start_failure_includes_log_tail(tmp_path: Path) -> None:
-    settings = EngineSettings(python=fake_python(tmp_path, 'echo "boom: no such model"; exit 3'),
-                              start_timeout_s=20)
+def engine_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "calibserve.engine"]
+
+
+def test_output_goes_to_its_log_file_and_the_console_gets_calibserves_lines(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="calibserve.engine")
+    settings = EngineSettings(python=fake_python(tmp_path), log_dir=tmp_path / "logs")
     engine = ManagedEngine("m", tmp_path, settings)
-    with pytest.raises(EngineStartError, match="boom: no such model"):
+    asyncio.run(_start_and_stop(engine))
+    path = tmp_path / "logs" / "engine-m.log"
+    assert engine.output.path == path
+    text = path.read_text()
+    assert "pretend vLLM starting" in text and "vllm.entrypoints.openai.api_server" in text
+    lines = engine_records(caplog)
+    assert not [line for line in lines if "pretend vLLM" in line]  # nothing relayed
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info[0] == f"engine m: starting vLLM (its output: {path})"
+    assert re.fullmatch(r"engine m: ready after \d+ s", info[1]), info
+    assert sum(str(path) in line for line in info) == 1  # the path, once
+
+
+def test_the_console_flag_relays_the_output_and_still_writes_the_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="calibserve.engine")
+    settings = EngineSettings(python=fake_python(tmp_path), log_dir=tmp_path, console=True)
+    engine = ManagedEngine("m", tmp_path, settings)
+    asyncio.run(_start_and_stop(engine))
+    assert any(line.startswith("[engine m] pretend vLLM starting")
+               for line in engine_records(caplog))
+    assert "pretend vLLM starting" in engine.output.path.read_text()
+
+
+async def _start_and_stop(engine: ManagedEngine) -> None:
+    await engine.start()
+    try:
+        assert engine.up
+    finally:
+        await engine.stop()
+
+
+def test_start_failure_is_one_line_naming_the_log(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="calibserve.engine")
+    settings = EngineSettings(
+        python=fake_python(tmp_path, 'echo "loading weights"; '
+                           'echo "ValueError: boom: no such model"; exit 3'),
+        start_timeout_s=20, log_dir=tmp_path)
+    engine = ManagedEngine("m", tmp_path, settings)
+    with pytest.raises(EngineStartError) as info:
         asyncio.run(engine.start())
+    path = tmp_path / "engine-m.log"
+    assert str(info.value) == ("vLLM engine 'm' exited with code 3 while starting: ValueError: "
+                               f"boom: no such model (log: {path})")
     assert not engine.up
+    # The console had the log's last lines just before.
+    (shown,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert shown.splitlines()[0] == "engine m exited with code 3 while starting; the last " \
+                                    "lines of its log:"
+    assert "    loading weights" in shown and "    ValueError: boom: no such model" in shown
+    assert "exited with code 3 while starting" in path.read_text()  # and the file says so
 
 
-def test_start_timeout(tmp_path: Path) -> None:
+def test_an_engine_killed_while_starting_is_reported_as_killed(tmp_path: Path) -> None:
+    settings = EngineSettings(python=fake_python(tmp_path, 'echo "loading"; kill -9 $$'),
+                              start_timeout_s=20, log_dir=tmp_path)
+    with pytest.raises(EngineStartError, match=r"^vLLM engine 'm' was killed by SIGKILL while "
+                       r"starting \(log: .*engine-m\.log\)$"):
+        asyncio.run(ManagedEngine("m", tmp_path, settings).start())
+
+
+def test_start_timeout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = EngineSettings(python=fake_python(tmp_path, 'echo "loading forever"; sleep 60'),
-                              start_timeout_s=1.5)
+                              start_timeout_s=1.5, log_dir=tmp_path)
     engine = ManagedEngine("m", tmp_path, settings)
-    with pytest.raises(EngineStartError, match="(?s)not healthy after .*loading forever"):
+    with pytest.raises(EngineStartError, match=r"^vLLM engine 'm' not healthy after 2 s \(log: "):
         asyncio.run(engine.start())
+    assert "    loading forever" in caplog.text
 
 
-def test_restart_after_kill(tmp_path: Path) -> None:
-    asyncio.run(_restart_after_kill(tmp_path))
+def test_restart_after_kill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="calibserve.engine")
+    asyncio.run(_restart_after_kill(tmp_path, caplog))
 
 
-async def _restart_after_kill(tmp_path: Path) -> None:
+async def _restart_after_kill(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     restarts: list[int] = []
-    settings = EngineSettings(python=fake_python(tmp_path), restart_backoff_s=0.1)
+    settings = EngineSettings(python=fake_python(tmp_path), restart_backoff_s=0.1,
+                              log_dir=tmp_path)
     engine = ManagedEngine("m", tmp_path, settings, on_restart=lambda: restarts.append(1))
     await engine.start()
     try:
@@ -131,9 +198,18 @@ async def _restart_after_kill(tmp_path: Path) -> None:
         assert not exited.done()
         pid = engine.pid
         assert pid is not None
+        httpx.post(f"{engine.url}/fake/mode", json={"mode": "ok"})  # a line in its log
         os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
         await asyncio.wait_for(exited, 5)
         assert not engine.up
+        # The console has the exit, the log's path and its last lines at once (within 5 s).
+        while not [r for r in caplog.records if r.levelno == logging.ERROR]:
+            assert time.monotonic() - killed < 5
+            await asyncio.sleep(0.01)
+        (shown,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert shown.startswith(f"engine m was killed by SIGKILL; restarting in 0.1 s (log: "
+                                f"{engine.output.path}); its last lines:\n    ")
         deadline = time.monotonic() + 20
         while not engine.up and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
