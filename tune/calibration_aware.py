@@ -56,8 +56,11 @@ and secondary summaries; the loss details below are the code's, which is the run
    code's choice, and calibserve's trainer computes logits only on the reply, which is what keeps
    a 262k-token output head affordable on a CPU); the paper's L_SFT2 is the trainer's option.
 2. Scale and weights. The 1e-3 factor and the (1 - alpha) weight on SFT are the code's
-   (`Custom_Trainer.compute_loss`); the paper writes the regulariser as an added term. With Adam
-   the overall scale of the loss matters only relative to the SFT term.
+   (`Custom_Trainer.compute_loss`); the paper, as far as it could be read, adds the regulariser
+   to the SFT loss with one weight. With Adam the loss's overall scale matters only relative to
+   the SFT term; 1 / N_k with N_k counted over the whole E-step set makes L_cal per batch about
+   batch / N_k of a bin's mean squared error, so alpha * 1e-3 * L_cal is small next to L_SFT
+   unless alpha is near 1 (the code's sweep: alpha in {0.0, 1.0}).
 3. Top bin. The code's loop runs `range(len(upper_boundary) - 1)` over 10 bin edges, so its last
    bin, [0.9, 1.0], is never regularised (an off-by-one after `get_adaptive_bins` replaced an
    11-edge linspace). That is the bin where an aligned model's overconfidence sits; we regularise
@@ -65,11 +68,13 @@ and secondary summaries; the loss details below are the code's, which is the run
 4. Empty bins. The code sets an empty bin's accuracy to 0 (`nan_to_num`) and then divides by its
    count of 0 when a batch item lands there (an infinite loss); we skip those items.
 5. Non-top targets. The code computes them from the live probabilities without detaching, so its
-   gradient also flows through t_ij (through 1 / q_i, large when the second option is tiny, as in
-   an overconfident model). The EM reading (and the code's own comment on detaching the E step's
-   logits "to let the confidence move towards the fixed accuracy") holds the targets fixed in the
-   M step, so we detach them by default; ``detach_targets=False`` reproduces the code's gradient.
-   The loss value is the same either way.
+   gradient also flows through t_ij. t_ij depends on the logits only through p_ij / q_i, i.e. on
+   differences between non-top logits: that extra gradient reshapes the non-top options toward
+   a target that moves with them and leaves the top logit's gradient unchanged (measured: on a
+   saturated item it stays ~2e-4 while the top logit's is ~1e-6). The EM reading (and the code's
+   own comment on detaching the E step's logits "to let the confidence move towards the fixed
+   accuracy") holds the targets fixed in the M step, so we detach them by default;
+   ``detach_targets=False`` reproduces the code's gradient. The loss value is the same.
 6. Option count. The code hard-codes four options (`ln(3)`, `T + 3`, letters A-D). We keep the
    constant ln(3) (`TARGET_GAMMA_NUMERATOR`) and use each item's own number of present non-top
    options m_i in the denominator, so the targets sum to 1 - a_k for any K; for K = 4 this is
@@ -78,6 +83,8 @@ and secondary summaries; the loss details below are the code's, which is the run
    `BinAccuracy.estimate` can be called again (per epoch, say) by the trainer.
 8. Precision. The code bins the model's own (bf16) probabilities and sums squares in float64; we
    compute option probabilities in float32 whatever the logits' dtype.
+9. Sparse bins (ours). ``min_count`` (default 1: the code's behaviour) skips bins that held fewer
+   E-step items; a bin of one item has accuracy 0 or 1 and a weight of 1 / 1.
 """
 
 from __future__ import annotations
