@@ -8,8 +8,10 @@ Steps (each skips what is already done, so a run can be split and resumed):
 
 1. `prepare`: seeded subsets of the realworld splits (`benchmarks.realworld.fetch` builds them):
    multiple-choice calibrate items (the task's calibrate split) and held-out test items (its test
-   split), keeping items whose prompt fits `--max-prompt-tokens` in both wordings; qa_wikidata
-   short answers for the free-form methods (calibrate and test splits).
+   split), keeping items whose prompt fits `--max-prompt-tokens` in both wordings; short answers
+   for the free-form methods (calibrate and test splits) from `--short-task`: world_facts by
+   default (real facts generated from registry packages, asked as questions followed by
+   "Answer in a few words."), or qa_wikidata (BIG-bench sentence stems, when it could be fetched).
 2. `calibrate`: `calibserve calibrate --calibrator auto` on those: the option-letter method on the
    multiple-choice items (in the eval contract's wording, `question : ... A ... B ...`, followed
    by "Answer with the letter of the correct option." unless `--calibration-wording contract`;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -48,6 +51,22 @@ from typing import Any
 import numpy as np
 
 from benchmarks.realworld.grading import contains_answer, short_answer_prompt
+
+SHORT_TASKS = ("world_facts", "qa_wikidata")
+FACT_INSTRUCTION = "Answer in a few words."
+
+
+def short_prompt(task: str, question: str) -> str:
+    """The user message of a short-answer item (calibration and test alike)."""
+    if task == "qa_wikidata":
+        return short_answer_prompt(question)  # a sentence stem to complete
+    return f"{question} {FACT_INSTRUCTION}"
+
+
+def short_split_file(task: str, split: str) -> str:
+    """Where a task's short answers of `split` are: world_facts keeps them beside its
+    multiple-choice splits (`short_*.jsonl`, as merge.evaluate.SHORT_ANSWER_FILES reads)."""
+    return f"{split}.jsonl" if task == "qa_wikidata" else f"short_{split}.jsonl"
 
 LETTERS = ("A", "B", "C", "D", "E", "F", "G", "H")
 STEPS = ("prepare", "calibrate", "serve", "report")
@@ -118,13 +137,19 @@ class Run:
             "max_prompt_tokens": args.max_prompt_tokens, "seed": args.seed,
             "held_out": args.held_out, "calibration_wording": args.calibration_wording,
         }
+        self.short_task = str(args.short_task)
+        # Runs prepared before world_facts existed used qa_wikidata and recorded no short_task.
+        if self.short_task != "qa_wikidata":
+            self.params["short_task"] = self.short_task
         self.wording = str(args.calibration_wording)
         name = (f"{args.task}-c{args.n_calibrate}-t{args.n_test}-"
                 f"s{args.n_short_calibrate}x{args.n_short_test}-p{args.max_prompt_tokens}-"
                 f"seed{args.seed}" + ("" if args.held_out == "test" else
                                       f"-{args.held_out.replace(',', '+')}")
                 + ("" if args.calibration_wording == "contract"
-                   else f"-{args.calibration_wording}"))
+                   else f"-{args.calibration_wording}")
+                + ("" if args.short_task == "qa_wikidata" or not args.n_short_calibrate
+                   else f"-{args.short_task}"))
         self.out = Path(args.out or home / "realworld" / "serve_eval" / name).resolve()
         self.data = self.out / "calibrate-data"
         self.calibration = self.out / "calibration.json"
@@ -187,9 +212,16 @@ def prepare(run: Run) -> bool:
         return picked, {"examined": seen, "kept": len(picked)}
 
     def pick_short(split: str, n: int) -> list[dict[str, Any]]:
-        items = read_jsonl(run.realworld / "data" / "qa_wikidata" / f"{split}.jsonl")
+        path = run.realworld / "data" / run.short_task / short_split_file(run.short_task, split)
+        if not path.is_file():
+            sys.exit(f"error: {path} does not exist; run `python -m benchmarks.realworld.fetch "
+                     f"--only {run.short_task}` first")
+        items = read_jsonl(path)
+        if len(items) < n:
+            sys.exit(f"error: {path} has {len(items)} items, fewer than the {n} asked for")
         rng.shuffle(items)
-        return [{**it, "question": short_answer_prompt(it["question"])} for it in items[:n]]
+        return [{**it, "question": short_prompt(run.short_task, it["question"])}
+                for it in items[:n]]
 
     run.data.mkdir(parents=True, exist_ok=True)
     cal, cal_info = pick("calibrate", int(run.params["n_calibrate"]))
@@ -346,7 +378,7 @@ def report(run: Run) -> None:
                           "metrics": entry}
     (run.out / "results.json").write_text(json.dumps(results, indent=1))
     if diagrams:
-        _plot(diagrams, run.out / "reliability.png", str(run.params["task"]))
+        _plot(diagrams, run.out / "reliability.png", str(run.params["task"]), run.short_task)
     text = _markdown(results)
     (run.out / "report.md").write_text(text)
     print(text)
@@ -374,7 +406,7 @@ def _calibration_summary(doc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _plot(diagrams: Mapping[str, Any], path: Path, task: str) -> None:
+def _plot(diagrams: Mapping[str, Any], path: Path, task: str, short_task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -393,7 +425,7 @@ def _plot(diagrams: Mapping[str, Any], path: Path, task: str) -> None:
             ax.plot(xs, ys, color=colour, lw=1)
             ax.scatter(xs, ys, s=sizes, color=colour, alpha=0.7,
                        label=f"{kind}: ECE {m[f'ece_{kind}']:.3f}")
-        what = "qa_wikidata (free-form)" if step == "short-answer" else f"{task}, {step[3:]}"
+        what = f"{short_task} (free-form)" if step == "short-answer" else f"{task}, {step[3:]}"
         ax.set_title(f"{what}\nn={m['n']}, accuracy {m['accuracy']:.3f}", fontsize=10)
         ax.set_xlabel("confidence (bin mean)")
         ax.set_ylabel("accuracy in bin")
@@ -445,8 +477,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the multiple-choice task")
     p.add_argument("--n-calibrate", type=int, default=600)
     p.add_argument("--n-test", type=int, default=1000)
+    p.add_argument("--short-task", choices=SHORT_TASKS, default="world_facts",
+                   help="the short answers of the free-form fit and test (default world_facts)")
     p.add_argument("--n-short-calibrate", type=int, default=400,
-                   help="qa_wikidata items for the free-form fit (0: multiple choice only)")
+                   help="short-answer items for the free-form fit (0: multiple choice only)")
     p.add_argument("--n-short-test", type=int, default=400)
     p.add_argument("--max-prompt-tokens", type=int, default=192,
                    help="keep multiple-choice items whose prompt fits this (both wordings)")
@@ -488,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "prepare": lambda: prepare(run),
         "calibrate": lambda: calibrate(run),
         "serve": lambda: served(run, SERVED_STEPS),
-        **{step: (lambda step=step: served(run, (step,))) for step in SERVED_STEPS},
+        **{step: functools.partial(served, run, (step,)) for step in SERVED_STEPS},
     }
     steps = STEPS if args.step == "all" else (args.step,)
     print(f"run directory: {run.out}", flush=True)

@@ -88,6 +88,7 @@ __all__ = [
     "info",
     "write",
     "key",
+    "said",
 ]
 
 # Bump when what is generated changes (part of the fetch target's digest).
@@ -149,6 +150,12 @@ def _fold(text: str) -> str:
     return unicodedata.normalize(
         "NFC", "".join(c for c in decomposed if not unicodedata.combining(c))
     )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def said(text: str) -> str:
+    """A string as the graders compare it (`normalize_answer`: accents kept)."""
+    return normalize_answer(text)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -352,14 +359,14 @@ def _unambiguous(names: Mapping[str, list[str]]) -> dict[str, list[str]]:
     holders: dict[str, set[str]] = defaultdict(set)  # word run -> answers with a name holding it
     for answer, ns in names.items():
         for n in ns:
-            for run in _runs(key(n)):
+            for run in _runs(said(n)):
                 holders[run].add(answer)
     out: dict[str, list[str]] = {}
     for answer, ns in names.items():
         kept: list[str] = []
-        seen = {key(ns[0])}
+        seen = {said(ns[0])}
         for alias in ns[1:]:
-            k = key(alias)
+            k = said(alias)
             if not k or k in seen or holders[k] - {answer}:
                 continue
             seen.add(k)
@@ -373,14 +380,15 @@ def _country_aliases(src: Sources, kept: Mapping[str, str]) -> dict[str, list[st
     variants: dict[str, list[str]] = defaultdict(list)
     for variant, name in src.name_variants.items():
         variants[name].append(variant)
+    # Any country's ISO code ("CAN", "US" and "IN" are English words); "USA" is also a name.
+    codes = {str(r.get(k, "")).upper() for r in src.countries.values()
+             for k in ("iso", "iso3")} - {"USA"}
     names: dict[str, list[str]] = {}
     for iso, name in kept.items():
-        record = src.countries[iso]
-        codes = {str(record.get(k, "")).upper() for k in ("iso", "iso3", "fips")}
         candidates = [_fold(name), *variants.get(name, []), *src.spellings.get(iso, [])]
         ok = [c.strip() for c in candidates
-              if _latin(c) and len(c.strip()) >= 3 and not set(c) & set(",()")
-              and c.strip().upper() not in codes - {"USA"}]
+              if _latin(c) and len(c.strip()) >= 2 and not set(c) & set(",()")
+              and c.strip().upper() not in codes]
         names[iso] = [name, *ok]
     return _unambiguous(names)
 
@@ -481,7 +489,7 @@ def _city_facts(src: Sources, kept: Mapping[str, str], country_aliases: Mapping[
         name = str(top["name"]).strip()
         facts.append(Fact(
             "city_country", name, RELATIONS["city_country"].format(entity=name), kept[iso],
-            list(dict.fromkeys(a for a in aliases if key(a) != key(kept[iso]))),
+            list(dict.fromkeys(a for a in aliases if said(a) != said(kept[iso]))),
             int(top["population"]), "city", group=f"name:{name_key}",
         ))
     return facts
@@ -545,7 +553,7 @@ def _country_facts(src: Sources, kept: Mapping[str, str], groups: _Groups,
             iso = f.group.split(":", 1)[1]
             f.aliases = capital_aliases[iso]
         elif f.aliases:
-            f.aliases = [a for a in dict.fromkeys(f.aliases) if key(a) != key(f.answer)]
+            f.aliases = [a for a in dict.fromkeys(f.aliases) if said(a) != said(f.answer)]
     return facts
 
 

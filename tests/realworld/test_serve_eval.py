@@ -96,9 +96,53 @@ def test_report_on_recorded_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("argv", [
     ["--n-test", "0"], ["--held-out", "calibrate"], ["--held-out", "test,train"],
     ["--n-short-calibrate", "5", "--n-short-test", "0"], ["--task", "nope"],
+    ["--short-task", "nope"],
 ])
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         serve_eval.parse_args(argv)
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_free_form_runs_default_to_world_facts(tmp_path: Path) -> None:
+    args = serve_eval.parse_args(["--out", str(tmp_path / "run")])
+    assert args.short_task == "world_facts"
+    run = serve_eval.Run(args)
+    assert run.short_task == "world_facts" and run.params["short_task"] == "world_facts"
+    default_name = serve_eval.Run(serve_eval.parse_args([])).out.name
+    assert default_name.endswith("-world_facts")
+    # qa_wikidata runs keep the parameters and directory name they had before world_facts.
+    old = serve_eval.Run(serve_eval.parse_args(["--short-task", "qa_wikidata"]))
+    assert "short_task" not in old.params and old.out.name == default_name.removesuffix(
+        "-world_facts")
+    assert serve_eval.short_split_file("world_facts", "test") == "short_test.jsonl"
+    assert serve_eval.short_split_file("qa_wikidata", "test") == "test.jsonl"
+    assert serve_eval.short_prompt("world_facts", "What is the capital of Japan?") == (
+        "What is the capital of Japan? Answer in a few words.")
+    assert serve_eval.short_prompt("qa_wikidata", "The capital of Japan is").startswith(
+        "Complete the sentence")
+
+
+def test_short_answer_report_grades_world_facts_aliases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALIBSERVE_HOME", str(tmp_path))
+    run = serve_eval.Run(serve_eval.parse_args(["--out", str(tmp_path / "run")]))
+    run.out.mkdir()
+    _write_run(run.out, np.random.default_rng(0), 20)
+    items = [{"question": "In which country is the city of Leeds? Answer in a few words.",
+              "answer": "United Kingdom", "aliases": ["UK", "Great Britain"]},
+             {"question": "What is the capital of Ukraine? Answer in a few words.",
+              "answer": "Kyiv", "aliases": ["Kiev"]},
+             {"question": "In which country is the city of Leeds? Answer in a few words.",
+              "answer": "United Kingdom", "aliases": ["UK"]}]
+    serve_eval.write_jsonl(run.out / "test_short.jsonl", items)
+    replies = ["Leeds is in the UK.", "Kiev", "Ireland"]
+    serve_eval.write_jsonl(run.out / "short-answer.jsonl", [
+        {"i": i, "reply": r, "confidence": {"raw": 0.5, "score": 0.5, "method": "mean",
+                                            "calibrated": False}}
+        for i, r in enumerate(replies)])
+    serve_eval.report(run)
+    m = json.loads((run.out / "results.json").read_text())["served"]["short-answer"]
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
