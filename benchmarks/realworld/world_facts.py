@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 # Bump when what is generated changes (part of the fetch target's digest).
-VERSION = 1
+VERSION = 2
 MIN_CITY_POPULATION = 200_000
 N_CHOICES = 4
 EVAL_SPLITS: tuple[str, ...] = ("select", "calibrate", "test")
@@ -602,10 +602,15 @@ def _nested(facts: Sequence[Fact]) -> list[list[str]]:
 
 
 def _assign(facts: Sequence[Fact], seed: int) -> dict[str, str]:
-    """Group -> split: groups stratified by (kind, tier) of their first fact, shuffled, cut."""
+    """Group -> split: groups stratified by (kind, tier) of their leading fact, shuffled, cut.
+
+    A group's leading fact is a country's where it has one (a capital city's group is a
+    country's: countries are few, so they are the ones to keep in proportion)."""
+    order = {"country": 0, "element": 1, "city": 2}
     first: dict[str, Fact] = {}
     for f in facts:
-        first.setdefault(f.group, f)
+        if f.group not in first or order[f.kind] < order[first[f.group].kind]:
+            first[f.group] = f
     strata: dict[tuple[str, str], list[str]] = defaultdict(list)
     for group, f in first.items():
         strata[(f.kind, f.tier)].append(group)

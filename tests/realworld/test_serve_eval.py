@@ -54,8 +54,9 @@ def test_done_keys_ignores_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def _write_run(out: Path, rng: np.random.Generator, n: int) -> None:
-    items = [{"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": int(i % 4)}
-             for i in range(n)]
+    items: list[dict[str, Any]] = [
+        {"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": int(i % 4)}
+        for i in range(n)]
     serve_eval.write_jsonl(out / "test_mc.jsonl", items)
     rows: list[dict[str, Any]] = []
     for i, it in enumerate(items):
