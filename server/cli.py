@@ -116,6 +116,11 @@ def settings_from_cli(
     probe_data: Path | None = None,
     recalibrate: str | None = None,
     recalibration_dir: Path | None = None,
+    header_timeout: float | None = None,
+    body_timeout: float | None = None,
+    keep_alive_timeout: float | None = None,
+    write_timeout: float | None = None,
+    max_connections: int | None = None,
 ) -> ServerSettings:
     """Flags -> ServerSettings (the same object a YAML config produces)."""
     if probe_rate is not None and not 0 <= probe_rate <= 6000:
@@ -123,6 +128,8 @@ def settings_from_cli(
                                  param_hint="--probe-rate")
     if probe_data is not None:
         _check_probe_data(probe_data)
+    _check_connection_limits(header_timeout, body_timeout, keep_alive_timeout, write_timeout,
+                             max_connections)
     if recalibrate is not None and recalibrate not in ("off", "shadow", "on"):
         raise typer.BadParameter(f"{recalibrate!r}: must be off, shadow or on",
                                  param_hint="--recalibrate")
@@ -130,6 +137,9 @@ def settings_from_cli(
         "host": host, "port": port, "signing_key": signing_key, "probe_rate": probe_rate,
         "recalibrate": recalibrate, "recalibration_dir": recalibration_dir,
         "api_keys": _split(api_key) or None, "feedback_keys": _split(feedback_key) or None,
+        "header_timeout_s": header_timeout, "body_timeout_s": body_timeout,
+        "keep_alive_timeout_s": keep_alive_timeout, "write_timeout_s": write_timeout,
+        "max_connections": max_connections,
     }
     if config is not None:
         settings = ServerSettings.from_yaml(config, **overrides)
@@ -171,6 +181,17 @@ def settings_from_cli(
     return settings.model_copy(update={"models": models})
 
 
+def _check_connection_limits(header: float | None, body: float | None, keep_alive: float | None,
+                             write: float | None, max_connections: int | None) -> None:
+    for hint, seconds in (("--header-timeout", header), ("--body-timeout", body),
+                          ("--keep-alive-timeout", keep_alive), ("--write-timeout", write)):
+        if seconds is not None and not seconds > 0:
+            raise typer.BadParameter(f"{seconds}: must be more than 0 seconds", param_hint=hint)
+    if max_connections is not None and max_connections < 1:
+        raise typer.BadParameter(f"{max_connections}: must be at least 1",
+                                 param_hint="--max-connections")
+
+
 def _check_probe_data(path: Path) -> None:
     from calibserve.server.probes import ProbeDataError, ProbeSet
 
@@ -187,12 +208,20 @@ def run_server(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
-    from calibserve.server.http_protocol import JoinedWritesProtocol
+    from calibserve.server.connections import (
+        ConnectionGuard,
+        ConnectionLimits,
+        raise_open_file_limit,
+    )
 
+    raise_open_file_limit()  # before the cap is derived from it
+    app = create_app(settings, settle=True)
+    # httptools, one write per response, and the deadlines and cap of server/connections.py.
+    guard = ConnectionGuard(ConnectionLimits.from_settings(settings), app.state.runtime.metrics)
     config = uvicorn.Config(
-        create_app(settings, settle=True), host=settings.host, port=settings.port,
+        app, host=settings.host, port=settings.port,
         log_level=settings.log_level, timeout_graceful_shutdown=int(settings.drain_timeout_s),
-        access_log=False, http=JoinedWritesProtocol,
+        access_log=False, http=guard.protocol(),
     )
     uvicorn.Server(config).run()
 
@@ -295,6 +324,21 @@ def serve(
     recalibration_dir: Annotated[Path | None, typer.Option(
         "--recalibration-dir", help="persist swapped calibrators here (a volume shared by "
         "replicas; a restart serves the latest)")] = None,
+    header_timeout: Annotated[float | None, typer.Option(
+        "--header-timeout", help="seconds for a request line and headers to arrive; else 408 "
+        "and close [default: 10]")] = None,
+    body_timeout: Annotated[float | None, typer.Option(
+        "--body-timeout", help="most seconds between two reads of a request body; else 408 "
+        "[default: 30]")] = None,
+    keep_alive_timeout: Annotated[float | None, typer.Option(
+        "--keep-alive-timeout", help="close a keep-alive connection idle this long "
+        "[default: 15]")] = None,
+    write_timeout: Annotated[float | None, typer.Option(
+        "--write-timeout", help="most seconds a response write may wait on a client that stopped "
+        "reading; then the connection is aborted [default: 30]")] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        "--max-connections", help="open connections per process; more get a fast 503 "
+        "[default: the open-file limit less 256, at most 10000]")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Serve models with calibrated confidence behind an OpenAI-compatible API."""
@@ -307,7 +351,9 @@ def serve(
         signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,
         probe_rate=probe_rate, probe_data=probe_data, recalibrate=recalibrate,
-        recalibration_dir=recalibration_dir,
+        recalibration_dir=recalibration_dir, header_timeout=header_timeout,
+        body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout,
+        write_timeout=write_timeout, max_connections=max_connections,
     )
     _check_calibrations(settings, "--config" if config is not None else "--model")
     _run_announced(engine_output(settings, engine_console, engine_log_dir).model_copy(

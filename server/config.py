@@ -202,6 +202,24 @@ class ServerSettings(BaseModel):
     feedback_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     feedback_memory: int = Field(200_000, ge=1, description="ids remembered to answer 409")
     drain_timeout_s: float = Field(30.0, ge=0)
+    # Slow and idle clients (server/connections.py).
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request line and headers must arrive within this (from the "
+        "connect, or a later request's first byte); else 408 and close")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="most seconds between two reads of a request body; else 408 "
+        "and close")
+    keep_alive_timeout_s: float = Field(
+        15.0, gt=0, description="an idle keep-alive connection is closed after this (above the "
+        "openai SDK's 5 s pool expiry, so the client closes first; behind a load balancer, "
+        "above its idle timeout)")
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="most seconds a response write may wait on a reader that "
+        "stopped reading; then the connection is aborted (slow readers that keep reading are "
+        "not affected)")
+    max_connections: int | None = Field(
+        None, ge=1, description="open connections per process; more get a fast 503 (default: "
+        "the open-file limit less 256, at most 10,000)")
     probe_rate: float = Field(0.0, ge=0, le=6000, description="calibration probes per minute "
                               "per model (0: off)")
     recalibrate: Literal["off", "shadow", "on"] = Field(

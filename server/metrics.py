@@ -92,6 +92,23 @@ class ServerMetrics:
             "calibserve_engine_up", "1 when the managed engine answers health checks",
             ["model"], registry=r,
         )
+        # The HTTP server's connections (server/connections.py): the gauge reads the count at
+        # each scrape.
+        self.open_connections = Gauge(
+            "calibserve_open_connections", "Client connections open now (this process)",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "calibserve_connections_refused", "Connections answered 503 at once: the process "
+            "held max_connections open ones", registry=r,
+        )
+        self.connection_timeouts = Counter(
+            "calibserve_connection_timeouts", "Connections closed by a deadline: header, body "
+            "(408 where a request had begun), keep_alive (idle), write (a reader that stopped)",
+            ["kind"], registry=r,
+        )
+        for kind in ("header", "body", "keep_alive", "write"):
+            self.connection_timeouts.labels(kind)
         self._bins: dict[tuple[str, str, str], CalibrationAccumulator] = {}
         self._lock = threading.Lock()
 

@@ -132,14 +132,17 @@ class InProcessServer:
         import uvicorn
 
         from calibserve.server.app import create_app
-        from calibserve.server.http_protocol import JoinedWritesProtocol
+        from calibserve.server.connections import ConnectionGuard, ConnectionLimits
 
         self.app = create_app(settings)
         self.runtime = self.app.state.runtime
-        # The HTTP protocol `calibserve serve` runs (server/cli.py), so tests see its bytes.
+        # The HTTP protocol `calibserve serve` runs (server/cli.py), with its deadlines and
+        # connection cap, so tests see its bytes and its limits.
+        self.guard = ConnectionGuard(ConnectionLimits.from_settings(self.runtime.settings),
+                                     self.runtime.metrics)
         kw: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "warning",
                               "lifespan": "on", "timeout_graceful_shutdown": 5,
-                              "http": JoinedWritesProtocol}
+                              "http": self.guard.protocol()}
         kw.update(uvicorn_kw)
         self.server = uvicorn.Server(uvicorn.Config(self.app, **kw))
         self.loop: asyncio.AbstractEventLoop | None = None
