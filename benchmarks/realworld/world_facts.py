@@ -89,10 +89,11 @@ __all__ = [
     "write",
     "key",
     "said",
+    "with_article",
 ]
 
 # Bump when what is generated changes (part of the fetch target's digest).
-VERSION = 2
+VERSION = 3
 MIN_CITY_POPULATION = 200_000
 N_CHOICES = 4
 EVAL_SPLITS: tuple[str, ...] = ("select", "calibrate", "test")
@@ -175,7 +176,10 @@ def _within(part: str, whole: str) -> bool:
 
 
 def with_article(country: str) -> str:
+    """A country's name as the middle of a sentence says it ("the United States")."""
     words = country.split()
+    if words[0] == "The":  # GeoNames' "The Netherlands"
+        return f"the {' '.join(words[1:])}"
     if (country in _THE_NAMES or words[0] in _THE_WORDS_FIRST
             or words[-1] in _THE_WORDS_LAST):
         return f"the {country}"

@@ -266,3 +266,14 @@ def test_a_missing_package_makes_world_facts_unavailable_not_an_error(
     err = capsys.readouterr().err
     assert "unavailable: world_facts: calibserve-no-such-package is not installed" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("Japan", "Japan"), ("United States", "the United States"),
+    ("The Netherlands", "the Netherlands"), ("Philippines", "the Philippines"),
+    ("Democratic Republic of the Congo", "the Democratic Republic of the Congo"),
+    ("Solomon Islands", "the Solomon Islands"), ("Dominican Republic", "the Dominican Republic"),
+    ("Sudan", "Sudan"),
+])
+def test_country_names_in_a_sentence(name: str, said: str) -> None:
+    assert wf.with_article(name) == said
