@@ -20,7 +20,9 @@ So the deadlines live here, in a subclass of the protocol `calibserve serve` run
   when a response completes), then closed: no 408, since nothing was asked.
 - write: a response write may block on a full send buffer at most `write_timeout_s`; then the
   connection is aborted (a close would wait for the reader forever). A slow reader that keeps
-  reading resets it every time the buffer drains, so streams to slow readers go on.
+  reading resets it every time the buffer drains, so streams to slow readers go on. A close that
+  leaves bytes unsent (the transport then waits for them to drain before it lets go) gets the
+  same bound.
 
 While the protocol has stopped reading (a pipelined request, a body buffered ahead of the app)
 the client cannot be blamed, so a deadline that falls then is pushed back. A request that has
@@ -41,14 +43,16 @@ import asyncio
 import json
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from calibserve.server.errors import error_body
-from calibserve.server.http_protocol import JoinedWritesProtocol
+from calibserve.server.http_protocol import JoinedWritesProtocol, _JoinedWrites
 
 if TYPE_CHECKING:
     from calibserve.server.config import ServerSettings
@@ -202,6 +206,24 @@ class _Refused(asyncio.Protocol):
             self.guard.lingering -= 1
 
 
+class _BoundedWrites(_JoinedWrites):
+    """http_protocol's joined writes, and a close that leaves bytes unsent (a reader that stopped
+    reading a response which then ended, or a connection closed idle after it) tells the protocol,
+    which bounds the wait for them: a transport closes only once its buffer drains."""
+
+    __slots__ = ("_unsent",)
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 unsent: Callable[[], None]) -> None:
+        super().__init__(transport, loop)
+        self._unsent = unsent
+
+    def close(self) -> None:
+        super().close()
+        if self._transport.get_write_buffer_size():
+            self._unsent()
+
+
 class GuardedProtocol(JoinedWritesProtocol):
     """`JoinedWritesProtocol` with the deadlines and the cap of `guard` (a class attribute:
     `ConnectionGuard.protocol()` makes the subclass uvicorn instantiates per connection)."""
@@ -230,7 +252,9 @@ class GuardedProtocol(JoinedWritesProtocol):
             refused.connection_made(transport)
             return
         self._admitted = True
-        super().connection_made(transport)
+        # JoinedWritesProtocol.connection_made, with the wrapper that reports unsent bytes.
+        HttpToolsProtocol.connection_made(
+            self, _BoundedWrites(transport, self.loop, self._close_waits))  # type: ignore[arg-type]
         self._arm("header", self.guard.limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -342,6 +366,11 @@ class GuardedProtocol(JoinedWritesProtocol):
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+
+    def _close_waits(self) -> None:
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.guard.limits.write_timeout_s,
+                                                     self._write_expired)
 
     def _write_expired(self) -> None:
         self._write_timer = None

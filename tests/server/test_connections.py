@@ -363,3 +363,43 @@ def test_bad_limits_are_usage_errors(flag: dict[str, float]) -> None:
     with pytest.raises(typer.BadParameter):
         settings_from_cli(upstream=["http://127.0.0.1:1"], served_model_name="m",
                           **flag)  # type: ignore[arg-type]
+
+
+class _Transport:
+    """A transport whose peer stopped reading: `pending` bytes stay unsent."""
+
+    def __init__(self, pending: int) -> None:
+        self.pending = pending
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending
+
+
+@pytest.mark.parametrize("pending", [0, 4096])
+def test_a_close_that_leaves_bytes_unsent_is_reported(pending: int) -> None:
+    import asyncio
+
+    from calibserve.server.connections import _BoundedWrites
+
+    reported: list[bool] = []
+    loop = asyncio.new_event_loop()
+    try:
+        raw = _Transport(pending)
+        writes = _BoundedWrites(raw, loop, lambda: reported.append(True))  # type: ignore[arg-type]
+        writes.write(b"tail of a response")
+        writes.close()
+    finally:
+        loop.close()
+    assert raw.written == [b"tail of a response"] and raw.closed
+    assert reported == ([True] if pending else [])
