@@ -129,6 +129,10 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     """Train `config.model` on `config.data` and write the checkpoint to `config.out`."""
     t_wall, t_cpu = time.monotonic(), time.process_time()
     console = console or Console(stderr=True, quiet=not progress)
+    if not progress:  # transformers' own loading and writing bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if config.out.exists() and not config.overwrite:
         raise OutputExists(f"{config.out} exists (pass --overwrite to replace it)", "--out")
     device = resolve_device(config.device)
@@ -148,7 +152,7 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     prepared = prepare_model(load_model(config.model), config, device)
     check_reply_logits(prepared.model, collate(encoded.examples[:1], pad_id).to(device))
     plan = plan_steps(len(encoded.examples), config)
-    optimizer = make_optimizer(prepared.model, config)
+    optimizer = make_optimizer(prepared.model, config, device)
     scheduler = make_scheduler(optimizer, plan)
     fingerprint = _fingerprint(config, data[0], template)
     partial = partial_dir(config.out)

