@@ -24,9 +24,13 @@ def model_card(p: Prepared, sel: Selection, points: list[Point], cal: Calibratio
         "",
         f"- base: `{p.plan.base.ref}`",
         f"- aligned: `{p.plan.aligned.ref}`",
-        f"- method: {p.config.method}; selection rule: {sel.rule}",
+        f"- method: {p.config.method}; selection rule: {sel.rule} on the {sel.objective} "
+        "objective",
         f"- select split: accuracy {chosen.accuracy:.4f}, ECE {chosen.ece:.4f}, "
         f"Brier {chosen.metrics['brier']:.4f}",
+        *([f"- select split, short answers (raw free-form confidence): accuracy "
+           f"{chosen.free_form_metrics['accuracy']:.4f}, ECE "
+           f"{chosen.free_form_metrics['ece']:.4f}"] if chosen.free_form_metrics else []),
         f"- calibrator ({cal.calibrator.to_dict()['type']}) on the calibrate split: ECE "
         f"{cal.metrics['ece_raw']:.4f} raw, {cal.metrics['ece_calibrated']:.4f} calibrated",
         "",

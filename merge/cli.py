@@ -5,13 +5,19 @@ written (still staged), fit the free-form confidence methods on the data directo
 short-answer items through the real serving path (a vLLM engine on the written checkpoint), so
 one command gives a model with both multiple-choice and free-form calibration. That step composes
 server and merge, so merge cannot import it: `merge_command(after_write)` builds the command with
-it (the `calibserve` app passes `calibserve.serve_fit.fit_written_model`); the plain `merge`
-refuses `--free-form`. Errors the user can fix are printed as one line that names the argument,
-with exit status 2 and no traceback.
+it (the `calibserve` app passes `calibserve.serve_fit.fit_written_model`).
+
+`--free-form` is automatic by default: on when `--data` holds short-answer items in its calibrate
+split and an engine can run (this build has the serving path, and vLLM is installed), off
+otherwise; the decision is said in one line (and kept in the report's notes).
+`--free-form` forces it (refused when it cannot run), `--no-free-form` turns it off. Errors the
+user can fix are printed as one line that names the argument, with exit status 2 and no
+traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -21,12 +27,50 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from calibserve.merge.config import DEFAULT_GRID, build_config
-from calibserve.merge.errors import InvalidConfig, MergeError
+from calibserve.merge.errors import InvalidConfig, InvalidData, MergeError
 
 if TYPE_CHECKING:  # the pipeline imports torch: not at start-up of the console script
     from calibserve.merge.pipeline import AfterWrite
 
-__all__ = ["merge", "merge_command", "app"]
+__all__ = ["merge", "merge_command", "app", "engine_missing", "free_form_decision"]
+
+# Says why no engine can run for the free-form fit (None: one can).
+EngineCheck = Callable[[], str | None]
+
+
+def engine_missing() -> str | None:
+    """Why the free-form fit's vLLM engine cannot run here, or None when it can."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'calibserve[cpu]' or 'calibserve[gpu]')"
+    return None
+
+
+def free_form_decision(
+    requested: bool | None, data: Path, has_step: bool, engine_check: EngineCheck
+) -> tuple[bool, str]:
+    """Whether the free-form fit runs, and the one line that says so. `requested` None is auto:
+    on when `data` holds short-answer items in its calibrate split and an engine can run.
+    Forcing it (`True`) where it cannot run raises `InvalidConfig` naming `--free-form`."""
+    from calibserve.merge.evaluate import short_answer_split
+
+    if requested is False:
+        return False, "free-form fit: off (--no-free-form)"
+    n = len(short_answer_split(data, "calibrate")) if data.is_dir() else 0
+    why_not: str | None = None
+    if not n:
+        why_not = (f"{data} has no short-answer items to fit on (short_calibrate.jsonl, or "
+                   "short-answer lines in calibrate.jsonl)")
+    elif not has_step:
+        why_not = "this build of the command has no serving path; run `calibserve merge`"
+    else:
+        why_not = engine_check()
+    if why_not is not None:
+        if requested:
+            raise InvalidConfig(why_not, "--free-form")
+        return False, f"free-form fit: off ({why_not})"
+    how = "--free-form" if requested else "auto; --no-free-form turns it off"
+    return True, (f"free-form fit: on ({n} short-answer items in the calibrate split, fitted "
+                  f"through a vLLM engine on the written model; {how})")
 
 
 class Method(StrEnum):
@@ -57,8 +101,11 @@ DEFAULT_GRID_TEXT = "0:1:0.1"
 assert len(DEFAULT_GRID) == 11
 
 
-def merge_command(after_write: AfterWrite | None = None) -> Callable[..., None]:
-    """The `merge` command; `after_write` is the `--free-form` step (None: refused)."""
+def merge_command(
+    after_write: AfterWrite | None = None, engine_check: EngineCheck = engine_missing
+) -> Callable[..., None]:
+    """The `merge` command; `after_write` is the `--free-form` step (None: refused, and off
+    in auto); `engine_check` says why an engine cannot run (None: it can)."""
 
     def merge(
         base: Annotated[str, typer.Option("--base", help="Base checkpoint: directory or Hub id.")],
@@ -83,7 +130,11 @@ def merge_command(after_write: AfterWrite | None = None) -> Callable[..., None]:
         select: Annotated[
             str,
             typer.Option(
-                "--select", help="Selection rule: max-accuracy, min-ece, knee, min-ece-at-accuracy."
+                "--select",
+                help="[OBJECTIVE:]RULE. Rules: max-accuracy, min-ece, knee, min-ece-at-accuracy. "
+                "Objectives (what the rule is applied to): multiple-choice (default), free-form "
+                "(the short answers' accuracy and ECE), combined (the mean of both); e.g. "
+                "free-form:knee, combined:min-ece-at-accuracy.",
             ),
         ] = "max-accuracy",
         tolerance: Annotated[
@@ -121,29 +172,40 @@ def merge_command(after_write: AfterWrite | None = None) -> Callable[..., None]:
             bool, typer.Option("--overwrite", help="Replace an existing OUT when done.")
         ] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress display.")] = False,
-        free_form: Annotated[
+        short_answers: Annotated[
             bool, typer.Option(
+                "--short-answers/--no-short-answers",
+                help="Generate and grade the short-answer items of --data (short_select.jsonl, "
+                "short_test.jsonl, or short-answer lines of select/test.jsonl) at every lambda "
+                "and report their free-form accuracy, ECE, Brier, NLL and AUROC."),
+        ] = True,
+        grader: Annotated[
+            str, typer.Option(
+                "--grader",
+                help="Grader of short answers: exact (normalised match, the default), contains "
+                "(the gold is a whole-word run of the reply's first line), or module:function."),
+        ] = "exact",
+        max_new_tokens: Annotated[
+            int, typer.Option("--max-new-tokens",
+                              help="Longest short answer generated, in tokens.")
+        ] = 16,
+        free_form: Annotated[
+            bool | None, typer.Option(
                 "--free-form/--no-free-form",
-                help="Also fit the free-form methods (token statistics; verify when the tokenizer "
+                help="Fit the free-form methods (token statistics; verify when the tokenizer "
                 "has yes/no tokens) on the short-answer items of --data (short_calibrate.jsonl, "
                 "short_test.jsonl, or short-answer lines of calibrate/test.jsonl) through a vLLM "
-                "engine on the written checkpoint."),
-        ] = False,
+                "engine on the written checkpoint. Default: on when --data has short-answer "
+                "items and vLLM can run, off otherwise."),
+        ] = None,
     ) -> None:
         """Merge BASE and ALIGNED at the Pareto-optimal lambda, calibrate it, write it to OUT."""
-        from calibserve.merge.evaluate import short_answer_split
         from calibserve.merge.pipeline import run_merge
 
         try:
-            if free_form and after_write is None:
-                raise InvalidConfig("this build of the command has no serving path; run "
-                                    "`calibserve merge`", "--free-form")
-            if free_form and not data.is_dir():
-                raise InvalidConfig(f"{data} is not a directory", "--data")
-            if free_form and not short_answer_split(data, "calibrate"):
-                raise InvalidConfig(
-                    f"{data} has no short-answer items to fit on (short_calibrate.jsonl, or "
-                    "short-answer lines in calibrate.jsonl)", "--free-form")
+            if not data.is_dir():
+                raise InvalidData(
+                    f"{data} is not a directory with select.jsonl and calibrate.jsonl", "--data")
             config = build_config(
                 base=base,
                 aligned=aligned,
@@ -163,8 +225,20 @@ def merge_command(after_write: AfterWrite | None = None) -> Callable[..., None]:
                 target_accuracy=target_accuracy if target_accuracy else [0.7, 0.8, 0.9],
                 max_items=max_items,
                 overwrite=overwrite,
+                short_answers=short_answers,
+                grader=grader,
+                max_new_tokens=max_new_tokens,
             )
-            run_merge(config, progress=not quiet, after_write=after_write if free_form else None)
+            fit, line = free_form_decision(free_form, data, after_write is not None,
+                                           engine_check)
+            if not quiet:
+                typer.echo(line, err=True)
+            notes = [line]
+            if fit and grader != "exact":
+                notes.append(f"the sweep grades short answers with {grader}; the free-form fit "
+                             "after the write grades with its own default (exact)")
+            run_merge(config, progress=not quiet, after_write=after_write if fit else None,
+                      notes=notes)
         except MergeError as exc:
             where = f"Invalid value for '{exc.param}': " if exc.param else ""
             typer.echo(f"Error: {where}{exc.message}", err=True)

@@ -11,9 +11,18 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from calibserve.calibration import N_BINS, RULES
+from calibserve.calibration.errors import CalibrationError
+from calibserve.calibration.grading import DEFAULT_GRADER, load_grader
 from calibserve.merge.errors import InvalidConfig
 
 __all__ = [
@@ -23,6 +32,8 @@ __all__ = [
     "parse_size",
     "build_config",
     "SELECT_RULES",
+    "OBJECTIVES",
+    "parse_select",
 ]
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(i / 10, 6) for i in range(11))
@@ -30,6 +41,12 @@ DEFAULT_GRID: tuple[float, ...] = tuple(round(i / 10, 6) for i in range(11))
 GRID_LIMITS = (-1.0, 3.0)
 MAX_GRID_POINTS = 201
 SELECT_RULES: tuple[str, ...] = tuple(RULES)
+# What a rule is applied to (`--select OBJECTIVE:RULE`): the multiple-choice (accuracy, ECE)
+# of the option-letter confidence, the short answers' (accuracy, ECE) of the free-form
+# confidence, or their mean (each kind weighted one half, whatever its number of items).
+OBJECTIVES: tuple[str, ...] = ("multiple-choice", "free-form", "combined")
+Objective = Literal["multiple-choice", "free-form", "combined"]
+MAX_NEW_TOKENS = 256
 
 # Map pydantic field names to the CLI flags users typed, for error messages.
 FLAG_NAMES: dict[str, str] = {
@@ -53,7 +70,27 @@ FLAG_NAMES: dict[str, str] = {
     "max_items": "--max-items",
     "overwrite": "--overwrite",
     "seed": "--seed",
+    "objective": "--select",
+    "grader": "--grader",
+    "max_new_tokens": "--max-new-tokens",
+    "short_answers": "--short-answers",
 }
+
+
+def parse_select(spec: str) -> tuple[str, str]:
+    """(objective, rule) from `RULE`, `OBJECTIVE:RULE` or `OBJECTIVE` (rule max-accuracy)."""
+    text = spec.strip()
+    objective, sep, rule = text.partition(":")
+    if not sep:
+        objective, rule = ("multiple-choice", text) if text not in OBJECTIVES else (
+            text, "max-accuracy")
+    if objective not in OBJECTIVES:
+        raise InvalidConfig(f"unknown objective {objective!r} in {spec!r}; choose one of "
+                            f"{', '.join(OBJECTIVES)}", "--select")
+    if rule not in SELECT_RULES:
+        raise InvalidConfig(f"unknown rule {rule!r}; choose one of {', '.join(SELECT_RULES)}",
+                            "--select")
+    return objective, rule
 
 
 def _clean_lambda(value: float) -> float:
@@ -148,6 +185,8 @@ class MergeConfig(BaseModel):
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
     method: Literal["linear", "slerp"] = "linear"
     select: str = "max-accuracy"
+    # What `select` is applied to (also given as `select="free-form:knee"`).
+    objective: Objective = "multiple-choice"
     tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
     # auto: the family with the lowest held-out ECE (calibration.choose_calibrator)
     calibrator: Literal["auto", "identity", "temperature", "option_temperature", "platt",
@@ -163,6 +202,32 @@ class MergeConfig(BaseModel):
     max_items: int | None = Field(default=None, ge=1)
     overwrite: bool = False
     seed: int = 0
+    # Short answers of the data (select and test splits): generated and graded at each point.
+    short_answers: bool = True
+    grader: str = DEFAULT_GRADER  # `exact`, `contains` or module:function
+    max_new_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_in_select(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("select"), str):
+            objective, rule = parse_select(data["select"])
+            given = data.get("objective")
+            if ":" in data["select"] or data["select"].strip() in OBJECTIVES:
+                if given is not None and given != objective:
+                    raise InvalidConfig(f"--select says {objective!r}, objective says "
+                                        f"{given!r}", "--select")
+                data = {**data, "select": rule, "objective": objective}
+        return data
+
+    @field_validator("grader")
+    @classmethod
+    def _grader(cls, v: str) -> str:
+        try:
+            load_grader(v)
+        except CalibrationError as exc:
+            raise InvalidConfig(str(exc), "--grader") from None
+        return v
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -184,6 +249,12 @@ class MergeConfig(BaseModel):
         if v not in SELECT_RULES:
             raise ValueError(f"unknown rule {v!r}; choose one of {', '.join(SELECT_RULES)}")
         return v
+
+    @property
+    def selection(self) -> str:
+        """The selection as `--select` spells it: the rule, prefixed by a non-default objective."""
+        return self.select if self.objective == "multiple-choice" else \
+            f"{self.objective}:{self.select}"
 
     @field_validator("device")
     @classmethod

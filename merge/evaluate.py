@@ -130,13 +130,15 @@ def load_short_answers(path: Path) -> list[dict[str, Any]]:
 # Where a data directory's short-answer items are: their own files, and any short-answer items
 # mixed into the multiple-choice split of the same name (recognised by their shape).
 SHORT_ANSWER_FILES: dict[str, tuple[str, ...]] = {
+    "select": ("short_select.jsonl", "select.jsonl"),
     "calibrate": ("short_calibrate.jsonl", "calibrate.jsonl"),
     "test": ("short_test.jsonl", "test.jsonl"),
 }
 
 
 def short_answer_split(data_dir: Path, split: str) -> list[dict[str, Any]]:
-    """Every short-answer item of `split` (`calibrate` or `test`) in `data_dir` (may be none)."""
+    """Every short-answer item of `split` (`select`, `calibrate` or `test`) in `data_dir` (may
+    be none)."""
     items: list[dict[str, Any]] = []
     for name in SHORT_ANSWER_FILES[split]:
         if (Path(data_dir) / name).is_file():

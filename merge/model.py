@@ -2,11 +2,23 @@
 
 The live model is built from the aligned config (so chat template, vocabulary and heads are the
 served ones) and its parameter tensors are overwritten in place for every lambda.
+
+A checkpoint's tensor names are not always the model's parameter names: transformers renames
+some layouts when it loads them (Gemma 3's multimodal checkpoints store
+`language_model.model.layers...`, `vision_tower...`, which `Gemma3ForConditionalGeneration`
+holds as `model.language_model.layers...`, `model.vision_tower...`). `checkpoint_renamer` asks
+the installed transformers for the same renaming it applies on load, so the live parameter each
+stored tensor sets is the one `from_pretrained` would set. The written checkpoint keeps the
+aligned model's own names. A tensor transformers would have to convert (split or fuse) on load
+has no one live parameter: such a layout is refused.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,7 +27,7 @@ from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig
 from calibserve.merge.interpolate import InPlaceInterpolator, Method
 from calibserve.merge.tensorfile import read_rows, read_tensor
 
-__all__ = ["EvalModel", "resolve_dtype", "load_eval_model", "read_parent"]
+__all__ = ["EvalModel", "checkpoint_renamer", "resolve_dtype", "load_eval_model", "read_parent"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +55,43 @@ def read_parent(t: TensorPlan, which: str) -> torch.Tensor:
     return torch.cat([head, read_rows(t.aligned, t.base_rows, t.shape[0])])
 
 
+def checkpoint_renamer(model: Any, names: Iterable[str]) -> Callable[[str], str | None]:
+    """Checkpoint tensor name -> the model's parameter (or buffer) name, as transformers renames
+    on load; None for a tensor it would convert (split, fuse) rather than rename."""
+    names = list(names)
+    try:  # transformers >= 5: the conversion mapping of every sub-model
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        found: dict[str, str | None] = {}
+        for name in names:
+            new, converted = rename_source_key(name, renamings, converters, prefix, meta)
+            found[name] = None if converted is not None else str(new)
+        return lambda name: found.get(name, name)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    # transformers 4.x: a class attribute of regex -> replacement (first match wins).
+    mapping: dict[str, str] = dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+
+    def rename(name: str) -> str | None:
+        for pattern, replacement in mapping.items():
+            new, n = re.subn(pattern, replacement, name)
+            if n:
+                return new
+        return name
+
+    return rename
+
+
 @dataclass
 class EvalModel:
     model: torch.nn.Module
@@ -64,8 +113,16 @@ def load_eval_model(plan: PairPlan, method: Method, dtype: torch.dtype, device: 
     model.requires_grad_(False)
     live = dict(model.named_parameters(remove_duplicate=False))
     live.update(dict(model.named_buffers(remove_duplicate=False)))
-    planned = {t.name for t in plan.tensors}
-    unknown = sorted(planned - set(live))
+    rename = checkpoint_renamer(model, (t.name for t in plan.tensors))
+    converted = sorted(t.name for t in plan.tensors if rename(t.name) is None)
+    if converted:
+        raise IncompatibleCheckpoints(
+            f"transformers converts (splits or fuses) {', '.join(converted[:8])} when it loads "
+            f"{type(model).__name__}: that layout cannot be interpolated in place",
+            "--aligned",
+        )
+    where = {t.name: str(rename(t.name)) for t in plan.tensors}
+    unknown = sorted(name for name, dest in where.items() if dest not in live)
     if unknown:
         raise IncompatibleCheckpoints(
             f"the model class {type(model).__name__} has no parameters named "
@@ -73,7 +130,7 @@ def load_eval_model(plan: PairPlan, method: Method, dtype: torch.dtype, device: 
             "--aligned",
         )
     # A parameter the checkpoint does not set would stay randomly initialised: refuse.
-    seen: set[int] = {id(live[name]) for name in planned}
+    seen: set[int] = {id(live[dest]) for dest in where.values()}
     uncovered = [n for n, p in model.named_parameters() if id(p) not in seen]
     if uncovered:
         raise IncompatibleCheckpoints(
@@ -81,7 +138,7 @@ def load_eval_model(plan: PairPlan, method: Method, dtype: torch.dtype, device: 
         )
     targets = []
     for t in plan.tensors:
-        dest = live[t.name]
+        dest = live[where[t.name]]
         b = read_parent(t, "aligned").to(device=device)
         if not t.interpolated:
             dest.data.copy_(b)

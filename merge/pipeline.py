@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from calibserve.merge.report import (
 )
 from calibserve.merge.report_data import report_data
 from calibserve.merge.select import Selection, choose
-from calibserve.merge.session import Session, load_session
+from calibserve.merge.session import Evaluate, Session, load_session
 from calibserve.merge.staging import publish, running, staging_dir
 from calibserve.merge.sweep import Point, refine_lambdas
 from calibserve.merge.sweep import run_sweep as sweep_points
@@ -53,14 +54,15 @@ AfterWrite = Callable[[Path, Path], None]
 
 
 def run_merge(config: MergeConfig, progress: bool = True,
-              after_write: AfterWrite | None = None) -> Path:
+              after_write: AfterWrite | None = None, notes: Sequence[str] = ()) -> Path:
     """Run the whole merge for `config` and return OUT (see the module docstring).
 
     `after_write` runs on the staged `model/` before the rename to OUT, so a failed or killed
-    step leaves OUT absent, as a killed merge does."""
+    step leaves OUT absent, as a killed merge does. `notes` go into the report's notes."""
     console = Console(stderr=True, quiet=not progress)
     t_start = time.perf_counter()
     p = prepare(config)
+    p.notes.extend(notes)
     out = p.out
     work = staging_dir(out)
     with running(work):
@@ -80,29 +82,41 @@ def run_merge(config: MergeConfig, progress: bool = True,
 def _sweep(s: Session, console: Console, show: bool) -> tuple[list[Point], list[float]]:
     """The grid, then (optionally) one refinement round around the frontier."""
     c = s.prepared.config
+    ff = s.free_form.get("select")
     with sweep_progress(console, show) as prog:
         task = prog.add_task(f"sweeping {c.method} lambda", total=len(c.grid))
+        # The short answers are most of a point's time: their generation has its own bar.
+        gen = prog.add_task("short answers", total=len(ff), visible=False) if ff else None
+
+        def start(lam: float) -> None:
+            if gen is not None:
+                prog.reset(gen, total=len(ff or ()), visible=True,
+                           description=f"short answers at lambda={lam:g}")
+
+        def batch(n: int) -> None:
+            if gen is not None:
+                prog.advance(gen, n)
+
+        def evaluate() -> Evaluate:
+            return s.evaluate("select", True, on_batch=batch, on_start=start)
+
         points = sweep_points(
-            c.grid,
-            s.evaluate("select", True),
-            s.caches["select"],
-            "select",
+            c.grid, evaluate(), s.caches["select"], "select",
             on_point=lambda _: prog.advance(task),
         )
         refined: list[float] = []
         if c.refine and len(points) >= 2:
-            first = choose(points, c.select, c.tolerance)
+            first = choose(points, c.select, c.tolerance, c.objective)
             refined = refine_lambdas(c.grid, [points[i].lam for i in first.frontier])
             if refined:
                 task2 = prog.add_task("refining near the frontier", total=len(refined))
                 points += sweep_points(
-                    refined,
-                    s.evaluate("select", True),
-                    s.caches["select"],
-                    "select",
+                    refined, evaluate(), s.caches["select"], "select",
                     on_point=lambda _: prog.advance(task2),
                 )
                 points.sort(key=lambda q: q.lam)
+        if gen is not None:
+            prog.update(gen, visible=False)
     return points, refined
 
 
@@ -153,7 +167,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
     timings["seconds_per_point"] = (
         sum(q.seconds for q in computed) / len(computed) if computed else float("nan")
     )
-    sel = choose(points, c.select, c.tolerance)
+    sel = choose(points, c.select, c.tolerance, c.objective)
     chosen = points[sel.index]
 
     # The calibrator is fitted on its own split at the chosen lambda.
@@ -163,18 +177,28 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
 
     # Held-out view: both parents and the chosen point, raw and through the calibrator.
     held_split = "test" if "test" in p.items else "calibrate"
-    held = {
-        name: s.at(held_split, lam)
-        for name, lam in (("base", 0.0), ("aligned", 1.0), ("selected", sel.lam))
-    }
+    with console.status(f"held-out view ({held_split} split)") if show \
+            else contextlib.nullcontext():
+        held = {
+            name: s.at(held_split, lam)
+            for name, lam in (("base", 0.0), ("aligned", 1.0), ("selected", sel.lam))
+        }
     sel_scores = held["selected"].scores
     held_cal = cal.serve(sel_scores)
     held_models = {name: dict(pt.metrics) for name, pt in held.items()}
     held_models["selected+calibrator"] = point_metrics(held_cal, c.n_bins)
+    # Short answers held out: the raw free-form confidence (its map is fitted after the write).
+    held_free_form = {name: pt.free_form_metrics for name, pt in held.items()
+                      if pt.free_form_metrics is not None}
 
     extra: dict[str, Any] = {
         "select": {k: chosen.metrics[k] for k in ("accuracy", "ece", "brier", "nll", "n")}
     }
+    if chosen.free_form_metrics is not None:
+        extra["select_short_answer"] = {
+            k: v for k, v in chosen.free_form_metrics.items()
+            if k in ("accuracy", "ece", "brier", "nll", "auroc", "n") and math.isfinite(v)
+        }
     if held_split == "test":
         extra["test"] = held_models["selected+calibrator"]  # what is served, held out
     merge_block = {
@@ -182,7 +206,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
         "method": c.method,
         "base": p.plan.base.ref,
         "aligned": p.plan.aligned.ref,
-        "rule": c.select,
+        "rule": c.selection,
     }
     cal_json = calibration_json(cal, _options(p), merge_block, extra).to_dict()
 
@@ -193,7 +217,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
     plots = work / "plots"
     plots.mkdir(exist_ok=True)
     plot_metrics(points, sel.lam, plots / "metrics_vs_lambda.png")
-    plot_plane(points, sel.frontier, sel.index, plots / "pareto_plane.png")
+    plot_plane(points, sel.index, plots / "pareto_plane.png")
     plot_reliability(
         [
             ("base (lambda=0)", held["base"].scores.confidence, held["base"].scores.correct),
@@ -217,6 +241,7 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
         cal=cal,
         held_split=held_split,
         held_models=held_models,
+        held_free_form=held_free_form,
         notes=notes,
         timings=timings,
         plots=plots,

@@ -10,8 +10,8 @@ from typing import Any
 from calibserve.merge.checkpoint import PairPlan, check_tokenizers, open_checkpoint, plan_pair
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.diversity import load_open_prompts
-from calibserve.merge.errors import InvalidData, OutputExists
-from calibserve.merge.evaluate import load_items
+from calibserve.merge.errors import InvalidConfig, InvalidData, OutputExists
+from calibserve.merge.evaluate import load_items, short_answer_split
 from calibserve.merge.model import check_device
 
 __all__ = ["SPLITS", "Prepared", "check_out", "prepare"]
@@ -30,6 +30,9 @@ class Prepared:
     skipped: dict[str, int]
     prompts: list[str] | None
     notes: list[str] = field(default_factory=list)
+    # Short-answer items scored at every point (select) and in the held-out view (test); empty
+    # when the data has none or `config.short_answers` is off.
+    short_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -56,6 +59,18 @@ def prepare(config: MergeConfig) -> Prepared:
         if split == "test" and not path.exists():
             continue
         items[split], skipped[split] = load_items(path, config.max_items)
+    short_items: dict[str, list[dict[str, Any]]] = {}
+    if config.short_answers:
+        for split in ("select", "test"):
+            found = short_answer_split(data, split)[: config.max_items]
+            if found:
+                short_items[split] = found
+    if config.objective != "multiple-choice" and not short_items.get("select"):
+        why = ("--no-short-answers was given" if not config.short_answers else
+               f"{data} has no short-answer items in the select split (short_select.jsonl, or "
+               "short-answer lines of select.jsonl)")
+        raise InvalidConfig(f"the {config.objective} objective needs short answers, but {why}",
+                            "--select")
     prompts = None
     if config.diversity:
         candidates = [data / "open_prompts.jsonl", data.parent / "open_prompts.jsonl"]
@@ -68,8 +83,11 @@ def prepare(config: MergeConfig) -> Prepared:
     check_tokenizers(plan)
     notes = list(plan.notes)
     for split, n in skipped.items():
-        if n:
+        if n and split not in short_items:
             notes.append(
-                f"{n} short-answer items in {split}.jsonl were skipped (no options to score)"
+                f"{n} short-answer items in {split}.jsonl were not scored in the sweep (only "
+                "the select and test splits' short answers are; calibrate's are what the "
+                "free-form fit uses)" if config.short_answers else
+                f"{n} short-answer items in {split}.jsonl were not scored (--no-short-answers)"
             )
-    return Prepared(config, out, plan, items, skipped, prompts, notes)
+    return Prepared(config, out, plan, items, skipped, prompts, notes, short_items)

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from calibserve.merge.select import Selection
+from calibserve.merge.select import OBJECTIVE_NAMES, Selection
 from calibserve.merge.sweep import Point
 
 __all__ = ["closing_table", "sweep_progress", "write_progress"]
@@ -49,19 +49,28 @@ def write_progress(console: Console, enabled: bool) -> Progress:
 
 
 def closing_table(console: Console, points: list[Point], sel: Selection) -> None:
-    """The frontier on the select split, the selected point marked, and why it was chosen."""
-    table = Table(title="Pareto frontier (select split)")
-    for col in ("lambda", "accuracy", "ECE", "Brier", "mean conf", ""):
+    """The frontier on the select split (of the objective that selected), the selected point
+    marked, and why it was chosen; short-answer columns when they were scored."""
+    free_form = all(q.free_form_metrics is not None for q in points)
+    title = f"Pareto frontier (select split, {OBJECTIVE_NAMES[sel.objective]})"
+    table = Table(title=title)
+    cols = ["lambda", "accuracy", "ECE", "Brier", "mean conf"]
+    if free_form:
+        cols += ["free-form acc", "free-form ECE", "free-form AUROC"]
+    for col in (*cols, ""):
         table.add_column(col, justify="right")
     for i in sel.frontier:
         q = points[i]
-        table.add_row(
+        row = [
             f"{q.lam:g}",
             f"{q.accuracy:.4f}",
             f"{q.ece:.4f}",
             f"{q.metrics['brier']:.4f}",
             f"{q.metrics['mean_confidence']:.4f}",
-            "selected" if i == sel.index else "",
-        )
+        ]
+        if free_form and q.free_form_metrics is not None:
+            ff = q.free_form_metrics
+            row += [f"{ff['accuracy']:.4f}", f"{ff['ece']:.4f}", f"{ff['auroc']:.4f}"]
+        table.add_row(*row, "selected" if i == sel.index else "")
     console.print(table)
     console.print(sel.reason)

@@ -1,8 +1,10 @@
 """The merge report: `report.json`, plots under `plots/`, and a self-contained `report.html`.
 
-Plots: accuracy and ECE against lambda; the accuracy-ECE plane with the frontier and both parents
-marked; reliability diagrams of base, aligned and the selected point, before and after the
-calibrator. The HTML embeds the PNGs (base64) so it can be mailed or attached as one file.
+Plots: accuracy and ECE against lambda (multiple choice, and the short answers' free-form
+confidence when they were scored); the accuracy-ECE plane with the frontier and both parents
+marked, the short answers' plane beside the multiple-choice one; reliability diagrams of
+base, aligned and the selected point, before and after the calibrator. The HTML embeds the
+PNGs (base64) so it can be mailed or attached as one file.
 """
 
 from __future__ import annotations
@@ -21,81 +23,82 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
-from calibserve.calibration import ece, reliability_diagram  # noqa: E402
+from calibserve.calibration import ece, pareto_frontier, reliability_diagram  # noqa: E402
+from calibserve.merge.select import OBJECTIVE_NAMES, objective_pair  # noqa: E402
 from calibserve.merge.sweep import Point  # noqa: E402
 
 __all__ = ["plot_metrics", "plot_plane", "plot_reliability", "write_json", "write_html"]
 
 BASE_COLOR, ALIGNED_COLOR, SELECTED_COLOR = "#1f77b4", "#d62728", "#2ca02c"
+FREE_FORM_COLOR = "#9467bd"
 
 
 def plot_metrics(points: Sequence[Point], selected: float, path: Path) -> None:
-    """Accuracy and ECE against lambda (two panels sharing the x axis)."""
+    """Accuracy and ECE against lambda (two panels sharing the x axis): multiple choice, and
+    the short answers' free-form confidence when they were scored."""
     lams = [p.lam for p in points]
+    free_form = all(p.free_form_metrics is not None for p in points)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(lams, [p.accuracy for p in points], "o-", color=BASE_COLOR)
+    ax1.plot(lams, [p.accuracy for p in points], "o-", color=BASE_COLOR, label="multiple choice")
+    ax2.plot(lams, [p.ece for p in points], "o-", color=ALIGNED_COLOR, label="multiple choice")
+    if free_form:
+        ff = [p.free_form_metrics or {} for p in points]
+        ax1.plot(lams, [m["accuracy"] for m in ff], "s--", color=FREE_FORM_COLOR,
+                 label="free form (short answers)")
+        ax2.plot(lams, [m["ece"] for m in ff], "s--", color=FREE_FORM_COLOR,
+                 label="free form (short answers)")
     ax1.set_ylabel("accuracy (select split)")
-    ax2.plot(lams, [p.ece for p in points], "o-", color=ALIGNED_COLOR)
     ax2.set_ylabel("ECE (select split)")
     ax2.set_xlabel("lambda (0 = base, 1 = aligned)")
     for ax in (ax1, ax2):
         ax.axvline(selected, color=SELECTED_COLOR, ls="--", label=f"selected lambda={selected:g}")
         ax.grid(alpha=0.3)
-    ax1.legend(loc="best")
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle("Accuracy and calibration error along the interpolation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_plane(points: Sequence[Point], frontier: Sequence[int], selected: int, path: Path) -> None:
-    """Accuracy (y) against ECE (x): every point labelled, the frontier joined, parents marked."""
-    fig, ax = plt.subplots(figsize=(7, 5.5))
-    ece_ = [p.ece for p in points]
-    acc_ = [p.accuracy for p in points]
+def _plane(ax: Any, pairs: Sequence[tuple[float, float]], lams: Sequence[float],
+           selected: int, title: str) -> None:
+    """One accuracy-ECE plane: every point labelled, its frontier joined, parents marked."""
+    acc_ = [a for a, _ in pairs]
+    ece_ = [e for _, e in pairs]
     ax.scatter(ece_, acc_, color="#7f7f7f", zorder=2, label="swept points")
-    front = sorted(frontier, key=lambda i: points[i].ece)
-    ax.plot(
-        [ece_[i] for i in front],
-        [acc_[i] for i in front],
-        "-",
-        color="#ff7f0e",
-        zorder=3,
-        label="Pareto frontier",
-    )
-    for _i, p in enumerate(points):
-        ax.annotate(
-            f"{p.lam:g}", (p.ece, p.accuracy), textcoords="offset points", xytext=(5, 4), fontsize=8
-        )
+    front = sorted(pareto_frontier(pairs), key=lambda i: ece_[i])
+    ax.plot([ece_[i] for i in front], [acc_[i] for i in front], "-", color="#ff7f0e", zorder=3,
+            label="Pareto frontier")
+    for lam, a, e in zip(lams, acc_, ece_, strict=True):
+        ax.annotate(f"{lam:g}", (e, a), textcoords="offset points", xytext=(5, 4), fontsize=8)
     for lam, color, label in (
         (0.0, BASE_COLOR, "base (lambda=0)"),
         (1.0, ALIGNED_COLOR, "aligned (lambda=1)"),
     ):
-        idx = [i for i, p in enumerate(points) if p.lam == lam]
+        idx = [i for i, x in enumerate(lams) if x == lam]
         if idx:
-            ax.scatter(
-                [ece_[idx[0]]],
-                [acc_[idx[0]]],
-                s=140,
-                marker="s",
-                color=color,
-                zorder=4,
-                label=label,
-            )
-    ax.scatter(
-        [ece_[selected]],
-        [acc_[selected]],
-        s=260,
-        marker="*",
-        color=SELECTED_COLOR,
-        zorder=5,
-        label=f"selected (lambda={points[selected].lam:g})",
-    )
+            ax.scatter([ece_[idx[0]]], [acc_[idx[0]]], s=140, marker="s", color=color, zorder=4,
+                       label=label)
+    ax.scatter([ece_[selected]], [acc_[selected]], s=260, marker="*", color=SELECTED_COLOR,
+               zorder=5, label=f"selected (lambda={lams[selected]:g})")
     ax.set_xlabel("ECE (lower is better)")
     ax.set_ylabel("accuracy (higher is better)")
-    ax.set_title("Accuracy-calibration plane (select split)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+
+
+def plot_plane(points: Sequence[Point], selected: int, path: Path) -> None:
+    """Accuracy (y) against ECE (x) over lambda, each plane with its own frontier: multiple
+    choice, and beside it the short answers (free-form confidence) when they were scored."""
+    lams = [p.lam for p in points]
+    planes = [("multiple choice", [objective_pair(p, "multiple-choice") for p in points])]
+    if all(p.free_form_metrics is not None for p in points):
+        planes.append(("free form (short answers)",
+                       [objective_pair(p, "free-form") for p in points]))
+    fig, axes = plt.subplots(1, len(planes), figsize=(7 * len(planes), 5.5), squeeze=False)
+    for ax, (name, pairs) in zip(axes[0], planes, strict=True):
+        _plane(ax, pairs, lams, selected, f"Accuracy-calibration plane, {name} (select split)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,8 +161,11 @@ def _fmt(v: Any) -> str:
 def write_html(report: Mapping[str, Any], plots_dir: Path, path: Path) -> None:
     """A single self-contained page: summary, tables and the embedded plots."""
     sel = report["selected"]
-    pareto = set(report["pareto_lambdas"])
+    fronts = {k: set(v) for k, v in (report.get("frontiers") or {}).items()}
+    fronts.setdefault("multiple-choice", set(report["pareto_lambdas"]))
     div_keys = sorted({k for p in report["points"] for k in (p.get("diversity") or {})})
+    ff_keys = ("accuracy", "ece", "brier", "nll", "auroc")
+    free_form = all(p.get("free_form") for p in report["points"])
     header = [
         "lambda",
         "accuracy",
@@ -168,7 +174,8 @@ def write_html(report: Mapping[str, Any], plots_dir: Path, path: Path) -> None:
         "NLL",
         "mean conf",
         *div_keys,
-        "frontier",
+        *([f"free-form {k if k != 'ece' else 'ECE'}" for k in ff_keys] if free_form else []),
+        *(f"{name} frontier" for name in fronts),
         "selected",
     ]
     rows = [
@@ -176,7 +183,8 @@ def write_html(report: Mapping[str, Any], plots_dir: Path, path: Path) -> None:
             f"{p['lambda']:g}",
             *(_fmt(p[k]) for k in ("accuracy", "ece", "brier", "nll", "mean_confidence")),
             *(_fmt((p.get("diversity") or {}).get(k)) for k in div_keys),
-            "yes" if p["lambda"] in pareto else "",
+            *((_fmt(p["free_form"].get(k)) for k in ff_keys) if free_form else ()),
+            *("yes" if p["lambda"] in lams else "" for lams in fronts.values()),
             "<<" if p["lambda"] == sel["lambda"] else "",
         ]
         for p in report["points"]
@@ -190,6 +198,12 @@ def write_html(report: Mapping[str, Any], plots_dir: Path, path: Path) -> None:
         [name, *(_fmt(m.get(k)) for k in ("accuracy", "ece", "brier", "mean_confidence"))]
         for name, m in (held.get("models") or {}).items()
     ]
+    held_ff = held.get("free_form") or {}
+    held_ff_rows = [
+        [name, *(_fmt((m or {}).get(k)) for k in ("accuracy", "ece", "brier", "auroc",
+                                                    "mean_confidence"))]
+        for name, m in held_ff.items()
+    ]
     imgs = []
     for png in sorted(plots_dir.glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
@@ -199,6 +213,21 @@ def write_html(report: Mapping[str, Any], plots_dir: Path, path: Path) -> None:
         )
     parents = report["parents"]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []))
+    objective = str(sel.get("objective", "multiple-choice"))
+    ff_info = report.get("free_form")
+    ff_line = (
+        f"<p>Short answers (n={report['short_answer_splits'].get('select', 0)} on the select "
+        f"split) are generated at every lambda ({html.escape(ff_info['decoding'])}, at most "
+        f"{ff_info['max_new_tokens']} tokens), scored by the free-form method "
+        f"<code>{html.escape(ff_info['method'])}</code> (raw, before any map) and graded by "
+        f"<code>{html.escape(ff_info['grader'])}</code>.</p>"
+        if ff_info else "<p>No short answers were scored: the sweep is multiple choice only.</p>"
+    )
+    held_ff_html = (
+        f"<h3>Short answers, free-form confidence (raw)</h3>"
+        f"{_table(held_ff_rows, ['model', 'accuracy', 'ECE', 'Brier', 'AUROC', 'mean conf'])}"
+        if held_ff_rows else ""
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>calibserve merge report</title>
 <style>
@@ -212,9 +241,11 @@ th {{ background: #f2f2f2; }} figure {{ margin: 1em 0; }} img {{ max-width: 100%
 <p>base: <code>{html.escape(parents["base"])}</code>, aligned:
 <code>{html.escape(parents["aligned"])}</code>, method: {html.escape(report["method"])}</p>
 <div class="summary"><p><b>Selected lambda = {sel["lambda"]:g}</b>
-(rule {html.escape(sel["rule"])}).
+(objective {html.escape(OBJECTIVE_NAMES.get(objective, objective))}, rule
+{html.escape(sel["rule"])}).
 {html.escape(sel["reason"])}</p></div>
 <h2>Sweep (select split, n={report["splits"]["select"]})</h2>
+{ff_line}
 {_table(rows, header)}
 <h2>Calibrator ({html.escape(cal["calibrator"].get("type", "?"))}, calibrate split)</h2>
 <p>ECE raw {_fmt(cal["calibrate"]["ece_raw"])}, calibrated
@@ -222,6 +253,7 @@ th {{ background: #f2f2f2; }} figure {{ margin: 1em 0; }} img {{ max-width: 100%
 {_table(thr_rows, ["target accuracy", "threshold", "coverage"])}
 <h2>Held-out ({html.escape(str(held.get("split", "-")))} split)</h2>
 {_table(held_rows, ["model", "accuracy", "ECE", "Brier", "mean conf"])}
+{held_ff_html}
 <h2>Plots</h2>
 {"".join(imgs)}
 <h2>Notes</h2><ul>{notes}</ul>

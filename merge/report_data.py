@@ -13,27 +13,44 @@ import math
 from pathlib import Path
 from typing import Any
 
+from calibserve.calibration import pareto_frontier
 from calibserve.merge.calibrate import Calibration
 from calibserve.merge.prepare import Prepared
-from calibserve.merge.select import Selection
+from calibserve.merge.select import Selection, available_objectives, objective_pair
 from calibserve.merge.sweep import Point
 
 __all__ = ["point_row", "report_data"]
 
 
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _clean(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
+    return None if metrics is None else {k: _finite(float(v)) for k, v in metrics.items()}
+
+
 def point_row(p: Point, refined: set[float]) -> dict[str, Any]:
-    """One sweep point as the report lists it."""
+    """One sweep point as the report lists it: the multiple-choice metrics at the top level
+    (as in version 1), the short answers' under `free_form` (null when none were scored)."""
     row: dict[str, Any] = {"lambda": p.lam}
     row.update(p.metrics)  # accuracy, ece, brier, nll, mean_confidence, n (+ expected_*)
     if p.diversity is not None:
         row["diversity"] = p.diversity
+    # accuracy, ece, brier, nll, auroc, mean_confidence, mean_tokens, n
+    row["free_form"] = _clean(p.free_form_metrics)
     row["refined"] = p.lam in refined
     row["seconds"] = round(p.seconds, 4)
     return row
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+def frontiers(points: list[Point]) -> dict[str, list[float]]:
+    """The lambdas on each objective's Pareto frontier (every objective the points support)."""
+    return {
+        objective: [points[i].lam for i in
+                    pareto_frontier([objective_pair(q, objective) for q in points])]
+        for objective in available_objectives(points)
+    }
 
 
 def report_data(
@@ -45,6 +62,7 @@ def report_data(
     cal: Calibration,
     held_split: str,
     held_models: dict[str, dict[str, float]],
+    held_free_form: dict[str, dict[str, float]],
     notes: list[str],
     timings: dict[str, float],
     plots: Path,
@@ -52,8 +70,9 @@ def report_data(
     """The report of a run whose sweep gave `points` and whose selection is `sel`."""
     c = p.config
     chosen = points[sel.index]
+    acc, err = objective_pair(chosen, sel.objective)
     return {
-        "version": 1,
+        "version": 2,
         "parents": {
             "base": p.plan.base.ref,
             "aligned": p.plan.aligned.ref,
@@ -62,23 +81,38 @@ def report_data(
         },
         "method": c.method,
         "splits": {k: len(v) for k, v in p.items.items()},
+        "short_answer_splits": {k: len(v) for k, v in p.short_items.items()},
+        "free_form": {
+            "method": "mean",
+            "grader": c.grader,
+            "max_new_tokens": c.max_new_tokens,
+            "decoding": "greedy, one user message under the aligned chat template",
+        } if p.short_items else None,
         "points": [point_row(q, set(refined)) for q in points],
         "pareto_lambdas": [points[i].lam for i in sel.frontier],
+        "frontiers": frontiers(points),
         "selected": {
             "lambda": sel.lam,
+            "objective": sel.objective,
             "rule": sel.rule,
             "tolerance": sel.tolerance,
             "reason": sel.reason,
             "on_frontier": sel.on_frontier,
             "beats_both_parents_on_accuracy": sel.beats_both_parents_on_accuracy,
             "metrics": dict(chosen.metrics),
+            "free_form_metrics": _clean(chosen.free_form_metrics),
+            "objective_metrics": {"accuracy": acc, "ece": err},
         },
         "calibration": {
             "calibrator": cal.calibrator.to_dict(),
             "calibrate": cal.metrics,
             "thresholds": cal.thresholds,
         },
-        "heldout": {"split": held_split, "models": held_models},
+        "heldout": {
+            "split": held_split,
+            "models": held_models,
+            "free_form": {k: _clean(v) for k, v in held_free_form.items()},
+        },
         "notes": notes,
         "timings": {k: _finite(round(v, 4)) for k, v in timings.items()},
         "config": json.loads(c.model_dump_json()),

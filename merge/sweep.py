@@ -17,12 +17,26 @@ from pathlib import Path
 from typing import Any
 
 from calibserve.merge.evaluate import Scores
+from calibserve.merge.freeform import FreeFormScores
 from calibserve.publish import write_atomic
 
-__all__ = ["Point", "ResultCache", "fingerprint", "run_sweep", "refine_lambdas"]
+__all__ = ["Evaluation", "Point", "ResultCache", "fingerprint", "run_sweep", "refine_lambdas"]
 
 # Bump when evaluation code changes the numbers a given input produces.
-EVAL_VERSION = "2"
+# 3: short-answer items are generated and scored at every point (`Point.free_form`).
+EVAL_VERSION = "3"
+
+
+@dataclass
+class Evaluation:
+    """What evaluating one lambda on one split gives: the multiple-choice metrics and scores,
+    diversity when measured, and the short-answer metrics and scores when the split has any."""
+
+    metrics: dict[str, float]
+    scores: Scores
+    diversity: dict[str, float] | None = None
+    free_form_metrics: dict[str, float] | None = None
+    free_form: FreeFormScores | None = None
 
 
 @dataclass
@@ -36,6 +50,9 @@ class Point:
     seconds: float = 0.0
     cached: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # The short-answer items of the split (None: it has none, or they were not scored).
+    free_form_metrics: dict[str, float] | None = None
+    free_form: FreeFormScores | None = None
 
     @property
     def accuracy(self) -> float:
@@ -52,10 +69,15 @@ class Point:
             "diversity": self.diversity,
             "seconds": self.seconds,
             "scores": self.scores.to_dict(),
+            "free_form": None if self.free_form is None else {
+                "metrics": self.free_form_metrics,
+                "scores": self.free_form.to_dict(),
+            },
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Point:
+        ff = d.get("free_form")
         return cls(
             lam=float(d["lambda"]),
             metrics=dict(d["metrics"]),
@@ -63,6 +85,8 @@ class Point:
             diversity=d.get("diversity"),
             seconds=float(d.get("seconds", 0.0)),
             cached=True,
+            free_form_metrics=None if ff is None else dict(ff["metrics"]),
+            free_form=None if ff is None else FreeFormScores.from_dict(ff["scores"]),
         )
 
 
@@ -103,7 +127,7 @@ class ResultCache:
 
 def run_sweep(
     lambdas: Sequence[float],
-    evaluate: Callable[[float], tuple[dict[str, float], Scores, dict[str, float] | None]],
+    evaluate: Callable[[float], Evaluation],
     cache: ResultCache,
     split: str = "select",
     on_point: Callable[[Point], None] | None = None,
@@ -114,8 +138,9 @@ def run_sweep(
         point = cache.get(split, lam)
         if point is None:
             t0 = time.perf_counter()
-            metrics, scores, diversity = evaluate(lam)
-            point = Point(lam, metrics, scores, diversity, time.perf_counter() - t0)
+            e = evaluate(lam)
+            point = Point(lam, e.metrics, e.scores, e.diversity, time.perf_counter() - t0,
+                          free_form_metrics=e.free_form_metrics, free_form=e.free_form)
             cache.put(split, point)
         points.append(point)
         if on_point is not None:

@@ -49,6 +49,12 @@ def test_help_lists_the_documented_options() -> None:
         "--batch-size",
         "--shard-size",
         "--target-accuracy",
+        "--free-form",
+        "--no-free-form",
+        "--short-answers",
+        "--no-short-answers",
+        "--grader",
+        "--max-new-tokens",
     ):
         assert flag in result.output, flag
 
@@ -61,6 +67,8 @@ def test_bad_arguments_name_the_flag_and_exit_non_zero(
         "--shard-size": ["--shard-size", "big"],
         "--select": ["--select", "best"],
         "--target-accuracy": ["--target-accuracy", "1.5"],
+        "--grader": ["--grader", "fuzzy"],
+        "--max-new-tokens": ["--max-new-tokens", "0"],
     }
     for flag, extra in cases.items():
         result = runner.invoke(app, _args(tiny_world, tmp_path / "o", *extra))
@@ -222,3 +230,68 @@ def test_a_failed_after_write_step_leaves_out_unpublished(
     assert seen and not out.exists()  # the written model stayed staged: OUT never looks done
     assert run_merge(config, progress=False, after_write=lambda m, d: None) == out.resolve()
     assert (out / "model" / "calibration.json").is_file()
+
+
+def test_free_form_fit_is_automatic_and_said_in_one_line(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    import typer
+
+    from calibserve.merge.cli import merge_command
+    from tests.merge.conftest import write_short_answers
+
+    short = write_short_answers(Path(shutil.copytree(tiny_world["data"], tmp_path / "data")),
+                                n=6)
+    fitted: list[Path] = []
+
+    def step(model_dir: Path, data_dir: Path) -> None:
+        fitted.append(data_dir)
+
+    def command(engine: str | None) -> typer.Typer:
+        cmd = typer.Typer(add_completion=False)
+        cmd.command("merge")(merge_command(step, lambda: engine))
+        return cmd
+
+    def run(cli: typer.Typer, data: Path, name: str, *extra: str) -> tuple[str, dict]:
+        out = tmp_path / name
+        args = _args({**tiny_world, "data": data}, out, "--grid", "0,1", "--no-refine",
+                     "--max-new-tokens", "2", *extra)
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("free-form fit:")]
+        assert len(lines) == 1, result.output
+        return lines[0], json.loads((out / "report.json").read_text())
+
+    # short answers and an engine: on, without the flag
+    line, report = run(command(None), short, "auto-on")
+    assert line.startswith("free-form fit: on (6 short-answer items") and "auto" in line
+    assert fitted == [short] and line in report["notes"]
+    # no short answers: off, and why
+    line, report = run(command(None), tiny_world["data"], "no-short")
+    assert line.startswith("free-form fit: off") and "no short-answer items" in line
+    assert len(fitted) == 1 and line in report["notes"]
+    # no engine: off, and why
+    line, _ = run(command("vLLM is not installed"), short, "no-engine")
+    assert line == "free-form fit: off (vLLM is not installed)" and len(fitted) == 1
+    # the flags still force it
+    line, _ = run(command(None), short, "forced-off", "--no-free-form")
+    assert line == "free-form fit: off (--no-free-form)" and len(fitted) == 1
+    line, _ = run(command(None), short, "forced-on", "--free-form")
+    assert len(fitted) == 2 and "--free-form" in line
+    # --quiet prints nothing but errors; the line is still in the report
+    quiet = runner.invoke(command(None), _args({**tiny_world, "data": short}, tmp_path / "q",
+                                               "--grid", "0,1", "--no-refine", "--quiet",
+                                               "--max-new-tokens", "2"))
+    assert quiet.exit_code == 0 and "free-form fit" not in quiet.output
+    assert any(n.startswith("free-form fit: on") for n in
+               json.loads((tmp_path / "q" / "report.json").read_text())["notes"])
+    # forcing it where no engine can run is refused before anything is written
+    refused = runner.invoke(command("vLLM is not installed"),
+                            _args({**tiny_world, "data": short}, tmp_path / "r", "--free-form"))
+    assert refused.exit_code == 2 and "Invalid value for '--free-form'" in refused.output
+    assert "vLLM is not installed" in refused.output and not (tmp_path / "r").exists()
+    # merge's own command has no serving path: auto is off and says so
+    line, _ = run(app, short, "own-command")
+    assert line.startswith("free-form fit: off") and "no serving path" in line

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from calibserve.merge.config import DEFAULT_GRID, build_config, parse_grid, parse_size
+from calibserve.merge.config import (
+    DEFAULT_GRID,
+    build_config,
+    parse_grid,
+    parse_select,
+    parse_size,
+)
 from calibserve.merge.errors import InvalidConfig
 
 
@@ -54,8 +60,42 @@ def test_build_config_maps_errors_to_flags(tmp_path: Path) -> None:
         "--target-accuracy": {"target_accuracy": [1.5]},
         "--batch-size": {"batch_size": 0},
         "--device": {"device": "tpu"},
+        "--grader": {"grader": "fuzzy"},
+        "--max-new-tokens": {"max_new_tokens": 0},
     }
     for flag, kw in cases.items():
         with pytest.raises(InvalidConfig) as err:
             build_config(**common, **kw)
         assert err.value.param == flag, (flag, err.value)
+
+
+def test_select_names_a_rule_and_optionally_its_objective(tmp_path: Path) -> None:
+    assert parse_select("knee") == ("multiple-choice", "knee")
+    assert parse_select("free-form:min-ece") == ("free-form", "min-ece")
+    assert parse_select("combined") == ("combined", "max-accuracy")
+    common = {"base": "b", "aligned": "a", "data": tmp_path, "out": tmp_path / "o"}
+    cfg = build_config(**common, select="combined:min-ece-at-accuracy")
+    assert (cfg.objective, cfg.select) == ("combined", "min-ece-at-accuracy")
+    assert cfg.selection == "combined:min-ece-at-accuracy"
+    plain = build_config(**common, select="knee")
+    assert (plain.objective, plain.select, plain.selection) == ("multiple-choice", "knee", "knee")
+    assert build_config(**common, objective="free-form").selection == "free-form:max-accuracy"
+    for bad in ("free:knee", "free-form:best", "free-form:", "a:b:c"):
+        with pytest.raises(InvalidConfig) as err:
+            build_config(**common, select=bad)
+        assert err.value.param == "--select", bad
+    with pytest.raises(InvalidConfig) as err:
+        build_config(**common, select="free-form:knee", objective="combined")
+    assert err.value.param == "--select"
+
+
+def test_graders_by_short_name_or_module_function(tmp_path: Path) -> None:
+    common = {"base": "b", "aligned": "a", "data": tmp_path, "out": tmp_path / "o"}
+    assert build_config(**common).grader == "exact"
+    assert build_config(**common, grader="contains").grader == "contains"
+    spec = "calibserve.calibration.answers:exact_match"
+    assert build_config(**common, grader=spec).grader == spec
+    for bad in ("calibserve.calibration.answers:nope", "no.such.module:f", "fuzzy"):
+        with pytest.raises(InvalidConfig) as err:
+            build_config(**common, grader=bad)
+        assert err.value.param == "--grader" and bad in err.value.message

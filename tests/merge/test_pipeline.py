@@ -17,7 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.calibration import CalibrationDocument, Scorer, calibrator_from_dict
 from calibserve.merge.config import MergeConfig
-from calibserve.merge.errors import IncompatibleCheckpoints, InvalidData, MergeError, OutputExists
+from calibserve.merge.errors import (
+    IncompatibleCheckpoints,
+    InvalidConfig,
+    InvalidData,
+    MergeError,
+    OutputExists,
+)
 from calibserve.merge.evaluate import MCEvaluator
 from calibserve.merge.pipeline import run_merge, staging_dir
 from tests.merge.conftest import write_raw_checkpoint
@@ -179,6 +185,8 @@ def test_refusals_write_nothing(tiny_world: dict[str, Path], tmp_path: Path) -> 
         ({"aligned": str(odd)}, IncompatibleCheckpoints, "--aligned"),
         ({"base": str(tmp_path / "nope")}, MergeError, "--base"),
         ({"out": full}, OutputExists, "--out"),
+        # the tiny world has no short answers: nothing for a free-form objective to judge
+        ({"select": "free-form:knee"}, InvalidConfig, "--select"),
     ]
     before = _tree(tmp_path)
     for kw, exc, flag in cases:
@@ -301,3 +309,69 @@ def test_concurrent_run_into_the_same_out_is_refused(
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(OutputExists, match="another merge"):
             run_merge(_config(tiny_world, out, grid="0,1"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def merged_short(tiny_world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A merge whose data holds short answers too, selected on the combined objective."""
+    import shutil
+
+    from tests.merge.conftest import write_short_answers
+
+    root = tmp_path_factory.mktemp("merged-short")
+    data = write_short_answers(Path(shutil.copytree(tiny_world["data"], root / "data")))
+    return run_merge(
+        _config({**tiny_world, "data": data}, root / "out", grid="0:1:0.5",
+                select="combined:knee", max_new_tokens=4, calibrator="temperature"),
+        progress=False,
+    )
+
+
+def test_short_answers_are_scored_at_every_lambda_and_can_select(merged_short: Path) -> None:
+    report = json.loads((merged_short / "report.json").read_text())
+    assert report["version"] == 2 and report["short_answer_splits"] == {"select": 12, "test": 12}
+    assert report["free_form"]["grader"] == "exact" and report["free_form"]["method"] == "mean"
+    assert len(report["points"]) > 3  # the refinement round is scored too
+    for p in report["points"]:
+        ff = p["free_form"]
+        assert ff["n"] == 12 and 1 <= ff["mean_tokens"] <= 4
+        assert {"accuracy", "ece", "brier", "nll", "auroc", "mean_confidence"} <= set(ff)
+        assert 0 <= ff["ece"] <= 1 and ff["nll"] > 0
+    assert set(report["frontiers"]) == {"multiple-choice", "free-form", "combined"}
+    sel = report["selected"]
+    assert sel["objective"] == "combined" and sel["rule"] == "knee"
+    assert report["pareto_lambdas"] == report["frontiers"]["combined"]
+    chosen = next(p for p in report["points"] if p["lambda"] == sel["lambda"])
+    assert sel["objective_metrics"]["accuracy"] == pytest.approx(
+        (chosen["accuracy"] + chosen["free_form"]["accuracy"]) / 2)
+    assert sel["objective_metrics"]["ece"] == pytest.approx(
+        (chosen["ece"] + chosen["free_form"]["ece"]) / 2)
+    assert sel["reason"].startswith("Objective: combined")
+    assert set(report["heldout"]["free_form"]) == {"base", "aligned", "selected"}
+    html = (merged_short / "report.html").read_text()
+    assert "free-form ECE" in html and "objective combined" in html
+    assert "Short answers, free-form confidence" in html
+    cal = json.loads((merged_short / "model" / "calibration.json").read_text())
+    assert cal["merge"]["rule"] == "combined:knee"
+    assert cal["metrics"]["select_short_answer"]["n"] == 12
+    assert "combined" in (merged_short / "model" / "README.md").read_text()
+
+
+def test_the_written_model_answers_as_the_sweep_recorded(
+    merged_short: Path, tiny_world: dict[str, Path]
+) -> None:
+    from calibserve.calibration.grading import load_grader
+    from calibserve.merge.evaluate import short_answer_split
+    from calibserve.merge.freeform import FreeFormEvaluator, stop_token_ids
+
+    lam = json.loads((merged_short / "report.json").read_text())["selected"]["lambda"]
+    cached = json.loads(next((merged_short / "sweep").rglob(
+        f"select-lambda{lam:+.6f}.json")).read_text())["free_form"]["scores"]
+    model = AutoModelForCausalLM.from_pretrained(merged_short / "model", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(merged_short / "model")
+    items = short_answer_split(merged_short.parent / "data", "select")
+    got = FreeFormEvaluator(tok, items, load_grader("exact"), max_new_tokens=4,
+                            stop_ids=stop_token_ids(tok, merged_short / "model")
+                            ).score(model.eval())
+    assert got.replies == cached["replies"]
+    assert got.confidence.tolist() == pytest.approx(cached["confidence"], abs=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from transformers import AutoModelForCausalLM
 import calibserve.merge.writer as writer
 from calibserve.merge.checkpoint import PairPlan, open_checkpoint, plan_pair
 from calibserve.merge.evaluate import Scores
+from calibserve.merge.freeform import FreeFormScores, free_form_metrics
 from calibserve.merge.model import load_eval_model
-from calibserve.merge.sweep import ResultCache, refine_lambdas, run_sweep
+from calibserve.merge.sweep import Evaluation, ResultCache, refine_lambdas, run_sweep
 
 
 def _plan(base: Path, aligned: Path) -> PairPlan:
@@ -118,14 +120,17 @@ def test_float16_parents_are_written_in_float16(
         assert torch.equal(v, expect), k
 
 
-def _fake_eval(calls: list[float], fail_at: int | None = None) -> Callable[..., tuple]:
-    def evaluate(lam: float) -> tuple[dict[str, float], Scores, None]:
+def _fake_eval(calls: list[float], fail_at: int | None = None) -> Callable[..., Evaluation]:
+    def evaluate(lam: float) -> Evaluation:
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt  # what a Ctrl-C (or the end of a kill) looks like mid-sweep
         calls.append(lam)
         conf = np.full(4, 0.5 + lam / 4)
         scores = Scores(conf, np.array([True, False, True, lam > 0.5]), np.zeros(4, np.int64))
-        return {"accuracy": float(scores.correct.mean()), "ece": lam / 10}, scores, None
+        short = FreeFormScores(np.full(3, 0.3 + lam / 2), np.array([lam > 0.2, False, True]),
+                               [f"reply {lam}", "", "x"], np.array([2, 16, 1]))
+        return Evaluation({"accuracy": float(scores.correct.mean()), "ece": lam / 10}, scores,
+                          None, free_form_metrics(short), short)
 
     return evaluate
 
@@ -143,6 +148,14 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path: Path) -> None:
     fresh = run_sweep(grid, _fake_eval([]), ResultCache(tmp_path / "fresh", "k"))
     for p, q in zip(points, fresh, strict=True):
         assert p.metrics == q.metrics and np.array_equal(p.scores.confidence, q.scores.confidence)
+        # The short answers are cached with their point (an undefined AUROC stays NaN).
+        assert p.free_form is not None and q.free_form is not None
+        assert p.free_form.replies == q.free_form.replies
+        assert np.array_equal(p.free_form.confidence, q.free_form.confidence)
+        assert p.free_form_metrics is not None and q.free_form_metrics is not None
+        assert p.free_form_metrics.keys() == q.free_form_metrics.keys()
+        assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in
+                   zip(p.free_form_metrics.values(), q.free_form_metrics.values(), strict=True))
     # Another fingerprint (other data, method, parents) shares nothing.
     other: list[float] = []
     run_sweep(grid[:2], _fake_eval(other), ResultCache(tmp_path, "other"))
