@@ -91,10 +91,11 @@ def tune(
     stop_after: Annotated[int | None, typer.Option(
         "--stop-after", help="Stop after N steps of this invocation; rerun to resume.")] = None,
     calibration_aware: Annotated[CalibrationAware, typer.Option(
-        "--calibration-aware", help="Seed 004's calibration-aware objective on the "
-        "multiple-choice examples.")] = CalibrationAware.none,
+        "--calibration-aware", help="Seed 004 (Xiao et al. 2025) on the multiple-choice "
+        "examples: cft = answer-only SFT; rcft adds the EM-style ECE regulariser.")]
+    = CalibrationAware.none,
     cal_alpha: Annotated[float, typer.Option(
-        "--cal-alpha", help="Weight of the calibration term.")] = 0.5,
+        "--cal-alpha", help="RCFT: loss = (1 - a) SFT + a * 1e-3 L_cal.")] = 0.5,
     cal_estimate_every: Annotated[int | None, typer.Option(
         "--cal-estimate-every", help="Steps between bin-accuracy estimates (default: each "
         "epoch).")] = None,

@@ -88,7 +88,9 @@ def _info(config: TuneConfig, plan: Plan, encoded: Encoded, state: RunState,
         steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps,
         warmup_steps=plan.warmup_steps, autocast_bf16=autocast,
         chat_template=template_source,
-        loss="cross-entropy on the reply tokens only (logits computed at those positions)",
+        loss="cross-entropy on the reply tokens only (logits computed at those positions)"
+        + ("; rcft: (1 - alpha) * that + alpha * 1e-3 * L_cal (tune/calibration_aware.py)"
+           if config.calibration_aware == "rcft" else ""),
     )
     return {
         "format": FORMAT,
@@ -109,6 +111,11 @@ def _info(config: TuneConfig, plan: Plan, encoded: Encoded, state: RunState,
             "output_head_tied_to_embedding": prepared.head_tied,
         },
         "loss": loss_summary(state.losses),
+        "calibration_aware": {
+            "mode": config.calibration_aware, "alpha": config.cal_alpha,
+            "estimate_every": config.cal_estimate_every or plan.steps_per_epoch,
+            "bin_estimates": state.estimates,  # the E steps: per-bin counts, accuracy, ECE
+        } if config.calibration_aware != "none" else None,
         "time": {
             "wall_seconds": round(state.wall_seconds, 1),
             "cpu_minutes": round(state.cpu_seconds / 60, 2),
@@ -144,7 +151,7 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     encoded = encode(records, Encoder(tokenizer, template), config.max_length)
     objective = load_objective(config.calibration_aware, config.cal_alpha,
                                config.cal_estimate_every, encoded.examples)
-    if objective.calibration_aware:
+    if config.calibration_aware != "none":
         check_option_tokens(encoded.examples, tokenizer)
     pad_id = _pad_id(tokenizer)
 

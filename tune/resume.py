@@ -47,7 +47,8 @@ class RunState:
     cpu_seconds: float = 0.0
     tokens: int = 0  # tokens in the batches trained on so far (prompt and reply)
     sessions: int = 1  # invocations that trained this run (1: never resumed)
-    bins: Any = None  # the calibration-aware objective's current estimate
+    bins: Any = None  # the calibration-aware objective's current bin accuracies
+    estimates: list[dict[str, Any]] = field(default_factory=list)  # each E step's summary
 
 
 def save_state(directory: Path, fingerprint: dict[str, Any], model: torch.nn.Module,

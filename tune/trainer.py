@@ -155,6 +155,7 @@ class Trainer:
             state.bins = self.objective.estimate(self.model, self.examples,
                                                  self.config.batch_size, self.pad_id,
                                                  self.device, self.autocast)
+            state.estimates.append({"step": state.step, **state.bins.to_dict()})
         _, chosen = self.batch_at(state.step)
         batch = collate([self.examples[i] for i in chosen], self.pad_id).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

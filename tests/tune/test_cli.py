@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner, Result
 
 from calibserve.cli import app
-from calibserve.tune import checkpoint, objective
+from calibserve.tune import checkpoint
 from calibserve.tune.data import Encoder, collate, encode, load_records
 from calibserve.tune.reply_loss import reply_logits, reply_loss
 from calibserve.tune.templates import GEMMA_CHAT_TEMPLATE
@@ -223,14 +223,58 @@ def test_missing_inputs_and_existing_output(tiny_llama: Path, train_data: Path,
     assert taken.exit_code == 2 and "'--out'" in taken.output
 
 
-def test_calibration_aware_refuses_cleanly(tiny_llama: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch,
-                                           train_data: Path) -> None:
+def test_calibration_aware_needs_multiple_choice(tiny_llama: Path, tmp_path: Path) -> None:
     only_short = write_jsonl(tmp_path / "short.jsonl",
                              [{"question": "what is the color of ent1 ?", "answer": "red"}])
-    no_mc = tune(tiny_llama, only_short, tmp_path / "out", "--calibration-aware", "cft")
-    assert no_mc.exit_code == 2, no_mc.output
-    assert "'--data'" in no_mc.output or "'--calibration-aware'" in no_mc.output
-    monkeypatch.setattr(objective, "CALIBRATION_AWARE", "calibserve.tune.not_in_this_build")
-    absent = tune(tiny_llama, train_data, tmp_path / "out", "--calibration-aware", "rcft")
-    assert absent.exit_code == 2 and "'--calibration-aware'" in absent.output
+    for mode in ("cft", "rcft"):
+        no_mc = tune(tiny_llama, only_short, tmp_path / "out", "--calibration-aware", mode)
+        assert no_mc.exit_code == 2 and "'--data'" in no_mc.output, no_mc.output
+    bad = tune(tiny_llama, only_short, tmp_path / "out", "--calibration-aware", "xft")
+    assert bad.exit_code == 2 and "--calibration-aware" in bad.output
+
+
+def test_the_cli_default_alpha_is_the_objective_default() -> None:
+    from calibserve.tune.calibration_aware import DEFAULT_ALPHA
+    from calibserve.tune.config import TuneConfig
+
+    assert TuneConfig.model_fields["cal_alpha"].default == DEFAULT_ALPHA
+
+
+def test_rcft_trains_on_the_calibration_term_and_resumes_exactly(
+        tiny_llama: Path, train_data: Path, tmp_path: Path) -> None:
+    """alpha 1: the loss is the calibration term alone, so the weights move differently from
+    plain SFT; the E step runs every 2 steps and is saved with the state, so a stopped run
+    resumes to the same weights."""
+    args = ("--max-steps", "5", "--lr", "3e-3", "--calibration-aware", "rcft",
+            "--cal-alpha", "1.0", "--cal-estimate-every", "2", "--save-every", "0")
+    whole = tmp_path / "whole"
+    result = tune(tiny_llama, train_data, whole, *args)
+    assert result.exit_code == 0, result.output
+    info = json.loads((whole / "train_info.json").read_text())["calibration_aware"]
+    assert info["mode"] == "rcft" and info["alpha"] == 1.0
+    assert [e["step"] for e in info["bin_estimates"]] == [0, 2, 4]
+    assert all(sum(e["counts"]) == 14 for e in info["bin_estimates"])  # every MC example
+    sft = tmp_path / "sft"
+    assert tune(tiny_llama, train_data, sft, "--max-steps", "5", "--lr", "3e-3").exit_code == 0
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(weights(whole)[key], weights(sft)[key])
+
+    split = tmp_path / "split"
+    assert tune(tiny_llama, train_data, split, *args, "--stop-after", "3").exit_code == 0
+    assert tune(tiny_llama, train_data, split, *args).exit_code == 0
+    a, b = weights(whole), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = json.loads((split / "train_info.json").read_text())["calibration_aware"]
+    assert resumed["bin_estimates"] == info["bin_estimates"]
+
+
+def test_cft_is_the_answer_only_sft(tiny_llama: Path, train_data: Path, tmp_path: Path) -> None:
+    """CFT has no calibration term (the paper's CFT): the same weights as plain SFT."""
+    plain, cft = tmp_path / "plain", tmp_path / "cft"
+    assert tune(tiny_llama, train_data, plain, "--max-steps", "3").exit_code == 0
+    result = tune(tiny_llama, train_data, cft, "--max-steps", "3", "--calibration-aware", "cft")
+    assert result.exit_code == 0, result.output
+    a, b = weights(plain), weights(cft)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((cft / "train_info.json").read_text())["calibration_aware"][
+        "bin_estimates"] == []

@@ -104,3 +104,25 @@ def test_reply_positions_are_the_reply_tokens(tmp_path: Any) -> None:
         assert batch.attention_mask[r, c + 1] == 1
     assert batch.rows.tolist() == sorted(batch.rows.tolist())
     assert batch.first.tolist()[0] == 0
+
+
+def test_option_view_reads_the_first_reply_token_at_the_letters(tmp_path: Any) -> None:
+    """What the calibration-aware objective sees: per MC row, the logits of the position that
+    predicts the first reply token, at the tokens A, B, C, D, and the gold option."""
+    from calibserve.tune.objective import option_view
+
+    batch, vocab = batch_of_mixed_lengths(tmp_path)
+    tok = make_tokenizer()
+    torch.manual_seed(1)
+    model = llama(vocab).eval()
+    with torch.no_grad():
+        logits = reply_logits(model, batch)
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    view = option_view(logits, batch)
+    letters = tok.convert_tokens_to_ids(["A", "B", "C", "D"])
+    assert view.logits.shape == (len(batch.mc_rows), 4)
+    for m, r in enumerate(batch.mc_rows.tolist()):
+        pos = int(batch.cols[batch.first[r]])
+        assert tok.convert_ids_to_tokens(int(batch.input_ids[r, pos + 1])) \
+            == "ABCD"[int(batch.gold[m])]
+        torch.testing.assert_close(view.logits[m], full[r, pos, letters], atol=1e-5, rtol=1e-5)
