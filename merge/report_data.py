@@ -27,7 +27,10 @@ def _finite(x: float) -> float | None:
 
 
 def _clean(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
-    return None if metrics is None else {k: _finite(float(v)) for k, v in metrics.items()}
+    """JSON-safe metrics: NaN (an AUROC of one class) as null, counts stay integers."""
+    if metrics is None:
+        return None
+    return {k: v if isinstance(v, int) else _finite(float(v)) for k, v in metrics.items()}
 
 
 def point_row(p: Point, refined: set[float]) -> dict[str, Any]:
