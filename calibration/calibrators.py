@@ -11,10 +11,13 @@ risk-coverage curve and escalation order are unchanged, only thresholds move).
 - `PlattScaling`: `sigmoid(a * logit(p) + b)`, Newton's method with Platt's smoothed targets;
   `a` is constrained to be >= 0 so the map stays monotone.
 - `IsotonicCalibrator`: pool-adjacent-violators (ties in confidence pooled first), applied by
-  linear interpolation between the fitted points, clamped outside them.
+  linear interpolation between the fitted points, clamped outside them. Each pooled block's
+  accuracy is shrunk towards the overall accuracy by `PRIOR_STRENGTH` pseudo-observations, so a
+  block of a few answers that were all wrong (or all right) is not served 0 (or 1).
 - `HistogramBinning`: equal-width bins (those of `metrics.bin_index`), each mapped to its
-  accuracy; bins are pooled with pool-adjacent-violators so the map is monotone, and empty bins
-  take the value interpolated between their non-empty neighbours' centres.
+  accuracy shrunk the same way; an empty bin holds only the prior's pseudo-observations (the
+  overall accuracy), and pool-adjacent-violators, weighted by count + prior, makes the map
+  monotone. No bin, seen or not, is served exactly 0 or 1 unless every label was.
 - `IdentityCalibrator`: the raw confidence, clipped to [0, 1].
 - `OptionTemperature`: the multi-class temperature of the option-letter method,
   `softmax(z / T)` over the option logits (NLL-fitted on option logprobs and gold options). It is
@@ -57,6 +60,10 @@ __all__ = [
 # large finite logits instead of infinities.
 EPS = 1e-12
 T_MIN, T_MAX = 1e-2, 1e2
+# Pseudo-observations at the overall accuracy added to every bin (histogram) and pooled block
+# (isotonic): a Beta prior centred on the base rate. Two is enough that a bin of one wrong answer
+# is served about a third of the base rate, not 0; it vanishes next to a bin of a hundred answers.
+PRIOR_STRENGTH = 2.0
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
@@ -101,6 +108,16 @@ def _fit_data(conf: ArrayLike, correct: ArrayLike) -> tuple[FloatArray, FloatArr
             "all labels are equal: a calibrator needs both correct and incorrect examples"
         )
     return c, y
+
+
+def _shrunk_blocks(fitted: FloatArray, w: FloatArray, prior: float, strength: float) -> FloatArray:
+    """Each constant block of a PAV fit shrunk towards `prior` by `strength` pseudo-observations,
+    then pooled again (a small block may overtake a large one once shrunk)."""
+    starts = np.flatnonzero(np.concatenate(([True], fitted[1:] != fitted[:-1])))
+    n = np.add.reduceat(w, starts)
+    shrunk = (fitted[starts] * n + strength * prior) / (n + strength)
+    pooled = pool_adjacent_violators(shrunk, n + strength)
+    return np.repeat(pooled, np.diff(np.concatenate((starts, [fitted.size]))))
 
 
 def pool_adjacent_violators(y: ArrayLike, w: ArrayLike | None = None) -> FloatArray:
@@ -318,7 +335,8 @@ class IsotonicCalibrator(Calibrator):
 
     type_name = "isotonic"
 
-    def __init__(self, x: ArrayLike = (0.0, 1.0), y: ArrayLike = (0.0, 1.0)) -> None:
+    def __init__(self, x: ArrayLike = (0.0, 1.0), y: ArrayLike = (0.0, 1.0), *,
+                 prior_strength: float = PRIOR_STRENGTH) -> None:
         xs = np.asarray(x, dtype=np.float64).reshape(-1)
         ys = np.asarray(y, dtype=np.float64).reshape(-1)
         if xs.size == 0 or xs.shape != ys.shape:
@@ -326,13 +344,15 @@ class IsotonicCalibrator(Calibrator):
         if np.any(np.diff(xs) < 0) or np.any(np.diff(ys) < 0):
             raise CalibrationError("isotonic points must be non-decreasing in x and y")
         self.x, self.y = xs, ys
+        self.prior_strength = float(prior_strength)
 
     def fit(self, conf: ArrayLike, correct: ArrayLike) -> IsotonicCalibrator:
         c, y = _fit_data(conf, correct)
         xs, inverse = np.unique(c, return_inverse=True)
         w = np.bincount(inverse).astype(np.float64)
         ymean = np.bincount(inverse, weights=y) / w
-        fitted = pool_adjacent_violators(ymean, w)
+        fitted = _shrunk_blocks(pool_adjacent_violators(ymean, w), w, float(y.mean()),
+                                self.prior_strength)
         # Only the first and last point of each constant block matter for interpolation.
         keep = np.ones(xs.size, dtype=bool)
         if xs.size > 2:
@@ -354,8 +374,12 @@ class HistogramBinning(Calibrator):
 
     type_name = "histogram"
 
-    def __init__(self, n_bins: int = N_BINS, values: ArrayLike | None = None) -> None:
+    def __init__(self, n_bins: int = N_BINS, values: ArrayLike | None = None, *,
+                 prior_strength: float = PRIOR_STRENGTH) -> None:
         self.n_bins = check_n_bins(n_bins)
+        if not prior_strength > 0:  # an empty bin would have no value at all
+            raise CalibrationError("histogram binning needs a positive prior strength")
+        self.prior_strength = float(prior_strength)
         if values is None:
             # Unfitted: bin centres, i.e. approximately the identity.
             vals = (np.arange(self.n_bins) + 0.5) / self.n_bins
@@ -368,10 +392,10 @@ class HistogramBinning(Calibrator):
     def fit(self, conf: ArrayLike, correct: ArrayLike) -> HistogramBinning:
         c, y = _fit_data(conf, correct)
         counts, _, correct_sum = bin_stats(c, y, self.n_bins)
-        full = counts > 0
-        pooled = pool_adjacent_violators(correct_sum[full] / counts[full], counts[full])
-        centres = (np.arange(self.n_bins) + 0.5) / self.n_bins
-        self.values = np.interp(centres, centres[full], pooled)
+        prior = float(y.mean())
+        weight = counts + self.prior_strength
+        self.values = pool_adjacent_violators(
+            (correct_sum + self.prior_strength * prior) / weight, weight)
         return self
 
     def _apply(self, c: FloatArray) -> FloatArray:

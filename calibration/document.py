@@ -190,6 +190,8 @@ class FitMetrics(_Sparse):
     unreachable_targets: list[float] | None = None  # targets no threshold reaches
     calibrator: str | None = None  # the family fitted (`auto`: the one chosen)
     held_out_ece: dict[str, float] | None = None  # every candidate family's held-out ECE
+    # Every candidate's held-out log loss, Brier, ECE and AUROC (and why `auto` refused it).
+    held_out: dict[str, dict[str, float | str | None]] | None = None
     selection: str | None = None  # how the family was chosen (folds, seed)
     notes: list[str] | None = None  # what the fit had to say (degenerate data, skipped items)
     # 101 quantiles (0%, 1%, ..., 100%) of the served (calibrated) confidence on the fit split:

@@ -356,6 +356,7 @@ class _Sample:
     raw: np.ndarray
     correct: np.ndarray
     not_served: dict[str, int]  # served-by method -> replies left out (extra-work methods)
+    questions: list[str] | None = None  # each pair's question: the calibrator's folds group by it
 
     def note(self, method: str) -> str | None:
         if not self.not_served:
@@ -377,7 +378,7 @@ def _sample(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply], method
     correct = _graded(replies, items, grader)
     if not confidence_method(method).needs_upstream:
         raw = np.asarray([method_raw(r, method, q) for r in replies], dtype=np.float64)
-        return _Sample(raw, correct, {})
+        return _Sample(raw, correct, {}, [str(it["question"]) for it in items])
     values = [served_raw(r, method) for r in replies]
     keep = np.asarray([v is not None for v in values], dtype=bool)
     not_served: dict[str, int] = {}
@@ -386,7 +387,8 @@ def _sample(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply], method
             by = str(r.confidence.get("method"))
             not_served[by] = not_served.get(by, 0) + 1
     raw = np.asarray([v for v in values if v is not None], dtype=np.float64)
-    return _Sample(raw, correct[keep], not_served)
+    questions = [str(it["question"]) for it, k in zip(items, keep, strict=True) if k]
+    return _Sample(raw, correct[keep], not_served, questions)
 
 
 def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: MethodParams,
@@ -395,7 +397,8 @@ def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: Me
     families = None if kind == "auto" else [kind]
     notes = [n for n in [sample.note(method)] if n]
     try:
-        choice = choose_calibrator(raw, correct, families=families, n_bins=n_bins, seed=seed)
+        choice = choose_calibrator(raw, correct, families=families, questions=sample.questions,
+                                   n_bins=n_bins, seed=seed)
     except DegenerateDataError:  # no replies at all
         fit = None
         if notes:
@@ -410,7 +413,8 @@ def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: Me
         ece_calibrated=ece(calibrated, correct, n_bins), accuracy=float(np.mean(correct)),
         auroc=area if math.isfinite(area) else None,
         unreachable_targets=unreachable or None, calibrator=choice.family,
-        held_out_ece=dict(choice.held_out_ece) or None, selection=choice.selection or None,
+        held_out_ece=dict(choice.held_out_ece) or None,
+        held_out=choice.held_out_dict() or None, selection=choice.selection or None,
         notes=[*choice.notes, *notes] or None,
     )
     return MethodCalibration(
@@ -547,10 +551,12 @@ def _letterless(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply]) ->
     letter is the gold one (`answers.option_letter`)."""
     raw: list[float] = []
     right: list[bool] = []
+    questions: list[str] = []
     for item, reply in zip(items, replies, strict=True):
         value = served_raw(reply, NO_LETTER)
         if value is None:
             continue
+        questions.append(str(item["question"]))
         recomputed = confidence_score(reply.logprobs or {"content": []}, NO_LETTER)
         if abs(value - (recomputed if math.isfinite(recomputed) else 0.0)) > RAW_TOLERANCE:
             raise ServeFitError(f"served raw {NO_LETTER} confidence {value!r} differs from its "
@@ -559,7 +565,8 @@ def _letterless(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply]) ->
         letters = LETTERS[: len(item["choices"])]
         raw.append(value)
         right.append(option_letter(reply.text, letters) == letters[int(item["answer"])])
-    return _Sample(np.asarray(raw, dtype=np.float64), np.asarray(right, dtype=bool), {})
+    return _Sample(np.asarray(raw, dtype=np.float64), np.asarray(right, dtype=bool), {},
+                   questions)
 
 
 def fit_no_letter(

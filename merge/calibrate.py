@@ -100,7 +100,8 @@ def thresholds_for(
 def fit_calibration(
     scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS, seed: int = 0
 ) -> Calibration:
-    """Fit `kind` (a family, or `auto`: chosen by 5-fold held-out ECE) on (raw confidence,
+    """Fit `kind` (a family, or `auto`: chosen by 5-fold held-out log loss,
+    `calibration.choose_calibrator`) on (raw confidence,
     correct) and the option logits; thresholds on the CALIBRATED confidence."""
     if kind not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {kind!r}; valid: {', '.join(CALIBRATORS)}")
@@ -136,8 +137,9 @@ def fit_calibration(
     }
     if calibrated.size:
         metrics["confidence_quantiles"] = confidence_quantiles(calibrated)
-    if choice.held_out_ece:
+    if choice.held_out:
         metrics["held_out_ece"] = dict(choice.held_out_ece)
+        metrics["held_out"] = choice.held_out_dict()
     if choice.selection:
         metrics["selection"] = choice.selection
     if unreachable:
@@ -170,6 +172,7 @@ def calibration_json(
         unreachable_targets=cal.metrics.get("unreachable_targets"),
         calibrator=cal.metrics.get("calibrator"),
         held_out_ece=cal.metrics.get("held_out_ece"),
+        held_out=cal.metrics.get("held_out"),
         selection=cal.metrics.get("selection"),
         notes=list(cal.notes) or None,
         confidence_quantiles=cal.metrics.get("confidence_quantiles"),

@@ -83,11 +83,12 @@ def _data(n: int, seed: int = 0) -> tuple[list[dict[str, object]], list[Reply]]:
     rng = np.random.default_rng(seed)
     items: list[dict[str, object]] = []
     replies: list[Reply] = []
-    for _ in range(n):
+    for i in range(n):
         right = bool(rng.random() < 0.5)
         p = rng.uniform(0.5, 0.95) if right else rng.uniform(0.05, 0.6)
         lps = list(np.log(np.clip(rng.normal(p, 0.05, 3), 0.01, 1.0)))
-        items.append({"question": "q ?", "answer": "gold"})
+        # One question per item: the calibrator's folds group items by their question.
+        items.append({"question": f"q{seed}-{i} ?", "answer": "gold"})
         replies.append(_reply("gold" if right else "blue", lps))
     return items, replies
 
@@ -168,7 +169,7 @@ def _extra_data(n: int, method: str, seed: int, gap: float = 0.4
     for i in range(n):
         right = bool(rng.random() < 0.5)
         p = float(np.clip(rng.normal(0.5 + (gap if right else -gap) / 2, 0.15), 0.0, 1.0))
-        items.append({"question": "q ?", "answer": "gold"})
+        items.append({"question": f"q{seed}-{i} ?", "answer": "gold"})
         text = "gold" if right else "blue"
         if i % 11 == 0:
             r = _extra_reply(text, method, p)
@@ -277,7 +278,7 @@ def _mc_data(n: int, seed: int, letterless_every: int = 4
     items: list[dict[str, object]] = []
     replies: list[Reply] = []
     for i in range(n):
-        items.append({"question": "q ?", "choices": ["w", "x", "y", "z"], "answer": 1})
+        items.append({"question": f"q{seed}-{i} ?", "choices": ["w", "x", "y", "z"], "answer": 1})
         lps = list(np.log(rng.uniform(0.3, 0.9, 4)))
         if i % letterless_every == 0:
             replies.append(_reply("The answer is x", lps, served_method="no_letter"))

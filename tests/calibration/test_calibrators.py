@@ -45,7 +45,8 @@ labelled = st.lists(st.tuples(st.floats(0.0, 1.0), st.booleans()), min_size=2, m
 def test_isotonic_matches_sklearn(seed: int) -> None:
     conf, correct = _overconfident(seed, 500)
     conf = np.round(conf, 2)  # force ties
-    ours = IsotonicCalibrator().fit(conf, correct)
+    # Without the prior's pseudo-observations the fit is plain isotonic regression.
+    ours = IsotonicCalibrator(prior_strength=0.0).fit(conf, correct)
     oracle = IsotonicRegression(out_of_bounds="clip").fit(conf, correct.astype(float))
     grid = np.linspace(0, 1, 1001)
     np.testing.assert_allclose(ours.apply(grid), oracle.predict(grid), atol=1e-12)
@@ -173,3 +174,35 @@ def test_platt_anticorrelated_is_constant() -> None:
     correct = np.array([1, 1, 0, 0] * 10)
     out = PlattScaling().fit(conf, correct).apply(np.linspace(0, 1, 11))
     assert np.ptp(out) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_histogram_never_serves_0_or_1_for_a_bin_it_did_not_see() -> None:
+    # Issue 27's case: the lowest confidences seen were few and all wrong, most bins empty. The
+    # old fit served 0.0 from the first seen bin downwards; a raw 0.6 was told it was surely wrong.
+    conf = np.array([0.05, 0.06, 0.55, 0.56, 0.57, 0.58, 0.95, 0.96, 0.97, 0.98])
+    right = np.array([0, 0, 1, 0, 1, 1, 1, 1, 1, 1])
+    h = HistogramBinning(10).fit(conf, right)
+    assert np.all(h.values > 0.0) and np.all(h.values < 1.0)
+    assert np.all(np.diff(h.values) >= 0)
+    unseen = [0.25, 0.35, 0.45, 0.65, 0.75]
+    # Unseen bins sit between their seen neighbours, and well away from 0 and 1.
+    assert np.all((h.apply(unseen) > 0.1) & (h.apply(unseen) < 0.95))
+    # A big bin is hardly moved by the prior.
+    many = HistogramBinning(10).fit(np.r_[np.full(1000, 0.85), 0.15, 0.16],
+                                    np.r_[np.ones(700), np.zeros(300), 0, 1])
+    assert float(many.apply(0.85)) == pytest.approx(700 / 1000, abs=0.002)
+    with pytest.raises(CalibrationError):
+        HistogramBinning(10, prior_strength=0.0)
+
+
+def test_isotonic_blocks_are_shrunk_towards_the_base_rate_and_stay_monotone() -> None:
+    rng = np.random.default_rng(3)
+    conf = np.r_[0.02, rng.uniform(0.3, 1.0, 400)]
+    right = np.r_[0, rng.random(400) < conf[1:]]
+    iso = IsotonicCalibrator().fit(conf, right)
+    grid = np.linspace(0, 1, 201)
+    served = iso.apply(grid)
+    assert np.all(np.diff(served) >= -1e-12)
+    # The lone wrong answer at 0.02 is a block of one: served far from 0.
+    assert float(iso.apply(0.0)) > 0.1
+    assert float(served.max()) < 1.0

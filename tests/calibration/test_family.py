@@ -1,4 +1,4 @@
-"""The multi-class option temperature and the choice of calibrator family by held-out ECE."""
+"""The multi-class option temperature and the choice of calibrator family by held-out log loss."""
 
 from __future__ import annotations
 
@@ -113,7 +113,10 @@ def test_family_choice_keeps_the_identity_on_calibrated_data(seed: int) -> None:
     choice = choose_calibrator(conf, y)
     assert set(choice.held_out_ece) == {"identity", "temperature", "platt", "histogram",
                                         "isotonic"}
-    assert choice.family == "identity"
+    # Whichever family wins on a proper score, what it serves is (nearly) the raw confidence.
+    grid = np.linspace(0.05, 0.95, 19)
+    assert np.max(np.abs(choice.apply(grid) - grid)) < 0.06
+    assert choice.family in {"identity", "temperature", "platt"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -202,3 +205,69 @@ def test_served_scorer_reproduces_the_option_temperature_fit() -> None:
         assert got.method == "answer" and got.calibrated
         assert got.score == pytest.approx(fitted[i], abs=1e-9)
     assert N_BINS == 15
+
+
+def test_a_constant_map_loses_where_ece_and_log_loss_disagree() -> None:
+    # Every confidence in the top ECE bin (14/15 to 1), yet informative inside it. Histogram
+    # binning serves one value there: ECE (same bins) calls it perfect; it has no information.
+    assert N_BINS == 15
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0.94, 1.0, 1500)
+    y = rng.random(conf.size) < (conf - 0.94) / 0.06
+    choice = choose_calibrator(conf, y)
+    held = choice.held_out
+    assert held["histogram"].ece < held[choice.family].ece  # ECE prefers the constant ...
+    assert held["histogram"].log_loss > held[choice.family].log_loss + 0.05  # log loss does not
+    assert held["histogram"].auroc == pytest.approx(0.5, abs=0.02)
+    assert choice.family in {"platt", "isotonic"}
+
+
+def test_a_map_that_flattens_the_ranking_is_refused() -> None:
+    # Every confidence in the top bin, yet informative inside it: histogram binning serves one
+    # value (AUROC 0.5) and is refused, whatever its log loss.
+    rng = np.random.default_rng(5)
+    conf = rng.uniform(0.94, 1.0, 1500)
+    y = rng.random(conf.size) < (conf - 0.94) / 0.06
+    choice = choose_calibrator(conf, y)
+    hist = choice.held_out["histogram"]
+    assert hist.refused is not None and "AUROC" in hist.refused
+    assert choice.family != "histogram"
+    assert any(n.startswith("histogram refused") for n in choice.notes)
+    # Forced, a family is fitted whatever auto would say (its scores still recorded).
+    assert choose_calibrator(conf, y, families=["histogram"]).family == "histogram"
+
+
+def test_piecewise_maps_need_samples_in_every_bin() -> None:
+    conf, y = _scalar_world(120, "step", 0)  # 96 training samples a fold: < 20 per bin
+    choice = choose_calibrator(conf, y)
+    assert "samples" in (choice.held_out["isotonic"].refused or "")
+    assert "samples" in (choice.held_out["histogram"].refused or "")
+    assert choice.family not in {"histogram", "isotonic"}
+
+
+def test_folds_group_the_items_of_one_question() -> None:
+    # Each question asked 4 times with the same raw confidence and the same answer: ungrouped
+    # folds put copies on both sides and the fit grades itself on what it memorised.
+    from calibserve.calibration.family import _fold_of
+
+    questions = np.repeat(np.arange(150), 4)
+    folds = _fold_of(questions.size, questions, 5, seed=0)
+    for q in range(150):
+        assert np.unique(folds[questions == q]).size == 1
+    assert np.bincount(folds).tolist() == [120] * 5
+    conf, y = _scalar_world(150, "calibrated", 1)
+    choice = choose_calibrator(np.repeat(conf, 4), np.repeat(y, 4),
+                               questions=[f"q{q}" for q in questions])
+    assert "grouped by question (150 questions)" in choice.selection
+    with pytest.raises(CalibrationError):
+        choose_calibrator(conf, y, questions=["q"] * 3)
+
+
+def test_auroc_standard_error_matches_hanley_mcneil() -> None:
+    from calibserve.calibration.family import auroc_standard_error
+
+    # Hanley and McNeil (1982), Table 1-style check: A = 0.9, 50 positives, 50 negatives.
+    q1, q2 = 0.9 / 1.1, 2 * 0.81 / 1.9
+    want = np.sqrt((0.9 * 0.1 + 49 * (q1 - 0.81) + 49 * (q2 - 0.81)) / 2500)
+    assert auroc_standard_error(0.9, 50, 50) == pytest.approx(want)
+    assert np.isnan(auroc_standard_error(0.9, 0, 50))
