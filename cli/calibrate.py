@@ -35,8 +35,8 @@ def calibrate(
         "short_calibrate.jsonl and short_test.jsonl (short answers)")],
     out: Annotated[Path, typer.Option("--out", help="the calibration.json to write")],
     calibrator: Annotated[CalibratorName, typer.Option(
-        help="calibration map family; auto: the lowest held-out ECE (5-fold cross-validation), "
-        "per method")] = CalibratorName.auto,
+        help="calibration map family; auto: the lowest held-out log loss (5-fold "
+        "cross-validation grouped by question; README: how a map is chosen), per method")] = CalibratorName.auto,
     target_accuracy: Annotated[list[float] | None, typer.Option(
         "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
         "[default: 0.7 0.8 0.9]")] = None,

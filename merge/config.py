@@ -188,7 +188,7 @@ class MergeConfig(BaseModel):
     # What `select` is applied to (also given as `select="free-form:knee"`).
     objective: Objective = "multiple-choice"
     tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
-    # auto: the family with the lowest held-out ECE (calibration.choose_calibrator)
+    # auto: the family with the lowest held-out log loss (calibration.choose_calibrator)
     calibrator: Literal["auto", "identity", "temperature", "option_temperature", "platt",
                         "histogram", "isotonic"] = "auto"
     diversity: bool = False
