@@ -187,3 +187,19 @@ def test_multimodal_checkpoint_names_reach_the_right_parameters(tmp_path: Path) 
     ids = torch.tensor([[2, 4, 6, 20, 21, 22, 5]])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, em.model(input_ids=ids).logits)
+
+
+def test_left_padding_is_invisible_to_sliding_window_layers(gemma_world: dict[str, Any]) -> None:
+    """Multiple-choice prompts of different lengths batched with left padding score as each does
+    alone (the window, 4 tokens, is shorter than every prompt)."""
+    from calibserve.merge.evaluate import MCEvaluator, load_items
+
+    model = AutoModelForCausalLM.from_pretrained(gemma_world["aligned"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gemma_world["aligned"])
+    items, _ = load_items(gemma_world["data"] / "select.jsonl")
+    items = [{**it, "question": it["question"] + " tell me" * (i % 3)}
+             for i, it in enumerate(items)]
+    batched = MCEvaluator(tok, items, batch_size=5).letter_logprobs(model.eval())
+    alone = MCEvaluator(tok, items, batch_size=1).letter_logprobs(model)
+    assert len({len(p) for p in MCEvaluator(tok, items).prompts}) == 3
+    assert batched == pytest.approx(alone, abs=1e-5)
