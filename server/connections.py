@@ -40,9 +40,12 @@ are armed only when a read leaves headers or a body incomplete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import resource
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -368,12 +371,20 @@ class GuardedProtocol(JoinedWritesProtocol):
             self._write_timer = None
 
     def _close_waits(self) -> None:
-        if self._write_timer is None:
+        if self._write_timer is None and self._admitted:  # (a close after the loss: nothing)
             self._write_timer = self.loop.call_later(self.guard.limits.write_timeout_s,
                                                      self._write_expired)
 
     def _write_expired(self) -> None:
         self._write_timer = None
+        if not self._admitted:
+            return
         self.guard.timed_out("write")
         # abort, not close: close waits for the buffer to drain, which this reader never lets.
+        # And linger 0, so the kernel resets the connection and drops what it holds for this
+        # reader, rather than keep an orphan socket with megabytes queued trying to deliver.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()

@@ -8,7 +8,11 @@ prober sends ordinary chat requests; the verdict for each attack is:
   server caused and never a hang past a bounded wait;
 - the server kept serving others (every probe during the attack succeeded; latency reported);
 - for client disconnects: the upstream saw the request cancelled (the fake counts connections
-  closed under an unfinished answer).
+  closed under an unfinished answer);
+- for idle connections, half-sent requests and slow senders: what the server held and for how
+  long (each connection from its connect to the server's close: median, p99, max), and clean
+  only if every one was closed within the server's header deadline + 5 s (server/
+  connections.py; slow_clients.py runs these and the rest of the slow clients with the engine).
 
 Everything is bounded: slow senders and idle connections are capped in count and seconds, and
 idle connections respect this process's open-file limit.
@@ -42,6 +46,7 @@ from benchmarks.reliability.harness import (
     is_openai_error,
     write_result,
 )
+from benchmarks.reliability.slow_clients import SLACK_S, Phase, deadlines, hold_connection, paced
 
 
 @dataclass
@@ -352,69 +357,61 @@ def attack_disconnects(url: str, fake: FakeUpstream, rounds: int = 5) -> list[Ve
     return out
 
 
-async def _open_idle(host: str, port: int, count: int, partial: bytes
-                     ) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    conns = []
-    for _ in range(count):
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            break
-        if partial:
-            writer.write(partial)
-        conns.append((reader, writer))
-    return conns
-
-
-async def _count_closed(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> int:
-    async def closed(reader: asyncio.StreamReader) -> bool:
-        try:
-            data = await asyncio.wait_for(reader.read(1), 0.01)
-            return data == b"" or bool(data)  # EOF, or the server answered and (maybe) closed
-        except (TimeoutError, OSError):
-            return False
-
-    results = await asyncio.gather(*(closed(r) for r, _ in conns))
-    return sum(results)
-
-
-def attack_idle(url: str, count: int, hold_s: float, partial: bytes, name: str,
-                rss: Callable[[], int] | None) -> Verdict:
-    """`count` connections that send nothing (or half a request) and wait."""
+def attack_idle(url: str, count: int, give_up_s: float, partial: bytes, name: str,
+                rss: Callable[[], int] | None, deadline_s: float | None = None) -> Verdict:
+    """`count` connections that send nothing (or half a request) and wait for the server to close
+    them (at most `give_up_s`): the report says what each got, and how long it was held. With
+    `deadline_s` (the server's header deadline), clean means every one closed within it + 5 s."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     count = max(1, min(count, soft - 256))  # our own fds: leave room for everything else
     host, port = _host_port(url)
     rss_before = rss() if rss else 0
+    peak: list[int] = []
 
-    async def run() -> tuple[int, int, int]:
-        conns = await _open_idle(host, port, count, partial)
-        await asyncio.sleep(hold_s)
-        closed = await _count_closed(conns)
-        peak = rss() if rss else 0
-        for _, w in conns:
-            w.close()
-        await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
-        return len(conns), closed, peak
+    async def run() -> list[Any]:
+        async def sample() -> None:
+            await asyncio.sleep(min(give_up_s, deadline_s or give_up_s) * 0.8)
+            if rss:
+                peak.append(rss())
 
+        sampler = asyncio.ensure_future(sample())
+        held = await paced(count, 0, lambda: hold_connection(host, port, partial, give_up_s))
+        sampler.cancel()
+        return held
+
+    t0 = time.monotonic()
     with Prober(url, interval=0.1) as prober:
-        opened, closed, peak = asyncio.run(run())
-    v = Verdict(name, f"{opened} opened, {closed} closed by the server after {hold_s:.0f} s",
-                opened >= min(count, 100))
-    v.extra.update({"opened": opened, "closed_by_server": closed, "hold_s": hold_s})
-    if rss:
-        v.extra["rss_growth_mib"] = round((peak - rss_before) / 2**20, 1)
+        held = asyncio.run(run())
+    phase = Phase.of(name, deadline_s or give_up_s, held, time.monotonic() - t0)
+    opened = sum(1 for h in held if h.answer != "refused")
+    closed = sum(1 for h in held if h.ended is not None and h.answer != "refused")
+    clean = (phase.all_closed_in_bound if deadline_s is not None
+             else opened >= min(count, 100))
+    outcome = phase.line() if closed else f"{opened} opened, none closed by the server " \
+        f"within {give_up_s:g} s"
+    v = Verdict(name, outcome, clean)
+    v.extra.update({"opened": opened, "closed_by_server": closed, "answers": phase.answers,
+                    "held_median_s": phase.held_p50_s, "held_p99_s": phase.held_p99_s,
+                    "held_max_s": phase.held_max_s, "deadline_s": deadline_s,
+                    "bound_s": None if deadline_s is None else deadline_s + SLACK_S,
+                    "gave_up_after_s": give_up_s})
+    if rss and peak:
+        v.extra["rss_growth_mib"] = round((peak[0] - rss_before) / 2**20, 1)
     return prober.fill(v)
 
 
-def attack_slow_senders(url: str, count: int, seconds: float) -> Verdict:
-    """Slowloris: `count` clients trickle a request, one header line every second."""
+def attack_slow_senders(url: str, count: int, seconds: float,
+                        deadline_s: float | None = None) -> Verdict:
+    """Slowloris: `count` clients trickle a request, one header line every second, for at most
+    `seconds`; what each got and when (a header deadline closes them whatever they trickle)."""
     host, port = _host_port(url)
 
-    async def one(i: int) -> str:
+    async def one(i: int) -> tuple[str, float]:
+        t0 = time.monotonic()
         try:
             reader, writer = await asyncio.open_connection(host, port)
         except OSError:
-            return "refused"
+            return "refused", 0.0
         try:
             writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
             deadline = time.monotonic() + seconds
@@ -427,22 +424,32 @@ def attack_slow_senders(url: str, count: int, seconds: float) -> Verdict:
                     data = await asyncio.wait_for(reader.read(1024), 1.0)
                 except TimeoutError:
                     continue
-                return "answered" if data else "closed by server"
-            return "still open"
+                answer = (data[9:12].decode() if data.startswith(b"HTTP/1.") else
+                          "answered" if data else "closed by server")
+                return answer, time.monotonic() - t0
+            return "still open", time.monotonic() - t0
         except OSError:
-            return "closed by server"
+            return "closed by server", time.monotonic() - t0
         finally:
             writer.close()
 
-    async def run() -> list[str]:
+    async def run() -> list[tuple[str, float]]:
         return await asyncio.gather(*(one(i) for i in range(count)))
 
     with Prober(url, interval=0.1) as prober:
         results = asyncio.run(run())
-    summary = {k: results.count(k) for k in set(results)}
-    v = Verdict(f"slow senders ({count} x {seconds:.0f} s, a header line a second)",
-                json.dumps(summary), True)
-    v.extra["results"] = summary
+    summary: dict[str, int] = {}
+    for answer, _ in results:
+        summary[answer] = summary.get(answer, 0) + 1
+    held = sorted(t for answer, t in results if answer != "still open")
+    within = (sum(1 for t in held if t <= deadline_s + 5.0) if deadline_s is not None
+              else len(held))
+    v = Verdict(f"slow senders ({count} x up to {seconds:.0f} s, a header line a second)",
+                f"{json.dumps(summary)}; held {held[len(held) // 2]:.1f} s median, "
+                f"{held[-1]:.1f} s max" if held else json.dumps(summary),
+                deadline_s is None or within == count)
+    v.extra.update({"results": summary, "held_max_s": round(held[-1], 2) if held else None,
+                    "deadline_s": deadline_s})
     return prober.fill(v)
 
 
@@ -457,18 +464,24 @@ def target(in_process: bool = False) -> Iterator[tuple[str, FakeUpstream, Callab
 def run_all(url: str, fake: FakeUpstream, rss: Callable[[], int] | None, max_n: int,
             idle: int, slow: int, slow_s: float, hold_s: float,
             progress: Callable[[str], None] | None = None) -> list[Verdict]:
+    """Every attack in turn. `hold_s` is how long idle and half-sent connections wait for the
+    server past its header deadline before the attacker gives up (and reports them held)."""
     limit = 4 * 1024 * 1024
+    header = deadlines({"header_timeout": None})["header_timeout"]
+    give_up = header + hold_s
     out: list[Verdict] = []
     steps: list[tuple[str, Callable[[], list[Verdict]]]] = [
         ("bodies", lambda: attack_bodies(url, fake, limit)),
         ("huge asks", lambda: attack_huge_asks(url, max_n)),
         ("model paths", lambda: attack_model_paths(url)),
         ("disconnects", lambda: attack_disconnects(url, fake)),
-        ("idle", lambda: [attack_idle(url, idle, hold_s, b"", f"{idle} idle connections", rss),
-                          attack_idle(url, min(idle, 500), hold_s,
+        ("idle", lambda: [attack_idle(url, idle, give_up, b"", f"{idle} idle connections", rss,
+                                      header),
+                          attack_idle(url, min(idle, 500), give_up,
                                       b"POST /v1/chat/completions HTTP/1.1\r\n",
-                                      f"{min(idle, 500)} half-sent requests", rss)]),
-        ("slow senders", lambda: [attack_slow_senders(url, slow, slow_s)]),
+                                      f"{min(idle, 500)} half-sent requests", rss, header)]),
+        ("slow senders", lambda: [attack_slow_senders(url, slow, max(slow_s, header + 5),
+                                                      header)]),
     ]
     for name, step in steps:
         if progress:
@@ -485,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=2000)
     parser.add_argument("--slow", type=int, default=100)
     parser.add_argument("--slow-seconds", type=float, default=20)
-    parser.add_argument("--hold", type=float, default=8, help="seconds idle connections wait")
+    parser.add_argument("--hold", type=float, default=8,
+                        help="seconds idle connections wait past the header deadline")
     parser.add_argument("--quick", action="store_true", help="500 idle, 30 slow for 6 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -495,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = run_all(url, fake, rss, max_n, args.idle, args.slow, args.slow_seconds,
                            args.hold, progress=lambda s: status.update(f"hostile clients: {s}"))
     table = Table(title="hostile clients (calibserve subprocess over the FAKE upstream)")
-    for col in ("attack", "attacker saw", "clean", "probes ok/failed", "probe p99 ms", "extra"):
+    for col in ("attack", "attacker saw (and what was held, how long)", "clean",
+                "probes ok/failed", "probe p99 ms", "extra"):
         table.add_column(col)
     for v in verdicts:
         table.add_row(v.attack, v.outcome, "yes" if v.clean else "NO",

@@ -1,7 +1,7 @@
 """Run every reliability script, one after the other, and summarise their verdicts.
 
 Each piece is also runnable alone (`python -m benchmarks.reliability.fuzz`, `.hostile`,
-`.feedback_abuse`, `.soak`, `.faults`, `.merge_crash`); each writes its figures to
+`.feedback_abuse`, `.soak`, `.faults`, `.merge_crash`, `.slow_clients`); each writes its figures to
 `benchmarks/reliability/results/NAME.json`. `--quick` runs every piece in its short form
 (about 5 minutes plus the vLLM engine kill, which alone takes a few minutes on a CPU); the full
 run includes the 10-minute soak.
@@ -15,7 +15,15 @@ import argparse
 import time
 from collections.abc import Callable
 
-from benchmarks.reliability import faults, feedback_abuse, fuzz, hostile, merge_crash, soak
+from benchmarks.reliability import (
+    faults,
+    feedback_abuse,
+    fuzz,
+    hostile,
+    merge_crash,
+    slow_clients,
+    soak,
+)
 
 PIECES: dict[str, Callable[[list[str]], int]] = {
     "fuzz": fuzz.main,
@@ -23,6 +31,7 @@ PIECES: dict[str, Callable[[list[str]], int]] = {
     "feedback_abuse": feedback_abuse.main,
     "faults": faults.main,
     "merge_crash": merge_crash.main,
+    "slow_clients": slow_clients.main,
     "soak": soak.main,
 }
 
@@ -34,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every piece in its short form")
     parser.add_argument("--only", default="", help="comma list of pieces to run")
-    parser.add_argument("--skip-engine", action="store_true", help="faults without real vLLM")
+    parser.add_argument("--skip-engine", action="store_true",
+                        help="faults without real vLLM, slow clients over the FAKE")
     parser.add_argument("--soak-minutes", type=float, default=None)
     parser.add_argument("--soak-rate", type=float, default=None)
     args = parser.parse_args(argv)
@@ -45,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         piece_args = ["--quick"] if args.quick else []
         if name == "faults" and args.skip_engine:
             piece_args.append("--skip-engine")
+        if name == "slow_clients" and args.skip_engine:
+            piece_args.append("--fake")
         if name == "soak" and not args.quick:
             if args.soak_minutes is not None:
                 piece_args += ["--minutes", str(args.soak_minutes)]
