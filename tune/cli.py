@@ -65,6 +65,9 @@ def tune(
     max_steps: Annotated[int, typer.Option(
         "--max-steps", help="Stop the schedule at N steps (0: the epochs decide).")] = 300,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 16,
+    group_by_length: Annotated[bool, typer.Option(
+        "--group-by-length/--no-group-by-length", help="Batch examples of like length "
+        "together (less padding; the batches are still shuffled).")] = True,
     lr: Annotated[float | None, typer.Option(
         "--lr", help="Peak learning rate (default 5e-5 full, 2e-4 LoRA).")] = None,
     schedule: Annotated[Schedule, typer.Option("--schedule", help="Decay after warm-up.")]
@@ -111,7 +114,8 @@ def tune(
         config = build_config(
             model=model, data=data, out=out, method=method.value, lora_rank=lora_rank,
             lora_alpha=lora_alpha, lora_targets=lora_targets, train_embedding=train_embedding,
-            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+            epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            group_by_length=group_by_length, lr=lr,
             schedule=schedule.value, warmup=warmup, weight_decay=weight_decay,
             grad_clip=grad_clip, max_length=max_length, chat_template=chat_template,
             device=device, autocast=autocast.value, seed=seed, save_every=save_every,

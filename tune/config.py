@@ -34,6 +34,7 @@ FLAG_NAMES: dict[str, str] = {
     "epochs": "--epochs",
     "max_steps": "--max-steps",
     "batch_size": "--batch-size",
+    "group_by_length": "--group-by-length",
     "lr": "--lr",
     "schedule": "--schedule",
     "warmup": "--warmup",
@@ -75,6 +76,7 @@ class TuneConfig(BaseModel):
     epochs: int = Field(default=1, ge=1, le=1000)
     max_steps: int = Field(default=300, ge=0)  # 0: no cap, the epochs decide
     batch_size: int = Field(default=16, ge=1, le=65536)
+    group_by_length: bool = True  # batches of like-length examples (data.epoch_batches)
     lr: float | None = Field(default=None, gt=0, le=1.0)  # None: DEFAULT_LR[method]
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = Field(default=0.03, ge=0.0, lt=1.0)  # fraction of the steps

@@ -47,6 +47,8 @@ __all__ = [
     "collate",
     "check_option_tokens",
     "epoch_order",
+    "epoch_batches",
+    "LENGTH_GROUP",
     "data_digest",
 ]
 
@@ -265,10 +267,33 @@ def encode(records: Sequence[Record], encoder: Encoder, max_length: int) -> Enco
 # batching
 
 
+# Batches are cut from runs of this many batches' worth of shuffled examples sorted by length.
+LENGTH_GROUP = 16
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order examples are visited in during `epoch`: a permutation fixed by (seed, epoch),
     so a resumed run visits them exactly as the uninterrupted one would."""
     return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n)]
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group: int = LENGTH_GROUP) -> list[list[int]]:
+    """The batches of `epoch`, fixed by (seed, epoch): every example once, ceil(n / batch_size)
+    batches. With `group` > 1 the shuffled examples are cut into runs of `group` batches' worth,
+    each run sorted by length and cut into batches, and the batches shuffled: examples of like
+    length share a batch, so little of it is padding (on the world facts, about a third of a
+    randomly cut batch is), while which examples meet is still random."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if group <= 1:
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    span = batch_size * group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        run = sorted(order[start:start + span], key=lambda i: lengths[i])  # stable
+        batches += [run[k:k + batch_size] for k in range(0, len(run), batch_size)]
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(batches))
+    return [batches[int(i)] for i in shuffle]
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +333,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     targets: list[int] = []
     first: list[int] = []
     mc_rows: list[int] = []
-    k = max((len(e.option_ids) for e in examples), default=0)
+    # at least one column, so a batch without multiple choice is an empty [0, 1] option view
+    k = max(1, *(len(e.option_ids) for e in examples))
     options: list[list[int]] = []
     gold: list[int] = []
     for r, e in enumerate(examples):

@@ -123,7 +123,12 @@ def _info(config: TuneConfig, plan: Plan, encoded: Encoded, state: RunState,
             if state.seconds_per_step else None,
             "seconds_per_step_median": round(statistics.median(state.seconds_per_step), 3)
             if state.seconds_per_step else None,
+            # CPU time of all threads: what a step costs when other work shares the machine
+            "cpu_seconds_per_step_median": round(statistics.median(state.cpu_seconds_per_step), 3)
+            if state.cpu_seconds_per_step else None,
             "sessions": state.sessions,
+            "per_step_seconds": [round(s, 3) for s in state.seconds_per_step],
+            "per_step_cpu_seconds": [round(s, 3) for s in state.cpu_seconds_per_step],
         },
         "device": {"type": device.type, "name": device_name(device),
                    "threads": torch.get_num_threads(), "bf16_autocast": autocast},

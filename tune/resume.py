@@ -43,6 +43,7 @@ class RunState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     seconds_per_step: list[float] = field(default_factory=list)
+    cpu_seconds_per_step: list[float] = field(default_factory=list)  # all threads' CPU time
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     tokens: int = 0  # tokens in the batches trained on so far (prompt and reply)

@@ -1,11 +1,11 @@
 """The training loop: AdamW with warm-up and a cosine or linear decay, seeded, resumable.
 
-Step s trains on the examples at positions `(s mod E) * B ...` of epoch `s // E`'s order (E steps
-per epoch, B examples per step, the last batch of an epoch possibly smaller), and that order is a
-permutation fixed by the seed and the epoch (`data.epoch_order`). So what step s sees depends on
-s alone, and a run stopped after k steps and resumed from its saved state (`resume.py`) trains
-the same steps on the same batches with the same optimizer state as an uninterrupted one: the
-final weights are the same.
+Step s trains on batch `s mod E` of epoch `s // E` (E steps per epoch, B examples a batch, one
+batch of an epoch possibly smaller), and an epoch's batches are fixed by the seed and the epoch
+(`data.epoch_batches`: shuffled, then grouped by length unless `--no-group-by-length`). So what
+step s sees depends on s alone, and a run stopped after k steps and resumed from its saved
+state (`resume.py`) trains the same steps on the same batches with the same optimizer state as
+an uninterrupted one: the final weights are the same.
 
 SIGINT and SIGTERM stop the run at the end of the current step, save its state and raise
 `Stopped`; a second SIGINT interrupts at once (losing only the steps since the last save).
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from calibserve.tune.config import TuneConfig
-from calibserve.tune.data import Example, collate, epoch_order
+from calibserve.tune.data import LENGTH_GROUP, Example, collate, epoch_batches
 from calibserve.tune.objective import Objective
 from calibserve.tune.reply_loss import reply_logits
 from calibserve.tune.resume import RunState, save_state
@@ -136,16 +136,28 @@ class Trainer:
     scheduler: Any
     clock: Callable[[RunState], None]  # brings state's wall and CPU time up to now
 
-    def batch_at(self, step: int) -> tuple[list[int], list[int]]:
-        """(the epoch's order, the indices of the examples step `step` trains on)."""
+    def __post_init__(self) -> None:
+        self._epoch: tuple[int, list[list[int]]] = (-1, [])
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch` (computed once per epoch)."""
+        if self._epoch[0] != epoch:
+            lengths = [len(e.ids) for e in self.examples]
+            group = LENGTH_GROUP if self.config.group_by_length else 1
+            self._epoch = (epoch, epoch_batches(lengths, self.config.batch_size,
+                                                self.config.seed, epoch, group))
+        return self._epoch[1]
+
+    def batch_at(self, step: int) -> list[int]:
+        """The indices of the examples step `step` trains on."""
         epoch, k = divmod(step, self.plan.steps_per_epoch)
-        order = epoch_order(len(self.examples), self.config.seed, epoch)
-        size = self.config.batch_size
-        return order, order[k * size:(k + 1) * size]
+        return self.batches(epoch)[k]
 
     def save(self, state: RunState) -> None:
         self.clock(state)
-        order, _ = self.batch_at(state.step) if state.step < self.plan.total_steps else ([], [])
+        epoch = state.step // self.plan.steps_per_epoch
+        order = [i for b in self.batches(epoch) for i in b] \
+            if state.step < self.plan.total_steps else []
         save_state(self.partial, self.fingerprint, self.model, self.optimizer, self.scheduler,
                    state, order)
 
@@ -156,7 +168,7 @@ class Trainer:
                                                  self.config.batch_size, self.pad_id,
                                                  self.device, self.autocast)
             state.estimates.append({"step": state.step, **state.bins.to_dict()})
-        _, chosen = self.batch_at(state.step)
+        chosen = self.batch_at(state.step)
         batch = collate([self.examples[i] for i in chosen], self.pad_id).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = reply_logits(self.model, batch)
@@ -177,12 +189,13 @@ class Trainer:
         started_at = state.step
         with stop_requests() as requests:
             while state.step < self.plan.total_steps:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 loss = self.step(state)
                 seconds = time.perf_counter() - t0
                 state.step += 1
                 state.losses.append(loss)
                 state.seconds_per_step.append(seconds)
+                state.cpu_seconds_per_step.append(time.process_time() - c0)
                 if tick is not None:
                     tick(state.step, loss, seconds)
                 done = state.step >= self.plan.total_steps

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from calibserve.calibration import normalize_token
@@ -14,6 +16,7 @@ from calibserve.tune.data import (
     check_option_tokens,
     collate,
     encode,
+    epoch_batches,
     epoch_order,
     load_records,
 )
@@ -154,3 +157,24 @@ def test_template_resolution(tmp_path: Path) -> None:
         resolve_template(str(tmp_path / "missing.jinja"), tok)
     own = make_tokenizer(chat_template="{{ 'x' }}")
     assert resolve_template(None, own) == ("{{ 'x' }}", "checkpoint")
+
+
+def test_epoch_batches_cover_every_example_once_with_less_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(10, 80, size=203)]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = epoch_batches(lengths, 8, seed=0, epoch=0, group=1)
+    grouped = epoch_batches(lengths, 8, seed=0, epoch=0)
+    for batches in (plain, grouped):
+        assert len(batches) == math.ceil(203 / 8)
+        assert sorted(i for b in batches for i in b) == list(range(203))
+    assert plain == [epoch_order(203, 0, 0)[k:k + 8] for k in range(0, 203, 8)]
+    assert padded(grouped) < 0.8 * padded(plain)
+    assert grouped == epoch_batches(lengths, 8, seed=0, epoch=0)
+    assert grouped != epoch_batches(lengths, 8, seed=0, epoch=1)
+    # batches are shuffled, not served shortest first
+    widths = [max(lengths[i] for i in b) for b in grouped]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)

@@ -126,3 +126,22 @@ def test_option_view_reads_the_first_reply_token_at_the_letters(tmp_path: Any) -
         assert tok.convert_ids_to_tokens(int(batch.input_ids[r, pos + 1])) \
             == "ABCD"[int(batch.gold[m])]
         torch.testing.assert_close(view.logits[m], full[r, pos, letters], atol=1e-5, rtol=1e-5)
+
+
+def test_rcft_on_a_batch_without_multiple_choice_is_the_weighted_sft_loss(tmp_path: Any) -> None:
+    """Length-grouped batches can hold no multiple-choice row: the calibration term is then 0."""
+    from calibserve.tune.calibration_aware import BinAccuracy
+    from calibserve.tune.objective import Objective
+
+    tok = make_tokenizer()
+    rng = random.Random(5)
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps(short_item(rng)) + "\n" for _ in range(3)))
+    examples = encode(load_records([path]), Encoder(tok, GEMMA_CHAT_TEMPLATE), 256).examples
+    batch = collate(examples, pad_id=0)
+    assert batch.option_ids.shape == (0, 1)
+    torch.manual_seed(1)
+    logits = reply_logits(llama(len(tok)).eval(), batch)
+    bins = BinAccuracy.from_confidences(torch.tensor([0.3, 0.9]), torch.tensor([1, 0]))
+    loss = Objective("rcft", 0.25, None).loss(logits, batch, bins)
+    torch.testing.assert_close(loss, 0.75 * reply_loss(logits, batch))
