@@ -5,11 +5,13 @@
     python benchmarks/console_lines.py bad-model             # serve --model on an empty dir
 
 `serve` and `demo` count the lines (stdout and stderr together) printed until `/ready` first
-answers 200, and with the ready block that follows, then stop the process (SIGTERM to its
-group). `serve` then also kills its engine (SIGKILL) first and times how long the console takes
-to say so. `bad-model` times the one-line error and reports the exit code. Each prints the
-console it saw and one JSON line of figures. Floors (RESULTS.md): serve at most 15 lines before
-ready, `make demo` on a cached world at most 25; a failed engine on the console within 5 s.
+answers 200, and with the ready block that follows; with `--linger S` they then send a request a
+second for S seconds (the demo also probes itself, 60 a minute) and count what that printed; then
+they stop the process (SIGTERM to its group); `serve` first kills its engine (SIGKILL) and times
+how long the console takes to say so. `bad-model` times the one-line error and reports the exit
+code. Each prints the console it saw and one JSON line of figures. Floors (RESULTS.md): serve
+at most 15 lines before ready, `make demo` on a cached world at most 25; a failed engine on the
+console within 5 s.
 
 `ConsoleRun` is also what tests/server/test_serve_console.py and test_console_vllm.py run.
 """
@@ -93,6 +95,11 @@ class ConsoleRun:
             time.sleep(0.1)
         raise AssertionError(f"not ready after {timeout} s:\n{self.text}")
 
+    def lines_before(self, text: str) -> int:
+        """How many lines came before the first one containing `text` (all: none does)."""
+        return next((i for i, (_, line) in enumerate(self.lines) if text in line),
+                    len(self.lines))
+
     def wait_for(self, text: str, timeout: float = 10.0) -> tuple[float, str]:
         """The first line containing `text` (waiting for it up to `timeout`)."""
         deadline = time.monotonic() + timeout
@@ -138,7 +145,24 @@ def _demo_model() -> Path:
     return merge_demo(build_world()) / "model"
 
 
-def measure_serve(model: Path, timeout: float, kill: bool = True) -> dict[str, object]:
+def linger(run: ConsoleRun, model: str, seconds: float) -> dict[str, object]:
+    """A chat request a second for `seconds`: the lines that printed meanwhile."""
+    before = len(run.lines)
+    body = {"model": model, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "question : ? A x B y"}]}
+    statuses: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=run.url, timeout=30) as client:
+        while time.monotonic() < deadline:
+            code = str(client.post("/v1/chat/completions", json=body).status_code)
+            statuses[code] = statuses.get(code, 0) + 1
+            time.sleep(1.0)
+    return {"linger_s": seconds, "linger_statuses": statuses,
+            "linger_lines": len(run.lines) - before}
+
+
+def measure_serve(model: Path, timeout: float, kill: bool = True,
+                  linger_s: float = 0.0) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as state:
         run = ConsoleRun.serve(["--model", str(model)], Path(state))
         try:
@@ -146,7 +170,12 @@ def measure_serve(model: Path, timeout: float, kill: bool = True) -> dict[str, o
             run.wait_for(BLOCK_END)
             out: dict[str, object] = {
                 "what": "calibserve serve --model " + str(model), "ready_s": round(ready_s, 1),
-                "lines_before_ready": run.lines_before_ready, "lines_with_block": len(run.lines)}
+                "lines_before_ready": run.lines_before_ready,
+                "lines_before_block": run.lines_before(READY_LINE),
+                "lines_with_block": len(run.lines)}
+            if linger_s > 0:
+                out.update(linger(run, model.parent.name if model.name == "model"
+                                  else model.name, linger_s))
             if kill:
                 (engine,) = run.children(ENGINE_MARKER)
                 os.kill(engine, signal.SIGKILL)
@@ -159,13 +188,19 @@ def measure_serve(model: Path, timeout: float, kill: bool = True) -> dict[str, o
     return out
 
 
-def measure_demo(timeout: float) -> dict[str, object]:
+def measure_demo(timeout: float, linger_s: float = 0.0) -> dict[str, object]:
     run = ConsoleRun(["make", "demo"], "http://127.0.0.1:8000")
     try:
         ready_s = run.wait_ready(timeout)
         run.wait_for("  report: ")
-        return {"what": "make demo", "ready_s": round(ready_s, 1),
-                "lines_before_ready": run.lines_before_ready, "lines_with_block": len(run.lines)}
+        out: dict[str, object] = {
+            "what": "make demo", "ready_s": round(ready_s, 1),
+            "lines_before_ready": run.lines_before_ready,
+            "lines_before_block": run.lines_before(READY_LINE),
+            "lines_with_block": len(run.lines)}
+        if linger_s > 0:
+            out.update(linger(run, "calibserve-demo", linger_s))
+        return out
     finally:
         run.stop()
         print(run.text)
@@ -189,11 +224,13 @@ def main() -> None:
     ap.add_argument("what", choices=["serve", "demo", "bad-model"])
     ap.add_argument("--model", type=Path, help="serve: the checkpoint (default: demo merge)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--linger", type=float, default=0.0,
+                    help="serve, demo: seconds of one request a second after ready")
     args = ap.parse_args()
     if args.what == "serve":
-        result = measure_serve(args.model or _demo_model(), args.timeout)
+        result = measure_serve(args.model or _demo_model(), args.timeout, linger_s=args.linger)
     elif args.what == "demo":
-        result = measure_demo(args.timeout)
+        result = measure_demo(args.timeout, args.linger)
     else:
         result = measure_bad_model(args.timeout)
     print(json.dumps(result))

@@ -73,8 +73,9 @@ def ready_block(settings: ServerSettings, report: Path | None = None) -> str:
     """The lines printed once the server is ready."""
     url = base_url(settings)
     names = ", ".join(m.name for m in settings.models)
+    models = "model" if len(settings.models) == 1 else "models"
     lines = [
-        f"calibserve is ready: {url}/v1 (OpenAI-compatible API; model: {names})",
+        f"calibserve is ready: {url}/v1 (OpenAI-compatible API; {models}: {names})",
         f"  try:     {example_request(settings)}",
         '  answer:  each choice carries "confidence": "score" is the probability that it is '
         'right, calibrated when "calibrated" is true ("raw": the model\'s own, "method": how '

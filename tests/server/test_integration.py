@@ -1,16 +1,13 @@
 """calibserve in front of real vLLM CPU servers, driven by the official openai SDK.
 
-One vLLM server for the demo's aligned model (shared fixture, fronted with `--upstream`), one
-managed engine started by calibserve itself (killed once to check 503 then recovery), and the
-merged model (calibration.json, `answer` method) once merge has landed.
+One vLLM server for the demo's aligned model (shared fixture, fronted with `--upstream`) and the
+merged model (calibration.json, `answer` method). The managed engine calibserve starts itself
+(killed once: 503, then recovery) is tested as users run it, in test_console_vllm.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -272,39 +269,6 @@ def test_errors_through_the_sdk(via: openai.OpenAI, upstream: str, prompt: str) 
         assert good.chat.completions.create(model="aligned", messages=msgs, max_tokens=2).choices
     # Still serving after all of that.
     assert via.chat.completions.create(model="aligned", messages=msgs, max_tokens=2).choices
-
-
-def test_managed_engine_killed_gives_503_then_recovers(demo_dir: Path, prompt: str) -> None:
-    settings = ServerSettings.model_validate({
-        "signing_key": "managed",
-        "models": [{"name": "managed", "model": str(demo_dir / "aligned"),
-                    "engine": {"max_model_len": 256, "restart_backoff_s": 0.5}}],
-    })
-    msgs = [{"role": "user", "content": prompt}]
-    with serve(settings) as running:
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
-        ok = client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
-        assert ok.choices[0].model_extra["confidence"]["method"] == "mean"
-        engine = running.runtime.engines[0]
-        os.kill(engine.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while engine.up and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with pytest.raises(openai.InternalServerError) as info:
-            client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
-        assert info.value.status_code == 503
-        assert httpx.get(f"{running.url}/ready").status_code == 503
-        deadline = time.monotonic() + 420
-        while httpx.get(f"{running.url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, engine.log_tail()
-            time.sleep(1)
-        again = client.chat.completions.create(model="managed", messages=msgs, max_tokens=2)
-        assert again.choices[0].message.content is not None
-        text = httpx.get(f"{running.url}/metrics").text
-        assert sample(text, "calibserve_engine_restarts_total", model="managed") == 1
-        pid = engine.pid
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
 
 
 def test_merged_model_serves_answer_confidence(
