@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from calibserve.publish import Busy, exclusive, lock_path
 from calibserve.tune.checkpoint import stop_token_ids, write_checkpoint
 from calibserve.tune.config import RESUME_NEUTRAL, TuneConfig
 from calibserve.tune.data import (
@@ -136,9 +137,7 @@ def _info(config: TuneConfig, plan: Plan, encoded: Encoded, state: RunState,
     }
 
 
-def run_tune(config: TuneConfig, *, progress: bool = True,
-             console: Console | None = None) -> TuneResult:
-    """Train `config.model` on `config.data` and write the checkpoint to `config.out`."""
+def _run(config: TuneConfig, progress: bool, console: Console | None) -> TuneResult:
     t_wall, t_cpu = time.monotonic(), time.process_time()
     console = console or Console(stderr=True, quiet=not progress)
     if not progress:  # transformers' own loading and writing bars too
@@ -195,3 +194,15 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     write_checkpoint(plain_model(prepared.model), tokenizer, template, info, config.out, stop_ids)
     shutil.rmtree(partial, ignore_errors=True)
     return TuneResult(config.out, state.step, info)
+
+
+def run_tune(config: TuneConfig, *, progress: bool = True,
+             console: Console | None = None) -> TuneResult:
+    """Train `config.model` on `config.data` and write the checkpoint to `config.out`; a second
+    run into the same OUT while one is going is refused (it would share OUT.partial)."""
+    lock = lock_path(partial_dir(config.out))
+    try:
+        with exclusive(lock, wait=False):
+            return _run(config, progress, console)
+    except Busy:
+        raise OutputExists(f"another calibserve tune is writing {config.out}", "--out") from None

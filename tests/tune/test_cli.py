@@ -278,3 +278,15 @@ def test_cft_is_the_answer_only_sft(tiny_llama: Path, train_data: Path, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((cft / "train_info.json").read_text())["calibration_aware"][
         "bin_estimates"] == []
+
+
+def test_a_second_run_into_the_same_out_is_refused(tiny_llama: Path, train_data: Path,
+                                                   tmp_path: Path) -> None:
+    from calibserve.publish import exclusive, lock_path
+    from calibserve.tune.resume import partial_dir
+
+    out = tmp_path / "out"
+    with exclusive(lock_path(partial_dir(out))):  # as a running `calibserve tune` holds it
+        busy = tune(tiny_llama, train_data, out, "--max-steps", "1")
+    assert busy.exit_code == 2 and "'--out'" in busy.output and "another" in busy.output
+    assert tune(tiny_llama, train_data, out, "--max-steps", "1").exit_code == 0
