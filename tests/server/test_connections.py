@@ -335,6 +335,27 @@ def test_a_reader_that_never_reads_is_cut_off(long_stream_server: InProcessServe
     assert srv.guard.timeouts["write"] == cut + 1  # counted once
 
 
+def test_cutting_off_a_reader_cancels_its_upstream_request() -> None:
+    """A reader that never reads, of an answer still being generated: once the write deadline
+    cuts it off, the upstream request is cancelled (the FAKE counts a request whose connection
+    closed under an unfinished answer)."""
+    with FakeUpstream(tokens=2000) as upstream, InProcessServer(fake_settings(
+            upstream.url, write_timeout_s=DEADLINE)) as srv:
+        upstream.mode("slow_stream", delay_ms=0.2)  # 32,000 events of about 1.3 KB, paced
+        body = chat_body(stream=True, n=16, logprobs=True, top_logprobs=20)
+        with connect(srv, rcvbuf=4096) as sock:
+            sock.sendall(request(json.dumps(body).encode()))
+            deadline = time.monotonic() + 120
+            while not srv.guard.timeouts["write"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert srv.guard.timeouts["write"] == 1
+            deadline = time.monotonic() + SLACK
+            while upstream.stats()["cancelled"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        stats = upstream.stats()
+        assert stats["cancelled"] == 1 and stats["completed"] == 0, stats
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 def test_flags_and_config_keys_set_the_limits(tmp_path: Path) -> None:
