@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -54,6 +55,7 @@ def test_serve_on_the_demo_merge_is_quiet_and_reports_a_killed_engine(
         assert "vLLM" in log.read_text() and text.count(str(log)) == 1
         assert not re.search(r"\[\w+\.py:\d+\]", text)  # no vLLM line (`[file.py:N]`)
         # The block's request, pasted into a shell, answers with a calibrated confidence.
+        require(shutil.which("curl") is not None, "curl is not installed")
         (_, try_line) = run.wait_for("  try:  ")
         command = try_line.split("try:", 1)[1].strip()
         assert command.startswith("curl ") and READY_LINE in text

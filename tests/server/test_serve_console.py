@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from benchmarks.console_lines import BLOCK_END, READY_LINE, ConsoleRun
 from tests.server.test_engine import fake_python
+
+pytestmark = pytest.mark.slow  # a server process each, 5-10 s
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
 
