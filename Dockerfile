@@ -51,4 +51,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 
 # No signing key here: CALIBSERVE_SIGNING_KEY comes from the runtime (compose env, a k8s Secret).
 ENTRYPOINT ["calibserve", "serve"]
-CMD ["--model", "/models/model", "--host", "0.0.0.0", "--port", "8000"]
+# --engine-console: a container's logs are its stdout, so vLLM's own output goes there too
+# (outside a container it goes to a log file under $CALIBSERVE_HOME/runs/).
+CMD ["--model", "/models/model", "--host", "0.0.0.0", "--port", "8000", "--engine-console"]
