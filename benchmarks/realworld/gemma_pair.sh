@@ -1,14 +1,28 @@
 #!/usr/bin/env bash
-# The real merge pair (issue 26 item 4), one command, on a CPU or a GPU:
+# The real pair and everything issue 26 measures on it, one command, on a CPU or a GPU:
 #   CALIBSERVE_HOME=DIR benchmarks/realworld/gemma_pair.sh [MERGE_OUT]
+# Every step is skipped when its output exists, and an interrupted step resumes when the script
+# is rerun (tune from OUT.partial, the merge from its staged sweep, the table from its answers):
 # 1. fetch Gemma 3 270M and the world facts (cached, checksummed; nothing from a model hub);
 # 2. instruction-tune it with `calibserve tune` (its default recipe; Gemma's turn template; short
 #    and lettered answers of the world facts' training pool only, which no eval split shares):
-#    about 40 minutes on 2 CPU cores; an interrupted run resumes when this script is rerun;
+#    about 40 minutes on 2 CPU cores (models/gemma-3-270m-instruct);
 # 3. `calibserve merge` sweeps base -> aligned on the world facts' held-out splits and writes its
-#    report (report.json, report.html, plots/) and the chosen model into MERGE_OUT.
-# DEVICE (default: cuda when there is one, else cpu) and TUNE_ARGS (extra `calibserve tune`
-# options, e.g. "--batch-size 64 --max-steps 0 --epochs 3" on a GPU) adjust it.
+#    report (report.json, report.html, plots/) and the chosen model into MERGE_OUT; its CPU time
+#    is recorded in MERGE_OUT.cost.json (benchmarks.realworld.cost);
+# 4. seed 004 on the aligned model: `calibserve tune --calibration-aware cft`, then `rcft`, on
+#    the same training pool (models/gemma-3-270m-cft, models/gemma-3-270m-rcft; Xiao et al.
+#    fine-tune the aligned model to restore its calibration);
+# 5. the table (benchmarks.realworld.remedy_table): fits the aligned model's calibrator
+#    (`calibserve calibrate` on the world facts' calibrate splits, through the serving path),
+#    serves every row with `calibserve serve`, asks the 819 held-out short-answer questions
+#    through the openai SDK, writes realworld/remedy-table/{report.md,results.json,reliability.png}.
+# DEVICE (default: cuda when there is one, else cpu), TUNE_ARGS (extra `calibserve tune`
+# options, e.g. "--batch-size 64 --max-steps 0 --epochs 3" on a GPU), CAL_TUNE_ARGS (the same
+# for CFT and RCFT; default TUNE_ARGS, e.g. "--cal-alpha 1.0"), GRID (the merge's lambdas,
+# default 0,0.25,0.5,0.75,1 and refined around the frontier), MERGE_ARGS and TABLE_ARGS (e.g.
+# "--rows base,aligned --limit 100") adjust it. Short answers are graded by `contains` (the
+# gold or an alias as a whole-word run: a chat model answers "Japan." or "It is in Japan").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -16,6 +30,7 @@ HOME_DIR=${CALIBSERVE_HOME:-.calibserve}
 MODELS=$HOME_DIR/realworld/models
 DATA=$HOME_DIR/realworld/data/world_facts
 OUT=${1:-$HOME_DIR/realworld/gemma-merge}
+OUT=${OUT%/}
 DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 
 "$PY" -m benchmarks.realworld.fetch --only gemma3,world_facts
@@ -23,6 +38,17 @@ DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_availab
   || "$PY" -m calibserve tune --model "$MODELS/gemma-3-270m" --data "$DATA/train.jsonl" \
        --out "$MODELS/gemma-3-270m-instruct" --chat-template gemma --device "$DEVICE" \
        ${TUNE_ARGS:-}
-"$PY" -m calibserve merge --base "$MODELS/gemma-3-270m" --aligned "$MODELS/gemma-3-270m-instruct" \
-  --data "$DATA" --out "$OUT" --device "$DEVICE" --dtype float32
+[[ -f "$OUT/report.json" ]] \
+  || "$PY" -m benchmarks.realworld.cost --record "$OUT.cost.json" --step merge -- \
+       "$PY" -m calibserve merge --base "$MODELS/gemma-3-270m" \
+       --aligned "$MODELS/gemma-3-270m-instruct" --data "$DATA" --out "$OUT" --device "$DEVICE" \
+       --dtype float32 --grader contains --grid "${GRID:-0,0.25,0.5,0.75,1}" ${MERGE_ARGS:-}
 echo "merge report: $OUT/report.html"
+for mode in cft rcft; do
+  [[ -f "$MODELS/gemma-3-270m-$mode/train_info.json" ]] \
+    || "$PY" -m calibserve tune --model "$MODELS/gemma-3-270m-instruct" --data "$DATA/train.jsonl" \
+         --out "$MODELS/gemma-3-270m-$mode" --calibration-aware "$mode" --device "$DEVICE" \
+         ${CAL_TUNE_ARGS:-${TUNE_ARGS:-}}
+done
+"$PY" -m benchmarks.realworld.remedy_table --realworld "$HOME_DIR/realworld" --merge-dir "$OUT" \
+  ${TABLE_ARGS:-}
