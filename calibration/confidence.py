@@ -58,15 +58,22 @@ class Confidence:
     raw: float
     method: str
     calibrated: bool = False
+    # How the map was fitted, when a client should know: "label-free" (no labels: DACA against
+    # a reference model, calibration/label_free.py). None: fitted on labelled data (or no map).
+    calibration: str | None = None
 
     def to_dict(self) -> dict[str, float | str | bool]:
-        """The JSON shape attached to each choice: `{"score", "raw", "method", "calibrated"}`."""
-        return {
+        """The JSON shape attached to each choice: `{"score", "raw", "method", "calibrated"}`,
+        and `"calibration"` when it is set."""
+        out: dict[str, float | str | bool] = {
             "score": self.score,
             "raw": self.raw,
             "method": self.method,
             "calibrated": self.calibrated,
         }
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
 
 
 def normalize_token(token: str) -> str:

@@ -197,6 +197,25 @@ class FitMetrics(_Sparse):
     # 101 quantiles (0%, 1%, ..., 100%) of the served (calibrated) confidence on the fit split:
     # the reference the server's label-free drift signal compares served traffic against.
     confidence_quantiles: list[float] | None = None
+    # What the map was fitted against: "gold" (the data's answers) or "none" (label-free: DACA,
+    # calibration/label_free.py, against a reference model's option distribution; `ece_raw`,
+    # `ece_calibrated` are then measured against the reference's probability of the answered
+    # option, not against answers, and `accuracy` is unknown). Absent: a labelled fit written
+    # before the field existed.
+    labels: Literal["gold", "none"] | None = None
+    reference: str | None = None  # label-free: the reference (base) model
+    agreement: float | None = None  # label-free: share of items where both pick the same option
+    n_agree: int | None = Field(default=None, ge=0)  # label-free: the items fitted on
+
+    @property
+    def label_free(self) -> bool:
+        """Was the map fitted without labels?"""
+        return self.labels == "none"
+
+    @field_validator("agreement")
+    @classmethod
+    def _share(cls, v: float | None) -> float | None:
+        return None if v is None else _probability(v)
 
     @field_validator("confidence_quantiles")
     @classmethod
@@ -232,6 +251,11 @@ class MethodCalibration(_Model):
             return True
         t = self.params.temperature
         return t is not None and t != 1.0
+
+    @property
+    def label_free(self) -> bool:
+        """Was this method's map fitted without labels (`fit.labels` "none")?"""
+        return self.fit is not None and self.fit.label_free
 
     def calibration_map(self) -> Calibrator | None:
         """The fitted calibrator, or None when the method has no map of its own."""

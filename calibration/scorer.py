@@ -51,7 +51,10 @@ from calibserve.calibration.methods import (
     confidence_method,
 )
 
-__all__ = ["Scorer", "ScoredStream", "ServedMethod"]
+__all__ = ["LABEL_FREE", "Scorer", "ScoredStream", "ServedMethod"]
+
+# The `calibration` of a served confidence whose map was fitted without labels.
+LABEL_FREE = "label-free"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,9 @@ class ServedMethod:
 
     name: str = "mean"
     calibrator: Calibrator | None = None
+    # How the map was fitted, said in every reply it scores: "label-free" for a map fitted
+    # without labels (`fit.labels` "none"); None for a labelled map or none.
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in CONFIDENCE_METHODS:
@@ -88,7 +94,9 @@ class ServedMethod:
 
     @classmethod
     def from_document(cls, doc: CalibrationDocument, name: str) -> ServedMethod:
-        return cls(name, doc.method(name).calibration_map())
+        entry = doc.method(name)
+        served = entry.calibration_map()
+        return cls(name, served, LABEL_FREE if served is not None and entry.label_free else None)
 
     @classmethod
     def optional(cls, doc: CalibrationDocument, name: str) -> ServedMethod:
@@ -97,7 +105,8 @@ class ServedMethod:
 
     def confidence(self, raw: float) -> Confidence:
         """`raw` served by this method: through its own map, labelled with its name."""
-        return Confidence(self.score(raw), raw, self.name, self.calibrated)
+        return Confidence(self.score(raw), raw, self.name, self.calibrated,
+                          self.calibration if self.calibrated else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,14 @@ from calibserve.routing.verify_tokens import reply_ids
 
 
 def confidence_dict(conf: ConfidenceLike) -> dict[str, Any]:
-    """A choice's `confidence`; `calibrated` is False for a scorer that does not say."""
-    return {"score": float(conf.score), "raw": float(conf.raw), "method": str(conf.method),
-            "calibrated": bool(getattr(conf, "calibrated", False))}
+    """A choice's `confidence`; `calibrated` is False for a scorer that does not say;
+    `calibration` ("label-free") only where the scorer says how its map was fitted."""
+    out = {"score": float(conf.score), "raw": float(conf.raw), "method": str(conf.method),
+           "calibrated": bool(getattr(conf, "calibrated", False))}
+    how = getattr(conf, "calibration", None)
+    if how is not None:
+        out["calibration"] = str(how)
+    return out
 
 
 def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:
