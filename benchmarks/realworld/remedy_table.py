@@ -195,7 +195,8 @@ def default_rows(realworld: Path, merge_dir: Path, data: Path) -> dict[str, RowS
         RowSpec("label-free", "aligned + label-free calibrator", aligned, label_free,
                 costs=(aligned_info,),
                 build=f"calibserve calibrate --label-free --reference {base} --model {aligned} "
-                      f"--out {label_free} (issue 27 item 2: not implemented yet)"),
+                      f"--data {data} --out {label_free} (issue 27 item 2; it maps option "
+                      "letters only, so short answers stay calibrated: false)"),
     ]
     return {r.name: r for r in rows}
 
