@@ -46,12 +46,13 @@ import logging
 import resource
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from calibserve.server.errors import error_body
@@ -73,6 +74,7 @@ FD_RESERVE = 256
 DEFAULT_MAX_CONNECTIONS = 10_000
 # How long a refused connection may stay open for its client to read the 503.
 REFUSED_LINGER_S = 1.0
+REFUSAL_LOG_EVERY_S = 60.0
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -139,6 +141,7 @@ class ConnectionGuard:
         self.write_waits = 0  # times a response write found the send buffer full
         self.timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_KINDS, 0)
         self._metrics = metrics
+        self._warned = -REFUSAL_LOG_EVERY_S
         if metrics is not None:
             metrics.open_connections.set_function(lambda: self.open)
         self.header_408 = _raw_response(
@@ -162,6 +165,11 @@ class ConnectionGuard:
             self.refused += 1
             if self._metrics is not None:
                 self._metrics.connections_refused.inc()
+            now = time.monotonic()
+            if now - self._warned >= REFUSAL_LOG_EVERY_S:  # one line a minute, not one a refusal
+                log.warning("%d open connections, the limit (max_connections): new ones get 503 "
+                            "(%d so far)", self.open, self.refused)
+                self._warned = now
             return False
         self.open += 1
         self.peak = max(self.peak, self.open)
@@ -315,9 +323,14 @@ class GuardedProtocol(JoinedWritesProtocol):
     def _busy(self) -> bool:
         """Reading is stopped by us (the app is behind), or a response is being written: the
         client is not the one who is late."""
-        cycle = self.cycle
+        cycle: RequestResponseCycle | None = self.cycle  # None before a first request
+        if cycle is None:
+            return self.flow.read_paused
         return self.flow.read_paused or (
-            self._reading == "headers" and cycle is not None and not cycle.response_complete)
+            # a pipelined request's headers while the one before it is answered
+            self._reading == "headers" and not cycle.response_complete) or (
+            # a body the client holds back until the app's receive() sends 100 Continue
+            self._reading == "body" and cycle.waiting_for_100_continue)
 
     def _expired(self) -> None:
         self._deadline = None

@@ -192,6 +192,18 @@ def test_a_slow_body_that_keeps_coming_is_served(server: InProcessServer) -> Non
     assert status == 200 and "confidence" in json.loads(answer)["choices"][0]
 
 
+def test_a_body_sent_after_100_continue_is_served(server: InProcessServer) -> None:
+    body = json.dumps(chat_body()).encode()
+    head = request(b"", length=len(body)).replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n")
+    with connect(server) as sock:
+        sock.sendall(head)
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        raw, _ = until_closed(sock, 10)
+    assert status_and_body(raw)[0] == 200
+
+
 # -- keep-alive deadline -----------------------------------------------------------------------
 
 def test_an_idle_kept_alive_connection_is_closed(server: InProcessServer) -> None:
