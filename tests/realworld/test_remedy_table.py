@@ -204,6 +204,18 @@ def test_base_gets_the_builtin_template_only_without_its_own(tmp_path: Path) -> 
     assert remedy_table._template_file(run, specs["aligned"]) is None  # it has its own
 
 
+def test_a_model_without_any_template_fails_its_row_only(tmp_path: Path) -> None:
+    w = _world(tmp_path, n=4)
+    cfg = tmp_path / "rows.yaml"
+    cfg.write_text("base: {chat_template: null}\n")
+    out = tmp_path / "t"
+    argv = _argv(w, out, "--config", str(cfg), "--report-only", "--rows", "base,cft")
+    assert remedy_table.main(argv) == 1
+    base, cft = json.loads((out / "results.json").read_text())["rows"]
+    assert base["status"] == "failed" and "no chat template" in base["error"]
+    assert cft["status"] == "not built"
+
+
 def test_config_overrides_rows(tmp_path: Path) -> None:
     w = _world(tmp_path)
     cfg = tmp_path / "rows.yaml"
