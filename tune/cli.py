@@ -84,6 +84,9 @@ def tune(
         "template; written into OUT.")] = None,
     device: Annotated[str, typer.Option(
         "--device", help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="CPU threads (default: one per core). On a machine other jobs keep "
+        "busy, fewer threads can be much faster.")] = None,
     autocast: Annotated[Autocast, typer.Option(
         "--autocast", help="bf16 autocast: auto = where the device has native bf16.")]
     = Autocast.auto,
@@ -118,7 +121,8 @@ def tune(
             group_by_length=group_by_length, lr=lr,
             schedule=schedule.value, warmup=warmup, weight_decay=weight_decay,
             grad_clip=grad_clip, max_length=max_length, chat_template=chat_template,
-            device=device, autocast=autocast.value, seed=seed, save_every=save_every,
+            device=device, threads=threads, autocast=autocast.value, seed=seed,
+            save_every=save_every,
             stop_after=stop_after, calibration_aware=calibration_aware.value,
             cal_alpha=cal_alpha, cal_estimate_every=cal_estimate_every, overwrite=overwrite,
         )

@@ -43,6 +43,7 @@ FLAG_NAMES: dict[str, str] = {
     "max_length": "--max-length",
     "chat_template": "--chat-template",
     "device": "--device",
+    "threads": "--threads",
     "autocast": "--autocast",
     "seed": "--seed",
     "save_every": "--save-every",
@@ -55,7 +56,7 @@ FLAG_NAMES: dict[str, str] = {
 
 # Settings that do not change what is trained: a run may be resumed with other values of these.
 RESUME_NEUTRAL: frozenset[str] = frozenset(
-    {"out", "overwrite", "save_every", "stop_after", "device"}
+    {"out", "overwrite", "save_every", "stop_after", "device", "threads"}
 )
 
 
@@ -85,6 +86,7 @@ class TuneConfig(BaseModel):
     max_length: int = Field(default=256, ge=2, le=1_000_000)
     chat_template: str | None = None  # a Jinja file, or the name of a built-in template
     device: str = "auto"
+    threads: int | None = Field(default=None, ge=1, le=1024)  # CPU threads; None: torch's default
     autocast: Literal["auto", "bf16", "off"] = "auto"
     seed: int = 0
     save_every: int = Field(default=25, ge=0)  # 0: only when stopped

@@ -201,8 +201,13 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     """Train `config.model` on `config.data` and write the checkpoint to `config.out`; a second
     run into the same OUT while one is going is refused (it would share OUT.partial)."""
     lock = lock_path(partial_dir(config.out))
+    threads = torch.get_num_threads()
     try:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         with exclusive(lock, wait=False):
             return _run(config, progress, console)
     except Busy:
         raise OutputExists(f"another calibserve tune is writing {config.out}", "--out") from None
+    finally:
+        torch.set_num_threads(threads)

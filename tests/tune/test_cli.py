@@ -100,8 +100,12 @@ def test_full_tuning_writes_a_complete_checkpoint(tiny_llama: Path, train_data: 
 
 def test_train_embedding_trains_it(tiny_llama: Path, train_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "tuned"
-    result = tune(tiny_llama, train_data, out, "--max-steps", "2", "--train-embedding")
+    threads = torch.get_num_threads()
+    result = tune(tiny_llama, train_data, out, "--max-steps", "2", "--train-embedding",
+                  "--threads", "1")
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "train_info.json").read_text())["device"]["threads"] == 1
+    assert torch.get_num_threads() == threads  # put back for whoever called it in-process
     assert not torch.equal(weights(tiny_llama)["model.embed_tokens.weight"],
                            weights(out)["model.embed_tokens.weight"])
 
