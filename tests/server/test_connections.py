@@ -370,16 +370,24 @@ def test_cutting_off_a_reader_cancels_its_upstream_request() -> None:
 
 # -- configuration -----------------------------------------------------------------------------
 
-def test_flags_and_config_keys_set_the_limits(tmp_path: Path) -> None:
-    settings = settings_from_cli(upstream=["http://127.0.0.1:1"], served_model_name="m",
-                                 header_timeout=2.5, body_timeout=7, keep_alive_timeout=3,
-                                 write_timeout=9, max_connections=42)
-    limits = ConnectionLimits.from_settings(settings)
-    assert limits == ConnectionLimits(2.5, 7, 3, 9, 42)
+def test_flags_and_config_keys_set_the_limits(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import calibserve.server.cli
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(calibserve.server.cli, "run_server", seen.append)
+    result = CliRunner().invoke(calibserve.server.cli.app, [
+        "serve", "--upstream", "http://127.0.0.1:1", "--served-model-name", "m",
+        "--header-timeout", "2.5", "--body-timeout", "7", "--keep-alive-timeout", "3",
+        "--write-timeout", "9", "--max-connections", "42"])
+    assert result.exit_code == 0, result.output
+    assert ConnectionLimits.from_settings(seen[0]) == ConnectionLimits(2.5, 7, 3, 9, 42)
     config = tmp_path / "serve.yaml"
     config.write_text("header_timeout_s: 4\nmax_connections: 5\n"
                       "models: [{name: m, upstreams: ['http://127.0.0.1:1']}]\n")
-    from_yaml = settings_from_cli(config=config, body_timeout=11)
+    from_yaml = settings_from_cli(config=config, body_timeout=11)  # a flag over the file
     assert (from_yaml.header_timeout_s, from_yaml.body_timeout_s,
             from_yaml.max_connections) == (4, 11, 5)
 
