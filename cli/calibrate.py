@@ -11,6 +11,13 @@ prompt-only request per question; by default when the tokenizer has yes/no token
 requires them, `--no-verify` skips it) and, opt-in for its cost (k more generations per
 question), `consistency`. Errors the user can fix are one line that names the argument, exit
 status 2, nothing written.
+
+`--label-free --reference BASE` fits the option-letter method with no labels (DACA,
+calibration/label_free.py; merge/label_free.py): `--data` is any JSONL of multiple-choice
+questions (answers, if present, are ignored) or a directory whose calibrate.jsonl it is. The
+document records `fit.labels: "none"`, the agreement and the items fitted on, has no thresholds
+(they need labels), and its replies are served with `confidence.calibration: "label-free"`. The
+free-form methods need graded answers and are not fitted.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def calibrate(
     out: Annotated[Path, typer.Option("--out", help="the calibration.json to write")],
     calibrator: Annotated[CalibratorName, typer.Option(
         help="calibration map family; auto: the lowest held-out log loss (5-fold "
-        "cross-validation grouped by question; README: how a map is chosen), per method")] = CalibratorName.auto,
+        "cross-validation grouped by question; README: how a map is chosen), per method")
+    ] = CalibratorName.auto,
     target_accuracy: Annotated[list[float] | None, typer.Option(
         "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
         "[default: 0.7 0.8 0.9]")] = None,
@@ -65,6 +73,14 @@ def calibrate(
         "--free-form-method", help="serve this fitted method for free-form replies "
         "[default: the fitted one with the highest AUROC]")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+    label_free: Annotated[bool, typer.Option(
+        "--label-free", help="fit the option-letter temperature with no labels (DACA: the "
+        "model's option distribution tempered towards --reference's, on the questions where "
+        "both pick the same option); --data may be any JSONL of multiple-choice questions, "
+        "answers ignored; no thresholds (they need labels)")] = False,
+    reference: Annotated[Path | None, typer.Option(
+        "--reference", help="with --label-free: the base checkpoint --model was post-trained "
+        "from (asked the same prompts in --model's tokens)")] = None,
 ) -> None:
     """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
     model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
@@ -72,6 +88,10 @@ def calibrate(
     from calibserve.merge.errors import MergeError
     from calibserve.serve_fit import ServeFitError, calibrate_with_serving, load_grader
 
+    if label_free or reference is not None:
+        _calibrate_label_free(model, data, out, reference, label_free, calibrator,
+                              target_accuracy, overwrite)
+        return
     targets = target_accuracy if target_accuracy else [0.7, 0.8, 0.9]
     try:
         check_inputs(model, data, out, calibrator.value, targets, overwrite)
@@ -121,4 +141,61 @@ def calibrate(
                    f"{area})")
     for note in (doc.metrics.get("short_answer") or {}).get("notes") or []:
         typer.echo(f"{out}: note: {note}")
+    typer.echo(f"{out}: multiple_choice={doc.multiple_choice} free_form={doc.free_form}")
+
+
+def _refuse(param: str, message: str) -> None:
+    typer.echo(f"Error: Invalid value for '{param}': {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _calibrate_label_free(model: Path, data: Path, out: Path, reference: Path | None,
+                          label_free: bool, calibrator: CalibratorName,
+                          target_accuracy: list[float] | None, overwrite: bool) -> None:
+    """`calibrate --label-free --reference BASE`: the option temperature by DACA, no labels."""
+    from calibserve.merge.calibrate import LABEL_FREE_NOTE
+    from calibserve.merge.errors import MergeError
+    from calibserve.merge.evaluate import short_answer_split
+    from calibserve.merge.label_free import calibrate_label_free, check_label_free_inputs
+
+    if not label_free:
+        _refuse("--reference", "only with --label-free (the labelled fit reads no reference)")
+    if calibrator not in (CalibratorName.auto, CalibratorName.option_temperature):
+        _refuse("--calibrator", f"--label-free fits the option temperature only, not "
+                f"{calibrator.value}")
+    if target_accuracy:
+        _refuse("--target-accuracy", "a label-free fit has no thresholds: a threshold that "
+                "promises an accuracy needs labelled data")
+    try:
+        check_label_free_inputs(model, reference, data, out, overwrite)
+        assert reference is not None  # checked: --label-free needs it
+        doc = calibrate_label_free(model, reference, data, out)
+    except MergeError as exc:
+        where = f"Invalid value for '{exc.param}': " if exc.param else ""
+        typer.echo(f"Error: {where}{exc.message}", err=True)
+        raise typer.Exit(2) from None
+    test_split = data / "test.jsonl" if data.is_dir() else None
+    if test_split is not None and test_split.is_file():
+        probes = out.parent / PROBES_FILE
+        write_atomic(probes, test_split.read_text(encoding="utf-8"))
+        typer.echo(f"{probes}: probe split for `calibserve serve --probe-rate N` (from "
+                   f"{test_split.name})")
+    fit = doc.method("answer").fit
+    assert fit is not None
+    typer.echo(f"{out}: answer: option temperature {doc.temperature():.3f} fitted label-free "
+               f"(DACA) against {reference} on the {fit.n_agree} of {fit.n} questions where "
+               f"both models pick the same option (agreement {fit.agreement or 0.0:.3f}); "
+               "no labels read")
+    typer.echo(f"{out}: answer: fit.labels=none; replies are served with "
+               "confidence.calibration=label-free")
+    typer.echo(f"{out}: answer: {LABEL_FREE_NOTE}")
+    for note in fit.notes or []:
+        if note != LABEL_FREE_NOTE:
+            typer.echo(f"{out}: note: {note}")
+    held, raw = doc.metrics.get("test"), doc.metrics.get("test_raw")
+    if isinstance(held, dict) and isinstance(raw, dict):
+        typer.echo(f"{out}: held out ({held['n']} items of test.jsonl, their answers used to "
+                   f"report only): ECE {raw['ece']:.3f} raw -> {held['ece']:.3f} served")
+    if data.is_dir() and short_answer_split(data, "calibrate"):
+        typer.echo(f"{out}: free-form methods not fitted (they need graded answers)")
     typer.echo(f"{out}: multiple_choice={doc.multiple_choice} free_form={doc.free_form}")

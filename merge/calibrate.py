@@ -34,10 +34,17 @@ from calibserve.calibration import (
     ece,
     threshold_for_accuracy,
 )
+from calibserve.calibration.label_free import fit_daca
 from calibserve.calibration.online import confidence_quantiles
 from calibserve.merge.evaluate import Scores
 
-__all__ = ["CALIBRATORS", "Calibration", "fit_calibration", "calibration_json", "thresholds_for"]
+__all__ = ["CALIBRATORS", "LABEL_FREE_NOTE", "Calibration", "fit_calibration", "fit_label_free",
+           "calibration_json", "thresholds_for"]
+
+# Said in the document's notes and by the CLI: what a label-free map cannot give.
+LABEL_FREE_NOTE = (
+    "label-free fit: no escalation thresholds (a threshold that promises an accuracy needs "
+    "labelled data to be certified); serve with an explicit --threshold, or refit with labels")
 
 # `--calibrator`: one family, or `auto` (the default) to choose by held-out ECE.
 CALIBRATORS: tuple[str, ...] = ("auto", *FAMILIES)
@@ -148,6 +155,58 @@ def fit_calibration(
     return cal
 
 
+def fit_label_free(
+    model: OptionLogits, reference: OptionLogits, n_bins: int = N_BINS,
+    reference_name: str | None = None,
+) -> Calibration:
+    """The `answer` method's option temperature fitted by DACA (calibration/label_free.py):
+    `model`'s option logits tempered towards `reference`'s option distribution on the items
+    where both pick the same option. No label is read (`gold` of either is ignored).
+
+    No thresholds (they need labels). The fit metrics record `labels: "none"`, the agreement
+    and the items fitted on; `ece_raw` / `ece_calibrated` are measured against the reference's
+    probability of the option `model` answered (what DACA takes as its correctness), not
+    against answers, and `accuracy` is unknown (None)."""
+    if model.logits.shape[0] != reference.logits.shape[0]:
+        raise ValueError("the model's and the reference's option logits differ in length")
+    notes: list[str] = []
+    try:
+        fit = fit_daca(model.logits, reference.logits, model.groups,
+                       base_groups=reference.groups)
+        temperature, n_agree, agreement = fit.temperature, fit.n_agree, fit.agreement
+    except DegenerateDataError as exc:
+        temperature, n_agree, agreement = 1.0, 0, 0.0
+        notes.append(f"option temperature not fitted ({exc}); the raw confidence is served")
+    raw = OptionTemperature(1.0).confidence(model.logits, model.prediction, model.groups)
+    served = OptionTemperature(temperature).confidence(
+        model.logits, model.prediction, model.groups)
+    # The reference's probability of the option the model answered: DACA's stand-in for
+    # correctness (the reference is taken to be calibrated).
+    ref_p = OptionTemperature(1.0).confidence(reference.logits, model.prediction, reference.groups)
+    ref_p = np.nan_to_num(ref_p, nan=0.0)
+    how = (f"DACA (label-free): softmax(z / T) of the model fitted to the reference's option "
+           f"distribution on the {n_agree} of {raw.size} items where both pick the same option "
+           f"(agreement {agreement:.3f}); golden-section search on log T")
+    notes.append(LABEL_FREE_NOTE)
+    metrics: dict[str, Any] = {
+        "ece_raw": ece(raw, ref_p, n_bins),
+        "ece_calibrated": ece(served, ref_p, n_bins),
+        "n": int(raw.size),
+        "accuracy": None,
+        "calibrator": "option_temperature" if temperature != 1.0 else "identity",
+        "selection": how,
+        "labels": "none",
+        "agreement": float(agreement),
+        "n_agree": int(n_agree),
+    }
+    if reference_name is not None:
+        metrics["reference"] = reference_name
+    if served.size:
+        metrics["confidence_quantiles"] = confidence_quantiles(served)
+    return Calibration(IdentityCalibrator(), [], metrics, notes, temperature,
+                       "option_temperature" if temperature != 1.0 else "identity")
+
+
 def calibration_json(
     cal: Calibration,
     options: Sequence[str],
@@ -168,7 +227,7 @@ def calibration_json(
         n=int(cal.metrics["n"]),
         ece_raw=float(cal.metrics["ece_raw"]),
         ece_calibrated=float(cal.metrics["ece_calibrated"]),
-        accuracy=float(cal.metrics["accuracy"]),
+        accuracy=None if cal.metrics.get("accuracy") is None else float(cal.metrics["accuracy"]),
         unreachable_targets=cal.metrics.get("unreachable_targets"),
         calibrator=cal.metrics.get("calibrator"),
         held_out_ece=cal.metrics.get("held_out_ece"),
@@ -176,6 +235,10 @@ def calibration_json(
         selection=cal.metrics.get("selection"),
         notes=list(cal.notes) or None,
         confidence_quantiles=cal.metrics.get("confidence_quantiles"),
+        labels=cal.metrics.get("labels", "gold"),
+        reference=cal.metrics.get("reference"),
+        agreement=cal.metrics.get("agreement"),
+        n_agree=cal.metrics.get("n_agree"),
     )
     # The identity learnt nothing, unless it sits on a fitted option temperature (the map then).
     fitted = not isinstance(cal.calibrator, IdentityCalibrator) or cal.temperature != 1.0

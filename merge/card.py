@@ -31,8 +31,13 @@ def model_card(p: Prepared, sel: Selection, points: list[Point], cal: Calibratio
         *([f"- select split, short answers (raw free-form confidence): accuracy "
            f"{chosen.free_form_metrics['accuracy']:.4f}, ECE "
            f"{chosen.free_form_metrics['ece']:.4f}"] if chosen.free_form_metrics else []),
-        f"- calibrator ({cal.calibrator.to_dict()['type']}) on the calibrate split: ECE "
-        f"{cal.metrics['ece_raw']:.4f} raw, {cal.metrics['ece_calibrated']:.4f} calibrated",
+        (f"- option temperature {cal.temperature:.4g} fitted label-free (DACA against the base, "
+         f"agreement {cal.metrics['agreement']:.3f}; no thresholds): ECE against the base's "
+         f"probability of the answer {cal.metrics['ece_raw']:.4f} raw, "
+         f"{cal.metrics['ece_calibrated']:.4f} calibrated"
+         if cal.metrics.get("labels") == "none" else
+         f"- calibrator ({cal.calibrator.to_dict()['type']}) on the calibrate split: ECE "
+         f"{cal.metrics['ece_raw']:.4f} raw, {cal.metrics['ece_calibrated']:.4f} calibrated"),
         "",
         f"Why this point: {sel.reason}",
         "",

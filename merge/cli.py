@@ -198,6 +198,16 @@ def merge_command(
                 "engine on the written checkpoint. Default: on when --data has short-answer "
                 "items and vLLM can run, off otherwise."),
         ] = None,
+        label_free: Annotated[
+            bool, typer.Option(
+                "--label-free",
+                help="Fit the option-letter map with no labels: the chosen point's option "
+                "temperature tempered towards the base's option distribution (DACA) on the "
+                "calibrate prompts where both pick the same option; the calibrate answers are "
+                "not read, no thresholds are written (they need labels), and replies say "
+                "calibration: label-free. The select split still chooses lambda by its "
+                "answers."),
+        ] = False,
     ) -> None:
         """Merge BASE and ALIGNED at the Pareto-optimal lambda, calibrate it, write it to OUT."""
         from calibserve.merge.pipeline import run_merge
@@ -206,6 +216,10 @@ def merge_command(
             if not data.is_dir():
                 raise InvalidData(
                     f"{data} is not a directory with select.jsonl and calibrate.jsonl", "--data")
+            if label_free and target_accuracy:
+                raise InvalidConfig("a label-free fit has no thresholds: a threshold that "
+                                    "promises an accuracy needs labelled data",
+                                    "--target-accuracy")
             config = build_config(
                 base=base,
                 aligned=aligned,
@@ -228,9 +242,14 @@ def merge_command(
                 short_answers=short_answers,
                 grader=grader,
                 max_new_tokens=max_new_tokens,
+                label_free=label_free,
             )
-            fit, line = free_form_decision(free_form, data, after_write is not None,
-                                           engine_check)
+            if label_free and free_form is None:
+                fit, line = False, ("free-form fit: off (--label-free: the free-form methods "
+                                    "need graded answers; --free-form fits them anyway)")
+            else:
+                fit, line = free_form_decision(free_form, data, after_write is not None,
+                                               engine_check)
             if not quiet:
                 typer.echo(line, err=True)
             notes = [line]

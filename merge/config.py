@@ -74,6 +74,7 @@ FLAG_NAMES: dict[str, str] = {
     "grader": "--grader",
     "max_new_tokens": "--max-new-tokens",
     "short_answers": "--short-answers",
+    "label_free": "--label-free",
 }
 
 
@@ -206,6 +207,16 @@ class MergeConfig(BaseModel):
     short_answers: bool = True
     grader: str = DEFAULT_GRADER  # `exact`, `contains` or module:function
     max_new_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
+    # The option-letter map fitted with no labels: DACA against the base at the chosen lambda
+    # (merge/calibrate.py `fit_label_free`); the calibrate split's answers are not read.
+    label_free: bool = False
+
+    @model_validator(mode="after")
+    def _label_free_family(self) -> MergeConfig:
+        if self.label_free and self.calibrator not in ("auto", "option_temperature"):
+            raise InvalidConfig(f"--label-free fits the option temperature only, not "
+                                f"{self.calibrator}", "--calibrator")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -23,9 +23,10 @@ from typing import Any
 from rich.console import Console
 
 from calibserve.calibration.document import PROBES_FILE
-from calibserve.merge.calibrate import calibration_json, fit_calibration
+from calibserve.merge.calibrate import calibration_json, fit_calibration, fit_label_free
 from calibserve.merge.card import model_card
 from calibserve.merge.config import MergeConfig
+from calibserve.merge.errors import InvalidData
 from calibserve.merge.evaluate import point_metrics
 from calibserve.merge.prepare import Prepared, check_out, prepare
 from calibserve.merge.progress import closing_table, sweep_progress, write_progress
@@ -172,7 +173,15 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
 
     # The calibrator is fitted on its own split at the chosen lambda.
     cal_point = s.at("calibrate", sel.lam)
-    cal = fit_calibration(cal_point.scores, c.calibrator, c.target_accuracy, c.n_bins)
+    if c.label_free:
+        # No labels: the chosen point tempered towards the base (lambda 0) on the same prompts.
+        mine, ref = cal_point.scores.options, s.at("calibrate", 0.0).scores.options
+        if mine is None or ref is None:
+            raise InvalidData("the calibrate split's option logits were not recorded",
+                              "--label-free")
+        cal = fit_label_free(mine, ref, c.n_bins, reference_name=p.plan.base.ref)
+    else:
+        cal = fit_calibration(cal_point.scores, c.calibrator, c.target_accuracy, c.n_bins)
     notes = [*p.notes, *cal.notes]
 
     # Held-out view: both parents and the chosen point, raw and through the calibrator.
