@@ -415,7 +415,7 @@ def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: Me
         unreachable_targets=unreachable or None, calibrator=choice.family,
         held_out_ece=dict(choice.held_out_ece) or None,
         held_out=choice.held_out_dict() or None, selection=choice.selection or None,
-        notes=[*choice.notes, *notes] or None,
+        notes=[*choice.notes, *notes] or None, labels="gold",  # graded replies
     )
     return MethodCalibration(
         params=params,
