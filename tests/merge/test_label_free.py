@@ -96,6 +96,18 @@ def test_label_free_arguments_are_checked_before_anything_is_written(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
 
+def test_a_reference_with_other_token_ids_is_refused(
+        tiny_world: dict[str, Path], pair_factory: object, tmp_path: Path) -> None:
+    """The reference is asked in the model's tokens: its own tokenizer must agree id for id."""
+    _, grown = pair_factory(grow=3)  # type: ignore[operator]
+    out = tmp_path / "x.json"
+    result = runner.invoke(main_app, _calibrate(tiny_world["base"], tiny_world["data"], out,
+                                                "--label-free", "--reference", str(grown)))
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--reference': tokenizers differ" in result.output
+    assert not out.exists()
+
+
 def test_merge_label_free_fits_the_chosen_point_against_the_base(
         tiny_world: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "o"
