@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -67,7 +68,8 @@ def test_the_server_process_asks(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def recording_create_app(s: Any, runtime: Any = None, *, settle: bool = False) -> Any:
         asked["settle"] = settle
-        return object()
+        # What run_server reads of the app: the runtime's metrics (the connection gauge's).
+        return SimpleNamespace(state=SimpleNamespace(runtime=SimpleNamespace(metrics=None)))
 
     monkeypatch.setattr(app_module, "create_app", recording_create_app)
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
