@@ -85,8 +85,8 @@ def tune(
     device: Annotated[str, typer.Option(
         "--device", help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     threads: Annotated[int | None, typer.Option(
-        "--threads", help="CPU threads (default: one per core). On a machine other jobs keep "
-        "busy, fewer threads can be much faster.")] = None,
+        "--threads", help="CPU threads (default: the cores the load average leaves free, at "
+        "least one).")] = None,
     autocast: Annotated[Autocast, typer.Option(
         "--autocast", help="bf16 autocast: auto = where the device has native bf16.")]
     = Autocast.auto,

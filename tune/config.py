@@ -86,7 +86,7 @@ class TuneConfig(BaseModel):
     max_length: int = Field(default=256, ge=2, le=1_000_000)
     chat_template: str | None = None  # a Jinja file, or the name of a built-in template
     device: str = "auto"
-    threads: int | None = Field(default=None, ge=1, le=1024)  # CPU threads; None: torch's default
+    threads: int | None = Field(default=None, ge=1, le=1024)  # None: the free cores
     autocast: Literal["auto", "bf16", "off"] = "auto"
     seed: int = 0
     save_every: int = Field(default=25, ge=0)  # 0: only when stopped

@@ -34,6 +34,7 @@ from calibserve.tune.errors import OutputExists
 from calibserve.tune.info import FORMAT, loss_summary, now, versions
 from calibserve.tune.model import (
     Prepared,
+    cpu_threads,
     device_name,
     load_model,
     load_tokenizer,
@@ -167,6 +168,7 @@ def _run(config: TuneConfig, progress: bool, console: Console | None) -> TuneRes
     scheduler = make_scheduler(optimizer, plan)
     fingerprint = _fingerprint(config, data[0], template)
     partial = partial_dir(config.out)
+    console.print(_summary(config, prepared, plan, encoded, autocast, device))
     resumed = load_state(partial, fingerprint, prepared.model, optimizer, scheduler)
     state, _ = resumed if resumed else (RunState(), [])
     if resumed:
@@ -196,6 +198,20 @@ def _run(config: TuneConfig, progress: bool, console: Console | None) -> TuneRes
     return TuneResult(config.out, state.step, info)
 
 
+def _summary(config: TuneConfig, prepared: Prepared, plan: Plan, encoded: Encoded,
+             autocast: bool, device: torch.device) -> str:
+    """One line on what is about to be trained, and how."""
+    frozen = ("embedding frozen (the output head is the same matrix, so frozen too)"
+              if prepared.head_tied else "embedding frozen") if prepared.embedding_frozen \
+        else "embedding trained"
+    what = "LoRA adapters" if config.method == "lora" else "full"
+    return (f"{len(encoded.examples)} examples ({encoded.n_reply_tokens} reply tokens), "
+            f"{plan.total_steps} steps of {config.batch_size}; {what}: "
+            f"{prepared.trainable / 1e6:.1f} M of {prepared.total / 1e6:.1f} M parameters "
+            f"trained, {frozen}; {device.type}"
+            f"{', bf16 autocast' if autocast else ''}, {torch.get_num_threads()} threads")
+
+
 def run_tune(config: TuneConfig, *, progress: bool = True,
              console: Console | None = None) -> TuneResult:
     """Train `config.model` on `config.data` and write the checkpoint to `config.out`; a second
@@ -203,8 +219,7 @@ def run_tune(config: TuneConfig, *, progress: bool = True,
     lock = lock_path(partial_dir(config.out))
     threads = torch.get_num_threads()
     try:
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(cpu_threads(config.threads, threads))
         with exclusive(lock, wait=False):
             return _run(config, progress, console)
     except Busy:
