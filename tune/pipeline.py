@@ -120,7 +120,7 @@ def _info(config: TuneConfig, plan: Plan, encoded: Encoded, state: RunState,
         } if config.calibration_aware != "none" else None,
         "time": {
             "wall_seconds": round(state.wall_seconds, 1),
-            "cpu_minutes": round(state.cpu_seconds / 60, 2),
+            "cpu_minutes": round(state.cpu_seconds / 60, 3),
             "seconds_per_step_mean": round(statistics.fmean(state.seconds_per_step), 3)
             if state.seconds_per_step else None,
             "seconds_per_step_median": round(statistics.median(state.seconds_per_step), 3)

@@ -94,7 +94,7 @@ def test_full_tuning_writes_a_complete_checkpoint(tiny_llama: Path, train_data: 
     assert info["parameters"]["output_head_tied_to_embedding"] is True
     assert info["parameters"]["trainable"] < info["parameters"]["total"]
     assert len(info["loss"]["per_step"]) == 12 and info["loss"]["last"] < info["loss"]["first"]
-    assert info["time"]["cpu_minutes"] > 0 and info["time"]["sessions"] == 1
+    assert info["time"]["cpu_minutes"] > 0.001 and info["time"]["sessions"] == 1
     assert info["device"]["type"] == "cpu" and info["versions"]["torch"] == torch.__version__
 
 
