@@ -2,9 +2,10 @@
 
 Validation happens here, before the checkpoint or any data is read, so a bad setting is refused
 with the name of the argument at fault and nothing on disk changes. The defaults are the recipe
-sized for a 2-core CPU (README, "Fine-tuning"): Gemma 3 270M, full fine-tuning with the embedding
-(and so the tied output head) frozen, 300 steps of 16 examples, bf16 autocast where the CPU has
-native bf16, in about 35-40 minutes.
+sized for a 2-core CPU (README, "Fine-tuning"): full fine-tuning with the embedding (and so a
+tied output head) frozen, one epoch of batches of 16 capped at 300 steps, bf16 autocast where the
+CPU has native bf16; Gemma 3 270M on the world facts' 4,059 training examples (254 steps) about
+17 minutes here, measured over 3 steps.
 """
 
 from __future__ import annotations
