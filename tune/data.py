@@ -143,19 +143,23 @@ def load_records(paths: Sequence[Path]) -> list[Record]:
     """Every record of the JSONL files, in order; a malformed line is refused with its place."""
     records: list[Record] = []
     for path in paths:
-        with Path(path).open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = _where(path, lineno)
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from None
-                if not isinstance(obj, Mapping):
-                    raise InvalidData(f"{where}: a line must be a JSON object", "--data")
-                records.append(_chat_record(obj, where) if "messages" in obj
-                               else _item_record(obj, where))
+        try:
+            lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028
+        except UnicodeDecodeError as exc:
+            raise InvalidData(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                              "--data") from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = _where(path, lineno)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidData(f"{where}: not JSON ({exc.msg})", "--data") from None
+            if not isinstance(obj, Mapping):
+                raise InvalidData(f"{where}: a line must be a JSON object", "--data")
+            records.append(_chat_record(obj, where) if "messages" in obj
+                           else _item_record(obj, where))
     if not records:
         raise InvalidData("the training files hold no examples", "--data")
     return records

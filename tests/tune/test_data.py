@@ -178,3 +178,11 @@ def test_epoch_batches_cover_every_example_once_with_less_padding() -> None:
     # batches are shuffled, not served shortest first
     widths = [max(lengths[i] for i in b) for b in grouped]
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(SHORT).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(InvalidData) as err:
+        load_records([path])
+    assert err.value.param == "--data" and "UTF-8" in err.value.message
