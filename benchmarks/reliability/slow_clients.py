@@ -256,7 +256,7 @@ def client_sockets(pid: int, port: int) -> int:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith("socket:["):
                     inodes.add(target[8:-1])
-    count = 0
+    found = set()  # by inode: a table read while connections come and go can repeat a row
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
             next(f)
@@ -264,8 +264,8 @@ def client_sockets(pid: int, port: int) -> int:
                 cols = line.split()
                 if (int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] != "0A"
                         and cols[9] in inodes):
-                    count += 1
-    return count
+                    found.add(cols[9])
+    return len(found)
 
 
 def rss_mib(pid: int) -> float:
