@@ -20,7 +20,10 @@
 # DEVICE (default: cuda when there is one, else cpu), TUNE_ARGS (extra `calibserve tune`
 # options, e.g. "--batch-size 64 --max-steps 0 --epochs 3" on a GPU), CAL_TUNE_ARGS (the same
 # for CFT and RCFT; default TUNE_ARGS, e.g. "--cal-alpha 1.0"), GRID (the merge's lambdas,
-# default 0,0.25,0.5,0.75,1 and refined around the frontier), MERGE_ARGS and TABLE_ARGS (e.g.
+# default 0,0.25,0.5,0.75,1 and refined around the frontier), SELECT (default
+# free-form:max-accuracy: the table asks short-answer questions), MERGE_ARGS (default
+# "--max-items 300": 300 items a split at each lambda, about 2 minutes a point here)
+# and TABLE_ARGS (e.g.
 # "--rows base,aligned --limit 100") adjust it. Short answers are graded by `contains` (the
 # gold or an alias as a whole-word run: a chat model answers "Japan." or "It is in Japan").
 set -euo pipefail
@@ -42,7 +45,8 @@ DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_availab
   || "$PY" -m benchmarks.realworld.cost --record "$OUT.cost.json" --step merge -- \
        "$PY" -m calibserve merge --base "$MODELS/gemma-3-270m" \
        --aligned "$MODELS/gemma-3-270m-instruct" --data "$DATA" --out "$OUT" --device "$DEVICE" \
-       --dtype float32 --grader contains --grid "${GRID:-0,0.25,0.5,0.75,1}" ${MERGE_ARGS:-}
+       --dtype float32 --grader contains --grid "${GRID:-0,0.25,0.5,0.75,1}" \
+       --select "${SELECT:-free-form:max-accuracy}" ${MERGE_ARGS:---max-items 300}
 echo "merge report: $OUT/report.html"
 for mode in cft rcft; do
   [[ -f "$MODELS/gemma-3-270m-$mode/train_info.json" ]] \
