@@ -49,8 +49,8 @@ def calibrate(
         "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
         "[default: 0.7 0.8 0.9]")] = None,
     grader: Annotated[str | None, typer.Option(
-        "--grader", help="short-answer grader module:function, called (reply, gold, aliases) "
-        "-> bool [default: normalised exact match]")] = None,
+        "--grader", help="short-answer grader: exact (default), contains, or module:function, "
+        "called (reply, gold, aliases) -> bool")] = None,
     upstream: Annotated[str | None, typer.Option(
         "--upstream", help="answer short questions with this running vLLM (OpenAI base URL) "
         "serving --model, instead of starting a managed engine")] = None,

@@ -54,7 +54,6 @@ This module composes server and merge, so it lives in cli/ (merge must not impor
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
 import secrets
 import tempfile
@@ -86,6 +85,7 @@ from calibserve.calibration import (
     verdict_tokens,
 )
 from calibserve.calibration.answers import Grader, exact_match, option_letter
+from calibserve.calibration.grading import load_grader
 from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
 from calibserve.calibration.methods import NO_LETTER
 from calibserve.calibration.verify import verdict_word
@@ -152,20 +152,6 @@ class Reply:
     text: str
     confidence: Mapping[str, Any]
     logprobs: Any
-
-
-def load_grader(spec: str | None) -> Grader:
-    """`module:function` -> that callable; None: `answers.exact_match`."""
-    if not spec:
-        return exact_match
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"--grader must be module:function, got {spec!r}")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"--grader {spec!r}: {name!r} is not a callable of {module!r}")
-    grader: Grader = fn
-    return grader
 
 
 def _settings(model_dir: Path | None, upstream: str | None, upstream_model: str | None,

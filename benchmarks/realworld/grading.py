@@ -4,14 +4,14 @@ qa_wikidata items are sentence stems ("The language of Ivanhoe is") whose gold a
 continuation ("English"). An instruction-tuned model answers in its own words ("English.", "The
 language of Ivanhoe is English."), so exact match would grade almost every reply wrong. The
 grader used here: the normalised gold (or an alias) occurs as a whole-word run in the
-normalised first line of the reply. Normalisation is calibration's `normalize_answer`.
+normalised first line of the reply: calibserve's built-in `contains` grader
+(`calibserve.calibration.grading.contains_answer`), re-exported here for the scripts that
+name it `benchmarks.realworld.grading:contains_answer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from calibserve.calibration.answers import normalize_answer
+from calibserve.calibration.grading import contains_answer
 
 __all__ = ["contains_answer", "short_answer_prompt"]
 
@@ -21,10 +21,3 @@ def short_answer_prompt(stem: str) -> str:
     return f"Complete the sentence with a short answer (a few words): {stem} ..."
 
 
-def contains_answer(reply: str, gold: str, aliases: Sequence[str] = ()) -> bool:
-    """True if the normalised gold or an alias is a whole-word run in the reply's first line."""
-    first = reply.strip().splitlines()[0] if reply.strip() else ""
-    got = f" {normalize_answer(first)} "
-    return any(
-        (want := normalize_answer(g)) and f" {want} " in got for g in (gold, *aliases)
-    )
