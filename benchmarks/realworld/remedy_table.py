@@ -598,6 +598,7 @@ def _row_result(run: Run, row: Row) -> tuple[dict[str, Any], dict[str, Any] | No
     record = cost.read_record(row.eval_cost)
     out["eval_cost"] = ({
         "cpu_minutes": record["cpu_minutes"],
+        "cpu_s": record["cpu_s"],
         "wall_minutes": round(float(record["wall_s"]) / 60, 2),
         "sessions": len(record["sessions"]),
         "started": [s.get("started") for s in record["sessions"]],

@@ -356,7 +356,7 @@ def test_demo_rows_served_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     record = cost.read_record(cal.with_suffix(".cost.json"))
     assert record is not None and record["complete"] and record["cpu_s"] > 0
     assert [p["step"] for p in fitted["build_cost"]["parts"]] == ["calibrate"]
-    assert raw["eval_cost"]["cpu_minutes"] > 0
+    assert raw["eval_cost"]["cpu_s"] > 0  # minutes round to 0.00 on a fast machine
     starts = results["engine_starts"]
     assert len(starts) == 1 and starts[0]["rows"] == ["aligned", "aligned-calibrated"]
     answers = (out / "rows" / "aligned" / "answers.jsonl").read_text().splitlines()
