@@ -1,0 +1,222 @@
+"""Certified escalation thresholds: P(error rate of kept answers <= alpha) >= 1 - delta.
+
+An answer is kept (served) when its calibrated confidence is at or above the threshold, else it
+is escalated. `certify_threshold` picks the threshold by fixed-sequence testing of the exact
+(Clopper-Pearson) binomial upper bound on the kept answers' error rate, as in "Trust or
+Escalate" (Jung et al., ICLR 2025): the distinct confidences are scanned from the most
+confident down; at each, the kept answers (those at or above it) give `kept` trials with
+`kept_errors` errors, and the hypothesis "their error rate exceeds alpha" is rejected when the
+one-sided upper bound at level 1 - delta is <= alpha. The scan stops at the first threshold
+that is not rejected (fixed-sequence testing: only then does one test at level delta cover the
+whole scan); the last rejected one is certified, the largest coverage the data can vouch for.
+
+Points with fewer kept answers than `min_kept(alpha, delta)` cannot be rejected whatever the
+data (even with no error the bound is above alpha); they are skipped, not tested, so the scan
+starts at the first point with enough answers. When that first test already fails, nothing is
+certified (`Certificate.certified` is False, the threshold is infinite: escalate everything).
+
+`certify_cascade` does the same for several tiers answering the same items (the router's
+escalation chain, primary first): each tier is certified on the items no earlier tier kept, at
+delta / number of tiers (a union bound), so with probability >= 1 - delta every tier's kept
+answers meet alpha and so does their union, the whole route's kept answers.
+
+The guarantee assumes exchangeable traffic: the calibrate items and the served requests are
+draws from one distribution (docs/operations.md says what breaks it; server/guarantee.py
+watches it live).
+
+Whatever the confidence, keeping a fraction c of the answers of a model whose error rate is mu
+keeps at least mu - (1 - c) errors, so the kept error rate is at most alpha only if
+1 - c >= (mu - alpha) / (1 - alpha): `min_escalation_rate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from calibserve.calibration._inputs import as_pair
+from calibserve.calibration.errors import CalibrationError
+
+__all__ = [
+    "DEFAULT_DELTA",
+    "Certificate",
+    "binomial_cdf",
+    "certify_cascade",
+    "certify_threshold",
+    "clopper_pearson_upper",
+    "min_escalation_rate",
+    "min_kept",
+]
+
+DEFAULT_DELTA = 0.1
+_BISECTIONS = 80  # halves (0, 1) to below 1e-24: far past float precision
+
+
+def _check_level(name: str, value: float) -> float:
+    if not 0.0 < value < 1.0:  # also refuses NaN
+        raise CalibrationError(f"{name} must be strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed exactly in log space (no normal approximation)."""
+    if n < 0 or k < 0:
+        raise CalibrationError(f"need 0 <= k and 0 <= n, got k={k}, n={n}")
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    j = np.arange(1, k + 1, dtype=np.float64)
+    # log C(n, j) built up term by term: C(n, j) = C(n, j - 1) * (n - j + 1) / j.
+    log_choose = np.concatenate(([0.0], np.cumsum(np.log((n - j + 1.0) / j))))
+    terms = log_choose + np.arange(k + 1) * math.log(p) + (n - np.arange(k + 1)) * math.log1p(-p)
+    top = float(terms.max())
+    return float(min(1.0, math.exp(top) * float(np.exp(terms - top).sum())))
+
+
+def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
+    """The exact one-sided upper bound at level 1 - delta on an error rate seen as `errors` of
+    `n`: the p with P(Binomial(n, p) <= errors) = delta (1.0 when n = 0 or errors = n)."""
+    delta = _check_level("delta", delta)
+    if not 0 <= errors <= n:
+        raise CalibrationError(f"need 0 <= errors <= n, got errors={errors}, n={n}")
+    if errors >= n:
+        return 1.0
+    if errors == 0:
+        return float(1.0 - delta ** (1.0 / n))  # closed form: (1 - p)^n = delta
+    lo, hi = errors / n, 1.0  # the CDF falls from above delta (at the estimate) to 0
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2.0
+        if binomial_cdf(errors, n, mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _bound_at_most(errors: int, n: int, max_error: float, delta: float) -> bool:
+    """Is the upper bound <= max_error? The bound is <= a iff P(Bin(n, a) <= errors) <= delta
+    (the CDF falls as p rises): one CDF, no root finding."""
+    return errors < n and binomial_cdf(errors, n, max_error) <= delta
+
+
+def min_kept(max_error: float, delta: float) -> int:
+    """Fewest kept answers whose bound can reach `max_error` at all (with no error among them):
+    the least n with (1 - max_error)^n <= delta."""
+    max_error, delta = _check_level("max_error", max_error), _check_level("delta", delta)
+    return max(1, math.ceil(math.log(delta) / math.log1p(-max_error) - 1e-12))
+
+
+def min_escalation_rate(error_rate: float, max_error: float) -> float:
+    """The least share of traffic any threshold must escalate for its kept answers to have
+    error rate <= max_error, when the model's error rate is `error_rate` (0 if it already is)."""
+    if not 0.0 <= max_error < 1.0:
+        raise CalibrationError(f"max_error must be in [0, 1), got {max_error!r}")
+    return max(0.0, (error_rate - max_error) / (1.0 - max_error))
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """One certified threshold and the evidence for it.
+
+    `threshold`: keep answers at or above it (math.inf when nothing could be certified: escalate
+    everything); `coverage` the share of the `n` fit items kept; `kept` and `kept_errors` the
+    kept answers and the wrong ones among them; `bound` their Clopper-Pearson upper bound at
+    1 - delta (None when nothing is kept); `error_rate` the error rate of all n items (mu).
+    """
+
+    max_error: float
+    delta: float
+    n: int
+    threshold: float
+    coverage: float
+    kept: int
+    kept_errors: int
+    bound: float | None
+    error_rate: float
+
+    @property
+    def certified(self) -> bool:
+        return math.isfinite(self.threshold)
+
+    @property
+    def min_escalation_rate(self) -> float:
+        return min_escalation_rate(self.error_rate, self.max_error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def refusal(self) -> str:
+        """Why nothing was certified, in a user's terms (for a CLI error)."""
+        need = self.min_escalation_rate
+        floor = min_kept(self.max_error, self.delta)
+        why = (f"the model's error rate on these {self.n} items is {self.error_rate:.3f}, so "
+               f"any valid threshold must escalate at least {need:.1%} of traffic "
+               "((error - max_error) / (1 - max_error))") if need > 0 else (
+               f"the model's error rate on these {self.n} items ({self.error_rate:.3f}) is "
+               "within the target")
+        return (f"no threshold keeps the error rate of kept answers <= {self.max_error:g} with "
+                f"probability {1 - self.delta:g}: {why}; and the most confident answers do not "
+                f"vouch for it (the scan starts at the top {floor} answers, the fewest whose "
+                "bound can reach the target, and their bound is above it). Raise the target, "
+                "raise delta, or fit on more items")
+
+
+def certify_threshold(conf: ArrayLike, correct: ArrayLike, max_error: float,
+                      delta: float = DEFAULT_DELTA) -> Certificate:
+    """The largest-coverage threshold whose kept answers' error rate is certified <= max_error
+    with probability >= 1 - delta, by fixed-sequence testing from the most confident down."""
+    max_error, delta = _check_level("max_error", max_error), _check_level("delta", delta)
+    c, y = as_pair(conf, correct, allow_empty=True)
+    n = int(c.size)
+    wrong = 1.0 - y
+    error_rate = float(wrong.mean()) if n else 0.0
+    if n == 0:
+        return Certificate(max_error, delta, 0, math.inf, 0.0, 0, 0, None, 0.0)
+    order = np.argsort(-c, kind="stable")
+    cs = c[order]
+    kept_errors = np.cumsum(wrong[order])
+    # Ties are kept or escalated together: a threshold's kept set ends at its run's last item.
+    last = np.flatnonzero(np.append(cs[1:] != cs[:-1], True))
+    floor = min_kept(max_error, delta)
+    best: int | None = None
+    for i in last:
+        kept = int(i) + 1
+        if kept < floor:
+            continue  # untestable: no data could reject it
+        errors = int(round(float(kept_errors[i])))
+        if not _bound_at_most(errors, kept, max_error, delta):
+            break  # fixed sequence: the first failure ends the scan
+        best = int(i)
+    if best is None:
+        return Certificate(max_error, delta, n, math.inf, 0.0, 0, 0, None, error_rate)
+    kept = best + 1
+    errors = int(round(float(kept_errors[best])))
+    return Certificate(max_error, delta, n, float(cs[best]), kept / n, kept, errors,
+                       clopper_pearson_upper(errors, kept, delta), error_rate)
+
+
+def certify_cascade(tiers: Sequence[tuple[ArrayLike, ArrayLike]], max_error: float,
+                    delta: float = DEFAULT_DELTA) -> list[Certificate]:
+    """One certificate per tier, primary first, from each tier's (confidence, correct) on the
+    same items: tier i is certified on the items tiers 0..i-1 did not keep, at delta / tiers."""
+    if not tiers:
+        raise CalibrationError("a cascade needs at least one tier")
+    pairs = [as_pair(c, y, allow_empty=True) for c, y in tiers]
+    sizes = {c.size for c, _ in pairs}
+    if len(sizes) != 1:
+        raise CalibrationError(f"every tier must score the same items, got sizes {sorted(sizes)}")
+    per_tier = _check_level("delta", delta) / len(pairs)
+    open_items = np.ones(pairs[0][0].size, dtype=bool)  # not kept by any earlier tier
+    out = []
+    for c, y in pairs:
+        cert = certify_threshold(c[open_items], y[open_items], max_error, per_tier)
+        out.append(cert)
+        if cert.certified:
+            open_items &= ~(c >= cert.threshold)
+    return out

@@ -1,0 +1,140 @@
+"""Certified thresholds: the exact Clopper-Pearson bound, the fixed-sequence scan, cascades."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from calibserve.calibration.errors import CalibrationError
+from calibserve.calibration.guarantee import (
+    binomial_cdf,
+    certify_cascade,
+    certify_threshold,
+    clopper_pearson_upper,
+    min_escalation_rate,
+    min_kept,
+)
+
+
+def test_binomial_cdf_by_hand() -> None:
+    # P(Bin(4, 0.5) <= 1) = (1 + 4) / 16
+    assert binomial_cdf(1, 4, 0.5) == pytest.approx(5 / 16, abs=1e-15)
+    # P(Bin(3, 0.2) <= 0) = 0.8^3
+    assert binomial_cdf(0, 3, 0.2) == pytest.approx(0.512, abs=1e-15)
+    assert binomial_cdf(3, 3, 0.9) == 1.0
+
+
+@pytest.mark.parametrize(("errors", "n", "delta", "expected"), [
+    (0, 10, 0.1, 1 - 0.1 ** (1 / 10)),          # (1 - p)^n = delta
+    (9, 10, 0.1, 0.9 ** (1 / 10)),              # 1 - p^n = delta
+    (1, 2, 0.1, math.sqrt(0.9)),                # P(Bin(2, p) <= 1) = 1 - p^2 = delta
+])
+def test_clopper_pearson_closed_forms(errors: int, n: int, delta: float, expected: float) -> None:
+    assert clopper_pearson_upper(errors, n, delta) == pytest.approx(expected, abs=1e-12)
+
+
+def test_clopper_pearson_solves_the_tail_equation() -> None:
+    # 2 errors of 10 at delta 0.1: 0.449604 (scipy.stats.beta.ppf(0.9, 3, 8), checked once);
+    # the defining equation holds at the bound.
+    p = clopper_pearson_upper(2, 10, 0.1)
+    assert p == pytest.approx(0.4496039, abs=1e-6)
+    by_hand = sum(math.comb(10, j) * p**j * (1 - p) ** (10 - j) for j in range(3))
+    assert by_hand == pytest.approx(0.1, abs=1e-10)
+
+
+def test_clopper_pearson_edges_and_bad_input() -> None:
+    assert clopper_pearson_upper(5, 5, 0.1) == 1.0
+    with pytest.raises(CalibrationError, match="delta"):
+        clopper_pearson_upper(0, 5, 1.5)
+    with pytest.raises(CalibrationError, match="errors"):
+        clopper_pearson_upper(6, 5, 0.1)
+
+
+def test_min_kept_and_min_escalation_rate() -> None:
+    # 0.8^10 = 0.107 > 0.1, 0.8^11 = 0.086 <= 0.1
+    assert min_kept(0.2, 0.1) == 11
+    # mu 0.4, alpha 0.2: escalate at least 0.2 / 0.8 = 25%
+    assert min_escalation_rate(0.4, 0.2) == pytest.approx(0.25)
+    assert min_escalation_rate(0.1, 0.2) == 0.0
+
+
+def _ranked(correct: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct confidences, most confident first, in the order given."""
+    n = len(correct)
+    return np.linspace(0.99, 0.01, n), np.asarray(correct)
+
+
+def test_scan_certifies_the_largest_coverage_before_the_first_failure() -> None:
+    # 60 right, then 25 wrong, then 500 right: a scan that went on would pass again deep in the
+    # third block; fixed-sequence testing must stop where the wrong block first breaks the bound.
+    correct = [True] * 60 + [False] * 25 + [True] * 500
+    conf, y = _ranked(correct)
+    cert = certify_threshold(conf, y, 0.2, 0.1)
+    # The expected stopping point, by the slow route (the bisected bound at every prefix).
+    last_pass = None
+    for kept in range(min_kept(0.2, 0.1), len(correct) + 1):
+        errors = correct[:kept].count(False)
+        if clopper_pearson_upper(errors, kept, 0.1) > 0.2:
+            break
+        last_pass = kept
+    assert last_pass is not None and 60 < last_pass < 85
+    assert cert.kept == last_pass
+    assert cert.threshold == pytest.approx(conf[last_pass - 1])
+    assert cert.coverage == pytest.approx(last_pass / len(correct))
+    assert cert.kept_errors == last_pass - 60
+    assert cert.bound is not None and cert.bound <= 0.2
+    # Keeping everything would also have a bound below 0.2 (25 errors of 585), unreachable here.
+    assert clopper_pearson_upper(25, 585, 0.1) < 0.2
+
+
+def test_scan_that_fails_at_its_first_test_certifies_nothing() -> None:
+    # Three errors among the 11 most confident: the first testable point fails, and the 400
+    # right answers below cannot rescue it.
+    correct = [True] * 8 + [False] * 3 + [True] * 400
+    conf, y = _ranked(correct)
+    cert = certify_threshold(conf, y, 0.2, 0.1)
+    assert not cert.certified
+    assert cert.threshold == math.inf and cert.coverage == 0.0 and cert.bound is None
+    assert "at least" not in cert.refusal()  # mu = 3 / 411 is under the target
+    assert "within the target" in cert.refusal()
+
+
+def test_infeasible_target_says_the_minimum_escalation_rate() -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.random(500)
+    y = rng.random(500) < 0.5  # confidence says nothing; error rate about 0.5
+    cert = certify_threshold(conf, y, 0.05, 0.1)
+    assert not cert.certified
+    mu = 1 - y.mean()
+    assert cert.error_rate == pytest.approx(mu)
+    assert cert.min_escalation_rate == pytest.approx((mu - 0.05) / 0.95)
+    assert f"{(mu - 0.05) / 0.95:.1%}" in cert.refusal()
+
+
+def test_ties_are_kept_together() -> None:
+    conf = np.array([0.9] * 20 + [0.5] * 20)
+    y = np.array([True] * 20 + [True] * 10 + [False] * 10)
+    cert = certify_threshold(conf, y, 0.2, 0.1)
+    assert cert.threshold == 0.9 and cert.kept == 20  # all of 0.5 would be 25% errors
+
+
+def test_cascade_certifies_each_tier_on_what_earlier_tiers_left() -> None:
+    rng = np.random.default_rng(1)
+    n = 2000
+    c1, c2 = rng.random(n), rng.random(n)
+    y1, y2 = rng.random(n) < c1, rng.random(n) < (0.3 + 0.7 * c2)
+    certs = certify_cascade([(c1, y1), (c2, y2)], 0.2, 0.1)
+    assert [c.delta for c in certs] == [0.05, 0.05]
+    first = certify_threshold(c1, y1, 0.2, 0.05)
+    assert certs[0] == first
+    left = ~(c1 >= first.threshold)
+    second = certify_threshold(c2[left], y2[left], 0.2, 0.05)
+    assert certs[1] == second and certs[1].n == int(left.sum())
+    assert certs[1].certified
+
+
+def test_cascade_refuses_tiers_of_different_sizes() -> None:
+    with pytest.raises(CalibrationError, match="same items"):
+        certify_cascade([([0.5, 0.6], [1, 0]), ([0.5], [1])], 0.2)
