@@ -309,7 +309,12 @@ class MCEvaluator:
 
     def score(self, model: torch.nn.Module) -> Scores:
         """Prediction and answer confidence of every item for the model's current weights."""
-        lps = self.letter_logprobs(model)
+        return self.score_logprobs(self.letter_logprobs(model))
+
+    def score_logprobs(self, lps: NDArray[np.float64]) -> Scores:
+        """Scores from the (n_items, n_columns) logprobs of the option-letter tokens
+        (`columns`), whichever engine computed them (the vLLM evaluator reads them from the
+        engine's first-token logprobs and scores them here, so both evaluators agree)."""
         conf = np.zeros(len(self.items))
         pred = np.zeros(len(self.items), np.int64)
         for i, item in enumerate(self.items):

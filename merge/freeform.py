@@ -214,6 +214,13 @@ class FreeFormEvaluator:
     ) -> FreeFormScores:
         """Reply, raw `mean` confidence and grade of every item for the model's weights."""
         tokens, logprobs = self.generate(model, on_batch)
+        return self.score_replies(tokens, logprobs)
+
+    def score_replies(
+        self, tokens: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]]
+    ) -> FreeFormScores:
+        """Scores of generated replies (token ids, the stop token included when reached, and
+        each token's temperature-1 logprob, in item order), whichever engine generated them."""
         stops = set(self.stop_ids)
         conf = np.zeros(len(self.items))
         correct = np.zeros(len(self.items), bool)
@@ -221,7 +228,7 @@ class FreeFormEvaluator:
         for i, item in enumerate(self.items):
             value = confidence_score(logprobs[i], FREE_FORM_METHOD)
             conf[i] = value if math.isfinite(value) else 0.0
-            body = tokens[i][:-1] if tokens[i] and tokens[i][-1] in stops else tokens[i]
+            body = list(tokens[i][:-1] if tokens[i] and tokens[i][-1] in stops else tokens[i])
             text = self.tokenizer.decode(body, skip_special_tokens=True)
             replies.append(text)
             aliases = [str(a) for a in item.get("aliases", [])]

@@ -23,7 +23,7 @@ from calibserve.merge.checkpoint import TOKENIZER_FILES, PairPlan, TensorPlan
 from calibserve.merge.interpolate import Method, SlerpStats, interpolate_into, slerp_stats
 from calibserve.merge.tensorfile import ShardLayout, read_rows, write_header, write_tensor_bytes
 
-__all__ = ["plan_shards", "write_model", "CHUNK_BYTES"]
+__all__ = ["plan_shards", "write_model", "compute_dtype", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 32 * 2**20  # bytes of one float64 chunk: bounds each of the 3 buffers
 EXTRA_FILES = ("generation_config.json",)
@@ -80,7 +80,9 @@ def _load(
     return dest
 
 
-def _compute_dtype(t: TensorPlan) -> torch.dtype:
+def compute_dtype(t: TensorPlan) -> torch.dtype:
+    """What a tensor is interpolated in (float32, float64 for float64 parents), whatever it is
+    stored in; the vLLM evaluator computes in it too, so the weights it sweeps are the written."""
     if t.base.torch_dtype == torch.float64 or t.aligned.torch_dtype == torch.float64:
         return torch.float64
     return torch.float32
@@ -88,7 +90,7 @@ def _compute_dtype(t: TensorPlan) -> torch.dtype:
 
 def _stats(ws: _Workspace, t: TensorPlan) -> SlerpStats:
     total = SlerpStats(0.0, 0.0, 0.0)
-    cd = _compute_dtype(t)
+    cd = compute_dtype(t)
     for start, stop in _row_chunks(t):
         a = _load(ws, "a", t, "base", start, stop, cd)
         b = _load(ws, "b", t, "aligned", start, stop, cd)
@@ -102,7 +104,7 @@ def _stream_tensor(f: Any, ws: _Workspace, t: TensorPlan, lam: float, method: Me
         for start, stop in _row_chunks(t):
             write_tensor_bytes(f, read_rows(t.aligned, start, stop))
         return
-    cd = _compute_dtype(t)
+    cd = compute_dtype(t)
     stats = _stats(ws, t) if method == "slerp" and lam not in (0.0, 1.0) else None
     for start, stop in _row_chunks(t):
         a = _load(ws, "a", t, "base", start, stop, cd)

