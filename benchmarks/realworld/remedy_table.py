@@ -11,6 +11,7 @@ Rows (names for `--rows`; paths under `$CALIBSERVE_HOME/realworld`, the layout
 | row | model | calibration |
 |---|---|---|
 | base | models/gemma-3-270m | none |
+| base-completion | models/gemma-3-270m, asked by /v1/completions | none |
 | aligned | models/gemma-3-270m-instruct | none |
 | aligned-calibrated | models/gemma-3-270m-instruct | calibrated/NAME/calibration.json (fitted) |
 | merge | gemma-merge/model | none (its calibration.json is not served) |
@@ -30,8 +31,13 @@ What each row is asked, and how it is scored
 - Prompt: the item's `question`, verbatim, as the one user message. That is how `calibserve tune`
   renders a short-answer training item (tune/data.py) and how `calibserve merge` scores short
   answers at every lambda (merge/freeform.py), so every row is asked what its training and
-  selection asked. (serve_eval.py appends "Answer in a few words." for SmolLM2, which was tuned
-  on other data.) Greedy (temperature 0), `--max-tokens` 16, no logprobs asked: the client reads
+  selection asked. The exception is `base-completion`: a base model was never taught to answer
+  a chat turn (under the chat template it repeats the question), so it is also asked as a
+  plain-text completion, `Question: {question}\nAnswer:`, read to the first newline, through
+  `/v1/completions` (what a user of a base model does; the merge's sweep asks every lambda in
+  chat form, so the `base` row is the sweep's lambda = 0). (serve_eval.py appends "Answer in a
+  few words." for SmolLM2, which was tuned on other data.) Greedy (temperature 0),
+  `--max-tokens` 16, no logprobs asked: the client reads
   `choices[0].confidence = {score, raw, method, calibrated}` as any user would.
 - Grade: `calibration.grading.contains_answer` (`contains`: the gold or an alias as a whole-word
   run of the reply's first line), the grader the merge and the calibrate step use.
@@ -125,9 +131,13 @@ from benchmarks.realworld.remedy_report import (
 __all__ = ["ROWS", "ConfigError", "RowSpec", "default_rows", "load_config", "main"]
 
 GRADER = "calibserve.calibration.grading:contains_answer"
-ROWS: tuple[str, ...] = ("base", "aligned", "aligned-calibrated", "merge", "merge-calibrated",
-                         "cft", "rcft", "label-free")
-SPEC_KEYS = ("label", "model", "calibration", "chat_template", "fit", "costs", "build")
+ROWS: tuple[str, ...] = ("base", "base-completion", "aligned", "aligned-calibrated", "merge",
+                         "merge-calibrated", "cft", "rcft", "label-free")
+SPEC_KEYS = ("label", "model", "calibration", "chat_template", "completion", "fit", "costs",
+             "build")
+# How a base model is asked a question it was never tuned to answer in a chat: plain text,
+# the reply read to the first newline (the form of the issue's 0.41 measurement).
+BASE_COMPLETION = "Question: {question}\nAnswer:"
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -142,6 +152,7 @@ class RowSpec:
     model: Path
     calibration: Path | None = None
     chat_template: str | None = None  # a built-in name or a file, for a model without one
+    completion: str | None = None  # ask by /v1/completions with this `{question}` template
     fit: Path | None = None  # fit `calibration` here from this data directory when missing
     costs: tuple[Path, ...] = ()  # train_info.json / merge report.json / cost records
     build: str = ""  # the command that builds the row
@@ -177,6 +188,9 @@ def default_rows(realworld: Path, merge_dir: Path, data: Path) -> dict[str, RowS
     merge_report = merge_dir / "report.json"
     rows = [
         RowSpec("base", "base (raw)", base, chat_template="gemma",
+                build="python -m benchmarks.realworld.fetch --only gemma3"),
+        RowSpec("base-completion", "base, completion prompt (raw)", base,
+                completion=BASE_COMPLETION,
                 build="python -m benchmarks.realworld.fetch --only gemma3"),
         RowSpec("aligned", "aligned, raw", aligned, costs=(aligned_info,),
                 build=f"{tune} ({pair})"),
@@ -219,6 +233,10 @@ def _setting(key: str, value: Any, where: str, as_path: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where} must be a built-in name or a file")
         return value
+    if key == "completion":
+        if value is not None and (not isinstance(value, str) or "{question}" not in value):
+            raise ConfigError(f"{where} must be a prompt template holding {{question}}")
+        return value
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string")
     return value
@@ -226,7 +244,8 @@ def _setting(key: str, value: Any, where: str, as_path: Any) -> Any:
 
 def load_config(path: Path, rows: Mapping[str, RowSpec]) -> dict[str, RowSpec]:
     """`rows` with the overrides of a YAML/JSON mapping `row -> {key: value}` (keys: label,
-    model, calibration (null: none), chat_template, fit (a data directory; null: no fit), costs
+    model, calibration (null: none), chat_template, completion (a `{question}` prompt template:
+    the row is asked by /v1/completions), fit (a data directory; null: no fit), costs
     (a list), build); a new row name needs `model`. Relative paths are resolved against the
     file's directory."""
     try:
@@ -409,7 +428,7 @@ def _classify(run: Run, row: Row) -> None:
     if spec.calibration is not None and not spec.calibration.is_file() and spec.fit is None:
         row.status = "not built"
         return
-    if not has_chat_template(spec.model) and spec.chat_template is None:
+    if not has_chat_template(spec.model) and spec.chat_template is None and not spec.completion:
         row.status, row.error = "failed", ("the checkpoint has no chat template; give the row "
                                            "a chat_template (--config)")
         return
@@ -421,6 +440,7 @@ def _classify(run: Run, row: Row) -> None:
         "model": model_identity(spec.model),
         "calibration_sha256": _sha256(spec.calibration) if spec.calibration else None,
         "chat_template_sha256": _sha256(template) if template else None,
+        **({"completion": spec.completion} if spec.completion else {}),
     }
     recorded = row.dir / "served.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != row.identity:
@@ -553,7 +573,8 @@ def _drive_row(run: Run, row: Row, url: str) -> None:
     with cost.measure() as m:
         try:
             drive(url, row.spec.name, prompts, row.answers, max_tokens=run.max_tokens,
-                  concurrency=run.concurrency, desc=row.spec.name)
+                  concurrency=run.concurrency, desc=row.spec.name,
+                  completion=row.spec.completion)
         except Exception as exc:  # an answer without a confidence, a refused request
             row.status, row.error = "failed", f"{type(exc).__name__}: {exc}"
         after = len(done_keys(row.answers) & set(prompts))

@@ -133,7 +133,7 @@ def done_keys(path: Path) -> set[int]:
 
 
 async def _drive(url: str, model: str, prompts: Mapping[int, str], out: Path, max_tokens: int,
-                 concurrency: int, desc: str) -> None:
+                 concurrency: int, desc: str, completion: str | None) -> None:
     import openai
     from tqdm import tqdm
 
@@ -144,15 +144,24 @@ async def _drive(url: str, model: str, prompts: Mapping[int, str], out: Path, ma
 
     async def one(i: int, prompt: str) -> dict[str, Any]:
         async with gate:
-            resp = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}],
-                max_tokens=max_tokens, temperature=0.0,
-            )
-        choice = resp.choices[0]
+            if completion is None:
+                chat = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens, temperature=0.0,
+                )
+                choice: Any = chat.choices[0]
+                reply = choice.message.content or ""
+            else:  # a base model: the question inside a plain-text prompt, one line back
+                done = await client.completions.create(
+                    model=model, prompt=completion.format(question=prompt),
+                    max_tokens=max_tokens, temperature=0.0, stop=["\n"],
+                )
+                choice = done.choices[0]
+                reply = choice.text or ""
         conf = (choice.model_extra or {}).get("confidence")
         if not isinstance(conf, dict):
             raise ServeFailed(f"item {i}: the response has no confidence: {choice}")
-        return {"i": i, "reply": choice.message.content or "", "confidence": conf}
+        return {"i": i, "reply": reply, "confidence": conf}
 
     with out.open("a") as fh:
         tasks = [asyncio.create_task(one(i, p)) for i, p in prompts.items()]
@@ -169,8 +178,10 @@ async def _drive(url: str, model: str, prompts: Mapping[int, str], out: Path, ma
 
 
 def drive(url: str, model: str, prompts: Mapping[int, str], out: Path, *, max_tokens: int,
-          concurrency: int = 8, desc: str = "served") -> None:
-    """Send every prompt not yet in `out` as one user chat message; append each answer."""
+          concurrency: int = 8, desc: str = "served", completion: str | None = None) -> None:
+    """Send every prompt not yet in `out` as one user chat message (or, with `completion`, a
+    template holding `{question}`, as a `/v1/completions` prompt that stops at the first
+    newline); append each answer."""
     todo = {i: p for i, p in prompts.items() if i not in done_keys(out)}
     if todo:
-        asyncio.run(_drive(url, model, todo, out, max_tokens, concurrency, desc))
+        asyncio.run(_drive(url, model, todo, out, max_tokens, concurrency, desc, completion))

@@ -216,6 +216,15 @@ def test_a_model_without_any_template_fails_its_row_only(tmp_path: Path) -> None
     assert cft["status"] == "not built"
 
 
+def test_a_completion_row_needs_no_chat_template(tmp_path: Path) -> None:
+    # The base checkpoint has none; asked by /v1/completions it is not refused (only unasked).
+    w = _world(tmp_path, n=4)
+    out = tmp_path / "t"
+    assert remedy_table.main(_argv(w, out, "--report-only", "--rows", "base-completion")) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["status"] == "incomplete" and "error" not in row
+
+
 def test_config_overrides_rows(tmp_path: Path) -> None:
     w = _world(tmp_path)
     cfg = tmp_path / "rows.yaml"
@@ -235,6 +244,7 @@ def test_config_overrides_rows(tmp_path: Path) -> None:
     ("newrow: {label: x}", "needs a model"),
     ("aligned: {calibration: null, fit: /d}", "fit needs a calibration"),
     ("aligned: {costs: x}", "list of paths"),
+    ("base: {completion: 'Q: A:'}", "{question}"),
     ("- a\n- b", "top level"),
 ])
 def test_bad_config_exits_2_naming_it(tmp_path: Path, text: str, why: str,
@@ -338,13 +348,21 @@ def test_demo_rows_served_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     cfg.write_text(json.dumps({
         "aligned": {"model": str(demo_dir / "aligned"), "costs": []},
         "aligned-calibrated": {"model": str(demo_dir / "aligned"), "calibration": str(cal),
-                               "fit": str(fit_data), "costs": []}}))
+                               "fit": str(fit_data), "costs": []},
+        "as-completion": {"model": str(demo_dir / "aligned"), "costs": [],
+                          "completion": "Question: {question}\nAnswer:"}}))
     out = tmp_path / "table"
     argv = ["--config", str(cfg), "--data", str(demo_dir / "data"), "--rows",
-            "aligned,aligned-calibrated", "--limit", "12", "--out", str(out)]
+            "aligned,aligned-calibrated,as-completion", "--limit", "12", "--out", str(out)]
     assert remedy_table.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    raw, fitted = results["rows"]
+    raw, fitted, completion = results["rows"]
+    # Asked through /v1/completions on the same engine: every item answered, each with the
+    # served confidence, one line each (the prompt stops at the first newline).
+    assert completion["status"] == "measured" and completion["metrics"]["n"] == 12
+    served = [json.loads(x) for x in
+              (out / "rows" / "as-completion" / "answers.jsonl").read_text().splitlines()]
+    assert all("\n" not in a["reply"] and 0 <= a["confidence"]["score"] <= 1 for a in served)
     assert raw["status"] == fitted["status"] == "measured"
     assert raw["metrics"]["n"] == fitted["metrics"]["n"] == 12
     assert raw["metrics"]["calibrated_share"] == 0.0  # no calibration.json served
@@ -358,7 +376,8 @@ def test_demo_rows_served_end_to_end(demo_dir: Path, tmp_path: Path) -> None:
     assert [p["step"] for p in fitted["build_cost"]["parts"]] == ["calibrate"]
     assert raw["eval_cost"]["cpu_s"] > 0  # minutes round to 0.00 on a fast machine
     starts = results["engine_starts"]
-    assert len(starts) == 1 and starts[0]["rows"] == ["aligned", "aligned-calibrated"]
+    assert len(starts) == 1
+    assert starts[0]["rows"] == ["aligned", "aligned-calibrated", "as-completion"]
     answers = (out / "rows" / "aligned" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 12
     assert remedy_table.main(argv) == 0  # everything recorded: no engine, same table
