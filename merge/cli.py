@@ -90,6 +90,11 @@ class CalibratorName(StrEnum):
     isotonic = "isotonic"
 
 
+class Evaluator(StrEnum):
+    transformers = "transformers"
+    vllm = "vllm"
+
+
 class DType(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -198,6 +203,36 @@ def merge_command(
                 "engine on the written checkpoint. Default: on when --data has short-answer "
                 "items and vLLM can run, off otherwise."),
         ] = None,
+        evaluator: Annotated[
+            Evaluator, typer.Option(
+                "--evaluator",
+                help="What scores the sweep: vllm (the engine that serves the merge, weights set "
+                "in place on every worker; needs vLLM) or transformers (in-process, the "
+                "reference: three copies of the weights on one device)."),
+        ] = Evaluator.transformers,
+        tensor_parallel_size: Annotated[
+            int, typer.Option("--tensor-parallel-size",
+                              help="Devices the vLLM evaluator's engine shards the model over.")
+        ] = 1,
+        gpu_memory_utilization: Annotated[
+            float | None, typer.Option(
+                "--gpu-memory-utilization",
+                help="Fraction of each GPU the vLLM evaluator's engine may take (weights and "
+                "KV cache); default 0.9 on a GPU, 0.3 of host RAM on CPU, where the KV cache is "
+                "VLLM_CPU_KVCACHE_SPACE GiB (default 1).")
+        ] = None,
+        dry_run: Annotated[
+            bool, typer.Option(
+                "--dry-run",
+                help="Print the memory plan (bytes per device: weights, parents, KV cache, per "
+                "evaluator and tensor-parallel size) from the configs alone, and stop.")
+        ] = False,
+        device_memory: Annotated[
+            str | None, typer.Option(
+                "--device-memory",
+                help="Memory of one device for the plan, e.g. 80GB (default: what torch sees "
+                "on the GPU, else the host's RAM).")
+        ] = None,
         label_free: Annotated[
             bool, typer.Option(
                 "--label-free",
@@ -243,7 +278,19 @@ def merge_command(
                 grader=grader,
                 max_new_tokens=max_new_tokens,
                 label_free=label_free,
+                evaluator=evaluator.value,
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
             )
+            if dry_run or evaluator is Evaluator.vllm:
+                from calibserve.merge.memory_plan import check_plan
+
+                report = check_plan(config, device_memory, refuse=not dry_run)
+                if dry_run:
+                    typer.echo(report)
+                    return
+                if evaluator is Evaluator.vllm and (why := engine_check()) is not None:
+                    raise InvalidConfig(why, "--evaluator")
             if label_free and free_form is None:
                 fit, line = False, ("free-form fit: off (--label-free: the free-form methods "
                                     "need graded answers; --free-form fits them anyway)")

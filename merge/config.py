@@ -33,6 +33,7 @@ __all__ = [
     "build_config",
     "SELECT_RULES",
     "OBJECTIVES",
+    "EVALUATORS",
     "parse_select",
 ]
 
@@ -75,7 +76,12 @@ FLAG_NAMES: dict[str, str] = {
     "max_new_tokens": "--max-new-tokens",
     "short_answers": "--short-answers",
     "label_free": "--label-free",
+    "evaluator": "--evaluator",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
 }
+# What scores the sweep: the engine that serves (vllm) or transformers in-process (the reference).
+EVALUATORS: tuple[str, ...] = ("transformers", "vllm")
 
 
 def parse_select(spec: str) -> tuple[str, str]:
@@ -210,6 +216,26 @@ class MergeConfig(BaseModel):
     # The option-letter map fitted with no labels: DACA against the base at the chosen lambda
     # (merge/calibrate.py `fit_label_free`); the calibrate split's answers are not read.
     label_free: bool = False
+    # Who computes the sweep's logprobs (merge/backends.py); the engine's parallelism and the
+    # fraction of device memory it may take (on CPU vLLM sizes its KV cache by
+    # VLLM_CPU_KVCACHE_SPACE instead, merge/engine.py).
+    evaluator: Literal["transformers", "vllm"] = "transformers"
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # None: 0.9 on a GPU, 0.3 on CPU (there it is a fraction of host RAM checked against free
+    # memory at start, which 0.9 fails on a shared machine).
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _evaluator_options(self) -> MergeConfig:
+        if self.evaluator == "vllm" and self.diversity:
+            raise InvalidConfig("diversity is measured by the transformers evaluator only; "
+                                "drop --diversity or pass --evaluator transformers",
+                                "--diversity")
+        if self.evaluator == "transformers" and self.tensor_parallel_size != 1:
+            raise InvalidConfig("tensor parallelism needs the vLLM evaluator (--evaluator "
+                                "vllm); the transformers evaluator runs on one device",
+                                "--tensor-parallel-size")
+        return self
 
     @model_validator(mode="after")
     def _label_free_family(self) -> MergeConfig:

@@ -83,7 +83,7 @@ def run_merge(config: MergeConfig, progress: bool = True,
 def _sweep(s: Session, console: Console, show: bool) -> tuple[list[Point], list[float]]:
     """The grid, then (optionally) one refinement round around the frontier."""
     c = s.prepared.config
-    ff = s.free_form.get("select")
+    ff = s.prepared.short_items.get("select")
     with sweep_progress(console, show) as prog:
         task = prog.add_task(f"sweeping {c.method} lambda", total=len(c.grid))
         # The short answers are most of a point's time: their generation has its own bar.
@@ -157,10 +157,19 @@ def _run(p: Prepared, work: Path, console: Console, show: bool) -> dict[str, Any
     c = p.config
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with console.status("loading both parents") if show else contextlib.nullcontext():
+    what = "starting the vLLM engine" if c.evaluator == "vllm" else "loading both parents"
+    with console.status(what) if show else contextlib.nullcontext():
         s = load_session(p, work)
     timings["load_s"] = time.perf_counter() - t0
+    try:
+        return _run_loaded(p, s, work, console, show, timings)
+    finally:
+        s.close()  # the engine's processes end before anything else (the free-form fit) starts
 
+
+def _run_loaded(p: Prepared, s: Session, work: Path, console: Console, show: bool,
+                timings: dict[str, float]) -> dict[str, Any]:
+    c = p.config
     t0 = time.perf_counter()
     points, refined = _sweep(s, console, show)
     computed = [q for q in points if not q.cached]
