@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -39,6 +40,8 @@ EXTENSION = "calibserve.merge.engine_worker.InterpolationExtension"
 MAX_LETTER_TOKENS = 128
 # On CPU, vLLM's KV cache is sized by this variable (GiB), not by memory utilisation.
 CPU_KV_CACHE_GIB = "1"
+GPU_MEMORY_UTILIZATION = 0.9
+CPU_MEMORY_UTILIZATION = 0.3
 
 
 class WeightUpdateError(MergeError):
@@ -61,12 +64,13 @@ class EngineSettings:
     dtype: str = "float32"
     tensor_parallel_size: int = 1
     max_model_len: int = 256
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU, 0.3 on CPU
     seed: int = 0
     enforce_eager: bool = True
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here (no GPU that torch sees)."""
     try:
         import torch
 
@@ -81,17 +85,18 @@ class VllmEvaluator:
     def __init__(self, base: Path, aligned: Path, method: str, settings: EngineSettings) -> None:
         from vllm import LLM
 
-        if _on_cpu():
+        if on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         self.settings = settings
         try:
             self.llm = LLM(
                 model=str(aligned),
                 tokenizer=str(aligned),
-                dtype=settings.dtype,
+                dtype=settings.dtype,  # type: ignore[arg-type]  # checked by MergeConfig
                 tensor_parallel_size=settings.tensor_parallel_size,
                 max_model_len=settings.max_model_len,
-                gpu_memory_utilization=settings.gpu_memory_utilization,
+                gpu_memory_utilization=settings.gpu_memory_utilization
+                or (CPU_MEMORY_UTILIZATION if on_cpu() else GPU_MEMORY_UTILIZATION),
                 enforce_eager=settings.enforce_eager,
                 enable_prefix_caching=False,
                 seed=settings.seed,
@@ -140,7 +145,8 @@ class VllmEvaluator:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         lps = np.full((len(mc.prompts), len(mc.columns)), -math.inf)
         for i, out in enumerate(outs):
-            first = out.outputs[0].logprobs[0]
+            steps: Any = out.outputs[0].logprobs
+            first = steps[0]
             for k, tok in enumerate(mc.columns):
                 if tok in first:
                     lps[i, k] = float(first[tok].logprob)
@@ -167,8 +173,9 @@ class VllmEvaluator:
             o = out.outputs[0]
             ids = list(o.token_ids)
             tokens.append(ids)
-            logprobs.append([float(step[t].logprob) for t, step in zip(ids, o.logprobs or [],
-                                                                         strict=True)])
+            steps = o.logprobs or []
+            logprobs.append([float(step[t].logprob)  # type: ignore[index]
+                             for t, step in zip(ids, steps, strict=True)])
         if on_batch is not None:
             on_batch(len(outs))
         return tokens, logprobs

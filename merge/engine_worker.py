@@ -104,7 +104,7 @@ class InterpolationExtension:
         want = {name for name, _ in model.named_parameters()}
         initialize_layerwise_reload(model)
         loaded = model.load_weights(feed())
-        finalize_layerwise_reload(model, runner.vllm_config.model_config)
+        finalize_layerwise_reload(model, runner.vllm_config.model_config)  # type: ignore[no-untyped-call]
         for reset in ("reset_encoder_cache", "reset_mm_cache"):
             if hasattr(runner, reset):
                 getattr(runner, reset)()
