@@ -88,7 +88,10 @@ def estimate_params(cfg: dict[str, Any]) -> ModelSize:
     inter = int(t.get("intermediate_size") or 4 * h)
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
     mlp = 3 * h * inter  # gated (gate, up, down)
-    norms = 4 * h + 2 * hd  # input/post norms, and q/k norms where the model has them
+    kind = str(t.get("model_type", ""))
+    # Llama-style: two norms a layer; Gemma 2 adds two post-norms, Gemma 3 also q/k norms.
+    norms = 4 * h + 2 * hd if kind.startswith("gemma3") else 4 * h if kind.startswith(
+        "gemma") else 2 * h
     embed = vocab * h
     tied = bool(cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", True)))
     total = layers * (attn + mlp + norms) + embed * (1 if tied else 2) + h
@@ -160,7 +163,7 @@ def plan_rows(size: ModelSize, dtype: str, tp_sizes: tuple[int, ...],
 
 
 def _gb(n: int) -> str:
-    return f"{n / GB:.1f} GB"
+    return f"{n / GB:.1f} GB" if n >= GB // 10 else f"{n / 10**6:.1f} MB"
 
 
 def _device_memory(spec: str | None, on_gpu: bool) -> tuple[int, str]:
@@ -201,10 +204,11 @@ def check_plan(config: MergeConfig, device_memory: str | None, refuse: bool) -> 
         cpu_kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30)
     tps = tuple(sorted({*TP_SIZES, config.tensor_parallel_size}))
     rows = plan_rows(size, dtype, tps, cpu_kv)
+    share = (f"the vLLM engine may take {util:g} of it, --gpu-memory-utilization" if util < 1
+             else "vLLM's CPU KV cache is VLLM_CPU_KVCACHE_SPACE GiB")
     lines = [
-        f"memory plan, bytes per device ({size.params / 1e9:.2f} B parameters from "
-        f"{size.source}, {dtype}; device memory {_gb(memory)} from {where}; the vLLM engine "
-        f"may take {util:g} of it, --gpu-memory-utilization)",
+        f"memory plan, bytes per device ({size.params / 1e6:,.1f} M parameters from "
+        f"{size.source}, {dtype}; device memory {_gb(memory)} from {where}; {share})",
         f"{'evaluator':<13}{'TP':>3}  {'weights':>10}{'parents':>10}{'reload':>10}"
         f"{'KV cache':>10}{'total':>10}  fits",
     ]
