@@ -68,6 +68,7 @@ from calibserve.calibration.metrics import (
     rms_ce,
 )
 from calibserve.calibration.risk import (
+    DEFAULT_TARGET_ACCURACIES,
     RiskCoverage,
     aurc,
     auroc,
@@ -162,6 +163,7 @@ __all__ = [
     "RULES",
     "pareto_frontier",
     "select_point",
+    "DEFAULT_TARGET_ACCURACIES",
     "RiskCoverage",
     "risk_coverage",
     "aurc",

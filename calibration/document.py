@@ -47,6 +47,7 @@ from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
 from calibserve.calibration.confidence import DEFAULT_OPTIONS
 from calibserve.calibration.confidence import METHODS as TOKEN_STATISTICS
 from calibserve.calibration.errors import CalibrationError
+from calibserve.calibration.guarantee import Certificate
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS as METHODS,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "SUPPORTED_VERSIONS",
     "CalibrationDocument",
     "FitMetrics",
+    "Guarantee",
     "MergeInfo",
     "MethodCalibration",
     "MethodParams",
@@ -178,6 +180,50 @@ class Threshold(_Sparse):
         return None if v is None else _probability(v)
 
 
+class Guarantee(_Sparse):
+    """A threshold certified by `calibration.guarantee.certify_threshold`: with probability at
+    least 1 - `delta`, answers kept at or above `threshold` are wrong at most `max_error` of the
+    time, on traffic exchangeable with the `n` items it was certified on. `kept` of them were
+    kept (`coverage` = kept / n), `kept_errors` of those wrong, and `bound` is their exact
+    (Clopper-Pearson) upper bound at 1 - delta. `tier` and `tiers`: its place in a cascade
+    (`calibserve certify`), where `n` counts the items the earlier tiers did not keep."""
+
+    max_error: float
+    delta: float
+    threshold: float
+    coverage: float
+    bound: float
+    n: int = Field(ge=1)
+    kept: int = Field(ge=1)
+    kept_errors: int = Field(ge=0)
+    tier: int | None = Field(default=None, ge=0)
+    tiers: int | None = Field(default=None, ge=1)
+    after: list[str] | None = None  # cascade: the earlier tiers, primary first
+
+    @field_validator("max_error", "delta", "threshold", "coverage", "bound")
+    @classmethod
+    def _in_unit(cls, v: float) -> float:
+        return _probability(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Guarantee:
+        if self.kept > self.n or self.kept_errors > self.kept:
+            raise ValueError("needs kept_errors <= kept <= n")
+        if self.bound > self.max_error + 1e-12:
+            raise ValueError(f"bound {self.bound} is above max_error {self.max_error}: "
+                             "not a certificate")
+        return self
+
+    @classmethod
+    def from_certificate(cls, cert: Certificate, **cascade: Any) -> Guarantee:
+        """The document's record of a certified `Certificate` (ValueError when it is not)."""
+        if not cert.certified or cert.bound is None:
+            raise ValueError("nothing was certified: " + cert.refusal())
+        return cls(max_error=cert.max_error, delta=cert.delta, threshold=cert.threshold,
+                   coverage=cert.coverage, bound=cert.bound, n=cert.n, kept=cert.kept,
+                   kept_errors=cert.kept_errors, **cascade)
+
+
 class FitMetrics(_Sparse):
     """How the method's calibrator did on the data it was fitted on."""
 
@@ -232,7 +278,25 @@ class MethodCalibration(_Model):
     params: MethodParams = MethodParams()
     calibrator: dict[str, Any] | None = None
     thresholds: list[Threshold] = []
+    # Certified thresholds (`--threshold guaranteed`), one per max_error; written only when any.
+    guarantees: list[Guarantee] = []
     fit: FitMetrics | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_guarantees(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not data.get("guarantees"):
+            data.pop("guarantees", None)
+        return data
+
+    def guarantee_for(self, max_error: float | None = None) -> Guarantee | None:
+        """The certificate for `max_error`: exactly it, else the one with the largest
+        max_error below it (stricter: more escalation); None: the strictest on record."""
+        entries = sorted(self.guarantees, key=lambda g: g.max_error)
+        if max_error is None:
+            return entries[0] if entries else None
+        fitting = [g for g in entries if g.max_error <= max_error + 1e-9]
+        return fitting[-1] if fitting else None
 
     @field_validator("calibrator")
     @classmethod

@@ -16,6 +16,7 @@ from calibserve.calibration._inputs import FloatArray, as_confidences, as_pair
 from calibserve.calibration.errors import CalibrationError, DegenerateDataError
 
 __all__ = [
+    "DEFAULT_TARGET_ACCURACIES",
     "RiskCoverage",
     "risk_coverage",
     "aurc",
@@ -23,6 +24,10 @@ __all__ = [
     "threshold_for_accuracy",
     "threshold_for_rate",
 ]
+
+
+# The accuracy targets merge and `calibserve calibrate` store thresholds for when none are given.
+DEFAULT_TARGET_ACCURACIES: tuple[float, ...] = (0.7, 0.8, 0.9)
 
 
 class RiskCoverage(NamedTuple):

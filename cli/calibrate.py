@@ -27,7 +27,10 @@ from typing import Annotated
 
 import typer
 
+from calibserve.calibration.certified import GuaranteeTargets
 from calibserve.calibration.document import PROBES_FILE
+from calibserve.calibration.guarantee import DEFAULT_DELTA
+from calibserve.calibration.risk import DEFAULT_TARGET_ACCURACIES
 from calibserve.merge.cli import CalibratorName
 from calibserve.publish import write_atomic
 
@@ -47,7 +50,15 @@ def calibrate(
     ] = CalibratorName.auto,
     target_accuracy: Annotated[list[float] | None, typer.Option(
         "--target-accuracy", help="accuracy targets to store thresholds for (repeatable) "
-        "[default: 0.7 0.8 0.9]")] = None,
+        f"[default: {' '.join(f'{t:g}' for t in DEFAULT_TARGET_ACCURACIES)}]")] = None,
+    max_error: Annotated[list[float] | None, typer.Option(
+        "--max-error", help="also certify, per method, the threshold whose kept answers are "
+        "wrong at most this often with probability 1 - --delta (repeatable; serve it with "
+        "--threshold guaranteed; README: certified thresholds); a target no threshold can "
+        "certify is refused")] = None,
+    delta: Annotated[float, typer.Option(
+        "--delta", help="with --max-error: the chance the certificate may be wrong")
+    ] = DEFAULT_DELTA,
     grader: Annotated[str | None, typer.Option(
         "--grader", help="short-answer grader: exact (default), contains, or module:function, "
         "called (reply, gold, aliases) -> bool")] = None,
@@ -89,10 +100,14 @@ def calibrate(
     from calibserve.serve_fit import ServeFitError, calibrate_with_serving, load_grader
 
     if label_free or reference is not None:
+        if max_error:
+            _refuse("--max-error", "a label-free fit has no thresholds: a certified error rate "
+                    "needs labelled data")
         _calibrate_label_free(model, data, out, reference, label_free, calibrator,
                               target_accuracy, overwrite)
         return
-    targets = target_accuracy if target_accuracy else [0.7, 0.8, 0.9]
+    targets = target_accuracy if target_accuracy else list(DEFAULT_TARGET_ACCURACIES)
+    guarantees = _guarantee_targets(max_error, delta)
     try:
         check_inputs(model, data, out, calibrator.value, targets, overwrite)
         try:
@@ -108,9 +123,10 @@ def calibrate(
             doc = calibrate_with_serving(
                 model, data, out, calibrator.value, targets, grader=grade, upstream=upstream,
                 max_tokens=max_tokens, verify=verify, consistency=consistency,
-                consistency_k=consistency_k, free_form=free_form_method)
+                consistency_k=consistency_k, free_form=free_form_method, guarantees=guarantees)
         else:
-            doc = calibrate_checkpoint(model, data, out, calibrator.value, targets)
+            doc = calibrate_checkpoint(model, data, out, calibrator.value, targets,
+                                       guarantees=guarantees)
     except MergeError as exc:
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
@@ -139,9 +155,25 @@ def calibrate(
                    f"{fit.n} calibrate items {fit.ece_raw:.3f} raw -> {fit.ece_calibrated:.3f} "
                    f"calibrated (accuracy {fit.accuracy if fit.accuracy is not None else 0:.3f}"
                    f"{area})")
+        for g in entry.guarantees:
+            typer.echo(f"{out}: {name}: certified threshold {g.threshold:.4f} for max_error "
+                       f"{g.max_error:g} (delta {g.delta:g}): keeps {g.coverage:.1%} of {g.n} "
+                       f"items, {g.kept_errors} of {g.kept} kept wrong, upper bound "
+                       f"{g.bound:.4f}")
     for note in (doc.metrics.get("short_answer") or {}).get("notes") or []:
         typer.echo(f"{out}: note: {note}")
     typer.echo(f"{out}: multiple_choice={doc.multiple_choice} free_form={doc.free_form}")
+
+
+def _guarantee_targets(max_error: list[float] | None, delta: float) -> GuaranteeTargets:
+    """`--max-error` / `--delta` as the fit's certification targets (bad values: exit 2)."""
+    from calibserve.calibration import CalibrationError
+
+    try:
+        return GuaranteeTargets(tuple(max_error or ()), delta)
+    except CalibrationError as exc:
+        _refuse("--delta" if "delta" in str(exc) else "--max-error", str(exc))
+        raise AssertionError("unreachable") from exc
 
 
 def _refuse(param: str, message: str) -> None:

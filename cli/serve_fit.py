@@ -66,6 +66,7 @@ import httpx
 import numpy as np
 
 from calibserve.calibration import (
+    DEFAULT_TARGET_ACCURACIES,
     N_BINS,
     CalibrationDocument,
     DegenerateDataError,
@@ -85,6 +86,12 @@ from calibserve.calibration import (
     verdict_tokens,
 )
 from calibserve.calibration.answers import Grader, exact_match, option_letter
+from calibserve.calibration.certified import (
+    NO_GUARANTEES,
+    GuaranteeTargets,
+    certified_thresholds,
+    refusals,
+)
 from calibserve.calibration.grading import load_grader
 from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
 from calibserve.calibration.methods import NO_LETTER
@@ -378,7 +385,8 @@ def _sample(items: Sequence[Mapping[str, Any]], replies: Sequence[Reply], method
 
 
 def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: MethodParams,
-                method: str, n_bins: int, seed: int) -> MethodCalibration:
+                method: str, n_bins: int, seed: int,
+                guarantees: GuaranteeTargets = NO_GUARANTEES) -> MethodCalibration:
     raw, correct = sample.raw, sample.correct
     families = None if kind == "auto" else [kind]
     notes = [n for n in [sample.note(method)] if n]
@@ -393,6 +401,9 @@ def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: Me
     calibrated = choice.apply(raw)
     fitted = choice.family != "identity"
     thresholds, unreachable = thresholds_for(calibrated, correct, targets) if fitted else ([], [])
+    certified, uncertified = (certified_thresholds(calibrated, correct, guarantees) if fitted
+                              else ([], []))
+    notes += uncertified
     area = auroc(raw, correct)
     fit = FitMetrics(
         n=int(raw.size), ece_raw=ece(raw, correct, n_bins),
@@ -407,6 +418,7 @@ def _method_fit(sample: _Sample, kind: str, targets: Sequence[float], params: Me
         params=params,
         calibrator=choice.calibrator.to_dict() if fitted else None,
         thresholds=[Threshold.model_validate(t) for t in thresholds],
+        guarantees=certified,
         fit=fit,
     )
 
@@ -457,7 +469,7 @@ def fit_free_form(
     *,
     grader: Grader = exact_match,
     kind: str = "auto",
-    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    targets: Sequence[float] = DEFAULT_TARGET_ACCURACIES,
     methods: Sequence[str] | None = None,
     q: float = 0.1,
     n_bins: int = N_BINS,
@@ -466,6 +478,7 @@ def fit_free_form(
     test_passes: Mapping[str, Split] | None = None,
     params: Mapping[str, MethodParams] | None = None,
     free_form: str | None = None,
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> FreeFormFit:
     """One calibrator per method on (raw, graded) of the calibrate replies; `free_form` the
     fitted method of highest AUROC (or the one forced); per-method report on both splits.
@@ -490,8 +503,8 @@ def fit_free_form(
                          f"({', '.join(methods)})")
     given = dict(params or {})
     samples = {m: _sample(*passes.get(m, calibrate), m, grader, q) for m in methods}
-    entries = {m: _method_fit(samples[m], kind, targets, _params(m, q, given), m, n_bins, seed)
-               for m in methods}
+    entries = {m: _method_fit(samples[m], kind, targets, _params(m, q, given), m, n_bins, seed,
+                              guarantees) for m in methods}
     fitted = [m for m in methods if entries[m].calibrated]
     aucs = {m: auroc(samples[m].raw, samples[m].correct) if samples[m].raw.size else math.nan
             for m in methods}
@@ -560,9 +573,10 @@ def fit_no_letter(
     test: Split | None = None,
     *,
     kind: str = "auto",
-    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    targets: Sequence[float] = DEFAULT_TARGET_ACCURACIES,
     n_bins: int = N_BINS,
     seed: int = 0,
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> tuple[MethodCalibration, dict[str, Any]]:
     """`no_letter`'s entry, fitted on the multiple-choice (items, replies) the server scored by
     it (module docstring), and its report: per split, the items asked, the replies without a
@@ -576,7 +590,8 @@ def fit_no_letter(
                    f"option letter (fewer than {MIN_NO_LETTER}): no map, such replies are "
                    "served calibrated: false"]))
     else:
-        entry = _method_fit(sample, kind, targets, MethodParams(), NO_LETTER, n_bins, seed)
+        entry = _method_fit(sample, kind, targets, MethodParams(), NO_LETTER, n_bins, seed,
+                            guarantees)
     report["calibrate"].update(_report({NO_LETTER: sample}, {NO_LETTER: entry}, n_bins)[NO_LETTER])
     if test is not None and len(test[0]):
         held = _letterless(*test)
@@ -669,7 +684,7 @@ def serve_and_fit(
     *,
     methods: Sequence[str] = DEFAULT_FIT_METHODS,
     kind: str = "auto",
-    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    targets: Sequence[float] = DEFAULT_TARGET_ACCURACIES,
     grader: Grader = exact_match,
     upstream: str | None = None,
     upstream_model: str | None = None,
@@ -680,6 +695,7 @@ def serve_and_fit(
     n_bins: int = N_BINS,
     mc_cal: Sequence[Mapping[str, Any]] = (),
     mc_test: Sequence[Mapping[str, Any]] = (),
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> FreeFormFit:
     """Serve the short answers with `doc` (the option-letter document) through the serving path
     and fit every method in `methods` (see the module docstring): one pass serving `verify`
@@ -726,7 +742,7 @@ def serve_and_fit(
         (short_cal, cal_replies), (short_test, test_replies) if short_test else None,
         grader=grader, kind=kind, targets=targets, methods=methods, q=doc.quantile(),
         n_bins=n_bins, passes=passes, test_passes=test_passes, params=params,
-        free_form=free_form,
+        free_form=free_form, guarantees=guarantees,
     )
     extra: dict[str, dict[str, int]] = {}
     for run in runs:
@@ -737,7 +753,7 @@ def serve_and_fit(
         fit.no_letter = fit_no_letter(
             (mc_cal, mc_replies[:len(mc_cal)]),
             (mc_test, mc_replies[len(mc_cal):]) if mc_test else None,
-            kind=kind, targets=targets, n_bins=n_bins)
+            kind=kind, targets=targets, n_bins=n_bins, guarantees=guarantees)
     return fit
 
 
@@ -794,7 +810,7 @@ def calibrate_with_serving(
     data_dir: Path,
     out_file: Path,
     calibrator: str = "auto",
-    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    targets: Sequence[float] = DEFAULT_TARGET_ACCURACIES,
     *,
     grader: Grader = exact_match,
     upstream: str | None = None,
@@ -807,6 +823,7 @@ def calibrate_with_serving(
     consistency: bool = False,
     consistency_k: int | None = None,
     free_form: str | None = None,
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> CalibrationDocument:
     """`calibserve calibrate`: the option-letter method fitted on the multiple-choice items
     (`merge.calibrate_checkpoint`), then, when `data_dir` has short-answer items
@@ -814,7 +831,11 @@ def calibrate_with_serving(
     (`serve_and_fit`). `methods` None: the token statistics, `verify` (None: when the tokenizer
     has yes/no tokens; True: required; False: not) and `consistency` when asked for. The
     document is written to `out_file` after each stage (atomically); a method that cannot be
-    fitted is refused before anything is written."""
+    fitted is refused before anything is written. `guarantees`: certified thresholds per method
+    (`calibration.certified`); a served method that cannot be certified is refused
+    (`ServeFitError`, `--max-error`): before anything is written for the option-letter method,
+    after the serving pass for the free-form one (the file written after the first stage is
+    then removed)."""
     from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
     from calibserve.merge.evaluate import short_answer_split
 
@@ -833,7 +854,8 @@ def calibrate_with_serving(
     if free_form is not None and short_cal and free_form not in chosen:
         raise ServeFitError(f"{free_form!r} is not fitted (fitted: {', '.join(chosen)})",
                             "--free-form-method")
-    doc = calibrate_checkpoint(model_dir, data_dir, out_file, calibrator, targets, n_bins)
+    doc = calibrate_checkpoint(model_dir, data_dir, out_file, calibrator, targets, n_bins,
+                               guarantees=guarantees)
     if not short_cal:
         return doc
     short_test = short_answer_split(data_dir, "test")
@@ -845,9 +867,14 @@ def calibrate_with_serving(
         grader=grader, upstream=upstream, upstream_model=upstream_model,
         max_tokens=max_tokens, temperature=temperature, consistency_k=consistency_k,
         free_form=free_form, n_bins=n_bins, mc_cal=mc_cal, mc_test=mc_test,
+        guarantees=guarantees,
     )
     fit.notes[:0] = notes
     doc = with_free_form(doc, fit)
+    refused = refusals(doc, guarantees)
+    if refused:
+        Path(out_file).unlink(missing_ok=True)  # the first stage's file: not a certified one
+        raise ServeFitError("cannot certify max_error " + "; ".join(refused), "--max-error")
     doc.write(out_file)
     return doc
 

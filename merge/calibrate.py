@@ -34,6 +34,8 @@ from calibserve.calibration import (
     ece,
     threshold_for_accuracy,
 )
+from calibserve.calibration.certified import NO_GUARANTEES, GuaranteeTargets, certified_thresholds
+from calibserve.calibration.document import Guarantee
 from calibserve.calibration.label_free import fit_daca
 from calibserve.calibration.online import confidence_quantiles
 from calibserve.merge.evaluate import Scores
@@ -64,6 +66,7 @@ class Calibration:
     notes: list[str] = field(default_factory=list)
     temperature: float = 1.0
     family: str = "identity"
+    guarantees: list[Guarantee] = field(default_factory=list)  # certified thresholds
 
     def apply(self, conf: NDArray[np.float64], options: OptionLogits | None = None
               ) -> NDArray[np.float64]:
@@ -105,11 +108,14 @@ def thresholds_for(
 
 
 def fit_calibration(
-    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS, seed: int = 0
+    scores: Scores, kind: str, targets: Sequence[float], n_bins: int = N_BINS, seed: int = 0,
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> Calibration:
     """Fit `kind` (a family, or `auto`: chosen by 5-fold held-out log loss,
     `calibration.choose_calibrator`) on (raw confidence,
-    correct) and the option logits; thresholds on the CALIBRATED confidence."""
+    correct) and the option logits; thresholds on the CALIBRATED confidence, and the certified
+    thresholds of `guarantees` (`calibration.certified`; a target that cannot be certified is a
+    `not certified` note)."""
     if kind not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {kind!r}; valid: {', '.join(CALIBRATORS)}")
     options = scores.options
@@ -129,6 +135,8 @@ def fit_calibration(
     cal = Calibration(choice.calibrator, [], {}, notes, choice.temperature, choice.family)
     calibrated = cal.apply(scores.confidence, options)
     cal.thresholds, unreachable = thresholds_for(calibrated, scores.correct, targets)
+    cal.guarantees, uncertified = certified_thresholds(calibrated, scores.correct, guarantees)
+    notes += uncertified
     if unreachable:
         notes.append(
             "no confidence threshold reaches target accuracy "
@@ -246,6 +254,7 @@ def calibration_json(
         params=MethodParams(options=list(options), temperature=cal.temperature),
         calibrator=cal.calibrator.to_dict() if fitted else None,
         thresholds=[Threshold.model_validate(t) for t in cal.thresholds],
+        guarantees=list(cal.guarantees),
         fit=fit,
     )
     return CalibrationDocument(

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import N_BINS, CalibrationDocument
+from calibserve.calibration import DEFAULT_TARGET_ACCURACIES, N_BINS, CalibrationDocument
+from calibserve.calibration.certified import NO_GUARANTEES, GuaranteeTargets, refusals
 from calibserve.merge.calibrate import CALIBRATORS, calibration_json, fit_calibration
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData, OutputExists
 from calibserve.merge.evaluate import LETTERS, MCEvaluator, load_items, point_metrics
@@ -45,11 +46,14 @@ def calibrate_checkpoint(
     data_dir: Path,
     out_file: Path,
     calibrator: str = "auto",
-    targets: Sequence[float] = (0.7, 0.8, 0.9),
+    targets: Sequence[float] = DEFAULT_TARGET_ACCURACIES,
     n_bins: int = N_BINS,
+    guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> CalibrationDocument:
     """Fit on `data_dir/calibrate.jsonl`, report `test.jsonl` too if present; write `out_file`
-    atomically (temp file + rename) and return the document."""
+    atomically (temp file + rename) and return the document. A `guarantees` target the
+    option-letter method cannot be certified for is refused (InvalidConfig, `--max-error`)
+    before anything is written."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     items, _ = load_items(Path(data_dir) / "calibrate.jsonl")
@@ -57,7 +61,7 @@ def calibrate_checkpoint(
         scores = MCEvaluator(tokenizer, items).score(model)
     except InvalidData as exc:  # the evaluator names merge's --aligned; here it is --model
         raise InvalidData(exc.message.replace("aligned tokenizer", "tokenizer"), "--model") from exc
-    cal = fit_calibration(scores, calibrator, targets, n_bins)
+    cal = fit_calibration(scores, calibrator, targets, n_bins, guarantees=guarantees)
     extra: dict[str, Any] = {}
     test_path = Path(data_dir) / "test.jsonl"
     if test_path.is_file():
@@ -66,5 +70,14 @@ def calibrate_checkpoint(
         extra["test"] = point_metrics(cal.serve(raw), n_bins)
     n_options = max(len(it["choices"]) for it in items)
     doc = calibration_json(cal, LETTERS[:n_options], None, extra)  # merge: null, not a merge
+    refuse_uncertified(doc, guarantees)
     doc.write(Path(out_file))
     return doc
+
+
+def refuse_uncertified(doc: CalibrationDocument, guarantees: GuaranteeTargets) -> None:
+    """InvalidConfig naming `--max-error` when a served method of `doc` could not be certified
+    for a target of `guarantees` (with the minimum escalation rate the target would need)."""
+    refused = refusals(doc, guarantees)
+    if refused:
+        raise InvalidConfig("cannot certify max_error " + "; ".join(refused), "--max-error")

@@ -1,0 +1,81 @@
+"""`calibserve calibrate --max-error`: certified thresholds in the document, or a clean refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from calibserve.calibration import CalibrationDocument
+from calibserve.calibration.guarantee import certify_threshold, clopper_pearson_upper
+
+runner = CliRunner()
+
+
+def _args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["calibrate", "--model", str(world["aligned"]), "--data", str(world["data"]),
+            "--out", str(out), "--calibrator", "platt", *extra]
+
+
+@pytest.mark.slow
+def test_calibrate_records_the_certificate(demo_dir: Path, tmp_path: Path) -> None:
+    from calibserve.cli import app
+
+    out = tmp_path / "cal.json"
+    world = {"aligned": demo_dir / "expert", "data": demo_dir / "data"}
+    result = runner.invoke(app, _args(world, out, "--no-free-form", "--max-error", "0.3",
+                                      "--delta", "0.2"))
+    assert result.exit_code == 0, result.output
+    assert "certified threshold" in result.output
+    doc = CalibrationDocument.load(out)
+    (g,) = doc.method("answer").guarantees
+    assert (g.max_error, g.delta) == (0.3, 0.2)
+    assert g.bound == pytest.approx(clopper_pearson_upper(g.kept_errors, g.kept, 0.2))
+    assert g.bound <= 0.3 and g.n == doc.method("answer").fit.n  # type: ignore[union-attr]
+    assert g.coverage == pytest.approx(g.kept / g.n)
+    raw = json.loads(out.read_text())["methods"]["answer"]["guarantees"][0]
+    assert set(raw) == {"max_error", "delta", "threshold", "coverage", "bound", "n", "kept",
+                        "kept_errors"}
+    assert doc.method("answer").guarantee_for(0.5) == g
+    assert doc.method("answer").guarantee_for(0.25) is None
+
+
+def test_calibrate_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    from calibserve.cli import app
+
+    out = tmp_path / "cal.json"
+    result = runner.invoke(app, _args(tiny_world, out, "--max-error", "0.1"))
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--max-error'" in result.output
+    assert "Traceback" not in result.output
+    assert "must escalate at least" in result.output and "method 'answer'" in result.output
+    assert not out.exists()
+    bad = runner.invoke(app, _args(tiny_world, out, "--max-error", "0.2", "--delta", "1.5"))
+    assert bad.exit_code == 2 and "Invalid value for '--delta'" in bad.output
+    assert "Traceback" not in bad.output and not out.exists()
+
+
+def test_the_stated_minimum_escalation_rate_is_the_models_own() -> None:
+    from calibserve.calibration.certified import GuaranteeTargets, refusals
+    from calibserve.merge.calibrate import calibration_json, fit_calibration
+    from calibserve.merge.evaluate import Scores
+
+    rng = np.random.default_rng(3)
+    conf = rng.random(400)
+    correct = rng.random(400) < 0.6  # error 0.4 whatever the confidence says
+    scores = Scores(conf, correct, np.zeros(400, np.int64))
+    cal = fit_calibration(scores, "platt", [0.7], guarantees=GuaranteeTargets((0.1, 0.45)))
+    assert [g.max_error for g in cal.guarantees] == [0.45]
+    doc = calibration_json(cal, ["A", "B", "C", "D"], None, {})
+    (refusal,) = refusals(doc, GuaranteeTargets((0.1,)))
+    mu = 1 - correct.mean()
+    assert refusal.startswith("0.1 for method 'answer'")
+    assert f"at least {(mu - 0.1) / 0.9:.1%}" in refusal
+    assert refusals(doc, GuaranteeTargets((0.45,))) == []
+    # What was recorded is what the certificate of the calibrated confidence says.
+    calibrated = cal.apply(conf)
+    assert cal.guarantees[0].threshold == certify_threshold(calibrated, correct, 0.45).threshold
