@@ -1,0 +1,1 @@
+"""Certified escalation thresholds on the demo and a real model: validity and power (issue 29)."""

@@ -1,0 +1,219 @@
+"""Validity and power of certified thresholds (issue 29 floors), not a timed test.
+
+    python -m benchmarks.guarantee.floors [--splits 500] [--alpha 0.2] [--delta 0.1]
+
+Validity: over `--splits` random calibrate/test re-splits of the items (2/3 calibrate, 1/3
+test), the threshold certified on the calibrate part (`calibration.certify_threshold`) keeps
+answers on the test part; the floor is that their realised error exceeds alpha in at most delta
+of the re-splits. The same for a two-tier cascade (`certify_cascade`: the second tier certified
+on the calibrate items the first did not keep, delta split between them): the realised error
+of every answer the route keeps. A split whose test part keeps nothing has no kept error and
+counts as no violation (the count is reported).
+
+Power: on the same splits, today's empirical threshold at the same target
+(`threshold_for_accuracy(target = 1 - alpha)`, what `--threshold auto` serves) keeps some
+coverage of the test part; the floor is that the certified one keeps at least 80% of it. How
+often the empirical threshold itself misses the target is reported too.
+
+Writes benchmarks/guarantee/results.json and prints the RESULTS.md lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.guarantee.predictions import Tier, demo_tiers, real_tiers  # noqa: E402
+from calibserve.calibration import threshold_for_accuracy  # noqa: E402
+from calibserve.calibration.guarantee import certify_cascade, certify_threshold  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _kept_error(conf: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[int, int]:
+    kept = conf >= threshold
+    return int(kept.sum()), int((kept & ~correct).sum())
+
+
+def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: int = 0
+             ) -> dict[str, Any]:
+    """Validity (single tier, two-tier cascade) and power over `splits` re-splits."""
+    rng = np.random.default_rng(seed)
+    n = tiers[0].score.size
+    n_cal = (2 * n) // 3
+    single: dict[str, list[float]] = {"error": [], "coverage": [], "cal_coverage": [],
+                                      "pool_error": []}
+    empirical: dict[str, list[float]] = {"error": [], "coverage": [], "cal_coverage": []}
+    cascade: dict[str, list[float]] = {"error": [], "coverage": [], "first": [], "second": [],
+                                       "pool_error": []}
+    single_empty = cascade_empty = refused = 0
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        cal, test = perm[:n_cal], perm[n_cal:]
+        p = tiers[0]
+        cert = certify_threshold(p.score[cal], p.correct[cal], alpha, delta)
+        if not cert.certified:
+            refused += 1
+        kept, errors = _kept_error(p.score[test], p.correct[test], cert.threshold)
+        single_empty += kept == 0
+        single["error"].append(errors / kept if kept else 0.0)
+        single["coverage"].append(kept / test.size)
+        single["cal_coverage"].append(cert.coverage)
+        kept, errors = _kept_error(p.score, p.correct, cert.threshold)
+        single["pool_error"].append(errors / kept if kept else 0.0)
+        emp = threshold_for_accuracy(p.score[cal], p.correct[cal], 1.0 - alpha)
+        kept, errors = _kept_error(p.score[test], p.correct[test], float(emp["threshold"] or 0))
+        empirical["error"].append(errors / kept if kept else 0.0)
+        empirical["coverage"].append(kept / test.size)
+        empirical["cal_coverage"].append(float(emp["coverage"] or 0.0))
+        if len(tiers) > 1:
+            e = tiers[1]
+            certs = certify_cascade([(p.score[cal], p.correct[cal]),
+                                     (e.score[cal], e.correct[cal])], alpha, delta)
+            first = p.score[test] >= certs[0].threshold
+            second = ~first & (e.score[test] >= certs[1].threshold)
+            kept = int(first.sum() + second.sum())
+            errors = int((first & ~p.correct[test]).sum() + (second & ~e.correct[test]).sum())
+            cascade_empty += kept == 0
+            cascade["error"].append(errors / kept if kept else 0.0)
+            cascade["coverage"].append(kept / test.size)
+            cascade["first"].append(float(first.mean()))
+            cascade["second"].append(float(second.mean()))
+            first = p.score >= certs[0].threshold
+            second = ~first & (e.score >= certs[1].threshold)
+            kept = int(first.sum() + second.sum())
+            errors = int((first & ~p.correct).sum() + (second & ~e.correct).sum())
+            cascade["pool_error"].append(errors / kept if kept else 0.0)
+
+    def summary(d: dict[str, list[float]]) -> dict[str, float]:
+        err = np.asarray(d["error"])
+        pool = np.asarray(d.get("pool_error", [np.nan]))
+        out = {"violations": float(np.mean(err > alpha + 1e-12)),
+               "pool_violations": float(np.mean(pool > alpha + 1e-12)),
+               "mean_kept_error": float(err.mean()), "p90_kept_error": float(np.quantile(err, 0.9))}
+        out.update({f"mean_{k}": float(np.mean(v)) for k, v in d.items()
+                    if k not in ("error", "pool_error")})
+        return out
+
+    result: dict[str, Any] = {
+        "n": n, "n_calibrate": n_cal, "n_test": n - n_cal, "splits": splits,
+        "alpha": alpha, "delta": delta,
+        "error_rate": {t.name: float(1 - t.correct.mean()) for t in tiers},
+        "single": {**summary(single), "test_keeps_nothing": single_empty,
+                   "nothing_certified": refused},
+        "empirical": summary(empirical),
+    }
+    result["power"] = result["single"]["mean_coverage"] / max(
+        result["empirical"]["mean_coverage"], 1e-12)
+    if len(tiers) > 1:
+        result["cascade"] = {**summary(cascade), "test_keeps_nothing": cascade_empty}
+    return result
+
+
+def population_check(runs: int, alpha: float, delta: float, n_cal: int = 640, n_test: int = 320,
+                     seed: int = 0) -> dict[str, Any]:
+    """What the certificate promises, where the truth is known: confidence c ~ U(0, 1), right
+    with probability (1 + c) / 2, so the error rate of the answers kept at threshold t is
+    (1 - t) / 4 exactly. Fraction of calibrate samples whose certified threshold's true kept
+    error exceeds alpha (the guarantee: at most delta), and, for contrast, of independent test
+    samples of `n_test` whose realised kept error does (test noise on top of it)."""
+    rng = np.random.default_rng(seed)
+    true_over = test_over = 0
+    for _ in range(runs):
+        c = rng.random(n_cal)
+        y = rng.random(n_cal) < (1 + c) / 2
+        t = certify_threshold(c, y, alpha, delta).threshold
+        true_over += (1 - t) / 4 > alpha if t <= 1 else False
+        ct = rng.random(n_test)
+        yt = rng.random(n_test) < (1 + ct) / 2
+        kept = ct >= t
+        test_over += (kept & ~yt).sum() / max(int(kept.sum()), 1) > alpha
+    return {"runs": runs, "n_calibrate": n_cal, "n_test": n_test,
+            "true_error_over_alpha": true_over / runs,
+            "realised_test_error_over_alpha": test_over / runs}
+
+
+def machine() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in
+                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, " \
+           f"{os.cpu_count()} cores"
+
+
+def lines(name: str, r: dict[str, Any]) -> list[str]:
+    s, e = r["single"], r["empirical"]
+    out = [
+        f"**{name}** ({r['n']} items: {r['n_calibrate']} calibrate / {r['n_test']} test, "
+        f"{r['splits']} re-splits, alpha {r['alpha']:g}, delta {r['delta']:g}; error rates "
+        + ", ".join(f"{k} {v:.3f}" for k, v in r["error_rate"].items()) + ")",
+        "",
+        "| threshold | re-splits whose test kept error > alpha | same, error on all items "
+        "| mean test kept error | 90th pct | mean test coverage |",
+        "|---|---|---|---|---|---|",
+        f"| certified, one tier | {s['violations']:.3f} | {s['pool_violations']:.3f} | "
+        f"{s['mean_kept_error']:.3f} | {s['p90_kept_error']:.3f} | {s['mean_coverage']:.3f} |",
+    ]
+    if "cascade" in r:
+        c = r["cascade"]
+        out.append(f"| certified, two-tier cascade | {c['violations']:.3f} | "
+                   f"{c['pool_violations']:.3f} | {c['mean_kept_error']:.3f} | "
+                   f"{c['p90_kept_error']:.3f} | "
+                   f"{c['mean_coverage']:.3f} (first {c['mean_first']:.3f} + second "
+                   f"{c['mean_second']:.3f}) |")
+    out.append(f"| empirical (`auto`, target accuracy {1 - r['alpha']:g}) | "
+               f"{e['violations']:.3f} | - | {e['mean_kept_error']:.3f} | "
+               f"{e['p90_kept_error']:.3f} | {e['mean_coverage']:.3f} |")
+    out += ["", f"Power: the certified threshold keeps {r['power']:.1%} of the empirical "
+            f"threshold's test coverage ({s['mean_coverage']:.3f} vs {e['mean_coverage']:.3f}: "
+            f"the guarantee costs {e['mean_coverage'] - s['mean_coverage']:.3f} of coverage); "
+            f"nothing certified in {s['nothing_certified']} of {r['splits']} splits."]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--splits", type=int, default=500)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine(),
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    where, tiers = demo_tiers()
+    results["demo"] = {**where, **evaluate(tiers, args.splits, args.alpha, args.delta)}
+    real = real_tiers()
+    if real is not None:
+        where, tiers = real
+        results["real"] = {**where, **evaluate(tiers, args.splits, args.alpha, args.delta)}
+    results["population"] = population_check(2000, args.alpha, args.delta)
+    results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"{results['machine']}, {results['date']}, {results['wall_seconds']} s")
+    print("\n".join(lines("demo", results["demo"])))
+    if "real" in results:
+        print()
+        print("\n".join(lines("real", results["real"])))
+    pop = results["population"]
+    print(f"\nsynthetic population ({pop['runs']} runs, n {pop['n_calibrate']}): true kept error "
+          f"> alpha in {pop['true_error_over_alpha']:.3f}; realised on an independent test of "
+          f"{pop['n_test']} > alpha in {pop['realised_test_error_over_alpha']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
