@@ -5,6 +5,9 @@
   wrote into calibration.json (the calibrated confidence above which the model reached that
   accuracy on held-out data), so each reply is judged by the threshold of the method that scored
   it; what an uncalibrated confidence gets is the `uncalibrated` setting.
+  `ThresholdPolicy.guaranteed(document, max_error)` takes instead each method's certified
+  threshold (`methods.M.guarantees`, calibration/guarantee.py): the one under which the kept
+  answers' error rate is at most `max_error` with probability 1 - delta.
 - `BudgetPolicy(target_rate, window)`: escalate the least confident `target_rate` fraction of
   traffic. The threshold is the `target_rate` quantile of the last `window` confidences (a running
   quantile over a sorted window), so the escalation rate tracks the target even when the
@@ -157,6 +160,41 @@ class ThresholdPolicy:
                 continue  # no thresholds of its own (for this target): judged by the default
         return cls(default, methods=per_method, free_form=doc.free_form,
                    uncalibrated=uncalibrated)
+
+    @classmethod
+    def guaranteed(
+        cls,
+        calibration: CalibrationDocument,
+        max_error: float | None = None,
+        method: str | None = None,
+        *,
+        uncalibrated: str = "threshold",
+    ) -> ThresholdPolicy:
+        """Certified thresholds from the document: per method its certificate for `max_error`
+        (exactly it, else the strictest below it; None: the strictest on record), and
+        `method`'s (default: the multiple-choice method's, which must have one) for the
+        methods without a certificate of their own (those replies are not covered)."""
+        name = calibration.multiple_choice if method is None else method
+        default = _pick_certified(calibration, name, max_error)
+        per_method: dict[str, float] = {}
+        for other in calibration.methods:
+            try:
+                per_method[other] = _pick_certified(calibration, other, max_error)
+            except ValueError:
+                continue
+        return cls(default, methods=per_method, free_form=calibration.free_form,
+                   uncalibrated=uncalibrated)
+
+
+def _pick_certified(doc: CalibrationDocument, name: str, max_error: float | None) -> float:
+    g = doc.method(name).guarantee_for(max_error)
+    if g is None:
+        known = ", ".join(f"{x.max_error:g}" for x in doc.method(name).guarantees) or "none"
+        wanted = "" if max_error is None else f" at max_error {max_error:g} or stricter"
+        raise ValueError(
+            f"calibration.json has no certified threshold{wanted} for method {name!r} "
+            f"(certified max_error: {known}); refit with `calibserve calibrate --max-error`")
+    return g.threshold
 
 
 def _pick(doc: CalibrationDocument, name: str, target_accuracy: float | None) -> float:

@@ -102,6 +102,7 @@ def settings_from_cli(
     escalate_calibration: list[Path] | None = None,
     threshold: str | None = None,
     target_accuracy: float | None = None,
+    max_error: float | None = None,
     policy: str | None = None,
     budget: float | None = None,
     stream_mode: str | None = None,
@@ -158,7 +159,8 @@ def settings_from_cli(
     engine = EngineSettings(max_model_len=max_model_len, extra_args=list(engine_arg or []))
     entry: dict[str, Any] = {"engine": engine, "policy": policy, "budget": budget,
                              "stream_mode": stream_mode, "target_accuracy": target_accuracy,
-                             "threshold": threshold, "probe_data": probe_data}
+                             "threshold": threshold, "probe_data": probe_data,
+                             "max_error": max_error}
     if on_uncalibrated is not None:
         entry["uncalibrated"] = on_uncalibrated
     if model is not None:
@@ -276,10 +278,15 @@ def serve(
         help="calibration.json for the --escalate-to tier in the same position (default: "
         "DIR/calibration.json if present; see `calibrate_checkpoint` in merge/)")] = None,
     threshold: Annotated[str | None, typer.Option(
-        help="escalate below this calibrated confidence, or 'auto' (from calibration.json)")
+        help="escalate below this calibrated confidence, or 'auto' (from calibration.json), or "
+        "'guaranteed' (the certified threshold for --max-error, from calibration.json)")
     ] = None,
     target_accuracy: Annotated[float | None, typer.Option(
         help="with --threshold auto: the accuracy target to take the threshold for")] = None,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", help="with --threshold guaranteed: the certified error rate of kept "
+        "answers (fitted by `calibserve calibrate --max-error`; default: the strictest "
+        "certified)")] = None,
     policy: Annotated[str | None, typer.Option(help="never | threshold | budget")] = None,
     budget: Annotated[float | None, typer.Option(
         help="with --policy budget: target escalation rate")] = None,
@@ -346,7 +353,8 @@ def serve(
         model=model, upstream=upstream, config=config, host=host, port=port,
         served_model_name=served_model_name, escalate_to=escalate_to,
         escalate_calibration=escalate_calibration, threshold=threshold,
-        target_accuracy=target_accuracy, policy=policy, budget=budget, stream_mode=stream_mode,
+        target_accuracy=target_accuracy, max_error=max_error, policy=policy, budget=budget,
+        stream_mode=stream_mode,
         on_uncalibrated=on_uncalibrated, api_key=api_key, feedback_key=feedback_key,
         signing_key=signing_key,
         upstream_api_key=upstream_api_key, max_model_len=max_model_len, engine_arg=engine_arg,

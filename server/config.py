@@ -144,10 +144,14 @@ class ModelSettings(TierSettings):
     policy: Literal["never", "threshold", "budget"] | None = Field(
         None, description="default: threshold when escalate_to is set, else never"
     )
-    threshold: float | Literal["auto"] | None = Field(
-        None, description="escalate below this calibrated confidence; auto: from calibration.json"
+    threshold: float | Literal["auto", "guaranteed"] | None = Field(
+        None, description="escalate below this calibrated confidence; auto: from calibration.json "
+        "for target_accuracy; guaranteed: the certified threshold for max_error"
     )
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    max_error: float | None = Field(
+        None, gt=0, lt=1, description="with threshold guaranteed: the certified error rate of "
+        "kept answers to serve (calibration.json's certificate for it, else a stricter one)")
     uncalibrated: Literal["threshold", "escalate", "serve"] = Field(
         "threshold",
         description="threshold policy on a confidence with no calibrator of its own: threshold "
@@ -172,9 +176,15 @@ class ModelSettings(TierSettings):
     @field_validator("threshold", mode="before")
     @classmethod
     def _threshold(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "auto":
+        if isinstance(value, str) and value not in ("auto", "guaranteed"):
             return float(value)
         return value
+
+    @model_validator(mode="after")
+    def _max_error_is_guaranteed(self) -> ModelSettings:
+        if self.max_error is not None and self.threshold != "guaranteed":
+            raise ValueError("max_error is for threshold: guaranteed")
+        return self
 
     def resolved_policy(self) -> str:
         if self.policy is not None:

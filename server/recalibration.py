@@ -17,6 +17,16 @@ ECE and a paired Brier test at p < 0.01: on calibrated windows of 600 to 1000 sa
   their accuracy targets from the new map on the window, the escalation rate the window would
   see before and after is exported (`calibserve_recalibration_escalation_rate{when}`), and the
   new calibration.json is written atomically to `--recalibration-dir` (and `history/vN.json`).
+- With `threshold: guaranteed`, every refit also re-certifies the method's certified threshold
+  on the window under the map served (`calibration.certify_threshold`, same max_error and
+  delta): `shadow` exports the candidate (`calibserve_recalibration_candidate_threshold`); `on`
+  swaps it in, the same way as a map, when the served threshold is no longer certified on the
+  window or the candidate keeps `RECERTIFY_MARGIN` (5 points) more of it
+  (`calibserve_recalibrations_total{outcome="recertified"}`). A window that certifies no
+  threshold changes nothing (`outcome="uncertifiable"`, logged): the live bound's alert
+  (server/guarantee.py) is the operator's signal. Feedback arrives only for answers the primary
+  served, so a window without probes holds few answers below the threshold: re-certification
+  can then raise the threshold but hardly lower it (the safe direction).
 - A restart with `on` serves the stored document; `off` (or deleting the file) returns to the
   checkpoint's calibration.json: the swap is reversible.
 
@@ -43,6 +53,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from calibserve.calibration import CalibrationDocument, ServedMethod
+from calibserve.calibration.document import Guarantee
+from calibserve.calibration.guarantee import certify_threshold, clopper_pearson_upper
 from calibserve.calibration.online import (
     RefitResult,
     confidence_quantiles,
@@ -55,6 +67,8 @@ log = logging.getLogger("calibserve.server.recalibration")
 
 MODES = ("off", "shadow", "on")
 HISTORY = "history"
+# A re-certified threshold replaces a still-valid one only for this much more coverage.
+RECERTIFY_MARGIN = 0.05
 
 
 class RecalibrationMetrics:
@@ -74,6 +88,10 @@ class RecalibrationMetrics:
         self.escalation = Gauge("calibserve_recalibration_escalation_rate",
                                 "Escalation rate on the window under the map before and after "
                                 "the last swap", ["model", "method", "when"], registry=registry)
+        self.candidate_threshold = Gauge(
+            "calibserve_recalibration_candidate_threshold",
+            "Certified threshold re-certified on the window (threshold guaranteed; 1: the "
+            "window certifies none)", ["model", "method"], registry=registry)
 
 
 def _version(doc: CalibrationDocument) -> int:
@@ -165,7 +183,59 @@ class Recalibrator:
             self._swap(method, result, raw, correct)
         else:
             self.metrics.refits.labels(name, method, "kept").inc()
+        self.recertify(method, raw, correct)
         return result
+
+    def recertify(self, method: str, raw: np.ndarray, correct: np.ndarray) -> None:
+        """Re-certify `method`'s served certified threshold on the window (module docstring)."""
+        settings = self.model.settings
+        if settings.threshold != "guaranteed":
+            return
+        served_cert = self.document.method(method).guarantee_for(settings.max_error)
+        if served_cert is None:
+            return
+        alpha, delta = served_cert.max_error, served_cert.delta
+        served = self._served(method)
+        scores = np.asarray([served.score(float(r)) for r in raw])
+        y = np.asarray(correct, dtype=bool)
+        candidate = certify_threshold(scores, y, alpha, delta)
+        name = self.model.name
+        self.metrics.candidate_threshold.labels(name, method).set(
+            candidate.threshold if candidate.certified else 1.0)
+        if self.mode != "on":
+            return
+        if not candidate.certified:
+            self.metrics.refits.labels(name, method, "uncertifiable").inc()
+            log.error("model %s, method %s: the window (%d labelled answers) certifies no "
+                      "threshold for max_error %g: %s", name, method, scores.size, alpha,
+                      candidate.refusal())
+            return
+        kept = scores >= served_cert.threshold
+        errors = int((kept & ~y).sum())
+        still = bool(kept.any()) and clopper_pearson_upper(errors, int(kept.sum()), delta) <= alpha
+        if still and candidate.coverage < float(kept.mean()) + RECERTIFY_MARGIN:
+            return
+        data = self.document.to_dict()
+        entries = [g for g in data["methods"][method].get("guarantees", [])
+                   if abs(g["max_error"] - alpha) > 1e-12]
+        fresh = Guarantee.from_certificate(candidate).model_dump(mode="json")
+        data["methods"][method]["guarantees"] = sorted([*entries, fresh],
+                                                       key=lambda g: g["max_error"])
+        version = max(self.version, self._stored_version()) + 1
+        data["metrics"] = {**data.get("metrics", {}), "recalibration": {
+            "version": version, "method": method, "at": int(time.time()),
+            "recertified": {"max_error": alpha, "delta": delta,
+                            "threshold_before": served_cert.threshold,
+                            "threshold_after": candidate.threshold,
+                            "window": int(scores.size)}}}
+        doc = CalibrationDocument.from_dict(data)
+        self._apply(doc)
+        self.metrics.refits.labels(name, method, "recertified").inc()
+        self._persist(doc)
+        log.warning("model %s, method %s: certified threshold %.4f -> %.4f re-certified on %d "
+                    "labelled answers (max_error %g, delta %g; version %d)", name, method,
+                    served_cert.threshold, candidate.threshold, scores.size, alpha, delta,
+                    self.version)
 
     # -- serving ------------------------------------------------------------------------------
     def _served(self, method: str) -> ServedMethod:
@@ -233,7 +303,8 @@ class Recalibrator:
         primary.scorer = scorer
         primary.tier.scorer = scorer  # what the router reads: one atomic assignment
         settings = self.model.settings
-        if settings.resolved_policy() == "threshold" and settings.threshold in (None, "auto") \
+        if settings.resolved_policy() == "threshold" \
+                and settings.threshold in (None, "auto", "guaranteed") \
                 and len(self.model.tiers) > 1:
             self.model.route.policy = self.model._policy()  # noqa: SLF001 - rebuilt from doc
         self.version = _version(doc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
 from calibserve.server.drift import FitReference
 from calibserve.server.engine import ManagedEngine
 from calibserve.server.feedback import FeedbackRecorder
+from calibserve.server.guarantee import GuaranteeMetrics, LiveGuarantee
 from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics, server_registry
 from calibserve.server.probes import ProbeMetrics, ProbeRunner, ProbeSet
@@ -185,6 +187,12 @@ class ModelRuntime:
             if s.budget is None:
                 raise ValueError(f"model {s.name!r}: policy budget needs `budget` (a rate)")
             return BudgetPolicy(s.budget)
+        if s.threshold == "guaranteed":
+            if self.primary.calibration is None:
+                raise ValueError(f"model {s.name!r}: threshold guaranteed needs a "
+                                 "calibration.json with certified thresholds")
+            return ThresholdPolicy.guaranteed(self.primary.calibration, s.max_error,
+                                              uncalibrated=s.uncalibrated)
         if s.threshold is None or s.threshold == "auto":
             if self.primary.calibration is None:
                 raise ValueError(f"model {s.name!r}: threshold auto needs a calibration.json; "
@@ -232,13 +240,14 @@ class ServerRuntime:
         )
         self.probes = self._probe_runners(registry)
         self.recalibrators = self._recalibrators(registry)
+        self.live_guarantees = self._live_guarantees(registry)
         fit = FitReference(registry)
         for served in self.models.values():
             # After a stored recalibration was adopted: the document served now.
             fit.publish(served.name, served.primary.calibration)
             recal = self.recalibrators.get(served.name)
             if recal is not None:
-                recal.on_swap = lambda doc, name=served.name: fit.publish(name, doc)
+                recal.on_swap = lambda doc, name=served.name: self._swapped(fit, name, doc)
         self.started = False
 
     def _probe_runners(self, registry: Any) -> list[ProbeRunner]:
@@ -280,6 +289,40 @@ class ServerRuntime:
         self.feedback.on_outcome = feedback
         return out
 
+    def _live_guarantees(self, registry: Any) -> dict[str, LiveGuarantee]:
+        """Per model served with `threshold: guaranteed`: its certified thresholds watched on
+        the probes and accepted feedback of its primary tier (server/guarantee.py)."""
+        watched = {name: model for name, model in self.models.items()
+                   if model.settings.threshold == "guaranteed"
+                   and isinstance(model.route.policy, ThresholdPolicy)}
+        if not watched:
+            return {}
+        metrics = GuaranteeMetrics(registry)
+        out = {name: LiveGuarantee(model, metrics) for name, model in watched.items()}
+        for runner in self.probes:
+            live = out.get(runner.model)
+            if live is not None:
+                runner.on_outcome = _both(runner.on_outcome, live.observe)
+        previous = self.feedback.on_outcome
+
+        def feedback(label: str, method: str, raw: float, correct: bool) -> None:
+            if previous is not None:
+                previous(label, method, raw, correct)
+            live = out.get(label)  # the primary tier's label is the model's name
+            if live is not None:
+                live.observe(method, raw, correct)
+
+        self.feedback.on_outcome = feedback
+        return out
+
+    def _swapped(self, fit: FitReference, name: str, doc: CalibrationDocument) -> None:
+        """A recalibrator served a new document: the fit-time gauges and the live guarantee
+        follow it."""
+        fit.publish(name, doc)
+        live = self.live_guarantees.get(name)
+        if live is not None:
+            live.rescore()
+
     @property
     def engines(self) -> list[ManagedEngine]:
         return [t.engine for m in self.models.values() for t in m.tiers if t.engine is not None]
@@ -311,3 +354,15 @@ class ServerRuntime:
             states = await asyncio.gather(*(t.probe() for t in model.tiers))
             out[name] = bool(states[0]) or any(states)
         return out
+
+
+def _both(first: Callable[[str, float, bool], None] | None,
+          then: Callable[[str, float, bool], None]) -> Callable[[str, float, bool], None]:
+    """A probe outcome listener that calls `first` (if any), then `then`."""
+
+    def listener(method: str, raw: float, correct: bool) -> None:
+        if first is not None:
+            first(method, raw, correct)
+        then(method, raw, correct)
+
+    return listener

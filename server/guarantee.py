@@ -1,0 +1,164 @@
+"""The certified threshold kept true live: `--threshold guaranteed` watched on probes and feedback.
+
+A model served with `threshold: guaranteed` escalates, per confidence method, below the threshold
+certified at fit time (calibration/guarantee.py): the answers it keeps were wrong at most
+`max_error` of the time with probability 1 - delta, on traffic exchangeable with the calibrate
+items. Traffic drifts; this module watches whether the promise still holds.
+
+Every labelled answer of the primary tier (a probe, or accepted feedback for an answer it served)
+enters its method's sliding window (the last `window` labelled answers, default 1000) as
+(raw confidence, correct). An answer is *kept* when the served map puts it at or above the
+method's served threshold (the router's policy, `threshold_for`), so a probe counts as kept
+exactly when a client's request with that confidence would have been. Per model and method:
+
+- `calibserve_guarantee_kept_answers`, `calibserve_guarantee_kept_errors`: the window's kept
+  answers and the wrong ones among them;
+- `calibserve_guarantee_kept_error_bound`: their exact (Clopper-Pearson) upper bound at the
+  certificate's 1 - delta (1 while nothing is kept: no evidence yet);
+- `calibserve_guarantee_max_error`: the certified alpha; the `CalibserveGuaranteeBroken` rule
+  (deploy/prometheus/rules.yml) fires when the bound crosses it on enough kept answers;
+- `calibserve_guarantee_threshold`: the threshold served.
+
+After a calibrator swap or a re-certification (server/recalibration.py, `--recalibrate on`) the
+window is re-scored under what is served now, so the gauges always describe the served policy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from calibserve.calibration import CalibrationDocument, ServedMethod
+from calibserve.calibration.guarantee import clopper_pearson_upper
+
+__all__ = ["DEFAULT_WINDOW", "GuaranteeMetrics", "KeptWindow", "LiveGuarantee"]
+
+DEFAULT_WINDOW = 1000
+
+
+class GuaranteeMetrics:
+    """The live-guarantee gauges, on the server's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "method"]
+        self.kept = Gauge("calibserve_guarantee_kept_answers",
+                          "Kept (not escalated) labelled answers in the live window",
+                          labels, registry=registry)
+        self.errors = Gauge("calibserve_guarantee_kept_errors",
+                            "Wrong answers among the kept labelled answers in the live window",
+                            labels, registry=registry)
+        self.bound = Gauge("calibserve_guarantee_kept_error_bound",
+                           "Clopper-Pearson upper bound (at 1 - delta) of the kept answers' "
+                           "error rate in the live window", labels, registry=registry)
+        self.max_error = Gauge("calibserve_guarantee_max_error",
+                               "The certified error rate of kept answers (alpha)", labels,
+                               registry=registry)
+        self.threshold = Gauge("calibserve_guarantee_threshold",
+                               "The certified threshold served", labels, registry=registry)
+
+
+@dataclass
+class KeptWindow:
+    """The last `size` labelled answers of one method, and the counts of those kept."""
+
+    size: int
+    threshold: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"window must be >= 1, got {self.size}")
+        self.samples: deque[tuple[float, float, bool]] = deque()  # (raw, score, correct)
+        self.kept = 0
+        self.kept_errors = 0
+
+    def _count(self, score: float, correct: bool, sign: int) -> None:
+        if score >= self.threshold:
+            self.kept += sign
+            self.kept_errors += sign * (not correct)
+
+    def add(self, raw: float, score: float, correct: bool) -> None:
+        self.samples.append((raw, score, correct))
+        self._count(score, correct, +1)
+        if len(self.samples) > self.size:
+            _, old_score, old_correct = self.samples.popleft()
+            self._count(old_score, old_correct, -1)
+
+    def rescore(self, served: ServedMethod, threshold: float, delta: float) -> None:
+        """Every answer re-scored by `served` and judged by `threshold` (what is served now)."""
+        self.threshold, self.delta = threshold, delta
+        old = list(self.samples)
+        self.samples.clear()
+        self.kept = self.kept_errors = 0
+        for raw, _, correct in old:
+            self.add(raw, served.score(raw), correct)
+
+    @property
+    def bound(self) -> float:
+        """Upper bound at 1 - delta of the kept answers' error rate (1.0: none kept)."""
+        return clopper_pearson_upper(self.kept_errors, self.kept, self.delta) if self.kept \
+            else 1.0
+
+
+class LiveGuarantee:
+    """One model's primary tier under `threshold: guaranteed`: a window per certified method."""
+
+    def __init__(self, model: Any, metrics: GuaranteeMetrics, window: int = DEFAULT_WINDOW
+                 ) -> None:
+        self.model = model  # server.runtime.ModelRuntime
+        self.metrics = metrics
+        self.window = window
+        self.windows: dict[str, KeptWindow] = {}
+        self.rescore()
+
+    @property
+    def document(self) -> CalibrationDocument:
+        doc: CalibrationDocument = self.model.primary.calibration
+        return doc
+
+    def _served(self, method: str) -> ServedMethod | None:
+        scorer = self.model.primary.scorer
+        for m in (scorer.multiple_choice, scorer.no_letter, scorer.free_form):
+            if m.name == method:
+                served: ServedMethod = m
+                return served
+        return None
+
+    def rescore(self) -> None:
+        """Follow what is served now: the certified methods, their thresholds and maps."""
+        policy = self.model.route.policy
+        threshold_for = getattr(policy, "threshold_for", None)
+        max_error = self.model.settings.max_error
+        for method, entry in self.document.methods.items():
+            cert = entry.guarantee_for(max_error)
+            served = self._served(method)
+            threshold = threshold_for(method) if threshold_for is not None else None
+            if cert is None or served is None or threshold is None:
+                self.windows.pop(method, None)
+                continue
+            window = self.windows.get(method)
+            if window is None:
+                window = self.windows[method] = KeptWindow(self.window, threshold, cert.delta)
+            window.rescore(served, threshold, cert.delta)
+            self.metrics.max_error.labels(self.model.name, method).set(cert.max_error)
+            self.metrics.threshold.labels(self.model.name, method).set(threshold)
+            self._publish(method, window)
+
+    def observe(self, method: str, raw: float, correct: bool) -> None:
+        """One labelled answer of the primary tier (a probe, or feedback for an answer it
+        served)."""
+        window = self.windows.get(method)
+        served = self._served(method)
+        if window is None or served is None or not 0.0 <= raw <= 1.0:
+            return
+        window.add(float(raw), served.score(float(raw)), bool(correct))
+        self._publish(method, window)
+
+    def _publish(self, method: str, window: KeptWindow) -> None:
+        name = self.model.name
+        self.metrics.kept.labels(name, method).set(window.kept)
+        self.metrics.errors.labels(name, method).set(window.kept_errors)
+        self.metrics.bound.labels(name, method).set(window.bound)

@@ -1,0 +1,190 @@
+"""`--threshold guaranteed` served and kept true live: the policy, the live bound's gauges fed by
+feedback and probes, and re-certification with `--recalibrate on` (server/guarantee.py,
+server/recalibration.py). The runtime is built from settings and never started."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from calibserve.calibration import CalibrationDocument
+from calibserve.calibration.guarantee import certify_threshold
+from calibserve.routing.policy import ThresholdPolicy
+from calibserve.server.config import ServerSettings
+from calibserve.server.guarantee import KeptWindow
+from calibserve.server.openai_schema import FeedbackRequest
+from calibserve.server.runtime import ServerRuntime
+from tests.server.test_metrics import sample
+
+CERT = {"max_error": 0.2, "delta": 0.1, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
+        "n": 500, "kept": 400, "kept_errors": 60}
+DOC: dict[str, Any] = {
+    "version": 2, "multiple_choice": "answer", "free_form": "mean",
+    "methods": {
+        "answer": {"calibrator": {"type": "temperature", "temperature": 1.0},
+                   "thresholds": [{"target_accuracy": 0.8, "threshold": 0.45, "coverage": 0.9}],
+                   "guarantees": [CERT, {**CERT, "max_error": 0.1, "threshold": 0.8,
+                                         "bound": 0.09, "kept": 100, "coverage": 0.2,
+                                         "kept_errors": 4}],
+                   "fit": {"n": 500, "ece_raw": 0.05, "ece_calibrated": 0.03}},
+        "mean": {},
+    },
+}
+
+
+def runtime(tmp_path: Path, mode: str = "off", max_error: float | None = 0.2,
+            probes: bool = False) -> ServerRuntime:
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps(DOC))
+    model: dict[str, Any] = {
+        "name": "m", "upstreams": ["http://127.0.0.1:9"], "upstream_model": "m",
+        "calibration": str(cal), "threshold": "guaranteed", "max_error": max_error,
+        "escalate_to": [{"name": "x", "upstreams": ["http://127.0.0.1:9"]}]}
+    settings: dict[str, Any] = {"signing_key": "k", "recalibrate": mode,
+                                "recalibration_dir": str(tmp_path / "store"), "models": [model]}
+    if probes:
+        probe_file = tmp_path / "probes.jsonl"
+        probe_file.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0})
+                              + "\n")
+        settings["probe_rate"] = 1.0
+        model["probe_data"] = str(probe_file)
+    return ServerRuntime(ServerSettings.model_validate(settings))
+
+
+def metrics(rt: ServerRuntime) -> str:
+    return generate_latest(rt.metrics.registry).decode()
+
+
+def feedback(rt: ServerRuntime, raw: float, correct: bool, label: str = "m") -> None:
+    rid = rt.signer.issue("chatcmpl-", label, [raw], [raw], methods=["answer"])
+    rt.feedback.record(FeedbackRequest(id=rid, correct=correct))
+
+
+def test_the_policy_serves_the_certified_thresholds() -> None:
+    doc = CalibrationDocument.from_dict(DOC)
+    assert ThresholdPolicy.guaranteed(doc, 0.2).threshold_for("answer") == 0.5
+    assert ThresholdPolicy.guaranteed(doc, 0.15).threshold_for("answer") == 0.8  # stricter one
+    assert ThresholdPolicy.guaranteed(doc).threshold_for("answer") == 0.8  # the strictest
+    with pytest.raises(ValueError, match="no certified threshold at max_error 0.05"):
+        ThresholdPolicy.guaranteed(doc, 0.05)
+    # `mean` has no certificate: judged by the multiple-choice method's, as `auto` does.
+    assert ThresholdPolicy.guaranteed(doc, 0.2).threshold_for("mean") == 0.5
+
+
+def test_settings_and_flags(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_error is for threshold: guaranteed"):
+        ServerSettings.model_validate({"models": [{
+            "name": "m", "upstreams": ["http://a:1"], "threshold": "auto", "max_error": 0.2}]})
+    from typer.testing import CliRunner
+
+    import calibserve.server.cli
+
+    seen: list[ServerSettings] = []
+    original = calibserve.server.cli.run_server
+    calibserve.server.cli.run_server = seen.append  # type: ignore[assignment]
+    try:
+        result = CliRunner().invoke(calibserve.server.cli.app, [
+            "serve", "--upstream", "http://a:1", "--served-model-name", "m", "--escalate-to",
+            "http://b:1", "--threshold", "guaranteed", "--max-error", "0.2"])
+    finally:
+        calibserve.server.cli.run_server = original
+    assert result.exit_code == 0, result.output
+    (m,) = seen[0].models
+    assert m.threshold == "guaranteed" and m.max_error == 0.2
+
+
+def test_feedback_sets_the_live_bound(tmp_path: Path) -> None:
+    rt = runtime(tmp_path)
+    assert rt.models["m"].route.policy.threshold_for("answer") == 0.5  # type: ignore[attr-defined]
+    text = metrics(rt)
+    assert sample(text, "calibserve_guarantee_max_error", model="m", method="answer") == 0.2
+    assert sample(text, "calibserve_guarantee_threshold", model="m", method="answer") == 0.5
+    assert sample(text, "calibserve_guarantee_kept_error_bound", model="m", method="answer") == 1
+    for i in range(20):
+        feedback(rt, 0.9, correct=i >= 2)  # 20 kept, 2 wrong
+    for _ in range(5):
+        feedback(rt, 0.3, correct=False)  # below the threshold: escalated, not kept
+    feedback(rt, 0.9, correct=False, label="m:x")  # the expert's answer: not the primary's
+    text = metrics(rt)
+    assert sample(text, "calibserve_guarantee_kept_answers", model="m", method="answer") == 20
+    assert sample(text, "calibserve_guarantee_kept_errors", model="m", method="answer") == 2
+    bound = sample(text, "calibserve_guarantee_kept_error_bound", model="m", method="answer")
+    # 2 errors of 20 at delta 0.1: P(Bin(20, p) <= 2) = 0.1 at p = 0.24477 (by hand below).
+    assert bound == pytest.approx(0.244765, abs=1e-5)
+    tail = sum(math.comb(20, j) * bound**j * (1 - bound) ** (20 - j) for j in range(3))
+    assert tail == pytest.approx(0.1, abs=1e-5)
+
+
+def test_probes_feed_the_window_too(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, probes=True)
+    (runner,) = rt.probes
+    assert runner.on_outcome is not None
+    runner.on_outcome("answer", 0.95, False)
+    runner.on_outcome("answer", 0.2, False)  # would have been escalated
+    text = metrics(rt)
+    assert sample(text, "calibserve_guarantee_kept_answers", model="m", method="answer") == 1
+    assert sample(text, "calibserve_guarantee_kept_errors", model="m", method="answer") == 1
+
+
+def test_the_window_slides_and_rescoring_follows_the_threshold() -> None:
+    from calibserve.calibration import ServedMethod
+
+    w = KeptWindow(3, threshold=0.5, delta=0.1)
+    for raw, y in [(0.9, False), (0.8, True), (0.1, False), (0.7, True)]:
+        w.add(raw, raw, y)
+    assert (w.kept, w.kept_errors) == (2, 0)  # the first (kept, wrong) answer slid out
+    w.rescore(ServedMethod("answer", None), threshold=0.05, delta=0.1)
+    assert (w.kept, w.kept_errors) == (3, 1)
+
+
+def _calibrated_window(n: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    raw = rng.uniform(0.3, 1.0, n)
+    return raw, rng.uniform(size=n) < raw  # calibrated: kept error at t is (1 - t) / 2
+
+
+def test_recalibrate_on_recertifies_a_broken_threshold(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, mode="on")
+    raw, y = _calibrated_window(1000)
+    # The served 0.5 keeps answers wrong 25% of the time on this traffic: above 0.2.
+    for r, c in zip(raw, y, strict=True):
+        feedback(rt, float(r), bool(c))
+    model = rt.models["m"]
+    new = model.route.policy.threshold_for("answer")  # type: ignore[attr-defined]
+    assert new is not None and new > 0.55
+    # Certified on the window it was swapped on (the first `size` answers fed: the window
+    # holds 1000), by the same fixed-sequence scan as at fit time.
+    served = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
+    size = served.metrics["recalibration"]["recertified"]["window"]
+    assert served.metrics["recalibration"]["recertified"]["threshold_after"] == new
+    assert new == certify_threshold(raw[:size], y[:size], 0.2, 0.1).threshold
+    text = metrics(rt)
+    assert sample(text, "calibserve_recalibrations_total", model="m", method="answer",
+                  outcome="recertified") >= 1
+    assert sample(text, "calibserve_guarantee_threshold", model="m", method="answer") == new
+    # The live gauges were re-scored under the new threshold: its kept answers meet 0.2.
+    kept = sample(text, "calibserve_guarantee_kept_answers", model="m", method="answer")
+    errors = sample(text, "calibserve_guarantee_kept_errors", model="m", method="answer")
+    assert kept == int((raw[-1000:] >= new).sum()) and errors / kept <= 0.2
+    stored = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
+    assert stored.method("answer").guarantee_for(0.2).threshold == new  # type: ignore[union-attr]
+    assert stored.method("answer").guarantee_for(0.1).threshold == 0.8  # other target untouched
+
+
+def test_shadow_exports_the_recertified_candidate_only(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, mode="shadow")
+    raw, y = _calibrated_window(1000)
+    for r, c in zip(raw, y, strict=True):
+        feedback(rt, float(r), bool(c))
+    text = metrics(rt)
+    assert sample(text, "calibserve_recalibration_candidate_threshold", model="m",
+                  method="answer") > 0.55
+    assert rt.models["m"].route.policy.threshold_for("answer") == 0.5  # type: ignore[attr-defined]
+    bound = sample(text, "calibserve_guarantee_kept_error_bound", model="m", method="answer")
+    assert bound > 0.2  # the live bound says the promise is broken
