@@ -1,4 +1,5 @@
-"""The `calibserve` command: `demo build`, `demo`, `merge`, `calibrate`, `serve`, `tune`."""
+"""The `calibserve` command: `demo build`, `demo`, `merge`, `calibrate`, `certify`, `serve`,
+`tune`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import typer
 
 from calibserve.calibrate import calibrate as calibrate_command
 from calibserve.calibration.document import PROBES_FILE
+from calibserve.certify import certify as certify_command
 from calibserve.demo.cli import app as demo_app
 from calibserve.merge.cli import merge_command
 from calibserve.server.cli import serve as serve_command
@@ -35,6 +37,9 @@ app.command("merge", help="Sweep base-to-aligned interpolations, pick a Pareto p
 )
 app.command("calibrate", help="Fit calibration.json for one checkpoint (an escalation tier).")(
     calibrate_command
+)
+app.command("certify", help="Certify the thresholds of an escalation route, tier by tier.")(
+    certify_command
 )
 app.command("serve", help="Serve a model behind the calibrated OpenAI-compatible proxy.")(
     serve_command

@@ -1,0 +1,68 @@
+"""`calibserve certify`: certified thresholds for a whole escalation route (issue 29 item 2).
+
+    calibserve certify --tier PRIMARY --tier EXPERT [--calibration P.json --calibration E.json]
+                       --data DIR --max-error 0.2 [--delta 0.1]
+
+Each tier is scored on `DIR/calibrate.jsonl` with its own calibration document; the primary's
+threshold is certified on all items, the next tier's on the items the primary did not keep, and
+so on, each at delta / tiers (`merge.certify_route`). The documents are rewritten with their
+certificate; serve the route with `calibserve serve --model PRIMARY --escalate-to EXPERT
+--escalate-calibration E.json --threshold guaranteed --max-error 0.2`. Errors name the flag,
+exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from calibserve.calibration.guarantee import DEFAULT_DELTA
+
+__all__ = ["certify"]
+
+
+def certify(
+    tier: Annotated[list[Path], typer.Option(
+        "--tier", help="a tier's checkpoint directory, primary first (repeatable)")],
+    data: Annotated[Path, typer.Option(
+        "--data", help="directory whose calibrate.jsonl (multiple choice) every tier answers")],
+    max_error: Annotated[float, typer.Option(
+        "--max-error", help="the error rate of kept answers to certify for the whole route")],
+    delta: Annotated[float, typer.Option(
+        "--delta", help="the chance the certificate may be wrong (split evenly over the tiers)")
+    ] = DEFAULT_DELTA,
+    calibration: Annotated[list[Path] | None, typer.Option(
+        "--calibration", help="the calibration.json of the --tier in the same position, "
+        "rewritten with its certificate [default: TIER/calibration.json]")] = None,
+) -> None:
+    """Certify the thresholds of an escalation route, tier by tier, on labelled items."""
+    from calibserve.merge.certify_route import RouteTier, certify_route
+    from calibserve.merge.errors import MergeError
+
+    files = list(calibration or [])
+    if len(files) > len(tier):
+        typer.echo("Error: Invalid value for '--calibration': more files than --tier", err=True)
+        raise typer.Exit(2)
+    files += [t / "calibration.json" for t in tier[len(files):]]
+    tiers = [RouteTier(t, f) for t, f in zip(tier, files, strict=True)]
+    try:
+        results = certify_route(tiers, data, max_error, delta)
+    except MergeError as exc:
+        where = f"Invalid value for '{exc.param}': " if exc.param else ""
+        typer.echo(f"Error: {where}{exc.message}", err=True)
+        raise typer.Exit(2) from None
+    for i, (t, cert, doc) in enumerate(results):
+        where = "all items" if i == 0 else "the items no earlier tier kept"
+        if doc is None:
+            typer.echo(f"{t.calibration}: tier {i} ({t.name}): nothing certified on {cert.n} "
+                       f"{where} at delta {cert.delta:g}: its answers are served outside the "
+                       "guarantee (document unchanged)")
+            continue
+        typer.echo(f"{t.calibration}: tier {i} ({t.name}): threshold {cert.threshold:.4f} "
+                   f"certified on {cert.n} {where}: keeps {cert.kept} ({cert.coverage:.1%}), "
+                   f"{cert.kept_errors} wrong, upper bound {cert.bound or 0:.4f} <= "
+                   f"{max_error:g} at delta {cert.delta:g}")
+    typer.echo(f"route: with probability >= {1 - delta:g}, answers kept by any tier are wrong "
+               f"at most {max_error:g} of the time on traffic like {data}/calibrate.jsonl")
