@@ -125,7 +125,7 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
         doc = with_certificate(CalibrationDocument.load(tier.calibration), cert, i, len(tiers),
                                names[:i])
         out.append((tier, cert, doc))
-    for tier, _, doc in out:  # all certified before any is written
-        if doc is not None:
-            doc.write(tier.calibration)
+    for written_tier, _, written in out:  # all certified before any is written
+        if written is not None:
+            written.write(written_tier.calibration)
     return out
