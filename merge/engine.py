@@ -106,9 +106,15 @@ class VllmEvaluator:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InvalidConfig(f"vLLM could not start on {aligned}: {first}",
                                 "--evaluator") from exc
-        self.llm.collective_rpc("calibserve_open_pair", args=(str(base), str(aligned), method))
         self.current: float | None = None
         self.fed: dict[str, tuple[float, float]] = {}
+        self.open_pair(base, aligned, method)
+
+    def open_pair(self, base: Path, aligned: Path, method: str) -> None:
+        """Every worker plans (base, aligned) interpolated by `method`; no lambda is set yet.
+        The engine keeps the aligned architecture it was started with."""
+        self.llm.collective_rpc("calibserve_open_pair", args=(str(base), str(aligned), method))
+        self.current = None
 
     @property
     def ranks(self) -> int:

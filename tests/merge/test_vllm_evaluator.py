@@ -3,7 +3,7 @@
 - The in-place update reaches every interpolated tensor: what each rank fed the loader equals,
   tensor by tensor, the checkpoint the writer writes at that lambda, and the engine's
   option-letter logprobs equal the transformers reference's; a deliberately wrong tensor (one
-  left at the aligned value) fails both checks, for every interpolated tensor.
+  left at the aligned value) fails both checks, for every interpolated tensor; SLERP the same.
 - A sweep killed mid-way resumes from its cached points (their files untouched), and the
   finished run selects the same lambda as the transformers reference, with the same accuracy
   at every point and ECE within 0.01.
@@ -34,11 +34,12 @@ LAM = 0.5
 ITEMS = 32
 
 
-def _written(plan: object, lam: float, out: Path) -> dict[str, torch.Tensor]:
+def _written(plan: object, lam: float, out: Path, method: str = "linear"
+             ) -> dict[str, torch.Tensor]:
     """The checkpoint the writer writes at `lam`, read back."""
     from calibserve.merge.writer import write_model
 
-    write_model(plan, lam, "linear", out, 2 * 10**9, "card")  # type: ignore[arg-type]
+    write_model(plan, lam, method, out, 2 * 10**9, "card")  # type: ignore[arg-type]
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
@@ -48,10 +49,10 @@ def _written(plan: object, lam: float, out: Path) -> dict[str, torch.Tensor]:
 
 
 def _wrong_tensors(fed: dict[str, tuple[float, float]],
-                   written: dict[str, torch.Tensor]) -> list[str]:
+                   written: dict[str, torch.Tensor], rtol: float = 1e-9) -> list[str]:
     return sorted(name for name, t in written.items()
                   if not np.allclose(fed.get(name, (np.nan, np.nan)), tensor_fingerprint(t),
-                                     rtol=1e-9, atol=1e-9))
+                                     rtol=rtol, atol=1e-9))
 
 
 def test_the_in_place_update_reaches_every_interpolated_tensor(
@@ -90,6 +91,18 @@ def test_the_in_place_update_reaches_every_interpolated_tensor(
         engine.set(LAM)
         assert _wrong_tensors(engine.fed, written) == []
         assert np.abs(engine.letter_logprobs(mc) - want).max() < 1e-4
+
+        # SLERP the same way: the writer's tensors (its angle is summed in row chunks, hence
+        # rtol 1e-6), and the reference's logprobs.
+        engine.open_pair(p.plan.base.path, p.plan.aligned.path, "slerp")
+        engine.set(LAM)
+        slerped = _written(p.plan, LAM, tmp_path / "slerp", "slerp")
+        assert _wrong_tensors(engine.fed, slerped, rtol=1e-6) == []
+        spherical = load_eval_model(p.plan, "slerp", torch.float32, "cpu")
+        spherical.set(LAM)
+        want_slerp = mc.letter_logprobs(spherical.model)
+        assert np.abs(want_slerp - want).max() > 1e-4  # slerp is not lerp on this pair
+        assert np.abs(engine.letter_logprobs(mc) - want_slerp).max() < 1e-4
     finally:
         engine.close()
 
