@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from calibserve.calibration.guarantee import DEFAULT_DELTA
+from calibserve.calibration.risk import DEFAULT_TARGET_ACCURACIES
 from calibserve.merge.config import DEFAULT_GRID, build_config
 from calibserve.merge.errors import InvalidConfig, InvalidData, MergeError
 
@@ -170,6 +172,17 @@ def merge_command(
                 "--target-accuracy", help="Accuracy targets for escalation thresholds (repeatable)."
             ),
         ] = None,
+        max_error: Annotated[
+            list[float] | None,
+            typer.Option(
+                "--max-error", help="Also certify the option-letter method's threshold whose "
+                "kept answers are wrong at most this often with probability 1 - --delta "
+                "(repeatable; serve with --threshold guaranteed); refused when it cannot be."),
+        ] = None,
+        delta: Annotated[
+            float, typer.Option("--delta", help="With --max-error: the chance the "
+                                "certificate may be wrong.")
+        ] = DEFAULT_DELTA,
         max_items: Annotated[
             int | None, typer.Option("--max-items", help="Use at most N items per split.")
         ] = None,
@@ -251,6 +264,9 @@ def merge_command(
             if not data.is_dir():
                 raise InvalidData(
                     f"{data} is not a directory with select.jsonl and calibrate.jsonl", "--data")
+            if label_free and max_error:
+                raise InvalidConfig("a label-free fit has no thresholds: a certified error "
+                                    "rate needs labelled data", "--max-error")
             if label_free and target_accuracy:
                 raise InvalidConfig("a label-free fit has no thresholds: a threshold that "
                                     "promises an accuracy needs labelled data",
@@ -271,7 +287,10 @@ def merge_command(
                 dtype=dtype.value,
                 batch_size=batch_size,
                 shard_size=shard_size,
-                target_accuracy=target_accuracy if target_accuracy else [0.7, 0.8, 0.9],
+                target_accuracy=target_accuracy if target_accuracy
+                else list(DEFAULT_TARGET_ACCURACIES),
+                max_error=list(max_error or []),
+                delta=delta,
                 max_items=max_items,
                 overwrite=overwrite,
                 short_answers=short_answers,

@@ -20,9 +20,10 @@ from pydantic import (
     model_validator,
 )
 
-from calibserve.calibration import N_BINS, RULES
+from calibserve.calibration import DEFAULT_TARGET_ACCURACIES, N_BINS, RULES
 from calibserve.calibration.errors import CalibrationError
 from calibserve.calibration.grading import DEFAULT_GRADER, load_grader
+from calibserve.calibration.guarantee import DEFAULT_DELTA
 from calibserve.merge.errors import InvalidConfig
 
 __all__ = [
@@ -67,6 +68,8 @@ FLAG_NAMES: dict[str, str] = {
     "batch_size": "--batch-size",
     "shard_size": "--shard-size",
     "target_accuracy": "--target-accuracy",
+    "max_error": "--max-error",
+    "delta": "--delta",
     "n_bins": "--bins",
     "max_items": "--max-items",
     "overwrite": "--overwrite",
@@ -204,7 +207,10 @@ class MergeConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     batch_size: int = Field(default=32, ge=1, le=4096)
     shard_size: int = Field(default=2 * 10**9, ge=1024)
-    target_accuracy: list[float] = Field(default_factory=lambda: [0.7, 0.8, 0.9])
+    target_accuracy: list[float] = Field(default_factory=lambda: list(DEFAULT_TARGET_ACCURACIES))
+    # Certified thresholds of the option-letter method (calibration/certified.py).
+    max_error: list[float] = Field(default_factory=list)
+    delta: float = Field(default=DEFAULT_DELTA, gt=0.0, lt=1.0)
     n_bins: int = Field(default=N_BINS, ge=2, le=1000)
     max_items: int | None = Field(default=None, ge=1)
     overwrite: bool = False
@@ -306,6 +312,14 @@ class MergeConfig(BaseModel):
         for t in v:
             if not 0.0 < t < 1.0:
                 raise ValueError(f"target accuracy {t!r} must be strictly between 0 and 1")
+        return sorted(set(v))
+
+    @field_validator("max_error")
+    @classmethod
+    def _max_errors(cls, v: list[float]) -> list[float]:
+        for a in v:
+            if not 0.0 < a < 1.0:
+                raise ValueError(f"max error {a!r} must be strictly between 0 and 1")
         return sorted(set(v))
 
 

@@ -22,11 +22,12 @@ from typing import Any
 
 from rich.console import Console
 
+from calibserve.calibration.certified import NOT_CERTIFIED, GuaranteeTargets
 from calibserve.calibration.document import PROBES_FILE
 from calibserve.merge.calibrate import calibration_json, fit_calibration, fit_label_free
 from calibserve.merge.card import model_card
 from calibserve.merge.config import MergeConfig
-from calibserve.merge.errors import InvalidData
+from calibserve.merge.errors import InvalidConfig, InvalidData
 from calibserve.merge.evaluate import point_metrics
 from calibserve.merge.prepare import Prepared, check_out, prepare
 from calibserve.merge.progress import closing_table, sweep_progress, write_progress
@@ -190,7 +191,12 @@ def _run_loaded(p: Prepared, s: Session, work: Path, console: Console, show: boo
                               "--label-free")
         cal = fit_label_free(mine, ref, c.n_bins, reference_name=p.plan.base.ref)
     else:
-        cal = fit_calibration(cal_point.scores, c.calibrator, c.target_accuracy, c.n_bins)
+        cal = fit_calibration(cal_point.scores, c.calibrator, c.target_accuracy, c.n_bins,
+                              guarantees=GuaranteeTargets(tuple(c.max_error), c.delta))
+        uncertified = [n for n in cal.notes if n.startswith(NOT_CERTIFIED)]
+        if uncertified:  # refused before anything is written
+            raise InvalidConfig("the option-letter method at the chosen lambda: "
+                                + "; ".join(uncertified), "--max-error")
     notes = [*p.notes, *cal.notes]
 
     # Held-out view: both parents and the chosen point, raw and through the calibrator.

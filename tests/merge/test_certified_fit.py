@@ -79,3 +79,20 @@ def test_the_stated_minimum_escalation_rate_is_the_models_own() -> None:
     # What was recorded is what the certificate of the calibrated confidence says.
     calibrated = cal.apply(conf)
     assert cal.guarantees[0].threshold == certify_threshold(calibrated, correct, 0.45).threshold
+
+
+def test_merge_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    from calibserve.merge.cli import app
+
+    out = tmp_path / "out"
+    args = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
+            "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
+            "--no-refine", "--no-short-answers", "--no-free-form"]
+    result = runner.invoke(app, [*args, "--max-error", "0.05"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--max-error'" in result.output and "Traceback" not in result.output
+    assert "must escalate at least" in result.output
+    assert not out.exists()
+    bad = runner.invoke(app, [*args, "--max-error", "0.2", "--label-free", "--overwrite"])
+    assert bad.exit_code == 2 and "Invalid value for '--max-error'" in bad.output

@@ -15,7 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibserve.calibration import CalibrationDocument, Scorer, calibrator_from_dict
+from calibserve.calibration import (
+    DEFAULT_TARGET_ACCURACIES,
+    CalibrationDocument,
+    Scorer,
+    calibrator_from_dict,
+)
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.errors import (
     IncompatibleCheckpoints,
@@ -119,7 +124,7 @@ def test_calibration_json_schema_and_scorer(merged: Path) -> None:
     assert "calibrate" not in cal["metrics"] and "select" in cal["metrics"]
     # Every target is either a threshold or listed as unreachable.
     reached = {t["target_accuracy"] for t in answer["thresholds"]}
-    assert reached | set(calib.get("unreachable_targets", [])) == {0.7, 0.8, 0.9}
+    assert reached | set(calib.get("unreachable_targets", [])) == set(DEFAULT_TARGET_ACCURACIES)
     for t in answer["thresholds"]:
         assert 0.0 <= t["threshold"] <= 1.0 and 0.0 < t["coverage"] <= 1.0
     # It loads through the one loader, and is exactly what the writer writes.
