@@ -36,6 +36,7 @@ def exported() -> set[str]:
     from calibserve.routing import RoutingMetrics
     from calibserve.server.app import create_app
     from calibserve.server.config import ServerSettings
+    from calibserve.server.guarantee import GuaranteeMetrics
     from calibserve.server.metrics import ServerMetrics
     from calibserve.server.probes import ProbeMetrics
 
@@ -55,6 +56,7 @@ def exported() -> set[str]:
     ServerMetrics(registry)
     RoutingMetrics(registry)
     ProbeMetrics(registry)  # only built when probes are on
+    GuaranteeMetrics(registry)  # only built with threshold: guaranteed
     collectors = [*registry._collector_to_names]  # noqa: SLF001 - the only list of collectors
     for collector in collectors:
         for family in collector.collect():
