@@ -39,6 +39,7 @@ from calibserve.demo.corpus import (
     pretraining_documents,
     sft_examples,
     short_answer_splits,
+    without_long_tail,
 )
 from calibserve.demo.evaluate import mc_metrics, option_probs, short_metrics
 from calibserve.demo.settings import CODE_VERSION, DemoSettings
@@ -100,6 +101,29 @@ def _ensure_cached(settings: DemoSettings, seed: int, progress: bool) -> Path:
             publish_dir(tmp, cached)
 
     return build_once(default_dir(settings, seed), lambda p: cache.verify(p, digest), build)
+
+
+@contextmanager
+def _timed(record: dict[str, float], phase: str) -> Iterator[None]:
+    """Adds the phase's wall time to `record` (world.json's `phase_seconds`)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        record[phase] = round(record.get(phase, 0.0) + time.monotonic() - started, 1)
+
+
+def _by_reading(
+    probs: np.ndarray, items: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Multiple-choice metrics on the long-tail items and on the rest (the ones the base read)."""
+    tail = np.array([bool(it.get("long_tail")) for it in items])
+    out: dict[str, dict[str, float]] = {}
+    for name, mask in (("long_tail", tail), ("read_by_base", ~tail)):
+        if mask.any():
+            chosen = [it for it, keep in zip(items, mask, strict=True) if keep]
+            out[name] = mc_metrics(probs[mask], chosen)
+    return out
 
 
 @contextmanager
@@ -165,7 +189,8 @@ class Materials:
     short: dict[str, list[dict[str, Any]]]  # split -> short-answer items
     prompts: list[dict[str, Any]]
     tokenizer: PreTrainedTokenizerFast
-    doc_ids: list[list[int]]
+    doc_ids: list[list[int]]  # the whole corpus: the expert's continued pretraining
+    base_doc_ids: list[list[int]]  # without the long-tail entities: the base's pretraining
     sft_ids: list[list[int]]
     format_ids: list[list[int]]  # the base's format SFT (open and multiple-choice chat forms)
     pad_id: int
@@ -196,7 +221,9 @@ def make_materials(settings: DemoSettings, seed: int) -> Materials:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     return Materials(world, splits, short, prompts, tokenizer,
-                     [encode(d) for d in docs], [encode(t) for t in sft_texts],
+                     [encode(d) for d in docs],
+                     [encode(d) for d in without_long_tail(docs, world)],
+                     [encode(t) for t in sft_texts],
                      [encode(t) for t in format_texts],
                      int(tokenizer.pad_token_id), int(tokenizer.eos_token_id))
 
@@ -208,7 +235,9 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
     tokenizer, doc_ids, sft_ids = mat.tokenizer, mat.doc_ids, mat.sft_ids
     pad_id, eos_id = mat.pad_id, mat.eos_id
     metrics: dict[str, dict[str, float]] = {}
+    by_reading: dict[str, dict[str, dict[str, float]]] = {}
     short_scores: dict[str, dict[str, float]] = {}
+    phase_seconds: dict[str, float] = {}
     with _torch_state(settings.threads), _progress(show) as bar:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -218,28 +247,34 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
             return lambda loss: bar.update(task, advance=1, loss=loss)
 
         base = make_model(settings.model, len(tokenizer), pad_id, eos_id)
-        pretrain(base, doc_ids, eos_id, settings.pretrain, gen,
-                 run("pretrain base", settings.pretrain.steps))
-        if settings.base_format_sft is not None and mat.format_ids:
-            sft(base, mat.format_ids, pad_id, settings.base_format_sft, gen,
-                run("format SFT base", sft_steps(len(mat.format_ids), settings.base_format_sft)))
+        with _timed(phase_seconds, "base"):
+            pretrain(base, mat.base_doc_ids, eos_id, settings.pretrain, gen,
+                     run("pretrain base", settings.pretrain.steps))
+            if settings.base_format_sft is not None and mat.format_ids:
+                sft(base, mat.format_ids, pad_id, settings.base_format_sft, gen,
+                    run("format SFT base",
+                        sft_steps(len(mat.format_ids), settings.base_format_sft)))
         aligned = copy.deepcopy(base)
-        sft(aligned, sft_ids, pad_id, settings.sft, gen,
-            run("SFT aligned", sft_steps(len(sft_ids), settings.sft)))
+        with _timed(phase_seconds, "aligned"):
+            sft(aligned, sft_ids, pad_id, settings.sft, gen,
+                run("SFT aligned", sft_steps(len(sft_ids), settings.sft)))
         expert = copy.deepcopy(base)
-        if settings.expert_extra_steps:
-            pretrain(expert, doc_ids, eos_id, settings.pretrain, gen,
-                     run("pretrain expert", settings.expert_extra_steps),
-                     steps=settings.expert_extra_steps)
-        sft(expert, sft_ids, pad_id, settings.expert_sft, gen,
-            run("SFT expert", sft_steps(len(sft_ids), settings.expert_sft)))
+        with _timed(phase_seconds, "expert"):
+            if settings.expert_extra_steps:
+                pretrain(expert, doc_ids, eos_id, settings.pretrain, gen,
+                         run("pretrain expert", settings.expert_extra_steps),
+                         steps=settings.expert_extra_steps)
+            sft(expert, sft_ids, pad_id, settings.expert_sft, gen,
+                run("SFT expert", sft_steps(len(sft_ids), settings.expert_sft)))
         models = {"base": base, "aligned": aligned, "expert": expert}
         task = bar.add_task("evaluate", total=len(models), loss=float("nan"))
-        for name, model in models.items():
-            probs = option_probs(model, tokenizer, splits["test"])
-            metrics[name] = mc_metrics(probs, splits["test"])
-            short_scores[name] = short_metrics(model, tokenizer, short["test"])
-            bar.update(task, advance=1)
+        with _timed(phase_seconds, "evaluate"):
+            for name, model in models.items():
+                probs = option_probs(model, tokenizer, splits["test"])
+                metrics[name] = mc_metrics(probs, splits["test"])
+                by_reading[name] = _by_reading(probs, splits["test"])
+                short_scores[name] = short_metrics(model, tokenizer, short["test"])
+                bar.update(task, advance=1)
         for name, model in models.items():
             _save_model(model, tokenizer, root / name)
 
@@ -254,6 +289,8 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
         "digest": settings.digest(seed),
         "settings": settings.model_dump(mode="json"),
         "build_seconds": round(time.monotonic() - started, 1),
+        # Training wall time of each model (the base includes its format SFT) and of evaluation.
+        "phase_seconds": phase_seconds,
         "chat_format": {
             "example": render_exchange(format_mc_prompt(splits["test"][0]), "A"),
             "letters": list(LETTERS[:4]),
@@ -261,6 +298,8 @@ def _build_into(root: Path, settings: DemoSettings, seed: int, show: bool) -> di
         "sizes": {split: len(items) for split, items in splits.items()},
         "short_sizes": {split: len(items) for split, items in short.items()},
         "metrics": {"split": "test", "n_bins": 15, **metrics},
+        # The same, on the long-tail entities (only the expert read about them) and on the rest.
+        "metrics_by_reading": {"split": "test", "n_bins": 15, **by_reading},
         # The first generated token against the sampled gold value (greedy, chat format).
         "short_answer_metrics": {"split": "test", "n_bins": 15, **short_scores},
         "world": world.to_json(),

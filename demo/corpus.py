@@ -145,6 +145,13 @@ def pretraining_documents(
     return [docs[i] for i in order]
 
 
+def without_long_tail(documents: list[str], world: World) -> list[str]:
+    """The documents that mention no long-tail entity: the base's pretraining corpus (the expert's
+    continued pretraining reads all of them)."""
+    tail = set(world.long_tail)
+    return [d for d in documents if tail.isdisjoint(d.split())]
+
+
 def base_format_examples(
     world: World, settings: WorldSettings
 ) -> list[str]:
@@ -180,10 +187,12 @@ def sft_examples(world: World, settings: WorldSettings, rng: np.random.Generator
 def eval_splits(
     world: World, settings: WorldSettings, rng: np.random.Generator
 ) -> dict[str, list[dict[str, Any]]]:
-    """Held-out MC items, one entity set per split (none seen in QA pretraining or SFT)."""
+    """Held-out MC items, one entity set per split (none seen in QA pretraining or SFT);
+    `long_tail` marks the entities only the expert read about."""
+    tail = set(world.long_tail)
     return {
         split: [
-            mc_item(fact, rng, split)
+            {**mc_item(fact, rng, split), "long_tail": fact.entity in tail}
             for fact in world.facts_of(world.heldout[split])
             for _ in range(settings.eval_questions_per_fact)
         ]
@@ -196,9 +205,10 @@ def short_answer_splits(
 ) -> dict[str, list[dict[str, Any]]]:
     """Held-out open questions, one split per MC split (same entities), golds drawn from each
     fact as for multiple choice."""
+    tail = set(world.long_tail)
     return {
         split: [
-            short_item(fact, rng, split)
+            {**short_item(fact, rng, split), "long_tail": fact.entity in tail}
             for fact in world.facts_of(world.heldout[split])
             for _ in range(settings.short_questions_per_fact)
         ]

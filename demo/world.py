@@ -51,6 +51,8 @@ class World:
     qa_entities: list[str]
     heldout: dict[str, list[str]]  # split name -> entities asked about only in that split
     facts: dict[tuple[str, str], Fact] = field(default_factory=dict)
+    # Held-out entities the base's pretraining never mentions (only the expert's reads them).
+    long_tail: list[str] = field(default_factory=list)
 
     @property
     def entities(self) -> list[str]:
@@ -64,6 +66,7 @@ class World:
             "attributes": {a: list(v) for a, v in ATTRIBUTES.items()},
             "qa_entities": self.qa_entities,
             "heldout_entities": self.heldout,
+            "long_tail_entities": self.long_tail,
             "facts": [
                 {"entity": f.entity, "attribute": f.attribute, "probs": f.probs}
                 for f in self.facts.values()
@@ -94,7 +97,11 @@ def make_world(settings: WorldSettings, rng: np.random.Generator) -> World:
     qa = names[: settings.qa_entities]
     rest = names[settings.qa_entities :]
     heldout = {s: rest[i * n_heldout : (i + 1) * n_heldout] for i, s in enumerate(SPLITS)}
-    world = World(qa_entities=qa, heldout=heldout)
+    # The last entities of each split, so the long tail draws nothing from `rng` and every other
+    # draw (facts, golds, corpus) is the one a world without a long tail makes.
+    n_tail = round(settings.long_tail_fraction * n_heldout)
+    tail = [e for s in SPLITS for e in heldout[s][n_heldout - n_tail :]]
+    world = World(qa_entities=qa, heldout=heldout, long_tail=tail)
     for entity in names:
         for attribute, values in ATTRIBUTES.items():
             order = [str(v) for v in rng.permutation(np.array(values))]

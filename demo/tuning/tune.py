@@ -22,7 +22,7 @@ tag = sys.argv[4] if len(sys.argv) > 4 else ""
 settings = DemoSettings.model_validate(over)
 t0 = time.monotonic()
 mat = make_materials(settings, seed)
-tok, splits, doc_ids, sft_ids = mat.tokenizer, mat.splits, mat.doc_ids, mat.sft_ids
+tok, splits, doc_ids, sft_ids = mat.tokenizer, mat.splits, mat.base_doc_ids, mat.sft_ids
 pad_id, eos_id = mat.pad_id, mat.eos_id
 
 def m(model):

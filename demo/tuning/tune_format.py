@@ -53,7 +53,7 @@ with _torch_state(settings.threads):
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     pretrained = make_model(settings.model, len(tok), mat.pad_id, mat.eos_id)
-    pretrain(pretrained, mat.doc_ids, mat.eos_id, settings.pretrain, gen)
+    pretrain(pretrained, mat.base_doc_ids, mat.eos_id, settings.pretrain, gen)
     state = gen.get_state()
     print(json.dumps({"seed": seed, "pretrained": mc(pretrained),
                       "pretrain_s": round(time.monotonic() - t0)}), flush=True)
