@@ -1,6 +1,9 @@
-"""Label-free (DACA) vs labelled option temperature on the demo pair, on the same held-out items.
+"""Label-free (DACA) vs labelled option temperature on a base/aligned pair, on the same held-out
+items: the demo pair by default, or any pair (the real pair of issue 26: Gemma 3 270M and the
+checkpoint `calibserve tune` built from it, on the world facts).
 
     .venv/bin/python benchmarks/label_free.py [--demo-dir DIR] [--json OUT]
+    .venv/bin/python benchmarks/label_free.py --base B --aligned A --data DIR [--limit N]
 
 The aligned demo model's option-letter confidence on the demo's multiple-choice test split:
 raw (T = 1), with the option temperature fitted on the calibrate split's gold answers
@@ -58,14 +61,16 @@ def _row(name: str, t: float, scores: Any, n_bins: int) -> dict[str, Any]:
     return out
 
 
-def run(demo_dir: Path, n_bins: int = N_BINS) -> dict[str, Any]:
-    data = demo_dir / "data"
-    tok = AutoTokenizer.from_pretrained(demo_dir / "aligned")
-    aligned, base = _model(demo_dir / "aligned"), _model(demo_dir / "base")
+def run(base_dir: Path, aligned_dir: Path, data: Path, n_bins: int = N_BINS,
+        limit: int | None = None) -> dict[str, Any]:
+    """The comparison for one pair; `limit`: the first N items of each split."""
+    tok = AutoTokenizer.from_pretrained(aligned_dir)
+    aligned, base = _model(aligned_dir), _model(base_dir)
     t0 = time.perf_counter()
-    cal_items, _ = load_items(data / "calibrate.jsonl")
+    cal_items, _ = load_items(data / "calibrate.jsonl", limit)
     unlabelled, had_answers, _ = load_unlabelled(data / "calibrate.jsonl")
-    test_items, _ = load_items(data / "test.jsonl")
+    unlabelled = unlabelled[:limit] if limit else unlabelled
+    test_items, _ = load_items(data / "test.jsonl", limit)
     # Labelled: the aligned model's option logits with the gold options of the calibrate split.
     labelled = MCEvaluator(tok, cal_items).score(aligned).options
     assert labelled is not None
@@ -76,7 +81,7 @@ def run(demo_dir: Path, n_bins: int = N_BINS) -> dict[str, Any]:
     naive = fit_daca(mine.logits, ref.logits, mine.groups, base_groups=ref.groups,
                      agreement_only=False)
     views: dict[str, list[dict[str, Any]]] = {}
-    select_items, _ = load_items(data / "select.jsonl")
+    select_items, _ = load_items(data / "select.jsonl", limit)
     # All held out from the fit; the floor is on test, the others show the split-to-split spread.
     for split, items in (("test", test_items), ("select", select_items),
                          ("select+test", [*select_items, *test_items])):
@@ -96,7 +101,7 @@ def run(demo_dir: Path, n_bins: int = N_BINS) -> dict[str, Any]:
     floor = daca_ece <= FLOOR_RATIO * gold_ece and daca_ece < raw_ece
     ratios = {split: v[2]["ece"] / v[1]["ece"] for split, v in views.items()}
     return {
-        "demo_dir": str(demo_dir),
+        "pair": {"base": str(base_dir), "aligned": str(aligned_dir), "data": str(data)},
         "calibrate_items": len(unlabelled), "test_items": len(test_items),
         "answers_dropped": had_answers,
         "agreement": daca.agreement, "n_agree": daca.n_agree,
@@ -114,15 +119,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo-dir", type=Path, default=None,
                     help="a built demo world (default: build or reuse the cached one)")
+    ap.add_argument("--base", type=Path, default=None, help="another pair's base checkpoint")
+    ap.add_argument("--aligned", type=Path, default=None, help="its aligned checkpoint")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="its data (calibrate.jsonl, select.jsonl, test.jsonl)")
+    ap.add_argument("--limit", type=int, default=None, help="the first N items of each split")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     args = ap.parse_args(argv)
-    demo_dir = args.demo_dir
-    if demo_dir is None:
-        from calibserve.demo import build_world
+    pair = (args.base, args.aligned, args.data)
+    if any(x is not None for x in pair):
+        if any(x is None for x in pair) or args.demo_dir is not None:
+            ap.error("argument --base/--aligned/--data: give all three, without --demo-dir")
+        base_dir, aligned_dir, data = pair
+    else:
+        demo_dir = args.demo_dir
+        if demo_dir is None:
+            from calibserve.demo import build_world
 
-        demo_dir = build_world()
-    result = run(demo_dir)
-    print(f"demo pair {result['demo_dir']}: {result['calibrate_items']} calibrate prompts "
+            demo_dir = build_world()
+        base_dir, aligned_dir, data = demo_dir / "base", demo_dir / "aligned", demo_dir / "data"
+    if args.limit is not None and args.limit < 1:
+        ap.error("argument --limit: must be at least 1")
+    result = run(base_dir, aligned_dir, data, limit=args.limit)
+    print(f"pair {aligned_dir} / {base_dir}: {result['calibrate_items']} calibrate prompts "
           f"(answers dropped for DACA: {result['answers_dropped']}), agreement "
           f"{result['agreement']:.3f} ({result['n_agree']} items fitted on), "
           f"{result['test_items']} held-out test items")
