@@ -55,7 +55,8 @@ def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: i
     n_cal = (2 * n) // 3
     single: dict[str, list[float]] = {"error": [], "coverage": [], "cal_coverage": [],
                                       "pool_error": []}
-    empirical: dict[str, list[float]] = {"error": [], "coverage": [], "cal_coverage": []}
+    empirical: dict[str, list[float]] = {"error": [], "coverage": [], "cal_coverage": [],
+                                         "pool_error": []}
     cascade: dict[str, list[float]] = {"error": [], "coverage": [], "first": [], "second": [],
                                        "pool_error": []}
     single_empty = cascade_empty = refused = 0
@@ -78,6 +79,8 @@ def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: i
         empirical["error"].append(errors / kept if kept else 0.0)
         empirical["coverage"].append(kept / test.size)
         empirical["cal_coverage"].append(float(emp["coverage"] or 0.0))
+        kept, errors = _kept_error(p.score, p.correct, float(emp["threshold"] or 0))
+        empirical["pool_error"].append(errors / kept if kept else 0.0)
         if len(tiers) > 1:
             e = tiers[1]
             certs = certify_cascade([(p.score[cal], p.correct[cal]),
@@ -99,7 +102,7 @@ def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: i
 
     def summary(d: dict[str, list[float]]) -> dict[str, float]:
         err = np.asarray(d["error"])
-        pool = np.asarray(d.get("pool_error", [np.nan]))
+        pool = np.asarray(d["pool_error"])
         out = {"violations": float(np.mean(err > alpha + 1e-12)),
                "pool_violations": float(np.mean(pool > alpha + 1e-12)),
                "mean_kept_error": float(err.mean()), "p90_kept_error": float(np.quantile(err, 0.9))}
@@ -176,7 +179,7 @@ def lines(name: str, r: dict[str, Any]) -> list[str]:
                    f"{c['mean_coverage']:.3f} (first {c['mean_first']:.3f} + second "
                    f"{c['mean_second']:.3f}) |")
     out.append(f"| empirical (`auto`, target accuracy {1 - r['alpha']:g}) | "
-               f"{e['violations']:.3f} | - | {e['mean_kept_error']:.3f} | "
+               f"{e['violations']:.3f} | {e['pool_violations']:.3f} | {e['mean_kept_error']:.3f} | "
                f"{e['p90_kept_error']:.3f} | {e['mean_coverage']:.3f} |")
     out += ["", f"Power: the certified threshold keeps {r['power']:.1%} of the empirical "
             f"threshold's test coverage ({s['mean_coverage']:.3f} vs {e['mean_coverage']:.3f}: "
@@ -191,11 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--out", type=Path, default=HERE / "results.json")
+    ap.add_argument("--demo-world", default=None,
+                    help="the demo world's digest (.calibserve/demo/DIGEST); default: the newest "
+                    "merged world with an expert calibration")
     args = ap.parse_args(argv)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    where, tiers = demo_tiers()
+    where, tiers = demo_tiers(args.demo_world)
     results["demo"] = {**where, **evaluate(tiers, args.splits, args.alpha, args.delta)}
     real = real_tiers()
     if real is not None:

@@ -47,21 +47,23 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def demo_dirs() -> tuple[Path, Path, Path]:
-    """(world, merged model, expert calibration.json) of the built demo: the newest merge."""
+def demo_dirs(digest: str | None = None) -> tuple[Path, Path, Path]:
+    """(world, merged model, expert calibration.json) of a built demo world: `digest`'s, else
+    the newest merge whose world has an expert calibration."""
     merges = sorted(DEMO_ROOT.glob("merged-*/model/calibration.json"),
-                    key=lambda p: p.stat().st_mtime)
-    if not merges:
-        raise SystemExit(f"no merged demo model under {DEMO_ROOT}: run `calibserve demo build` "
-                         "and `make demo` (or `calibserve demo`) first")
-    model = merges[-1].parent
-    digest = model.parent.name.split("-")[1]
-    world = DEMO_ROOT / digest
-    experts = sorted(DEMO_ROOT.glob(f"expert-calibration-{digest}-*.json"),
-                     key=lambda p: p.stat().st_mtime)
-    if not experts:
-        raise SystemExit(f"no expert calibration for demo world {digest} under {DEMO_ROOT}")
-    return world, model, experts[-1]
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for cal in merges:
+        model = cal.parent
+        world_digest = model.parent.name.split("-")[1]
+        if digest is not None and world_digest != digest:
+            continue
+        experts = sorted(DEMO_ROOT.glob(f"expert-calibration-{world_digest}-*.json"),
+                         key=lambda p: p.stat().st_mtime)
+        if experts and (DEMO_ROOT / world_digest / "expert").is_dir():
+            return DEMO_ROOT / world_digest, model, experts[-1]
+    raise SystemExit(f"no merged demo model with an expert calibration under {DEMO_ROOT}"
+                     + (f" for world {digest}" if digest else "")
+                     + ": run `make demo` (or `calibserve demo`) first")
 
 
 def _score_mc(model_dir: Path, calibration: Path, items: list[dict[str, Any]], name: str
@@ -83,9 +85,9 @@ def _score_mc(model_dir: Path, calibration: Path, items: list[dict[str, Any]], n
     return Tier(name, np.asarray(served, float), np.asarray(scores.correct, bool))
 
 
-def demo_tiers() -> tuple[dict[str, Any], list[Tier]]:
+def demo_tiers(digest: str | None = None) -> tuple[dict[str, Any], list[Tier]]:
     """(provenance, [merged, expert]) on every multiple-choice item of the demo world."""
-    world, model, expert_cal = demo_dirs()
+    world, model, expert_cal = demo_dirs(digest)
     items = [it for split in ("calibrate", "select", "test")
              for it in _jsonl(world / "data" / f"{split}.jsonl")]
     tiers = [_score_mc(model, model / "calibration.json", items, "merged"),
