@@ -892,19 +892,29 @@ def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
     """`calibserve merge --free-form`: the written checkpoint's calibration.json (its
     multiple-choice fit) extended with the free-form methods fitted on `data_dir`'s short-answer
     items through a managed vLLM engine on `model_dir` (`serve_and_fit`; verify when the
-    tokenizer has yes/no tokens); rewritten in place, atomically."""
+    tokenizer has yes/no tokens); rewritten in place, atomically. The free-form methods are
+    certified for the max_error targets (and delta) the multiple-choice method was certified
+    for (`merge --max-error`); a served free-form method that cannot be is refused
+    (InvalidConfig, `--max-error`) before the document is rewritten."""
+    from calibserve.merge.errors import InvalidConfig
     from calibserve.merge.evaluate import short_answer_split
 
     path = Path(model_dir) / "calibration.json"
     doc = CalibrationDocument.load(path)
+    certified = doc.method(doc.multiple_choice).guarantees
+    guarantees = (GuaranteeTargets(tuple(sorted({g.max_error for g in certified})),
+                                   certified[0].delta) if certified else NO_GUARANTEES)
     short_cal = short_answer_split(data_dir, "calibrate")
     if not short_cal:
         raise ServeFitError(f"{data_dir} has no short-answer items to fit on", "--free-form")
     methods, notes = fit_methods(Path(model_dir), None, False)
     mc_cal, mc_test = mc_splits(data_dir)
     fit = serve_and_fit(Path(model_dir), doc, short_cal, short_answer_split(data_dir, "test"),
-                        methods=methods, mc_cal=mc_cal, mc_test=mc_test)
+                        methods=methods, mc_cal=mc_cal, mc_test=mc_test, guarantees=guarantees)
     fit.notes[:0] = notes
     doc = with_free_form(doc, fit)
+    refused = refusals(doc, guarantees)
+    if refused:
+        raise InvalidConfig("cannot certify max_error " + "; ".join(refused), "--max-error")
     doc.write(path)
     return doc

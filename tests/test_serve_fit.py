@@ -328,3 +328,27 @@ def test_a_forged_no_letter_raw_is_refused() -> None:
     forged = [Reply(r.text, {**r.confidence, "raw": 0.99}, r.logprobs) for r in replies]
     with pytest.raises(ServeFitError, match="no_letter"):
         fit_no_letter((items, forged))
+
+
+def test_free_form_methods_are_certified_on_their_own_calibrated_confidence() -> None:
+    from calibserve.calibration.certified import GuaranteeTargets, refusals
+    from calibserve.calibration.guarantee import certify_threshold
+
+    cal = _data(400, 0)
+    fit = fit_free_form(cal, guarantees=GuaranteeTargets((0.3, 0.01), 0.1))
+    doc = with_free_form(_doc(), fit)
+    for m in TOKEN_FIT_METHODS:
+        entry = doc.method(m)
+        raws = np.asarray([method_raw(r, m, doc.quantile()) for r in cal[1]])
+        correct = np.asarray([exact_match(r.text, str(it["answer"]), ())
+                              for it, r in zip(*cal, strict=True)])
+        calibrated = np.asarray(entry.calibration_map().apply(raws))  # type: ignore[union-attr]
+        expected = certify_threshold(calibrated, correct, 0.3, 0.1)
+        if expected.certified:
+            (g,) = entry.guarantees
+            assert (g.max_error, g.threshold, g.kept) == (0.3, expected.threshold, expected.kept)
+        assert any(n.startswith("not certified: max_error 0.01:")
+                   for n in entry.fit.notes or [])  # type: ignore[union-attr]
+    # The served free-form method cannot promise 1% errors: refused with the figure.
+    (why,) = refusals(doc, GuaranteeTargets((0.01,)))
+    assert why.startswith(f"0.01 for method {doc.free_form!r}") and "at least" in why
