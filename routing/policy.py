@@ -189,11 +189,13 @@ class ThresholdPolicy:
 def _pick_certified(doc: CalibrationDocument, name: str, max_error: float | None) -> float:
     g = doc.method(name).guarantee_for(max_error)
     if g is None:
-        known = ", ".join(f"{x.max_error:g}" for x in doc.method(name).guarantees) or "none"
+        known = ", ".join(sorted(f"{x.max_error:g}" for x in doc.method(name).guarantees)) \
+            or "none"
         wanted = "" if max_error is None else f" at max_error {max_error:g} or stricter"
         raise ValueError(
             f"calibration.json has no certified threshold{wanted} for method {name!r} "
-            f"(certified max_error: {known}); refit with `calibserve calibrate --max-error`")
+            f"(certified max_error: {known}); certify one with `calibserve calibrate "
+            "--max-error` (or merge), or serve another --max-error")
     return g.threshold
 
 

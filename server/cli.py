@@ -217,7 +217,11 @@ def run_server(settings: ServerSettings) -> None:
     )
 
     raise_open_file_limit()  # before the cap is derived from it
-    app = create_app(settings, settle=True)
+    try:
+        app = create_app(settings, settle=True)
+    except ValueError as exc:  # settings the files cannot meet: a threshold calibration.json lacks
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
     # httptools, one write per response, and the deadlines and cap of server/connections.py.
     guard = ConnectionGuard(ConnectionLimits.from_settings(settings), app.state.runtime.metrics)
     config = uvicorn.Config(

@@ -188,3 +188,22 @@ def test_shadow_exports_the_recertified_candidate_only(tmp_path: Path) -> None:
     assert rt.models["m"].route.policy.threshold_for("answer") == 0.5  # type: ignore[attr-defined]
     bound = sample(text, "calibserve_guarantee_kept_error_bound", model="m", method="answer")
     assert bound > 0.2  # the live bound says the promise is broken
+
+
+def test_serving_a_target_the_document_has_no_certificate_for_is_a_clean_error(
+        tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import calibserve.server.cli
+
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps(DOC))
+    config = tmp_path / "calibserve.yaml"
+    config.write_text(
+        "models:\n  - name: m\n    upstreams: [http://127.0.0.1:9]\n    upstream_model: m\n"
+        f"    calibration: {cal}\n    threshold: guaranteed\n    max_error: 0.05\n"
+        "    escalate_to:\n      - name: x\n        upstreams: [http://127.0.0.1:9]\n")
+    result = CliRunner().invoke(calibserve.server.cli.app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "no certified threshold at max_error 0.05" in result.output
+    assert "certified max_error: 0.1, 0.2" in result.output and "Traceback" not in result.output
