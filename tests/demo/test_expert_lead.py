@@ -2,8 +2,9 @@
 it read about the long-tail entities the others never saw, and the merged model's confidence
 finds those items (issue 29, item 4).
 
-Thresholds sit below the seed-0 build's measured numbers (demo/README.md, "The long tail") by
-the margin a build on another CPU moved them; benchmarks/escalation measures the floors.
+The seed-0 build measured a lead of 0.175 and a routing gain of 0.046 at 20% (demo/README.md,
+"The long tail"); a build on another CPU gives other models (by up to about 0.1 accuracy), so the
+routing gain is asserted below issue 29's 3-point floor, which benchmarks/escalation measures.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.demo.evaluate import option_probs
 
-# The expert's lead over the merged model on the whole test split (the benchmark floor is 0.08).
-MIN_EXPERT_LEAD = 0.06
+# The expert's lead over the merged model on the whole test split: issue 29's floor (the long
+# tail alone is worth about 0.13 of it: a quarter of the items, 0.5 more accuracy there).
+MIN_EXPERT_LEAD = 0.08
 # At 20% escalation, the least confident 20% beat a random 20% by at least this (floor: 0.03).
 MIN_ROUTE_GAIN = 0.02
 
