@@ -121,8 +121,10 @@ def served(out: Path, pair: str, max_items: int | None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     max_new = int(report["config"]["max_new_tokens"])
     model = out / "model"
+    cfg = json.loads((model / "config.json").read_text())
+    longest = int(cfg.get("text_config", cfg).get("max_position_embeddings", 512))
     with calibserve_serve(model, "merged", model / "calibration.json", work,
-                          max_model_len=512) as url:
+                          max_model_len=min(512, longest)) as url:
         mc_out, ff_out = work / "mc.jsonl", work / "free_form.jsonl"
         drive(url, "merged", {i: format_mc_prompt(it) for i, it in enumerate(mc_items)},
               mc_out, max_tokens=1, desc="multiple choice")
