@@ -45,6 +45,10 @@ from calibserve.calibration import CalibrationDocument  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RATES = [i / 20 for i in range(21)]
 NAMES = ("merged + calibrated", "aligned + raw", "random (merged)", "oracle (merged)")
+# Issue 29's demo floors: the expert's lead over the merged model alone, and the calibrated
+# route's lead over random escalation at 20% (both in points).
+FLOOR_EXPERT_LEAD = 8.0
+FLOOR_ROUTE_GAIN = 3.0
 
 
 def locate(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -143,12 +147,38 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         "via": cls.via, "demo_dir": str(demo_dir), "demo_digest": digest,
         "merged_model": str(merged_model), "calibration": cal.to_dict(), "threshold_20": t20,
         "machine": machine(),
+        # Items about entities only the expert read about (demo world version 8 on).
+        "long_tail": [bool(it.get("long_tail")) for it in items],
         "wall_seconds": time.perf_counter() - started,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "items": {"merged": [a.to_dict() for a in merged_ans],
                   "aligned": [a.to_dict() for a in aligned_ans],
                   "expert": [a.to_dict() for a in expert_ans],
                   "live_20": [a.to_dict() for a in live]},
+    }
+
+
+def _long_tail_lines(tail: list[bool] | None, run_m: sweep.Pass, run_a: sweep.Pass,
+                     expert_ok: list[bool]) -> dict[str, str]:
+    """Accuracy on the long-tail items and on the rest, and how many of the merged model's 20%
+    least confident answers are long-tail ones (absent for worlds without a long tail)."""
+    if not tail or not any(tail):
+        return {}
+    mask = np.asarray(tail, dtype=bool)
+    expert = np.asarray(expert_ok, dtype=bool)
+
+    def acc(ok: np.ndarray) -> str:
+        return f"{100 * ok[mask].mean():.1f}% / {100 * ok[~mask].mean():.1f}%"
+
+    k = round(0.2 * run_m.n)
+    low = np.argsort(run_m.confidence, kind="stable")[:k]
+    return {
+        "long-tail items (only the expert read about them)": f"{int(mask.sum())} of {mask.size}",
+        "accuracy on long tail / rest (merged)": acc(run_m.primary_correct),
+        "accuracy on long tail / rest (aligned)": acc(run_a.primary_correct),
+        "accuracy on long tail / rest (expert)": acc(expert),
+        "merged's 20% least confident answers that are long-tail items": (
+            f"{int(mask[low].sum())} of {k} (ties in stable order)"),
     }
 
 
@@ -174,6 +204,8 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
     i20 = RATES.index(0.2)
     at20 = {n: curves[n][i20] for n in NAMES}
     lam = (cal.get("merge") or {}).get("lambda")
+    lead = 100 * (float(np.mean(expert_ok)) - float(np.mean(run_m.primary_correct)))
+    gain20 = 100 * (at20[NAMES[0]] - at20[NAMES[2]])
     summary = {
         "items": run_m.n,
         "via": raw["via"],
@@ -195,6 +227,11 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
         "at 20% escalation: aligned raw - random escalation of the aligned model": (
             f"{100 * (at20[NAMES[1]] - sweep.accuracy_random(run_a, round(0.2 * run_a.n))):+.1f}"
             " points"),
+        "expert - merged alone": f"{lead:+.1f} points (floor {FLOOR_EXPERT_LEAD:+.0f}: "
+                                 f"{'met' if lead >= FLOOR_EXPERT_LEAD else 'NOT met'})",
+        "calibrated - random at 20%": f"{gain20:+.1f} points (floor {FLOOR_ROUTE_GAIN:+.0f}: "
+                                      f"{'met' if gain20 >= FLOOR_ROUTE_GAIN else 'NOT met'})",
+        **_long_tail_lines(raw.get("long_tail"), run_m, run_a, expert_ok),
         "live route at the 20% threshold": (
             f"threshold {raw['threshold_20']:.4f}: escalated "
             f"{100 * np.mean([a['escalated'] for a in live]):.1f}%, accuracy "
