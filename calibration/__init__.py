@@ -32,6 +32,7 @@ from calibserve.calibration.document import (
     SUPPORTED_VERSIONS,
     CalibrationDocument,
     FitMetrics,
+    Guarantee,
     MergeInfo,
     MethodCalibration,
     MethodParams,
@@ -47,6 +48,12 @@ from calibserve.calibration.family import (
     fit_family,
 )
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
+from calibserve.calibration.guarantee import (
+    Certificate,
+    certify_cascade,
+    certify_threshold,
+    clopper_pearson_upper,
+)
 from calibserve.calibration.logprobs import TokenLogprobs, parse_logprobs, token_logprobs
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS,
@@ -165,6 +172,12 @@ __all__ = [
     "select_point",
     "DEFAULT_TARGET_ACCURACIES",
     "RiskCoverage",
+    # certified thresholds
+    "Certificate",
+    "Guarantee",
+    "certify_cascade",
+    "certify_threshold",
+    "clopper_pearson_upper",
     "risk_coverage",
     "aurc",
     "auroc",

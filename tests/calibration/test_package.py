@@ -42,6 +42,12 @@ CONTRACT = [
     "aurc",
     "threshold_for_accuracy",
     "threshold_for_rate",
+    "DEFAULT_TARGET_ACCURACIES",
+    "certify_threshold",
+    "certify_cascade",
+    "clopper_pearson_upper",
+    "Certificate",
+    "Guarantee",
 ]
 
 
