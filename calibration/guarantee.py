@@ -31,6 +31,7 @@ keeps at least mu - (1 - c) errors, so the kept error rate is at most alpha only
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -79,6 +80,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * float(np.exp(terms - top).sum())))
 
 
+@functools.lru_cache(maxsize=4096)  # a live window asks for the same few counts again and again
 def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     """The exact one-sided upper bound at level 1 - delta on an error rate seen as `errors` of
     `n`: the p with P(Binomial(n, p) <= errors) = delta (1.0 when n = 0 or errors = n)."""

@@ -21,6 +21,8 @@ exactly when a client's request with that confidence would have been. Per model 
 
 After a calibrator swap or a re-certification (server/recalibration.py, `--recalibrate on`) the
 window is re-scored under what is served now, so the gauges always describe the served policy.
+An answer only updates two counts; the bound (an exact binomial root, a few milliseconds) is
+computed when /metrics is scraped, not on the feedback or probe path.
 """
 
 from __future__ import annotations
@@ -142,10 +144,10 @@ class LiveGuarantee:
             window = self.windows.get(method)
             if window is None:
                 window = self.windows[method] = KeptWindow(self.window, threshold, cert.delta)
+                self._publish(method, window)
             window.rescore(served, threshold, cert.delta)
             self.metrics.max_error.labels(self.model.name, method).set(cert.max_error)
             self.metrics.threshold.labels(self.model.name, method).set(threshold)
-            self._publish(method, window)
 
     def observe(self, method: str, raw: float, correct: bool) -> None:
         """One labelled answer of the primary tier (a probe, or feedback for an answer it
@@ -155,10 +157,10 @@ class LiveGuarantee:
         if window is None or served is None or not 0.0 <= raw <= 1.0:
             return
         window.add(float(raw), served.score(float(raw)), bool(correct))
-        self._publish(method, window)
 
     def _publish(self, method: str, window: KeptWindow) -> None:
+        """The window's gauges, read when /metrics is scraped."""
         name = self.model.name
-        self.metrics.kept.labels(name, method).set(window.kept)
-        self.metrics.errors.labels(name, method).set(window.kept_errors)
-        self.metrics.bound.labels(name, method).set(window.bound)
+        self.metrics.kept.labels(name, method).set_function(lambda: window.kept)
+        self.metrics.errors.labels(name, method).set_function(lambda: window.kept_errors)
+        self.metrics.bound.labels(name, method).set_function(lambda: window.bound)
