@@ -74,15 +74,22 @@ def build(
         raise typer.Exit(1) from None
     report = json.loads((path / "world.json").read_text())
     metrics = report["metrics"]
+    # Accuracy on the long-tail entities only the expert read about (worlds of version 8 on).
+    tail = {name: by["long_tail"] for name, by in report.get("metrics_by_reading", {}).items()
+            if isinstance(by, dict) and "long_tail" in by}
     table = Table(title=f"demo world (seed {seed}, test split, n={metrics['base']['n']})")
-    for column in ("model", "accuracy", "ECE", "expected acc.", "mean conf."):
+    columns = ["model", "accuracy", "ECE", "expected acc.", "mean conf."]
+    if tail:
+        columns.append(f"long-tail acc. (n={next(iter(tail.values()))['n']})")
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for name in MODELS:
         m = metrics[name]
-        table.add_row(
-            name, f"{m['accuracy']:.3f}", f"{m['ece']:.3f}",
-            f"{m['expected_accuracy']:.3f}", f"{m['mean_confidence']:.3f}",
-        )
+        row = [name, f"{m['accuracy']:.3f}", f"{m['ece']:.3f}",
+               f"{m['expected_accuracy']:.3f}", f"{m['mean_confidence']:.3f}"]
+        if tail:
+            row.append(f"{tail[name]['accuracy']:.3f}")
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(f"world: {path.resolve()}")

@@ -54,5 +54,6 @@ def test_build_prints_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     for name in ("base", "aligned", "expert"):
         assert name in result.output
     assert "ECE" in result.output
+    assert "long-tail acc." in result.output  # the tiny world has one long-tail entity a split
     assert str(out.resolve()) in result.output.replace("\n", "")
     assert (out / "world.json").is_file()
