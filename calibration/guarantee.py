@@ -49,6 +49,7 @@ __all__ = [
     "binomial_cdf",
     "certify_cascade",
     "certify_threshold",
+    "clopper_pearson_lower",
     "clopper_pearson_upper",
     "min_escalation_rate",
     "min_kept",
@@ -99,6 +100,28 @@ def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
         else:
             hi = mid
     return hi
+
+
+@functools.lru_cache(maxsize=4096)
+def clopper_pearson_lower(errors: int, n: int, delta: float) -> float:
+    """The exact one-sided lower bound at level 1 - delta on an error rate seen as `errors` of
+    `n`: the p with P(Binomial(n, p) >= errors) = delta (0.0 when errors = 0). Above a target,
+    the data say with confidence 1 - delta that the rate is above it."""
+    delta = _check_level("delta", delta)
+    if not 0 <= errors <= n:
+        raise CalibrationError(f"need 0 <= errors <= n, got errors={errors}, n={n}")
+    if errors == 0:
+        return 0.0
+    if errors == n:
+        return float(delta ** (1.0 / n))  # closed form: p^n = delta
+    lo, hi = 0.0, errors / n  # P(X >= errors) rises from 0 to above delta (at the estimate)
+    for _ in range(_BISECTIONS):
+        mid = (lo + hi) / 2.0
+        if 1.0 - binomial_cdf(errors - 1, n, mid) < delta:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _bound_at_most(errors: int, n: int, max_error: float, delta: float) -> bool:

@@ -14,9 +14,14 @@ exactly when a client's request with that confidence would have been. Per model 
 - `calibserve_guarantee_kept_answers`, `calibserve_guarantee_kept_errors`: the window's kept
   answers and the wrong ones among them;
 - `calibserve_guarantee_kept_error_bound`: their exact (Clopper-Pearson) upper bound at the
-  certificate's 1 - delta (1 while nothing is kept: no evidence yet);
-- `calibserve_guarantee_max_error`: the certified alpha; the `CalibserveGuaranteeBroken` rule
-  (deploy/prometheus/rules.yml) fires when the bound crosses it on enough kept answers;
+  certificate's 1 - delta (1 while nothing is kept: no evidence yet), and
+  `calibserve_guarantee_kept_error_lower_bound` the lower one (0 while nothing is kept);
+- `calibserve_guarantee_max_error`: the certified alpha. `CalibserveGuaranteeUnverified`
+  (deploy/prometheus/rules.yml) fires when the upper bound crosses it on enough kept answers:
+  the live answers no longer vouch for the promise (which a healthy threshold, certified at the
+  edge of its calibrate sample, also shows now and then on a small window);
+  `CalibserveGuaranteeBroken` when the lower bound does: they show, with confidence
+  1 - delta, that it is broken;
 - `calibserve_guarantee_threshold`: the threshold served.
 
 After a calibrator swap or a re-certification (server/recalibration.py, `--recalibrate on`) the
@@ -34,7 +39,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from calibserve.calibration import CalibrationDocument, ServedMethod
-from calibserve.calibration.guarantee import clopper_pearson_upper
+from calibserve.calibration.guarantee import clopper_pearson_lower, clopper_pearson_upper
 
 __all__ = ["DEFAULT_WINDOW", "GuaranteeMetrics", "KeptWindow", "LiveGuarantee"]
 
@@ -54,6 +59,9 @@ class GuaranteeMetrics:
                             labels, registry=registry)
         self.bound = Gauge("calibserve_guarantee_kept_error_bound",
                            "Clopper-Pearson upper bound (at 1 - delta) of the kept answers' "
+                           "error rate in the live window", labels, registry=registry)
+        self.lower = Gauge("calibserve_guarantee_kept_error_lower_bound",
+                           "Clopper-Pearson lower bound (at 1 - delta) of the kept answers' "
                            "error rate in the live window", labels, registry=registry)
         self.max_error = Gauge("calibserve_guarantee_max_error",
                                "The certified error rate of kept answers (alpha)", labels,
@@ -103,6 +111,12 @@ class KeptWindow:
         """Upper bound at 1 - delta of the kept answers' error rate (1.0: none kept)."""
         return clopper_pearson_upper(self.kept_errors, self.kept, self.delta) if self.kept \
             else 1.0
+
+    @property
+    def lower_bound(self) -> float:
+        """Lower bound at 1 - delta of the kept answers' error rate (0.0: none kept)."""
+        return clopper_pearson_lower(self.kept_errors, self.kept, self.delta) if self.kept \
+            else 0.0
 
 
 class LiveGuarantee:
@@ -164,3 +178,4 @@ class LiveGuarantee:
         self.metrics.kept.labels(name, method).set_function(lambda: window.kept)
         self.metrics.errors.labels(name, method).set_function(lambda: window.kept_errors)
         self.metrics.bound.labels(name, method).set_function(lambda: window.bound)
+        self.metrics.lower.labels(name, method).set_function(lambda: window.lower_bound)

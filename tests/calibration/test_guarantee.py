@@ -12,6 +12,7 @@ from calibserve.calibration.guarantee import (
     binomial_cdf,
     certify_cascade,
     certify_threshold,
+    clopper_pearson_lower,
     clopper_pearson_upper,
     min_escalation_rate,
     min_kept,
@@ -42,6 +43,16 @@ def test_clopper_pearson_solves_the_tail_equation() -> None:
     assert p == pytest.approx(0.4496039, abs=1e-6)
     by_hand = sum(math.comb(10, j) * p**j * (1 - p) ** (10 - j) for j in range(3))
     assert by_hand == pytest.approx(0.1, abs=1e-10)
+
+
+@pytest.mark.parametrize(("errors", "n", "delta", "expected"), [
+    (10, 10, 0.1, 0.1 ** (1 / 10)),             # p^n = delta
+    (1, 10, 0.1, 1 - 0.9 ** (1 / 10)),          # 1 - (1 - p)^n = delta
+    (0, 10, 0.1, 0.0),
+])
+def test_clopper_pearson_lower_closed_forms(errors: int, n: int, delta: float,
+                                            expected: float) -> None:
+    assert clopper_pearson_lower(errors, n, delta) == pytest.approx(expected, abs=1e-12)
 
 
 def test_clopper_pearson_edges_and_bad_input() -> None:

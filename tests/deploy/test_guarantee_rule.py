@@ -1,6 +1,7 @@
-"""The certified-threshold alert (CalibserveGuaranteeBroken): its promtool unit test passes, and
-fails on a rules file that drops the kept-answers floor or compares against another replica's
-target (negative controls: the unit test can tell)."""
+"""The certified-threshold alerts (CalibserveGuaranteeUnverified on the live upper bound,
+CalibserveGuaranteeBroken on the lower): their promtool unit test passes, and fails on a rules
+file that drops the kept-answers floor, compares against another replica's target, or pages on
+the upper bound as if it were the lower (negative controls: the unit test can tell)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,26 @@ def test_the_unit_test_passes() -> None:
 def test_dropping_the_floor_pages_on_fifty_answers(tmp_path: Path) -> None:
     text = RULES.read_text()
     floor = "\n          and on (instance, model, method) calibserve_guarantee_kept_answers >= 100"
-    assert floor in text
+    assert text.count(floor) == 2
     out = _run_with(text.replace(floor, ""), tmp_path)
-    assert out.startswith("failed") and "a bound on few kept answers never pages" in out
+    assert out.startswith("failed") and "bounds on few kept answers never page" in out
 
 
 def test_ignoring_the_instance_compares_with_another_replicas_target(tmp_path: Path) -> None:
     text = RULES.read_text()
     match = "> on (instance, model, method) calibserve_guarantee_max_error"
-    assert match in text
+    assert text.count(match) == 2
     # Against the smallest target of any replica: replica b (0.3) is judged by a's 0.2.
     broken = text.replace(match, "> on (model, method) group_left "
                                  "min by (model, method) (calibserve_guarantee_max_error)")
     out = _run_with(broken, tmp_path)
+    assert out.startswith("failed"), out
+
+
+def test_paging_on_the_upper_bound_is_caught(tmp_path: Path) -> None:
+    text = RULES.read_text()
+    lower = "calibserve_guarantee_kept_error_lower_bound\n            > on"
+    assert text.count(lower) == 1
+    out = _run_with(text.replace(lower, "calibserve_guarantee_kept_error_bound\n            > on"),
+                    tmp_path)
     assert out.startswith("failed"), out

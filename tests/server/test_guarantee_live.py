@@ -119,6 +119,11 @@ def test_feedback_sets_the_live_bound(tmp_path: Path) -> None:
     assert bound == pytest.approx(0.244765, abs=1e-5)
     tail = sum(math.comb(20, j) * bound**j * (1 - bound) ** (20 - j) for j in range(3))
     assert tail == pytest.approx(0.1, abs=1e-5)
+    # The lower bound: P(Bin(20, p) >= 2) = 1 - (1-p)^20 - 20 p (1-p)^19 = 0.1 at p = 0.02691.
+    lower = sample(text, "calibserve_guarantee_kept_error_lower_bound", model="m",
+                   method="answer")
+    assert lower == pytest.approx(0.026914, abs=1e-5)
+    assert 1 - (1 - lower) ** 20 - 20 * lower * (1 - lower) ** 19 == pytest.approx(0.1, abs=1e-6)
 
 
 def test_probes_feed_the_window_too(tmp_path: Path) -> None:
