@@ -7,9 +7,12 @@ reference evaluators (`MCEvaluator`, `FreeFormEvaluator`: the same chat template
 sent to the engine as token ids, and their scoring functions turn the engine's logprobs into
 `Scores` / `FreeFormScores`, so the two evaluators differ only in who computes the logprobs:
 
-- multiple choice: one greedy token with `logprob_token_ids` = every option-letter token, the
-  temperature-1 first-token logprobs the server reads from `top_logprobs`, scored by
-  `calibration.answer_confidence` (`MCEvaluator.score_logprobs`);
+- multiple choice: one greedy token with the first token's top `SERVED_TOP_K` temperature-1
+  logprobs, as the server asks for them, so a letter token outside them is absent as it is
+  there; scored by `calibration.answer_confidence` (`MCEvaluator.score_logprobs`). (The
+  reference reads every letter token's logprob; `letter_logprobs` gives the same here, for
+  checks. On Gemma 3, with two tokens a letter, 3 of 100 items had one outside the top 5 and
+  were served up to 6.8e-3 more confident than full-vocabulary scoring says.)
 - short answers: greedy replies of at most `max_new_tokens` with each token's logprob, stopping
   where the server's engine stops, scored by `confidence_score(..., "mean")` and the merge's
   grader (`FreeFormEvaluator.score_replies`).
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from calibserve.calibration.methods import confidence_method
 from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig, MergeError
 from calibserve.merge.evaluate import MCEvaluator, Scores
 from calibserve.merge.freeform import FreeFormEvaluator, FreeFormScores
@@ -36,6 +40,8 @@ from calibserve.merge.freeform import FreeFormEvaluator, FreeFormScores
 __all__ = ["EngineSettings", "WeightUpdateError", "VllmEvaluator", "vllm_missing", "EXTENSION"]
 
 EXTENSION = "calibserve.merge.engine_worker.InterpolationExtension"
+# The first token's alternatives the server asks for when it scores option letters.
+SERVED_TOP_K = confidence_method("answer").top_logprobs
 # vLLM's bound on `SamplingParams.logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS in 0.32).
 MAX_LETTER_TOKENS = 128
 # On CPU, vLLM's KV cache is sized by this variable (GiB), not by memory utilisation.
@@ -183,8 +189,29 @@ class VllmEvaluator:
                     lps[i, k] = float(first[tok].logprob)
         return lps
 
+    def served_letter_logprobs(self, mc: MCEvaluator) -> NDArray[np.float64]:
+        """The option-letter logprobs the server sees: its request asks for the first token's
+        `SERVED_TOP_K` alternatives (what the `answer` method reads), so a letter token outside
+        them is absent there (-inf here) and the options renormalise without it."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=SERVED_TOP_K,
+                                detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in mc.prompts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        lps = np.full((len(mc.prompts), len(mc.columns)), -math.inf)
+        for i, out in enumerate(outs):
+            steps: Any = out.outputs[0].logprobs
+            for k, tok in enumerate(mc.columns):
+                if tok in steps[0]:
+                    lps[i, k] = float(steps[0][tok].logprob)
+        return lps
+
     def multiple_choice(self, mc: MCEvaluator) -> Scores:
-        return mc.score_logprobs(self.letter_logprobs(mc))
+        """Scored from what the server sees (`served_letter_logprobs`), by the reference's
+        scoring function."""
+        return mc.score_logprobs(self.served_letter_logprobs(mc))
 
     def generate(
         self, ff: FreeFormEvaluator, on_batch: Callable[[int], None] | None = None

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from calibserve.calibration import (
     N_BINS,
+    NoOptionTokensError,
     OptionLogits,
     accuracy,
     answer_confidence,
@@ -317,13 +318,19 @@ class MCEvaluator:
         engine's first-token logprobs and scores them here, so both evaluators agree)."""
         conf = np.zeros(len(self.items))
         pred = np.zeros(len(self.items), np.int64)
+        lettered = np.ones(len(self.items), bool)
         for i, item in enumerate(self.items):
             options = LETTERS[: len(item["choices"])]
             top = dict(zip(self.column_tokens, lps[i].tolist(), strict=True))
             pred[i] = self._argmax_option(top, options)
-            conf[i] = answer_confidence(top, options[pred[i]], options)
+            try:
+                conf[i] = answer_confidence(top, options[pred[i]], options)
+            except NoOptionTokensError:
+                # No option letter among the served alternatives (the vLLM evaluator reads what
+                # the server reads): no option was answered, so it is not right.
+                lettered[i] = False
         gold = np.asarray([it["answer"] for it in self.items], np.intp)
-        correct = pred == gold
+        correct = (pred == gold) & lettered
         return Scores(conf, correct, pred, self._expected(pred), self._options(lps, pred, gold))
 
     def _options(

@@ -50,7 +50,8 @@ def cache_key(p: Prepared, split: str) -> str:
         "seed": c.seed,
     }
     if c.evaluator != "transformers":  # the reference's keys stay those of earlier caches
-        parts["evaluator"] = [c.evaluator, c.tensor_parallel_size]
+        # "served-top-k": multiple choice read from the served top alternatives (engine.py).
+        parts["evaluator"] = [c.evaluator, c.tensor_parallel_size, "served-top-k"]
     return fingerprint(parts)
 
 
