@@ -3,9 +3,8 @@ models' answers on held-out items, for the validity and power figures.
 
 - Demo: the merged model and the expert score every multiple-choice item of the built demo
   world (calibrate, select and test: 960 items) through merge's evaluator (the `answer`
-  confidence merge and the server compute), mapped by each model's own calibration document
-  (both are monotone scalar maps at temperature 1: the ranking, so every certificate, is the raw
-  confidence's).
+  confidence merge and the server compute), mapped by each model's own calibration document (its
+  option temperature, then its scalar map, as the server applies them).
 - Real: `benchmarks.realworld.remedy_table`'s served answers (`rows/ROW/answers.jsonl`: the
   reply and its served confidence per held-out short-answer item), graded `contains` against the
   items they answer, as the remedies table grades them.
@@ -71,17 +70,20 @@ def _score_mc(model_dir: Path, calibration: Path, items: list[dict[str, Any]], n
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calibserve.calibration import CalibrationDocument
+    from calibserve.calibration import CalibrationDocument, OptionTemperature
     from calibserve.merge.evaluate import MCEvaluator
 
     doc = CalibrationDocument.load(calibration)
-    if doc.temperature() != 1.0:
-        raise SystemExit(f"{calibration}: an option temperature is not handled here")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     scores = MCEvaluator(tokenizer, items).score(model)
+    raw = scores.confidence
+    if doc.temperature() != 1.0:  # the option temperature the server applies first
+        assert scores.options is not None
+        raw = OptionTemperature(doc.temperature()).confidence(
+            scores.options.logits, scores.options.prediction, scores.options.groups)
     mapped = doc.method("answer").calibration_map()
-    served = scores.confidence if mapped is None else np.asarray(mapped.apply(scores.confidence))
+    served = raw if mapped is None else np.asarray(mapped.apply(raw))
     return Tier(name, np.asarray(served, float), np.asarray(scores.correct, bool))
 
 
