@@ -116,7 +116,8 @@ def served(out: Path, pair: str, max_items: int | None) -> dict[str, Any]:
     point = _recorded(out, lam)
     data = Path(report["config"]["data"])
     mc_items, _ = load_items(data / "test.jsonl", max_items)
-    short = short_answer_split(data, "test")[:max_items]
+    # Short answers only where the sweep scored them (not with --no-short-answers).
+    short = short_answer_split(data, "test")[:max_items] if point.get("free_form") else []
     work = out.parent / f"{out.name}-served"
     work.mkdir(parents=True, exist_ok=True)
     max_new = int(report["config"]["max_new_tokens"])
@@ -140,7 +141,7 @@ def served(out: Path, pair: str, max_items: int | None) -> dict[str, Any]:
                 "within_1e-3": sum(d <= 1e-3 for d in diffs), "methods": methods}
 
     rows = [compare(work / "mc.jsonl", point["scores"]["confidence"], "multiple choice")]
-    if short and point.get("free_form"):
+    if short:
         rows.append(compare(work / "free_form.jsonl",
                             point["free_form"]["scores"]["confidence"], "short answer"))
     return {"lambda": lam, "rows": rows}
