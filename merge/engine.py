@@ -9,7 +9,9 @@ sent to the engine as token ids, and their scoring functions turn the engine's l
 
 - multiple choice: one greedy token with the first token's top `SERVED_TOP_K` temperature-1
   logprobs, as the server asks for them, so a letter token outside them is absent as it is
-  there; scored by `calibration.answer_confidence` (`MCEvaluator.score_logprobs`). (The
+  there (an item with no letter among them, which the server scores by another method, is
+  read from every letter token instead); scored by `calibration.answer_confidence`
+  (`MCEvaluator.score_logprobs`). (The
   reference reads every letter token's logprob; `letter_logprobs` gives the same here, for
   checks. On Gemma 3, with two tokens a letter, 3 of 100 items had one outside the top 5 and
   were served up to 6.8e-3 more confident than full-vocabulary scoring says.)
@@ -167,8 +169,10 @@ class VllmEvaluator:
         self.fed = self.fed_by_rank[0]
         self.current = lam
 
-    def letter_logprobs(self, mc: MCEvaluator) -> NDArray[np.float64]:
-        """(n_items, n_columns) first-token logprobs of the option-letter tokens, temperature 1."""
+    def letter_logprobs(self, mc: MCEvaluator, rows: Sequence[int] | None = None
+                        ) -> NDArray[np.float64]:
+        """(n_items, n_columns) first-token logprobs of every option-letter token, temperature
+        1, as the reference reads them (`rows`: only those items, in that order)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -178,9 +182,10 @@ class VllmEvaluator:
                 f"logprobs of at most {MAX_LETTER_TOKENS}", "--evaluator")
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=mc.columns,
                                 detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=p) for p in mc.prompts]
+        which = range(len(mc.prompts)) if rows is None else rows
+        prompts = [TokensPrompt(prompt_token_ids=mc.prompts[i]) for i in which]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
-        lps = np.full((len(mc.prompts), len(mc.columns)), -math.inf)
+        lps = np.full((len(prompts), len(mc.columns)), -math.inf)
         for i, out in enumerate(outs):
             steps: Any = out.outputs[0].logprobs
             first = steps[0]
@@ -206,6 +211,14 @@ class VllmEvaluator:
             for k, tok in enumerate(mc.columns):
                 if tok in steps[0]:
                     lps[i, k] = float(steps[0][tok].logprob)
+        # No letter at all among them: the server scores such a reply by another method
+        # (`no_letter`), so no served number exists to match; every letter token's logprob is
+        # read instead, as the reference reads it. (Scoring those as "no answer", confidence 0,
+        # gave Gemma 3's base, which never starts a chat reply with a letter, accuracy 0 at
+        # ECE 0: the best point for min-ece.)
+        silent = [i for i in range(len(outs)) if not np.isfinite(lps[i]).any()]
+        if silent:
+            lps[silent] = self.letter_logprobs(mc, silent)
         return lps
 
     def multiple_choice(self, mc: MCEvaluator) -> Scores:

@@ -51,7 +51,7 @@ def cache_key(p: Prepared, split: str) -> str:
     }
     if c.evaluator != "transformers":  # the reference's keys stay those of earlier caches
         # "served-top-k": multiple choice read from the served top alternatives (engine.py).
-        parts["evaluator"] = [c.evaluator, c.tensor_parallel_size, "served-top-k"]
+        parts["evaluator"] = [c.evaluator, c.tensor_parallel_size, "served-top-k", 2]
     return fingerprint(parts)
 
 
