@@ -30,6 +30,7 @@ from calibserve.routing.identity import (
 )
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.policy import BudgetPolicy, Decision, NeverPolicy, Policy, ThresholdPolicy
+from calibserve.routing.replicas import ReplicaPool
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
 from calibserve.routing.route import Route, Scorer, Tier
@@ -46,6 +47,7 @@ __all__ = [
     "Decision",
     "NeverPolicy",
     "Policy",
+    "ReplicaPool",
     "RetryPolicy",
     "Route",
     "RoutedChunk",

@@ -49,6 +49,7 @@ from calibserve.routing.payload import (
 )
 from calibserve.routing.route import ConfidenceLike
 from calibserve.routing.scoring import confidence_dict, score_answer
+from calibserve.server.engine_watch import ClientDisconnected
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.passthrough import Forwarder
@@ -152,7 +153,7 @@ class ResponsesProxy:
         content = json.dumps(payload).encode()
         asked = time.perf_counter()
         try:
-            upstream = await self.forwarder.open(model, "POST", PATH, content, _JSON)
+            upstream = await self.forwarder.open(request, model, "POST", PATH, content, _JSON)
             if upstream.status_code == 200 and body.get("stream"):
                 return EventStream(self._events(outcome, run, upstream),
                                    media_type="text/event-stream",
@@ -161,6 +162,9 @@ class ResponsesProxy:
         except APIError as exc:  # no answer from the engine: calibserve's own 5xx
             self._failed(outcome, model, exc.reason or "")
             return exc.response()
+        except ClientDisconnected:
+            outcome.record(model.name, "client_error")
+            return Response(status_code=499)
         finally:
             run.upstream_s += time.perf_counter() - asked
         if upstream.status_code != 200:  # the engine's error, as it sent it
