@@ -93,7 +93,7 @@ def method_documents(served: Path, tmp: Path) -> dict[str, Path]:
 
 @contextmanager
 def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from tests.vllm_process import VLLMProcess
+    from calibserve.testing.vllm_process import VLLMProcess
 
     proc = VLLMProcess(model_dir, name, log_dir)
     proc.start()
@@ -107,7 +107,7 @@ def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
 @contextmanager
 def calibserve_serve(config: Path, log: Path) -> Iterator[str]:
     """`calibserve serve --config CONFIG` as its own process, until /ready answers 200."""
-    from tests.vllm_process import free_port
+    from calibserve.testing.vllm_process import free_port
 
     port = free_port()
     exe = Path(sys.executable).with_name("calibserve")

@@ -16,7 +16,7 @@ from calibserve.routing import (
     UpstreamUnavailable,
 )
 from calibserve.routing.errors import CircuitOpen
-from tests.routing.fakes import FakeUpstream, status
+from calibserve.testing.scripted import ScriptedUpstream, status
 
 pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02)
@@ -24,7 +24,7 @@ TOKENIZE = httpx.Response(200, json={"tokens": [1, 2, 3]})
 
 
 async def test_open_relays_to_the_server_root_with_the_clients_headers() -> None:
-    fake = FakeUpstream([TOKENIZE])
+    fake = ScriptedUpstream([TOKENIZE])
     up = Upstream("relay", "http://fake:8000/v1", api_key="sk", retry=FAST,
                   transport=fake.transport())
     answer = await up.open("POST", "/tokenize?x=1", b'{"prompt":"hi"}',
@@ -37,7 +37,7 @@ async def test_open_relays_to_the_server_root_with_the_clients_headers() -> None
 
 
 async def test_open_retries_an_unavailable_engine_then_relays() -> None:
-    fake = FakeUpstream(["refuse", status(503), TOKENIZE])
+    fake = ScriptedUpstream(["refuse", status(503), TOKENIZE])
     up = Upstream("relay-retry", "http://fake", retry=FAST, transport=fake.transport())
     answer = await up.open("POST", "/tokenize", b"{}", {})
     assert answer.status_code == 200 and len(fake.requests) == 3
@@ -46,7 +46,7 @@ async def test_open_retries_an_unavailable_engine_then_relays() -> None:
 
 
 async def test_open_gives_back_the_engines_own_error_unread() -> None:
-    fake = FakeUpstream([status(400), status(500)])
+    fake = ScriptedUpstream([status(400), status(500)])
     up = Upstream("relay-errors", "http://fake", retry=FAST, transport=fake.transport())
     answer = await up.open("POST", "/tokenize", b"{}", {})
     assert answer.status_code == 400 and len(fake.requests) == 1
@@ -55,7 +55,7 @@ async def test_open_gives_back_the_engines_own_error_unread() -> None:
     assert answer.status_code == 500 and len(fake.requests) == 2  # a 500 is not retried
     await answer.aclose()
     # 503s are retried; the last one, retries spent, goes back as the engine sent it.
-    fake = FakeUpstream([status(503)])
+    fake = ScriptedUpstream([status(503)])
     up = Upstream("relay-503", "http://fake", retry=FAST, transport=fake.transport())
     answer = await up.open("GET", "/version", b"", {})
     assert answer.status_code == 503 and len(fake.requests) == 3
@@ -64,7 +64,7 @@ async def test_open_gives_back_the_engines_own_error_unread() -> None:
 
 
 async def test_open_feeds_the_breaker_and_fails_fast_when_it_is_open() -> None:
-    fake = FakeUpstream([status(500)])
+    fake = ScriptedUpstream([status(500)])
     breaker = CircuitBreaker(failure_threshold=2, reset_timeout=60)
     up = Upstream("relay-breaker", "http://fake", retry=FAST, breaker=breaker,
                   transport=fake.transport())
@@ -78,7 +78,7 @@ async def test_open_feeds_the_breaker_and_fails_fast_when_it_is_open() -> None:
 
 
 async def test_open_that_gets_no_answer_is_a_timeout() -> None:
-    fake = FakeUpstream(["hang"])
+    fake = ScriptedUpstream(["hang"])
     up = Upstream("relay-hang", "http://fake", timeout=0.2, retry=FAST,
                   transport=fake.transport())
     with pytest.raises(UpstreamTimeout):
@@ -88,8 +88,8 @@ async def test_open_that_gets_no_answer_is_a_timeout() -> None:
 
 
 async def test_replica_pool_opens_on_the_next_replica_when_one_is_down() -> None:
-    dead = FakeUpstream(["refuse"])
-    alive = FakeUpstream([TOKENIZE])
+    dead = ScriptedUpstream(["refuse"])
+    alive = ScriptedUpstream([TOKENIZE])
     one = RetryPolicy(max_attempts=1)
     pool = ReplicaPool("pool", [
         Upstream("pool#0", "http://dead", retry=one, transport=dead.transport()),

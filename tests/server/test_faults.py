@@ -1,6 +1,6 @@
 """Bad input and upstream faults: OpenAI-shaped errors, right statuses, and serving goes on.
 
-The upstream here is tests/fakes/openai_upstream.py (a fake with canned answers) because faults must
+The upstream here is the FAKE calibserve.testing.openai_upstream (canned answers): faults must
 be injected on demand; behaviour against a real vLLM server is in test_integration.py.
 """
 
@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from calibserve.server.config import ServerSettings
+from calibserve.testing.checks import total
 from tests.server.conftest import FakeUpstream, RunningServer, serve
-from tests.server.test_metrics import total
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "question : ?"}]}
 

@@ -20,7 +20,7 @@ from benchmarks.reliability.faults import (
     upstream_errors_and_death,
     upstream_errors_ok,
 )
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 
 
 def test_escalation_tier_dying_degrades_to_primary() -> None:
