@@ -8,7 +8,7 @@ can stand in for one. Metrics go to the `RoutingMetrics` a Router or Upstream is
 See routing/README.md.
 """
 
-from calibserve.routing.agreement import answers_agree, option_letter
+from calibserve.routing.agreement import answers_agree, named_letter
 from calibserve.routing.breaker import CircuitBreaker, CircuitState
 from calibserve.routing.errors import (
     CircuitOpen,
@@ -72,7 +72,7 @@ __all__ = [
     "default_metrics",
     "discover_model",
     "model_card",
-    "option_letter",
+    "named_letter",
     "parse_retry_after",
     "probe_health",
     "served_models",

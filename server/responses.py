@@ -38,6 +38,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from calibserve.calibration.confidence import confidence_json
 from calibserve.routing import RoutedResult
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.payload import (
@@ -48,7 +49,7 @@ from calibserve.routing.payload import (
     tier_top_logprobs,
 )
 from calibserve.routing.route import ConfidenceLike
-from calibserve.routing.scoring import confidence_dict, score_answer
+from calibserve.routing.scoring import score_answer
 from calibserve.server.engine_watch import ClientDisconnected
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
@@ -217,7 +218,7 @@ class ResponsesProxy:
     async def _finish(self, run: _Run, obj: dict[str, Any]) -> dict[str, str]:
         """Score a response object, add calibserve's fields, cut logprobs; the headers."""
         model = run.model
-        conf = confidence_dict(await self._score(run, obj))
+        conf = confidence_json(await self._score(run, obj))
         run.view.response(obj)
         if "model" in obj:
             obj["model"] = model.name

@@ -174,7 +174,7 @@ class ModelRuntime:
             if scorer.multiple_choice.kind.option_letters:
                 names.append(scorer.no_letter.name)
             if scorer.extra is not None:
-                names.append(scorer.fallback_method.name)
+                names.append(scorer.interim_method.name)
             out[self.calibration_label(t.tier.name)] = tuple(dict.fromkeys(names))
         return out
 

@@ -47,7 +47,7 @@ from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import LETTERS, mc_prompt  # noqa: E402
 from calibserve.calibration import CalibrationDocument, auroc, ece  # noqa: E402
 from calibserve.calibration.answers import exact_match  # noqa: E402
-from calibserve.routing.agreement import option_letter  # noqa: E402
+from calibserve.routing.agreement import named_letter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## free-form confidence"
@@ -278,7 +278,7 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     curves = {f"{default} (calibrated) route": sweep.curve(run, RATES),
               "random": sweep.curve(run, RATES, "random"),
               "oracle": sweep.curve(run, RATES, "oracle")}
-    mc_correct = np.asarray([option_letter(r["text"]) == LETTERS[it["answer"]]
+    mc_correct = np.asarray([named_letter(r["text"]) == LETTERS[it["answer"]]
                              for r, it in zip(raw["mc_replies"], raw["mc"], strict=True)])
     mc_score = np.asarray([float(r["confidence"]["score"]) for r in raw["mc_replies"]])
     mc_ece = ece(mc_score, mc_correct)
