@@ -11,6 +11,9 @@ bounds opening the TCP connection. They are enforced with asyncio deadlines on t
 slow-dripping upstream cannot hold a request forever.
 Retries (see retry.py) happen only before a response is used: a stream is never retried once its
 first event has been read. Every failure ends up as one of the UpstreamError classes (errors.py).
+`request_json`, `stream` and `open` (a request relayed as the client sent it: the Responses API
+and the pass-through routes, its answer of any status handed back unread) share the one retry
+loop, `_attempts`, and the breaker.
 
 Hot path: when the transport offers `exchange` (a `RawExchange`, as the server's lean HTTP/1.1
 transport does for plain-http upstreams), requests skip httpx's request/response machinery
