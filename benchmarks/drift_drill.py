@@ -71,7 +71,7 @@ class Prometheus:
     """A real Prometheus scraping calibserve with the production rules."""
 
     def __init__(self, target: str, work: Path) -> None:
-        from tests.vllm_process import free_port
+        from calibserve.testing.vllm_process import free_port
 
         config = {"global": {"scrape_interval": "5s", "evaluation_interval": "1m"},
                   "rule_files": [str(REPO / "deploy" / "prometheus" / "rules.yml")],

@@ -48,8 +48,8 @@ from benchmarks.reliability.harness import InProcessServer  # noqa: E402
 from calibserve.calibration import CalibrationDocument  # noqa: E402
 from calibserve.server.config import ServerSettings  # noqa: E402
 from calibserve.server.engine import VERIFY_CPU_BLOCK_SIZE  # noqa: E402
-from tests import vllm_process  # noqa: E402
-from tests.vllm_process import VLLMProcess  # noqa: E402
+from calibserve.testing import vllm_process  # noqa: E402
+from calibserve.testing.vllm_process import VLLMProcess  # noqa: E402
 
 
 def prompts(data: Path, limit: int) -> list[str]:

@@ -2,7 +2,7 @@
 
 The floor (issue 17): at most 0.8 ms of calibserve's own CPU per non-streaming request, and
 per streamed chunk, with confidence, signed id and metrics on every answer. In front of the
-FAKE upstream (tests/fakes/openai_upstream.py: canned answers with logprobs, no model), each
+FAKE upstream (calibserve.testing.openai_upstream: canned answers with logprobs, no model), each
 calibserve process is loaded with the raw keep-alive client (rawhttp.py), one connection
 (sequential) and 16 connections (closed loop), non-streaming and streaming chat completions;
 its CPU time (utime + stime from /proc) over the requests answered. Rounds interleave the
@@ -131,7 +131,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="proxy-cpu-"))
     procs = []
     try:
-        fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
+        fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
                       "--port", str(fake_port), "--tokens", str(args.tokens)], work / "fake.log")
         procs.append(fake)
         wait_http(fake_port, "/health", 20, fake)

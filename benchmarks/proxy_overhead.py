@@ -2,8 +2,9 @@
 gateway in front of it.
 
 All run side by side in one run on this machine, against the same FAKE upstream
-(tests/fakes/openai_upstream.py: canned OpenAI answers with logprobs, no model), so what differs is
-only the proxy. `bash benchmarks/peers/install.sh` installs the peers into `.peers/` (git-ignored);
+(calibserve.testing.openai_upstream: canned OpenAI answers with logprobs, no model), so what differs
+is only the proxy.
+`bash benchmarks/peers/install.sh` installs the peers into `.peers/` (git-ignored);
 a peer that is not installed is skipped with a line saying so. Peers are configured as their docs
 recommend for production:
 
@@ -630,7 +631,7 @@ def start_targets(args: argparse.Namespace, wanted: set[str], ports: list[int], 
     portkey."""
     fake_port, cs_port, ll_port, pk_port = ports[:4]
     ng_port = ports[4] if len(ports) > 4 else pk_port + 1
-    fake = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
+    fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
                   "--port", str(fake_port), "--stream-interval-ms",
                   str(args.stream_interval_ms)], work / "fake.log")
     procs.append(fake)

@@ -2,7 +2,7 @@
 
 The floor of issue 14 ("the proxy's measured overhead does not regress by more than 10%") needs a
 comparison, not two numbers from two days: both builds run at once, in front of the same FAKE
-upstream (tests/fakes/openai_upstream.py: canned chat answers with logprobs, no model), measured
+upstream (calibserve.testing.openai_upstream: canned chat answers with logprobs, no model), measured
 with proxy_overhead.py's own load generator and definitions, in interleaved rounds so that a
 change in the machine's load hits both alike:
 
@@ -124,7 +124,7 @@ def main() -> None:  # noqa: C901 - one linear run: start, measure, report
         print(msg, flush=True)
 
     try:
-        fake_proc = start([sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"),
+        fake_proc = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
                            "--port", str(fake_port)], work / "fake.log")
         procs.append(fake_proc)
         wait_http(fake_port, "/health", 20, fake_proc)

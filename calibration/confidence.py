@@ -42,6 +42,7 @@ __all__ = [
     "answer_confidence",
     "confidence_score",
     "StreamingConfidence",
+    "confidence_json",
 ]
 
 METHODS: tuple[str, ...] = ("mean", "min", "first", "quantile", "answer", "no_letter")
@@ -62,18 +63,23 @@ class Confidence:
     # a reference model, calibration/label_free.py). None: fitted on labelled data (or no map).
     calibration: str | None = None
 
-    def to_dict(self) -> dict[str, float | str | bool]:
-        """The JSON shape attached to each choice: `{"score", "raw", "method", "calibrated"}`,
-        and `"calibration"` when it is set."""
-        out: dict[str, float | str | bool] = {
-            "score": self.score,
-            "raw": self.raw,
-            "method": self.method,
-            "calibrated": self.calibrated,
-        }
-        if self.calibration is not None:
-            out["calibration"] = self.calibration
-        return out
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape attached to each choice (`confidence_json`)."""
+        return confidence_json(self)
+
+
+def confidence_json(conf: Any) -> dict[str, Any]:
+    """The one builder of a choice's `confidence`: `{"score", "raw", "method", "calibrated"}`,
+    and `"calibration"` ("label-free") only where the confidence says how its map was fitted.
+    `conf` is a `Confidence` or anything with its fields (a scorer that does not say whether it
+    calibrated is `calibrated: false`)."""
+    out: dict[str, Any] = {"score": float(conf.score), "raw": float(conf.raw),
+                           "method": str(conf.method),
+                           "calibrated": bool(getattr(conf, "calibrated", False))}
+    how = getattr(conf, "calibration", None)
+    if how is not None:
+        out["calibration"] = str(how)
+    return out
 
 
 def normalize_token(token: str) -> str:

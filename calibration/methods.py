@@ -14,7 +14,7 @@ needs, and which logprobs to ask for) read one table:
   fitted on short answers is ever applied to them;
 - `verify` (P(True)) needs one extra prompt-only request to the same engine (`max_tokens` 1, the
   verdict token's top 20 logprobs); `consistency` one extra request with `n=k` samples. Both fall
-  back to `FALLBACK` (the `mean` token statistic, with its own map) when the extra work fails.
+  back to `INTERIM` (the `mean` token statistic, with its own map) when the extra work fails.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from calibserve.calibration.errors import CalibrationError
 __all__ = [
     "CONFIDENCE_METHODS",
     "EXTRA_WORK_METHODS",
-    "FALLBACK",
+    "INTERIM",
     "NO_LETTER",
     "FREE_FORM_METHODS",
     "REGISTRY",
@@ -85,9 +85,10 @@ CONFIDENCE_METHODS: tuple[str, ...] = tuple(REGISTRY)
 TOKEN_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if not m.needs_upstream)
 EXTRA_WORK_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.needs_upstream)
 FREE_FORM_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.free_form)
-# What a method that needs extra work is served as when that work fails (no verdict, an upstream
-# error, an unsupported request shape): a token statistic of the reply itself, with its own map.
-FALLBACK = "mean"
+# What a method that needs extra work is served as until that work is done, and when it fails (no
+# verdict, an upstream error, an unsupported request shape): a token statistic of the reply
+# itself, with its own map. (Not the scorer's free-form method, `Scorer.free_form_method`.)
+INTERIM = "mean"
 # What a reply to an option prompt is scored by when its first token is not an option letter.
 NO_LETTER = "no_letter"
 DEFAULT_CONSISTENCY_K = 5

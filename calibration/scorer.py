@@ -21,7 +21,7 @@ read it, so the confidence chosen offline is the one served.
 
 A free-form method that needs extra upstream work (`verify`, `consistency`: see methods.py) cannot
 be computed from the reply alone: the Scorer then scores the reply by the token statistic
-`FALLBACK` (`mean`, through `mean`'s own map) and says, through `extra_work(confidence)`, that
+`INTERIM` (`mean`, through `mean`'s own map) and says, through `extra_work(confidence)`, that
 routing should do that work; `refined(raw)` is the confidence once it is done. When the work fails
 the fallback is what is served, labelled `mean`, never with the other method's map.
 """
@@ -44,8 +44,8 @@ from calibserve.calibration.errors import CalibrationError, NoOptionTokensError
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS,
     DEFAULT_CONSISTENCY_K,
-    FALLBACK,
     FREE_FORM_METHODS,
+    INTERIM,
     NO_LETTER,
     ConfidenceMethod,
     confidence_method,
@@ -121,7 +121,7 @@ class Scorer:
     temperature: float = 1.0
     q: float = DEFAULT_QUANTILE
     # What a free-form method needing extra work is served as until (or unless) it is done.
-    fallback_method: ServedMethod = field(default_factory=ServedMethod)
+    interim_method: ServedMethod = field(default_factory=ServedMethod)
     verify_question: str | None = None
     # The tokenizer's yes/no ids (from the fit): the verdict asks for exactly their logprobs.
     verdict_token_ids: tuple[int, ...] = ()
@@ -151,7 +151,7 @@ class Scorer:
             options=doc.options(),
             temperature=doc.temperature(),
             q=doc.quantile(),
-            fallback_method=ServedMethod.optional(doc, FALLBACK),
+            interim_method=ServedMethod.optional(doc, INTERIM),
             verify_question=doc.verify_question(),
             verdict_token_ids=doc.verdict_token_ids(),
             consistency_k=doc.consistency_k(),
@@ -170,7 +170,7 @@ class Scorer:
         return self.multiple_choice.name
 
     @property
-    def fallback(self) -> str:
+    def free_form_method(self) -> str:
         """The free-form method (replies the multiple-choice method finds no option letter in)."""
         return self.free_form.name
 
@@ -189,9 +189,9 @@ class Scorer:
         `score_choice` / `stream().confidence()`); None: it is final (option-letter replies, or a
         free-form method that reads the reply's own logprobs)."""
         extra = self.extra
-        if extra is None or getattr(confidence, "method", None) != self.fallback_method.name:
+        if extra is None or getattr(confidence, "method", None) != self.interim_method.name:
             return None
-        if self.fallback_method.name == self.multiple_choice.name:
+        if self.interim_method.name == self.multiple_choice.name:
             return None  # scored by the multiple-choice method: not a free-form reply
         return extra.kind
 
@@ -253,7 +253,7 @@ class ScoredStream:
                     return served.confidence(self._stream.value(served.name))
         served = scorer.free_form
         if served.kind.needs_upstream:
-            served = scorer.fallback_method  # until routing has done the extra work
+            served = scorer.interim_method  # until routing has done the extra work
         return served.confidence(self._stream.value(served.name))
 
     @property

@@ -8,7 +8,7 @@ can stand in for one. Metrics go to the `RoutingMetrics` a Router or Upstream is
 See routing/README.md.
 """
 
-from calibserve.routing.agreement import answers_agree, option_letter
+from calibserve.routing.agreement import answers_agree, named_letter
 from calibserve.routing.breaker import CircuitBreaker, CircuitState
 from calibserve.routing.errors import (
     CircuitOpen,
@@ -30,6 +30,7 @@ from calibserve.routing.identity import (
 )
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.policy import BudgetPolicy, Decision, NeverPolicy, Policy, ThresholdPolicy
+from calibserve.routing.replicas import ReplicaPool
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
 from calibserve.routing.route import Route, Scorer, Tier
@@ -46,6 +47,7 @@ __all__ = [
     "Decision",
     "NeverPolicy",
     "Policy",
+    "ReplicaPool",
     "RetryPolicy",
     "Route",
     "RoutedChunk",
@@ -70,7 +72,7 @@ __all__ = [
     "default_metrics",
     "discover_model",
     "model_card",
-    "option_letter",
+    "named_letter",
     "parse_retry_after",
     "probe_health",
     "served_models",

@@ -32,7 +32,7 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
 
 
-def option_letter(text: str) -> str | None:
+def named_letter(text: str) -> str | None:
     """The MC option letter an answer names, if it is one: after an optional "the answer is",
     calibration's `option_letter` (the leading standalone capital: "B", "(B)", "B. blue")."""
     return letter_of(_ANSWER_IS.sub("", text.strip(), count=1), _CAPITALS)
@@ -40,7 +40,7 @@ def option_letter(text: str) -> str | None:
 
 def answers_agree(primary: str, other: str, *, primary_complete: bool = True) -> bool | None:
     """True/False when comparable; None when the primary's text is only a prefix of its answer."""
-    a, b = option_letter(primary), option_letter(other)
+    a, b = named_letter(primary), named_letter(other)
     if a is not None and b is not None:
         return a == b
     if not primary_complete:

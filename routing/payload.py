@@ -19,7 +19,7 @@ from typing import Any
 
 from calibserve.calibration.confidence import DEFAULT_OPTIONS
 from calibserve.calibration.mc_prompt import offers_options, prompt_text
-from calibserve.calibration.methods import FALLBACK, REGISTRY
+from calibserve.calibration.methods import INTERIM, REGISTRY
 
 ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions"}
 MIN_TOP_LOGPROBS = 5
@@ -62,14 +62,14 @@ def tier_top_logprobs(scorer: object, options_offered: bool | None = None) -> in
     """Alternatives per token that a tier's scorer reads from the main request.
 
     The scorer's multiple-choice method (`method`; not when the prompt offers no options and
-    the method reads letters), its free-form method (`fallback`) and the fallback of methods
-    needing extra work (`FALLBACK`) each read the reply's logprobs; the most any of them
-    needs. A scorer that does not name its methods gets `MIN_TOP_LOGPROBS`.
+    the method reads letters), its free-form method (`free_form_method`) and the interim
+    method of methods needing extra work (`INTERIM`) each read the reply's logprobs; the most
+    any of them needs. A scorer that does not name its methods gets `MIN_TOP_LOGPROBS`.
     """
-    method, free_form = getattr(scorer, "method", None), getattr(scorer, "fallback", None)
+    method, free_form = getattr(scorer, "method", None), getattr(scorer, "free_form_method", None)
     if not all(isinstance(name, str) and name in REGISTRY for name in (method, free_form)):
         return MIN_TOP_LOGPROBS
-    names = [str(free_form), FALLBACK]
+    names = [str(free_form), INTERIM]
     if options_offered is not False or not REGISTRY[str(method)].option_letters:
         names.append(str(method))
     return max(REGISTRY[name].top_logprobs for name in names)
@@ -77,7 +77,7 @@ def tier_top_logprobs(scorer: object, options_offered: bool | None = None) -> in
 
 def serves_verify(scorer: object) -> bool:
     """Is the scorer's free-form method `verify` (a second request on the reply's prompt)?"""
-    free_form = getattr(scorer, "fallback", None)
+    free_form = getattr(scorer, "free_form_method", None)
     method = REGISTRY.get(free_form) if isinstance(free_form, str) else None
     return method is not None and method.extra == "verify"
 

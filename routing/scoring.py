@@ -11,31 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from calibserve.calibration import CalibrationError, parse_logprobs
+from calibserve.calibration.confidence import confidence_json
 from calibserve.routing.agreement import choice_text
 from calibserve.routing.confidence_work import ConfidenceWork
-from calibserve.routing.route import ConfidenceLike, Scorer
+from calibserve.routing.route import ConfidenceLike
 from calibserve.routing.verify_tokens import reply_ids
-
-
-def confidence_dict(conf: ConfidenceLike) -> dict[str, Any]:
-    """A choice's `confidence`; `calibrated` is False for a scorer that does not say;
-    `calibration` ("label-free") only where the scorer says how its map was fitted."""
-    out = {"score": float(conf.score), "raw": float(conf.raw), "method": str(conf.method),
-           "calibrated": bool(getattr(conf, "calibrated", False))}
-    how = getattr(conf, "calibration", None)
-    if how is not None:
-        out["calibration"] = str(how)
-    return out
-
-
-def attach_confidences(body: dict[str, Any], scorer: Scorer) -> list[float]:
-    """Set `choice["confidence"]` on every choice; return the calibrated scores by position."""
-    scores: list[float] = []
-    for choice in body.get("choices") or []:
-        conf = scorer.score_choice(choice.get("logprobs"))
-        choice["confidence"] = confidence_dict(conf)
-        scores.append(float(conf.score))
-    return scores
 
 
 def reply_tokens(choice: dict[str, Any]) -> list[str]:
@@ -58,7 +38,7 @@ async def score_answer(body: dict[str, Any], work: ConfidenceWork) -> list[Confi
     ids = [reply_ids(work.endpoint, body, c) for c in choices]
     confs = await work.refine_all(first, ids)
     for choice, conf in zip(choices, confs, strict=True):
-        choice["confidence"] = confidence_dict(conf)
+        choice["confidence"] = confidence_json(conf)
     return confs
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from calibserve.calibration.confidence import confidence_json
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.errors import UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
@@ -26,7 +27,6 @@ from calibserve.routing.payload import (
 )
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
-from calibserve.routing.scoring import confidence_dict
 from calibserve.routing.verify_tokens import ReplyIds, reply_ids
 
 
@@ -123,7 +123,7 @@ class TierStream:
         )
         for (choice, state), conf in zip(pending, finals, strict=True):
             state.final = conf
-            choice["confidence"] = confidence_dict(conf)
+            choice["confidence"] = confidence_json(conf)
 
     def _reply_ids(self, state: ChoiceState) -> ReplyIds | None:
         return reply_ids(self._endpoint, {"prompt_token_ids": self._prompt_ids}, state.ids)
@@ -168,7 +168,7 @@ class TierStream:
                 state.text.append(text)
             if choice.get("finish_reason") is not None and state.final is None:
                 state.final = state.scorer.confidence()
-                choice["confidence"] = confidence_dict(state.final)
+                choice["confidence"] = confidence_json(state.final)
                 if self._work is not None and self._work.pending(state.final):
                     pending.append((choice, state))
         return pending

@@ -11,6 +11,9 @@ bounds opening the TCP connection. They are enforced with asyncio deadlines on t
 slow-dripping upstream cannot hold a request forever.
 Retries (see retry.py) happen only before a response is used: a stream is never retried once its
 first event has been read. Every failure ends up as one of the UpstreamError classes (errors.py).
+`request_json`, `stream` and `open` (a request relayed as the client sent it: the Responses API
+and the pass-through routes, its answer of any status handed back unread) share the one retry
+loop, `_attempts`, and the breaker.
 
 Hot path: when the transport offers `exchange` (a `RawExchange`, as the server's lean HTTP/1.1
 transport does for plain-http upstreams), requests skip httpx's request/response machinery
@@ -22,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
@@ -36,7 +39,7 @@ from calibserve.routing.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from calibserve.routing.identity import api_root
+from calibserve.routing.identity import api_root, server_root
 from calibserve.routing.jsoncodec import loads
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.retry import RetryPolicy, parse_retry_after
@@ -60,10 +63,60 @@ class RawAnswer(Protocol):
 
 
 class RawExchange(Protocol):
-    """A transport that sends a pre-built HTTP/1.1 request (see server/transport.py)."""
+    """A transport that sends a pre-built HTTP/1.1 request (see routing/transport.py)."""
 
     async def exchange(self, method: str, host: str, port: int, head: bytes, body: bytes,
                        connect_timeout: float | None) -> RawAnswer: ...
+
+
+class _Answer(Protocol):
+    """What the retry loop reads of an attempt's answer, whichever transport gave it."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> httpx.Headers | list[tuple[bytes, bytes]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+_A = TypeVar("_A", bound=_Answer)
+
+
+class _Read:
+    """A JSON request's answer, its body read within the attempt's deadline."""
+
+    __slots__ = ("status_code", "headers", "data")
+
+    def __init__(self, status_code: int, headers: httpx.Headers | list[tuple[bytes, bytes]],
+                 data: bytes) -> None:
+        self.status_code = status_code
+        self.headers = headers
+        self.data = data
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _read(answer: _Answer) -> bytes:
+    """The whole body of an answer; its connection is released."""
+    if isinstance(answer, _Read):
+        return answer.data
+    try:
+        if isinstance(answer, httpx.Response):
+            return await answer.aread()
+        return await answer.read()  # type: ignore[attr-defined, no-any-return]
+    finally:
+        await answer.aclose()
+
+
+def _header(headers: httpx.Headers | list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    raw = headers.raw if isinstance(headers, httpx.Headers) else headers
+    for key, value in raw:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
 
 
 def encode_body(body: dict[str, Any] | None) -> bytes | None:
@@ -105,6 +158,7 @@ class Upstream:
         self.metrics = metrics if metrics is not None else default_metrics()
         self.base_url = base_url
         self.root = api_root(base_url)
+        self.server_url = server_root(base_url)
         self.timeout = float(timeout)
         self.connect_timeout = min(float(connect_timeout), self.timeout)
         self.retry = retry or RetryPolicy()
@@ -173,6 +227,33 @@ class Upstream:
         """POST `body` (GET when None) and return the decoded JSON object."""
         method = "GET" if body is None else "POST"
         content = encode_body(body)
+        answer = await self._attempts(lambda: self._fetch(method, path, content))
+        return self._decode(answer.data)
+
+    async def open(self, method: str, target: str, content: bytes,
+                   headers: Mapping[str, str]) -> httpx.Response:
+        """Send a request as a client sent it and return the answer, any status, body unread.
+
+        `target` is a path under the server root (not the `/v1` root), query included: the
+        pass-through routes and the Responses API. Retries, the breaker and the errors raised
+        when nothing answers are `request_json`'s; a status the retry policy retries is retried
+        while attempts remain, and any other status comes back as the engine sent it.
+        """
+        url = self.server_url + target
+
+        async def start() -> httpx.Response:
+            request = self.client.build_request(method, url, content=content, headers=headers)
+            return await self.client.send(request, stream=True)
+
+        return await self._attempts(start, relay=True)
+
+    async def _attempts(self, start: Callable[[], Awaitable[_A]], *, relay: bool = False) -> _A:
+        """The one retry loop: `start` an attempt under the deadline until a 2xx answer.
+
+        Unavailable upstreams (connect refused, circuit open) and the statuses the retry policy
+        names are retried after its back-off; any other failure is raised as an UpstreamError.
+        `relay`: a status that is not retried comes back unread instead of being raised.
+        """
         attempt = 0
         while True:
             attempt += 1
@@ -180,34 +261,60 @@ class Upstream:
             delay: float | None
             try:
                 async with asyncio.timeout(self.timeout):
-                    status, headers, data = await self._fetch(method, path, content)
+                    answer = await start()
             except BaseException as exc:
                 delay = self._backoff_after(exc, attempt)
             else:
-                if 200 <= status < 300:
+                if 200 <= answer.status_code < 300:
                     self.breaker.record_success()
-                    return self._decode(data)
-                error, retryable = self._status_error(status, headers, data)
-                delay = (
-                    self.retry.delay(attempt, error.retry_after) if retryable else None
-                )
+                    return answer
+                delay = await (self._relay_delay(answer, attempt) if relay
+                               else self._status_delay(answer, attempt))
                 if delay is None:
-                    raise error
+                    return answer
             self.metrics.retried(self.name)
             await asyncio.sleep(delay)
 
-    async def _fetch(self, method: str, path: str, content: bytes | None
-                     ) -> tuple[int, httpx.Headers | list[tuple[bytes, bytes]], bytes]:
-        """One attempt: status, headers and the whole body."""
+    async def _status_delay(self, answer: _Answer, attempt: int) -> float:
+        """The back-off before retrying a non-2xx answer; raises its error when not retried."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                data = await _read(answer)
+        except BaseException as exc:
+            error = self._transport_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        error, retryable = self._status_error(answer.status_code, answer.headers, data)
+        delay = self.retry.delay(attempt, error.retry_after) if retryable else None
+        if delay is None:
+            raise error
+        return delay
+
+    async def _relay_delay(self, answer: _Answer, attempt: int) -> float | None:
+        """The back-off before retrying a relayed non-2xx answer (dropped unread); None: the
+        answer goes back to the client as it is."""
+        status = answer.status_code
+        self._record_status(status)
+        if not self.retry.should_retry_status(status):
+            return None
+        retry_after = parse_retry_after(_header(answer.headers, b"retry-after"))
+        delay = self.retry.delay(attempt, retry_after)
+        if delay is not None:
+            await answer.aclose()
+        return delay
+
+    async def _fetch(self, method: str, path: str, content: bytes | None) -> _Read:
+        """One attempt of a JSON request: status, headers and the whole body."""
         if self._raw is not None:
             answer = await self._raw.exchange(
                 method, self._raw_host, self._raw_port, self._head(method, path, content),
                 content or b"", self.connect_timeout)
-            return answer.status_code, answer.headers, await answer.read()
+            return _Read(answer.status_code, answer.headers, await answer.read())
         response = await self.client.request(
             method, self.url(path), content=content, headers=_JSON_HEADERS
         )
-        return response.status_code, response.headers, response.content
+        return _Read(response.status_code, response.headers, response.content)
 
     def _head(self, method: str, path: str, content: bytes | None) -> bytes:
         """The request line and headers httpx would send (less accept-encoding: the lean
@@ -259,38 +366,7 @@ class Upstream:
     async def _open_stream(self, path: str, body: dict[str, Any]
                            ) -> httpx.Response | RawAnswer:
         content = encode_body(body) or b""
-        attempt = 0
-        while True:
-            attempt += 1
-            self._admit()
-            delay: float | None
-            try:
-                async with asyncio.timeout(self.timeout):
-                    response = await self._start_stream(path, content)
-            except BaseException as exc:
-                delay = self._backoff_after(exc, attempt)
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    self.breaker.record_success()
-                    return response
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        data = (await response.aread() if isinstance(response, httpx.Response)
-                                else await response.read())
-                except BaseException as exc:
-                    await response.aclose()
-                    error = self._transport_error(exc)
-                    if error is None:
-                        raise
-                    raise error from exc
-                await response.aclose()
-                error, retryable = self._status_error(status, response.headers, data)
-                delay = self.retry.delay(attempt, error.retry_after) if retryable else None
-                if delay is None:
-                    raise error
-            self.metrics.retried(self.name)
-            await asyncio.sleep(delay)
+        return await self._attempts(lambda: self._start_stream(path, content))
 
     async def _start_stream(self, path: str, content: bytes) -> httpx.Response | RawAnswer:
         if self._raw is not None:
@@ -329,6 +405,13 @@ class Upstream:
         self.breaker.release()
         return None
 
+    def _record_status(self, status: int) -> None:
+        """A 5xx is a breaker failure; a 4xx means the upstream is alive and judged the request."""
+        if status >= 500:
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+
     def _status_error(self, status: int, headers: httpx.Headers | list[tuple[bytes, bytes]],
                       data: bytes) -> tuple[UpstreamError, bool]:
         raw = headers.raw if isinstance(headers, httpx.Headers) else headers
@@ -343,16 +426,14 @@ class Upstream:
         detail = _error_message(body) or response.reason_phrase
         message = f"HTTP {status}: {detail}"
         error: UpstreamError
+        self._record_status(status)
         if status >= 500:
-            self.breaker.record_failure()
             # The engine's own answer travels with the error: the server passes it through.
             cls = UpstreamUnavailable if status == 503 else (
                 UpstreamTimeout if status == 504 else UpstreamBadResponse)
             error = cls(message, upstream=self.name, kind="status", retry_after=retry_after,
                          answered=status, body=body)
         else:
-            # 4xx: the upstream is alive and judged the request; not a breaker failure.
-            self.breaker.record_success()
             error = UpstreamClientError(
                 message, status_code=status, body=body, upstream=self.name,
                 retry_after=retry_after,

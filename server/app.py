@@ -112,7 +112,6 @@ def create_app(settings: Any, runtime: ServerRuntime | None = None, *,
         try:
             yield
         finally:
-            await forwarder.aclose()
             await rt.stop()
 
     app = FastAPI(

@@ -1,11 +1,14 @@
 """Forwarding a request to a model's engine as it is: the routes calibserve does not score.
 
 `/tokenize`, `/detokenize`, `/v1/responses/{id}`, `/version`, ... and any other path of vLLM's
-server that calibserve has no route of its own for go to the primary tier's engine of the model the
-body names (`model`, renamed to the engine's name; the first model when there is none) and come back
-with the engine's status, body and content headers unchanged. An engine that cannot be reached is
-a 503, one that does not answer within the tier's `timeout_s` a 504, in the one error shape
-(errors.py). The Responses API (responses.py) uses the same client.
+server that calibserve has no route of its own for go to the primary tier of the model the body
+names (`model`, renamed to the engine's name; the first model when there is none) and come back
+with the engine's status, body and content headers unchanged. They go through the tier's one
+upstream client (`UpstreamClient.open`: its retries, breaker and replica choice, as chat's), and
+wait through engine_watch.guard, so a managed engine that dies under a request is a prompt 503.
+An engine that cannot be reached is a 503, one that does not answer within the tier's
+`timeout_s` a 504, a broken answer a 502, in the one error shape (errors.py). The Responses API
+(responses.py) uses the same `open` and `read`.
 """
 
 from __future__ import annotations
@@ -13,17 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from calibserve.routing import server_root
+from calibserve.routing import UpstreamError
+from calibserve.server.engine_watch import (
+    ClientDisconnected,
+    engine_died,
+    engine_stopped,
+    guard,
+)
 from calibserve.server.errors import APIError
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
-from calibserve.server.transport import LeanTransport
 
 # Headers that describe the hop, not the content: never copied across it.
 _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date",
@@ -32,11 +40,10 @@ _HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-leng
 
 
 class Forwarder:
-    """One HTTP client per engine base URL; `forward` relays a request, `open` starts one."""
+    """Relays requests to a model's primary tier; `forward` answers one, `open` starts one."""
 
     def __init__(self, runtime: ServerRuntime) -> None:
         self.rt = runtime
-        self._clients: dict[str, httpx.AsyncClient] = {}
 
     def model_for(self, name: Any) -> ModelRuntime | None:
         """The model a body names (None: not one of ours); the first model when it names none."""
@@ -44,40 +51,25 @@ class Forwarder:
             return self.rt.models.get(name)
         return next(iter(self.rt.models.values()), None)
 
-    def root(self, model: ModelRuntime) -> str:
-        tier = model.primary
-        return server_root(tier.engine.url if tier.engine is not None else tier.upstream.base_url)
+    async def open(self, request: Request, model: ModelRuntime, method: str, target: str,
+                   content: bytes, headers: Mapping[str, str]) -> httpx.Response:
+        """Send a request to `model`'s primary tier; its answer (any status), body unread.
 
-    def _client(self, root: str, model: ModelRuntime) -> httpx.AsyncClient:
-        client = self._clients.get(root)
-        if client is None:
-            headers = {}
-            key = model.primary.settings.resolved_api_key()
-            if key:
-                headers["authorization"] = f"Bearer {key}"
-            timeout = model.primary.settings.timeout_s
-            client = httpx.AsyncClient(
-                transport=LeanTransport() if root.startswith("http://") else None,
-                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)), headers=headers)
-            self._clients[root] = client
-        return client
-
-    async def open(self, model: ModelRuntime, method: str, path: str, content: bytes,
-                   headers: dict[str, str]) -> httpx.Response:
-        """Send a request to `model`'s engine and return the response with its body unread."""
-        root = self.root(model)
-        client = self._client(root, model)
-        request = client.build_request(method, root + path, content=content, headers=headers)
+        Raises APIError when nothing answered: the engine died under it or was not running
+        (503), could not be reached (503), did not answer in time (504), broke off (502);
+        ClientDisconnected when the client went away first.
+        """
+        primary = model.primary
+        if primary.engine is not None and not primary.up:
+            raise APIError(503, f"the engine for `{model.name}` is not running (restarting)",
+                           code="engine_unavailable", headers={"Retry-After": "1"})
         try:
-            # An asyncio deadline too: the lean transport does not enforce httpx's timeouts.
-            async with asyncio.timeout(model.primary.settings.timeout_s):
-                return await client.send(request, stream=True)
-        except (httpx.TimeoutException, TimeoutError) as exc:
-            raise APIError(504, f"the engine for `{model.name}` did not answer in time",
-                           code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
-            raise APIError(503, f"the engine for `{model.name}` is unavailable: {exc!r}",
-                           code="upstream_connect", headers={"Retry-After": "1"}) from exc
+            return await guard(primary.upstream.open(method, target, content, headers),
+                               request, primary.engine, model.name)
+        except UpstreamError as exc:
+            if await engine_died(primary.engine, exc):
+                raise engine_stopped(model.name) from exc
+            raise upstream_failure(model, exc) from exc
 
     async def forward(self, request: Request, path: str) -> Response:
         """Relay `request` to the engine; its answer comes back unchanged."""
@@ -99,7 +91,10 @@ class Forwarder:
             raise APIError(404, f"no model serves {path}", code="model_not_found")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         target = path + (f"?{request.url.query}" if request.url.query else "")
-        upstream = await self.open(model, request.method, target, content, headers)
+        try:
+            upstream = await self.open(request, model, request.method, target, content, headers)
+        except ClientDisconnected:
+            return Response(status_code=499)
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
             return StreamingResponse(_relay(upstream), status_code=upstream.status_code,
@@ -123,10 +118,13 @@ class Forwarder:
         finally:
             await upstream.aclose()
 
-    async def aclose(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
-        self._clients.clear()
+
+def upstream_failure(model: ModelRuntime, exc: UpstreamError) -> APIError:
+    """calibserve's own 502/503/504 for an engine that gave no answer to relay."""
+    headers = {"Retry-After": str(max(1, round(exc.retry_after or 1)))} \
+        if exc.status_code == 503 else None
+    return APIError(exc.status_code, f"the engine for `{model.name}`: {exc}",
+                    code="upstream_" + exc.kind, headers=headers)
 
 
 async def _relay(upstream: httpx.Response) -> AsyncIterator[bytes]:

@@ -18,7 +18,6 @@ at the end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -30,6 +29,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from calibserve.routing import RoutedChunk, RoutedResult, UpstreamError
 from calibserve.routing.payload import client_prompt_logprobs
+from calibserve.server.engine import ManagedEngine
+from calibserve.server.engine_watch import (
+    ClientDisconnected,
+    engine_died,
+    engine_stopped,
+    guard,
+)
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
@@ -76,12 +82,7 @@ def _retry_after(exc: UpstreamError) -> dict[str, str] | None:
 
 
 def _engine_stopped(model: ModelRuntime) -> APIError:
-    return APIError(503, f"the engine for `{model.name}` stopped while answering",
-                    code="engine_unavailable", headers={"Retry-After": "1"})
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the answer was ready."""
+    return engine_stopped(model.name)
 
 
 class EventStream(StreamingResponse):
@@ -202,11 +203,10 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+def _sole_engine(model: ModelRuntime) -> ManagedEngine | None:
+    """The managed engine whose death ends a request: a lone primary's (an escalation tier
+    answers for a dead one otherwise)."""
+    return model.primary.engine if len(model.tiers) == 1 else None
 
 
 class Proxy:
@@ -257,18 +257,7 @@ class Proxy:
                         headers=_retry_after(exc)).response()
 
     async def _engine_died(self, model: ModelRuntime, exc: UpstreamError) -> bool:
-        """Did a transport failure come from our managed engine dying? Then it is a 503.
-
-        The broken connection is often noticed a moment before the process exit is, so wait
-        briefly for the exit rather than report the death as a bad gateway.
-        """
-        engine = model.primary.engine if len(model.tiers) == 1 else None
-        if engine is None or exc.answered is not None:  # the engine answered: it is alive
-            return False
-        exited = engine.exited()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(exited), 0.25)
-        return exited.done()
+        return await engine_died(_sole_engine(model), exc)
 
     def _engine_down(self, outcome: Outcome, model: ModelRuntime) -> Response:
         """The managed engine died under the request: 503, retry in a moment."""
@@ -276,32 +265,7 @@ class Proxy:
         return _engine_stopped(model).response()
 
     async def _guard(self, aw: Awaitable[T], request: Request, model: ModelRuntime) -> T:
-        """Await `aw`, but end early if the client disconnects or the managed engine dies.
-
-        A killed engine may leave its TCP connections half-open; without this, in-flight requests
-        would wait for a timeout instead of getting a 503 at once.
-        """
-        task = asyncio.ensure_future(aw)
-        disconnect = asyncio.ensure_future(_wait_disconnect(request))
-        waiters: set[asyncio.Future[Any]] = {task, disconnect}
-        engine = model.primary.engine if len(model.tiers) == 1 else None
-        exited = engine.exited() if engine is not None else None
-        if exited is not None:
-            waiters.add(exited)
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # we were cancelled ourselves (shutdown): take the work with us
-            task.cancel()
-            raise
-        finally:
-            disconnect.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        await asyncio.wait({task})  # let it unwind (closes the upstream connection)
-        if exited is not None and exited.done():
-            raise _engine_stopped(model)
-        raise ClientDisconnected
+        return await guard(aw, request, _sole_engine(model), model.name)
 
     def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]],
                         view: ClientView) -> tuple[list[float], list[float], list[str]]:

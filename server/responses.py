@@ -38,6 +38,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from calibserve.calibration.confidence import confidence_json
 from calibserve.routing import RoutedResult
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.payload import (
@@ -48,7 +49,8 @@ from calibserve.routing.payload import (
     tier_top_logprobs,
 )
 from calibserve.routing.route import ConfidenceLike
-from calibserve.routing.scoring import confidence_dict, score_answer
+from calibserve.routing.scoring import score_answer
+from calibserve.server.engine_watch import ClientDisconnected
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.passthrough import Forwarder
@@ -152,7 +154,7 @@ class ResponsesProxy:
         content = json.dumps(payload).encode()
         asked = time.perf_counter()
         try:
-            upstream = await self.forwarder.open(model, "POST", PATH, content, _JSON)
+            upstream = await self.forwarder.open(request, model, "POST", PATH, content, _JSON)
             if upstream.status_code == 200 and body.get("stream"):
                 return EventStream(self._events(outcome, run, upstream),
                                    media_type="text/event-stream",
@@ -161,6 +163,9 @@ class ResponsesProxy:
         except APIError as exc:  # no answer from the engine: calibserve's own 5xx
             self._failed(outcome, model, exc.reason or "")
             return exc.response()
+        except ClientDisconnected:
+            outcome.record(model.name, "client_error")
+            return Response(status_code=499)
         finally:
             run.upstream_s += time.perf_counter() - asked
         if upstream.status_code != 200:  # the engine's error, as it sent it
@@ -213,7 +218,7 @@ class ResponsesProxy:
     async def _finish(self, run: _Run, obj: dict[str, Any]) -> dict[str, str]:
         """Score a response object, add calibserve's fields, cut logprobs; the headers."""
         model = run.model
-        conf = confidence_dict(await self._score(run, obj))
+        conf = confidence_json(await self._score(run, obj))
         run.view.response(obj)
         if "model" in obj:
             obj["model"] = model.name

@@ -21,6 +21,7 @@ from calibserve.routing import (
     CircuitBreaker,
     NeverPolicy,
     Policy,
+    ReplicaPool,
     RetryPolicy,
     Route,
     Router,
@@ -34,6 +35,7 @@ from calibserve.routing import (
     served_models,
 )
 from calibserve.routing.payload import serves_verify
+from calibserve.routing.transport import LeanTransport
 from calibserve.server.config import ModelSettings, ServerSettings, TierSettings
 from calibserve.server.drift import FitReference
 from calibserve.server.engine import ManagedEngine
@@ -43,8 +45,6 @@ from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics, server_registry
 from calibserve.server.probes import ProbeMetrics, ProbeRunner, ProbeSet
 from calibserve.server.recalibration import RecalibrationMetrics, Recalibrator
-from calibserve.server.replicas import ReplicaPool
-from calibserve.server.transport import LeanTransport
 
 log = logging.getLogger("calibserve.server")
 
@@ -174,7 +174,7 @@ class ModelRuntime:
             if scorer.multiple_choice.kind.option_letters:
                 names.append(scorer.no_letter.name)
             if scorer.extra is not None:
-                names.append(scorer.fallback_method.name)
+                names.append(scorer.interim_method.name)
             out[self.calibration_label(t.tier.name)] = tuple(dict.fromkeys(names))
         return out
 

@@ -234,7 +234,7 @@ def test_a_method_that_served_nothing_gets_no_calibrator_and_says_why() -> None:
 
 
 def test_verify_needs_a_tokenizer_with_yes_and_no(tmp_path: Path) -> None:
-    from tests.merge.conftest import make_tokenizer
+    from calibserve.testing.checkpoints import make_tokenizer
 
     words = tmp_path / "words"  # a word-level vocabulary without yes/no: all map to <unk>
     make_tokenizer().save_pretrained(words)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from calibserve.routing import NeverPolicy, Route, Router, ThresholdPolicy, Tier, Upstream
-from calibserve.routing.agreement import option_letter
+from calibserve.routing.agreement import named_letter
 
 LETTERS = "ABCDEFGH"
 
@@ -46,7 +46,7 @@ class Answer:
 def answer_from(body: dict[str, Any], item: dict[str, Any], meta: dict[str, Any]) -> Answer:
     choice = body["choices"][0]
     content = (choice.get("message") or {}).get("content") or ""
-    letter = option_letter(content)
+    letter = named_letter(content)
     conf = choice["confidence"]
     return Answer(letter, letter == LETTERS[item["answer"]], float(conf["score"]),
                   float(conf["raw"]), str(meta.get("served_by")), bool(meta.get("escalated")))

@@ -74,7 +74,7 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
 
 @contextmanager
 def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from tests.vllm_process import VLLMProcess
+    from calibserve.testing.vllm_process import VLLMProcess
 
     proc = VLLMProcess(model_dir, name, log_dir)
     proc.start()

@@ -47,7 +47,7 @@ from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import LETTERS, mc_prompt  # noqa: E402
 from calibserve.calibration import CalibrationDocument, auroc, ece  # noqa: E402
 from calibserve.calibration.answers import exact_match  # noqa: E402
-from calibserve.routing.agreement import option_letter  # noqa: E402
+from calibserve.routing.agreement import named_letter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## free-form confidence"
@@ -93,7 +93,7 @@ def method_documents(served: Path, tmp: Path) -> dict[str, Path]:
 
 @contextmanager
 def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from tests.vllm_process import VLLMProcess
+    from calibserve.testing.vllm_process import VLLMProcess
 
     proc = VLLMProcess(model_dir, name, log_dir)
     proc.start()
@@ -107,7 +107,7 @@ def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
 @contextmanager
 def calibserve_serve(config: Path, log: Path) -> Iterator[str]:
     """`calibserve serve --config CONFIG` as its own process, until /ready answers 200."""
-    from tests.vllm_process import free_port
+    from calibserve.testing.vllm_process import free_port
 
     port = free_port()
     exe = Path(sys.executable).with_name("calibserve")
@@ -278,7 +278,7 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     curves = {f"{default} (calibrated) route": sweep.curve(run, RATES),
               "random": sweep.curve(run, RATES, "random"),
               "oracle": sweep.curve(run, RATES, "oracle")}
-    mc_correct = np.asarray([option_letter(r["text"]) == LETTERS[it["answer"]]
+    mc_correct = np.asarray([named_letter(r["text"]) == LETTERS[it["answer"]]
                              for r, it in zip(raw["mc_replies"], raw["mc"], strict=True)])
     mc_score = np.asarray([float(r["confidence"]["score"]) for r in raw["mc_replies"]])
     mc_ece = ece(mc_score, mc_correct)

@@ -133,13 +133,27 @@ VERIFY_DOCUMENT = {"version": 2, "methods": {"answer": {}, "mean": {}, "verify":
                    "multiple_choice": "answer", "free_form": "verify"}
 
 
+KILL_PROMPT = "question : what is the color of ent1 ? A red B blue C green D gold"
+# The routes the engine kill loads, each with its own clients: chat (scored, the one it always
+# had), the Responses API and a pass-through route (/tokenize). Each must end its in-flight
+# requests with 200 or a prompt 503 and recover by itself, as chat does.
+KILL_ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {
+        "max_tokens": 16, "messages": [{"role": "user", "content": KILL_PROMPT}]}),
+    "responses": ("/v1/responses", {"max_output_tokens": 16, "input": KILL_PROMPT}),
+    "passthrough": ("/tokenize", {"prompt": KILL_PROMPT}),
+}
+
+
 def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
                 server: InProcessServer | None = None, recover_timeout: float = 420.0,
-                verify: bool = False) -> dict[str, Any]:
+                verify: bool = False, routes: tuple[str, ...] = ("chat",)) -> dict[str, Any]:
     """SIGKILL the managed engine under load (see the module docstring). Reuses `server` if
     given (a running calibserve whose first model has a managed engine). `verify`: the model
-    serves `free_form: "verify"` and the load is free-form chat, so every request also makes the
-    verify request to the engine (the path a kill can hit between the reply and its verdict)."""
+    serves `free_form: "verify"` and the chat load is free-form completions, so every request
+    also makes the verify request to the engine (the path a kill can hit between the reply and
+    its verdict). `routes`: which of KILL_ROUTES are loaded at once (`clients` each); the first
+    route's figures are the result's own keys, the others' are under `routes`."""
     import tempfile
 
     from calibserve.server.config import ServerSettings
@@ -159,22 +173,24 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
         runtime = server.runtime
         model = next(iter(runtime.models))
         engine = runtime.engines[0]
-        body: dict[str, Any]
-        if verify:
-            # A plain completions prompt: through the chat template the demo models answer
-            # everything with an option letter (scored by `answer`, no verify request).
-            path, body = "/v1/completions", {"model": model, "max_tokens": 16,
-                                             "prompt": "tell me about the sokiba"}
-        else:
-            content = "question : what is the color of ent1 ? A red B blue C green D gold"
-            path, body = "/v1/chat/completions", {
-                "model": model, "max_tokens": 16,
-                "messages": [{"role": "user", "content": content}]}
+        requests: dict[str, tuple[str, dict[str, Any]]] = {}
+        for route in routes:
+            path, body = KILL_ROUTES[route]
+            if verify and route == "chat":
+                # A plain completions prompt: through the chat template the demo models answer
+                # everything with an option letter (scored by `answer`, no verify request).
+                path, body = "/v1/completions", {"max_tokens": 16,
+                                                 "prompt": "tell me about the sokiba"}
+            requests[route] = (path, {"model": model, **body})
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            warm = c.post(path, json=body)
-            assert warm.status_code == 200, warm.text
+            for path, body in requests.values():
+                warm = c.post(path, json=body)
+                assert warm.status_code == 200, f"{path}: {warm.text}"
             before = scrape(server.url)
-        with Load(server.url, body, clients=clients, path=path) as load:
+        with contextlib.ExitStack() as stack:
+            loads = {route: stack.enter_context(Load(server.url, body, clients=clients,
+                                                     path=path))
+                     for route, (path, body) in requests.items()}
             time.sleep(2.0)  # a steady state with requests in flight
             old_pid = engine.pid
             assert old_pid is not None
@@ -188,72 +204,84 @@ def engine_kill(model_dir: Path, name: str = "aligned", clients: int = 4,
             dead = killed + (died if died is not None else 0.0)
             not_ready = _wait(lambda: httpx.get(f"{server.url}/ready", timeout=2)
                               .status_code == 503, 5.0)
-            # Bounded wait for traffic to recover by itself (no operator action).
-            _wait(lambda: any(o.status == 200 and o.started > killed + 1.0
-                              for o in list(load.outcomes)), recover_timeout, 0.2)
+            # Bounded wait for traffic to recover by itself (no operator action), every route.
+            _wait(lambda: all(any(o.status == 200 and o.started > killed + 1.0
+                                  for o in list(load.outcomes)) for load in loads.values()),
+                  recover_timeout, 0.2)
             time.sleep(2.0)  # traffic after recovery
-        outcomes = list(load.outcomes)
         after = scrape(server.url)
-        # In flight at the kill: started before it, ended after it. A 200 among them was
-        # already answered when the engine died; anything else must be a prompt 503.
-        in_flight = [o for o in outcomes if o.started < killed < o.ended]
-        # Recovery: the first request started after the engine was surely dead (1 s) that got a
-        # 200 (the wait above only bounds the test; this is the figure reported).
-        first_ok = min((o for o in outcomes if o.status == 200 and o.started > killed + 1.0),
-                       key=lambda o: o.started, default=None)
-        recovery = None if first_ok is None else first_ok.started - killed
-        down = [o for o in outcomes if killed <= o.started and (
-            recovery is None or o.started < killed + recovery)]
-        # After recovery: requests sent once the first recovered 200 had come back. A request a
-        # client sent a moment after that 200's own request can still reach the server first,
-        # while the engine is down, and get the prompt 503 (a client's send time is not the
-        # server's arrival order: seen with 3 clients, 1 ms apart); after the 200 has arrived
-        # the engine is up for everyone.
-        post = [o for o in outcomes if first_ok is not None and o.started >= first_ok.ended]
-        errors = [o for o in in_flight + down if o.status not in (200, 503)]
+        figures = {route: _kill_figures(list(load.outcomes), killed, dead)
+                   for route, load in loads.items()}
+        first, *others = routes
         return {
             "model_dir": str(model_dir),
             "clients": clients,
-            "requests_before_kill": sum(1 for o in outcomes if o.ended <= killed),
-            "in_flight_at_kill": len(in_flight),
-            "in_flight_statuses": _count(o.status for o in in_flight),
+            "route": first,
+            **figures[first],
             "engine_teardown_ms": None if died is None else round(died * 1000, 1),
-            "in_flight_end_after_kill_ms_max": round(max(
-                ((o.ended - killed) * 1000 for o in in_flight), default=0.0), 1),
-            "in_flight_end_after_death_ms_max": round(max(
-                ((o.ended - dead) * 1000 for o in in_flight), default=0.0), 1),
             "ready_false_after_s": None if not_ready is None else round(not_ready, 3),
-            "requests_while_down": len(down),
-            "statuses_while_down": _count(o.status for o in down),
-            "fast_503_per_s_while_down": round(
-                sum(1 for o in down if o.status == 503) / recovery, 1) if recovery else None,
-            "slowest_while_down_ms": round(max(((o.ended - o.started) * 1000 for o in down),
-                                               default=0.0), 1),
-            # Requests sent once the engine was dead: prompt 503s (p99), none hung.
-            "p99_sent_after_death_ms": _p99(
-                [o.ended - o.started for o in down if o.started >= dead]) or 0.0,
-            "slowest_sent_after_death_ms": round(max(
-                ((o.ended - o.started) * 1000 for o in down if o.started >= dead),
-                default=0.0), 1),
-            "recovery_s": None if recovery is None else round(recovery, 1),
-            "statuses_after_recovery": _count(o.status for o in post),
-            # Which non-200s came after recovery, and when (seconds after the first 200 was sent).
-            "not_200_after_recovery": [
-                {"after_recovery_s": round(o.started - killed - (recovery or 0.0), 3),
-                 "status": o.status,
-                 "error": o.error or ((o.body or {}).get("error") or {}).get("message")}
-                for o in post if o.status != 200][:5],
             "engine_restarts": metric_sum(after, "calibserve_engine_restarts_total")
             - metric_sum(before, "calibserve_engine_restarts_total"),
             "new_engine_pid": engine.pid != old_pid,
             "confidence_requests": metric_sum(after, "calibserve_confidence_requests_total")
             - metric_sum(before, "calibserve_confidence_requests_total"),
-            "errors_not_200_or_503": len(errors),
-            "error_samples": [f"{o.status} {o.error}" for o in errors[:3]],
+            "routes": {route: figures[route] for route in others},
         }
     finally:
         if own:
             server.stop()
+
+
+def _kill_figures(outcomes: list[Outcome], killed: float, dead: float) -> dict[str, Any]:
+    """One route's figures around the kill (monotonic times of the signal and of the death)."""
+    # In flight at the kill: started before it, ended after it. A 200 among them was
+    # already answered when the engine died; anything else must be a prompt 503.
+    in_flight = [o for o in outcomes if o.started < killed < o.ended]
+    # Recovery: the first request started after the engine was surely dead (1 s) that got a
+    # 200 (the wait above only bounds the test; this is the figure reported).
+    first_ok = min((o for o in outcomes if o.status == 200 and o.started > killed + 1.0),
+                   key=lambda o: o.started, default=None)
+    recovery = None if first_ok is None else first_ok.started - killed
+    down = [o for o in outcomes if killed <= o.started and (
+        recovery is None or o.started < killed + recovery)]
+    # After recovery: requests sent once the first recovered 200 had come back. A request a
+    # client sent a moment after that 200's own request can still reach the server first,
+    # while the engine is down, and get the prompt 503 (a client's send time is not the
+    # server's arrival order: seen with 3 clients, 1 ms apart); after the 200 has arrived
+    # the engine is up for everyone.
+    post = [o for o in outcomes if first_ok is not None and o.started >= first_ok.ended]
+    errors = [o for o in in_flight + down if o.status not in (200, 503)]
+    return {
+        "requests_before_kill": sum(1 for o in outcomes if o.ended <= killed),
+        "in_flight_at_kill": len(in_flight),
+        "in_flight_statuses": _count(o.status for o in in_flight),
+        "in_flight_end_after_kill_ms_max": round(max(
+            ((o.ended - killed) * 1000 for o in in_flight), default=0.0), 1),
+        "in_flight_end_after_death_ms_max": round(max(
+            ((o.ended - dead) * 1000 for o in in_flight), default=0.0), 1),
+        "requests_while_down": len(down),
+        "statuses_while_down": _count(o.status for o in down),
+        "fast_503_per_s_while_down": round(
+            sum(1 for o in down if o.status == 503) / recovery, 1) if recovery else None,
+        "slowest_while_down_ms": round(max(((o.ended - o.started) * 1000 for o in down),
+                                           default=0.0), 1),
+        # Requests sent once the engine was dead: prompt 503s (p99), none hung.
+        "p99_sent_after_death_ms": _p99(
+            [o.ended - o.started for o in down if o.started >= dead]) or 0.0,
+        "slowest_sent_after_death_ms": round(max(
+            ((o.ended - o.started) * 1000 for o in down if o.started >= dead),
+            default=0.0), 1),
+        "recovery_s": None if recovery is None else round(recovery, 1),
+        "statuses_after_recovery": _count(o.status for o in post),
+        # Which non-200s came after recovery, and when (seconds after the first 200 was sent).
+        "not_200_after_recovery": [
+            {"after_recovery_s": round(o.started - killed - (recovery or 0.0), 3),
+             "status": o.status,
+             "error": o.error or ((o.body or {}).get("error") or {}).get("message")}
+            for o in post if o.status != 200][:5],
+        "errors_not_200_or_503": len(errors),
+        "error_samples": [f"{o.status} {o.error}" for o in errors[:3]],
+    }
 
 
 def _count(statuses: Any) -> dict[str, int]:
@@ -271,21 +299,30 @@ HUNG_MS = 5000.0
 
 def engine_kill_failures(r: dict[str, Any]) -> list[str]:
     """The pass criteria of the engine-kill drill that `r` misses (empty: it passed), by name,
-    so a failure in CI says which one."""
+    so a failure in CI says which one; a route other than the first is named in front."""
+    missed = [name for name, ok in {
+        "the engine process died": r["engine_teardown_ms"] is not None,
+        "/ready went false": r["ready_false_after_s"] is not None,
+        "the engine was restarted": r["engine_restarts"] >= 1 and bool(r["new_engine_pid"]),
+    }.items() if not ok]
+    missed += [f"{r.get('route', 'chat')}: {name}" for name in _route_failures(r)]
+    for route, figures in (r.get("routes") or {}).items():
+        missed += [f"{route}: {name}" for name in _route_failures(figures)]
+    return missed
+
+
+def _route_failures(r: dict[str, Any]) -> list[str]:
     criteria = {
         "requests were in flight at the kill": r["in_flight_at_kill"] > 0,
-        "the engine process died": r["engine_teardown_ms"] is not None,
         f"in-flight requests ended within {HUNG_MS / 1000:g} s of the engine's death":
             r["in_flight_end_after_death_ms_max"] <= HUNG_MS,
         "in-flight requests got 200 or 503": set(r["in_flight_statuses"]) <= {"200", "503"},
-        "/ready went false": r["ready_false_after_s"] is not None,
         "requests sent while down answered within 1 s (p99)":
             r["p99_sent_after_death_ms"] <= 1000,
         f"no request sent while down waited {HUNG_MS / 1000:g} s":
             r["slowest_sent_after_death_ms"] <= HUNG_MS,
         "traffic recovered": r["recovery_s"] is not None,
         "no status but 200 or 503": r["errors_not_200_or_503"] == 0,
-        "the engine was restarted": r["engine_restarts"] >= 1 and bool(r["new_engine_pid"]),
         "all 200 after recovery": set(r["statuses_after_recovery"]) == {"200"},
     }
     return [name for name, ok in criteria.items() if not ok]
@@ -557,26 +594,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true",
                         help="the engine kill with the verify path (free-form load, free_form: "
                         "verify): main and verify requests in flight at the kill")
+    parser.add_argument("--routes", default=",".join(KILL_ROUTES),
+                        help=f"routes loaded during the engine kill ({', '.join(KILL_ROUTES)})")
+    parser.add_argument("--only-engine", action="store_true", help="the engine kill alone")
     args = parser.parse_args(argv)
     console = Console(width=140)
     out: dict[str, Any] = {}
     oks: dict[str, bool] = {}
-    with console.status("escalation tier dying under load"):
-        out["escalation_dies"] = escalation_dies()
-    oks["escalation_dies"] = escalation_ok(out["escalation_dies"])
-    with console.status("engine errors, then the engine killed, on every request path"):
-        out["upstream_errors_and_death"] = upstream_errors_and_death()
-    oks["upstream_errors_and_death"] = upstream_errors_ok(out["upstream_errors_and_death"])
-    with console.status("SIGTERM with requests in flight"):
-        out["sigterm_drain"] = sigterm_drain()
-    oks["sigterm_drain"] = drain_ok(out["sigterm_drain"])
-    with console.status("probe upstream SIGKILLed with probes in flight"):
-        out["probe_upstream_killed"] = probe_upstream_killed()
-    oks["probe_upstream_killed"] = probe_kill_ok(out["probe_upstream_killed"])
+    if not args.only_engine:
+        with console.status("escalation tier dying under load"):
+            out["escalation_dies"] = escalation_dies()
+        oks["escalation_dies"] = escalation_ok(out["escalation_dies"])
+        with console.status("engine errors, then the engine killed, on every request path"):
+            out["upstream_errors_and_death"] = upstream_errors_and_death()
+        oks["upstream_errors_and_death"] = upstream_errors_ok(out["upstream_errors_and_death"])
+        with console.status("SIGTERM with requests in flight"):
+            out["sigterm_drain"] = sigterm_drain()
+        oks["sigterm_drain"] = drain_ok(out["sigterm_drain"])
+        with console.status("probe upstream SIGKILLed with probes in flight"):
+            out["probe_upstream_killed"] = probe_upstream_killed()
+        oks["probe_upstream_killed"] = probe_kill_ok(out["probe_upstream_killed"])
     if not args.skip_engine:
         with console.status(f"SIGKILL of the managed vLLM engine ({args.model}); start and "
                             "restart take minutes on a shared CPU"):
-            out["engine_kill"] = engine_kill(args.model, verify=args.verify)
+            out["engine_kill"] = engine_kill(args.model, verify=args.verify,
+                                             routes=tuple(args.routes.split(",")))
         oks["engine_kill"] = engine_kill_ok(out["engine_kill"])
     for name, result in out.items():
         console.print(f"{'[green]ok[/]' if oks[name] else '[red]FAIL[/]'} {name}: {result}")

@@ -35,8 +35,8 @@ GRID = "0:1:0.25"  # 5 points: enough to kill in the middle of the sweep
 
 
 def build_world(root: Path) -> dict[str, Path]:
-    """A tiny related base/aligned pair and MC data (tests/merge/conftest.py's builder)."""
-    from tests.merge.conftest import make_pair, write_data
+    """A tiny related base/aligned pair and MC data (calibserve.testing.checkpoints)."""
+    from calibserve.testing.checkpoints import make_pair, write_data
 
     base, aligned = make_pair(root, seed=0)
     return {"base": base, "aligned": aligned, "data": write_data(root, n=24)}

@@ -40,7 +40,6 @@ import os
 import resource
 import socket
 import statistics
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ from benchmarks.reliability.harness import (
     scrape,
     write_result,
 )
+from calibserve.testing.checks import tcp_state
 
 HALF_SENT = b"POST /v1/chat/completions HTTP/1.1\r\nhost: calibserve\r\n"
 SLACK_S = 5.0  # the floor: each connection closed within its deadline plus this
@@ -200,12 +200,6 @@ def stalled_bodies(host: str, port: int, count: int, rate: float,
 
 def idle(host: str, port: int, count: int, rate: float, give_up_s: float) -> list[Held]:
     return asyncio.run(paced(count, rate, lambda: hold_connection(host, port, b"", give_up_s)))
-
-
-def tcp_state(sock: socket.socket) -> int:
-    """The kernel's TCP state of `sock` (Linux TCP_INFO's first byte), read without reading any
-    data: a reader that never reads can still see the server's close."""
-    return int(struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0])
 
 
 async def _never_read(host: str, port: int, request: bytes, give_up_s: float) -> Held:

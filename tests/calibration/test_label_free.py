@@ -16,8 +16,8 @@ from calibserve.calibration import (
     Scorer,
     answer_confidence,
 )
+from calibserve.calibration.confidence import confidence_json
 from calibserve.calibration.label_free import agreement, fit_daca, fit_daca_temperature
-from calibserve.routing.scoring import confidence_dict
 
 
 def _logits(n: int, k: int = 4, seed: int = 0, scale: float = 3.0) -> np.ndarray:
@@ -182,15 +182,15 @@ def test_a_label_free_map_is_served_saying_so() -> None:
     expected = OptionTemperature(2.5).confidence([[-3.5, -0.05, -4.0, -5.0]], [1])[0]
     assert conf.score == pytest.approx(expected)
     assert conf.to_dict()["calibration"] == "label-free"
-    assert confidence_dict(conf) == {"score": conf.score, "raw": conf.raw, "method": "answer",
+    assert confidence_json(conf) == {"score": conf.score, "raw": conf.raw, "method": "answer",
                                      "calibrated": True, "calibration": "label-free"}
     for labels in ("gold", None):  # a labelled map: the block keeps its four fields
         served = Scorer.from_document(_document(labels)).score_choice(LOGPROBS, True)
         assert served.calibrated and served.calibration is None
-        assert set(confidence_dict(served)) == {"score", "raw", "method", "calibrated"}
+        assert set(confidence_json(served)) == {"score", "raw", "method", "calibrated"}
     # T = 1 and the identity: no map at all, so nothing to say about how it was fitted.
     raw = Scorer.from_document(_document("none", 1.0)).score_choice(LOGPROBS, True)
-    assert not raw.calibrated and "calibration" not in confidence_dict(raw)
+    assert not raw.calibrated and "calibration" not in confidence_json(raw)
     # Free-form replies are scored by `mean`, which has no map: not labelled label-free.
     free = Scorer.from_document(_document("none")).score_choice(
         {"content": [{"token": "blue", "logprob": -0.2, "top_logprobs": []}]}, False)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reliability.harness import InProcessServer
 from calibserve.calibration import CalibrationDocument, ServedMethod
 from calibserve.demo_pipeline import served_demo_model
 from calibserve.server.config import ModelSettings, ServerSettings
+from calibserve.testing.servers import InProcessServer
 
 
 @pytest.mark.demo

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.deploy.tools import DEPLOY, compose_command, run
 
 COMPOSE = DEPLOY / "compose.yaml"

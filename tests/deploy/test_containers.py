@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.deploy.tools import REPO, run, tool
 
 DOCKERFILES = ["Dockerfile", "Dockerfile.cpu"]

@@ -18,7 +18,7 @@ import yaml
 
 from calibserve.calibration import CalibrationDocument, Scorer
 from calibserve.server.config import ServerSettings
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.deploy.tools import K8S, run, tool
 
 CORE_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",

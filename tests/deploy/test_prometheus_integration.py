@@ -24,9 +24,9 @@ import uvicorn
 import yaml
 
 from calibserve.calibration import N_BINS, ece
-from tests.conftest import require
+from calibserve.testing.fixtures import require
+from calibserve.testing.vllm_process import free_port
 from tests.deploy.tools import RULES, tool
-from tests.vllm_process import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from calibserve.calibration import N_BINS, ece
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.deploy.tools import K8S, RULE_TESTS, RULES, run, tool
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.deploy.tools import DEPLOY, run, tool
 
 

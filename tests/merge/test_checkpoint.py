@@ -12,7 +12,8 @@ import torch
 
 from calibserve.merge.checkpoint import check_tokenizers, open_checkpoint, plan_pair
 from calibserve.merge.errors import IncompatibleCheckpoints, InputNotFound
-from tests.merge.conftest import make_tokenizer, write_raw_checkpoint
+from calibserve.testing.checkpoints import make_tokenizer
+from tests.merge.conftest import write_raw_checkpoint
 
 CFG = {
     "model_type": "llama",

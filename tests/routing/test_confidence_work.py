@@ -28,7 +28,7 @@ from calibserve.routing import (
     Upstream,
 )
 from calibserve.routing.confidence_work import TEMPLATE_TOKENS, fit_reply
-from tests.routing.fakes import FakeUpstream, fake_chat_answer, fake_chat_events
+from calibserve.testing.scripted import ScriptedUpstream, fake_chat_answer, fake_chat_events
 
 pytestmark = pytest.mark.anyio
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -77,7 +77,7 @@ class Engine:
         self.text, self.prob, self.top = text, prob, top
         self.samples = samples or []
         self.verify_status = verify_status
-        self.fake = FakeUpstream([self.handle])
+        self.fake = ScriptedUpstream([self.handle])
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)

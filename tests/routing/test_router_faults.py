@@ -1,4 +1,4 @@
-"""Router decisions and degradation with FAKE upstreams (fakes.py) injecting faults.
+"""Router decisions and degradation with scripted FAKE upstreams injecting faults.
 
 The real-model versions of these behaviours are in test_integration_vllm.py.
 """
@@ -23,14 +23,14 @@ from calibserve.routing import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from tests.routing.fakes import FakeUpstream, SlowStream, fake_chat_events, ok, status
+from calibserve.testing.scripted import ScriptedUpstream, SlowStream, fake_chat_events, ok, status
 
 pytestmark = pytest.mark.anyio
 NO_RETRY = RetryPolicy(max_attempts=1)
 CHAT = {"model": "r", "messages": [{"role": "user", "content": "q"}]}
 
 
-def tier(name: str, fake: FakeUpstream) -> Tier:
+def tier(name: str, fake: ScriptedUpstream) -> Tier:
     up = Upstream(f"{name}-up", "http://fake", retry=NO_RETRY, transport=fake.transport())
     return Tier(name, up, Scorer.from_config(None))
 
@@ -45,7 +45,7 @@ def metric(name: str, labels: dict[str, str]) -> float:
 
 
 async def test_never_passes_through_with_confidence_and_forced_logprobs() -> None:
-    fake = FakeUpstream([ok("B", 0.8)])
+    fake = ScriptedUpstream([ok("B", 0.8)])
     route = Route("never-r", [tier("primary", fake)], NeverPolicy())
     res = await Router([route]).complete("never-r", "chat", dict(CHAT))
     conf = res.body["choices"][0]["confidence"]
@@ -61,8 +61,8 @@ async def test_never_passes_through_with_confidence_and_forced_logprobs() -> Non
 
 
 async def test_threshold_escalates_low_confidence_only_and_records_agreement() -> None:
-    primary = FakeUpstream([ok("B", 0.3), ok("C", 0.95)])
-    expert = FakeUpstream([ok("C", 0.99)])
+    primary = ScriptedUpstream([ok("B", 0.3), ok("C", 0.95)])
+    expert = ScriptedUpstream([ok("C", 0.99)])
     route = Route("thr-r", [tier("p", primary), tier("e", expert)], ThresholdPolicy(0.5))
     router = Router([route])
     before = metric("calibserve_escalation_agreement_total", {"route": "thr-r", "agreed": "false"})
@@ -79,8 +79,8 @@ async def test_threshold_escalates_low_confidence_only_and_records_agreement() -
 
 
 async def test_dead_expert_degrades_to_primary_answer_with_error() -> None:
-    route = Route("deadexp-r", [tier("p", FakeUpstream([ok("B", 0.2)])),
-                                tier("e", FakeUpstream(["refuse"]))], ThresholdPolicy(0.5))
+    route = Route("deadexp-r", [tier("p", ScriptedUpstream([ok("B", 0.2)])),
+                                tier("e", ScriptedUpstream(["refuse"]))], ThresholdPolicy(0.5))
     res = await Router().complete(route, "chat", dict(CHAT))
     assert res.served_by == "p" and not res.escalated and res.reason == "low_confidence"
     assert "cannot connect" in (res.escalation_error or "")
@@ -89,13 +89,13 @@ async def test_dead_expert_degrades_to_primary_answer_with_error() -> None:
 
 
 async def test_failing_primary_falls_back_and_4xx_does_not() -> None:
-    route = Route("fb-r", [tier("p", FakeUpstream([status(503)])),
-                           tier("e", FakeUpstream([ok("C", 0.9)]))], ThresholdPolicy(0.5))
+    route = Route("fb-r", [tier("p", ScriptedUpstream([status(503)])),
+                           tier("e", ScriptedUpstream([ok("C", 0.9)]))], ThresholdPolicy(0.5))
     res = await Router().complete(route, "chat", dict(CHAT))
     assert res.served_by == "e" and res.escalated and res.reason == "primary_failed"
     assert "503" in (res.primary_error or "") and res.primary_confidence is None
-    both_dead = Route("fb2-r", [tier("p", FakeUpstream(["refuse"])),
-                                tier("e", FakeUpstream(["refuse"]))], ThresholdPolicy(0.5))
+    both_dead = Route("fb2-r", [tier("p", ScriptedUpstream(["refuse"])),
+                                tier("e", ScriptedUpstream(["refuse"]))], ThresholdPolicy(0.5))
     with pytest.raises(UpstreamUnavailable):
         await Router().complete(both_dead, "chat", dict(CHAT))
 
@@ -103,25 +103,26 @@ async def test_failing_primary_falls_back_and_4xx_does_not() -> None:
 async def test_primary_5xx_answer_falls_back_and_is_raised_when_no_tier_answers() -> None:
     """An engine's 5xx is the engine failing, not the request: another tier may answer. When
     none does, the primary's error carries the primary engine's own answer."""
-    route = Route("fb5-r", [tier("p", FakeUpstream([status(500)])),
-                            tier("e", FakeUpstream([ok("C", 0.9)]))], ThresholdPolicy(0.5))
+    route = Route("fb5-r", [tier("p", ScriptedUpstream([status(500)])),
+                            tier("e", ScriptedUpstream([ok("C", 0.9)]))], ThresholdPolicy(0.5))
     res = await Router().complete(route, "chat", dict(CHAT))
     assert res.served_by == "e" and res.escalated and res.reason == "primary_failed"
     assert "HTTP 500" in (res.primary_error or "")
-    both = Route("fb5b-r", [tier("p", FakeUpstream([status(500)])),
-                            tier("e", FakeUpstream([status(502)]))], ThresholdPolicy(0.5))
+    both = Route("fb5b-r", [tier("p", ScriptedUpstream([status(500)])),
+                            tier("e", ScriptedUpstream([status(502)]))], ThresholdPolicy(0.5))
     with pytest.raises(UpstreamError) as info:
         await Router().complete(both, "chat", dict(CHAT))
     assert info.value.answered == 500 and info.value.body == {"error": {"message": "fake 500"}}
-    unreachable = Route("fb5c-r", [tier("p", FakeUpstream(["refuse"])),
-                                   tier("e", FakeUpstream([status(500)]))], ThresholdPolicy(0.5))
+    unreachable = Route("fb5c-r", [
+        tier("p", ScriptedUpstream(["refuse"])), tier("e", ScriptedUpstream([status(500)]))],
+        ThresholdPolicy(0.5))
     with pytest.raises(UpstreamUnavailable) as refused:
         await Router().complete(unreachable, "chat", dict(CHAT))
     assert refused.value.answered is None  # the primary gave no answer: calibserve's own 503
 
 
 async def test_stream_never_is_pass_through_with_confidence_on_finish_chunk() -> None:
-    fake = FakeUpstream([streaming([("B", 0.5), ("C", 0.5)])])
+    fake = ScriptedUpstream([streaming([("B", 0.5), ("C", 0.5)])])
     route = Route("s-never", [tier("p", fake)], NeverPolicy(), stream_mode="buffer")
     items = [i async for i in Router().stream(route, "chat", dict(CHAT, stream=True))]
     chunks = [i.data for i in items if i.data is not None]
@@ -133,8 +134,8 @@ async def test_stream_never_is_pass_through_with_confidence_on_finish_chunk() ->
 
 @pytest.mark.parametrize("mode", ["buffer", "prefix:1"])
 async def test_stream_escalation_switches_before_anything_is_sent(mode: str) -> None:
-    primary = FakeUpstream([streaming([("B", 0.2), ("x", 0.99)])])
-    expert = FakeUpstream([streaming([("C", 0.9)])])
+    primary = ScriptedUpstream([streaming([("B", 0.2), ("x", 0.99)])])
+    expert = ScriptedUpstream([streaming([("C", 0.9)])])
     route = Route(f"s-{mode}", [tier("p", primary), tier("e", expert)], ThresholdPolicy(0.5),
                   stream_mode=mode)
     items = [i async for i in Router().stream(route, "chat", dict(CHAT, stream=True))]
@@ -147,8 +148,8 @@ async def test_stream_escalation_switches_before_anything_is_sent(mode: str) -> 
 
 
 async def test_stream_dead_expert_replays_primary_with_error() -> None:
-    primary = FakeUpstream([streaming([("B", 0.2)])])
-    route = Route("s-deadexp", [tier("p", primary), tier("e", FakeUpstream(["refuse"]))],
+    primary = ScriptedUpstream([streaming([("B", 0.2)])])
+    route = Route("s-deadexp", [tier("p", primary), tier("e", ScriptedUpstream(["refuse"]))],
                   ThresholdPolicy(0.5), stream_mode="prefix:1")
     items = [i async for i in Router().stream(route, "chat", dict(CHAT, stream=True))]
     texts = [c["choices"][0]["delta"].get("content") for i in items if (c := i.data)]
@@ -158,7 +159,7 @@ async def test_stream_dead_expert_replays_primary_with_error() -> None:
 
 async def test_closing_the_stream_early_closes_the_upstream_response() -> None:
     body = SlowStream(fake_chat_events([("B", 0.9), ("C", 0.9), ("D", 0.9)]), hang_after=2)
-    fake = FakeUpstream([lambda request: httpx.Response(200, stream=body)])
+    fake = ScriptedUpstream([lambda request: httpx.Response(200, stream=body)])
     route = Route("s-close", [tier("p", fake)], NeverPolicy())
     items = Router().stream(route, "chat", dict(CHAT, stream=True))
     first = await anext(items)
@@ -174,8 +175,8 @@ async def test_budget_policy_escalates_about_its_rate() -> None:
 
     rng = random.Random(3)
     probs = [rng.uniform(0.2, 0.99) for _ in range(120)]
-    primary = FakeUpstream([ok("B", p) for p in probs])
-    expert = FakeUpstream([ok("B", 0.99)])
+    primary = ScriptedUpstream([ok("B", p) for p in probs])
+    expert = ScriptedUpstream([ok("B", 0.99)])
     route = Route("budget-r", [tier("p", primary), tier("e", expert)],
                   BudgetPolicy(0.25, window=40, min_samples=20))
     router = Router([route])
@@ -195,7 +196,7 @@ async def test_injected_metrics_get_every_routing_series_and_the_default_none() 
 
     m = RoutingMetrics()
 
-    def own(fake: FakeUpstream, name: str) -> Tier:
+    def own(fake: ScriptedUpstream, name: str) -> Tier:
         up = Upstream(f"inj-{name}", "http://fake", retry=RetryPolicy(max_attempts=2,
                       base_delay=0), transport=fake.transport(), metrics=m)
         return Tier(name, up, Scorer.from_config(None))
@@ -203,13 +204,13 @@ async def test_injected_metrics_get_every_routing_series_and_the_default_none() 
     def value(name: str, **labels: str) -> float:
         return m.registry.get_sample_value(name, labels) or 0.0
 
-    route = Route("inj-r", [own(FakeUpstream([status(503), ok("B", 0.2)]), "p"),
-                            own(FakeUpstream([ok("B", 0.9)]), "e")], ThresholdPolicy(0.5))
+    route = Route("inj-r", [own(ScriptedUpstream([status(503), ok("B", 0.2)]), "p"),
+                            own(ScriptedUpstream([ok("B", 0.9)]), "e")], ThresholdPolicy(0.5))
     router = Router([route], metrics=m)
     res = await router.complete("inj-r", "chat", dict(CHAT))
     assert res.escalated and res.agreement is True
-    stream_route = Route("inj-s", [own(FakeUpstream([status(503)] * 2), "sp"),
-                                   own(FakeUpstream([streaming([("C", 0.9)])]), "se")],
+    stream_route = Route("inj-s", [own(ScriptedUpstream([status(503)] * 2), "sp"),
+                                   own(ScriptedUpstream([streaming([("C", 0.9)])]), "se")],
                          ThresholdPolicy(0.5))
     items = [i async for i in router.stream(stream_route, "chat", dict(CHAT, stream=True))]
     assert items[-1].result.reason == "primary_failed"

@@ -1,4 +1,4 @@
-"""Upstream resilience against FAKE faulty upstreams (see fakes.py) and a dead local port."""
+"""Upstream resilience against scripted FAKE faulty upstreams and a dead local port."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from calibserve.routing import (
     UpstreamUnavailable,
 )
 from calibserve.routing.errors import CircuitOpen
-from tests.routing.fakes import FakeUpstream, SlowStream, fake_chat_events, ok, status
+from calibserve.testing.scripted import ScriptedUpstream, SlowStream, fake_chat_events, ok, status
 
 pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.02)
@@ -37,7 +37,7 @@ def retries(name: str) -> float:
 
 
 async def test_429_with_retry_after_is_retried_after_the_wait() -> None:
-    fake = FakeUpstream([status(429, retry_after="0.3"), ok()])
+    fake = ScriptedUpstream([status(429, retry_after="0.3"), ok()])
     up = Upstream("fake-429", "http://fake", retry=FAST, transport=fake.transport())
     started = time.perf_counter()
     body = await up.request_json("/v1/chat/completions", {"model": "m"})
@@ -49,7 +49,7 @@ async def test_429_with_retry_after_is_retried_after_the_wait() -> None:
 
 
 async def test_429_with_long_retry_after_goes_back_to_the_client() -> None:
-    fake = FakeUpstream([status(429, retry_after="120")])
+    fake = ScriptedUpstream([status(429, retry_after="120")])
     up = Upstream("fake-429-long", "http://fake", retry=FAST, transport=fake.transport())
     with pytest.raises(UpstreamClientError) as info:
         await up.request_json("chat/completions", {"model": "m"})
@@ -59,7 +59,7 @@ async def test_429_with_long_retry_after_goes_back_to_the_client() -> None:
 
 
 async def test_503s_exhaust_retries_then_unavailable() -> None:
-    fake = FakeUpstream([status(503)])
+    fake = ScriptedUpstream([status(503)])
     up = Upstream("fake-503", "http://fake", retry=FAST, transport=fake.transport())
     with pytest.raises(UpstreamUnavailable) as info:
         await up.request_json("chat/completions", {"model": "m"})
@@ -69,7 +69,7 @@ async def test_503s_exhaust_retries_then_unavailable() -> None:
 
 
 async def test_500_is_not_retried_and_carries_the_engines_answer() -> None:
-    fake = FakeUpstream([status(500)])
+    fake = ScriptedUpstream([status(500)])
     up = Upstream("fake-500", "http://fake", retry=FAST, transport=fake.transport())
     with pytest.raises(UpstreamBadResponse) as info:
         await up.request_json("chat/completions", {"model": "m"})
@@ -79,7 +79,7 @@ async def test_500_is_not_retried_and_carries_the_engines_answer() -> None:
 
 
 async def test_400_passes_through_untouched() -> None:
-    fake = FakeUpstream([status(400)])
+    fake = ScriptedUpstream([status(400)])
     up = Upstream("fake-400", "http://fake", retry=FAST, transport=fake.transport())
     with pytest.raises(UpstreamClientError) as info:
         await up.request_json("chat/completions", {"model": "m"})
@@ -88,7 +88,7 @@ async def test_400_passes_through_untouched() -> None:
 
 async def test_hang_times_out() -> None:
     up = Upstream("fake-hang", "http://fake", timeout=0.3, retry=FAST,
-                  transport=FakeUpstream(["hang"]).transport())
+                  transport=ScriptedUpstream(["hang"]).transport())
     started = time.perf_counter()
     with pytest.raises(UpstreamTimeout) as info:
         await up.request_json("chat/completions", {"model": "m"})
@@ -106,7 +106,7 @@ async def test_dead_port_is_unavailable_after_retries() -> None:
 
 
 async def test_breaker_opens_fails_fast_then_probe_closes_it() -> None:
-    fake = FakeUpstream(["refuse", "refuse", "refuse", ok()])
+    fake = ScriptedUpstream(["refuse", "refuse", "refuse", ok()])
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=0.2)
     up = Upstream("fake-breaker", "http://fake", retry=RetryPolicy(max_attempts=1),
                   breaker=breaker, transport=fake.transport())
@@ -127,7 +127,7 @@ async def test_breaker_opens_fails_fast_then_probe_closes_it() -> None:
 
 async def test_stream_parses_events_and_retries_before_first_event() -> None:
     events = fake_chat_events([("B", 0.9)])
-    fake = FakeUpstream([status(503, retry_after="0"),
+    fake = ScriptedUpstream([status(503, retry_after="0"),
                          lambda r: __import__("httpx").Response(200, stream=SlowStream(events))])
     up = Upstream("fake-stream", "http://fake", retry=FAST, transport=fake.transport())
     chunks = [c async for c in up.stream("chat/completions", {"model": "m", "stream": True})]
@@ -138,7 +138,8 @@ async def test_stream_that_stalls_times_out() -> None:
     import httpx
 
     events = fake_chat_events([("B", 0.9), ("C", 0.9)])
-    fake = FakeUpstream([lambda r: httpx.Response(200, stream=SlowStream(events, hang_after=1))])
+    fake = ScriptedUpstream([
+        lambda r: httpx.Response(200, stream=SlowStream(events, hang_after=1))])
     up = Upstream("fake-stall", "http://fake", timeout=0.3, transport=fake.transport())
     got = []
     with pytest.raises(UpstreamTimeout, match="stopped streaming"):

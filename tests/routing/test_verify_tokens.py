@@ -37,7 +37,7 @@ from calibserve.routing.verify_tokens import (
     reply_ids,
     split_tail,
 )
-from tests.routing.fakes import FakeUpstream
+from calibserve.testing.scripted import ScriptedUpstream
 from tests.routing.test_confidence_work import YES_NO, count, scorer
 from tests.routing.test_confidence_work import verdict as chat_verdict
 
@@ -67,7 +67,7 @@ class ChatEngine:
         self.vocab = Vocab()
         self.reply, self.finish, self.stop = reply, finish, stop
         self.template_ok, self.ids = template_ok, ids
-        self.fake = FakeUpstream([self.handle])
+        self.fake = ScriptedUpstream([self.handle])
 
     def render(self, messages: list[dict[str, Any]]) -> list[int]:
         out: list[int] = []

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from benchmarks.reliability.harness import InProcessServer
 from calibserve.server.config import ServerSettings
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer
 
 REPO = Path(__file__).resolve().parents[2]
 SIGNING_KEY = "test-signing-key"
@@ -36,30 +33,6 @@ def serve(settings: ServerSettings) -> Iterator[RunningServer]:
         yield running
     finally:
         running.stop()
-
-
-class FakeUpstream:
-    """tests/fakes/openai_upstream.py (canned answers, fault injection) in a subprocess."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "fakes" / "openai_upstream.py"), "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        match = re.search(r"http://[\d.]+:(\d+)", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"fake upstream did not start: {line!r}")
-        self.url = f"http://127.0.0.1:{match.group(1)}"
-
-    def mode(self, mode: str, delay_ms: float = 0) -> None:
-        httpx.post(f"{self.url}/fake/mode", json={"mode": mode, "delay_ms": delay_ms}, timeout=5)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

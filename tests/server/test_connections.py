@@ -17,19 +17,12 @@ import httpx
 import pytest
 import typer
 
-from benchmarks.reliability.harness import (
-    FakeUpstream,
-    InProcessServer,
-    chat_body,
-    fake_settings,
-    is_openai_error,
-    metric_sum,
-    scrape,
-)
-from benchmarks.reliability.slow_clients import tcp_state
 from calibserve.server.cli import settings_from_cli
 from calibserve.server.config import ServerSettings
 from calibserve.server.connections import ConnectionLimits, default_max_connections
+from calibserve.testing.checks import chat_body, is_openai_error, metric_sum, scrape, tcp_state
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer, fake_settings
 
 DEADLINE = 1.0
 WRITE_DEADLINE = 2.0  # the long streams' (draining a socket buffer takes a while on a busy CPU)
@@ -274,7 +267,7 @@ def test_the_open_connections_gauge_follows_connections(server: InProcessServer)
 
 
 def scrape_text(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    from benchmarks.reliability.harness import parse_metrics
+    from calibserve.testing.checks import parse_metrics
 
     return parse_metrics(text)
 

@@ -10,7 +10,7 @@ from calibserve.calibration import CalibrationDocument, CalibrationError
 from calibserve.calibration.online import confidence_quantiles
 from calibserve.server.drift import FitReference, reference_cdf
 from calibserve.server.metrics import CONFIDENCE_BUCKETS
-from tests.server.test_metrics import sample
+from calibserve.testing.checks import sample
 
 
 def test_reference_cdf_inverts_the_quantiles() -> None:

@@ -13,8 +13,6 @@ import logging
 import os
 import re
 import signal
-import stat
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,27 +22,11 @@ import pytest
 
 from calibserve.server.config import EngineSettings, ServerSettings
 from calibserve.server.engine import EngineStartError, ManagedEngine, build_command
-from tests.server.conftest import REPO, serve
-from tests.server.test_metrics import total
+from calibserve.testing.checks import total
+from calibserve.testing.fake_upstream import fake_python
+from tests.server.conftest import serve
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
-
-
-def fake_python(tmp_path: Path, body: str | None = None) -> str:
-    """An executable that takes vLLM's command line and runs the fake upstream on its --port."""
-    script = tmp_path / "fake-python"
-    body = body or (
-        f'exec "{sys.executable}" "{REPO / "tests" / "fakes" / "openai_upstream.py"}" '
-        '--port "$PORT" --model "$NAME"'
-    )
-    script.write_text(
-        "#!/bin/bash\n"
-        'while [ $# -gt 0 ]; do case "$1" in --port) PORT=$2; shift;; '
-        "--served-model-name) NAME=$2; shift;; esac; shift; done\n"
-        'echo "pretend vLLM starting on $PORT"\n' + body + "\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return str(script)
 
 
 def test_cpu_and_gpu_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """Bad input and upstream faults: OpenAI-shaped errors, right statuses, and serving goes on.
 
-The upstream here is tests/fakes/openai_upstream.py (a fake with canned answers) because faults must
+The upstream here is the FAKE calibserve.testing.openai_upstream (canned answers): faults must
 be injected on demand; behaviour against a real vLLM server is in test_integration.py.
 """
 
@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from calibserve.server.config import ServerSettings
+from calibserve.testing.checks import total
 from tests.server.conftest import FakeUpstream, RunningServer, serve
-from tests.server.test_metrics import total
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "question : ?"}]}
 
@@ -306,6 +306,30 @@ def test_replicas_round_robin_and_fail_over(fake_upstream: FakeUpstream) -> None
             assert r.status_code == 200, r.text
     after = httpx.get(f"{fake_upstream.url}/fake/stats").json()["requests"]
     assert after - before >= 4
+
+
+def test_responses_and_pass_through_fail_over_between_replicas(
+    fake_upstream: FakeUpstream
+) -> None:
+    """The Responses API and the pass-through routes go through the tier's one upstream
+    client: a dead replica is skipped as it is for chat (before the one client, they went to
+    the first replica only and answered 503 half the time)."""
+    fake_upstream.mode("ok")
+    settings = ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "fake", "upstreams": f"http://127.0.0.1:9,{fake_upstream.url}",
+                    "upstream_model": "fake-model"}],
+    })
+    with serve(settings) as running:
+        for _ in range(4):  # half of these start on the dead replica and move on
+            r = httpx.post(f"{running.url}/v1/responses",
+                           json={"model": "fake", "input": "question : ?"}, timeout=10)
+            assert r.status_code == 200, r.text
+            assert "confidence" in r.json()
+            r = httpx.post(f"{running.url}/tokenize", json={"model": "fake", "prompt": "hi"},
+                           timeout=10)
+            assert r.status_code == 200, r.text
+            assert "tokens" in r.json()
 
 
 def test_each_request_counted_once_under_its_outcome(

@@ -20,7 +20,7 @@ from calibserve.server.config import ServerSettings
 from calibserve.server.guarantee import KeptWindow
 from calibserve.server.openai_schema import FeedbackRequest
 from calibserve.server.runtime import ServerRuntime
-from tests.server.test_metrics import sample
+from calibserve.testing.checks import sample
 
 CERT = {"max_error": 0.2, "delta": 0.1, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
         "n": 500, "kept": 400, "kept_errors": 60}

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from calibserve.demo.chat import LETTERS, format_mc_prompt, render_prompt
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 from tests.server.fidelity import MODEL
 from tests.server.test_fidelity import calibserve, engine  # noqa: F401  (shared fixtures)
 
 try:
     import lm_eval
     import lm_eval.tasks
-except ImportError:  # a skip here, a failure in CI (tests/conftest.py `require`)
+except ImportError:  # a skip here, a failure in CI (calibserve.testing.fixtures `require`)
     lm_eval = None
 
 pytestmark = pytest.mark.vllm

@@ -12,6 +12,7 @@ from calibserve.server.feedback import FeedbackRecorder
 from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics
 from calibserve.server.openai_schema import FeedbackRequest
+from calibserve.testing.checks import sample, total
 
 NAMES = [
     "calibserve_requests_total", "calibserve_request_duration_seconds_bucket",
@@ -21,28 +22,6 @@ NAMES = [
     "calibserve_upstream_errors_total", "calibserve_engine_restarts_total",
     "calibserve_engine_up",
 ]
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one series in Prometheus text exposition."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(f"{name} {labels} not in exposition")
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    """Sum of all series of `name` whose labels include `labels`."""
-    out = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                out += float(line.rsplit(" ", 1)[1])
-    return out
 
 
 def exercised_metrics() -> ServerMetrics:

@@ -20,8 +20,8 @@ import calibserve.server.cli
 from calibserve.merge.evaluate import format_mc_prompt as merge_prompt
 from calibserve.server.config import ServerSettings
 from calibserve.server.probes import Probe, ProbeDataError, ProbeSet, format_mc_prompt
+from calibserve.testing.checks import sample, total
 from tests.server.conftest import FakeUpstream, serve
-from tests.server.test_metrics import sample, total
 
 ITEMS = [
     {"question": "q1", "choices": ["x", "y", "z", "w"], "answer": 0},  # gold A: right

@@ -15,8 +15,8 @@ import pytest
 from calibserve.calibration import CalibrationAccumulator, normalize_token
 from calibserve.server.config import ServerSettings
 from calibserve.server.probes import LETTERS, format_mc_prompt
+from calibserve.testing.checks import total
 from tests.server.conftest import serve
-from tests.server.test_metrics import total
 
 N = 40  # probes compared one by one (about 2 s on the CPU engine)
 

@@ -16,8 +16,8 @@ from prometheus_client import generate_latest
 from calibserve.calibration import CalibrationDocument
 from calibserve.server.config import ServerSettings
 from calibserve.server.runtime import ServerRuntime
+from calibserve.testing.checks import sample
 from tests.calibration.test_online import overconfident
-from tests.server.test_metrics import sample
 
 DOC = {
     "version": 2, "multiple_choice": "answer", "free_form": "mean",

@@ -16,8 +16,8 @@ import pytest
 
 from calibserve.calibration import CalibrationDocument
 from calibserve.server.config import ServerSettings
+from calibserve.testing.checks import total
 from tests.server.conftest import FakeUpstream, RunningServer, serve
-from tests.server.test_metrics import total
 
 BODY = {"model": "fake", "input": "name a colour", "max_output_tokens": 8}
 

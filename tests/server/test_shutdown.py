@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
+from calibserve.testing.fake_upstream import fake_python
+from calibserve.testing.vllm_process import free_port
 from tests.server.conftest import REPO, FakeUpstream
-from tests.server.test_engine import fake_python
-from tests.vllm_process import free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
 

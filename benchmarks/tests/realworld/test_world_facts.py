@@ -21,7 +21,7 @@ from benchmarks.realworld import world_facts as wf
 from benchmarks.realworld.grading import contains_answer
 from calibserve.calibration.answers import exact_match
 from calibserve.merge.evaluate import load_items, load_short_answers, short_answer_split
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 
 Item = dict[str, Any]
 

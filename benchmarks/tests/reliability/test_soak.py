@@ -6,8 +6,9 @@ import asyncio
 import time
 
 from benchmarks.rawhttp import ConnPool
-from benchmarks.reliability.harness import FakeUpstream, InProcessServer
 from benchmarks.reliability.soak import cpu_probe, run_soak, verdict
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer
 
 
 def test_a_short_soak_counts_every_request_and_passes(rel_server: InProcessServer,

@@ -1,7 +1,10 @@
-"""Start and stop real vLLM CPU OpenAI servers for the integration tests.
+"""Start and stop real vLLM OpenAI servers for the integration tests and benchmarks.
 
-Tests talk to vLLM only over HTTP, exactly as calibserve does in production. Servers are started
-once per test session (each takes about a minute on a laptop CPU) and shared by every test.
+The command line and environment are the ones `calibserve serve --model DIR` gives its managed
+engine (server/engine.build_command, on this machine's CPU or GPU), so the integration tests run
+the engine calibserve launches. Tests talk to vLLM only over HTTP, exactly as calibserve does in
+production. Servers are started once per test session (each takes about a minute on a laptop
+CPU) and shared by every test.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from calibserve.server.config import EngineSettings
+from calibserve.server.engine import build_command, cuda_available
 
 START_TIMEOUT_S = float(os.environ.get("CALIBSERVE_TEST_VLLM_TIMEOUT", "420"))
 
@@ -36,6 +41,7 @@ class VLLMProcess:
         max_model_len: int = 256,
         enforce_eager: bool = False,
         extra_args: tuple[str, ...] = (),
+        verify: bool = False,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.name = name
@@ -43,6 +49,7 @@ class VLLMProcess:
         # No torch.compile: a 30-layer model then starts in about 50 s instead of 190 s here.
         self.enforce_eager = enforce_eager
         self.extra_args = tuple(extra_args)  # more vLLM arguments (benchmarks)
+        self.verify = verify  # serves the `verify` method (build_command's block size)
         self.port = free_port()
         self.log_path = Path(log_dir) / f"vllm-{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,21 +58,22 @@ class VLLMProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """`calibserve serve`'s engine command for this model, port and options."""
+        settings = EngineSettings(
+            max_model_len=self.max_model_len,
+            extra_args=[*(["--enforce-eager"] if self.enforce_eager else []), *self.extra_args])
+        cmd, env = build_command(self.model_dir, self.name, "127.0.0.1", self.port, settings,
+                                 cuda_available(), self.verify)
+        # Test logs keep vLLM's warnings only, unless the caller asked for more.
+        env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+        return cmd, env
+
     def start(self) -> None:
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", self.name,
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--max-model-len", str(self.max_model_len),
-            "--gpu-memory-utilization", "0.3", "--max-logprobs", "20",
-            *(["--enforce-eager"] if self.enforce_eager else []), *self.extra_args,
-        ]
+        cmd, env = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self) -> None:
         assert self.proc is not None

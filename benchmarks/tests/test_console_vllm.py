@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from benchmarks.console_lines import BLOCK_END, ENGINE_MARKER, READY_LINE, ConsoleRun
-from tests.conftest import require
-from tests.server.test_metrics import sample
-from tests.vllm_process import START_TIMEOUT_S
+from calibserve.testing.checks import sample
+from calibserve.testing.fixtures import require
+from calibserve.testing.vllm_process import START_TIMEOUT_S
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MAX_LINES_BEFORE_READY = 15  # issue 31's floor

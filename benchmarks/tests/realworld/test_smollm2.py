@@ -35,8 +35,8 @@ from calibserve.calibration import answer_confidence, normalize_token
 pytestmark = [pytest.mark.realworld, pytest.mark.slow]
 
 LETTERS = ("A", "B", "C", "D")
-# Prompts must fit the test engine's --max-model-len (256, tests/vllm_process.py) with room for
-# the reply; MMLU questions longer than this are skipped when picking test items.
+# Prompts must fit the test engine's --max-model-len (256, calibserve.testing.vllm_process)
+# with room for the reply; MMLU questions longer than this are skipped when picking test items.
 MAX_PROMPT_TOKENS = 200
 N_QUESTIONS = 3
 
@@ -230,7 +230,7 @@ def test_served_free_form_reply_gets_a_verify_confidence(client: openai.OpenAI) 
 async def test_verify_prompt_on_ids_under_chatml_and_bpe(smollm2_url: str) -> None:
     """verify's prompt on token ids (the reply's own ids and the ChatML tail learned from the
     engine) is the token sequence vLLM makes of the text prompt, through calibserve."""
-    from tests.server.test_integration import check_verify_ids
+    from calibserve.testing.verify_ids import check_verify_ids
 
     await check_verify_ids(smollm2_url, "smollm2",
                            "What is the capital of France? Answer in one sentence.",

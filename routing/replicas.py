@@ -9,14 +9,18 @@ replica answered are not retried elsewhere: the request may already have been pr
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from calibserve.routing import CircuitState, Upstream, UpstreamUnavailable
+import httpx
+
+from calibserve.routing.breaker import CircuitState
+from calibserve.routing.errors import UpstreamUnavailable
+from calibserve.routing.upstream import Upstream
 
 
 class ReplicaPool:
-    """A `routing.UpstreamClient` over several `routing.Upstream` replicas of one model."""
+    """An `UpstreamClient` over several `Upstream` replicas of one model."""
 
     def __init__(self, name: str, replicas: list[Upstream]) -> None:
         if not replicas:
@@ -41,6 +45,17 @@ class ReplicaPool:
         for replica in self._order():
             try:
                 return await replica.request_json(path, body)
+            except UpstreamUnavailable as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def open(self, method: str, target: str, content: bytes,
+                   headers: Mapping[str, str]) -> httpx.Response:
+        error: UpstreamUnavailable | None = None
+        for replica in self._order():
+            try:
+                return await replica.open(method, target, content, headers)
             except UpstreamUnavailable as exc:
                 error = exc
         assert error is not None

@@ -1,6 +1,6 @@
 """A FAKE OpenAI upstream that also records what happened to each request: for fault injection.
 
-It is tests/fakes/openai_upstream.py (canned answers, no model, nothing it says is a real answer)
+It is `openai_upstream` (canned answers, no model, nothing it says is a real answer)
 plus what the reliability harness needs to observe from the upstream's side:
 
 - `cancelled`: requests whose connection the client (calibserve) closed before the fake had
@@ -12,7 +12,7 @@ plus what the reliability harness needs to observe from the upstream's side:
 
 Control: `POST /fake/mode {"mode", "delay_ms"}`, `GET /fake/stats`, `POST /fake/reset`.
 
-    python -m tests.fakes.recording_upstream --port 0
+    python -m calibserve.testing.recording_upstream --port 0
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import asyncio
 import json
 from typing import Any
 
-from tests.fakes.openai_upstream import FakeProtocol, FakeState, _response
+from calibserve.testing.openai_upstream import FakeProtocol, FakeState, _response
 
 
 class RecordingState(FakeState):

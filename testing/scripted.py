@@ -1,5 +1,6 @@
-"""FAKE OpenAI upstreams (httpx.MockTransport) used only to inject faults: 429 with Retry-After,
-503s, hangs, broken streams, and a healthy canned answer to contrast them with.
+"""A scripted FAKE upstream in this process (httpx.MockTransport), for unit tests that inject
+faults on cue: 429 with Retry-After, 503s, hangs, broken streams, and a healthy canned answer to
+contrast them with. (The FAKE upstream as a server is fake_upstream.FakeUpstream.)
 
 Behaviour that matters (confidence, escalation, streaming modes) is tested against real vLLM
 servers in test_integration_vllm.py; these fakes exist because a real vLLM cannot be made to fail
@@ -82,7 +83,7 @@ Step = httpx.Response | Callable[[httpx.Request], Any] | str
 
 
 @dataclass
-class FakeUpstream:
+class ScriptedUpstream:
     """A scripted FAKE upstream: each request consumes the next step (the last one repeats).
 
     A step is an httpx.Response, the string "hang" (never answers), "refuse" (connect error),
@@ -106,7 +107,8 @@ class FakeUpstream:
         if step == "refuse":
             raise httpx.ConnectError("fake: connection refused", request=request)
         if callable(step):
-            return step(request)
+            answer: httpx.Response = step(request)
+            return answer
         assert isinstance(step, httpx.Response)
         # Responses are reused when the last step repeats: hand out copies.
         return httpx.Response(step.status_code, headers=step.headers, content=step.content)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from benchmarks.console_lines import BLOCK_END, READY_LINE, ConsoleRun
-from tests.server.test_engine import fake_python
+from calibserve.testing.fake_upstream import fake_python
 
 pytestmark = pytest.mark.slow  # a server process each, 5-10 s
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reliability.harness import FakeUpstream, InProcessServer, fake_settings
 from benchmarks.reliability.hostile import attack_idle
 from benchmarks.reliability.slow_clients import SLACK_S, run
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer, fake_settings
 
 DEADLINE = 1.5
 

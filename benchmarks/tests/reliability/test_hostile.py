@@ -7,13 +7,6 @@ import json
 import httpx
 import pytest
 
-from benchmarks.reliability.harness import (
-    FAKE_MODEL,
-    FakeUpstream,
-    InProcessServer,
-    chat_body,
-    is_openai_error,
-)
 from benchmarks.reliability.hostile import (
     attack_disconnects,
     attack_idle,
@@ -21,6 +14,9 @@ from benchmarks.reliability.hostile import (
     raw_exchange,
     request_bytes,
 )
+from calibserve.testing.checks import chat_body, is_openai_error
+from calibserve.testing.fake_upstream import FAKE_MODEL, FakeUpstream
+from calibserve.testing.servers import InProcessServer
 
 
 def _serving(url: str) -> None:

@@ -8,12 +8,9 @@ import httpx
 import pytest
 
 from benchmarks.reliability.feedback_abuse import run_abuse
-from benchmarks.reliability.harness import (
-    FakeUpstream,
-    InProcessServer,
-    metric_sum,
-    scrape,
-)
+from calibserve.testing.checks import metric_sum, scrape
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer
 
 VALIDATION_CHECK = "validation rejections counted as malformed"
 

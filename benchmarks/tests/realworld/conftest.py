@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require
+from calibserve.testing.fixtures import require
 
-# tests/conftest.py's FIXTURE_MARKERS gives every test that uses these fixtures the `realworld`
-# marker: the fixture, not the file, decides.
+# calibserve.testing.fixtures' FIXTURE_MARKERS gives every test that uses these fixtures the
+# `realworld` marker: the fixture, not the file, decides.
 
 
 def _fetch(target: str) -> Path:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from benchmarks.reliability.fuzz import FINDING_KINDS, fuzz
-from benchmarks.reliability.harness import FakeUpstream, InProcessServer
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer
 
 
 def test_fuzz_finds_no_server_errors(rel_server: InProcessServer, fake: FakeUpstream) -> None:

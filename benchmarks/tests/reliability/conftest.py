@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.reliability.harness import FakeUpstream, InProcessServer, fake_settings
+from calibserve.testing.fake_upstream import FakeUpstream
+from calibserve.testing.servers import InProcessServer, fake_settings
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ emits a token every D ms (the first event at once, each later one D ms after the
 closing `data: [DONE]` right after the last), so a benchmark can time a proxy's first token and
 its per-chunk cost. Non-streamed answers are never delayed.
 
-    python tests/fakes/openai_upstream.py --port 18310 [--model fake-model] [--tokens 8]
+    python -m calibserve.testing.openai_upstream --port 18310 [--model fake-model] [--tokens 8]
         [--stream-interval-ms 0]
 """
 
@@ -329,8 +329,8 @@ class FakeProtocol(asyncio.Protocol):
         top = req.get("top_logprobs")
         if top is not None and (not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
             return _error(400, f"top_logprobs={top!r} is out of range")
-        include = req.get("include") if isinstance(req.get("include"), list) else []
-        want = "message.output_text.logprobs" in include
+        include = req.get("include")
+        want = isinstance(include, list) and "message.output_text.logprobs" in include
         k = int(top or 0)
         entries = ([{k2: v for k2, v in self.state._chat_entry(i, k + 1).items()}
                     for i in range(self.state.tokens)] if want else None)
@@ -348,8 +348,8 @@ class FakeProtocol(asyncio.Protocol):
                           "total_tokens": 12 + self.state.tokens}}
         if not req.get("stream"):
             return _response(200, json.dumps(resp).encode())
-        events = [("response.created", {"response": {**resp, "output": [],
-                                                     "status": "in_progress"}}),
+        created = {"response": {**resp, "output": [], "status": "in_progress"}}
+        events: list[tuple[str, dict[str, Any]]] = [("response.created", created),
                   ("response.output_text.delta", {"delta": text, "item_id": "msg_fake",
                                                   "output_index": 0, "content_index": 0,
                                                   "logprobs": entries or []}),

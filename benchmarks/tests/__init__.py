@@ -1,0 +1,1 @@
+"""Tests of the benchmarks and the reliability drills themselves (collected with tests/)."""
