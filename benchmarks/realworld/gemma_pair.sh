@@ -12,7 +12,10 @@
 #    is recorded in MERGE_OUT.cost.json (benchmarks.realworld.cost);
 # 4. seed 004 on the aligned model: `calibserve tune --calibration-aware cft`, then `rcft`, on
 #    the same training pool (models/gemma-3-270m-cft, models/gemma-3-270m-rcft; Xiao et al.
-#    fine-tune the aligned model to restore its calibration);
+#    fine-tune the aligned model to restore its calibration), and their control: the same
+#    recipe with no regulariser (models/gemma-3-270m-sft2: one more plain SFT epoch, so what
+#    seed 004 changes is told apart from what another epoch on the pool changes); the aligned
+#    model's label-free (DACA) calibration against the base (realworld/label-free);
 # 5. the table (benchmarks.realworld.remedy_table): fits the aligned model's calibrator
 #    (`calibserve calibrate` on the world facts' calibrate splits, through the serving path),
 #    serves every row with `calibserve serve`, asks the 819 held-out short-answer questions
@@ -48,11 +51,19 @@ DEVICE=${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_availab
        --dtype float32 --grader contains --grid "${GRID:-0,0.25,0.5,0.75,1}" \
        --select "${SELECT:-free-form:max-accuracy}" ${MERGE_ARGS:---max-items 300}
 echo "merge report: $OUT/report.html"
-for mode in cft rcft; do
+for mode in cft rcft sft2; do
   [[ -f "$MODELS/gemma-3-270m-$mode/train_info.json" ]] \
     || "$PY" -m calibserve tune --model "$MODELS/gemma-3-270m-instruct" --data "$DATA/train.jsonl" \
-         --out "$MODELS/gemma-3-270m-$mode" --calibration-aware "$mode" --device "$DEVICE" \
-         ${CAL_TUNE_ARGS:-${TUNE_ARGS:-}}
+         --out "$MODELS/gemma-3-270m-$mode" --calibration-aware "${mode/sft2/none}" \
+         --device "$DEVICE" ${CAL_TUNE_ARGS:-${TUNE_ARGS:-}}
 done
+[[ -f "$HOME_DIR/realworld/label-free/calibration.json" ]] \
+  || "$PY" -m calibserve calibrate --label-free --reference "$MODELS/gemma-3-270m" \
+       --model "$MODELS/gemma-3-270m-instruct" --data "$DATA" \
+       --out "$HOME_DIR/realworld/label-free/calibration.json"
+# The lettered held-out split, the form seed 004's regulariser trains on (the sweep's evaluator).
+[[ -f "$HOME_DIR/realworld/mc-check.json" ]] \
+  || "$PY" -m benchmarks.realworld.mc_check --data "$DATA" --out "$HOME_DIR/realworld/mc-check.json" \
+       "$MODELS"/gemma-3-270m-{instruct,cft,rcft,sft2} "$OUT/model"
 "$PY" -m benchmarks.realworld.remedy_table --realworld "$HOME_DIR/realworld" --merge-dir "$OUT" \
   ${TABLE_ARGS:-}

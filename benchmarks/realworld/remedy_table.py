@@ -18,6 +18,7 @@ Rows (names for `--rows`; paths under `$CALIBSERVE_HOME/realworld`, the layout
 | merge-calibrated | gemma-merge/model | gemma-merge/model/calibration.json |
 | cft | models/gemma-3-270m-cft | none |
 | rcft | models/gemma-3-270m-rcft | none |
+| sft2 | models/gemma-3-270m-sft2 (seed 004's control: one more plain SFT epoch) | none |
 | label-free | models/gemma-3-270m-instruct | label-free/calibration.json (issue 27 item 2) |
 
 A row whose model (or calibration) does not exist is listed as "not built" with the command that
@@ -132,7 +133,7 @@ __all__ = ["ROWS", "ConfigError", "RowSpec", "default_rows", "load_config", "mai
 
 GRADER = "calibserve.calibration.grading:contains_answer"
 ROWS: tuple[str, ...] = ("base", "base-completion", "aligned", "aligned-calibrated", "merge",
-                         "merge-calibrated", "cft", "rcft", "label-free")
+                         "merge-calibrated", "cft", "rcft", "sft2", "label-free")
 SPEC_KEYS = ("label", "model", "calibration", "chat_template", "completion", "fit", "costs",
              "build")
 # How a base model is asked a question it was never tuned to answer in a chat: plain text,
@@ -206,6 +207,10 @@ def default_rows(realworld: Path, merge_dir: Path, data: Path) -> dict[str, RowS
         RowSpec("rcft", "RCFT (seed 004)", models / "gemma-3-270m-rcft",
                 costs=(aligned_info, models / "gemma-3-270m-rcft" / "train_info.json"),
                 build=tuned("rcft")),
+        RowSpec("sft2", "aligned + one more SFT epoch (seed 004's control)",
+                models / "gemma-3-270m-sft2",
+                costs=(aligned_info, models / "gemma-3-270m-sft2" / "train_info.json"),
+                build=tuned("none").replace("-none", "-sft2")),
         RowSpec("label-free", "aligned + label-free calibrator", aligned, label_free,
                 costs=(aligned_info,),
                 build=f"calibserve calibrate --label-free --reference {base} --model {aligned} "

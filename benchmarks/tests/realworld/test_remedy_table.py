@@ -131,7 +131,7 @@ def test_report_from_recorded_answers(tmp_path: Path, capsys: pytest.CaptureFixt
 
     assert rows["merge"]["status"] == "incomplete"  # 25 of the 40 items answered
     assert rows["base"]["status"] == "incomplete"  # built, never asked
-    for name in ("cft", "rcft", "label-free"):
+    for name in ("cft", "rcft", "sft2", "label-free"):
         assert rows[name]["status"] == "not built"
         assert rows[name]["command"]
     assert "--calibration-aware cft" in rows["cft"]["command"]
