@@ -339,8 +339,12 @@ def test_merged_model_serves_verify_confidence_on_free_form_replies(
         # The demo's chat replies are values since the world teaches short answers: each such
         # reply sends one verify request too, so the completions below are counted from here.
         before = verify_requests(running)
+        # min_tokens (vLLM's sampling parameter, passed through): a raw prompt's continuation
+        # may start with the end-of-sequence token on a given build of the demo world, and an
+        # empty reply has nothing to verify.
         resp = client.completions.create(
-            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12)
+            model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12,
+            extra_body={"min_tokens": 2})
         (choice,) = resp.choices
         conf = choice.model_extra["confidence"]
         assert choice.logprobs is None and choice.text
@@ -362,7 +366,7 @@ def test_merged_model_serves_verify_confidence_on_free_form_replies(
         assert 0.0 <= conf["score"] == conf["raw"] <= 1.0
         streamed = client.completions.create(
             model="merged", prompt="tell me about the sokiba", temperature=0, max_tokens=12,
-            stream=True)
+            extra_body={"min_tokens": 2}, stream=True)
         chunks = [c for c in streamed if c.choices]
         finals = [c.choices[0].model_extra.get("confidence") for c in chunks
                   if c.choices[0].finish_reason]
