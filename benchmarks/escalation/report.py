@@ -17,7 +17,7 @@ def plot(path: Path, rates: Sequence[float], curves: Mapping[str, Sequence[float
     import matplotlib.pyplot as plt
 
     styles = {"merged + calibrated": "-o", "aligned + raw": "-s", "random (merged)": "--",
-              "oracle (merged)": ":"}
+              "oracle (merged)": ":", "random": "--", "oracle": ":"}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs = [100 * r for r in rates]
     for name, ys in curves.items():

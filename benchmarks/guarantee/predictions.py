@@ -13,6 +13,7 @@ models' answers on held-out items, for the validity and power figures.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,29 +100,36 @@ def demo_tiers(digest: str | None = None) -> tuple[dict[str, Any], list[Tier]]:
             "splits": "calibrate + select + test (multiple choice)"}, tiers
 
 
-def real_tiers(rows: tuple[str, ...] = ("merge-calibrated", "aligned-calibrated")
-               ) -> tuple[dict[str, Any], list[Tier]] | None:
-    """The remedies table's served answers of `rows` (primary first), graded, or None."""
+def table_tiers(sources: Sequence[tuple[Path, str]], items_file: Path = WORLD_FACTS /
+                "short_test.jsonl") -> tuple[dict[str, Any], list[Tier]] | None:
+    """Served answers of `(table directory, row)` sources (primary first) on the items all of
+    them answered, graded `contains`; None when a source or the items are missing. Each table
+    is a `benchmarks.realworld.remedy_table` output directory (`rows/ROW/answers.jsonl`)."""
     from calibserve.calibration.grading import contains_answer
 
-    items_file = WORLD_FACTS / "short_test.jsonl"
-    if not items_file.is_file() or not all((REMEDY / "rows" / r / "answers.jsonl").is_file()
-                                           for r in rows):
+    files = [table / "rows" / row / "answers.jsonl" for table, row in sources]
+    if not items_file.is_file() or not all(f.is_file() for f in files):
         return None
     items = _jsonl(items_file)
-    tiers = []
-    answered: set[int] | None = None
-    per_row = {}
-    for row in rows:
-        answers = {int(a["i"]): a for a in _jsonl(REMEDY / "rows" / row / "answers.jsonl")}
-        per_row[row] = answers
-        answered = set(answers) if answered is None else answered & set(answers)
-    keep = sorted(answered or ())
-    for row in rows:
-        a = per_row[row]
-        tiers.append(Tier(
-            row, np.asarray([float(a[i]["confidence"]["score"]) for i in keep]),
-            np.asarray([contains_answer(str(a[i].get("reply") or ""), str(items[i]["answer"]),
-                                        items[i].get("aliases") or ()) for i in keep])))
-    return {"rows": list(rows), "items": len(keep), "file": str(items_file.relative_to(REPO)),
-            "grader": "contains"}, tiers
+    per_row = [{int(a["i"]): a for a in _jsonl(f)} for f in files]
+    keep = sorted(set.intersection(*(set(a) for a in per_row)))
+    tiers = [Tier(row, np.asarray([float(a[i]["confidence"]["score"]) for i in keep]),
+                  np.asarray([contains_answer(str(a[i].get("reply") or ""),
+                                              str(items[i]["answer"]),
+                                              items[i].get("aliases") or ()) for i in keep]))
+             for (_, row), a in zip(sources, per_row, strict=True)]
+    return {"rows": [f"{_shown(t)}:{r}" for t, r in sources], "items": len(keep),
+            "file": _shown(items_file), "grader": "contains"}, tiers
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def real_tiers(rows: tuple[str, ...] = ("merge-calibrated", "aligned-calibrated")
+               ) -> tuple[dict[str, Any], list[Tier]] | None:
+    """The Gemma remedies table's served answers of `rows` (primary first), graded, or None."""
+    return table_tiers([(REMEDY, r) for r in rows])

@@ -1,0 +1,171 @@
+"""A real primary escalating to a real, stronger expert (issue 29 item 5), not a timed test.
+
+    python -m benchmarks.guarantee.real_route [--primary TABLE:ROW] [--expert TABLE:ROW]
+
+Both models are served by calibserve and asked the same held-out short-answer questions of the
+world facts through the openai SDK (`benchmarks.realworld.remedy_table`; each row's
+`answers.jsonl` holds the reply and its served confidence). The defaults: SmolLM2-135M-Instruct
+with the calibrator fitted on the calibrate split (`benchmarks/realworld/smollm2_seed004.sh`)
+escalating to the Gemma 3 270M pair's merge with its own calibrator (`gemma_pair.sh`).
+
+1. The escalation curve: accuracy of the final answers against the escalation rate when the
+   primary's least confident answers go to the expert (the calibrated route), against random
+   escalation (its expectation) and the oracle (the primary's wrong answers that the expert gets
+   right go first): `escalation.png`.
+2. The guaranteed threshold (`calibration.certify_threshold`, alpha 0.2, delta 0.1) certified on
+   a seeded 2/3 calibrate part of the items: its realised error and coverage on the held-out
+   third, the escalation rate it implies and the route's accuracy there; and over `--splits`
+   random re-splits, how often the realised kept error exceeds alpha, for the primary alone and
+   for the two-tier cascade (`benchmarks.guarantee.floors.evaluate`).
+
+Writes OUT/results.json and OUT/escalation.png (default benchmarks/results/real_route) and
+prints the RESULTS.md lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.escalation.report import plot, table  # noqa: E402
+from benchmarks.guarantee.floors import evaluate, lines, machine  # noqa: E402
+from benchmarks.guarantee.predictions import Tier, table_tiers  # noqa: E402
+from calibserve.calibration.guarantee import certify_threshold  # noqa: E402
+
+REALWORLD = Path(os.environ.get("CALIBSERVE_HOME", REPO / ".calibserve")) / "realworld"
+RATES = tuple(round(0.05 * k, 2) for k in range(21))
+
+
+def route_accuracy(primary: Tier, expert: Tier, escalate: np.ndarray) -> float:
+    """Accuracy of the final answers when the items where `escalate` is true go to the expert."""
+    return float(np.where(escalate, expert.correct, primary.correct).mean())
+
+
+def _first(order: np.ndarray, k: int) -> np.ndarray:
+    chosen = np.zeros(order.size, bool)
+    chosen[order[:k]] = True
+    return chosen
+
+
+def curves(primary: Tier, expert: Tier, rates: tuple[float, ...] = RATES
+           ) -> dict[str, list[float]]:
+    """Accuracy at each escalation rate: the calibrated route (least confident first), random
+    escalation (exact expectation) and the oracle (primary wrong and expert right first, then
+    both wrong, then both right, then primary right and expert wrong)."""
+    n = primary.score.size
+    by_confidence = np.argsort(primary.score, kind="stable")
+    gain = expert.correct.astype(int) - primary.correct.astype(int)  # +1, 0 or -1
+    tier = np.where(gain > 0, 0, np.where(gain == 0, np.where(primary.correct, 2, 1), 3))
+    by_oracle = np.argsort(tier, kind="stable")
+    acc_p, acc_e = float(primary.correct.mean()), float(expert.correct.mean())
+    out: dict[str, list[float]] = {"calibrated route": [], "random": [], "oracle": []}
+    for rate in rates:
+        k = round(rate * n)
+        out["calibrated route"].append(route_accuracy(primary, expert, _first(by_confidence, k)))
+        out["random"].append(acc_p + (k / n) * (acc_e - acc_p))
+        out["oracle"].append(route_accuracy(primary, expert, _first(by_oracle, k)))
+    return out
+
+
+def guaranteed_route(primary: Tier, expert: Tier, alpha: float, delta: float, seed: int = 0
+                     ) -> dict[str, Any]:
+    """Certify the primary's threshold on a seeded 2/3 of the items; what it does on the rest."""
+    n = primary.score.size
+    perm = np.random.default_rng(seed).permutation(n)
+    cal, test = perm[: (2 * n) // 3], perm[(2 * n) // 3:]
+    cert = certify_threshold(primary.score[cal], primary.correct[cal], alpha, delta)
+    kept = primary.score[test] >= cert.threshold
+    errors = int((kept & ~primary.correct[test]).sum())
+    held_p = Tier(primary.name, primary.score[test], primary.correct[test])
+    held_e = Tier(expert.name, expert.score[test], expert.correct[test])
+    return {
+        "n_calibrate": int(cal.size), "n_test": int(test.size), "certified": cert.certified,
+        "threshold": cert.threshold, "bound": cert.bound, "calibrate_coverage": cert.coverage,
+        "test_kept": int(kept.sum()), "test_kept_errors": errors,
+        "test_kept_error": errors / int(kept.sum()) if kept.any() else None,
+        "test_escalation_rate": float(1 - kept.mean()),
+        "test_route_accuracy": route_accuracy(held_p, held_e, ~kept),
+        "test_primary_accuracy": float(held_p.correct.mean()),
+        "test_expert_accuracy": float(held_e.correct.mean()),
+    }
+
+
+def _source(text: str) -> tuple[Path, str]:
+    table, sep, row = text.rpartition(":")
+    if not sep or not table or not row:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TABLE_DIR:ROW")
+    return Path(table), row
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    g = r["guaranteed"]
+    kept_error = "n/a" if g["test_kept_error"] is None else f"{g['test_kept_error']:.3f}"
+    bound = "none" if g["bound"] is None else f"{g['bound']:.3f}"
+    out = [f"{r['machine']}, {r['date']}, {r['wall_seconds']} s; {r['items']} held-out items "
+           f"answered by both: primary `{r['rows'][0]}` accuracy {r['accuracy']['primary']:.3f}, "
+           f"expert `{r['rows'][1]}` {r['accuracy']['expert']:.3f}.", "",
+           table(RATES, r["curves"]), "",
+           f"Guaranteed threshold (alpha {r['alpha']:g}, delta {r['delta']:g}), certified on "
+           f"{g['n_calibrate']} items, {'certified' if g['certified'] else 'NOTHING certified'}: "
+           f"threshold {g['threshold']:.3f} (upper bound {bound}); on the {g['n_test']} held-out "
+           f"items it keeps {g['test_kept']} ({1 - g['test_escalation_rate']:.1%}) with realised "
+           f"error {kept_error}, escalates {g['test_escalation_rate']:.1%}, and the route is "
+           f"{g['test_route_accuracy']:.3f} accurate (primary alone "
+           f"{g['test_primary_accuracy']:.3f}, expert alone {g['test_expert_accuracy']:.3f}).", ""]
+    return out + lines("real primary -> real expert", r["resplits"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--primary", type=_source,
+                    default=(REALWORLD / "smollm2-table", "smollm2-calibrated"),
+                    help="TABLE_DIR:ROW of a remedy_table run (default: SmolLM2 + calibrator)")
+    ap.add_argument("--expert", type=_source,
+                    default=(REALWORLD / "remedy-table", "merge-calibrated"),
+                    help="TABLE_DIR:ROW (default: the Gemma pair's merge + its calibrator)")
+    ap.add_argument("--items", type=Path,
+                    default=REALWORLD / "data" / "world_facts" / "short_test.jsonl")
+    ap.add_argument("--splits", type=int, default=500)
+    ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--delta", type=float, default=0.1)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_route")
+    args = ap.parse_args(argv)
+    started = time.perf_counter()
+    loaded = table_tiers([args.primary, args.expert], args.items)
+    if loaded is None:
+        print(f"real_route: missing answers or items: {args.primary[0]}/rows/{args.primary[1]}, "
+              f"{args.expert[0]}/rows/{args.expert[1]} and {args.items} must all exist (run "
+              "benchmarks/realworld/gemma_pair.sh and smollm2_seed004.sh first)", file=sys.stderr)
+        return 2
+    where, (primary, expert) = loaded
+    result: dict[str, Any] = {
+        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **where, "alpha": args.alpha, "delta": args.delta,
+        "accuracy": {"primary": float(primary.correct.mean()),
+                     "expert": float(expert.correct.mean())},
+        "rates": list(RATES), "curves": curves(primary, expert),
+        "guaranteed": guaranteed_route(primary, expert, args.alpha, args.delta),
+        "resplits": evaluate([primary, expert], args.splits, args.alpha, args.delta),
+    }
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(args.out / "escalation.png", RATES, result["curves"], result["accuracy"]["expert"],
+         f"{primary.name} escalating to {expert.name}: {result['items']} held-out world facts")
+    print("\n".join(report_lines(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
