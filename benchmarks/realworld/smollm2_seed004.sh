@@ -15,9 +15,12 @@
 #    trains on, for the three checkpoints: realworld/smollm2-mc-check.json;
 # 4. the short-answer table through `calibserve serve` and the openai SDK on the held-out split
 #    (benchmarks.realworld.remedy_table with the rows of realworld/smollm2-rows.yaml): the model
-#    raw and with a calibrator fitted here, CFT and RCFT: realworld/smollm2-table/.
+#    raw and with a calibrator fitted here, CFT and RCFT: realworld/smollm2-table/; then
+#    benchmarks.guarantee.real_route: SmolLM2 (calibrated) escalating to the Gemma pair's
+#    calibrated merge, a real and stronger expert (when gemma_pair.sh has run).
 # DEVICE, TUNE_ARGS (extra `calibserve tune` options, e.g. "--max-steps 0" for a whole epoch on a
-# GPU) and TABLE_ARGS (e.g. "--limit 100") adjust it.
+# GPU) and TABLE_ARGS (default "--limit 600": the first 600 held-out items, as the Gemma table asks)
+# adjust it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -63,4 +66,11 @@ smollm2-rcft:
 EOF
 "$PY" -m benchmarks.realworld.remedy_table --realworld "$REALWORLD" \
   --config "$REALWORLD/smollm2-rows.yaml" --rows smollm2,smollm2-calibrated,smollm2-cft,smollm2-rcft \
-  --out "$REALWORLD/smollm2-table" ${TABLE_ARGS:-}
+  --out "$REALWORLD/smollm2-table" ${TABLE_ARGS:---limit 600}
+# SmolLM2 + its calibrator escalating to the Gemma pair's calibrated merge (issue 29 item 5).
+if [[ -f "$REALWORLD/remedy-table/rows/merge-calibrated/answers.jsonl" ]]; then
+  "$PY" -m benchmarks.guarantee.real_route --primary "$REALWORLD/smollm2-table:smollm2-calibrated" \
+    --expert "$REALWORLD/remedy-table:merge-calibrated" --items "$DATA/short_test.jsonl"
+else
+  echo "the Gemma pair's table is missing: run benchmarks/realworld/gemma_pair.sh for the route"
+fi
