@@ -48,7 +48,7 @@ scored by `no_letter` are graded by `answers.option_letter` against the gold let
 like the free-form methods (an always-wrong kind of reply gets Platt's smoothed constant, near 0).
 Fewer than `MIN_NO_LETTER` such replies: no map (served `calibrated: false`), with a note.
 
-This module composes server and merge, so it lives in cli/ (merge must not import server).
+This module composes server and merge, so it lives in fit/ (merge must not import server).
 """
 
 from __future__ import annotations
@@ -826,7 +826,7 @@ def calibrate_with_serving(
     guarantees: GuaranteeTargets = NO_GUARANTEES,
 ) -> CalibrationDocument:
     """`calibserve calibrate`: the option-letter method fitted on the multiple-choice items
-    (`merge.calibrate_checkpoint`), then, when `data_dir` has short-answer items
+    (`fit.multiple_choice.calibrate_checkpoint`), then, when `data_dir` has short-answer items
     (`merge.evaluate.SHORT_ANSWER_FILES`), the free-form methods through the serving path
     (`serve_and_fit`). `methods` None: the token statistics, `verify` (None: when the tokenizer
     has yes/no tokens; True: required; False: not) and `consistency` when asked for. The
@@ -836,7 +836,7 @@ def calibrate_with_serving(
     (`ServeFitError`, `--max-error`): before anything is written for the option-letter method,
     after the serving pass for the free-form one (the file written after the first stage is
     then removed)."""
-    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+    from calibserve.fit.multiple_choice import calibrate_checkpoint
     from calibserve.merge.evaluate import short_answer_split
 
     short_cal = short_answer_split(data_dir, "calibrate")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from calibserve.calibration import CalibrationDocument, ServedMethod
-from calibserve.serve_fit import ask_short_answers, calibrate_with_serving, method_raw
+from calibserve.fit.serve_fit import ask_short_answers, calibrate_with_serving, method_raw
 
 
 @pytest.mark.vllm
