@@ -20,15 +20,12 @@ from typing import Any
 from calibserve.calibration import CURRENT_VERSION, CalibrationDocument
 from calibserve.calibration.mc_prompt import format_mc_prompt
 from calibserve.calibration.methods import NO_LETTER
+from calibserve.fit.document import with_free_form
+from calibserve.fit.free_form import fit_free_form
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS
 from calibserve.fit.multiple_choice import calibrate_checkpoint
-from calibserve.fit.serve_fit import (
-    FREE_FORM_FIT_METHODS,
-    fit_free_form,
-    fit_no_letter,
-    mc_splits,
-    serve_passes,
-    with_free_form,
-)
+from calibserve.fit.no_letter import fit_no_letter, mc_splits
+from calibserve.fit.passes import serve_passes
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.evaluate import load_short_answers
 from calibserve.merge.pipeline import run_merge

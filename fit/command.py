@@ -6,7 +6,7 @@ has one): the server's default calibration probes (`calibserve serve --probe-rat
 The multiple-choice items fit the option-letter method (as merge does for the model it picks);
 short-answer items, when the data directory has any (`short_calibrate.jsonl` / `short_test.jsonl`,
 or short-answer lines mixed into `calibrate.jsonl` / `test.jsonl`), fit the free-form methods
-through the real serving path (`fit.serve_fit`): the token statistics, `verify` (one extra
+through the real serving path (`calibserve.fit`): the token statistics, `verify` (one extra
 prompt-only request per question; by default when the tokenizer has yes/no tokens, `--verify`
 requires them, `--no-verify` skips it) and, opt-in for its cost (k more generations per
 question), `consistency`. Errors the user can fix are one line that names the argument, exit
@@ -96,8 +96,9 @@ def calibrate(
     """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
     model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
     from calibserve.calibration.grading import load_grader
+    from calibserve.fit.errors import ServeFitError
     from calibserve.fit.multiple_choice import calibrate_checkpoint, check_inputs
-    from calibserve.fit.serve_fit import ServeFitError, calibrate_with_serving
+    from calibserve.fit.serve_fit import calibrate_with_serving
     from calibserve.merge.errors import MergeError
 
     if label_free or reference is not None:

@@ -21,7 +21,8 @@ from calibserve.demo_pipeline import (
     merge_demo,
     served_demo_model,
 )
-from calibserve.fit.serve_fit import FREE_FORM_FIT_METHODS, Reply, ServedPass
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS
+from calibserve.fit.passes import Reply, ServedPass
 from calibserve.merge.config import MergeConfig
 
 

@@ -11,23 +11,15 @@ import pytest
 
 from calibserve.calibration import CalibrationDocument, Scorer, ServedMethod, confidence_score
 from calibserve.calibration.answers import exact_match
-from calibserve.fit.serve_fit import (
-    FREE_FORM_FIT_METHODS,
-    MIN_NO_LETTER,
-    TOKEN_FIT_METHODS,
-    Reply,
-    ServeFitError,
-    checkpoint_verdict_ids,
-    checkpoint_verdict_tokens,
-    extra_request_notes,
-    fit_free_form,
-    fit_methods,
-    fit_no_letter,
-    load_grader,
-    method_raw,
-    with_free_form,
-    with_no_letter,
-)
+from calibserve.calibration.grading import load_grader
+from calibserve.fit.document import with_free_form, with_no_letter
+from calibserve.fit.errors import ServeFitError
+from calibserve.fit.free_form import fit_free_form
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS, TOKEN_FIT_METHODS, fit_methods
+from calibserve.fit.no_letter import MIN_NO_LETTER, fit_no_letter
+from calibserve.fit.passes import Reply, extra_request_notes
+from calibserve.fit.raw import method_raw
+from calibserve.fit.verdict import checkpoint_verdict_ids, checkpoint_verdict_tokens
 from calibserve.merge.errors import InvalidData
 from calibserve.merge.evaluate import load_short_answers, short_answer_split
 
