@@ -27,6 +27,9 @@ COPY merge ./merge
 COPY server ./server
 COPY routing ./routing
 COPY demo ./demo
+COPY fit ./fit
+COPY tune ./tune
+COPY testing ./testing
 
 # The image already holds a CUDA build of vLLM and torch; `.[gpu]` only asks for vllm>=0.11.
 # Constraining both to the installed versions makes the resolver keep them instead of pulling

@@ -109,7 +109,7 @@ class Prometheus:
 
 def offline_map(aligned: Path, data: Path) -> Any:
     """The temperature calibrator fitted offline on the aligned engine's calibrate split."""
-    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+    from calibserve.fit.multiple_choice import calibrate_checkpoint
 
     out = Path(tempfile.mkdtemp(prefix="drill-offline-")) / "calibration.json"
     doc = calibrate_checkpoint(aligned, data, out, "temperature")

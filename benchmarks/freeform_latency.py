@@ -206,7 +206,7 @@ def main() -> None:
 
     from calibserve.demo import build_world
     from calibserve.demo_pipeline import merge_demo
-    from calibserve.serve_fit import checkpoint_verdict_ids
+    from calibserve.fit.verdict import checkpoint_verdict_ids
 
     world = build_world()
     model_dir = args.model or merge_demo(world) / "model"

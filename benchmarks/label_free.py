@@ -12,7 +12,7 @@ with DACA's temperature fitted on the same calibrate prompts with no labels agai
 model (`calibserve calibrate --label-free --reference base`). The agreement-free variant (every
 item, the paper's naive alignment) is shown for comparison. Both models are scored as
 `calibserve calibrate` scores the option-letter method: transformers in this process, the aligned
-model's chat template for both (merge/label_free.py), not through vLLM.
+model's chat template for both (fit/label_free.py), not through vLLM.
 
 Floor (issue 27): DACA's held-out ECE at most 1.5x the labelled temperature's, and below raw.
 ECE is the 15-bin L1 ECE of `calibration.ece`; `expected ECE` measures against the demo's true
@@ -37,8 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.calibration import N_BINS, OptionTemperature, auroc, brier, ece, nll
 from calibserve.calibration.label_free import fit_daca
+from calibserve.fit.label_free import fit_split, load_unlabelled
 from calibserve.merge.evaluate import MCEvaluator, load_items
-from calibserve.merge.label_free import fit_split, load_unlabelled
 
 FLOOR_RATIO = 1.5
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from calibserve.calibrate import calibrate as calibrate_command
 from calibserve.calibration.document import PROBES_FILE
 from calibserve.certify import certify as certify_command
 from calibserve.demo.cli import app as demo_app
+from calibserve.fit.command import calibrate as calibrate_command
 from calibserve.merge.cli import merge_command
 from calibserve.server.cli import serve as serve_command
 from calibserve.tune.cli import tune as tune_command
@@ -27,7 +27,7 @@ app = typer.Typer(
 
 def _fit_written_model(model_dir: Path, data_dir: Path) -> None:
     """`merge --free-form`: the serving-path fit (imported when used: it starts an engine)."""
-    from calibserve.serve_fit import fit_written_model
+    from calibserve.fit.serve_fit import fit_written_model
 
     fit_written_model(model_dir, data_dir)
 

@@ -20,20 +20,17 @@ from typing import Any
 from calibserve.calibration import CURRENT_VERSION, CalibrationDocument
 from calibserve.calibration.mc_prompt import format_mc_prompt
 from calibserve.calibration.methods import NO_LETTER
-from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+from calibserve.fit.document import with_free_form
+from calibserve.fit.free_form import fit_free_form
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS
+from calibserve.fit.multiple_choice import calibrate_checkpoint
+from calibserve.fit.no_letter import fit_no_letter, mc_splits
+from calibserve.fit.passes import serve_passes
 from calibserve.merge.config import MergeConfig
 from calibserve.merge.evaluate import load_short_answers
 from calibserve.merge.pipeline import run_merge
 from calibserve.merge.sweep import file_identity, fingerprint
 from calibserve.publish import build_once, publish_dir, staging
-from calibserve.serve_fit import (
-    FREE_FORM_FIT_METHODS,
-    fit_free_form,
-    fit_no_letter,
-    mc_splits,
-    serve_passes,
-    with_free_form,
-)
 
 __all__ = [
     "DEMO_FREE_FORM_SETTINGS",
@@ -114,7 +111,7 @@ def calibrate_demo_expert(demo_dir: Path) -> Path:
 
 # How the served demo model's free-form methods are fitted (part of the cache key). Platt, not
 # `auto`: auto keeps the identity when the raw confidence is already within one standard error
-# of the best held-out ECE, and serve_fit serves an identity as `calibrated: false`; the demo
+# of the best held-out ECE, and the fit serves an identity as `calibrated: false`; the demo
 # is meant to show a calibrated free-form confidence (its held-out numbers are in the document).
 DEMO_FREE_FORM_SETTINGS: dict[str, Any] = {"calibrator": "platt", "max_tokens": 16,
                                            "temperature": 0.0}

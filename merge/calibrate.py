@@ -228,7 +228,7 @@ def calibration_json(
     The calibrator was fitted on multiple-choice items scored by `answer`, so it is `answer`'s
     alone (a chosen option temperature is `answer`'s `params.temperature`, the identity on
     top). Free-form replies are scored by `free_form` (default `mean`); `free_form_methods`
-    holds the free-form methods' own entries (fitted on short answers: `calibserve.serve_fit`);
+    holds the free-form methods' own entries (fitted on short answers: `calibserve.fit`);
     a free-form method without one has no calibrator (served with `calibrated: false`).
     """
     fit = FitMetrics(

@@ -5,7 +5,7 @@ written (still staged), fit the free-form confidence methods on the data directo
 short-answer items through the real serving path (a vLLM engine on the written checkpoint), so
 one command gives a model with both multiple-choice and free-form calibration. That step composes
 server and merge, so merge cannot import it: `merge_command(after_write)` builds the command with
-it (the `calibserve` app passes `calibserve.serve_fit.fit_written_model`).
+it (the `calibserve` app passes `calibserve.fit.serve_fit.fit_written_model`).
 
 `--free-form` is automatic by default: on when `--data` holds short-answer items in its calibrate
 split and an engine can run (this build has the serving path, and vLLM is installed), off

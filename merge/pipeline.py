@@ -51,7 +51,7 @@ __all__ = ["AfterWrite", "run_merge", "staging_dir", "Prepared", "prepare"]
 
 # A step run on the written (still staged) checkpoint before OUT is published: given the model
 # directory and the data directory, it rewrites the model's calibration.json (the free-form fit
-# through the serving path, which merge cannot import: cli/serve_fit.py provides it).
+# through the serving path, which merge cannot import: calibserve.fit provides it).
 AfterWrite = Callable[[Path, Path], None]
 
 

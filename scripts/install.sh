@@ -23,7 +23,7 @@ sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 
 deps_want=$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS
-files_want=$(find cli calibration merge server routing demo tune -name '*.py' -o -name py.typed \
+files_want=$(find cli calibration merge server routing demo tune fit testing -name '*.py' -o -name py.typed \
   | LC_ALL=C sort | sha256sum | cut -c1-16)
 deps_stamp="$VENV/.calibserve-installed"
 files_stamp="$VENV/.calibserve-files"

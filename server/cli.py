@@ -280,7 +280,7 @@ def serve(
     escalate_calibration: Annotated[list[Path] | None, typer.Option(
         "--escalate-calibration",
         help="calibration.json for the --escalate-to tier in the same position (default: "
-        "DIR/calibration.json if present; see `calibrate_checkpoint` in merge/)")] = None,
+        "DIR/calibration.json if present; see `calibrate_checkpoint` in fit/)")] = None,
     threshold: Annotated[str | None, typer.Option(
         help="escalate below this calibrated confidence, or 'auto' (from calibration.json), or "
         "'guaranteed' (the certified threshold for --max-error, from calibration.json)")

@@ -21,8 +21,9 @@ from calibserve.demo_pipeline import (
     merge_demo,
     served_demo_model,
 )
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS
+from calibserve.fit.passes import Reply, ServedPass
 from calibserve.merge.config import MergeConfig
-from calibserve.serve_fit import FREE_FORM_FIT_METHODS, Reply, ServedPass
 
 
 def _fake_world(root: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ["calibration", "merge", "server", "routing", "demo", "tune"]
+SUBPACKAGES = ["calibration", "merge", "server", "routing", "demo", "tune", "fit"]
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:

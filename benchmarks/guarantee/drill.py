@@ -55,7 +55,7 @@ def firing(prom: Prometheus) -> set[str]:
 
 def certified_document(model: Path, data: Path, alpha: float) -> Path:
     from calibserve.calibration.certified import GuaranteeTargets
-    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+    from calibserve.fit.multiple_choice import calibrate_checkpoint
 
     out = Path(tempfile.mkdtemp(prefix="guarantee-drill-")) / "calibration.json"
     calibrate_checkpoint(model, data, out, guarantees=GuaranteeTargets((alpha,), DELTA))

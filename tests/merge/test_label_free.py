@@ -1,5 +1,5 @@
 """`calibserve calibrate --label-free --reference BASE` and `calibserve merge --label-free`: the
-option-letter temperature fitted by DACA with no labels (merge/label_free.py)."""
+option-letter temperature fitted by DACA with no labels (fit/label_free.py)."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def smollm2_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     work = tmp_path_factory.mktemp("calibserve-smollm2")
     calibration = work / "calibration.json"
-    from calibserve.serve_fit import checkpoint_verdict_ids
+    from calibserve.fit.verdict import checkpoint_verdict_ids
 
     calibration.write_text(json.dumps(smoke_calibration(checkpoint_verdict_ids(smollm2_dir))))
     with calibserve_serve(smollm2_dir, "smollm2", calibration, work, max_model_len=256) as url:

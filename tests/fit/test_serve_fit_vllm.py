@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from calibserve.calibration import CalibrationDocument, ServedMethod
-from calibserve.serve_fit import ask_short_answers, calibrate_with_serving, method_raw
+from calibserve.fit.passes import ask_short_answers
+from calibserve.fit.raw import method_raw
+from calibserve.fit.serve_fit import calibrate_with_serving
 
 
 @pytest.mark.vllm

@@ -11,25 +11,17 @@ import pytest
 
 from calibserve.calibration import CalibrationDocument, Scorer, ServedMethod, confidence_score
 from calibserve.calibration.answers import exact_match
+from calibserve.calibration.grading import load_grader
+from calibserve.fit.document import with_free_form, with_no_letter
+from calibserve.fit.errors import ServeFitError
+from calibserve.fit.free_form import fit_free_form
+from calibserve.fit.methods import FREE_FORM_FIT_METHODS, TOKEN_FIT_METHODS, fit_methods
+from calibserve.fit.no_letter import MIN_NO_LETTER, fit_no_letter
+from calibserve.fit.passes import Reply, extra_request_notes
+from calibserve.fit.raw import method_raw
+from calibserve.fit.verdict import checkpoint_verdict_ids, checkpoint_verdict_tokens
 from calibserve.merge.errors import InvalidData
 from calibserve.merge.evaluate import load_short_answers, short_answer_split
-from calibserve.serve_fit import (
-    FREE_FORM_FIT_METHODS,
-    MIN_NO_LETTER,
-    TOKEN_FIT_METHODS,
-    Reply,
-    ServeFitError,
-    checkpoint_verdict_ids,
-    checkpoint_verdict_tokens,
-    extra_request_notes,
-    fit_free_form,
-    fit_methods,
-    fit_no_letter,
-    load_grader,
-    method_raw,
-    with_free_form,
-    with_no_letter,
-)
 
 
 def _write(path: Path, rows: list[object]) -> Path:
@@ -55,7 +47,7 @@ def test_short_answer_reader_and_splits(tmp_path: Path) -> None:
 
 
 def first_word_grader(reply: str, gold: str, aliases: list[str] | tuple[str, ...] = ()) -> bool:
-    """A user's own grader (for `--grader tests.test_serve_fit:first_word_grader`)."""
+    """A user's own grader (for `--grader tests.fit.test_serve_fit:first_word_grader`)."""
     return reply.split()[:1] == [gold]
 
 
@@ -63,7 +55,7 @@ def test_grader_default_and_pluggable() -> None:
     assert load_grader(None) is exact_match
     assert exact_match("The Gold.", "gold") and exact_match("golden", "gold", ["Golden"])
     assert not exact_match("", "gold")
-    custom = load_grader("tests.test_serve_fit:first_word_grader")
+    custom = load_grader("tests.fit.test_serve_fit:first_word_grader")
     assert custom("gold bar", "gold", []) and not exact_match("gold bar", "gold")
     for bad in ("nocolon", "calibserve.calibration.answers:nope"):
         with pytest.raises(ValueError):

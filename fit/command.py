@@ -6,14 +6,14 @@ has one): the server's default calibration probes (`calibserve serve --probe-rat
 The multiple-choice items fit the option-letter method (as merge does for the model it picks);
 short-answer items, when the data directory has any (`short_calibrate.jsonl` / `short_test.jsonl`,
 or short-answer lines mixed into `calibrate.jsonl` / `test.jsonl`), fit the free-form methods
-through the real serving path (`calibserve.serve_fit`): the token statistics, `verify` (one extra
+through the real serving path (`calibserve.fit`): the token statistics, `verify` (one extra
 prompt-only request per question; by default when the tokenizer has yes/no tokens, `--verify`
 requires them, `--no-verify` skips it) and, opt-in for its cost (k more generations per
 question), `consistency`. Errors the user can fix are one line that names the argument, exit
 status 2, nothing written.
 
 `--label-free --reference BASE` fits the option-letter method with no labels (DACA,
-calibration/label_free.py; merge/label_free.py): `--data` is any JSONL of multiple-choice
+calibration/label_free.py; fit/label_free.py): `--data` is any JSONL of multiple-choice
 questions (answers, if present, are ignored) or a directory whose calibrate.jsonl it is. The
 document records `fit.labels: "none"`, the agreement and the items fitted on, has no thresholds
 (they need labels), and its replies are served with `confidence.calibration: "label-free"`. The
@@ -95,9 +95,11 @@ def calibrate(
 ) -> None:
     """Fit calibration.json for one checkpoint (an escalation tier, say), as merge does for the
     model it picks; serve it with `--escalate-calibration FILE` or put it in the checkpoint."""
-    from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint, check_inputs
+    from calibserve.calibration.grading import load_grader
+    from calibserve.fit.errors import ServeFitError
+    from calibserve.fit.multiple_choice import calibrate_checkpoint, check_inputs
+    from calibserve.fit.serve_fit import calibrate_with_serving
     from calibserve.merge.errors import MergeError
-    from calibserve.serve_fit import ServeFitError, calibrate_with_serving, load_grader
 
     if label_free or reference is not None:
         if max_error:
@@ -185,10 +187,10 @@ def _calibrate_label_free(model: Path, data: Path, out: Path, reference: Path | 
                           label_free: bool, calibrator: CalibratorName,
                           target_accuracy: list[float] | None, overwrite: bool) -> None:
     """`calibrate --label-free --reference BASE`: the option temperature by DACA, no labels."""
+    from calibserve.fit.label_free import calibrate_label_free, check_label_free_inputs
     from calibserve.merge.calibrate import LABEL_FREE_NOTE
     from calibserve.merge.errors import MergeError
     from calibserve.merge.evaluate import short_answer_split
-    from calibserve.merge.label_free import calibrate_label_free, check_label_free_inputs
 
     if not label_free:
         _refuse("--reference", "only with --label-free (the labelled fit reads no reference)")

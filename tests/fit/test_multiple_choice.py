@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from calibserve.calibration import CalibrationDocument, OptionTemperature, Scorer
-from calibserve.merge.calibrate_checkpoint import calibrate_checkpoint
+from calibserve.fit.multiple_choice import calibrate_checkpoint
 from calibserve.merge.evaluate import MCEvaluator, load_items
 
 

@@ -6,7 +6,7 @@ multiple-choice prompts, and the model's temperature is fitted so that its optio
 matches the reference's on the items where both pick the same option.
 
 Both models are scored the way `calibserve calibrate` scores the option-letter method for a
-labelled fit (merge/calibrate_checkpoint.py): transformers in this process, each item asked as one
+labelled fit (fit/multiple_choice.py): transformers in this process, each item asked as one
 user message under the MODEL's tokenizer and chat template (`MCEvaluator`), the logprobs of every
 option-letter token read at the end of the generation prompt. The reference is scored with the
 same tokenizer and template, as merge scores the base at lambda 0 (a base checkpoint rarely has a
