@@ -59,6 +59,12 @@ Full run (all five targets, defaults; on 2 cores about 10-12 minutes, most of it
 Smoke run (seconds): `--only calibserve --warmup 20 --sequential 50 --step-seconds 0.3
 --concurrency 1,8 --skip-sustained`; `--skip-sweep` leaves the sweep out.
 
+Two calibserve builds side by side (a change against the commit before it):
+`base=$(benchmarks/baseline_build.sh COMMIT)`, then `--only calibserve --baseline-python
+$base/.venv/bin/python` adds the target `baseline` (that commit's calibserve in front of the same
+fake) to every phase, and the ratios line `baseline` reads as the peers' do. For CPU per request
+alone, in interleaved rounds (steadier on a shared machine), benchmarks/proxy_cpu.py.
+
 Known: Portkey's gateway 1.15.2 answers every streamed chat request here with a 500
 ("TypeError: immutable" in its updateHeaders, on Node 20), so its stream rows are all errors.
 """
@@ -432,7 +438,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     sw = results.get("sweep") or {}
     targets = results.get("targets", {})
     cs_seq = targets.get("calibserve")
-    peers = [p for p in PEERS if p in targets or p in sw]
+    peers = [p for p in (*PEERS, "baseline") if p in targets or p in sw]
     if cs_seq is not None and peers:
         lines.append("calibserve vs each peer (req/s: calibserve / peer, higher is better for "
                      "calibserve; CPU per request and added p50: peer / calibserve, likewise):")
@@ -627,10 +633,11 @@ def find_nginx() -> str:
 def start_targets(args: argparse.Namespace, wanted: set[str], ports: list[int], work: Path,
                   procs: list[subprocess.Popen[bytes]], log: Any) -> list[Target]:
     """Start the fake and every wanted target that is installed (appending each process to
-    `procs`, which the caller stops); the targets in order fake, calibserve, nginx, litellm,
-    portkey."""
+    `procs`, which the caller stops); the targets in order fake, calibserve, baseline (with
+    `--baseline-python`), nginx, litellm, portkey."""
     fake_port, cs_port, ll_port, pk_port = ports[:4]
     ng_port = ports[4] if len(ports) > 4 else pk_port + 1
+    bl_port = ports[5] if len(ports) > 5 else ng_port + 1
     fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
                   "--port", str(fake_port), "--stream-interval-ms",
                   str(args.stream_interval_ms)], work / "fake.log")
@@ -646,6 +653,15 @@ def start_targets(args: argparse.Namespace, wanted: set[str], ports: list[int], 
         procs.append(cs)
         wait_http(cs_port, "/health", 60, cs)
         targets.append(Target("calibserve", cs_port, pid=cs.pid))
+    if args.baseline_python:  # another build: its own venv, nothing of this checkout's path
+        bl = start([args.baseline_python, "-m", "calibserve.server", "serve", "--upstream",
+                    f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
+                    "--host", "127.0.0.1", "--port", str(bl_port), "--signing-key", "bench",
+                    "--log-level", "warning"], work / "baseline.log",
+                   env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        procs.append(bl)
+        wait_http(bl_port, "/health", 90, bl)
+        targets.append(Target("baseline", bl_port, pid=bl.pid))
     if "nginx" in wanted and Path(args.nginx).exists():
         ng = start_nginx(args.nginx, fake_port, ng_port, work)
         procs.append(ng)
@@ -680,7 +696,7 @@ def headline_ratios(targets: dict[str, Any]) -> dict[str, dict[str, float]]:
     peer's (the keys the earlier runs' JSON had), for each peer that ran."""
     cs_row = targets.get("calibserve")
     out: dict[str, dict[str, float]] = {}
-    for peer in PEERS:
+    for peer in (*PEERS, "baseline"):
         other = targets.get(peer)
         if not (cs_row and other):
             continue
@@ -705,8 +721,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(the fake, the baseline, always runs)")
     ap.add_argument("--warmup", type=int, default=3000, help="requests per target first "
                     "(Portkey's JIT needs about 3,000 before its latency settles)")
-    ap.add_argument("--ports", default="18320,18321,18322,18323,18324",
-                    help="fake,calibserve,litellm,portkey[,nginx]")
+    ap.add_argument("--ports", default="18320,18321,18322,18323,18324,18325",
+                    help="fake,calibserve,litellm,portkey[,nginx[,baseline]]")
+    ap.add_argument("--baseline-python", default=None,
+                    help="also run another calibserve build, target `baseline`, with this "
+                    "interpreter (its venv; benchmarks/baseline_build.sh COMMIT makes one): "
+                    "every phase measures both builds side by side")
     ap.add_argument("--sequential", type=int, default=2000)
     ap.add_argument("--step-seconds", type=float, default=4.0,
                     help="length of each closed-loop, sweep and open-loop step")
@@ -726,6 +746,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     ports = [int(p) for p in args.ports.split(",")]
     wanted = set(args.only.split(",")) if args.only else {"calibserve", *PEERS}
+    if args.baseline_python and not Path(args.baseline_python).exists():
+        raise SystemExit(f"--baseline-python: {args.baseline_python} does not exist")
     unknown = wanted - {"calibserve", "fake", *PEERS}
     if unknown:
         raise SystemExit(f"--only: unknown target(s) {sorted(unknown)}")
