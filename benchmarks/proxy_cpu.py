@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,10 +31,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
 
-from benchmarks.procstat import cpu_seconds  # noqa: E402
-from benchmarks.proxy_overhead import BODY, machine, start, stop, wait_http  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_seconds,
+    loadavg,
+    run_file,
+    stamp,
+    start_calibserve,
+    start_fake,
+    stop,
+    write_json,
+)
+from benchmarks.proxy_overhead import BODY  # noqa: E402
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
 CASES = (("json", 1), ("json", 16), ("stream", 1), ("stream", 16))
@@ -97,7 +106,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8, help="tokens per fake reply")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration.json for the served model (default: none)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="every round's rows and the medians (default: a new file in "
+                    "$CALIBSERVE_HOME/benchmarks/proxy_cpu/)")
     args = ap.parse_args()
     if args.calibration is not None and not args.calibration.is_file():
         ap.error(f"--calibration: no file {args.calibration}")
@@ -105,10 +116,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="proxy-cpu-"))
     procs = []
     try:
-        fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
-                      "--port", str(fake_port), "--tokens", str(args.tokens)], work / "fake.log")
-        procs.append(fake)
-        wait_http(fake_port, "/health", 20, fake)
+        procs.append(start_fake(fake_port, work / "fake.log", "--tokens", str(args.tokens)))
         targets: dict[str, tuple[int, Any]] = {}
         pythons = [("calibserve", sys.executable, cs_port)]
         if args.baseline_python:
@@ -122,17 +130,13 @@ def main() -> None:
                 "calibration": str(args.calibration.resolve())}]}))
             upstream = ["--config", str(config)]
         for name, python, port in pythons:
-            proc = start([python, "-m", "calibserve.server", "serve", *upstream,
-                          "--host", "127.0.0.1", "--port", str(port), "--signing-key", "bench",
-                          "--log-level", "warning"], work / f"{name}.log",
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            proc = start_calibserve(port, work / f"{name}.log", upstream, python=python)
             procs.append(proc)
-            wait_http(port, "/health", 60, proc)
             targets[name] = (port, proc)
-        results: dict[str, Any] = {"machine": machine(),
-                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                   "load_average_start": os.getloadavg(), "runs": []}
-        print(f"machine: {results['machine']}; load average {os.getloadavg()}", flush=True)
+        now = stamp()
+        results: dict[str, Any] = {"machine": now["machine"], "date": now["date"],
+                                   "load_average_start": now["load_average"], "runs": []}
+        print(f"machine: {now['machine']}; load average {now['load_average']}", flush=True)
         for port, _proc in targets.values():  # warm-up
             for kind, _conns in CASES:
                 raw = build_request("127.0.0.1", port, "/v1/chat/completions",
@@ -149,12 +153,11 @@ def main() -> None:
                     print(f"  {name:12s} {kind:6s} x{conns:<2d} {run['rps']:7.0f} req/s  CPU "
                           f"{run['cpu_ms_per_request']:.3f} ms/request{per_chunk}",
                           flush=True)
-        results["load_average_end"] = os.getloadavg()
+        results["load_average_end"] = loadavg()
         summary = medians(results["runs"], list(targets))
         results["median"] = summary
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+        out = args.json or run_file("proxy_cpu")
+        print(f"results: {write_json(out, results)}")
     finally:
         for p in reversed(procs):
             stop(p)

@@ -18,12 +18,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/escalation/run.py`
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, utc_now, vllm_server  # noqa: E402
 from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import (  # noqa: E402
     Answer,
@@ -72,19 +70,6 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     return demo_dir, model
 
 
-@contextmanager
-def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from calibserve.testing.vllm_process import VLLMProcess
-
-    proc = VLLMProcess(model_dir, name, log_dir)
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield proc.url
-    finally:
-        proc.stop()
-
-
 def load_items(demo_dir: Path, limit: int | None) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (demo_dir / "data" / "test.jsonl").open() if line.strip()]
     items = [r for r in rows if isinstance(r.get("choices"), list)]
@@ -104,17 +89,6 @@ def ece_of(conf: list[float], correct: list[bool]) -> float:
     return float(ece(np.asarray(conf), np.asarray(correct, dtype=float)))
 
 
-def machine() -> str:
-    """The CPU model and core count, for the run line."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, " \
-           f"{os.cpu_count()} shared cores"
-
-
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Run the passes (vLLM servers, calibserve) and return the raw per-item records."""
     demo_dir, merged_model = locate(args)
@@ -130,15 +104,15 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         bare = {"calibrator": None, "thresholds": [], "fit": None}
         uncalibrated = {name: m.model_copy(update=bare) for name, m in cal.methods.items()}
         cal.model_copy(update={"methods": uncalibrated}).write(raw_cal)
-        with vllm(demo_dir / "expert", "expert", tmpdir) as expert_url:
+        with vllm_server(demo_dir / "expert", "expert", tmpdir) as expert_url:
             expert = TierSpec("expert", expert_url, None)
-            with vllm(merged_model, "merged", tmpdir) as merged_url:
+            with vllm_server(merged_model, "merged", tmpdir) as merged_url:
                 merged = TierSpec("merged", merged_url, cal_path)
                 merged_ans = asyncio.run(one_pass(cls, merged, items, args.concurrency))
                 expert_ans = asyncio.run(one_pass(cls, expert, items, args.concurrency))
                 t20 = sweep.threshold_for_rate([a.score for a in merged_ans], 0.2)
                 live = asyncio.run(one_pass(cls, merged, items, args.concurrency, expert, t20))
-            with vllm(demo_dir / "aligned", "aligned", tmpdir) as aligned_url:
+            with vllm_server(demo_dir / "aligned", "aligned", tmpdir) as aligned_url:
                 aligned = TierSpec("aligned", aligned_url, raw_cal)
                 aligned_ans = asyncio.run(one_pass(cls, aligned, items, args.concurrency))
     manifest = demo_dir / "manifest.json"
@@ -150,7 +124,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         # Items about entities only the expert read about (demo world version 8 on).
         "long_tail": [bool(it.get("long_tail")) for it in items],
         "wall_seconds": time.perf_counter() - started,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "items": {"merged": [a.to_dict() for a in merged_ans],
                   "aligned": [a.to_dict() for a in aligned_ans],
                   "expert": [a.to_dict() for a in expert_ans],

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/freeform/run.py`
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, utc_now, vllm_server  # noqa: E402
 from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import LETTERS, mc_prompt  # noqa: E402
 from calibserve.calibration import CalibrationDocument, auroc, ece  # noqa: E402
@@ -89,19 +89,6 @@ def method_documents(served: Path, tmp: Path) -> dict[str, Path]:
         data["free_form"] = method
         out[method] = CalibrationDocument.from_dict(data).write(tmp / f"{method}.json")
     return out
-
-
-@contextmanager
-def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from calibserve.testing.vllm_process import VLLMProcess
-
-    proc = VLLMProcess(model_dir, name, log_dir)
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield proc.url
-    finally:
-        proc.stop()
 
 
 @contextmanager
@@ -158,8 +145,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="freeform-bench-") as tmp:
         tmpdir = Path(tmp)
         docs = method_documents(served, tmpdir)
-        with vllm(served, "served", tmpdir) as url, \
-                vllm(demo_dir / "expert", "expert", tmpdir) as expert_url:
+        with vllm_server(served, "served", tmpdir) as url, \
+                vllm_server(demo_dir / "expert", "expert", tmpdir) as expert_url:
             models = [{"name": f"ff-{m}", "upstreams": [url], "upstream_model": "served",
                        "calibration": str(p)} for m, p in docs.items()]
             models.append({"name": "expert", "upstreams": [expert_url],
@@ -182,9 +169,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     manifest = json.loads((demo_dir / "manifest.json").read_text())
     load = os.getloadavg()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "load_average": [round(x, 1) for x in load], "cpus": os.cpu_count(),
-        "machine": f"{platform.machine()}, vllm {_version('vllm')}, openai {_version('openai')}",
+        "machine": f"{machine()}, vllm {_version('vllm')}, openai {_version('openai')}",
         "wall_seconds": time.perf_counter() - started,
         "demo_dir": str(demo_dir), "demo_digest": manifest.get("digest"),
         "served_model": str(served), "free_form": doc.free_form,
