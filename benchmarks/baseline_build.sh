@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Another commit's calibserve beside this checkout, for side-by-side benchmarks
-# (proxy_overhead_ab.py, proxy_cpu.py --baseline-python):
+# (proxy_overhead.py --baseline-python, proxy_cpu.py --baseline-python):
 #
 #   benchmarks/baseline_build.sh COMMIT [DIR]   # prints DIR (default /tmp/calibserve-COMMIT)
 #

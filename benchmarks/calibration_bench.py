@@ -13,7 +13,6 @@ benchmarks/RESULTS.md (other sections are left untouched). Run:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import statistics
@@ -25,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cpu_model, mem_gib, utc_now  # noqa: E402
 from calibserve.calibration import N_BINS, CalibrationAccumulator, ece  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -45,21 +46,16 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, list[
 
 
 def machine() -> str:
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
-    except OSError:
-        pass
+    gib = mem_gib()
+    mem = "?" if gib is None else f"{gib:.0f} GiB"
     import torch
     import torchmetrics
 
     return (
-        f"{platform.machine()}, {os.cpu_count()} cores, {mem} RAM, {platform.system()}; "
+        f"{cpu_model()}, {os.cpu_count()} cores, {mem} RAM, {platform.system()}; "
         f"Python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), torchmetrics {torchmetrics.__version__}; "
-        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; machine shared with other jobs"
+        f"{utc_now()}; machine shared with other jobs"
     )
 
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,14 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import free_port  # noqa: E402
+
 READY_LINE = "calibserve is ready: "
 BLOCK_END = "  metrics: "  # the ready block's last line but the demo's report line
 ENGINE_MARKER = "vllm.entrypoints.openai.api_server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ConsoleRun:

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ import httpx
 import numpy as np
 import yaml
 
+from benchmarks.common import free_port, stamp, write_json
 from benchmarks.reliability.harness import InProcessServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +70,6 @@ class Prometheus:
     """A real Prometheus scraping calibserve with the production rules."""
 
     def __init__(self, target: str, work: Path) -> None:
-        from calibserve.testing.vllm_process import free_port
-
         config = {"global": {"scrape_interval": "5s", "evaluation_interval": "1m"},
                   "rule_files": [str(REPO / "deploy" / "prometheus" / "rules.yml")],
                   "scrape_configs": [{"job_name": "calibserve",
@@ -256,10 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       correct))
         result["gap_to_offline"] = result["live_ece_after_swap"] - \
             result["offline_ece_same_probes"]
-    result.update(date=datetime.now(UTC).isoformat(timespec="seconds"),
-                  machine=f"{platform.machine()}, {__import__('os').cpu_count()} cores")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(stamp())
+    write_json(RESULTS, result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -48,10 +48,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
 
-from benchmarks.procstat import cpu_seconds, descendants  # noqa: E402
-from benchmarks.proxy_overhead import machine, start, stop, wait_http  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_seconds,
+    descendants,
+    machine,
+    run_file,
+    start,
+    stop,
+    utc_now,
+    wait_http,
+    write_json,
+)
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
 PROMPT = "question : which colour is the sky ? A red B blue C green D black"
@@ -198,7 +208,9 @@ def main() -> None:
     ap.add_argument("--nice-ab", action="store_true",
                     help="each round twice: the engine as started, then every engine thread "
                     "at niceness 10 (the proxy first on shared cores): an A/B on one engine")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="every round's rows (default: a new file in "
+                    "$CALIBSERVE_HOME/benchmarks/engine_cost/)")
     args = ap.parse_args()
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -228,8 +240,7 @@ def main() -> None:
     proc = start([sys.executable, "-m", "calibserve.server", "serve", "--config", str(config),
                   "--log-level", "warning"], work / "calibserve.log",
                  env={**os.environ, "PYTHONPATH": str(REPO), **engine_env})
-    results: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                          time.gmtime()),
+    results: dict[str, Any] = {"machine": machine(), "date": utc_now(),
                                "model": str(model), "tokens": args.tokens,
                                "engine_args": args.engine_args, "engine_env": engine_env,
                                "runs": []}
@@ -318,9 +329,7 @@ def main() -> None:
             for k, v in per_round.items()))
     results["median_rps"] = summary
     results["median_round_ratio"] = round_summary
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    print(f"results: {write_json(args.json or run_file('engine_cost'), results)}")
 
 
 if __name__ == "__main__":

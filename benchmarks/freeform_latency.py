@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,8 +41,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
 
+from benchmarks.common import loadavg, machine, utc_now  # noqa: E402
 from benchmarks.reliability.harness import InProcessServer  # noqa: E402
 from calibserve.calibration import CalibrationDocument  # noqa: E402
 from calibserve.server.config import ServerSettings  # noqa: E402
@@ -232,11 +233,9 @@ def main() -> None:
                     "calibration": str(cal)}]})
             servers[method] = InProcessServer(settings)
         texts = prompts(world / "data", args.requests)
-        print(f"machine: {platform.machine()} {platform.processor() or ''} "
-              f"{platform.system()} {platform.release()}, {os.cpu_count()} cores (shared); "
-              f"python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}")
+        print(f"machine: {machine()} (shared); date {utc_now()}")
         print(f"requests: {len(texts)} per endpoint, sequential, max_tokens {args.max_tokens}, "
-              f"temperature 0; load average {os.getloadavg()[0]:.2f}; engine placement: "
+              f"temperature 0; load average {loadavg()[0]:.2f}; engine placement: "
               + ("vLLM's own" if args.vllm_placement else
                  f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']}")
               + f"; engine args: {args.engine_args or 'none'}")
@@ -262,7 +261,7 @@ def main() -> None:
         for line in httpx.get(f"{engine.url}/metrics").text.splitlines():
             if line.startswith(("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")):
                 print(line)
-        print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        print(f"load average at the end: {loadavg()[0]:.2f}")
     finally:
         for server in servers.values():
             server.stop()

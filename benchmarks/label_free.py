@@ -24,8 +24,6 @@ is missed.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,12 @@ from calibserve.calibration import N_BINS, OptionTemperature, auroc, brier, ece,
 from calibserve.calibration.label_free import fit_daca
 from calibserve.fit.label_free import fit_split, load_unlabelled
 from calibserve.merge.evaluate import MCEvaluator, load_items
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine, utc_now, write_json  # noqa: E402
 
 FLOOR_RATIO = 1.5
 
@@ -109,9 +113,9 @@ def run(base_dir: Path, aligned_dir: Path, data: Path, n_bins: int = N_BINS,
         "ratio_daca_to_labelled": ratios["test"], "ratios": ratios,
         "floor": {"rule": f"DACA ECE <= {FLOOR_RATIO} x labelled and < raw", "met": floor},
         "seconds": time.perf_counter() - t0,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"Python {platform.python_version()}, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
+        "date": utc_now(),
     }
 
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntest: DACA / labelled ECE = {result['ratio_daca_to_labelled']:.2f}; floor "
           f"({result['floor']['rule']}): {'met' if result['floor']['met'] else 'MISSED'}")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0 if result["floor"]["met"] else 1
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,11 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_model, loadavg, mem_gib, write_json  # noqa: E402
+
 WORK = REPO / "benchmarks" / ".work"
 MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
@@ -239,19 +243,11 @@ def bench_sweep_point(base: Path, aligned: Path, out: Path, points: int = 2) -> 
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cpus": os.cpu_count(), "platform": platform.platform()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
-        info["mem_GiB"] = round(int(mem) / 2**20, 1)
-        info["load_avg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+    import platform
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model(),
+            "mem_GiB": mem_gib(), "load_avg_at_start": loadavg()}
 
 
 def main() -> None:
@@ -261,7 +257,6 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep benchmarks/.work")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
     usage = shutil.disk_usage(REPO)
     if usage.free < 8 * 10**9:
         raise SystemExit(f"need 8 GB free under {REPO}, have {usage.free / 1e9:.1f} GB")
@@ -298,7 +293,7 @@ def main() -> None:
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

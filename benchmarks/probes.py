@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import re
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from benchmarks.common import stamp, write_json
 from benchmarks.reliability.harness import InProcessServer, metric_sum, scrape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,20 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         result["user_requests_counted"] = requests
     finally:
         srv.stop()
-    result.update(date=datetime.now(UTC).isoformat(timespec="seconds"),
-                  machine=f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-                  f"{_cores()} cores", python=platform.python_version())
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result.update(stamp())
+    write_json(RESULTS, result)
     console.print(f"wrote {RESULTS}")
     ok = (first is not None and first <= 120.0 and cost <= 0.05)
     return 0 if ok else 1
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -33,10 +31,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
 
-from benchmarks.procstat import cpu_seconds  # noqa: E402
-from benchmarks.proxy_overhead import BODY, machine, start, stop, wait_http  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_seconds,
+    loadavg,
+    run_file,
+    stamp,
+    start_calibserve,
+    start_fake,
+    stop,
+    write_json,
+)
+from benchmarks.proxy_overhead import BODY  # noqa: E402
 from benchmarks.rawhttp import Conn, build_request  # noqa: E402
 
 CASES = (("json", 1), ("json", 16), ("stream", 1), ("stream", 16))
@@ -62,36 +70,15 @@ async def load(port: int, raw: bytes, conns: int, n: int) -> tuple[int, int]:
     return per * conns, events
 
 
-def gc_stats(proc: Any, path: Path) -> dict[str, Any]:
-    """What gc_timer.py reports for `proc` now (it writes `path` on SIGUSR1)."""
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    proc.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_mtime_ns != before:
-            return dict(json.loads(path.read_text()))
-        time.sleep(0.01)
-    raise RuntimeError(f"no GC stats from pid {proc.pid} in {path}")
-
-
-def measure(port: int, proc: Any, kind: str, conns: int, requests: int,
-            gc_file: Path | None) -> dict[str, Any]:
-    """One load on one calibserve: its rate and CPU per request (and per SSE event), and with
-    `gc_file` (gc_timer.py's) the collector's time per request and resident memory."""
+def measure(port: int, proc: Any, kind: str, conns: int, requests: int) -> dict[str, Any]:
+    """One load on one calibserve: its rate and CPU per request (and per SSE event)."""
     raw = build_request("127.0.0.1", port, "/v1/chat/completions",
                         {**BODY, "stream": kind == "stream"})
-    g0 = gc_stats(proc, gc_file) if gc_file else None
     c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
     n, events = asyncio.run(load(port, raw, conns, requests))
     c1, t1 = cpu_seconds(proc.pid), time.perf_counter()
-    out: dict[str, Any] = {"requests": n, "rps": n / (t1 - t0),
-                           "cpu_ms_per_request": 1000 * (c1 - c0) / n,
-                           "cpu_ms_per_chunk": 1000 * (c1 - c0) / events if events else None}
-    if gc_file and g0 is not None:
-        g1 = gc_stats(proc, gc_file)
-        out["gc_ms_per_request"] = 1000 * (g1["gc_seconds"] - g0["gc_seconds"]) / n
-        out["rss_mib"] = g1["rss_kib"] / 1024
-    return out
+    return {"requests": n, "rps": n / (t1 - t0), "cpu_ms_per_request": 1000 * (c1 - c0) / n,
+            "cpu_ms_per_chunk": 1000 * (c1 - c0) / events if events else None}
 
 
 def medians(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, dict[str, float]]:
@@ -103,7 +90,6 @@ def medians(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, dict[st
                     and r["kind"] == kind and r["connections"] == conns]
             key = f"{name} {kind} x{conns}"
             fields = ["cpu_ms_per_request", "rps"]
-            fields += ["gc_ms_per_request"] if "gc_ms_per_request" in rows[0] else []
             fields += ["cpu_ms_per_chunk"] if kind == "stream" else []
             summary[key] = {f: statistics.median(r[f] for r in rows) for f in fields}
             print(f"{key:32s} " + "  ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
@@ -120,10 +106,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8, help="tokens per fake reply")
     ap.add_argument("--calibration", type=Path, default=None,
                     help="calibration.json for the served model (default: none)")
-    ap.add_argument("--gc", action="store_true",
-                    help="run each calibserve under benchmarks/gc_timer.py: also report the "
-                    "garbage collector's time per request and resident memory")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None,
+                    help="every round's rows and the medians (default: a new file in "
+                    "$CALIBSERVE_HOME/benchmarks/proxy_cpu/)")
     args = ap.parse_args()
     if args.calibration is not None and not args.calibration.is_file():
         ap.error(f"--calibration: no file {args.calibration}")
@@ -131,10 +116,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="proxy-cpu-"))
     procs = []
     try:
-        fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
-                      "--port", str(fake_port), "--tokens", str(args.tokens)], work / "fake.log")
-        procs.append(fake)
-        wait_http(fake_port, "/health", 20, fake)
+        procs.append(start_fake(fake_port, work / "fake.log", "--tokens", str(args.tokens)))
         targets: dict[str, tuple[int, Any]] = {}
         pythons = [("calibserve", sys.executable, cs_port)]
         if args.baseline_python:
@@ -148,19 +130,13 @@ def main() -> None:
                 "calibration": str(args.calibration.resolve())}]}))
             upstream = ["--config", str(config)]
         for name, python, port in pythons:
-            launcher = ([str(REPO / "benchmarks" / "gc_timer.py"), str(work / f"{name}.gc.json")]
-                        if args.gc else ["-m", "calibserve.server"])
-            proc = start([python, *launcher, "serve", *upstream,
-                          "--host", "127.0.0.1", "--port", str(port), "--signing-key", "bench",
-                          "--log-level", "warning"], work / f"{name}.log",
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+            proc = start_calibserve(port, work / f"{name}.log", upstream, python=python)
             procs.append(proc)
-            wait_http(port, "/health", 60, proc)
             targets[name] = (port, proc)
-        results: dict[str, Any] = {"machine": machine(),
-                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                   "load_average_start": os.getloadavg(), "runs": []}
-        print(f"machine: {results['machine']}; load average {os.getloadavg()}", flush=True)
+        now = stamp()
+        results: dict[str, Any] = {"machine": now["machine"], "date": now["date"],
+                                   "load_average_start": now["load_average"], "runs": []}
+        print(f"machine: {now['machine']}; load average {now['load_average']}", flush=True)
         for port, _proc in targets.values():  # warm-up
             for kind, _conns in CASES:
                 raw = build_request("127.0.0.1", port, "/v1/chat/completions",
@@ -169,23 +145,19 @@ def main() -> None:
         for rnd in range(args.rounds):
             for kind, conns in CASES:
                 for name, (port, proc) in targets.items():
-                    stats = work / f"{name}.gc.json" if args.gc else None
                     run = {"target": name, "kind": kind, "connections": conns, "round": rnd,
-                           **measure(port, proc, kind, conns, args.requests, stats)}
+                           **measure(port, proc, kind, conns, args.requests)}
                     results["runs"].append(run)
                     per_chunk = (f", {run['cpu_ms_per_chunk']:.3f} ms/chunk"
                                  if kind == "stream" else "")
-                    gc_part = (f", GC {run['gc_ms_per_request']:.3f} ms/request, RSS "
-                               f"{run['rss_mib']:.1f} MiB" if stats else "")
                     print(f"  {name:12s} {kind:6s} x{conns:<2d} {run['rps']:7.0f} req/s  CPU "
-                          f"{run['cpu_ms_per_request']:.3f} ms/request{per_chunk}{gc_part}",
+                          f"{run['cpu_ms_per_request']:.3f} ms/request{per_chunk}",
                           flush=True)
-        results["load_average_end"] = os.getloadavg()
+        results["load_average_end"] = loadavg()
         summary = medians(results["runs"], list(targets))
         results["median"] = summary
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+        out = args.json or run_file("proxy_cpu")
+        print(f"results: {write_json(out, results)}")
     finally:
         for p in reversed(procs):
             stop(p)

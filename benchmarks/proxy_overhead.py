@@ -59,6 +59,12 @@ Full run (all five targets, defaults; on 2 cores about 10-12 minutes, most of it
 Smoke run (seconds): `--only calibserve --warmup 20 --sequential 50 --step-seconds 0.3
 --concurrency 1,8 --skip-sustained`; `--skip-sweep` leaves the sweep out.
 
+Two calibserve builds side by side (a change against the commit before it):
+`base=$(benchmarks/baseline_build.sh COMMIT)`, then `--only calibserve --baseline-python
+$base/.venv/bin/python` adds the target `baseline` (that commit's calibserve in front of the same
+fake) to every phase, and the ratios line `baseline` reads as the peers' do. For CPU per request
+alone, in interleaved rounds (steadier on a shared machine), benchmarks/proxy_cpu.py.
+
 Known: Portkey's gateway 1.15.2 answers every streamed chat request here with a 500
 ("TypeError: immutable" in its updateHeaders, on Node 20), so its stream rows are all errors.
 """
@@ -69,9 +75,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -82,6 +86,24 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (  # noqa: E402
+    machine,
+    pct,
+    start,
+    start_calibserve,
+    start_fake,
+    stop,
+    tree_cpu,
+    utc_now,
+    wait_http,
+    wait_tcp,
+    write_json,
+)
+from benchmarks.rawhttp import Conn, Streamed, build_request  # noqa: E402
+
 BODY = {
     "model": "fake-model",
     "messages": [{"role": "user", "content": "question : which colour is the sky ? A red "
@@ -92,14 +114,6 @@ BODY = {
 STREAM_BODY = {**BODY, "stream": True}
 PEERS = ("nginx", "litellm", "portkey")  # besides the fake (the baseline) and calibserve
 SWEEP_CONCURRENCY = (1, 8, 64, 256)
-
-
-try:
-    from benchmarks.procstat import tree_cpu
-    from benchmarks.rawhttp import Conn, Streamed, build_request
-except ModuleNotFoundError:  # run as a script: benchmarks/ itself is sys.path[0]
-    from procstat import tree_cpu  # type: ignore[no-redef,import-not-found]
-    from rawhttp import Conn, Streamed, build_request  # type: ignore[no-redef,import-not-found]
 
 
 @dataclass
@@ -298,7 +312,7 @@ async def closed_loop(target: Target, conns: int, seconds: float) -> tuple[int, 
     return done, wall
 
 
-# -- the concurrency sweep ----------------------------------------------------------------------
+# -- the concurrency sweep ------------------------------------------------------------------------
 
 def _pct_ms(values: list[float], q: float) -> float | None:
     return 1000 * pct(values, q) if values else None
@@ -432,7 +446,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     sw = results.get("sweep") or {}
     targets = results.get("targets", {})
     cs_seq = targets.get("calibserve")
-    peers = [p for p in PEERS if p in targets or p in sw]
+    peers = [p for p in (*PEERS, "baseline") if p in targets or p in sw]
     if cs_seq is not None and peers:
         lines.append("calibserve vs each peer (req/s: calibserve / peer, higher is better for "
                      "calibserve; CPU per request and added p50: peer / calibserve, likewise):")
@@ -476,74 +490,7 @@ def _fmt(r: dict[str, Any]) -> str:
             f"p50 {p50} ms p99 {p99} ms {'OK' if held(r) else 'FAIL'}")
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-# -- processes ----------------------------------------------------------------------------------
-
-def wait_http(port: int, path: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process on port {port} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"nothing healthy on port {port} after {timeout}s")
-
-
-def wait_tcp(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-    """Until something accepts connections on `port` (servers with no health route)."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process on port {port} exited with {proc.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout}s")
-
-
-def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
-          ) -> subprocess.Popen[bytes]:
-    log = log_path.open("wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
-
+# -- peers ----------------------------------------------------------------------------------------
 
 def start_litellm(binary: str, fake_port: int, port: int, work: Path) -> subprocess.Popen[bytes]:
     """LiteLLM's proxy as its production docs recommend, minus what needs a database."""
@@ -627,25 +574,25 @@ def find_nginx() -> str:
 def start_targets(args: argparse.Namespace, wanted: set[str], ports: list[int], work: Path,
                   procs: list[subprocess.Popen[bytes]], log: Any) -> list[Target]:
     """Start the fake and every wanted target that is installed (appending each process to
-    `procs`, which the caller stops); the targets in order fake, calibserve, nginx, litellm,
-    portkey."""
+    `procs`, which the caller stops); the targets in order fake, calibserve, baseline (with
+    `--baseline-python`), nginx, litellm, portkey."""
     fake_port, cs_port, ll_port, pk_port = ports[:4]
     ng_port = ports[4] if len(ports) > 4 else pk_port + 1
-    fake = start([sys.executable, "-m", "calibserve.testing.openai_upstream",
-                  "--port", str(fake_port), "--stream-interval-ms",
-                  str(args.stream_interval_ms)], work / "fake.log")
+    bl_port = ports[5] if len(ports) > 5 else ng_port + 1
+    fake = start_fake(fake_port, work / "fake.log",
+                      "--stream-interval-ms", str(args.stream_interval_ms))
     procs.append(fake)
-    wait_http(fake_port, "/health", 20, fake)
     targets = [Target("fake", fake_port, pid=fake.pid)]
+    upstream = ["--upstream", f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model"]
     if "calibserve" in wanted:
-        cs = start([sys.executable, "-m", "calibserve.server", "serve", "--upstream",
-                    f"http://127.0.0.1:{fake_port}", "--served-model-name", "fake-model",
-                    "--host", "127.0.0.1", "--port", str(cs_port), "--signing-key", "bench",
-                    "--log-level", "warning"], work / "calibserve.log",
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        cs = start_calibserve(cs_port, work / "calibserve.log", upstream)
         procs.append(cs)
-        wait_http(cs_port, "/health", 60, cs)
         targets.append(Target("calibserve", cs_port, pid=cs.pid))
+    if args.baseline_python:  # another build, from its own venv
+        bl = start_calibserve(bl_port, work / "baseline.log", upstream,
+                              python=args.baseline_python, timeout=90)
+        procs.append(bl)
+        targets.append(Target("baseline", bl_port, pid=bl.pid))
     if "nginx" in wanted and Path(args.nginx).exists():
         ng = start_nginx(args.nginx, fake_port, ng_port, work)
         procs.append(ng)
@@ -680,7 +627,7 @@ def headline_ratios(targets: dict[str, Any]) -> dict[str, dict[str, float]]:
     peer's (the keys the earlier runs' JSON had), for each peer that ran."""
     cs_row = targets.get("calibserve")
     out: dict[str, dict[str, float]] = {}
-    for peer in PEERS:
+    for peer in (*PEERS, "baseline"):
         other = targets.get(peer)
         if not (cs_row and other):
             continue
@@ -705,8 +652,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(the fake, the baseline, always runs)")
     ap.add_argument("--warmup", type=int, default=3000, help="requests per target first "
                     "(Portkey's JIT needs about 3,000 before its latency settles)")
-    ap.add_argument("--ports", default="18320,18321,18322,18323,18324",
-                    help="fake,calibserve,litellm,portkey[,nginx]")
+    ap.add_argument("--ports", default="18320,18321,18322,18323,18324,18325",
+                    help="fake,calibserve,litellm,portkey[,nginx[,baseline]]")
+    ap.add_argument("--baseline-python", default=None,
+                    help="also run another calibserve build, target `baseline`, with this "
+                    "interpreter (its venv; benchmarks/baseline_build.sh COMMIT makes one): "
+                    "every phase measures both builds side by side")
     ap.add_argument("--sequential", type=int, default=2000)
     ap.add_argument("--step-seconds", type=float, default=4.0,
                     help="length of each closed-loop, sweep and open-loop step")
@@ -726,6 +677,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     ports = [int(p) for p in args.ports.split(",")]
     wanted = set(args.only.split(",")) if args.only else {"calibserve", *PEERS}
+    if args.baseline_python and not Path(args.baseline_python).exists():
+        raise SystemExit(f"--baseline-python: {args.baseline_python} does not exist")
     unknown = wanted - {"calibserve", "fake", *PEERS}
     if unknown:
         raise SystemExit(f"--only: unknown target(s) {sorted(unknown)}")
@@ -739,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         targets = start_targets(args, wanted, ports, work, procs, log)
         results: dict[str, Any] = {
-            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(), "date": utc_now(),
             "load_average_start": os.getloadavg(), "settings": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "targets": {}}
@@ -793,8 +746,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for line in summary_table(results):
             log(line)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+            write_json(args.json, results)
             log(f"results: {args.json}")
         return results
     finally:

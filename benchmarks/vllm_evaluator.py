@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a file: benchmarks/ itself is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import loadavg, machine, utc_now, write_json  # noqa: E402
+
 WORK = REPO / ".calibserve" / "bench" / "vllm_evaluator"
 REAL = REPO / ".calibserve" / "realworld"
 
@@ -171,9 +175,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "pair": args.pair, "grid": args.grid, "max_items": args.max_items, "dtype": args.dtype,
         "device": args.device, "select": args.select, "grader": args.grader, "tp": args.tp,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average_at_start": os.getloadavg()[0],
+        "machine": machine(), "date": utc_now(), "load_average_at_start": loadavg()[0],
     }
     runs: dict[str, Path] = {}
     for evaluator in ("transformers", "vllm"):
@@ -190,7 +192,7 @@ def main() -> None:
         result["served"] = served(runs["vllm"], args.pair, args.max_items)
         print(json.dumps(result["served"]))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from calibserve.server.openai_schema import FeedbackRequest, FeedbackResponse
 def replay_key(response_id: str, choice: int) -> bytes:
     """16 bytes naming (id, choice) in the replay memory: a full id is ~175 characters, and a
     full guard (200,000 entries by default) then holds ~24 MiB instead of ~56 MiB
-    (benchmarks/replay_memory.py)."""
+    (benchmarks/RESULTS.md, "Replay memory"; the script: benchmarks/replay_memory.py at
+    1c35067)."""
     return hashlib.blake2b(f"{response_id}#{choice}".encode(), digest_size=16).digest()
 
 

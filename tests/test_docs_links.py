@@ -10,8 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = sorted(
-    [REPO / "README.md", REPO / "benchmarks" / "RESULTS.md", REPO / "benchmarks" / "realworld"
-     / "README.md", REPO / "demo" / "README.md", REPO / "routing" / "README.md",
+    [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "benchmarks" / "RESULTS.md",
+     REPO / "benchmarks" / "realworld" / "README.md", REPO / "demo" / "README.md",
+     REPO / "routing" / "README.md",
      *(REPO / "docs").glob("*.md")]
 )
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")

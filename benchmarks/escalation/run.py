@@ -10,6 +10,11 @@ confidence does). Curves: (a) merged model + calibrated confidence, (b) aligned 
 confidence, (c) random escalation (of the merged model), plus the oracle as a bound. A live
 check then runs the real escalation route at the 20% threshold and compares it with the sweep.
 At most two vLLM servers run at a time (expert + one primary).
+
+The per-item records are an intermediate: `--raw` (default
+`$CALIBSERVE_HOME/benchmarks/escalation/results.json`, not committed; `--report-only` re-renders
+from it). What is committed beside this script: `summary.json` (curves, summary lines, the
+merged model's served ECE that benchmarks/freeform compares with) and `escalation.png`.
 """
 
 from __future__ import annotations
@@ -18,12 +23,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/escalation/run.py`
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, run_dir, utc_now, vllm_server, write_json  # noqa: E402
 from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import (  # noqa: E402
     Answer,
@@ -72,19 +75,6 @@ def locate(args: argparse.Namespace) -> tuple[Path, Path]:
     return demo_dir, model
 
 
-@contextmanager
-def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from calibserve.testing.vllm_process import VLLMProcess
-
-    proc = VLLMProcess(model_dir, name, log_dir)
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield proc.url
-    finally:
-        proc.stop()
-
-
 def load_items(demo_dir: Path, limit: int | None) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (demo_dir / "data" / "test.jsonl").open() if line.strip()]
     items = [r for r in rows if isinstance(r.get("choices"), list)]
@@ -104,17 +94,6 @@ def ece_of(conf: list[float], correct: list[bool]) -> float:
     return float(ece(np.asarray(conf), np.asarray(correct, dtype=float)))
 
 
-def machine() -> str:
-    """The CPU model and core count, for the run line."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, " \
-           f"{os.cpu_count()} shared cores"
-
-
 def collect(args: argparse.Namespace) -> dict[str, Any]:
     """Run the passes (vLLM servers, calibserve) and return the raw per-item records."""
     demo_dir, merged_model = locate(args)
@@ -130,15 +109,15 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         bare = {"calibrator": None, "thresholds": [], "fit": None}
         uncalibrated = {name: m.model_copy(update=bare) for name, m in cal.methods.items()}
         cal.model_copy(update={"methods": uncalibrated}).write(raw_cal)
-        with vllm(demo_dir / "expert", "expert", tmpdir) as expert_url:
+        with vllm_server(demo_dir / "expert", "expert", tmpdir) as expert_url:
             expert = TierSpec("expert", expert_url, None)
-            with vllm(merged_model, "merged", tmpdir) as merged_url:
+            with vllm_server(merged_model, "merged", tmpdir) as merged_url:
                 merged = TierSpec("merged", merged_url, cal_path)
                 merged_ans = asyncio.run(one_pass(cls, merged, items, args.concurrency))
                 expert_ans = asyncio.run(one_pass(cls, expert, items, args.concurrency))
                 t20 = sweep.threshold_for_rate([a.score for a in merged_ans], 0.2)
                 live = asyncio.run(one_pass(cls, merged, items, args.concurrency, expert, t20))
-            with vllm(demo_dir / "aligned", "aligned", tmpdir) as aligned_url:
+            with vllm_server(demo_dir / "aligned", "aligned", tmpdir) as aligned_url:
                 aligned = TierSpec("aligned", aligned_url, raw_cal)
                 aligned_ans = asyncio.run(one_pass(cls, aligned, items, args.concurrency))
     manifest = demo_dir / "manifest.json"
@@ -150,7 +129,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
         # Items about entities only the expert read about (demo world version 8 on).
         "long_tail": [bool(it.get("long_tail")) for it in items],
         "wall_seconds": time.perf_counter() - started,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "items": {"merged": [a.to_dict() for a in merged_ans],
                   "aligned": [a.to_dict() for a in aligned_ans],
                   "expert": [a.to_dict() for a in expert_ans],
@@ -182,8 +161,13 @@ def _long_tail_lines(tail: list[bool] | None, run_m: sweep.Pass, run_a: sweep.Pa
     }
 
 
+# What summary.json keeps of the raw records (the rest is per item).
+RUN_KEYS = ("via", "demo_dir", "demo_digest", "merged_model", "threshold_20", "machine",
+            "wall_seconds", "date")
+
+
 def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
-    """Curves, plot, results.json and the RESULTS.md section from the per-item records."""
+    """Curves, plot, summary.json and the RESULTS.md section from the per-item records."""
     recs = raw["items"]
     merged_ans, aligned_ans = recs["merged"], recs["aligned"]
     expert_ok = [a["correct"] for a in recs["expert"]]
@@ -273,8 +257,10 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
     png = out / "escalation.png"
     report.plot(png, RATES, curves, float(np.mean(expert_ok)),
                 f"demo test split, n={run_m.n}: accuracy vs escalation rate")
-    (out / "results.json").write_text(json.dumps(
-        {**raw, "rates": RATES, "curves": curves, "summary": summary}, indent=1))
+    merged_ece = ece_of([a["score"] for a in merged_ans], run_m.primary_correct.tolist())
+    write_json(out / "summary.json", {
+        **{k: raw.get(k) for k in RUN_KEYS}, "items": run_m.n, "merged_served_ece": merged_ece,
+        "rates": RATES, "curves": curves, "summary": summary}, indent=1)
     rel_png = os.path.relpath(png, results_md.parent)
     body = (
         "Escalation benchmark (`python -m benchmarks.escalation.run`, issue 6): accuracy of the\n"
@@ -284,8 +270,10 @@ def render(raw: dict[str, Any], out: Path, results_md: Path) -> str:
         "items (what a threshold between the k-th and (k+1)-th confidence does; ties broken at\n"
         "random, in expectation). Random escalation is its exact expectation; the oracle\n"
         "escalates exactly the items the expert fixes. A live run of the real escalation route\n"
-        "at the 20% threshold checks the offline sweep. Raw records:\n"
-        "`benchmarks/escalation/results.json` (re-render with `--report-only`).\n\n"
+        "at the 20% threshold checks the offline sweep. Curves and summary:\n"
+        "`benchmarks/escalation/summary.json`; per-item records (not committed):\n"
+        "`$CALIBSERVE_HOME/benchmarks/escalation/results.json` (re-render with\n"
+        "`--report-only`).\n\n"
         + report.summary_lines(summary)
         + ("\n\n" + "\n".join(f"- Note: {n}" for n in notes) if notes else "")
         + "\n\n" + report.table(RATES, curves)
@@ -300,13 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N test items only")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--router", action="store_true", help="use routing.Router, not the server")
-    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--out", type=Path, default=HERE, help="summary.json and escalation.png")
+    ap.add_argument("--raw", type=Path, default=None,
+                    help="the per-item records (default "
+                    "$CALIBSERVE_HOME/benchmarks/escalation/results.json)")
     ap.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     ap.add_argument("--report-only", action="store_true",
-                    help="re-render from OUT/results.json without running anything")
+                    help="re-render from RAW without running anything")
     args = ap.parse_args(argv)
-    results = args.out / "results.json"
-    raw = json.loads(results.read_text()) if args.report_only else collect(args)
+    raw_path = args.raw or run_dir("escalation") / "results.json"
+    if args.report_only:
+        raw = json.loads(raw_path.read_text())
+    else:
+        raw = collect(args)
+        print(f"per-item records: {write_json(raw_path, raw, indent=1)}")
     print(render(raw, args.out, args.results_md))
     return 0
 

@@ -15,10 +15,12 @@ calibrated confidence, AUROC right vs wrong, and latency added over `mean` (pair
 escalation curve on free-form traffic escalates the least confident replies of the default
 method to the expert (calibrated route vs random, offline sweep as in benchmarks/escalation).
 The multiple-choice `test.jsonl` goes to the default model too: its served ECE is compared with
-what `benchmarks/escalation` measured on the same build (its results.json).
+what `benchmarks/escalation` measured on the same build (its summary.json).
 
-Writes `benchmarks/freeform/{results.json,escalation.png}` and the `## free-form confidence`
-section of benchmarks/RESULTS.md; exits 1 when a floor is missed.
+Writes the per-reply records to `--raw` (default `$CALIBSERVE_HOME/benchmarks/freeform/
+results.json`, not committed; `--report-only` re-renders from it), `benchmarks/freeform/
+{summary.json,escalation.png}` and the `## free-form confidence` section of
+benchmarks/RESULTS.md; exits 1 when a floor is missed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ if str(REPO) not in sys.path:  # allow `python benchmarks/freeform/run.py`
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, run_dir, utc_now, vllm_server, write_json  # noqa: E402
 from benchmarks.escalation import report, sweep  # noqa: E402
 from benchmarks.escalation.ask import LETTERS, mc_prompt  # noqa: E402
 from calibserve.calibration import CalibrationDocument, auroc, ece  # noqa: E402
@@ -89,19 +91,6 @@ def method_documents(served: Path, tmp: Path) -> dict[str, Path]:
         data["free_form"] = method
         out[method] = CalibrationDocument.from_dict(data).write(tmp / f"{method}.json")
     return out
-
-
-@contextmanager
-def vllm(model_dir: Path, name: str, log_dir: Path) -> Iterator[str]:
-    from calibserve.testing.vllm_process import VLLMProcess
-
-    proc = VLLMProcess(model_dir, name, log_dir)
-    proc.start()
-    try:
-        proc.wait_ready()
-        yield proc.url
-    finally:
-        proc.stop()
 
 
 @contextmanager
@@ -158,8 +147,8 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="freeform-bench-") as tmp:
         tmpdir = Path(tmp)
         docs = method_documents(served, tmpdir)
-        with vllm(served, "served", tmpdir) as url, \
-                vllm(demo_dir / "expert", "expert", tmpdir) as expert_url:
+        with vllm_server(served, "served", tmpdir) as url, \
+                vllm_server(demo_dir / "expert", "expert", tmpdir) as expert_url:
             models = [{"name": f"ff-{m}", "upstreams": [url], "upstream_model": "served",
                        "calibration": str(p)} for m, p in docs.items()]
             models.append({"name": "expert", "upstreams": [expert_url],
@@ -182,9 +171,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     manifest = json.loads((demo_dir / "manifest.json").read_text())
     load = os.getloadavg()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "load_average": [round(x, 1) for x in load], "cpus": os.cpu_count(),
-        "machine": f"{platform.machine()}, vllm {_version('vllm')}, openai {_version('openai')}",
+        "machine": f"{machine()}, vllm {_version('vllm')}, openai {_version('openai')}",
         "wall_seconds": time.perf_counter() - started,
         "demo_dir": str(demo_dir), "demo_digest": manifest.get("digest"),
         "served_model": str(served), "free_form": doc.free_form,
@@ -255,15 +244,23 @@ def method_rows(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def escalation_mc_ece(path: Path, digest: str | None) -> float | None:
-    """The merged model's served MC ECE that benchmarks/escalation measured on this build."""
+    """The merged model's served MC ECE that benchmarks/escalation measured on this build, from
+    its summary.json (or from its per-item records)."""
     if not path.is_file():
         return None
     esc = json.loads(path.read_text())
     if esc.get("demo_digest") != digest:
         return None
+    if "merged_served_ece" in esc:
+        return float(esc["merged_served_ece"])
     merged = esc["items"]["merged"]
     return ece(np.asarray([a["score"] for a in merged]),
                np.asarray([a["correct"] for a in merged], dtype=float))
+
+
+# What summary.json keeps of the raw records (the rest is per reply).
+RUN_KEYS = ("date", "load_average", "cpus", "machine", "wall_seconds", "demo_dir", "demo_digest",
+            "served_model", "free_form", "lambda")
 
 
 def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results: Path
@@ -304,10 +301,10 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
     png = out / "escalation.png"
     report.plot(png, RATES, curves, float(expert.mean()),
                 f"demo short_test, n={len(short)}, free-form replies: accuracy vs escalation")
-    (out / "results.json").write_text(json.dumps({**raw, "rows": rows, "curves": curves,
-                                                  "ece_served_redrawn": redrawn,
-                                                  "mc_ece": mc_ece, "escalation_mc_ece": esc_ece,
-                                                  "failures": failures}, indent=1))
+    write_json(out / "summary.json", {
+        **{k: raw.get(k) for k in RUN_KEYS}, "short_items": len(short), "mc_items": len(raw["mc"]),
+        "rows": rows, "curves": curves, "ece_served_redrawn": redrawn, "mc_ece": mc_ece,
+        "escalation_mc_ece": esc_ece, "failures": failures}, indent=1)
     i20 = RATES.index(0.2)
     table = ["| method | served as itself | accuracy | ECE raw | ECE served | ECE served vs the "
              "facts' probabilities | AUROC served (raw) | calibrated | median latency | "
@@ -371,15 +368,23 @@ def render(raw: dict[str, Any], out: Path, results_md: Path, escalation_results:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="first N items of each split only")
-    ap.add_argument("--out", type=Path, default=HERE)
+    ap.add_argument("--out", type=Path, default=HERE, help="summary.json and escalation.png")
+    ap.add_argument("--raw", type=Path, default=None,
+                    help="the per-reply records (default "
+                    "$CALIBSERVE_HOME/benchmarks/freeform/results.json)")
     ap.add_argument("--results-md", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     ap.add_argument("--escalation-results", type=Path,
-                    default=REPO / "benchmarks" / "escalation" / "results.json")
+                    default=REPO / "benchmarks" / "escalation" / "summary.json",
+                    help="benchmarks/escalation's summary.json (or its per-item records)")
     ap.add_argument("--report-only", action="store_true",
-                    help="re-render from OUT/results.json without running anything")
+                    help="re-render from RAW without running anything")
     args = ap.parse_args(argv)
-    raw = (json.loads((args.out / "results.json").read_text()) if args.report_only
-           else collect(args))
+    raw_path = args.raw or run_dir("freeform") / "results.json"
+    if args.report_only:
+        raw = json.loads(raw_path.read_text())
+    else:
+        raw = collect(args)
+        print(f"per-reply records: {write_json(raw_path, raw, indent=1)}")
     body, failures = render(raw, args.out, args.results_md, args.escalation_results)
     print(body)
     return 1 if failures else 0

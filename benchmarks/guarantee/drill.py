@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from benchmarks.common import stamp, write_json
 from benchmarks.drift_drill import Prometheus, sharpened_calibration
 from benchmarks.reliability.harness import InProcessServer
 
@@ -192,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     broken = sharpened_calibration(certified)
     result = run(merged, broken, merged / "probes.jsonl", args.rate, args.after, args.timeout,
                  args.max_error)
-    result.update(world=world.name, date=datetime.now(UTC).isoformat(timespec="seconds"),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores")
-    (HERE / "drill.json").write_text(json.dumps(result, indent=2) + "\n")
+    result.update(world=world.name, **stamp())
+    write_json(HERE / "drill.json", result)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -21,9 +21,6 @@ Writes benchmarks/guarantee/results.json and prints the RESULTS.md lines.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, utc_now, write_json  # noqa: E402
 from benchmarks.guarantee.predictions import Tier, demo_tiers, real_tiers  # noqa: E402
 from calibserve.calibration import threshold_for_accuracy  # noqa: E402
 from calibserve.calibration.guarantee import certify_cascade, certify_threshold  # noqa: E402
@@ -148,16 +146,6 @@ def population_check(runs: int, alpha: float, delta: float, n_cal: int = 640, n_
             "realised_test_error_over_alpha": test_over / runs}
 
 
-def machine() -> str:
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, " \
-           f"{os.cpu_count()} cores"
-
-
 def lines(name: str, r: dict[str, Any]) -> list[str]:
     s, e = r["single"], r["empirical"]
     out = [
@@ -199,8 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                     "merged world with an expert calibration")
     args = ap.parse_args(argv)
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(),
-                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    results: dict[str, Any] = {"machine": machine(), "date": utc_now()}
     where, tiers = demo_tiers(args.demo_world)
     results["demo"] = {**where, **evaluate(tiers, args.splits, args.alpha, args.delta)}
     real = real_tiers()
@@ -209,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         results["real"] = {**where, **evaluate(tiers, args.splits, args.alpha, args.delta)}
     results["population"] = population_check(2000, args.alpha, args.delta)
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(args.out, results, indent=1)
     print(f"{results['machine']}, {results['date']}, {results['wall_seconds']} s")
     print("\n".join(lines("demo", results["demo"])))
     if "real" in results:

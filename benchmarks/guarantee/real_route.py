@@ -25,7 +25,6 @@ prints the RESULTS.md lines.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,8 +37,9 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine, utc_now, write_json  # noqa: E402
 from benchmarks.escalation.report import plot, table  # noqa: E402
-from benchmarks.guarantee.floors import evaluate, lines, machine  # noqa: E402
+from benchmarks.guarantee.floors import evaluate, lines  # noqa: E402
 from benchmarks.guarantee.predictions import Tier, table_tiers  # noqa: E402
 from calibserve.calibration.guarantee import certify_threshold  # noqa: E402
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where, (primary, expert) = loaded
     result: dict[str, Any] = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(), "date": utc_now(),
         **where, "alpha": args.alpha, "delta": args.delta,
         "accuracy": {"primary": float(primary.correct.mean()),
                      "expert": float(expert.correct.mean())},
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "resplits": evaluate([primary, expert], args.splits, args.alpha, args.delta),
     }
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out / "results.json", result, indent=1)
     plot(args.out / "escalation.png", RATES, result["curves"], result["accuracy"]["expert"],
          f"{primary.name} escalating to {expert.name}: {result['items']} held-out world facts")
     print("\n".join(report_lines(result)))

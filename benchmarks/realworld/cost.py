@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procstat import descendants
+from benchmarks.common import cpu_seconds, descendants
 from calibserve.publish import write_atomic
 
 __all__ = ["Measured", "add_session", "become_subreaper", "measure", "read_record",
@@ -52,22 +52,13 @@ def become_subreaper() -> bool:
         return False
 
 
-def _proc_times(pid: int) -> float:
-    """utime + stime + cutime + cstime of a live process, seconds (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def tree_cpu_seconds() -> float:
     """CPU seconds of this process and of every process it started, live or reaped."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
     if Path("/proc/self/stat").is_file():
-        total += sum(_proc_times(pid) for pid in descendants(os.getpid()))
+        total += sum(cpu_seconds(pid, children=True) for pid in descendants(os.getpid()))
     return total
 
 

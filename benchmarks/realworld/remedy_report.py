@@ -4,8 +4,6 @@ rows; this module reads nothing but what it is given and the cost files it is po
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import os
 import platform
@@ -16,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import cpu_model, utc_now
 from benchmarks.realworld import cost
 
 __all__ = ["FLOOR_ITEMS", "N_BINS", "assemble", "build_cost", "cost_text", "grade",
@@ -284,15 +283,8 @@ def plot(results: Mapping[str, Any], diagrams: Mapping[str, Mapping[str, Any]],
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": utc_now(),
             "loadavg_start": None, "loadavg_end": round(os.getloadavg()[0], 2)}
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import utc_now
 from benchmarks.realworld.grading import contains_answer, short_answer_prompt
 
 SHORT_TASKS = ("world_facts", "qa_wikidata")
@@ -393,7 +394,7 @@ def _read(path: Path) -> Any:
 def _machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": utc_now()}
 
 
 def _calibration_summary(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,14 +5,12 @@ re-exported here for the drills.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import machine, mem_gib, utc_now, write_json
 from calibserve.testing.checks import (
     calibration_counters,
     chat_body,
@@ -47,17 +45,9 @@ UPSTREAM_STATUSES = frozenset({502, 503, 504})
 
 def machine_line() -> str:
     """Date and machine, for RESULTS.md."""
-    import platform
-
-    try:
-        import psutil
-
-        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
-    except ImportError:  # pragma: no cover - psutil is in the bench extra
-        mem = "? GiB"
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return (f"{stamp}; {platform.machine()}, {os.cpu_count()} cores, {mem}, Python "
-            f"{platform.python_version()}; machine shared with other jobs while measured")
+    gib = mem_gib()
+    return (f"{utc_now()}; {machine()}, {'?' if gib is None else f'{gib:.0f}'} GiB; machine "
+            "shared with other jobs while measured")
 
 
 @dataclass
@@ -82,10 +72,7 @@ class Percentiles:
 def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Save a script's figures as JSON next to the scripts (results/NAME.json)."""
     out_dir = out_dir or Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine_line(), **data}, indent=2, default=str) + "\n")
-    return path
+    return write_json(out_dir / f"{name}.json", {"machine": machine_line(), **data})
 
 
 def python() -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,18 @@ def test_a_short_run_has_every_field_and_streams_arrive_token_by_token(tmp_path:
     assert results["sweep"]["fake"]["stream"]["1"]["added_ttft_p50_ms"] == 0
     lines = proxy_overhead.summary_table(results)
     assert any(line.startswith("calibserve non_stream    4") for line in lines)
+
+
+def test_a_baseline_build_runs_beside_calibserve_in_every_phase(tmp_path: Path) -> None:
+    # This interpreter stands in for another build's venv (benchmarks/baseline_build.sh).
+    results = proxy_overhead.main([
+        "--only", "calibserve", "--baseline-python", sys.executable, "--warmup", "20",
+        "--sequential", "40", "--step-seconds", "0.3", "--skip-sweep", "--skip-sustained",
+        "--ports", "18395,18396,18397,18398,18399,18400"])
+    assert list(results["targets"]) == ["fake", "calibserve", "baseline"]
+    assert results["targets"]["baseline"]["cpu_ms_per_request"] > 0
+    assert "added_p50" in results["calibserve_vs_baseline"]
+    assert any(line.split()[:1] == ["baseline"] for line in proxy_overhead.summary_table(results))
 
 
 def test_the_summary_puts_ratios_against_calibserve_first() -> None:
