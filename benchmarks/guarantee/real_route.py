@@ -5,8 +5,9 @@
 Both models are served by calibserve and asked the same held-out short-answer questions of the
 world facts through the openai SDK (`benchmarks.realworld.remedy_table`; each row's
 `answers.jsonl` holds the reply and its served confidence). The defaults: SmolLM2-135M-Instruct
-with the calibrator fitted on the calibrate split (`benchmarks/realworld/smollm2_seed004.sh`)
-escalating to the Gemma 3 270M pair's merge with its own calibrator (`gemma_pair.sh`).
+after seed 004's CFT with the calibrator fitted on the calibrate split
+(`benchmarks/realworld/smollm2_seed004.sh`) escalating to the Gemma 3 270M pair's merge with
+its own calibrator (`gemma_pair.sh`).
 
 1. The escalation curve: accuracy of the final answers against the escalation rate when the
    primary's least confident answers go to the expert (the calibrated route), against random
@@ -129,8 +130,9 @@ def report_lines(r: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--primary", type=_source,
-                    default=(REALWORLD / "smollm2-table", "smollm2-calibrated"),
-                    help="TABLE_DIR:ROW of a remedy_table run (default: SmolLM2 + calibrator)")
+                    default=(REALWORLD / "smollm2-table", "smollm2-cft-calibrated"),
+                    help="TABLE_DIR:ROW of a remedy_table run (default: SmolLM2 CFT + its "
+                    "calibrator)")
     ap.add_argument("--expert", type=_source,
                     default=(REALWORLD / "remedy-table", "merge-calibrated"),
                     help="TABLE_DIR:ROW (default: the Gemma pair's merge + its calibrator)")

@@ -15,9 +15,10 @@
 #    trains on, for the three checkpoints: realworld/smollm2-mc-check.json;
 # 4. the short-answer table through `calibserve serve` and the openai SDK on the held-out split
 #    (benchmarks.realworld.remedy_table with the rows of realworld/smollm2-rows.yaml): the model
-#    raw and with a calibrator fitted here, CFT and RCFT: realworld/smollm2-table/; then
-#    benchmarks.guarantee.real_route: SmolLM2 (calibrated) escalating to the Gemma pair's
-#    calibrated merge, a real and stronger expert (when gemma_pair.sh has run).
+#    raw and with a calibrator fitted here, CFT raw and with its calibrator, RCFT:
+#    realworld/smollm2-table/; then benchmarks.guarantee.real_route: SmolLM2 CFT with its
+#    calibrator escalating to the Gemma pair's calibrated merge, a real and stronger expert (when
+#    gemma_pair.sh has run).
 # DEVICE, TUNE_ARGS (extra `calibserve tune` options, e.g. "--max-steps 0" for a whole epoch on a
 # GPU) and TABLE_ARGS (default "--limit 600": the first 600 held-out items, as the Gemma table asks)
 # adjust it.
@@ -58,6 +59,13 @@ smollm2-cft:
   model: models/SmolLM2-135M-Instruct-sft
   costs: [models/SmolLM2-135M-Instruct-sft/train_info.json]
   build: calibserve tune --calibration-aware none (benchmarks/realworld/smollm2_seed004.sh)
+smollm2-cft-calibrated:
+  label: SmolLM2 CFT + calibrator
+  model: models/SmolLM2-135M-Instruct-sft
+  calibration: calibrated/SmolLM2-135M-Instruct-sft/calibration.json
+  fit: data/world_facts
+  costs: [models/SmolLM2-135M-Instruct-sft/train_info.json]
+  build: calibserve tune --calibration-aware none (benchmarks/realworld/smollm2_seed004.sh); the calibrator is fitted here
 smollm2-rcft:
   label: SmolLM2 RCFT (seed 004)
   model: models/SmolLM2-135M-Instruct-rcft
@@ -65,11 +73,11 @@ smollm2-rcft:
   build: calibserve tune --calibration-aware rcft (benchmarks/realworld/smollm2_seed004.sh)
 EOF
 "$PY" -m benchmarks.realworld.remedy_table --realworld "$REALWORLD" \
-  --config "$REALWORLD/smollm2-rows.yaml" --rows smollm2,smollm2-calibrated,smollm2-cft,smollm2-rcft \
+  --config "$REALWORLD/smollm2-rows.yaml" --rows smollm2,smollm2-calibrated,smollm2-cft,smollm2-cft-calibrated,smollm2-rcft \
   --out "$REALWORLD/smollm2-table" ${TABLE_ARGS:---limit 600}
-# SmolLM2 + its calibrator escalating to the Gemma pair's calibrated merge (issue 29 item 5).
+# SmolLM2 CFT + its calibrator escalating to the Gemma pair's calibrated merge (issue 29 item 5).
 if [[ -f "$REALWORLD/remedy-table/rows/merge-calibrated/answers.jsonl" ]]; then
-  "$PY" -m benchmarks.guarantee.real_route --primary "$REALWORLD/smollm2-table:smollm2-calibrated" \
+  "$PY" -m benchmarks.guarantee.real_route --primary "$REALWORLD/smollm2-table:smollm2-cft-calibrated" \
     --expert "$REALWORLD/remedy-table:merge-calibrated" --items "$DATA/short_test.jsonl"
 else
   echo "the Gemma pair's table is missing: run benchmarks/realworld/gemma_pair.sh for the route"
