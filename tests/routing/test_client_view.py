@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from calibserve.server.proxy import ClientView
+from calibserve.routing.client_view import ClientView
 
 
 def vllm_alternatives(vocab: int, sampled: int, k: int) -> dict[str, float]:
