@@ -101,7 +101,7 @@ def engine_probes(client: httpx.Client, url: str, endpoint: str, text: str, max_
                   verify: dict[str, object]) -> dict[str, float]:
     """The engine-side costs of one request (see the module docstring), in seconds."""
     from calibserve.calibration import verify_messages, verify_prompt
-    from calibserve.routing.payload import tier_body
+    from calibserve.routing.client_view import tier_body
 
     def timed(path: str, body: dict[str, object]) -> tuple[float, dict[str, object]]:
         started = time.perf_counter()

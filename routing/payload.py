@@ -8,9 +8,7 @@ request nothing beyond its fallback's (`mean`: 0). The `answer` method scores on
 prompt that offers lettered options (`options_offered`), so a prompt without them is asked for
 the free-form method's alternatives only. Never fewer than the client asked for.
 Alternatives cost the engine: each is a token to detokenize and serialise on every position.
-Where vLLM would derive the prompt's logprobs from the forced value (`echo` without
-`prompt_logprobs`), the prompt's are asked for explicitly at the client's own value, so the
-engine computes no more of them than the client wanted.
+The request rewrite itself, and its inverse on the answer, are routing/client_view.py.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from calibserve.calibration.methods import INTERIM, REGISTRY
 
 ENDPOINT_PATHS = {"chat": "chat/completions", "completions": "completions"}
 MIN_TOP_LOGPROBS = 5
-OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the Responses API's `include` item
 
 
 def endpoint_path(endpoint: str) -> str:
@@ -31,20 +28,6 @@ def endpoint_path(endpoint: str) -> str:
         return ENDPOINT_PATHS[endpoint]
     except KeyError:
         raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}") from None
-
-
-def client_prompt_logprobs(endpoint: str, body: dict[str, Any]) -> int | None:
-    """How many prompt-token alternatives vLLM would return for the client's own body.
-
-    vLLM's rule: `prompt_logprobs` when given, else with `echo` the answer's value (chat:
-    `top_logprobs`, default 0; completions: `logprobs`), else none (None).
-    """
-    if body.get("prompt_logprobs") is not None:
-        return int(body["prompt_logprobs"])
-    if not body.get("echo"):
-        return None
-    value = body.get("top_logprobs", 0) if endpoint == "chat" else body.get("logprobs")
-    return None if value is None else int(value)
 
 
 def options_offered(endpoint: str, body: dict[str, Any], scorer: object) -> bool | None:
@@ -94,55 +77,6 @@ def verify_reads_ids(scorer: object, endpoint: str, body: dict[str, Any],
     if endpoint == "chat":
         return isinstance(body.get("messages"), list)
     return isinstance(body.get("prompt"), str)
-
-
-def tier_body(endpoint: str, body: dict[str, Any], model: str, *, stream: bool,
-              top_logprobs: int = MIN_TOP_LOGPROBS, token_ids: bool = False) -> dict[str, Any]:
-    """Copy of `body` for one tier: its model name, logprobs always on with at least
-    `top_logprobs` alternatives (`tier_top_logprobs` of its scorer), `stream` as asked, and
-    the prompt's and reply's token ids when `token_ids` (`verify_reads_ids`).
-
-    The server strips the logprobs and token ids back to what the client asked for
-    (server/proxy.py).
-    """
-    out = dict(body)
-    out["model"] = model
-    if token_ids:
-        out["return_token_ids"] = True
-    if endpoint == "chat":
-        asked = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
-        out["logprobs"] = True
-        out["top_logprobs"] = max(top_logprobs, asked)
-    elif endpoint == "completions":
-        out["logprobs"] = max(top_logprobs, int(body.get("logprobs") or 0))
-    else:
-        endpoint_path(endpoint)  # raises
-    if body.get("echo") and body.get("prompt_logprobs") is None:
-        wanted = client_prompt_logprobs(endpoint, body)
-        # vLLM refuses prompt_logprobs > 0 with stream: there the forced value stays and the
-        # server trims the prompt's alternatives back instead.
-        if wanted is None or wanted == 0 or not stream:
-            out["prompt_logprobs"] = 0 if wanted is None else wanted
-    out["stream"] = stream
-    if not stream:
-        out.pop("stream_options", None)  # vLLM rejects stream_options without stream
-    return out
-
-
-def responses_body(body: dict[str, Any], model: str,
-                   top_logprobs: int = MIN_TOP_LOGPROBS) -> dict[str, Any]:
-    """Copy of a `/v1/responses` body for the upstream: its model name, output logprobs on with
-    `top_logprobs` alternatives (`tier_top_logprobs`), never fewer than the client asked for."""
-    out = dict(body)
-    out["model"] = model
-    include = body.get("include")
-    include = list(include) if isinstance(include, list) else []
-    asked = int(body.get("top_logprobs") or 0) if OUTPUT_LOGPROBS in include else 0
-    if OUTPUT_LOGPROBS not in include:
-        include.append(OUTPUT_LOGPROBS)
-    out["include"] = include
-    out["top_logprobs"] = max(top_logprobs, asked)
-    return out
 
 
 def responses_chat(body: dict[str, Any]) -> dict[str, Any]:

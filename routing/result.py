@@ -38,8 +38,9 @@ class RoutedResult:
     upstream_seconds: float = 0.0
     agreement: bool | None = None
 
-    def calibserve(self) -> dict[str, Any]:
-        """The `calibserve` object of a response (DESIGN.md); JSON-ready."""
+    def calibserve(self, **extra: Any) -> dict[str, Any]:
+        """The `calibserve` object of a response (DESIGN.md), JSON-ready; `extra` keys (a
+        stream's `confidence`, a Responses answer's `feedback_id`) follow the fixed ones."""
         return {
             "served_by": self.served_by,
             "escalated": self.escalated,
@@ -50,7 +51,18 @@ class RoutedResult:
             "primary_error": self.primary_error,
             "tiers_tried": list(self.tiers_tried),
             "agreement": self.agreement,
+        } | extra
+
+    def headers(self, confidence: float | None = None) -> dict[str, str]:
+        """The `x-calibserve-*` response headers: who served, whether escalated, and the
+        confidence when known (a stream's headers go out before it is)."""
+        headers = {
+            "x-calibserve-served-by": self.served_by,
+            "x-calibserve-escalated": "true" if self.escalated else "false",
         }
+        if confidence is not None:
+            headers["x-calibserve-confidence"] = f"{confidence:.6f}"
+        return headers
 
 
 @dataclass

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from typing import Any
 
 from calibserve.routing.agreement import answers_agree, choice_text
+from calibserve.routing.client_view import tier_body
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.escalation import (
     escalate,
@@ -25,12 +26,7 @@ from calibserve.routing.escalation import (
     record_agreement,
 )
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
-from calibserve.routing.payload import (
-    endpoint_path,
-    tier_body,
-    tier_top_logprobs,
-    verify_reads_ids,
-)
+from calibserve.routing.payload import endpoint_path, tier_top_logprobs, verify_reads_ids
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import ConfidenceLike, Route, Tier
 from calibserve.routing.scoring import least_confident, score_answer

@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibserve.calibration.confidence import confidence_json
+from calibserve.routing.client_view import tier_body
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.errors import UpstreamError
 from calibserve.routing.metrics import RoutingMetrics
-from calibserve.routing.payload import (
-    endpoint_path,
-    tier_body,
-    tier_top_logprobs,
-    verify_reads_ids,
-)
+from calibserve.routing.payload import endpoint_path, tier_top_logprobs, verify_reads_ids
 from calibserve.routing.result import RoutedResult
 from calibserve.routing.route import ConfidenceLike, StreamScorer, Tier
 from calibserve.routing.verify_tokens import ReplyIds, reply_ids

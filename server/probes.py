@@ -7,10 +7,10 @@ and `calibserve calibrate` write from the held-out test split (never the items t
 fitted on), or any file given with `--probe-data`.
 
 A `ProbeRunner` sends one probe every `60 / rate` seconds per model through the serving path of
-the model's primary tier: the same request shaping (`routing.payload.tier_body`), the same upstream
-client (transport, retries, breaker) and the same `Scorer` a client's request gets, asked exactly
-as merge's evaluator asks (one user message, `format_mc_prompt`, greedy). It grades the reply
-itself and records (served calibrated confidence, correct) in the per-bin counters labelled
+the model's primary tier: the same request shaping (`routing.client_view.tier_body`), the same
+upstream client (transport, retries, breaker) and the same `Scorer` a client's request gets, asked
+exactly as merge's evaluator asks (one user message, `format_mc_prompt`, greedy). It grades the
+reply itself and records (served calibrated confidence, correct) in the per-bin counters labelled
 `source="probe"`. Probes never pass the router: they are never escalated, and no request,
 latency, confidence or escalation series counts them. A probe that fails (upstream down, killed
 mid-answer, an answer without choices) is counted in `calibserve_probes_total{outcome="error"}`
@@ -35,12 +35,8 @@ from prometheus_client import CollectorRegistry, Counter
 from calibserve.calibration.answers import exact_match, option_letter
 from calibserve.calibration.document import PROBES_FILE
 from calibserve.calibration.mc_prompt import LETTERS, format_mc_prompt
-from calibserve.routing.payload import (
-    endpoint_path,
-    options_offered,
-    tier_body,
-    tier_top_logprobs,
-)
+from calibserve.routing.client_view import tier_body
+from calibserve.routing.payload import endpoint_path, options_offered, tier_top_logprobs
 from calibserve.server.metrics import PROBE, ServerMetrics
 
 log = logging.getLogger("calibserve.server.probes")

@@ -6,7 +6,8 @@ on the request's Outcome (outcomes.py counts it).
 What the client gets is the upstream's answer with three changes: each choice carries
 `confidence`, the response carries `calibserve` and a signed `id`, and logprobs appear only if the
 client asked for them (then as the upstream sent them, cut to the `top_logprobs` it asked for:
-the router asks for the alternatives the confidence methods read, 5 for the `answer` method).
+the router asks for the alternatives the confidence methods read, 5 for the `answer` method;
+routing/client_view.py holds the rewrite and its inverse).
 
 Streams: every chunk passes through as it comes; the chunk with a choice's `finish_reason` carries
 its `confidence`; the last chunk before `[DONE]` (the usage chunk when the client asked for usage,
@@ -21,14 +22,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from calibserve.routing import RoutedChunk, RoutedResult, UpstreamError
-from calibserve.routing.payload import client_prompt_logprobs
+from calibserve.routing import RoutedChunk, UpstreamError
+from calibserve.routing.client_view import ClientView
 from calibserve.server.engine import ManagedEngine
 from calibserve.server.engine_watch import (
     ClientDisconnected,
@@ -60,6 +61,12 @@ def reject_non_json_numbers(value: Any, path: str = "") -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             reject_non_json_numbers(item, f"{path}[{index}]")
+
+
+def unknown_model(name: object, models: Iterable[str]) -> APIError:
+    """404 for a body naming a model calibserve does not serve, as vLLM words it."""
+    return APIError(404, f"The model `{name}` does not exist. Valid aliases: "
+                    f"{', '.join(models)}.", param="model", code="model_not_found")
 
 
 ERROR_SOURCE = "x-calibserve-error-source"  # `engine` on an error the engine answered itself
@@ -102,103 +109,6 @@ class EventStream(StreamingResponse):
                 await aclose()
 
 
-class ClientView:
-    """What the client asked to see of the logprobs the router always requests.
-
-    Trimming follows vLLM's own construction, so the result is what vLLM returns for the
-    client's body: each position's alternatives are the sampled (or prompt) token first, then
-    the best others in rank order. Chat keeps the first `k`; completions keep the token plus
-    the others ranked within the best `k`; `prompt_logprobs` entries keep the token plus the
-    ones whose `rank` is within `k`.
-    """
-
-    __slots__ = ("endpoint", "want", "top", "prompt", "ids")
-
-    def __init__(self, endpoint: str, body: dict[str, Any]) -> None:
-        self.endpoint = endpoint
-        if endpoint == "chat":
-            self.want = bool(body.get("logprobs"))
-            self.top = int(body.get("top_logprobs") or 0)
-        else:
-            self.want = body.get("logprobs") is not None
-            self.top = int(body.get("logprobs") or 0)
-        self.prompt = client_prompt_logprobs(endpoint, body)
-        # The router may ask for the token ids (verify's prompt on ids: routing/verify_tokens.py),
-        # never with `echo` (payload.verify_reads_ids), whose stream carries the prompt's ids
-        # whatever was asked: there they are vLLM's own answer and stay.
-        self.ids = bool(body.get("return_token_ids")) or bool(body.get("echo"))
-
-    def apply_ids(self, holder: dict[str, Any]) -> None:
-        """The token ids of a choice or a chat response: null, as vLLM writes them, unless the
-        client asked for them."""
-        if self.ids:
-            return
-        for key in ("token_ids", "prompt_token_ids"):
-            if holder.get(key) is not None:
-                holder[key] = None
-
-    def apply(self, choice: dict[str, Any]) -> None:
-        """Strip or trim one choice's (or one delta's) logprobs and token ids in place."""
-        self.apply_ids(choice)
-        if "prompt_logprobs" in choice:
-            self.apply_prompt(choice)
-        logprobs = choice.get("logprobs")
-        if not self.want:
-            if logprobs is not None:
-                choice["logprobs"] = None
-            return
-        if not isinstance(logprobs, dict):
-            return
-        k = self.top
-        if self.endpoint == "chat":
-            for entry in logprobs.get("content") or []:
-                top = entry.get("top_logprobs") if isinstance(entry, dict) else None
-                if isinstance(top, list) and len(top) > k:
-                    entry["top_logprobs"] = top[:k]
-            return
-        tops = logprobs.get("top_logprobs")
-        if not isinstance(tops, list):
-            return
-        for i, top in enumerate(tops):
-            if isinstance(top, dict) and len(top) > k:
-                tops[i] = _trim_ranked(top, k)
-
-    def apply_prompt(self, holder: dict[str, Any]) -> None:
-        """`prompt_logprobs` of a completions choice or a chat response, as the client asked."""
-        entries = holder.get("prompt_logprobs")
-        if entries is None:
-            return
-        if self.prompt is None:
-            holder["prompt_logprobs"] = None
-            return
-        k = self.prompt
-        if k < 0 or not isinstance(entries, list):
-            return
-        for i, entry in enumerate(entries):
-            if isinstance(entry, dict) and len(entry) > 1:
-                items = list(entry.items())
-                entries[i] = dict(items[:1] + [
-                    (tid, lp) for tid, lp in items[1:]
-                    if isinstance(lp, dict) and int(lp.get("rank") or 0) <= k
-                ])
-
-
-def _trim_ranked(top: dict[str, float], k: int) -> dict[str, float]:
-    """A completions position's alternatives cut from a larger request to `k`.
-
-    vLLM's dict is the position's own token first, then the best others by rank; for `k` it is
-    that token plus the others ranked within the best k (so k entries when the token is itself
-    among the best k, else k + 1). The token's rank is one more than the others above it.
-    """
-    items = list(top.items())
-    if not items:
-        return top
-    own = items[0][1]
-    rank = 1 + sum(1 for _, lp in items[1:] if lp > own)
-    others = k - 1 if rank <= k else k
-    return dict(items[: 1 + max(0, others)])
-
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -219,8 +129,7 @@ class Proxy:
     def lookup(self, name: str) -> ModelRuntime:
         model = self.rt.models.get(name)
         if model is None:
-            raise APIError(404, f"The model `{name}` does not exist. Valid aliases: "
-                           f"{', '.join(self.rt.models)}.", param="model", code="model_not_found")
+            raise unknown_model(name, self.rt.models)
         return model
 
     async def handle(self, request: Request, endpoint: str, body: dict[str, Any]) -> Response:
@@ -267,33 +176,18 @@ class Proxy:
     async def _guard(self, aw: Awaitable[T], request: Request, model: ModelRuntime) -> T:
         return await guard(aw, request, _sole_engine(model), model.name)
 
-    def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]],
-                        view: ClientView) -> tuple[list[float], list[float], list[str]]:
+    def _finish_choices(self, model: ModelRuntime, choices: list[dict[str, Any]]
+                        ) -> tuple[list[float], list[float], list[str]]:
         scores: list[float] = []
         raws: list[float] = []
         methods: list[str] = []
         for choice in choices:
-            conf = choice.get("confidence")
-            if not isinstance(conf, dict):  # a router that did not score: score here
-                c = model.primary.scorer.score_choice(choice.get("logprobs"))
-                conf = c.to_dict()
-                choice["confidence"] = conf
-            view.apply(choice)
+            conf = choice["confidence"]  # the router scored every choice (routing.scoring)
             scores.append(float(conf["score"]))
             raws.append(float(conf["raw"]))
             methods.append(str(conf["method"]))
             self.metrics.confidence.labels(model.name, methods[-1]).observe(scores[-1])
         return scores, raws, methods
-
-    @staticmethod
-    def _headers(result: RoutedResult, score: float | None) -> dict[str, str]:
-        headers = {
-            "x-calibserve-served-by": result.served_by,
-            "x-calibserve-escalated": "true" if result.escalated else "false",
-        }
-        if score is not None:
-            headers["x-calibserve-confidence"] = f"{score:.6f}"
-        return headers
 
     def _observe(self, model: str, endpoint: str, started: float, upstream_s: float) -> None:
         total = time.perf_counter() - started
@@ -318,9 +212,8 @@ class Proxy:
             return self._engine_down(outcome, model)
         answer = result.body or {}
         choices = answer.get("choices") or []
-        scores, raws, methods = self._finish_choices(model, choices, view)
-        view.apply_prompt(answer)  # chat: the prompt's logprobs are the response's
-        view.apply_ids(answer)  # chat: so are the prompt's token ids
+        scores, raws, methods = self._finish_choices(model, choices)
+        view.answer(answer)
         answer["id"] = self.rt.signer.issue(
             PREFIX[endpoint], model.calibration_label(result.served_by), scores, raws,
             methods=methods,
@@ -328,7 +221,7 @@ class Proxy:
         answer["model"] = model.name
         answer["calibserve"] = result.calibserve()
         self._observe(model.name, endpoint, started, result.upstream_seconds)
-        headers = self._headers(result, scores[0] if scores else None)
+        headers = result.headers(scores[0] if scores else None)
         response = JSONResponse(answer, headers=headers)
         outcome.record(model.name, "ok")
         return response
@@ -360,7 +253,7 @@ class Proxy:
         return EventStream(
             self._events(outcome, model, endpoint, items, first, view, started),
             media_type="text/event-stream",
-            headers=self._headers(first.result, None),
+            headers=first.result.headers(),
         )
 
     async def _events(self, outcome: Outcome, model: ModelRuntime, endpoint: str,
@@ -378,7 +271,7 @@ class Proxy:
             while item.data is not None:
                 chunk = item.data
                 choices = chunk.get("choices")
-                view.apply_ids(chunk)  # chat: the first chunk's prompt ids
+                view.chunk(chunk)
                 if not choices and "usage" in chunk:
                     held = chunk
                 else:
@@ -390,7 +283,6 @@ class Proxy:
                             methods[idx] = str(conf["method"])
                             self.metrics.confidence.labels(
                                 model.name, methods[idx]).observe(conf["score"])
-                        view.apply(choice)
                     last = chunk
                     yield f"data: {_dumps(chunk)}\n\n"
                 item = await anext(items)
@@ -410,7 +302,7 @@ class Proxy:
                 methods=[methods[i] for i in order] or None,
             )
             summary["model"] = model.name
-            summary["calibserve"] = {**result.calibserve(), "confidence": result.confidence}
+            summary["calibserve"] = result.calibserve(confidence=result.confidence)
             yield f"data: {_dumps(summary)}\n\n"
             self._observe(model.name, endpoint, started, result.upstream_seconds)
         except (asyncio.CancelledError, GeneratorExit):

@@ -1,7 +1,7 @@
 """`POST /v1/responses`: the Responses API, passed through with calibserve's confidence added.
 
 The request goes to the primary tier's engine with its output logprobs forced on (the confidence
-reads them; routing.payload.responses_body) and comes back as the engine sent it, apart from:
+reads them; routing.client_view.responses_body) and comes back as the engine sent it, apart from:
 `confidence` (the tier's scorer over every `output_text` part's logprobs, as for a chat choice)
 and `calibserve` (with `feedback_id`, the signed id to send to /v1/feedback) on the response object,
 the `x-calibserve-*` headers, and logprobs cut back to what the client asked for (none unless its
@@ -40,11 +40,10 @@ from fastapi.responses import JSONResponse, Response
 
 from calibserve.calibration.confidence import confidence_json
 from calibserve.routing import RoutedResult
+from calibserve.routing.client_view import ResponsesView, responses_body
 from calibserve.routing.confidence_work import ConfidenceWork
 from calibserve.routing.payload import (
-    OUTPUT_LOGPROBS,
     options_offered,
-    responses_body,
     responses_chat,
     tier_top_logprobs,
 )
@@ -54,68 +53,18 @@ from calibserve.server.engine_watch import ClientDisconnected
 from calibserve.server.errors import APIError, error_body
 from calibserve.server.outcomes import Outcome, outcome_of
 from calibserve.server.passthrough import Forwarder
-from calibserve.server.proxy import ERROR_SOURCE, EventStream, reject_non_json_numbers
+from calibserve.server.proxy import (
+    ERROR_SOURCE,
+    EventStream,
+    reject_non_json_numbers,
+    unknown_model,
+)
 from calibserve.server.runtime import ModelRuntime, ServerRuntime
 
 log = logging.getLogger("calibserve.server")
 PATH = "/v1/responses"
 _TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 _JSON = {"content-type": "application/json"}
-
-
-class ResponsesView:
-    """What the client asked to see of the output logprobs calibserve always requests."""
-
-    __slots__ = ("want", "top", "echoed")
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        include = body.get("include")
-        self.want = isinstance(include, list) and OUTPUT_LOGPROBS in include
-        self.top = int(body.get("top_logprobs") or 0)
-        # The response echoes the logprobs its sampling used: the client's, or none.
-        self.echoed: int | None = body.get("top_logprobs", 0) if self.want else None
-
-    def entries(self, entries: Any, empty: list[Any] | None) -> Any:
-        """A logprobs list as the client asked: `empty` (None or []) when it did not."""
-        if not isinstance(entries, list):
-            return entries
-        if not self.want:
-            return empty
-        for entry in entries:
-            top = entry.get("top_logprobs") if isinstance(entry, dict) else None
-            if isinstance(top, list) and len(top) > self.top:
-                entry["top_logprobs"] = top[: self.top]  # vLLM keeps the first k too
-        return entries
-
-    def response(self, obj: dict[str, Any]) -> None:
-        """A response object: every output_text part's logprobs, and the echoed top_logprobs."""
-        if "top_logprobs" in obj:
-            obj["top_logprobs"] = self.echoed
-        for item in obj.get("output") or []:
-            self.item(item)
-
-    def item(self, item: Any) -> None:
-        if isinstance(item, dict):
-            for part in item.get("content") or []:
-                self.part(part)
-
-    def part(self, part: Any) -> None:
-        if isinstance(part, dict) and part.get("type") == "output_text" and "logprobs" in part:
-            # A finished part says null when logprobs were not asked for; an empty one [].
-            empty: list[Any] | None = [] if part.get("logprobs") == [] else None
-            part["logprobs"] = self.entries(part["logprobs"], empty)
-
-    def event(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if "response" in event and isinstance(event["response"], dict):
-            self.response(event["response"])
-        if isinstance(event.get("item"), dict):
-            self.item(event["item"])
-        if isinstance(event.get("part"), dict):
-            self.part(event["part"])
-        if kind in ("response.output_text.delta", "response.output_text.done") and \
-                "logprobs" in event:
-            event["logprobs"] = self.entries(event["logprobs"], [])
 
 
 def output_logprobs(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -138,8 +87,7 @@ class ResponsesProxy:
     def _model(self, name: Any) -> ModelRuntime:
         model = self.forwarder.model_for(name)
         if model is None:
-            raise APIError(404, f"The model `{name}` does not exist. Valid aliases: "
-                           f"{', '.join(self.rt.models)}.", param="model", code="model_not_found")
+            raise unknown_model(name, self.rt.models)
         return model
 
     async def handle(self, request: Request, body: dict[str, Any]) -> Response:
@@ -158,7 +106,7 @@ class ResponsesProxy:
             if upstream.status_code == 200 and body.get("stream"):
                 return EventStream(self._events(outcome, run, upstream),
                                    media_type="text/event-stream",
-                                   headers=self._headers(model, None))
+                                   headers=run.result.headers())
             data = await self.forwarder.read(model, upstream)
         except APIError as exc:  # no answer from the engine: calibserve's own 5xx
             self._failed(outcome, model, exc.reason or "")
@@ -227,21 +175,10 @@ class ResponsesProxy:
         feedback_id = self.rt.signer.issue(
             "chatcmpl-", model.calibration_label(tier), [conf["score"]], [conf["raw"]],
             methods=[conf["method"]])
-        obj["calibserve"] = {"served_by": tier, "escalated": False, "primary_confidence":
-                             conf["score"], "threshold": None, "reason": None,
-                             "escalation_error": None, "primary_error": None,
-                             "tiers_tried": [tier], "agreement": None,
-                             "feedback_id": feedback_id}
+        run.result.primary_confidence = run.result.confidence = conf["score"]
+        obj["calibserve"] = run.result.calibserve(feedback_id=feedback_id)
         self.rt.metrics.confidence.labels(model.name, conf["method"]).observe(conf["score"])
-        return self._headers(model, conf["score"])
-
-    @staticmethod
-    def _headers(model: ModelRuntime, score: float | None) -> dict[str, str]:
-        headers = {"x-calibserve-served-by": model.primary.tier.name,
-                   "x-calibserve-escalated": "false"}
-        if score is not None:
-            headers["x-calibserve-confidence"] = f"{score:.6f}"
-        return headers
+        return run.result.headers(conf["score"])
 
     async def _events(self, outcome: Outcome, run: _Run,
                       upstream: httpx.Response) -> AsyncIterator[str]:

@@ -1,18 +1,17 @@
-"""routing.payload: what a tier's upstream is asked for (only the logprobs its confidence methods
-read), and the Responses helpers (the engine's body; the chat request asking the same)."""
+"""routing.payload and the request rewrite of routing.client_view: what a tier's upstream is
+asked for (only the logprobs its confidence methods read), and the Responses helpers (the
+engine's body; the chat request asking the same)."""
 
 from __future__ import annotations
 
 import pytest
 
 from calibserve.calibration import CalibrationDocument, Scorer
+from calibserve.routing.client_view import OUTPUT_LOGPROBS, responses_body, tier_body
 from calibserve.routing.payload import (
     MIN_TOP_LOGPROBS,
-    OUTPUT_LOGPROBS,
     options_offered,
-    responses_body,
     responses_chat,
-    tier_body,
     tier_top_logprobs,
 )
 
