@@ -44,7 +44,7 @@ from calibserve.tune.model import (
     use_autocast,
 )
 from calibserve.tune.objective import load_objective
-from calibserve.tune.progress import step_progress
+from calibserve.tune.progress import step_log, step_progress
 from calibserve.tune.reply_loss import check_reply_logits
 from calibserve.tune.resume import RunState, load_state, partial_dir
 from calibserve.tune.templates import resolve_template
@@ -185,8 +185,11 @@ def _run(config: TuneConfig, progress: bool, console: Console | None) -> TuneRes
         task = bar.add_task("tune", total=plan.total_steps, completed=state.step, loss="-",
                             sps="-")
 
+        log = step_log(console, progress, plan.total_steps)
+
         def tick(step: int, loss: float, seconds: float) -> None:
             bar.update(task, completed=step, loss=f"{loss:.4f}", sps=f"{seconds:.2f}")
+            log(step, loss, seconds)
 
         state = trainer.run(state, tick)
     clock(state)

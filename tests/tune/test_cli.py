@@ -294,3 +294,44 @@ def test_a_second_run_into_the_same_out_is_refused(tiny_llama: Path, train_data:
         busy = tune(tiny_llama, train_data, out, "--max-steps", "1")
     assert busy.exit_code == 2 and "'--out'" in busy.output and "another" in busy.output
     assert tune(tiny_llama, train_data, out, "--max-steps", "1").exit_code == 0
+
+
+def test_a_log_that_is_no_terminal_shows_the_steps(tiny_llama: Path, train_data: Path,
+                                                   tmp_path: Path) -> None:
+    # under nohup or CI rich draws the bar once, at the end: plain step lines stand in for it
+    import io
+
+    from rich.console import Console
+
+    from calibserve.tune.config import TuneConfig
+    from calibserve.tune.pipeline import run_tune
+
+    buffer = io.StringIO()
+    config = TuneConfig(model=str(tiny_llama), data=[train_data], out=tmp_path / "tuned",
+                        chat_template="gemma", device="cpu", batch_size=8, autocast="off",
+                        max_steps=10)
+    result = run_tune(config, console=Console(file=buffer, force_terminal=False, width=120))
+    total = result.info["recipe"]["total_steps"]
+    assert total >= 2
+    lines = [ln for ln in buffer.getvalue().splitlines() if ln.startswith("tune step ")]
+    # fewer than 20 steps: every step has its line
+    assert [ln.split()[2] for ln in lines] == [f"{k}/{total}" for k in range(1, total + 1)]
+    assert all(ln.endswith(" s/step") and " loss " in ln for ln in lines)
+
+
+def test_a_terminal_gets_the_bar_and_no_step_lines() -> None:
+    import io
+
+    from rich.console import Console
+
+    from calibserve.tune.progress import step_log
+
+    terminal_out, log_out = io.StringIO(), io.StringIO()
+    terminal = Console(file=terminal_out, force_terminal=True)
+    step_log(terminal, True, 100)(5, 0.5, 1.0)
+    log_file = Console(file=log_out, force_terminal=False)
+    step_log(log_file, True, 100)(5, 0.5, 1.0)
+    step_log(log_file, True, 100)(6, 0.5, 1.0)  # not a 5% step
+    step_log(log_file, False, 100)(10, 0.5, 1.0)  # --quiet
+    assert terminal_out.getvalue() == ""
+    assert log_out.getvalue() == "tune step 5/100 loss 0.5000 1.00 s/step\n"
