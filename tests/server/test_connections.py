@@ -300,7 +300,11 @@ def test_a_slow_reader_of_a_stream_gets_all_of_it(long_stream_server: InProcessS
         sock.sendall(request(json.dumps(chat_body(stream=True)).encode()))
         sock.settimeout(30)
         while b"data: [DONE]" not in raw[-200:]:
-            deadline = time.monotonic() + (30 if not stalls else 3)
+            # After a stall the writes wait again within milliseconds of our not reading, unless
+            # the stream's end already fits the buffers: then nothing waits, the server's close
+            # waits on us instead, and that wait has the same write deadline. So we wait for a
+            # stall at most half the deadline (it was 3 s: the close's 2 s ran out first, a reset).
+            deadline = time.monotonic() + (30 if not stalls else WRITE_DEADLINE / 2)
             while not writes_waiting(srv) and time.monotonic() < deadline:
                 time.sleep(0.01)  # not reading: the socket buffers fill, the writes wait
             waited = writes_waiting(srv)
