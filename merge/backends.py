@@ -1,10 +1,11 @@
 """What scores one lambda: the transformers reference or the vLLM engine, behind one interface.
 
 A `Backend` sets the weights to a lambda and scores a split's multiple-choice items, its short
-answers and (transformers only) diversity. Both backends tokenize with the same evaluators
-(`MCEvaluator`, `FreeFormEvaluator`) and score with their functions; they differ in who computes
-the logprobs: transformers in this process holding three copies of the weights
-(merge/model.py), or the vLLM engine that will serve the merge (merge/engine.py).
+answers and the diversity of sampled replies to open prompts. Both backends tokenize with the
+same evaluators (`MCEvaluator`, `FreeFormEvaluator`, `DiversityProbe`) and score with their
+functions; they differ in who computes the logprobs and samples: transformers in this process
+holding three copies of the weights (merge/model.py), or the vLLM engine that will serve the
+merge (merge/engine.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def _evaluators(p: Prepared, tok: Any) -> _Evaluators:
     )
 
 
+def _probe(p: Prepared, tok: Any) -> DiversityProbe | None:
+    """The open prompts' diversity probe, when `--diversity` asked for one."""
+    c = p.config
+    return DiversityProbe(tok, p.prompts, seed=c.seed, device=c.device) if p.prompts else None
+
+
 class TransformersBackend:
     """The reference: one live transformers model plus both parents, in this process."""
 
@@ -69,8 +76,7 @@ class TransformersBackend:
         c = p.config
         self.ev = _evaluators(p, tok)
         self.em = load_eval_model(p.plan, c.method, resolve_dtype(c.dtype, c.device), c.device)
-        self.probe = (DiversityProbe(tok, p.prompts, seed=c.seed, device=c.device)
-                      if p.prompts else None)
+        self.probe = _probe(p, tok)
 
     def set(self, lam: float) -> None:
         self.em.set(lam)
@@ -102,12 +108,17 @@ class VllmBackend:
 
         c = p.config
         self.ev = _evaluators(p, tok)
+        self.probe = _probe(p, tok)
         prompts = [q for e in self.ev.mc.values() for q in e.prompts]
         prompts += [q for f in self.ev.free_form.values() for q in f.prompts]
+        new_tokens = c.max_new_tokens
+        if self.probe is not None:
+            prompts += self.probe.inputs
+            new_tokens = max(new_tokens, self.probe.max_new_tokens)
         settings = EngineSettings(
             dtype=c.dtype if c.dtype != "auto" else ("float32" if on_cpu() else "bfloat16"),
             tensor_parallel_size=c.tensor_parallel_size,
-            max_model_len=model_len_needed(prompts, c.max_new_tokens),
+            max_model_len=model_len_needed(prompts, new_tokens),
             gpu_memory_utilization=c.gpu_memory_utilization,
             seed=c.seed,
         )
@@ -124,7 +135,7 @@ class VllmBackend:
         return self.engine.short_answers(ff, on_batch) if ff is not None else None
 
     def diversity(self) -> dict[str, float] | None:
-        return None  # refused at configuration time (config.py)
+        return self.engine.diversity(self.probe) if self.probe is not None else None
 
     def close(self) -> None:
         self.engine.close()

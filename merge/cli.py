@@ -9,7 +9,9 @@ it (the `calibserve` app passes `calibserve.fit.serve_fit.fit_written_model`).
 
 `--free-form` is automatic by default: on when `--data` holds short-answer items in its calibrate
 split and an engine can run (this build has the serving path, and vLLM is installed), off
-otherwise; the decision is said in one line (and kept in the report's notes).
+otherwise; the decision is said in one line (and kept in the report's notes). `--evaluator` is
+automatic the same way: the vLLM engine that serves scores the sweep where vLLM is installed,
+transformers in-process (the reference) otherwise, said in one line.
 `--free-form` forces it (refused when it cannot run), `--no-free-form` turns it off. Errors the
 user can fix are printed as one line that names the argument, with exit status 2 and no
 traceback.
@@ -34,14 +36,15 @@ from calibserve.merge.errors import InvalidConfig, InvalidData, MergeError
 if TYPE_CHECKING:  # the pipeline imports torch: not at start-up of the console script
     from calibserve.merge.pipeline import AfterWrite
 
-__all__ = ["merge", "merge_command", "app", "engine_missing", "free_form_decision"]
+__all__ = ["merge", "merge_command", "app", "engine_missing", "evaluator_decision",
+           "free_form_decision"]
 
-# Says why no engine can run for the free-form fit (None: one can).
+# Says why no vLLM engine can run here (the free-form fit, `--evaluator auto`); None: one can.
 EngineCheck = Callable[[], str | None]
 
 
 def engine_missing() -> str | None:
-    """Why the free-form fit's vLLM engine cannot run here, or None when it can."""
+    """Why no vLLM engine (free-form fit, vLLM evaluator) can run here, or None when it can."""
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed (pip install 'calibserve[cpu]' or 'calibserve[gpu]')"
     return None
@@ -93,8 +96,26 @@ class CalibratorName(StrEnum):
 
 
 class Evaluator(StrEnum):
+    auto = "auto"
     transformers = "transformers"
     vllm = "vllm"
+
+
+def evaluator_decision(requested: Evaluator, engine_check: EngineCheck) -> tuple[str, str]:
+    """Which evaluator scores the sweep, and the one line that says so. `auto` is vllm where an
+    engine can run (vLLM installed), transformers otherwise; `vllm` where none can run raises
+    `InvalidConfig` naming `--evaluator`."""
+    if requested is Evaluator.transformers:
+        return "transformers", "evaluator: transformers (--evaluator transformers, the reference)"
+    why_not = engine_check()
+    if requested is Evaluator.vllm:
+        if why_not is not None:
+            raise InvalidConfig(why_not, "--evaluator")
+        return "vllm", "evaluator: vllm (--evaluator vllm)"
+    if why_not is not None:
+        return "transformers", f"evaluator: transformers (auto: {why_not})"
+    return "vllm", ("evaluator: vllm (auto: the engine that serves the merge; --evaluator "
+                    "transformers is the in-process reference)")
 
 
 class DType(StrEnum):
@@ -221,8 +242,9 @@ def merge_command(
                 "--evaluator",
                 help="What scores the sweep: vllm (the engine that serves the merge, weights set "
                 "in place on every worker; needs vLLM) or transformers (in-process, the "
-                "reference: three copies of the weights on one device)."),
-        ] = Evaluator.transformers,
+                "reference: three copies of the weights on one device). Default auto: vllm "
+                "when vLLM is installed, transformers otherwise, said in one line."),
+        ] = Evaluator.auto,
         tensor_parallel_size: Annotated[
             int, typer.Option("--tensor-parallel-size",
                               help="Devices the vLLM evaluator's engine shards the model over.")
@@ -271,6 +293,10 @@ def merge_command(
                 raise InvalidConfig("a label-free fit has no thresholds: a threshold that "
                                     "promises an accuracy needs labelled data",
                                     "--target-accuracy")
+            if dry_run and evaluator is not Evaluator.auto:  # a plan needs no engine
+                used, evaluator_line = evaluator.value, ""
+            else:
+                used, evaluator_line = evaluator_decision(evaluator, engine_check)
             config = build_config(
                 base=base,
                 aligned=aligned,
@@ -297,19 +323,17 @@ def merge_command(
                 grader=grader,
                 max_new_tokens=max_new_tokens,
                 label_free=label_free,
-                evaluator=evaluator.value,
+                evaluator=used,
                 tensor_parallel_size=tensor_parallel_size,
                 gpu_memory_utilization=gpu_memory_utilization,
             )
-            if dry_run or evaluator is Evaluator.vllm:
+            if dry_run or used == "vllm":
                 from calibserve.merge.memory_plan import check_plan
 
                 report = check_plan(config, device_memory, refuse=not dry_run)
                 if dry_run:
                     typer.echo(report)
                     return
-                if evaluator is Evaluator.vllm and (why := engine_check()) is not None:
-                    raise InvalidConfig(why, "--evaluator")
             if label_free and free_form is None:
                 fit, line = False, ("free-form fit: off (--label-free: the free-form methods "
                                     "need graded answers; --free-form fits them anyway)")
@@ -317,8 +341,9 @@ def merge_command(
                 fit, line = free_form_decision(free_form, data, after_write is not None,
                                                engine_check)
             if not quiet:
+                typer.echo(evaluator_line, err=True)
                 typer.echo(line, err=True)
-            notes = [line]
+            notes = [evaluator_line, line]
             if fit and grader != "exact":
                 notes.append(f"the sweep grades short answers with {grader}; the free-form fit "
                              "after the write grades with its own default (exact)")

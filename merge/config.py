@@ -233,10 +233,6 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _evaluator_options(self) -> MergeConfig:
-        if self.evaluator == "vllm" and self.diversity:
-            raise InvalidConfig("diversity is measured by the transformers evaluator only; "
-                                "drop --diversity or pass --evaluator transformers",
-                                "--diversity")
         if self.evaluator == "transformers" and self.tensor_parallel_size != 1:
             raise InvalidConfig("tensor parallelism needs the vLLM evaluator (--evaluator "
                                 "vllm); the transformers evaluator runs on one device",

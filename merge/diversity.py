@@ -4,6 +4,12 @@ Alignment tends to collapse replies onto one phrasing; interpolation can bring v
 prompt, `samples` replies are drawn at temperature 1 (seeded, so a point is reproducible), then
 `calibration.distinct_n` (n=1 and 2, higher = more diverse; one-word replies have no bigrams)
 and `calibration.pairwise_jaccard` (lower = more diverse) are averaged over prompts.
+
+Who draws the replies is the evaluator's business: `DiversityProbe.measure` samples with
+transformers' `generate`, the vLLM evaluator with the engine's sampler (merge/engine.py
+`VllmEvaluator.diversity`); both tokenize the prompts here and score the texts with `score`.
+The two samplers draw different random numbers, so their values agree in distribution, not
+reply for reply.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from calibserve.calibration import distinct_n, pairwise_jaccard
 from calibserve.merge.errors import InvalidData
 
-__all__ = ["load_open_prompts", "DiversityProbe"]
+__all__ = ["load_open_prompts", "DiversityProbe", "score"]
 
 
 def load_open_prompts(path: Path, limit: int = 40) -> list[str]:
@@ -71,9 +77,7 @@ class DiversityProbe:
     @torch.inference_mode()
     def measure(self, model: Any) -> dict[str, float]:
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        d1: list[float] = []
-        d2: list[float] = []
-        jac: list[float] = []
+        replies: list[list[str]] = []
         for ids in self.inputs:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             x = torch.tensor([ids], device=self.device)
@@ -89,12 +93,20 @@ class DiversityProbe:
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-            texts = self.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True)
-            d1.append(distinct_n(texts, 1))
-            d2.append(distinct_n(texts, 2))
-            jac.append(pairwise_jaccard(texts))
-        return {
-            "distinct_1": float(sum(d1) / len(d1)),
-            "distinct_2": float(sum(d2) / len(d2)),
-            "pairwise_jaccard": float(sum(jac) / len(jac)),
-        }
+            replies.append(
+                self.tokenizer.batch_decode(out[:, len(ids) :], skip_special_tokens=True))
+        return score(replies)
+
+
+def score(replies: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Diversity of sampled replies, one list of replies per prompt, averaged over prompts."""
+    if not replies:
+        raise ValueError("no prompts to score")
+    d1 = [distinct_n(list(texts), 1) for texts in replies]
+    d2 = [distinct_n(list(texts), 2) for texts in replies]
+    jac = [pairwise_jaccard(list(texts)) for texts in replies]
+    return {
+        "distinct_1": float(sum(d1) / len(d1)),
+        "distinct_2": float(sum(d2) / len(d2)),
+        "pairwise_jaccard": float(sum(jac) / len(jac)),
+    }

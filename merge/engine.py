@@ -17,7 +17,9 @@ sent to the engine as token ids, and their scoring functions turn the engine's l
   were served up to 6.8e-3 more confident than full-vocabulary scoring says.)
 - short answers: greedy replies of at most `max_new_tokens` with each token's logprob, stopping
   where the server's engine stops, scored by `confidence_score(..., "mean")` and the merge's
-  grader (`FreeFormEvaluator.score_replies`).
+  grader (`FreeFormEvaluator.score_replies`);
+- diversity (`--diversity`): `samples` replies per open prompt sampled at temperature 1 by the
+  engine's sampler, seeded per prompt, scored by `merge.diversity.score`.
 
 Prefix caching is off: a cached prefix computed under one lambda must never serve another.
 """
@@ -35,6 +37,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibserve.calibration.methods import confidence_method
+from calibserve.merge.diversity import DiversityProbe
+from calibserve.merge.diversity import score as score_diversity
 from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig, MergeError
 from calibserve.merge.evaluate import MCEvaluator, Scores
 from calibserve.merge.freeform import FreeFormEvaluator, FreeFormScores
@@ -256,6 +260,24 @@ class VllmEvaluator:
     ) -> FreeFormScores:
         tokens, logprobs = self.generate(ff, on_batch)
         return ff.score_replies(tokens, logprobs)
+
+    def diversity(self, probe: DiversityProbe) -> dict[str, float]:
+        """The probe's measure through the engine's sampler: `probe.samples` replies per
+        prompt at temperature 1 (no top-k or top-p), seeded per prompt from `probe.seed`,
+        decoded as the probe decodes them."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in probe.inputs],
+            [SamplingParams(n=probe.samples, temperature=1.0, top_p=1.0, top_k=0,
+                            max_tokens=probe.max_new_tokens, seed=probe.seed + i,
+                            detokenize=False)
+             for i in range(len(probe.inputs))],
+            use_tqdm=False)
+        return score_diversity(
+            [probe.tokenizer.batch_decode([list(o.token_ids) for o in out.outputs],
+                                          skip_special_tokens=True) for out in outs])
 
     def inject_fault(self, name: str | None) -> None:
         """Tests only: make every worker feed the aligned tensor for `name` at any lambda."""

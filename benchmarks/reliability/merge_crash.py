@@ -45,7 +45,7 @@ def build_world(root: Path) -> dict[str, Path]:
 def merge_args(world: dict[str, Path], out: Path) -> list[str]:
     return ["merge", "--base", str(world["base"]), "--aligned", str(world["aligned"]),
             "--data", str(world["data"]), "--out", str(out), "--grid", GRID, "--no-refine",
-            "--quiet", "--batch-size", "8"]
+            "--quiet", "--batch-size", "8", "--evaluator", "transformers"]
 
 
 def _events(log: Path) -> list[dict[str, Any]]:

@@ -74,7 +74,7 @@ def test_merge_free_form_writes_a_model_with_both_calibrations(
     result = CliRunner().invoke(app, [
         "merge", "--base", str(demo_dir / "base"), "--aligned", str(demo_dir / "aligned"),
         "--data", str(data), "--out", str(out), "--grid", "0,1", "--no-refine", "--quiet",
-        "--free-form"])
+        "--free-form", "--evaluator", "transformers"])
     assert result.exit_code == 0, result.output
     doc = CalibrationDocument.load(out / "model" / "calibration.json")
     assert doc.method("answer").fit is not None and doc.merge is not None

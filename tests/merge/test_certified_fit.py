@@ -88,7 +88,7 @@ def test_merge_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
     out = tmp_path / "out"
     args = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
             "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
-            "--no-refine", "--no-short-answers", "--no-free-form"]
+            "--no-refine", "--no-short-answers", "--no-free-form", "--evaluator", "transformers"]
     result = runner.invoke(app, [*args, "--max-error", "0.05"])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--max-error'" in result.output and "Traceback" not in result.output

@@ -23,6 +23,8 @@ def _args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
         str(world["data"]),
         "--out",
         str(out),
+        "--evaluator",  # the reference: these tests start no engine (auto is vllm where installed)
+        "transformers",
         *extra,
     ]
 

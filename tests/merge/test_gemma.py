@@ -84,7 +84,7 @@ def gemma_merged(gemma_world: dict[str, Any]) -> tuple[Path, str]:
         "--base", str(gemma_world["base"]), "--aligned", str(gemma_world["aligned"]),
         "--data", str(gemma_world["data"]), "--out", str(out), "--grid", "0,0.5,1",
         "--no-refine", "--max-new-tokens", str(MAX_NEW), "--select", "combined:max-accuracy",
-        "--calibrator", "temperature",
+        "--calibrator", "temperature", "--evaluator", "transformers",
     ])
     assert result.exit_code == 0, result.output
     return out, result.output

@@ -113,7 +113,7 @@ def test_merge_label_free_fits_the_chosen_point_against_the_base(
     out = tmp_path / "o"
     argv = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
             "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1",
-            "--no-refine", "--quiet"]
+            "--no-refine", "--quiet", "--evaluator", "transformers"]
     for flag, extra in (("--calibrator", ["--calibrator", "platt"]),
                         ("--target-accuracy", ["--target-accuracy", "0.5"])):
         refused = runner.invoke(merge_app, [*argv, "--label-free", *extra])

@@ -74,7 +74,8 @@ def test_the_transformers_evaluator_is_refused_tensor_parallelism(
     tiny_world: dict[str, Path], tmp_path: Path
 ) -> None:
     result = runner.invoke(app, _args(tiny_world, tiny_world["base"], tiny_world["aligned"],
-                                      tmp_path / "o", "--tensor-parallel-size", "2"))
+                                      tmp_path / "o", "--evaluator", "transformers",
+                                      "--tensor-parallel-size", "2"))
     assert result.exit_code == 2
     assert "Invalid value for '--tensor-parallel-size'" in result.output
 

@@ -6,8 +6,9 @@
   left at the aligned value) fails both checks, for every interpolated tensor; SLERP the same;
   with tensor parallelism 2 (two CPU ranks) on every rank.
 - A sweep killed mid-way resumes from its cached points (their files untouched), and the
-  finished run selects the same lambda as the transformers reference, with the same accuracy
-  at every point and ECE within 0.01.
+  finished run (`--evaluator` left at auto, which is vllm where vLLM is installed) selects the
+  same lambda as the transformers reference, with the same accuracy at every point, ECE within
+  0.01 and diversity close to the reference's.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 LAM = 0.5
 ITEMS = 32
+DIVERSITY_TOLERANCE = 0.05
 
 
 def _written(plan: object, lam: float, out: Path, method: str = "linear"
@@ -141,11 +143,13 @@ def test_tensor_parallel_2_sets_every_rank(demo_dir: Path, tmp_path: Path) -> No
         engine.close()
 
 
-def _merge_args(demo_dir: Path, out: Path, evaluator: str) -> list[str]:
+def _merge_args(demo_dir: Path, out: Path, evaluator: str | None) -> list[str]:
+    """The merge's arguments; `evaluator` None leaves `--evaluator` at its default (auto)."""
     return ["--base", str(demo_dir / "base"), "--aligned", str(demo_dir / "aligned"),
             "--data", str(demo_dir / "data"), "--out", str(out), "--grid", "0,0.25,0.5,0.75,1",
             "--max-items", str(ITEMS), "--no-refine", "--calibrator", "temperature",
-            "--no-free-form", "--quiet", "--evaluator", evaluator]
+            "--no-free-form", "--quiet", "--diversity",
+            *(["--evaluator", evaluator] if evaluator else [])]
 
 
 def _cli(args: list[str]) -> list[str]:
@@ -157,7 +161,7 @@ def test_a_killed_vllm_sweep_resumes_and_selects_the_reference_lambda(
     demo_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "vllm"
-    args = _cli(_merge_args(demo_dir, out, "vllm"))
+    args = _cli(_merge_args(demo_dir, out, None))  # auto: vLLM is installed, so vllm
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     log = (tmp_path / "killed.log").open("wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -203,3 +207,13 @@ def test_a_killed_vllm_sweep_resumes_and_selects_the_reference_lambda(
         assert abs(a["ece"] - b["ece"]) < 0.01
         assert a["free_form"]["accuracy"] == b["free_form"]["accuracy"]
         assert abs(a["free_form"]["ece"] - b["free_form"]["ece"]) < 0.01
+        assert all(0.0 <= v <= 1.0 for v in a["diversity"].values())
+    # Diversity: the engine's sampler draws other random numbers than transformers', so the
+    # two agree in distribution, not reply for reply: one point of 40 prompts x 4 replies moves
+    # by up to 0.05 between seeds (distinct_2, over the few bigrams of one- and two-word
+    # replies, by more), so the test compares the mean over the points, and asks that it moves
+    # with lambda by more than that.
+    for key in ("distinct_1", "pairwise_jaccard"):
+        ours, ref = ([p["diversity"][key] for p in r["points"]] for r in (mine, theirs))
+        assert abs(np.mean(ours) - np.mean(ref)) < DIVERSITY_TOLERANCE, (key, ours, ref)
+        assert max(ours) - min(ours) > 2 * DIVERSITY_TOLERANCE, (key, ours)
