@@ -11,13 +11,16 @@ install:
 demo: install
 	$(VENV)/bin/calibserve demo
 
-# Everything: lint, then the whole suite (demo world build, real vLLM CPU servers, Prometheus).
+# Everything: lint, then the whole suite (demo world build, real vLLM CPU servers, Prometheus)
+# on two pytest-xdist workers: the tests that build the world or start engines all on one, in
+# order (testing/fixtures.py HEAVY_MARKERS), everything else on the other.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
-# The inner loop: no engine, no demo-world build, nothing marked slow.
+# The inner loop: no engine, no demo-world build, nothing marked slow; three pytest-xdist
+# workers (the slowest tests wait on deadlines and servers, not on the CPU).
 test-fast: install
-	$(PY) -m pytest -m "not vllm and not demo and not realworld and not slow"
+	$(PY) -m pytest -n 3 -m "not vllm and not demo and not realworld and not slow"
 
 # ruff (with a complexity limit), strict mypy on the whole package, and the layer contract.
 lint: install

@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in used:
                 item.add_marker(marker)
+        if any(item.get_closest_marker(m) for m in HEAVY_MARKERS):
+            item.add_marker(pytest.mark.xdist_group(HEAVY_GROUP))
+
+
+# Under pytest-xdist's `--dist loadgroup` (make test) every test that builds the demo world,
+# starts an engine or converts a real model runs on one worker, in order, as without xdist:
+# the session fixtures (the world, the engines) are built once, and two engines never share
+# the two cores; the other worker takes the rest, most of which wait on deadlines and servers.
+HEAVY_MARKERS = ("vllm", "demo", "realworld")
+HEAVY_GROUP = "engines"
 
 
 def require(condition: bool, why: str) -> None:
