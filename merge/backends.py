@@ -118,6 +118,8 @@ class VllmBackend:
         settings = EngineSettings(
             dtype=c.dtype if c.dtype != "auto" else ("float32" if on_cpu() else "bfloat16"),
             tensor_parallel_size=c.tensor_parallel_size,
+            pipeline_parallel_size=c.pipeline_parallel_size,
+            distributed_executor_backend=c.distributed_executor_backend,
             max_model_len=model_len_needed(prompts, new_tokens),
             gpu_memory_utilization=c.gpu_memory_utilization,
             seed=c.seed,

@@ -118,6 +118,11 @@ def evaluator_decision(requested: Evaluator, engine_check: EngineCheck) -> tuple
                     "transformers is the in-process reference)")
 
 
+class Backend(StrEnum):
+    mp = "mp"
+    ray = "ray"
+
+
 class DType(StrEnum):
     auto = "auto"
     float32 = "float32"
@@ -247,8 +252,21 @@ def merge_command(
         ] = Evaluator.auto,
         tensor_parallel_size: Annotated[
             int, typer.Option("--tensor-parallel-size",
-                              help="Devices the vLLM evaluator's engine shards the model over.")
+                              help="Devices the vLLM evaluator's engine shards the model over "
+                              "(with several nodes: the devices of one node).")
         ] = 1,
+        pipeline_parallel_size: Annotated[
+            int, typer.Option("--pipeline-parallel-size",
+                              help="Pipeline stages of the vLLM evaluator's engine (with several "
+                              "nodes: the number of nodes, over a Ray cluster).")
+        ] = 1,
+        distributed_executor_backend: Annotated[
+            Backend | None, typer.Option(
+                "--distributed-executor-backend",
+                help="How the vLLM evaluator's engine runs its ranks: mp (processes on this "
+                "node) or ray (a Ray cluster: several nodes; `ray start` on each first). "
+                "Default: vLLM's choice.")
+        ] = None,
         gpu_memory_utilization: Annotated[
             float | None, typer.Option(
                 "--gpu-memory-utilization",
@@ -325,8 +343,15 @@ def merge_command(
                 label_free=label_free,
                 evaluator=used,
                 tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                distributed_executor_backend=(distributed_executor_backend.value
+                                              if distributed_executor_backend else None),
                 gpu_memory_utilization=gpu_memory_utilization,
             )
+            if used == "vllm" and not dry_run:
+                from calibserve.merge.engine import check_backend
+
+                check_backend(config.distributed_executor_backend)
             if dry_run or used == "vllm":
                 from calibserve.merge.memory_plan import check_plan
 

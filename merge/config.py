@@ -81,6 +81,8 @@ FLAG_NAMES: dict[str, str] = {
     "label_free": "--label-free",
     "evaluator": "--evaluator",
     "tensor_parallel_size": "--tensor-parallel-size",
+    "pipeline_parallel_size": "--pipeline-parallel-size",
+    "distributed_executor_backend": "--distributed-executor-backend",
     "gpu_memory_utilization": "--gpu-memory-utilization",
 }
 # What scores the sweep: the engine that serves (vllm) or transformers in-process (the reference).
@@ -227,6 +229,11 @@ class MergeConfig(BaseModel):
     # VLLM_CPU_KVCACHE_SPACE instead, merge/engine.py).
     evaluator: Literal["transformers", "vllm"] = "transformers"
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    # Several nodes, as vLLM does it: pipeline stages (one per node, tensor parallelism within
+    # a node) over a Ray cluster (`distributed_executor_backend="ray"`); None leaves vLLM's
+    # choice (multiprocessing on one node).
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
     # None: 0.9 on a GPU, 0.3 on CPU (there it is a fraction of host RAM checked against free
     # memory at start, which 0.9 fails on a shared machine).
     gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -237,6 +244,14 @@ class MergeConfig(BaseModel):
             raise InvalidConfig("tensor parallelism needs the vLLM evaluator (--evaluator "
                                 "vllm); the transformers evaluator runs on one device",
                                 "--tensor-parallel-size")
+        if self.evaluator == "transformers" and self.pipeline_parallel_size != 1:
+            raise InvalidConfig("pipeline parallelism needs the vLLM evaluator (--evaluator "
+                                "vllm); the transformers evaluator runs on one device",
+                                "--pipeline-parallel-size")
+        if self.evaluator == "transformers" and self.distributed_executor_backend:
+            raise InvalidConfig("an executor backend is the vLLM evaluator's (--evaluator "
+                                "vllm); the transformers evaluator runs in this process",
+                                "--distributed-executor-backend")
         return self
 
     @model_validator(mode="after")

@@ -75,10 +75,27 @@ class EngineSettings:
 
     dtype: str = "float32"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: vLLM's choice
     max_model_len: int = 256
     gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU, 0.3 on CPU
     seed: int = 0
     enforce_eager: bool = True
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes (ranks): tensor-parallel size x pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def check_backend(backend: str | None) -> None:
+    """Refuse an executor backend that cannot start here (Ray not installed), naming the flag."""
+    import importlib.util
+
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise InvalidConfig("the ray backend needs Ray on every node (pip install "
+                            "'ray[default]', then `ray start` on each)",
+                            "--distributed-executor-backend")
 
 
 def on_cpu() -> bool:
@@ -108,15 +125,16 @@ class VllmEvaluator:
     """A vLLM engine over the aligned checkpoint whose weights are set to any lambda."""
 
     def __init__(self, base: Path, aligned: Path, method: str, settings: EngineSettings) -> None:
+        check_backend(settings.distributed_executor_backend)
         from vllm import LLM
 
         if on_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-            if settings.tensor_parallel_size > 1:
+            if settings.world_size > 1:
                 # vLLM binds each CPU rank to a NUMA node and refuses more ranks than nodes
                 # (one node here); splitting this process's cores among the ranks works.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
-                                      cpu_binding(settings.tensor_parallel_size))
+                                      cpu_binding(settings.world_size))
         self.settings = settings
         try:
             self.llm = LLM(
@@ -124,6 +142,8 @@ class VllmEvaluator:
                 tokenizer=str(aligned),
                 dtype=settings.dtype,  # type: ignore[arg-type]  # checked by MergeConfig
                 tensor_parallel_size=settings.tensor_parallel_size,
+                pipeline_parallel_size=settings.pipeline_parallel_size,
+                distributed_executor_backend=settings.distributed_executor_backend,
                 max_model_len=settings.max_model_len,
                 gpu_memory_utilization=settings.gpu_memory_utilization
                 or (CPU_MEMORY_UTILIZATION if on_cpu() else GPU_MEMORY_UTILIZATION),
@@ -150,7 +170,7 @@ class VllmEvaluator:
 
     @property
     def ranks(self) -> int:
-        return self.settings.tensor_parallel_size
+        return self.settings.world_size
 
     def set(self, lam: float) -> None:
         """Every worker's weights to theta(lam); raises `WeightUpdateError` when a worker's

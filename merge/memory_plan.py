@@ -14,6 +14,10 @@ config. What each evaluator holds on one device:
   over N). The parents never reach a device: each rank reads them from the memory-mapped
   checkpoint files (page cache, shared by the ranks of a node) one tensor at a time
   (merge/engine_worker.py); the host needs three float32 copies of the largest tensor per rank.
+- vllm with P pipeline stages (`--pipeline-parallel-size`, several nodes): each stage holds
+  about 1 / P of the layers, so weights / (N x P) and the KV cache of layers / P; the reload
+  scratch stays the largest tensor / N (the embedding lives on one stage whole). An estimate:
+  stages are cut at layer boundaries and the first and last hold the embedding and head.
 
 On CPU, vLLM's KV cache is what VLLM_CPU_KVCACHE_SPACE says (GiB), not a fraction of memory.
 """
@@ -134,7 +138,7 @@ def model_size(ref: str, param: str = "--aligned") -> ModelSize:
 
 @dataclass(frozen=True)
 class Row:
-    """One evaluator at one tensor-parallel size: bytes per device."""
+    """One evaluator at one tensor-parallel size (and pipeline stages): bytes per device."""
 
     evaluator: str
     tp: int
@@ -142,6 +146,7 @@ class Row:
     parents: int
     scratch: int
     kv_cache: int
+    pp: int = 1
 
     @property
     def total(self) -> int:
@@ -149,16 +154,18 @@ class Row:
 
 
 def plan_rows(size: ModelSize, dtype: str, tp_sizes: tuple[int, ...],
-              cpu_kv_bytes: int | None = None) -> list[Row]:
-    """The transformers row and one vLLM row per tensor-parallel size."""
+              cpu_kv_bytes: int | None = None, pp: int = 1) -> list[Row]:
+    """The transformers row and one vLLM row per tensor-parallel size (each with `pp`
+    pipeline stages)."""
     b = DTYPE_BYTES[dtype]
     w = size.params * b
     rows = [Row("transformers", 1, w, 2 * w, 0, 0)]
+    layers = -(-size.layers // pp)
     for n in tp_sizes:
         kv_heads = max(1, size.kv_heads // n)
-        per_token = 2 * size.layers * kv_heads * size.head_dim * b
+        per_token = 2 * layers * kv_heads * size.head_dim * b
         kv = cpu_kv_bytes if cpu_kv_bytes is not None else per_token * KV_TOKENS
-        rows.append(Row("vllm", n, -(-w // n), 0, -(-size.largest * b // n), kv))
+        rows.append(Row("vllm", n, -(-w // (n * pp)), 0, -(-size.largest * b // n), kv, pp))
     return rows
 
 
@@ -203,13 +210,14 @@ def check_plan(config: MergeConfig, device_memory: str | None, refuse: bool) -> 
     if not on_gpu and device_memory is None:
         cpu_kv = int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")) * 2**30)
     tps = tuple(sorted({*TP_SIZES, config.tensor_parallel_size}))
-    rows = plan_rows(size, dtype, tps, cpu_kv)
+    pp = config.pipeline_parallel_size
+    rows = plan_rows(size, dtype, tps, cpu_kv, pp)
     share = (f"the vLLM engine may take {util:g} of it, --gpu-memory-utilization" if util < 1
              else "vLLM's CPU KV cache is VLLM_CPU_KVCACHE_SPACE GiB")
     lines = [
         f"memory plan, bytes per device ({size.params / 1e6:,.1f} M parameters from "
         f"{size.source}, {dtype}; device memory {_gb(memory)} from {where}; {share})",
-        f"{'evaluator':<13}{'TP':>3}  {'weights':>10}{'parents':>10}{'reload':>10}"
+        f"{'evaluator':<13}{'TP':>3}{'PP':>3}  {'weights':>10}{'parents':>10}{'reload':>10}"
         f"{'KV cache':>10}{'total':>10}  fits",
     ]
     chosen: Row | None = None
@@ -218,19 +226,21 @@ def check_plan(config: MergeConfig, device_memory: str | None, refuse: bool) -> 
         mine = r.evaluator == config.evaluator and r.tp == config.tensor_parallel_size
         chosen = r if mine else chosen
         lines.append(
-            f"{r.evaluator:<13}{r.tp:>3}  {_gb(r.weights):>10}{_gb(r.parents):>10}"
+            f"{r.evaluator:<13}{r.tp:>3}{r.pp:>3}  {_gb(r.weights):>10}{_gb(r.parents):>10}"
             f"{_gb(r.scratch):>10}{_gb(r.kv_cache):>10}{_gb(r.total):>10}  "
             f"{'yes' if r.total <= budget else 'no'}{'  <- this run' if mine else ''}")
     assert chosen is not None
     budget = int(memory * (util if chosen.evaluator == "vllm" else 1.0))
     fits = chosen.total <= budget
-    verdict = (f"{chosen.evaluator} at tensor parallelism {chosen.tp}: needs "
+    stages = f" and {chosen.pp} pipeline stages" if chosen.pp > 1 else ""
+    verdict = (f"{chosen.evaluator} at tensor parallelism {chosen.tp}{stages}: needs "
                f"{_gb(chosen.total)} per device of {_gb(budget)} usable: "
                f"{'fits' if fits else 'does not fit'}")
     lines.append(verdict)
     if refuse and not fits:
         flag = "--tensor-parallel-size" if chosen.evaluator == "vllm" else "--evaluator"
-        hint = ("raise --tensor-parallel-size" if flag != "--evaluator" else
+        hint = ("raise --tensor-parallel-size (devices a node) or --pipeline-parallel-size "
+                "(nodes)" if flag != "--evaluator" else
                 "use --evaluator vllm (the parents stay off the device)")
         raise InvalidConfig(f"{verdict} ({hint}; --dry-run prints the plan)", flag)
     return "\n".join(lines)

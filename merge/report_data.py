@@ -85,6 +85,7 @@ def report_data(
         "method": c.method,
         # Who computed the sweep's logprobs: the serving engine or the transformers reference.
         "evaluator": {"name": c.evaluator, "tensor_parallel_size": c.tensor_parallel_size,
+                      "pipeline_parallel_size": c.pipeline_parallel_size,
                       "dtype": c.dtype, "version": _evaluator_version(c.evaluator)},
         "splits": {k: len(v) for k, v in p.items.items()},
         "short_answer_splits": {k: len(v) for k, v in p.short_items.items()},

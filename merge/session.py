@@ -52,6 +52,8 @@ def cache_key(p: Prepared, split: str) -> str:
     if c.evaluator != "transformers":  # the reference's keys stay those of earlier caches
         # "served-top-k": multiple choice read from the served top alternatives (engine.py).
         parts["evaluator"] = [c.evaluator, c.tensor_parallel_size, "served-top-k", 2]
+        if c.pipeline_parallel_size != 1:  # older caches keep their key
+            parts["evaluator"].append(f"pp{c.pipeline_parallel_size}")
     return fingerprint(parts)
 
 

@@ -85,3 +85,17 @@ def test_a_dry_run_plans_the_vllm_evaluator_without_vllm(tiny_world: dict[str, P
                                                                 "--evaluator", "vllm"))
     assert result.exit_code == 0, result.output
     assert result.output.startswith("memory plan") and not out.exists()
+
+
+def test_the_ray_backend_without_ray_is_refused_naming_the_flag() -> None:
+    import importlib.util
+
+    from calibserve.merge.engine import check_backend
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("Ray is installed here: the refusal cannot happen")
+    check_backend("mp")
+    check_backend(None)
+    with pytest.raises(InvalidConfig) as err:
+        check_backend("ray")  # the engine's first step (VllmEvaluator.__init__)
+    assert err.value.param == "--distributed-executor-backend" and "ray" in err.value.message

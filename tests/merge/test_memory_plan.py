@@ -87,3 +87,37 @@ def test_a_bad_device_memory_is_refused_naming_it(
                                       tmp_path / "o", "--dry-run", "--device-memory", "lots"))
     assert result.exit_code == 2
     assert "Invalid value for '--device-memory'" in result.output
+
+
+def test_pipeline_stages_divide_the_plan_across_nodes(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two nodes of one 80 GB GPU each: 27B does not fit one stage (91 GB), it fits two."""
+    def plan(*extra: str) -> str:
+        result = runner.invoke(app, _args(tiny_world, GEMMA_27B, GEMMA_27B, tmp_path / "o",
+                                          "--dry-run", "--evaluator", "vllm", "--dtype",
+                                          "bfloat16", "--device-memory", "80GB", *extra))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    one, two = plan(), plan("--pipeline-parallel-size", "2")
+    row = {out: next(line for line in out.splitlines() if line.endswith("<- this run"))
+           for out in (one, two)}
+    assert row[one].split()[:3] == ["vllm", "1", "1"] and " no " in row[one]
+    assert row[two].split()[:3] == ["vllm", "1", "2"] and " yes " in row[two]
+    weights = {out: float(row[out].split()[3]) for out in (one, two)}
+    assert abs(weights[two] - weights[one] / 2) < 0.1  # GB: half the layers a stage
+    assert "vllm at tensor parallelism 1 and 2 pipeline stages" in two and ": fits" in two
+
+
+def test_the_transformers_evaluator_refuses_the_multi_node_flags(
+    tiny_world: dict[str, Path], tmp_path: Path
+) -> None:
+    for extra, flag in ((["--pipeline-parallel-size", "2"], "--pipeline-parallel-size"),
+                        (["--distributed-executor-backend", "ray"],
+                         "--distributed-executor-backend")):
+        result = runner.invoke(app, _args(tiny_world, tiny_world["base"], tiny_world["aligned"],
+                                          tmp_path / "o", "--evaluator", "transformers", *extra))
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{flag}'" in result.output
+    assert not (tmp_path / "o").exists()
