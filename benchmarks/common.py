@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from calibserve.server.ports import free_port  # one picker for the whole project
+
 __all__ = [
     "REPO", "calibserve_home", "cpu_model", "cpu_seconds", "descendants", "free_port", "loadavg",
     "machine", "mem_gib", "pct", "rss_kib", "run_dir", "run_file", "stamp", "start",
@@ -160,12 +162,6 @@ def rss_kib(pid: int | str = "self") -> int:
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
 
 def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
           ) -> subprocess.Popen[bytes]:

@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import httpx
 
 from calibserve.server.config import EngineSettings
 from calibserve.server.engine_log import EngineLog, log_path, shown
+from calibserve.server.ports import free_port
 
 log = logging.getLogger("calibserve.engine")
 
@@ -66,12 +66,6 @@ def cuda_available() -> bool:
     if os.environ.get("CALIBSERVE_FORCE_CPU"):
         return False
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _model_max_len(model_dir: Path) -> int | None:

@@ -10,7 +10,6 @@ CPU) and shared by every test.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,14 +18,9 @@ import httpx
 
 from calibserve.server.config import EngineSettings
 from calibserve.server.engine import build_command, cuda_available
+from calibserve.server.ports import free_port
 
 START_TIMEOUT_S = float(os.environ.get("CALIBSERVE_TEST_VLLM_TIMEOUT", "420"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class VLLMProcess:

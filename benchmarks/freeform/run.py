@@ -96,7 +96,7 @@ def method_documents(served: Path, tmp: Path) -> dict[str, Path]:
 @contextmanager
 def calibserve_serve(config: Path, log: Path) -> Iterator[str]:
     """`calibserve serve --config CONFIG` as its own process, until /ready answers 200."""
-    from calibserve.testing.vllm_process import free_port
+    from calibserve.server.ports import free_port
 
     port = free_port()
     exe = Path(sys.executable).with_name("calibserve")

@@ -494,7 +494,8 @@ def _engine(run: Run, model: Path, template: Path | None, verify: bool, log: Pat
             ) -> Iterator[str]:
     from benchmarks.realworld.served import ENGINE_ARGS, _popen, _stop, _wait
     from calibserve.server.config import EngineSettings
-    from calibserve.server.engine import build_command, cuda_available, free_port
+    from calibserve.server.engine import build_command, cuda_available
+    from calibserve.server.ports import free_port
 
     port = free_port()
     extra = [*ENGINE_ARGS, *(["--chat-template", str(template)] if template else [])]
@@ -512,7 +513,7 @@ def _engine(run: Run, model: Path, template: Path | None, verify: bool, log: Pat
 def _front(run: Run, rows: Sequence[Row], upstream: str, workdir: Path) -> Iterator[str]:
     """`calibserve serve --config`: one model per row, all on `upstream`."""
     from benchmarks.realworld.served import _popen, _stop, _wait
-    from calibserve.server.engine import free_port
+    from calibserve.server.ports import free_port
 
     port = free_port()
     models = []

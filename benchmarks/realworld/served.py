@@ -83,7 +83,8 @@ def engine(model_dir: Path, name: str, log: Path, max_model_len: int,
            timeout_s: float = 600) -> Iterator[str]:
     """A vLLM engine on `model_dir` with the managed engine's command line; yields its URL."""
     from calibserve.server.config import EngineSettings
-    from calibserve.server.engine import build_command, cuda_available, free_port
+    from calibserve.server.engine import build_command, cuda_available
+    from calibserve.server.ports import free_port
 
     port = free_port()
     settings = EngineSettings(max_model_len=max_model_len, extra_args=list(ENGINE_ARGS))
@@ -100,7 +101,7 @@ def engine(model_dir: Path, name: str, log: Path, max_model_len: int,
 def calibserve_serve(model_dir: Path, name: str, calibration: Path, workdir: Path,
                      max_model_len: int, timeout_s: float = 600) -> Iterator[str]:
     """`calibserve serve --config` on `model_dir` served with `calibration`; yields its URL."""
-    from calibserve.server.engine import free_port
+    from calibserve.server.ports import free_port
 
     port = free_port()
     config = {

@@ -24,8 +24,8 @@ import uvicorn
 import yaml
 
 from calibserve.calibration import N_BINS, ece
+from calibserve.server.ports import free_port
 from calibserve.testing.fixtures import require
-from calibserve.testing.vllm_process import free_port
 from tests.deploy.tools import RULES, tool
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

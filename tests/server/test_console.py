@@ -127,7 +127,7 @@ def test_the_block_is_printed_once_ready_answers(tmp_path: Path, fake_server: Fa
 
 
 def test_a_server_that_stops_first_cancels_the_announcement(tmp_path: Path) -> None:
-    from calibserve.testing.vllm_process import free_port
+    from calibserve.server.ports import free_port
 
     settings = settings_for(tmp_path, host="127.0.0.1", port=free_port())  # nothing listens
     printed: list[str] = []

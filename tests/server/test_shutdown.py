@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from calibserve.server.ports import free_port
 from calibserve.testing.fake_upstream import fake_python
-from calibserve.testing.vllm_process import free_port
 from tests.server.conftest import REPO, FakeUpstream
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "question : ?"}]}
