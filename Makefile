@@ -12,9 +12,8 @@ demo: install
 	$(VENV)/bin/calibserve demo
 
 # Everything: lint, then the whole suite (demo world build, real vLLM CPU servers, Prometheus)
-# on two pytest-xdist workers: the tests that start engines or convert real models all on one,
-# in order (testing/fixtures.py HEAVY_MARKERS), everything else on either; the slowest 25 are
-# listed.
+# on two pytest-xdist workers: the tests that start engines all on one, in order
+# (testing/fixtures.py HEAVY_MARKERS), everything else on either; the slowest 25 are listed.
 test: lint
 	$(PY) -m pytest -n 2 --dist loadgroup --durations=25
 

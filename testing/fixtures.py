@@ -41,14 +41,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(HEAVY_GROUP))
 
 
-# Under pytest-xdist's `--dist loadgroup` (make test) every test that starts an engine or
-# converts a real model runs on one worker, in order, as without xdist: the session's engines
-# are started once and two engines never share the two cores. The other worker takes the rest,
-# most of which wait on deadlines and servers; the demo world and its merge are built once
-# whichever worker asks first (`publish.build_once` holds a file lock, the other waits).
-# (Real-model tests stay with the engines: beside the SmolLM2 conversion, a streamed engine
-# bundled two tokens into one delta in the fidelity test, which compares it chunk for chunk.)
-HEAVY_MARKERS = ("vllm", "realworld")
+# Under pytest-xdist's `--dist loadgroup` (make test) every test that starts an engine runs on
+# one worker, in order, as without xdist: the session's engines are started once and two
+# engines never share the two cores. The other worker takes the rest, most of which wait on
+# deadlines and servers; the demo world, its merge and the real models are built once whichever
+# worker asks first (each under a file lock, the other waits).
+HEAVY_MARKERS = ("vllm",)
 HEAVY_GROUP = "engines"
 
 
