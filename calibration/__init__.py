@@ -50,6 +50,7 @@ from calibserve.calibration.family import (
 from calibserve.calibration.frontier import RULES, pareto_frontier, select_point
 from calibserve.calibration.guarantee import (
     Certificate,
+    batch_error_target,
     certify_cascade,
     certify_threshold,
     clopper_pearson_upper,
@@ -175,6 +176,7 @@ __all__ = [
     # certified thresholds
     "Certificate",
     "Guarantee",
+    "batch_error_target",
     "certify_cascade",
     "certify_threshold",
     "clopper_pearson_upper",

@@ -3,10 +3,11 @@
 `--threshold guaranteed --max-error ALPHA [--delta DELTA]` asks every fit (merge, `calibserve
 calibrate`) to certify, per confidence method, the threshold of `calibration.guarantee` on the
 method's calibrated confidence of its calibrate items, and to record it in the method's
-`guarantees`. A method that cannot be certified gets a `not certified` note instead; when that
-method is one the document serves (its `multiple_choice` or `free_form` method), the fit is
-refused (`refusals`): a target no threshold can certify is said at fit time, with the minimum
-escalation rate it would need, never discovered in production.
+`guarantees`; `--batch M` makes each a batch certificate (every batch of at least M kept
+answers, not only the long-run rate). A method that cannot be certified gets a `not certified`
+note instead; when that method is one the document serves (its `multiple_choice` or `free_form`
+method), the fit is refused (`refusals`): a target no threshold can certify is said at fit
+time, with the minimum escalation rate it would need, never discovered in production.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ NOT_CERTIFIED = "not certified"  # how a method's fit notes start when a target 
 
 @dataclass(frozen=True)
 class GuaranteeTargets:
-    """The error rates to certify (`--max-error`, none: no certification) at one `delta`."""
+    """The error rates to certify (`--max-error`, none: no certification) at one `delta`;
+    `batch` (`--batch`): certify every batch of at least that many kept answers, not only the
+    long-run rate (`calibration.guarantee`: batch certificates)."""
 
     max_errors: tuple[float, ...] = ()
     delta: float = DEFAULT_DELTA
+    batch: int | None = None
 
     def __post_init__(self) -> None:
         for a in self.max_errors:
@@ -37,6 +41,12 @@ class GuaranteeTargets:
                 raise CalibrationError(f"max_error must be strictly between 0 and 1, got {a!r}")
         if not 0.0 < self.delta < 1.0:
             raise CalibrationError(f"delta must be strictly between 0 and 1, got {self.delta!r}")
+        if self.batch is not None:
+            if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+                raise CalibrationError(f"batch must be a whole number of kept answers >= 1, "
+                                       f"got {self.batch!r}")
+            if not self.max_errors:
+                raise CalibrationError("batch needs a max_error to certify")
 
     def __bool__(self) -> bool:
         return bool(self.max_errors)
@@ -52,7 +62,8 @@ def certified_thresholds(calibrated: ArrayLike, correct: ArrayLike, targets: Gua
     entries: list[Guarantee] = []
     notes: list[str] = []
     for alpha in targets.max_errors:
-        cert = certify_threshold(calibrated, correct, alpha, targets.delta)
+        cert = certify_threshold(calibrated, correct, alpha, targets.delta,
+                                 batch=targets.batch)
         if cert.certified:
             entries.append(Guarantee.from_certificate(cert))
         else:

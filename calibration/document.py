@@ -47,7 +47,7 @@ from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
 from calibserve.calibration.confidence import DEFAULT_OPTIONS
 from calibserve.calibration.confidence import METHODS as TOKEN_STATISTICS
 from calibserve.calibration.errors import CalibrationError
-from calibserve.calibration.guarantee import Certificate
+from calibserve.calibration.guarantee import Certificate, batch_error_target
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS as METHODS,
 )
@@ -185,7 +185,10 @@ class Guarantee(_Sparse):
     least 1 - `delta`, answers kept at or above `threshold` are wrong at most `max_error` of the
     time, on traffic exchangeable with the `n` items it was certified on. `kept` of them were
     kept (`coverage` = kept / n), `kept_errors` of those wrong, and `bound` is their exact
-    (Clopper-Pearson) upper bound at 1 - delta. `tier` and `tiers`: its place in a cascade
+    (Clopper-Pearson) upper bound at 1 - delta. `batch` (a batch certificate): any one batch of
+    at least `batch` kept answers is wrong at most `max_error` of the time with probability at
+    least 1 - delta; the rate certified is then `batch_target` (`batch_error_target`), `bound`
+    is at 1 - delta / 2 and at most it. `tier` and `tiers`: its place in a cascade
     (`calibserve certify`), where `n` counts the items the earlier tiers did not keep."""
 
     max_error: float
@@ -196,21 +199,37 @@ class Guarantee(_Sparse):
     n: int = Field(ge=1)
     kept: int = Field(ge=1)
     kept_errors: int = Field(ge=0)
+    batch: int | None = Field(default=None, ge=1)
+    batch_target: float | None = None
     tier: int | None = Field(default=None, ge=0)
     tiers: int | None = Field(default=None, ge=1)
     after: list[str] | None = None  # cascade: the earlier tiers, primary first
 
-    @field_validator("max_error", "delta", "threshold", "coverage", "bound")
+    @field_validator("max_error", "delta", "threshold", "coverage", "bound", "batch_target")
     @classmethod
-    def _in_unit(cls, v: float) -> float:
-        return _probability(v)
+    def _in_unit(cls, v: float | None) -> float | None:
+        return v if v is None else _probability(v)
+
+    @property
+    def target(self) -> float:
+        """The kept answers' error rate certified: `batch_target`, else max_error."""
+        return self.max_error if self.batch_target is None else self.batch_target
 
     @model_validator(mode="after")
     def _consistent(self) -> Guarantee:
         if self.kept > self.n or self.kept_errors > self.kept:
             raise ValueError("needs kept_errors <= kept <= n")
-        if self.bound > self.max_error + 1e-12:
-            raise ValueError(f"bound {self.bound} is above max_error {self.max_error}: "
+        if (self.batch is None) != (self.batch_target is None):
+            raise ValueError("batch and batch_target come together (a batch certificate)")
+        if self.batch is not None and self.batch_target is not None:
+            expected = batch_error_target(self.max_error, self.delta, self.batch)
+            if abs(self.batch_target - expected) > 1e-9:
+                raise ValueError(f"batch_target {self.batch_target} is not the batch target "
+                                 f"{expected} of max_error {self.max_error}, delta "
+                                 f"{self.delta}, batch {self.batch}")
+        if self.bound > self.target + 1e-12:
+            which = "max_error" if self.batch is None else "batch_target"
+            raise ValueError(f"bound {self.bound} is above {which} {self.target}: "
                              "not a certificate")
         return self
 
@@ -221,7 +240,8 @@ class Guarantee(_Sparse):
             raise ValueError("nothing was certified: " + cert.refusal())
         return cls(max_error=cert.max_error, delta=cert.delta, threshold=cert.threshold,
                    coverage=cert.coverage, bound=cert.bound, n=cert.n, kept=cert.kept,
-                   kept_errors=cert.kept_errors, **cascade)
+                   kept_errors=cert.kept_errors, batch=cert.batch,
+                   batch_target=cert.batch_target, **cascade)
 
 
 class FitMetrics(_Sparse):

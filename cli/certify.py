@@ -1,11 +1,12 @@
 """`calibserve certify`: certified thresholds for a whole escalation route (issue 29 item 2).
 
     calibserve certify --tier PRIMARY --tier EXPERT [--calibration P.json --calibration E.json]
-                       --data DIR --max-error 0.2 [--delta 0.1]
+                       --data DIR --max-error 0.2 [--delta 0.1] [--batch M]
 
 Each tier is scored on `DIR/calibrate.jsonl` with its own calibration document; the primary's
 threshold is certified on all items, the next tier's on the items the primary did not keep, and
-so on, each at delta / tiers (`merge.certify_route`). The documents are rewritten with their
+so on, each at delta / tiers (`merge.certify_route`); `--batch M` certifies every batch of at least
+M kept answers instead of the long-run rate. The documents are rewritten with their
 certificate; serve the route with `calibserve serve --model PRIMARY --escalate-to EXPERT
 --escalate-calibration E.json --threshold guaranteed --max-error 0.2`. Errors name the flag,
 exit status 2, nothing written.
@@ -33,6 +34,9 @@ def certify(
     delta: Annotated[float, typer.Option(
         "--delta", help="the chance the certificate may be wrong (split evenly over the tiers)")
     ] = DEFAULT_DELTA,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", metavar="M", help="with --max-error: certify every batch of at least M kept "
+        "answers (a day's traffic, say), not only the long-run rate (costs coverage)")] = None,
     calibration: Annotated[list[Path] | None, typer.Option(
         "--calibration", help="the calibration.json of the --tier in the same position, "
         "rewritten with its certificate [default: TIER/calibration.json]")] = None,
@@ -48,7 +52,7 @@ def certify(
     files += [t / "calibration.json" for t in tier[len(files):]]
     tiers = [RouteTier(t, f) for t, f in zip(tier, files, strict=True)]
     try:
-        results = certify_route(tiers, data, max_error, delta)
+        results = certify_route(tiers, data, max_error, delta, batch)
     except MergeError as exc:
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
@@ -60,9 +64,17 @@ def certify(
                        f"{where} at delta {cert.delta:g}: its answers are served outside the "
                        "guarantee (document unchanged)")
             continue
+        bound = (f"{max_error:g} at delta {cert.delta:g}" if batch is None else
+                 f"batch target {cert.target:.4f} at delta {cert.level:g}")
         typer.echo(f"{t.calibration}: tier {i} ({t.name}): threshold {cert.threshold:.4f} "
                    f"certified on {cert.n} {where}: keeps {cert.kept} ({cert.coverage:.1%}), "
-                   f"{cert.kept_errors} wrong, upper bound {cert.bound or 0:.4f} <= "
-                   f"{max_error:g} at delta {cert.delta:g}")
-    typer.echo(f"route: with probability >= {1 - delta:g}, answers kept by any tier are wrong "
-               f"at most {max_error:g} of the time on traffic like {data}/calibrate.jsonl")
+                   f"{cert.kept_errors} wrong, upper bound {cert.bound or 0:.4f} <= {bound}")
+    if batch is None:
+        typer.echo(f"route: with probability >= {1 - delta:g}, answers kept by any tier are "
+                   f"wrong at most {max_error:g} of the time on traffic like "
+                   f"{data}/calibrate.jsonl")
+    else:
+        typer.echo(f"route: any one batch of at least {batch} answers kept by the tiers is "
+                   f"wrong at most {max_error:g} of the time with probability >= {1 - delta:g}"
+                   f" (each tier's kept error rate certified <= its batch target, at half its "
+                   f"delta) on traffic like {data}/calibrate.jsonl")

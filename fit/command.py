@@ -59,6 +59,10 @@ def calibrate(
     delta: Annotated[float, typer.Option(
         "--delta", help="with --max-error: the chance the certificate may be wrong")
     ] = DEFAULT_DELTA,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", help="with --max-error: certify every batch of at least M kept answers (a "
+        "day's traffic, say), not only the long-run rate (costs coverage)", metavar="M")
+    ] = None,
     grader: Annotated[str | None, typer.Option(
         "--grader", help="short-answer grader: exact (default), contains, or module:function, "
         "called (reply, gold, aliases) -> bool")] = None,
@@ -101,6 +105,8 @@ def calibrate(
     from calibserve.fit.serve_fit import calibrate_with_serving
     from calibserve.merge.errors import MergeError
 
+    if batch is not None and not max_error:
+        _refuse("--batch", "only with --max-error (it certifies batches of the kept answers)")
     if label_free or reference is not None:
         if max_error:
             _refuse("--max-error", "a label-free fit has no thresholds: a certified error rate "
@@ -109,7 +115,7 @@ def calibrate(
                               target_accuracy, overwrite)
         return
     targets = target_accuracy if target_accuracy else list(DEFAULT_TARGET_ACCURACIES)
-    guarantees = _guarantee_targets(max_error, delta)
+    guarantees = _guarantee_targets(max_error, delta, batch)
     try:
         check_inputs(model, data, out, calibrator.value, targets, overwrite)
         try:
@@ -158,23 +164,30 @@ def calibrate(
                    f"calibrated (accuracy {fit.accuracy if fit.accuracy is not None else 0:.3f}"
                    f"{area})")
         for g in entry.guarantees:
+            batch_of = "" if g.batch is None else (
+                f" in any batch of at least {g.batch} kept answers (rate certified <= "
+                f"{g.target:.4f} at delta {g.delta / 2:g})")
             typer.echo(f"{out}: {name}: certified threshold {g.threshold:.4f} for max_error "
-                       f"{g.max_error:g} (delta {g.delta:g}): keeps {g.coverage:.1%} of {g.n} "
-                       f"items, {g.kept_errors} of {g.kept} kept wrong, upper bound "
+                       f"{g.max_error:g}{batch_of} (delta {g.delta:g}): keeps {g.coverage:.1%} "
+                       f"of {g.n} items, {g.kept_errors} of {g.kept} kept wrong, upper bound "
                        f"{g.bound:.4f}")
     for note in (doc.metrics.get("short_answer") or {}).get("notes") or []:
         typer.echo(f"{out}: note: {note}")
     typer.echo(f"{out}: multiple_choice={doc.multiple_choice} free_form={doc.free_form}")
 
 
-def _guarantee_targets(max_error: list[float] | None, delta: float) -> GuaranteeTargets:
-    """`--max-error` / `--delta` as the fit's certification targets (bad values: exit 2)."""
+def _guarantee_targets(max_error: list[float] | None, delta: float, batch: int | None
+                       ) -> GuaranteeTargets:
+    """`--max-error` / `--delta` / `--batch` as the fit's certification targets (bad values:
+    exit 2)."""
     from calibserve.calibration import CalibrationError
 
     try:
-        return GuaranteeTargets(tuple(max_error or ()), delta)
+        return GuaranteeTargets(tuple(max_error or ()), delta, batch)
     except CalibrationError as exc:
-        _refuse("--delta" if "delta" in str(exc) else "--max-error", str(exc))
+        message = str(exc)
+        _refuse("--batch" if message.startswith("batch") else
+                "--delta" if "delta" in message else "--max-error", message)
         raise AssertionError("unreachable") from exc
 
 

@@ -219,8 +219,8 @@ def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
     multiple-choice fit) extended with the free-form methods fitted on `data_dir`'s short-answer
     items through a managed vLLM engine on `model_dir` (`serve_and_fit`; verify when the
     tokenizer has yes/no tokens); rewritten in place, atomically. The free-form methods are
-    certified for the max_error targets (and delta) the multiple-choice method was certified
-    for (`merge --max-error`); a served free-form method that cannot be is refused
+    certified for the max_error targets (and delta, and batch) the multiple-choice method was
+    certified for (`merge --max-error`); a served free-form method that cannot be is refused
     (InvalidConfig, `--max-error`) before the document is rewritten."""
     from calibserve.merge.errors import InvalidConfig
     from calibserve.merge.evaluate import short_answer_split
@@ -229,7 +229,8 @@ def fit_written_model(model_dir: Path, data_dir: Path) -> CalibrationDocument:
     doc = CalibrationDocument.load(path)
     certified = doc.method(doc.multiple_choice).guarantees
     guarantees = (GuaranteeTargets(tuple(sorted({g.max_error for g in certified})),
-                                   certified[0].delta) if certified else NO_GUARANTEES)
+                                   certified[0].delta, certified[0].batch)
+                  if certified else NO_GUARANTEES)
     short_cal = short_answer_split(data_dir, "calibrate")
     if not short_cal:
         raise ServeFitError(f"{data_dir} has no short-answer items to fit on", "--free-form")

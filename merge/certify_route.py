@@ -6,7 +6,8 @@ each with its own calibration document. Each tier scores the same labelled multi
 use, mapped by the tier's own calibration document: its served confidence), and
 `calibration.certify_cascade` certifies tier i's threshold on the items tiers 0..i-1 did not
 keep, at delta / tiers, so that with probability 1 - delta the answers every tier keeps are wrong
-at most `max_error` of the time, together. Each document gets its certificate for `max_error`
+at most `max_error` of the time, together (with `--batch M`: any one batch of at least M of them
+is, with probability 1 - delta). Each document gets its certificate for `max_error`
 (replacing one it had) with its place in the route (`tier`, `tiers`, `after`), written back
 atomically; nothing is written when the primary cannot be certified (InvalidConfig naming
 `--max-error`, with the minimum escalation rate it would need).
@@ -85,8 +86,10 @@ def with_certificate(doc: CalibrationDocument, cert: Certificate, tier: int, tie
 
 
 def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
-                  delta: float) -> list[tuple[RouteTier, Certificate, CalibrationDocument | None]]:
-    """Certify every tier on `data_dir/calibrate.jsonl` and write the certified documents.
+                  delta: float, batch: int | None = None
+                  ) -> list[tuple[RouteTier, Certificate, CalibrationDocument | None]]:
+    """Certify every tier on `data_dir/calibrate.jsonl` and write the certified documents
+    (`batch`: batch certificates, every batch of at least that many kept answers).
 
     Returns, per tier, its certificate and the document written (None: the tier keeps nothing
     under the guarantee, its document is left as it was: its answers are served outside it).
@@ -109,11 +112,14 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
                             "--max-error")
     if not 0.0 < delta < 1.0:
         raise InvalidConfig(f"must be strictly between 0 and 1, got {delta!r}", "--delta")
+    if batch is not None and batch < 1:
+        raise InvalidConfig(f"must be a whole number of kept answers >= 1, got {batch!r}",
+                            "--batch")
     items = load_mc_items(Path(data_dir) / "calibrate.jsonl")
     if not items:
         raise InputNotFound(f"{data_dir} has no multiple-choice calibrate.jsonl items", "--data")
     scored = [_served_confidence(t, items) for t in tiers]
-    certs = certify_cascade(scored, max_error, delta)
+    certs = certify_cascade(scored, max_error, delta, batch=batch)
     if not certs[0].certified:
         raise InvalidConfig(f"cannot certify max_error {max_error:g} for the primary "
                             f"{names[0]!r}: {certs[0].refusal()}", "--max-error")

@@ -209,6 +209,11 @@ def merge_command(
             float, typer.Option("--delta", help="With --max-error: the chance the "
                                 "certificate may be wrong.")
         ] = DEFAULT_DELTA,
+        batch: Annotated[
+            int | None, typer.Option("--batch", metavar="M", help="With --max-error: certify "
+                                     "every batch of at least M kept answers (a day's traffic, "
+                                     "say), not only the long-run rate (costs coverage).")
+        ] = None,
         max_items: Annotated[
             int | None, typer.Option("--max-items", help="Use at most N items per split.")
         ] = None,
@@ -335,6 +340,7 @@ def merge_command(
                 else list(DEFAULT_TARGET_ACCURACIES),
                 max_error=list(max_error or []),
                 delta=delta,
+                batch=batch,
                 max_items=max_items,
                 overwrite=overwrite,
                 short_answers=short_answers,

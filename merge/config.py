@@ -70,6 +70,7 @@ FLAG_NAMES: dict[str, str] = {
     "target_accuracy": "--target-accuracy",
     "max_error": "--max-error",
     "delta": "--delta",
+    "batch": "--batch",
     "n_bins": "--bins",
     "max_items": "--max-items",
     "overwrite": "--overwrite",
@@ -213,6 +214,8 @@ class MergeConfig(BaseModel):
     # Certified thresholds of the option-letter method (calibration/certified.py).
     max_error: list[float] = Field(default_factory=list)
     delta: float = Field(default=DEFAULT_DELTA, gt=0.0, lt=1.0)
+    # With max_error: certify every batch of at least this many kept answers, not only the rate.
+    batch: int | None = Field(default=None, ge=1)
     n_bins: int = Field(default=N_BINS, ge=2, le=1000)
     max_items: int | None = Field(default=None, ge=1)
     overwrite: bool = False
@@ -252,6 +255,13 @@ class MergeConfig(BaseModel):
             raise InvalidConfig("an executor backend is the vLLM evaluator's (--evaluator "
                                 "vllm); the transformers evaluator runs in this process",
                                 "--distributed-executor-backend")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_needs_max_error(self) -> MergeConfig:
+        if self.batch is not None and not self.max_error:
+            raise InvalidConfig("only with --max-error (it certifies batches of the kept "
+                                "answers)", "--batch")
         return self
 
     @model_validator(mode="after")

@@ -192,7 +192,8 @@ def _run_loaded(p: Prepared, s: Session, work: Path, console: Console, show: boo
         cal = fit_label_free(mine, ref, c.n_bins, reference_name=p.plan.base.ref)
     else:
         cal = fit_calibration(cal_point.scores, c.calibrator, c.target_accuracy, c.n_bins,
-                              guarantees=GuaranteeTargets(tuple(c.max_error), c.delta))
+                              guarantees=GuaranteeTargets(tuple(c.max_error), c.delta,
+                                                          c.batch))
         uncertified = [n for n in cal.notes if n.startswith(NOT_CERTIFIED)]
         if uncertified:  # refused before anything is written
             raise InvalidConfig("the option-letter method at the chosen lambda: "

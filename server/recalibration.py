@@ -18,8 +18,8 @@ ECE and a paired Brier test at p < 0.01: on calibrated windows of 600 to 1000 sa
   see before and after is exported (`calibserve_recalibration_escalation_rate{when}`), and the
   new calibration.json is written atomically to `--recalibration-dir` (and `history/vN.json`).
 - With `threshold: guaranteed`, every refit also re-certifies the method's certified threshold
-  on the window under the map served (`calibration.certify_threshold`, same max_error and
-  delta): `shadow` exports the candidate (`calibserve_recalibration_candidate_threshold`); `on`
+  on the window under the map served (`calibration.certify_threshold`, same max_error, delta
+  and batch): `shadow` exports the candidate (`calibserve_recalibration_candidate_threshold`); `on`
   swaps it in, the same way as a map, when the served threshold is no longer certified on the
   window or the candidate keeps `RECERTIFY_MARGIN` (5 points) more of it
   (`calibserve_recalibrations_total{outcome="recertified"}`). A window that certifies no
@@ -54,7 +54,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from calibserve.calibration import CalibrationDocument, ServedMethod
 from calibserve.calibration.document import Guarantee
-from calibserve.calibration.guarantee import certify_threshold, clopper_pearson_upper
+from calibserve.calibration.guarantee import (
+    certify_threshold,
+    clopper_pearson_upper,
+    scan_target,
+)
 from calibserve.calibration.online import (
     RefitResult,
     confidence_quantiles,
@@ -194,11 +198,11 @@ class Recalibrator:
         served_cert = self.document.method(method).guarantee_for(settings.max_error)
         if served_cert is None:
             return
-        alpha, delta = served_cert.max_error, served_cert.delta
+        alpha, delta, batch = served_cert.max_error, served_cert.delta, served_cert.batch
         served = self._served(method)
         scores = np.asarray([served.score(float(r)) for r in raw])
         y = np.asarray(correct, dtype=bool)
-        candidate = certify_threshold(scores, y, alpha, delta)
+        candidate = certify_threshold(scores, y, alpha, delta, batch=batch)
         name = self.model.name
         self.metrics.candidate_threshold.labels(name, method).set(
             candidate.threshold if candidate.certified else 1.0)
@@ -212,7 +216,8 @@ class Recalibrator:
             return
         kept = scores >= served_cert.threshold
         errors = int((kept & ~y).sum())
-        still = bool(kept.any()) and clopper_pearson_upper(errors, int(kept.sum()), delta) <= alpha
+        target, level = scan_target(alpha, delta, batch)  # a batch certificate's own rate
+        still = bool(kept.any()) and clopper_pearson_upper(errors, int(kept.sum()), level) <= target
         if still and candidate.coverage < float(kept.mean()) + RECERTIFY_MARGIN:
             return
         data = self.document.to_dict()

@@ -1,6 +1,7 @@
 """A real primary escalating to a real, stronger expert (issue 29 item 5), not a timed test.
 
     python -m benchmarks.guarantee.real_route [--primary TABLE:ROW] [--expert TABLE:ROW]
+                                              [--batch M] [--out DIR]
 
 Both models are served by calibserve and asked the same held-out short-answer questions of the
 world facts through the openai SDK (`benchmarks.realworld.remedy_table`; each row's
@@ -17,7 +18,9 @@ its own calibrator (`gemma_pair.sh`).
    a seeded 2/3 calibrate part of the items: its realised error and coverage on the held-out
    third, the escalation rate it implies and the route's accuracy there; and over `--splits`
    random re-splits, how often the realised kept error exceeds alpha, for the primary alone and
-   for the two-tier cascade (`benchmarks.guarantee.floors.evaluate`).
+   for the two-tier cascade (`benchmarks.guarantee.floors.evaluate`). With `--batch M`, the
+   batch certificate too (`certify_threshold(..., batch=M)`): on the seeded split, and over
+   the re-splits judged where the test part kept at least M answers.
 
 Writes OUT/results.json and OUT/escalation.png (default benchmarks/results/real_route) and
 prints the RESULTS.md lines.
@@ -79,18 +82,21 @@ def curves(primary: Tier, expert: Tier, rates: tuple[float, ...] = RATES
     return out
 
 
-def guaranteed_route(primary: Tier, expert: Tier, alpha: float, delta: float, seed: int = 0
-                     ) -> dict[str, Any]:
-    """Certify the primary's threshold on a seeded 2/3 of the items; what it does on the rest."""
+def guaranteed_route(primary: Tier, expert: Tier, alpha: float, delta: float, seed: int = 0,
+                     batch: int | None = None) -> dict[str, Any]:
+    """Certify the primary's threshold on a seeded 2/3 of the items; what it does on the rest
+    (`batch`: the batch certificate's)."""
     n = primary.score.size
     perm = np.random.default_rng(seed).permutation(n)
     cal, test = perm[: (2 * n) // 3], perm[(2 * n) // 3:]
-    cert = certify_threshold(primary.score[cal], primary.correct[cal], alpha, delta)
+    cert = certify_threshold(primary.score[cal], primary.correct[cal], alpha, delta,
+                             batch=batch)
     kept = primary.score[test] >= cert.threshold
     errors = int((kept & ~primary.correct[test]).sum())
     held_p = Tier(primary.name, primary.score[test], primary.correct[test])
     held_e = Tier(expert.name, expert.score[test], expert.correct[test])
     return {
+        "batch": batch, "batch_target": cert.batch_target,
         "n_calibrate": int(cal.size), "n_test": int(test.size), "certified": cert.certified,
         "threshold": cert.threshold, "bound": cert.bound, "calibrate_coverage": cert.coverage,
         "test_kept": int(kept.sum()), "test_kept_errors": errors,
@@ -117,7 +123,10 @@ def report_lines(r: dict[str, Any]) -> list[str]:
            f"answered by both: primary `{r['rows'][0]}` accuracy {r['accuracy']['primary']:.3f}, "
            f"expert `{r['rows'][1]}` {r['accuracy']['expert']:.3f}.", "",
            table(RATES, r["curves"]), "",
-           f"Guaranteed threshold (alpha {r['alpha']:g}, delta {r['delta']:g}), certified on "
+           f"Guaranteed threshold (alpha {r['alpha']:g}, delta {r['delta']:g}"
+           + ("" if g.get("batch") is None else
+              f", batch certificate M = {g['batch']}: rate <= {g['batch_target']:.4f}")
+           + "), certified on "
            f"{g['n_calibrate']} items, {'certified' if g['certified'] else 'NOTHING certified'}: "
            f"threshold {g['threshold']:.3f} (upper bound {bound}); on the {g['n_test']} held-out "
            f"items it keeps {g['test_kept']} ({1 - g['test_escalation_rate']:.1%}) with realised "
@@ -142,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--delta", type=float, default=0.1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_route")
+    ap.add_argument("--batch", type=int, default=None, metavar="M",
+                    help="certify batches of at least M kept answers too (the seeded split's "
+                    "threshold is then the batch certificate's; default: none)")
     args = ap.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
     started = time.perf_counter()
     loaded = table_tiers([args.primary, args.expert], args.items)
     if loaded is None:
@@ -157,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": {"primary": float(primary.correct.mean()),
                      "expert": float(expert.correct.mean())},
         "rates": list(RATES), "curves": curves(primary, expert),
-        "guaranteed": guaranteed_route(primary, expert, args.alpha, args.delta),
-        "resplits": evaluate([primary, expert], args.splits, args.alpha, args.delta),
+        "guaranteed": guaranteed_route(primary, expert, args.alpha, args.delta,
+                                       batch=args.batch),
+        "resplits": evaluate([primary, expert], args.splits, args.alpha, args.delta,
+                             batch=args.batch),
     }
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.out / "results.json", result, indent=1)

@@ -256,3 +256,53 @@ def test_from_config_is_from_document() -> None:
     doc = CalibrationDocument.from_dict(V1)
     assert Scorer.from_config(V1) == Scorer.from_document(doc) == Scorer.from_config(doc)
     assert Scorer.from_config(V2_OF_V1) == Scorer.from_document(doc)
+
+
+# --- certified thresholds: batch certificates ---------------------------------------------------
+
+def _certified_doc(guarantee: dict[str, Any]) -> dict[str, Any]:
+    return {"version": 2, "multiple_choice": "answer", "free_form": "mean",
+            "methods": {"answer": {"guarantees": [guarantee]}, "mean": {}}}
+
+
+def test_a_batch_certificate_round_trips(tmp_path: Path) -> None:
+    import numpy as np
+
+    from calibserve.calibration.document import Guarantee
+    from calibserve.calibration.guarantee import batch_error_target, certify_threshold
+
+    rng = np.random.default_rng(0)
+    conf = rng.random(1500)
+    cert = certify_threshold(conf, rng.random(1500) < (1 + conf) / 2, 0.2, 0.1, batch=100)
+    g = Guarantee.from_certificate(cert)
+    assert (g.batch, g.batch_target, g.target) == (100, cert.batch_target, cert.batch_target)
+    assert g.bound <= batch_error_target(0.2, 0.1, 100) < g.max_error == 0.2
+    path = CalibrationDocument.from_dict(_certified_doc(g.model_dump(mode="json"))).write(
+        tmp_path / "calibration.json")
+    raw = json.loads(path.read_text())["methods"]["answer"]["guarantees"][0]
+    assert (raw["batch"], raw["batch_target"]) == (100, cert.batch_target)
+    assert CalibrationDocument.load(path).method("answer").guarantee_for(0.2) == g
+
+
+OLD_CERT = {"max_error": 0.2, "delta": 0.1, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
+            "n": 500, "kept": 400, "kept_errors": 60}
+
+
+def test_a_rate_certificate_written_before_batches_still_loads() -> None:
+    g = CalibrationDocument.from_dict(_certified_doc(OLD_CERT)).method("answer").guarantees[0]
+    assert (g.batch, g.batch_target, g.target) == (None, None, 0.2)
+    assert "batch" not in g.model_dump(mode="json")
+
+
+def test_a_batch_certificate_is_checked_against_its_batch_target() -> None:
+    from calibserve.calibration.guarantee import batch_error_target
+
+    beta = batch_error_target(0.2, 0.1, 50)  # 0.119
+    ok = {**OLD_CERT, "bound": beta - 0.001, "batch": 50, "batch_target": beta}
+    CalibrationDocument.from_dict(_certified_doc(ok))
+    for bad, why in [({**ok, "bound": 0.19}, "above batch_target"),  # meets alpha, not beta
+                     ({**ok, "batch_target": 0.15}, "not the batch target"),
+                     ({**OLD_CERT, "batch": 50}, "come together"),
+                     ({**ok, "batch": 0}, "batch")]:
+        with pytest.raises(CalibrationError, match=why):
+            CalibrationDocument.from_dict(_certified_doc(bad))

@@ -9,6 +9,7 @@ import pytest
 
 from calibserve.calibration.errors import CalibrationError
 from calibserve.calibration.guarantee import (
+    batch_error_target,
     binomial_cdf,
     certify_cascade,
     certify_threshold,
@@ -16,6 +17,7 @@ from calibserve.calibration.guarantee import (
     clopper_pearson_upper,
     min_escalation_rate,
     min_kept,
+    scan_target,
 )
 
 
@@ -149,3 +151,114 @@ def test_cascade_certifies_each_tier_on_what_earlier_tiers_left() -> None:
 def test_cascade_refuses_tiers_of_different_sizes() -> None:
     with pytest.raises(CalibrationError, match="same items"):
         certify_cascade([([0.5, 0.6], [1, 0]), ([0.5], [1])], 0.2)
+
+
+# -- batch certificates ---------------------------------------------------------------------------
+
+def _beta_k(alpha: float, delta: float, k: int) -> float:
+    """beta_K by plain bisection: the largest p with P(Bin(K, p) > floor(alpha K)) <= delta / 2."""
+    allowed = math.floor(alpha * k)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binomial_cdf(allowed, k, mid) >= 1 - delta / 2 else (lo, mid)
+    return lo
+
+
+def test_batch_target_is_below_alpha_and_rises_to_it() -> None:
+    targets = [batch_error_target(0.2, 0.1, m) for m in (1, 10, 50, 100, 200, 1000, 5000)]
+    assert all(t < 0.2 for t in targets)
+    assert targets == sorted(targets)
+    assert targets[-1] > 0.19  # 5000 kept answers: within a point of alpha
+
+
+def test_batch_target_of_one_answer_in_closed_form() -> None:
+    # M = 1, alpha 0.2: K = 1..4 allow no error (floor(0.2 K) = 0), so beta_K solves
+    # (1 - p)^K = 1 - delta / 2 and falls with K; K = 5 allows one. beta_1 = delta / 2.
+    assert _beta_k(0.2, 0.1, 1) == pytest.approx(0.05, abs=1e-12)
+    by_hand = [1 - 0.95 ** (1 / k) for k in range(1, 5)]
+    assert [_beta_k(0.2, 0.1, k) for k in range(1, 5)] == pytest.approx(by_hand, abs=1e-12)
+    assert batch_error_target(0.2, 0.1, 1) == pytest.approx(min(by_hand), abs=1e-12)
+    assert batch_error_target(0.2, 0.1, 1) == pytest.approx(1 - 0.95 ** 0.25, abs=1e-12)
+
+
+@pytest.mark.parametrize(("alpha", "m"), [(0.2, 1), (0.2, 7), (0.2, 50), (0.1, 1), (0.1, 30),
+                                          (0.3, 20), (0.05, 3)])
+def test_batch_target_is_the_minimum_over_every_larger_batch(alpha: float, m: int) -> None:
+    # The search stops by a Chernoff bound, not at a window: a brute force over K in [M, 20 M]
+    # finds nothing lower, and the minimum is attained.
+    brute = min(_beta_k(alpha, 0.1, k) for k in range(m, 20 * m + 1))
+    assert batch_error_target(alpha, 0.1, m) == pytest.approx(brute, abs=1e-9)
+
+
+def test_batch_target_looks_past_four_batches_when_alpha_is_small() -> None:
+    # alpha 0.1, M 1: K up to 9 allows no error, so the minimum is at K = 9, not in [1, 4].
+    window = min(_beta_k(0.1, 0.1, k) for k in range(1, 5))
+    assert batch_error_target(0.1, 0.1, 1) == pytest.approx(_beta_k(0.1, 0.1, 9), abs=1e-9)
+    assert batch_error_target(0.1, 0.1, 1) < window
+
+
+@pytest.mark.parametrize("batch", [0, -3, 2.5, True])
+def test_batch_must_be_a_whole_number_of_answers(batch: object) -> None:
+    with pytest.raises(CalibrationError, match="batch"):
+        batch_error_target(0.2, 0.1, batch)  # type: ignore[arg-type]
+    with pytest.raises(CalibrationError, match="batch"):
+        certify_threshold([0.9, 0.8], [1, 1], 0.2, 0.1, batch=batch)  # type: ignore[arg-type]
+
+
+def test_batch_certificate_certifies_the_batch_target_at_half_delta() -> None:
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        conf = rng.random(1500)
+        y = rng.random(1500) < (1 + conf) / 2
+        plain = certify_threshold(conf, y, 0.2, 0.1)
+        batch = certify_threshold(conf, y, 0.2, 0.1, batch=100)
+        assert batch.kept <= plain.kept  # a lower target at a lower level: keeps no more
+        target = batch_error_target(0.2, 0.1, 100)
+        assert (batch.batch, batch.batch_target, batch.max_error, batch.delta) == (
+            100, target, 0.2, 0.1)
+        assert (batch.target, batch.level) == scan_target(0.2, 0.1, 100) == (target, 0.05)
+        assert batch.certified and batch.bound is not None and batch.bound <= target
+        rate = certify_threshold(conf, y, target, 0.05)  # the same scan, by hand
+        assert (batch.threshold, batch.kept, batch.bound) == (rate.threshold, rate.kept,
+                                                               rate.bound)
+    assert (plain.batch, plain.batch_target, plain.target, plain.level) == (None, None, 0.2, 0.1)
+
+
+def test_batch_refusal_names_the_batch() -> None:
+    correct = [True] * 8 + [False] * 3 + [True] * 400
+    conf, y = _ranked(correct)
+    cert = certify_threshold(conf, y, 0.2, 0.1, batch=50)
+    assert not cert.certified
+    assert "in any batch of at least 50 kept answers" in cert.refusal()
+    assert "lower the batch" in cert.refusal()
+
+
+def test_batch_cascade_splits_delta_per_tier_then_within_it() -> None:
+    rng = np.random.default_rng(1)
+    c1, c2 = rng.random(2000), rng.random(2000)
+    y1, y2 = rng.random(2000) < c1, rng.random(2000) < (0.3 + 0.7 * c2)
+    certs = certify_cascade([(c1, y1), (c2, y2)], 0.2, 0.1, batch=40)
+    assert [(c.delta, c.batch, c.level) for c in certs] == [(0.05, 40, 0.025)] * 2
+    assert certs[0] == certify_threshold(c1, y1, 0.2, 0.05, batch=40)
+    assert certs[0].batch_target == batch_error_target(0.2, 0.05, 40)
+
+
+def test_batch_certificate_holds_for_realised_batches() -> None:
+    # Where the truth is known (c ~ U(0, 1), right with probability (1 + c) / 2): certify on 640,
+    # judge a fresh 320; among draws whose test part keeps at least M = 50 answers, their
+    # realised error exceeds 0.2 in at most delta = 0.1 of them.
+    rng = np.random.default_rng(29)
+    over = eligible = 0
+    for _ in range(400):
+        c = rng.random(640)
+        y = rng.random(640) < (1 + c) / 2
+        cert = certify_threshold(c, y, 0.2, 0.1, batch=50)
+        ct = rng.random(320)
+        yt = rng.random(320) < (1 + ct) / 2
+        kept = ct >= cert.threshold
+        if int(kept.sum()) >= 50:
+            eligible += 1
+            over += int((kept & ~yt).sum()) > 0.2 * int(kept.sum())
+    assert eligible >= 100  # not vacuous
+    assert over <= 0.1 * eligible

@@ -41,6 +41,15 @@ def test_calibrate_records_the_certificate(demo_dir: Path, tmp_path: Path) -> No
                         "kept_errors"}
     assert doc.method("answer").guarantee_for(0.5) == g
     assert doc.method("answer").guarantee_for(0.25) is None
+    # A batch certificate: recorded and printed (a looser alpha: the batch target at 0.3 is
+    # below what this model's top answers can vouch for).
+    batch = runner.invoke(app, _args(world, out, "--no-free-form", "--max-error", "0.5",
+                                     "--delta", "0.2", "--batch", "100", "--overwrite"))
+    assert batch.exit_code == 0, batch.output
+    assert "for max_error 0.5 in any batch of at least 100 kept answers" in batch.output
+    (b,) = CalibrationDocument.load(out).method("answer").guarantees
+    assert (b.max_error, b.delta, b.batch) == (0.5, 0.2, 100)
+    assert b.bound <= (b.batch_target or 0) < 0.5
 
 
 def test_calibrate_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
@@ -96,3 +105,56 @@ def test_merge_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
     assert not out.exists()
     bad = runner.invoke(app, [*args, "--max-error", "0.2", "--label-free", "--overwrite"])
     assert bad.exit_code == 2 and "Invalid value for '--max-error'" in bad.output
+
+
+def test_batch_certificates_are_recorded_and_bad_batches_refused() -> None:
+    from calibserve.calibration import CalibrationError
+    from calibserve.calibration.certified import GuaranteeTargets
+    from calibserve.calibration.guarantee import batch_error_target
+    from calibserve.merge.calibrate import fit_calibration
+    from calibserve.merge.evaluate import Scores
+
+    rng = np.random.default_rng(5)
+    conf = rng.random(1200)
+    correct = rng.random(1200) < 0.4 + conf  # the most confident 40% always right
+    scores = Scores(conf, correct, np.zeros(1200, np.int64))
+    plain = fit_calibration(scores, "platt", [0.7], guarantees=GuaranteeTargets((0.2,)))
+    batch = fit_calibration(scores, "platt", [0.7],
+                            guarantees=GuaranteeTargets((0.2,), 0.1, 80))
+    (g,) = batch.guarantees
+    assert (g.max_error, g.delta, g.batch) == (0.2, 0.1, 80)
+    assert g.batch_target == batch_error_target(0.2, 0.1, 80) and g.bound <= g.batch_target
+    assert g.kept <= plain.guarantees[0].kept  # the batch promise costs coverage
+    for bad, why in [(0, "batch must be"), (-1, "batch must be")]:
+        with pytest.raises(CalibrationError, match=why):
+            GuaranteeTargets((0.2,), 0.1, bad)
+    with pytest.raises(CalibrationError, match="batch needs a max_error"):
+        GuaranteeTargets((), 0.1, 50)
+
+
+def test_calibrate_refuses_a_bad_batch_naming_it(tiny_world: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    from calibserve.cli import app
+
+    out = tmp_path / "cal.json"
+    for extra in (["--max-error", "0.2", "--batch", "0"], ["--batch", "50"]):
+        result = runner.invoke(app, _args(tiny_world, out, *extra))
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--batch'" in result.output
+        assert "Traceback" not in result.output and not out.exists()
+
+
+def test_merge_refuses_a_bad_batch_naming_it(tiny_world: dict[str, Path],
+                                             tmp_path: Path) -> None:
+    from calibserve.merge.cli import app
+
+    out = tmp_path / "out"
+    args = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
+            "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
+            "--no-refine", "--no-short-answers", "--no-free-form", "--evaluator", "transformers"]
+    for extra in (["--max-error", "0.2", "--batch", "0"], ["--batch", "50"]):
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--batch'" in result.output
+        assert "Traceback" not in result.output and not out.exists()
+

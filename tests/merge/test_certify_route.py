@@ -57,3 +57,18 @@ def test_a_two_tier_route_is_certified_tier_by_tier(demo_dir: Path, tmp_path: Pa
     else:
         assert expert is None and "nothing certified" in ok.output
     assert np.isfinite(first.threshold)
+
+
+def test_certify_refuses_a_bad_batch_naming_it(tiny_world: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    from calibserve.cli import app
+
+    cal = tmp_path / "calibration.json"
+    cal.write_text("{}")
+    before = cal.read_bytes()
+    result = runner.invoke(app, ["certify", "--tier", str(tiny_world["aligned"]),
+                                 "--calibration", str(cal), "--data", str(tiny_world["data"]),
+                                 "--max-error", "0.2", "--batch", "0"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--batch'" in result.output and "Traceback" not in result.output
+    assert cal.read_bytes() == before

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from calibserve.calibration import CalibrationDocument
-from calibserve.calibration.guarantee import certify_threshold
+from calibserve.calibration.guarantee import batch_error_target, certify_threshold
 from calibserve.routing.policy import ThresholdPolicy
 from calibserve.server.config import ServerSettings
 from calibserve.server.guarantee import KeptWindow
@@ -39,9 +39,9 @@ DOC: dict[str, Any] = {
 
 
 def runtime(tmp_path: Path, mode: str = "off", max_error: float | None = 0.2,
-            probes: bool = False) -> ServerRuntime:
+            probes: bool = False, doc: dict[str, Any] | None = None) -> ServerRuntime:
     cal = tmp_path / "calibration.json"
-    cal.write_text(json.dumps(DOC))
+    cal.write_text(json.dumps(DOC if doc is None else doc))
     model: dict[str, Any] = {
         "name": "m", "upstreams": ["http://127.0.0.1:9"], "upstream_model": "m",
         "calibration": str(cal), "threshold": "guaranteed", "max_error": max_error,
@@ -180,6 +180,24 @@ def test_recalibrate_on_recertifies_a_broken_threshold(tmp_path: Path) -> None:
     stored = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
     assert stored.method("answer").guarantee_for(0.2).threshold == new  # type: ignore[union-attr]
     assert stored.method("answer").guarantee_for(0.1).threshold == 0.8  # other target untouched
+
+
+def test_a_batch_certificate_is_recertified_as_one(tmp_path: Path) -> None:
+    beta = batch_error_target(0.2, 0.1, 50)
+    batch_doc = json.loads(json.dumps(DOC))
+    batch_doc["methods"]["answer"]["guarantees"][0].update(
+        bound=beta - 0.01, batch=50, batch_target=beta)
+    rt = runtime(tmp_path, mode="on", doc=batch_doc)
+    raw, y = _calibrated_window(1000)
+    for r, c in zip(raw, y, strict=True):
+        feedback(rt, float(r), bool(c))
+    new = rt.models["m"].route.policy.threshold_for("answer")  # type: ignore[attr-defined]
+    served = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
+    size = served.metrics["recalibration"]["recertified"]["window"]
+    assert new == certify_threshold(raw[:size], y[:size], 0.2, 0.1, batch=50).threshold
+    assert new > certify_threshold(raw[:size], y[:size], 0.2, 0.1).threshold  # stricter
+    g = served.method("answer").guarantee_for(0.2)
+    assert g is not None and (g.batch, g.batch_target) == (50, beta) and g.bound <= beta
 
 
 def test_shadow_exports_the_recertified_candidate_only(tmp_path: Path) -> None:
