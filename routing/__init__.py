@@ -2,7 +2,8 @@
 
 A Route is an ordered list of Tiers (primary first); the Router asks the primary, attaches each
 choice's calibrated confidence, and lets the route's policy decide whether a stronger tier should
-answer instead (escalation.py holds those rules for both the JSON and the streaming path).
+answer instead; on a route of 3+ tiers each middle tier's answer is judged by its own policy in
+turn (escalation.py holds those rules for both the JSON and the streaming path).
 Upstreams add timeouts, retries and a circuit breaker; anything with the `UpstreamClient` shape
 can stand in for one. Metrics go to the `RoutingMetrics` a Router or Upstream is given.
 See routing/README.md.

@@ -12,13 +12,17 @@ class RoutedResult:
 
     - `served_by`: name of the tier whose answer the client gets.
     - `escalated`: a tier other than the primary answered (low confidence, budget, or fallback).
-    - `reason`: `low_confidence|budget|primary_failed` when escalation was tried, else None
-      (kept when escalation failed, so `reason` set with `escalated` False means "wanted to").
+    - `reason`: `low_confidence|budget|primary_failed|uncalibrated` when escalation was tried,
+      else None; on a route of 3+ tiers, the reason of the last hop tried (kept when that hop
+      failed, so `reason` set with `escalation_error` means "wanted to").
     - `primary_confidence`: the primary's calibrated confidence the decision used (minimum over
       choices; in `prefix:N` streams the prefix confidence); None if the primary failed.
     - `confidence`: calibrated confidence of the served answer (minimum over choices).
-    - `threshold`: the policy's threshold at decision time (None for `never`).
-    - `escalation_error`: why the stronger tier(s) failed; the client got the primary's answer.
+    - `threshold`: the primary's policy's threshold at decision time (None for `never`).
+    - `judgments`: every tier whose answer a policy judged, in order (the primary's, then each
+      middle tier's on a route of 3+ tiers): `{"tier", "confidence", "threshold", "escalate"}`.
+    - `escalation_error`: why the stronger tier(s) failed; the client got the answer of the last
+      tier that answered (the primary's, or a middle tier's that its own policy sent on).
     - `primary_error`: why the primary failed when another tier answered instead.
     - `upstream_seconds`: time spent waiting on upstreams (total minus this = proxy overhead).
     - `agreement`: escalated and both answered: did the primary agree with the answer served?
@@ -35,6 +39,7 @@ class RoutedResult:
     escalation_error: str | None = None
     primary_error: str | None = None
     tiers_tried: list[str] = field(default_factory=list)
+    judgments: list[dict[str, Any]] = field(default_factory=list)
     upstream_seconds: float = 0.0
     agreement: bool | None = None
 
@@ -50,6 +55,7 @@ class RoutedResult:
             "escalation_error": self.escalation_error,
             "primary_error": self.primary_error,
             "tiers_tried": list(self.tiers_tried),
+            "judgments": [dict(j) for j in self.judgments],
             "agreement": self.agreement,
         } | extra
 

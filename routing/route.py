@@ -1,4 +1,9 @@
-"""Routes: an ordered list of tiers (primary first, then stronger models) and a policy."""
+"""Routes: an ordered list of tiers (primary first, then stronger models) and their policies.
+
+The route's `policy` judges the primary's answer; a middle tier of a route of three or more
+tiers is judged by its own `Tier.policy` (None: its answer is served as is); the last tier is
+never judged (there is nothing stronger to ask). `Route.policy_for(index)` is the one rule.
+"""
 
 from __future__ import annotations
 
@@ -50,12 +55,17 @@ def default_scorer() -> Scorer:
 
 @dataclass
 class Tier:
-    """One model behind one upstream. `name` (default: `model`) is what `served_by` reports."""
+    """One model behind one upstream. `name` (default: `model`) is what `served_by` reports.
+
+    `policy`: what judges this tier's answer when it is a middle tier (neither the primary,
+    which the route's `policy` judges, nor the last); None: its answer is served as is.
+    """
 
     model: str
     upstream: UpstreamClient
     scorer: Scorer | None = None
     name: str = ""
+    policy: Policy | None = field(default=None, compare=False)
     # What verify's token-id prompts append after a reply, learned from this tier's engine.
     verify_tails: VerifyTails = field(default_factory=VerifyTails, repr=False, compare=False)
 
@@ -98,6 +108,16 @@ class Route:
     def primary(self) -> Tier:
         return self.tiers[0]
 
+    def policy_for(self, index: int) -> Policy | None:
+        """What judges tier `index`'s answer: the route's `policy` for the primary, the tier's
+        own for a middle tier; None (the answer is served as is) for the last tier, which has
+        nothing stronger to ask, and where the policy is None or `never`."""
+        if index >= len(self.tiers) - 1:
+            return None
+        policy = self.policy if index == 0 else self.tiers[index].policy
+        return None if policy is None or isinstance(policy, NeverPolicy) else policy
+
     @property
     def can_escalate(self) -> bool:
-        return len(self.tiers) > 1 and not isinstance(self.policy, NeverPolicy)
+        """Does any tier's answer get judged (else escalation is only ever a fallback)?"""
+        return any(self.policy_for(i) is not None for i in range(len(self.tiers)))

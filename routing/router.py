@@ -2,9 +2,10 @@
 
 Non-streaming (`complete`) follows the rules of escalation.py with "asking a tier" meaning one
 JSON request: the first tier that answers (fallback `primary_failed`), each choice's calibrated
-confidence attached (the answering tier's scorer), the policy asked about the least confident
-choice (scoring.decision_score), stronger tiers tried in order when it says so. The policy only
-ever judges the primary: a stronger tier's answer is served as is.
+confidence attached (the answering tier's scorer), the tier's policy asked about the least
+confident choice (scoring.decision_score), stronger tiers tried in order when it says so. The
+route's policy judges the primary; on a route of 3+ tiers each middle tier's own policy judges
+its answer; the last tier's answer is served as is.
 Streaming (`stream`) follows the same rules through the route's stream mode (stream_run.py).
 Both record on the router's RoutingMetrics (metrics.py).
 """
@@ -19,12 +20,7 @@ from typing import Any
 from calibserve.routing.agreement import answers_agree, choice_text
 from calibserve.routing.client_view import tier_body
 from calibserve.routing.confidence_work import ConfidenceWork
-from calibserve.routing.escalation import (
-    escalate,
-    first_answer,
-    judge_primary,
-    record_agreement,
-)
+from calibserve.routing.escalation import record_served, walk
 from calibserve.routing.metrics import RoutingMetrics, default_metrics
 from calibserve.routing.payload import endpoint_path, tier_top_logprobs, verify_reads_ids
 from calibserve.routing.result import RoutedChunk, RoutedResult
@@ -79,23 +75,19 @@ class Router:
         async def ask(tier: Tier) -> dict[str, Any]:
             return await _ask(tier, endpoint, body, result, work_for(tier).options_offered)
 
-        async def scored(answer: dict[str, Any], tier: Tier) -> ConfidenceLike | None:
-            work = work_for(tier)
-            least = least_confident(await score_answer(answer, work))
-            result.confidence = None if least is None else float(least.score)
-            return least
+        least: dict[str, ConfidenceLike | None] = {}  # per tier (each answers at most once)
 
-        answer, tier = await first_answer(r, ask, result, self.metrics)
-        result.body = answer
-        primary = await scored(answer, tier)
-        if result.escalated or not judge_primary(r, primary, result):
-            return result
-        stronger = await escalate(r, ask, result, self.metrics)
-        if stronger is not None:
-            other, other_tier = stronger
-            result.body = other
-            await scored(other, other_tier)
-            record_agreement(self.metrics, result, _agree(answer, other))
+        async def scored(answer: dict[str, Any], tier: Tier) -> ConfidenceLike | None:
+            """Score the answer's choices once (confidence attached); the least confident."""
+            if tier.name not in least:
+                least[tier.name] = least_confident(await score_answer(answer, work_for(tier)))
+            return least[tier.name]
+
+        walked = await walk(r, ask, scored, result, self.metrics)
+        result.body = walked.answer
+        served = await scored(walked.answer, walked.tier)
+        result.confidence = None if served is None else float(served.score)
+        record_served(self.metrics, result, walked, _agree)
         return result
 
     async def stream(

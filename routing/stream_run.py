@@ -1,36 +1,44 @@
 """`StreamRun`: one streaming request routed through its route's stream mode (stream_mode.py).
 
 The rules are escalation.py's, with "asking a tier" meaning opening its stream and reading the
-first chunk (tier_stream.py); what differs is when the decision can be made (the mode).
+first chunk (tier_stream.py), and "reading its confidence" holding its chunks back until the mode
+can decide (`_decidable`: all of them for `buffer`, N tokens of every choice for `prefix:N`).
+Every judged tier is held and decided that way: the primary, and on a route of 3+ tiers each
+middle tier that answers (by its own policy), before anything of it is sent.
 
 What the client receives in every mode: the chunks of exactly one tier, each choice's finish
 chunk carrying that tier's `confidence`, then (not sent) a final RoutedChunk with the result.
 Fallback when the primary cannot start streaming works in every mode. A stronger tier that fails
-before its first chunk leaves the client with the primary's answer and `escalation_error`; one
-that fails after chunks were sent raises from the iterator (nothing better can be done then).
-Routes that cannot escalate (one tier, or `never`) always stream as `off`: holding the answer
-back would cost latency and could change nothing.
+before its first chunk leaves the client with the answer held before it (the primary's, or a
+middle tier's) and `escalation_error`; one that fails after chunks were sent raises from the
+iterator (nothing better can be done then). Routes that cannot escalate (one tier, or `never`)
+always stream as `off`: holding the answer back would cost latency and could change nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 from calibserve.routing.agreement import answers_agree
-from calibserve.routing.escalation import (
-    escalate,
-    first_answer,
-    judge_primary,
-    record_agreement,
-)
+from calibserve.routing.escalation import Walked, first_answer, record_served, walk
 from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.result import RoutedChunk, RoutedResult
-from calibserve.routing.route import Route, Tier
+from calibserve.routing.route import ConfidenceLike, Route, Tier
 from calibserve.routing.scoring import decision_score, least_confident
 from calibserve.routing.stream_mode import OFF
 from calibserve.routing.tier_stream import TierStream
+
+
+@dataclass
+class Held:
+    """A tier's open stream and the chunks read from it, not sent yet."""
+
+    stream: TierStream
+    chunks: list[dict[str, Any] | None] = field(default_factory=list)
+    complete: bool = False  # when dropped: had its answer (choice 0) finished? (agreement)
 
 
 class StreamRun:
@@ -62,63 +70,59 @@ class StreamRun:
 
     async def _route(self) -> AsyncGenerator[RoutedChunk, None]:
         result = self.result
-        (primary, first), _ = await first_answer(self.route, self._open_tier, result, self.metrics)
-        if result.escalated or self.mode.kind == "off":
-            # A fallback tier answering, or a mode that never escalates: stream it as it comes.
-            async for item in self._drain(primary, [first]):
-                yield item
-            if not result.escalated:
-                result.primary_confidence = result.confidence
-            return
+        walked: Walked[Held]
+        if self.mode.kind == "off":
+            # A mode that never escalates: the first tier that answers, streamed as it comes.
+            held, index = await first_answer(self.route, self._open_tier, result, self.metrics)
+            walked = Walked(held, self.route.tiers[index], held if index == 0 else None)
+        else:
+            walked = await walk(self.route, self._open_tier, self._read, result, self.metrics,
+                                drop=self._drop)
+        served = walked.answer
+        async for item in self._drain(served.stream, served.chunks):
+            yield item
+        record_served(self.metrics, result, walked, lambda primary, other: answers_agree(
+            primary.stream.text(0), other.stream.text(0), primary_complete=primary.complete))
 
-        held = [first]
-        while not self._decidable(primary):
-            chunk = await primary.next()
+    async def _read(self, held: Held, tier: Tier) -> ConfidenceLike | None:
+        """Hold the tier's chunks until the mode can decide; its least confident choice."""
+        stream = held.stream
+        while not self._decidable(stream):
+            chunk = await stream.next()
             if chunk is None:
                 break
-            held.append(chunk)
-        least = least_confident(
-            [primary.state(i).confidence() for i in range(self.n) if i in primary.choices]
-        )
-        stronger = None
-        if judge_primary(self.route, least, result):
-            stronger = await escalate(self.route, self._open_tier, result, self.metrics)
-        if stronger is None:
-            # Not escalating (or every stronger tier failed): the primary's answer, held part first.
-            async for item in self._drain(primary, held):
-                yield item
-            return
-        (other, other_first), _ = stronger
-        primary_complete = primary.ended or primary.finished(0)
-        await primary.aclose()  # abandons the primary's generation upstream
-        async for item in self._drain(other, [other_first]):
-            yield item
-        record_agreement(self.metrics, result, answers_agree(
-            primary.text(0), other.text(0), primary_complete=primary_complete
-        ))
+            held.chunks.append(chunk)
+        return least_confident(
+            [stream.state(i).confidence() for i in range(self.n) if i in stream.choices])
 
-    def _decidable(self, primary: TierStream) -> bool:
-        """Enough of the primary's answer to decide on? buffer: all of it; prefix:N: N tokens."""
-        if primary.ended:
+    @staticmethod
+    async def _drop(held: Held) -> None:
+        """A stronger tier answers instead: close this one (abandons its generation upstream)."""
+        held.complete = held.stream.ended or held.stream.finished(0)
+        await held.stream.aclose()
+
+    def _decidable(self, stream: TierStream) -> bool:
+        """Enough of a tier's answer to decide on? buffer: all of it; prefix:N: N tokens."""
+        if stream.ended:
             return True
         if self.mode.kind != "prefix":
             return False
         for i in range(self.n):
-            if i not in primary.choices:
+            if i not in stream.choices:
                 return False
-            state = primary.choices[i]
+            state = stream.choices[i]
             if not state.finished and state.tokens < self.mode.prefix_tokens:
                 return False
         return True
 
-    async def _open_tier(self, tier: Tier) -> tuple[TierStream, dict[str, Any] | None]:
+    async def _open_tier(self, tier: Tier) -> Held:
         """Asking a tier: start its stream and read the first chunk (failures to start surface
         here, while a fallback can still hide them from the client)."""
         stream, first = await TierStream.open(
             tier, self.endpoint, self.body, self.result, self.route.name, self.metrics
         )
         self._open.append(stream)
-        return stream, first
+        return Held(stream, [first])
 
     async def _drain(
         self, stream: TierStream, held: list[dict[str, Any] | None]

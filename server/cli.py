@@ -275,7 +275,8 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(
         help="model name clients use (default: the checkpoint's directory name)")] = None,
     escalate_to: Annotated[list[str] | None, typer.Option(
-        "--escalate-to", help="stronger model: checkpoint DIR (second managed engine) or URL")
+        "--escalate-to", help="stronger model: checkpoint DIR (second managed engine) or URL; "
+        "repeat for a route of 3+ tiers (every tier but the last judged by its own threshold)")
     ] = None,
     escalate_calibration: Annotated[list[Path] | None, typer.Option(
         "--escalate-calibration",
@@ -283,7 +284,9 @@ def serve(
         "DIR/calibration.json if present; see `calibrate_checkpoint` in fit/)")] = None,
     threshold: Annotated[str | None, typer.Option(
         help="escalate below this calibrated confidence, or 'auto' (from calibration.json), or "
-        "'guaranteed' (the certified threshold for --max-error, from calibration.json)")
+        "'guaranteed' (the certified threshold for --max-error, from calibration.json); with "
+        "3+ tiers each tier but the last by its own (auto/guaranteed: from its own "
+        "--escalate-calibration)")
     ] = None,
     target_accuracy: Annotated[float | None, typer.Option(
         help="with --threshold auto: the accuracy target to take the threshold for")] = None,

@@ -92,6 +92,14 @@ class ConfidenceModel(BaseModel):
                              "calibrator; false: the method has none and `score` is `raw`")
 
 
+class TierJudgment(_Open):
+    tier: str = Field(..., description="the tier whose answer a policy judged")
+    confidence: float | None = Field(None, description="its calibrated confidence (least "
+                                     "confident choice) the policy read")
+    threshold: float | None = Field(None, description="the threshold it was judged by")
+    escalate: bool = Field(..., description="true: a stronger tier was asked for the answer")
+
+
 class CalibserveInfo(_Open):
     served_by: str = Field(..., description="the tier (model) that produced the answer")
     escalated: bool
@@ -99,6 +107,9 @@ class CalibserveInfo(_Open):
     threshold: float | None = None
     escalation_error: str | None = None
     reason: str | None = None
+    judgments: list[TierJudgment] | None = Field(
+        None, description="every tier a policy judged, in order: the primary, then (a route of "
+        "3+ tiers) each middle tier that answered, by its own threshold")
 
 
 class ChatChoice(_Open):

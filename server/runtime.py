@@ -146,6 +146,8 @@ class ModelRuntime:
             TierRuntime(t, metrics, settings.name, routing_metrics) for t in settings.escalate_to
         ]
         self.primary = self.tiers[0]
+        for middle in self.tiers[1:-1]:  # a route of 3+ tiers: each judged by its own policy
+            middle.tier.policy = self._middle_policy(middle)
         kwargs: dict[str, Any] = {}
         if settings.stream_mode:
             kwargs["stream_mode"] = settings.stream_mode
@@ -179,6 +181,7 @@ class ModelRuntime:
         return out
 
     def _policy(self) -> Policy:
+        """The route's policy: what judges the primary's answer, from the primary's document."""
         s = self.settings
         kind = s.resolved_policy()
         if kind == "never" or len(self.tiers) < 2:
@@ -199,6 +202,51 @@ class ModelRuntime:
                                  "give --threshold FLOAT")
             return ThresholdPolicy.auto(self.primary.calibration, s.target_accuracy,
                                         uncalibrated=s.uncalibrated)
+        return ThresholdPolicy(float(s.threshold), uncalibrated=s.uncalibrated)
+
+    def _middle_policy(self, tier: TierRuntime) -> Policy | None:
+        """What judges a middle tier's answer (a route of 3+ tiers; None: served as is), built
+        as the primary's is but from that tier's own calibration.json (`--escalate-calibration`
+        in its position, or the YAML tier's `calibration:`), so a route `calibserve certify`
+        certified tier by tier keeps its guarantee live:
+
+        - `threshold: guaranteed`: that tier's certified threshold for `max_error`; a tier with
+          no document, or none certified for it, is refused (the route's promise would not
+          hold for the answers it keeps);
+        - `auto`: that tier's thresholds for `target_accuracy` (a document without them is
+          refused, as the primary's is); a tier with no document keeps serving its answers as
+          they are, with a warning;
+        - a fixed threshold: the same calibrated-confidence threshold as the primary's;
+        - `budget` and `never`: None: only the primary is judged (a budget is a rate of the
+          route's traffic, not of one tier's).
+        """
+        s = self.settings
+        if s.resolved_policy() != "threshold":
+            return None
+        name = tier.settings.name
+        if s.threshold == "guaranteed":
+            if tier.calibration is None:
+                raise ValueError(
+                    f"model {s.name!r}: tier {name!r} has no calibration.json; threshold "
+                    "guaranteed judges every tier before the last by its own certified "
+                    "threshold (give it --escalate-calibration, certified by `calibserve "
+                    "certify`), or the route's guarantee would not hold")
+            try:
+                return ThresholdPolicy.guaranteed(tier.calibration, s.max_error,
+                                                  uncalibrated=s.uncalibrated)
+            except ValueError as exc:
+                raise ValueError(f"model {s.name!r}: tier {name!r}: {exc}") from None
+        if s.threshold is None or s.threshold == "auto":
+            if tier.calibration is None:
+                log.warning("model %s: tier %s has no calibration.json: its answers are served "
+                            "without a threshold of their own (give it --escalate-calibration "
+                            "for threshold auto)", s.name, name)
+                return None
+            try:
+                return ThresholdPolicy.auto(tier.calibration, s.target_accuracy,
+                                            uncalibrated=s.uncalibrated)
+            except ValueError as exc:
+                raise ValueError(f"model {s.name!r}: tier {name!r}: {exc}") from None
         return ThresholdPolicy(float(s.threshold), uncalibrated=s.uncalibrated)
 
     @property

@@ -8,7 +8,10 @@
    200) with no action, and only 200s after it.
 2. `escalation_dies`: primary and escalation tiers are two FAKE upstreams, the threshold makes
    every request escalate; the escalation fake is SIGKILLed mid-load. Want: every answer a 200
-   from the primary with `calibserve.escalation_error` once the tier is gone.
+   from the primary with `calibserve.escalation_error` once the tier is gone. With `tiers=3`
+   (`escalation_dies_3_tiers`): primary -> middle (on the primary's fake) -> expert, the middle
+   tier judged by its own threshold, which sends its answers on too; want every answer the
+   middle tier's, with `escalation_error`, once the expert is gone.
 3. `sigterm_drain`: `calibserve serve` (subprocess) over a slow FAKE upstream; requests in flight,
    then SIGTERM. Want: every in-flight request completes with 200 and the process exits cleanly
    (status 0, or -15: uvicorn re-raises SIGTERM after draining).
@@ -47,6 +50,7 @@ from benchmarks.reliability.harness import (
     CalibserveProcess,
     FakeUpstream,
     InProcessServer,
+    cascade_model,
     chat_body,
     metric_sum,
     scrape,
@@ -334,17 +338,24 @@ def engine_kill_ok(r: dict[str, Any]) -> bool:
 
 # --- 2. the escalation tier dies ---------------------------------------------------------------
 
-def escalation_dies(clients: int = 4, seconds: float = 3.0) -> dict[str, Any]:
+def escalation_dies(clients: int = 4, seconds: float = 3.0, tiers: int = 2) -> dict[str, Any]:
+    """`tiers` 2 (FAKE_MODEL -> expert) or 3 (CASCADE_MODEL: primary -> middle -> expert)."""
     from calibserve.server.config import ServerSettings
 
     with FakeUpstream() as primary, FakeUpstream() as expert:
+        if tiers == 3:
+            model = cascade_model(primary.url, expert=expert.url, timeout_s=2.0)
+            kept_by = "middle"
+        else:
+            model = {"name": FAKE_MODEL, "upstreams": [primary.url],
+                     "upstream_model": FAKE_MODEL, "policy": "threshold", "threshold": 0.999,
+                     "escalate_to": [{"name": "expert", "upstreams": [expert.url],
+                                      "upstream_model": FAKE_MODEL, "timeout_s": 2.0}]}
+            kept_by = FAKE_MODEL
         settings = ServerSettings.model_validate({
-            "signing_key": SIGNING_KEY, "host": "127.0.0.1",
-            "models": [{"name": FAKE_MODEL, "upstreams": [primary.url],
-                        "upstream_model": FAKE_MODEL, "policy": "threshold", "threshold": 0.999,
-                        "escalate_to": [{"name": "expert", "upstreams": [expert.url],
-                                         "upstream_model": FAKE_MODEL, "timeout_s": 2.0}]}]})
-        with InProcessServer(settings) as srv, Load(srv.url, chat_body(), clients) as load:
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1", "models": [model]})
+        body = {**chat_body(), "model": model["name"]}
+        with InProcessServer(settings) as srv, Load(srv.url, body, clients) as load:
             time.sleep(seconds)
             killed = time.monotonic()
             expert.proc.kill()  # SIGKILL: the tier vanishes mid-load
@@ -363,6 +374,8 @@ def escalation_dies(clients: int = 4, seconds: float = 3.0) -> dict[str, Any]:
         return f"{info.get('served_by')}{' (escalated)' if info.get('escalated') else ''}"
 
     return {
+        "tiers": tiers,
+        "kept_by": kept_by,  # who must serve once the expert is gone
         "before_kill": _count(served(o) for o in before),
         "after_kill": _count(served(o) for o in after),
         "after_kill_p99_ms": _p99([(o.ended - o.started) for o in after]),
@@ -380,7 +393,8 @@ def _p99(xs: list[float]) -> float | None:
 
 def escalation_ok(r: dict[str, Any]) -> bool:
     after = r["after_kill"]
-    return bool(after) and set(after) == {f"{FAKE_MODEL} + escalation_error"} and any(
+    kept_by = r.get("kept_by", FAKE_MODEL)
+    return bool(after) and set(after) == {f"{kept_by} + escalation_error"} and any(
         "expert" in k for k in r["before_kill"])
 
 
@@ -605,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("escalation tier dying under load"):
             out["escalation_dies"] = escalation_dies()
         oks["escalation_dies"] = escalation_ok(out["escalation_dies"])
+        with console.status("the expert of a route of three tiers dying under load"):
+            out["escalation_dies_3_tiers"] = escalation_dies(tiers=3)
+        oks["escalation_dies_3_tiers"] = escalation_ok(out["escalation_dies_3_tiers"])
         with console.status("engine errors, then the engine killed, on every request path"):
             out["upstream_errors_and_death"] = upstream_errors_and_death()
         oks["upstream_errors_and_death"] = upstream_errors_ok(out["upstream_errors_and_death"])

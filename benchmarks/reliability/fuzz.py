@@ -17,9 +17,11 @@ generation modes) and sent to a running calibserve. Every answer is classified:
 - schemathesis's own checks (`response_schema_conformance`, `status_code_conformance`,
   `content_type_conformance`) are reported by check name: doc/implementation mismatches.
 
-The generator steers `model` to the served model half the time and `id` (feedback) to real
-signed ids a third of the time, so fuzzing reaches the upstream path and the accept/409 path
-rather than stopping at "unknown model" / "malformed id".
+The generator steers `model` to a served model half the time (in turn the plain one and, over
+the FAKE upstream, CASCADE_MODEL: a route of three tiers whose middle tier is judged by its own
+threshold) and `id` (feedback) to real signed ids a third of the time, so fuzzing reaches the
+upstream path, the escalation path of every tier, and the accept/409 path rather than stopping
+at "unknown model" / "malformed id".
 
     python -m benchmarks.reliability.fuzz --requests 1200              # fake upstream, in-process
     python -m benchmarks.reliability.fuzz --url http://127.0.0.1:18650 --model NAME --requests 200
@@ -33,7 +35,7 @@ import contextlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,11 +43,14 @@ from typing import Any
 import httpx
 
 from benchmarks.reliability.harness import (
+    CASCADE_MODEL,
     FAKE_MODEL,
     SIGNING_KEY,
     UPSTREAM_STATUSES,
+    CalibserveProcess,
+    FakeUpstream,
     InProcessServer,
-    calibserve_over_fake,
+    cascade_model,
     chat_body,
     is_openai_error,
     write_result,
@@ -231,8 +236,10 @@ def fuzz(  # noqa: C901 - one schemathesis run; its closures share the run's sta
     timeout: float = 30.0,
     headers: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    also: tuple[str, ...] = (),
 ) -> FuzzReport:
-    """Send about `total` generated requests to calibserve at `base_url`; classify the answers."""
+    """Send about `total` generated requests to calibserve at `base_url`; classify the answers.
+    `also`: other served models a steered `model` goes to in turn with `model`."""
     import hypothesis.strategies as st
     import requests
     import schemathesis
@@ -252,6 +259,7 @@ def fuzz(  # noqa: C901 - one schemathesis run; its closures share the run's sta
     # and 8 tokens has ~40. Read streams to the end, or a cut stream looks like one without [DONE].
     schema.config.max_stream_events = MAX_STREAM_EVENTS
     ids = real_ids(base_url, model, 12, headers)
+    targets = (model, *also)
     session = requests.Session()
     session.headers.update(headers)
     sts_checks = [getattr(oa_checks, name) for name in SCHEMATHESIS_CHECKS]
@@ -262,7 +270,7 @@ def fuzz(  # noqa: C901 - one schemathesis run; its closures share the run's sta
         body = case.body
         if isinstance(body, dict):
             if to_model and "model" in body:
-                body["model"] = model
+                body["model"] = targets[which % len(targets)]
             if to_id and ids and "id" in body:
                 body["id"] = ids[which % len(ids)]
             # The fake answers instantly; a real engine would spend minutes on a huge request.
@@ -369,6 +377,19 @@ def render(report: FuzzReport, title: str) -> None:
                       f"=> {ex.response}")
 
 
+@contextlib.contextmanager
+def _config(upstream: str) -> Iterator[Path]:
+    """A `--config` file serving FAKE_MODEL and CASCADE_MODEL over `upstream`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        path = Path(tmp) / "calibserve.yaml"
+        path.write_text(json.dumps({"models": [
+            {"name": FAKE_MODEL, "upstreams": [upstream], "upstream_model": FAKE_MODEL},
+            cascade_model(upstream)]}))
+        yield path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1200)
@@ -403,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
             report = fuzz(args.url, total, args.model, args.seed, progress=tick)
             where = f"calibserve at {args.url} (model {args.model})"
         else:
-            with calibserve_over_fake(in_process=False) as (srv, _fake):
-                report = fuzz(srv.url, total, FAKE_MODEL, args.seed, progress=tick)
-            where = "calibserve (subprocess) over the FAKE upstream"
+            with FakeUpstream() as fake, _config(fake.url) as config, CalibserveProcess(
+                    ["--config", str(config), "--log-level", "warning"]) as proc:
+                report = fuzz(proc.url, total, FAKE_MODEL, args.seed, progress=tick,
+                              also=(CASCADE_MODEL,))
+            where = f"calibserve (subprocess) over the FAKE upstream ({FAKE_MODEL}, " \
+                    f"{CASCADE_MODEL})"
     render(report, f"fuzz: {where}")
     write_result(args.name, {"target": where, **report.to_dict()})
     return 1 if report.findings else 0

@@ -32,15 +32,43 @@ from calibserve.testing.servers import (
 )
 
 __all__ = [
-    "FAKE_MODEL", "PORT_RANGE", "SIGNING_KEY", "UPSTREAM_STATUSES", "CalibserveProcess",
+    "CASCADE_MODEL", "FAKE_MODEL", "PORT_RANGE", "SIGNING_KEY", "UPSTREAM_STATUSES",
+    "CalibserveProcess",
     "FakeUpstream", "InProcessServer", "Percentiles", "calibration_counters",
-    "calibserve_over_fake", "chat_body", "error_shape_ok", "fake_settings", "is_openai_error",
+    "calibserve_over_fake", "cascade_model", "chat_body", "error_shape_ok", "fake_settings",
+    "is_openai_error", "with_cascade",
     "machine_line", "metric_sum", "parse_metrics", "port_in_range", "python", "scrape",
     "write_result",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM_STATUSES = frozenset({502, 503, 504})
+# The route of three tiers the harness runs beside FAKE_MODEL's single tier: every tier but the
+# last judged by its own threshold (routing/escalation.py), the request path one tier lacks.
+CASCADE_MODEL = "fake-cascade"
+
+
+def cascade_model(primary: str, middle: str | None = None, expert: str | None = None, *,
+                  threshold: float = 0.999, **expert_settings: Any) -> dict[str, Any]:
+    """A `models` entry for CASCADE_MODEL: primary -> `middle` -> `expert` over FAKE upstreams
+    (by default all on `primary`). The fake answers with a confidence of about 0.76, below the
+    default threshold: every answer the primary and the middle tier give is judged (each by its
+    own threshold) and sent on, so every request takes both hops and the expert serves it."""
+    def tier(name: str, url: str | None, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "upstreams": [url or primary], "upstream_model": FAKE_MODEL,
+                **extra}
+
+    return {"name": CASCADE_MODEL, "upstreams": [primary], "upstream_model": FAKE_MODEL,
+            "threshold": threshold,
+            "escalate_to": [tier("middle", middle), tier("expert", expert, **expert_settings)]}
+
+
+def with_cascade(settings: Any, upstream: str) -> Any:
+    """`settings` (ServerSettings) serving CASCADE_MODEL over `upstream` as well."""
+    from calibserve.server.config import ModelSettings
+
+    models = [*settings.models, ModelSettings.model_validate(cascade_model(upstream))]
+    return settings.model_copy(update={"models": models})
 
 
 def machine_line() -> str:

@@ -7,6 +7,7 @@ alone decides; escalation quality with real models is routing's integration test
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -160,3 +161,149 @@ def test_a_free_form_reply_is_not_given_the_option_letter_map(fake_upstream: Fak
     assert free["calibrated"] is False
     assert mc["method"] == "answer" and mc["score"] < mc["raw"]  # temperature 3 softens
     assert mc["calibrated"] is True
+
+
+# --- routes of three tiers: every tier but the last judged by its own threshold ----------------
+
+CERT = {"max_error": 0.2, "delta": 0.1, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
+        "n": 500, "kept": 400, "kept_errors": 60}
+
+
+def cascade(primary: str, middle: str, expert: str, middle_calibration=None,
+            **route: object) -> ServerSettings:
+    """primary -> middle -> expert, as `--escalate-to MIDDLE --escalate-to EXPERT
+    [--escalate-calibration MIDDLE.json]` builds it (the i-th calibration is the i-th tier's)."""
+    tiers = [{"name": "middle", "upstreams": [middle], "upstream_model": "fake-model",
+              "calibration": middle_calibration},
+             {"name": "expert", "upstreams": [expert], "upstream_model": "fake-model",
+              "timeout_s": 2.0}]
+    return ServerSettings.model_validate({
+        "signing_key": "k",
+        "models": [{"name": "m", "upstreams": [primary], "upstream_model": "fake-model",
+                    "escalate_to": tiers, **route}]})
+
+
+def _temperature(tmp_path, temperature: float):
+    """A v1 document: `mean` through a temperature map (below 1 sharpens: the fake's ~0.76
+    becomes ~0.98 at 0.3)."""
+    path = tmp_path / f"middle-{temperature}.json"
+    path.write_text(json.dumps({"version": 1, "confidence": {"method": "mean"},
+                                "calibrator": {"type": "temperature",
+                                               "temperature": temperature}}))
+    return path
+
+
+@pytest.mark.parametrize("temperature, served", [(0.3, "middle"), (None, "middle+error")])
+def test_a_three_tier_route_judges_the_middle_tier_by_its_own_confidence(
+        fake_upstream: FakeUpstream, tmp_path, temperature: float | None, served: str) -> None:
+    """Threshold 0.9 for every tier but the last. The primary (raw ~0.76) always escalates. A
+    middle tier whose own map puts it at ~0.98 keeps its answer (the dead expert is never
+    asked); one without a map (~0.76) is sent on to the dead expert and served with
+    `escalation_error`: its answer is no longer served whatever its confidence."""
+    fake_upstream.mode("ok")
+    cal = None if temperature is None else _temperature(tmp_path, temperature)
+    s = cascade(fake_upstream.url, fake_upstream.url, "http://127.0.0.1:9", cal, threshold=0.9)
+    with serve(s) as running:
+        r = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 200, r.text
+        info = r.json()["calibserve"]
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions",
+                          json={**CHAT, "stream": True}, timeout=10) as s_:
+            assert s_.headers["x-calibserve-served-by"] == "middle"
+            events = [line[6:] for line in s_.iter_lines() if line.startswith("data: ")]
+        text = httpx.get(f"{running.url}/metrics", timeout=10).text
+    streamed = json.loads(events[-2])["calibserve"]
+    for got in (info, streamed):
+        assert got["served_by"] == "middle" and got["escalated"] is True
+        assert got["threshold"] == 0.9 and got["primary_confidence"] < 0.9
+        primary, middle = got["judgments"]
+        assert primary["tier"] == "m" and primary["escalate"] is True
+        assert middle["tier"] == "middle" and middle["threshold"] == 0.9
+        if served == "middle":
+            assert middle["confidence"] > 0.9 and middle["escalate"] is False
+            assert got["escalation_error"] is None
+        else:
+            assert middle["confidence"] < 0.9 and middle["escalate"] is True
+            assert "expert" in got["escalation_error"]
+    errors = 'calibserve_escalation_errors_total{route="m",tier="expert"}'
+    assert (errors in text) == (served != "middle")
+
+
+def test_a_three_tier_route_escalates_twice_when_the_middle_is_unsure(
+        fake_upstream: FakeUpstream) -> None:
+    fake_upstream.mode("ok")
+    with serve(cascade(fake_upstream.url, fake_upstream.url, fake_upstream.url,
+                       threshold=0.9)) as running:
+        r = httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=10)
+        text = httpx.get(f"{running.url}/metrics", timeout=10).text
+    info = r.json()["calibserve"]
+    assert info["served_by"] == "expert" and info["reason"] == "low_confidence"
+    assert [j["escalate"] for j in info["judgments"]] == [True, True]
+    for tier in ("middle", "expert"):
+        assert (f'calibserve_escalations_total{{reason="low_confidence",route="m",'
+                f'tier="{tier}"}} 1.0') in text
+
+
+def _certified(tmp_path, name: str, guarantees: list[dict]) -> Path:
+    path = tmp_path / f"{name}.json"
+    CalibrationDocument.from_dict({
+        "version": 2, "multiple_choice": "answer", "free_form": "mean",
+        "methods": {"answer": {"calibrator": {"type": "temperature", "temperature": 1.0},
+                               "guarantees": guarantees} if guarantees else
+                    {"calibrator": {"type": "temperature", "temperature": 1.0}},
+                    "mean": {}},
+    }).write(path)
+    return path
+
+
+def test_a_guaranteed_three_tier_route_needs_the_middle_tiers_certificate(
+        fake_upstream: FakeUpstream, tmp_path) -> None:
+    url = fake_upstream.url
+    primary = _certified(tmp_path, "primary", [CERT])
+
+    def build(middle_cal, max_error: float = 0.2) -> ServerRuntime:
+        s = cascade(url, url, url, middle_cal, threshold="guaranteed", max_error=max_error)
+        model = s.models[0].model_copy(update={"calibration": primary})
+        return ServerRuntime(s.model_copy(update={"models": [model]}))
+
+    with pytest.raises(ValueError, match="tier 'middle' has no calibration.json"):
+        build(None)
+    with pytest.raises(ValueError, match="tier 'middle': .*no certified threshold"):
+        build(_certified(tmp_path, "uncertified", []))
+    looser = {**CERT, "max_error": 0.3}  # certified for 0.3 only: not for 0.2
+    with pytest.raises(ValueError, match="tier 'middle': .*max_error 0.2"):
+        build(_certified(tmp_path, "loose", [looser]))
+    middle = _certified(tmp_path, "middle", [{**CERT, "threshold": 0.7, "tier": 1, "tiers": 3,
+                                              "after": ["m"]}])
+    route = build(middle).models["m"].route
+    assert route.policy.threshold == 0.5  # type: ignore[attr-defined]
+    assert route.policy_for(1).threshold == 0.7  # type: ignore[union-attr]
+    assert route.policy_for(2) is None  # the expert: served as is
+
+
+def test_middle_tier_policies_for_auto_budget_and_never(fake_upstream: FakeUpstream, tmp_path,
+                                                        caplog) -> None:
+    url = fake_upstream.url
+    thresholds = [{"target_accuracy": 0.8, "threshold": 0.63, "coverage": 0.5}]
+    primary = _answer_only(tmp_path, [*thresholds, {"target_accuracy": 0.95, "threshold": 0.8,
+                                                    "coverage": 0.2}])
+
+    def route(middle_cal, **kw: object):
+        s = cascade(url, url, url, middle_cal, **kw)
+        model = s.models[0].model_copy(update={"calibration": primary})
+        return ServerRuntime(s.model_copy(update={"models": [model]})).models["m"].route
+
+    middle = tmp_path / "middle"
+    middle.mkdir()
+    auto = route(_answer_only(middle, [{"target_accuracy": 0.8, "threshold": 0.71,
+                                        "coverage": 0.4}]),
+                 threshold="auto", target_accuracy=0.8)
+    assert auto.policy_for(1).threshold == 0.71  # type: ignore[union-attr]
+    with caplog.at_level("WARNING", logger="calibserve.server"):
+        assert route(None, threshold="auto", target_accuracy=0.8).policy_for(1) is None
+    assert "tier middle has no calibration.json" in caplog.text
+    with pytest.raises(ValueError, match="tier 'middle': no threshold for target accuracy 0.95"):
+        route(_answer_only(middle, thresholds), threshold="auto", target_accuracy=0.95)
+    assert route(None, threshold=0.4).policy_for(1).threshold == 0.4  # type: ignore[union-attr]
+    assert route(None, policy="budget", budget=0.2).policy_for(1) is None
+    assert route(None, policy="never").policy_for(1) is None

@@ -1,7 +1,9 @@
 """Fixtures for the reliability subset: the recording FAKE upstream and calibserve in front of it.
 
 One fake and one in-process calibserve per session: the fuzz, feedback and hostile checks share
-them (each test resets the fake's mode), so the subset stays well inside its time budget.
+them (each test resets the fake's mode), so the subset stays well inside its time budget. The
+server serves CASCADE_MODEL beside FAKE_MODEL (a route of three tiers on the same fake, the
+middle tier judged by its own threshold), which the fuzz run steers requests to as well.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.reliability.harness import with_cascade
 from calibserve.testing.fake_upstream import FakeUpstream
 from calibserve.testing.servers import InProcessServer, fake_settings
 
@@ -22,7 +25,7 @@ def rel_fake() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="session")
 def rel_server(rel_fake: FakeUpstream) -> Iterator[InProcessServer]:
-    with InProcessServer(fake_settings(rel_fake.url)) as server:
+    with InProcessServer(with_cascade(fake_settings(rel_fake.url), rel_fake.url)) as server:
         yield server
 
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from benchmarks.reliability.fuzz import FINDING_KINDS, fuzz
+from benchmarks.reliability.harness import CASCADE_MODEL
+from calibserve.testing.checks import metric_sum, scrape
 from calibserve.testing.fake_upstream import FakeUpstream
 from calibserve.testing.servers import InProcessServer
 
 
 def test_fuzz_finds_no_server_errors(rel_server: InProcessServer, fake: FakeUpstream) -> None:
-    report = fuzz(rel_server.url, 300, seed=1)
+    def hops() -> float:  # the 3-tier route's middle tier judged and sending answers on
+        return metric_sum(scrape(rel_server.url), "calibserve_escalations_total",
+                          route=CASCADE_MODEL, tier="expert")
+
+    before = hops()
+    report = fuzz(rel_server.url, 300, seed=1, also=(CASCADE_MODEL,))
     assert report.requests >= 250
     # Generation must reach past validation: real answers and real feedback ids, not only 4xx.
     assert report.kinds["ok"] >= 20
@@ -18,6 +25,8 @@ def test_fuzz_finds_no_server_errors(rel_server: InProcessServer, fake: FakeUpst
     # Healthy fake upstream: no upstream-mapped 5xx either.
     assert report.kinds["upstream_5xx"] == 0, report.examples
     assert report.checks.get("JsonSchemaError", 0) == 0, report.examples
+    # Fuzzed requests reached the route of three tiers and its judged middle tier.
+    assert hops() > before
 
 
 def test_openapi_describes_calibserve_bodies(rel_server: InProcessServer) -> None:
