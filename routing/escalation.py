@@ -17,7 +17,7 @@ left behind must be closed; those are the `ask`, `read` and `drop` callables eac
    is judged in turn by rule 2 (so in primary -> middle -> expert, the middle's answer is served
    only when its own threshold keeps it). If all fail, the client keeps the answer it had (the
    primary's, or the middle tier's), with `escalation_error`.
-`record_escalation` (once per hop) and `record_agreement` are the only code that counts
+`count_escalation` (once per request) and `record_agreement` are the only code that counts
 escalations and agreement; `escalate` the only code that counts escalation errors.
 """
 
@@ -68,6 +68,7 @@ async def walk(
         if drop is not None:
             await drop(answer)
         answer, index = stronger
+    count_escalation(metrics, result)
     return Walked(answer, route.tiers[index], primary)
 
 
@@ -91,7 +92,7 @@ async def first_answer(
             continue
         result.served_by = tier.name
         if index > 0:
-            record_escalation(metrics, result, tier, "primary_failed")
+            record_escalation(result, tier, "primary_failed")
         return answer, index
     assert first_error is not None
     raise first_error
@@ -138,19 +139,24 @@ async def escalate(
             errors.append(f"{tier.name}: {exc}")
             metrics.escalation_failed(route.name, tier.name)
             continue
-        record_escalation(metrics, result, tier, result.reason)
+        record_escalation(result, tier, result.reason)
         return answer, index
     result.escalation_error = "; ".join(errors)
     return None
 
 
-def record_escalation(
-    metrics: RoutingMetrics, result: RoutedResult, tier: Tier, reason: str | None
-) -> None:
-    """`tier` (not the primary) answers, for `reason`: the result says so and the hop is
-    counted (a request that goes primary -> middle -> expert counts twice)."""
+def record_escalation(result: RoutedResult, tier: Tier, reason: str | None) -> None:
+    """`tier` (not the primary) answers, for `reason`: the result says so (each hop; the last
+    one stands)."""
     result.served_by, result.escalated, result.reason = tier.name, True, reason
-    metrics.escalated(result.route, reason or "low_confidence", tier.name)
+
+
+def count_escalation(metrics: RoutingMetrics, result: RoutedResult) -> None:
+    """Once per request, when its route is decided: an answer from a stronger tier is counted
+    under the tier that answered and the last reason (primary -> middle -> expert counts once,
+    as the expert's), so escalations / requests is the share of requests escalated."""
+    if result.escalated and result.served_by:
+        metrics.escalated(result.route, result.reason or "low_confidence", result.served_by)
 
 
 def record_served(

@@ -7,10 +7,10 @@ prometheus_client's default registry, created on first use.
 
 Names are those of docs/internals.md. Escalation rate per route is
 `rate(calibserve_escalations_total[5m])` summed over reason and tier, divided by
-`rate(calibserve_route_requests_total[5m])`. `calibserve_escalations_total` counts hops to a
-stronger tier that answered (label `tier` = the tier that answered): on a route of three tiers a
-request sent on by the primary and then by the middle tier counts once at each; a stronger tier
-that failed counts in `calibserve_escalation_errors_total` instead.
+`rate(calibserve_route_requests_total[5m])`. `calibserve_escalations_total` counts requests
+answered by a stronger tier (label `tier` = the tier that answered), once each: on a route of
+three tiers a request sent on by the primary and then by the middle tier counts once, as the
+last tier's; a stronger tier that failed counts in `calibserve_escalation_errors_total` instead.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ class RoutingMetrics:
         )
         self.escalations = Counter(
             "calibserve_escalations_total",
-            "Escalation hops to a stronger tier that answered, by route, reason and answering "
-            "tier (a request sent on twice counts twice).",
+            "Requests answered by a stronger tier, by route, reason and answering tier (once "
+            "each, however many tiers it passed).",
             ["route", "reason", "tier"], registry=r,
         )
         self.agreements = Counter(

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibserve.routing.agreement import answers_agree
-from calibserve.routing.escalation import Walked, first_answer, record_served, walk
+from calibserve.routing.escalation import (
+    Walked,
+    count_escalation,
+    first_answer,
+    record_served,
+    walk,
+)
 from calibserve.routing.metrics import RoutingMetrics
 from calibserve.routing.result import RoutedChunk, RoutedResult
 from calibserve.routing.route import ConfidenceLike, Route, Tier
@@ -74,6 +80,7 @@ class StreamRun:
         if self.mode.kind == "off":
             # A mode that never escalates: the first tier that answers, streamed as it comes.
             held, index = await first_answer(self.route, self._open_tier, result, self.metrics)
+            count_escalation(self.metrics, result)
             walked = Walked(held, self.route.tiers[index], held if index == 0 else None)
         else:
             walked = await walk(self.route, self._open_tier, self._read, result, self.metrics,

@@ -113,7 +113,7 @@ async def test_a_confident_middle_is_served_and_the_expert_never_asked() -> None
     assert c.escalations("low_confidence", "m") == 1 and c.escalations("low_confidence", "e") == 0
 
 
-async def test_an_unconfident_middle_escalates_to_the_expert_counting_both_hops() -> None:
+async def test_an_unconfident_middle_escalates_to_the_expert_counted_once() -> None:
     c = Cascade([ok("B", 0.3)], [ok("C", 0.6)], [ok("B", 0.99)])
     res = await c.complete()
     assert res.served_by == "e" and res.escalated and res.reason == "low_confidence"
@@ -122,7 +122,9 @@ async def test_an_unconfident_middle_escalates_to_the_expert_counting_both_hops(
     assert res.primary_confidence == pytest.approx(0.3) and res.threshold == 0.5
     assert res.confidence == pytest.approx(0.99) and res.escalation_error is None
     assert res.agreement is True  # the primary against the answer served (the expert's)
-    assert c.escalations("low_confidence", "m") == 1 and c.escalations("low_confidence", "e") == 1
+    # One escalated request: counted once, under the tier that answered (escalations / requests
+    # stays the share of requests escalated).
+    assert c.escalations("low_confidence", "m") == 0 and c.escalations("low_confidence", "e") == 1
     assert c.count("calibserve_escalation_agreement_total", agreed="true") == 1
 
 
@@ -167,7 +169,8 @@ async def test_a_middle_answering_for_a_failed_primary_is_judged_by_its_own_poli
     assert res.served_by == "e" and res.reason == "low_confidence" and res.primary_error
     assert res.primary_confidence is None and res.threshold is None and res.agreement is None
     assert res.judgments == [judgment("m", 0.6, 0.8, True)]
-    assert c.escalations("primary_failed", "m") == 1 and c.escalations("low_confidence", "e") == 1
+    # Counted once, under the tier that answered and the last reason.
+    assert c.escalations("primary_failed", "m") == 0 and c.escalations("low_confidence", "e") == 1
 
 
 async def test_a_budget_route_judges_only_the_primary() -> None:
@@ -206,7 +209,7 @@ async def test_stream_an_unconfident_middle_is_never_sent_and_the_expert_serves(
     assert res.judgments == [judgment("p", 0.3, 0.5, True), judgment("m", 0.6, 0.8, True)]
     assert res.primary_confidence == pytest.approx(0.3) and res.agreement is True
     assert seen == [True]  # the middle's stream was given up before the expert was sent
-    assert c.escalations("low_confidence", "m") == 1 and c.escalations("low_confidence", "e") == 1
+    assert c.escalations("low_confidence", "m") == 0 and c.escalations("low_confidence", "e") == 1
 
 
 async def test_stream_a_failing_middle_is_skipped_for_the_expert() -> None:

@@ -31,7 +31,8 @@ def test_escalation_tier_dying_degrades_to_primary() -> None:
 
 def test_expert_of_three_tiers_dying_degrades_to_the_judged_middle_tier() -> None:
     """The middle tier's own threshold sends its answers on: before the kill the expert serves
-    (two hops), after it the middle's answer with `escalation_error`, never a failure."""
+    (two hops, one escalation counted), after it the middle's answer with `escalation_error`,
+    never a failure."""
     result = escalation_dies(clients=3, seconds=1.5, tiers=3)
     assert escalation_ok(result), result
     assert set(result["before_kill"]) <= {"expert (escalated)", "middle + escalation_error"}

@@ -10,7 +10,7 @@ from calibserve.testing.servers import InProcessServer
 
 
 def test_fuzz_finds_no_server_errors(rel_server: InProcessServer, fake: FakeUpstream) -> None:
-    def hops() -> float:  # the 3-tier route's middle tier judged and sending answers on
+    def hops() -> float:  # requests the 3-tier route's judged middle tier sent on to the expert
         return metric_sum(scrape(rel_server.url), "calibserve_escalations_total",
                           route=CASCADE_MODEL, tier="expert")
 
