@@ -5,11 +5,14 @@ certified at fit time (calibration/guarantee.py): the answers it keeps were wron
 `max_error` of the time with probability 1 - delta, on traffic exchangeable with the calibrate
 items. Traffic drifts; this module watches whether the promise still holds.
 
-Every labelled answer of the primary tier (a probe, or accepted feedback for an answer it served)
+Every labelled answer of a judged tier (a probe, or accepted feedback for an answer it served)
 enters its method's sliding window (the last `window` labelled answers, default 1000) as
 (raw confidence, correct). An answer is *kept* when the served map puts it at or above the
 method's served threshold (the router's policy, `threshold_for`), so a probe counts as kept
-exactly when a client's request with that confidence would have been. Per model and method:
+exactly when a client's request with that confidence would have been. The primary is watched,
+and on a route of 3+ tiers every middle tier too, by its own certified threshold (the label is
+the tier's calibration label, `model:tier`, as for its feedback; probes ask the primary only).
+Per model (or `model:tier`) and method:
 
 - `calibserve_guarantee_kept_answers`, `calibserve_guarantee_kept_errors`: the window's kept
   answers and the wrong ones among them;
@@ -120,11 +123,15 @@ class KeptWindow:
 
 
 class LiveGuarantee:
-    """One model's primary tier under `threshold: guaranteed`: a window per certified method."""
+    """One judged tier of a model under `threshold: guaranteed` (`index` 0: the primary; a
+    middle tier of a route of 3+ tiers otherwise): a window per certified method."""
 
-    def __init__(self, model: Any, metrics: GuaranteeMetrics, window: int = DEFAULT_WINDOW
-                 ) -> None:
+    def __init__(self, model: Any, metrics: GuaranteeMetrics, window: int = DEFAULT_WINDOW,
+                 index: int = 0) -> None:
         self.model = model  # server.runtime.ModelRuntime
+        self.index = index
+        self.tier = model.tiers[index]  # server.runtime.TierRuntime
+        self.label: str = model.calibration_label(self.tier.tier.name)
         self.metrics = metrics
         self.window = window
         self.windows: dict[str, KeptWindow] = {}
@@ -132,11 +139,11 @@ class LiveGuarantee:
 
     @property
     def document(self) -> CalibrationDocument:
-        doc: CalibrationDocument = self.model.primary.calibration
+        doc: CalibrationDocument = self.tier.calibration
         return doc
 
     def _served(self, method: str) -> ServedMethod | None:
-        scorer = self.model.primary.scorer
+        scorer = self.tier.scorer
         for m in (scorer.multiple_choice, scorer.no_letter, scorer.free_form):
             if m.name == method:
                 served: ServedMethod = m
@@ -145,7 +152,7 @@ class LiveGuarantee:
 
     def rescore(self) -> None:
         """Follow what is served now: the certified methods, their thresholds and maps."""
-        policy = self.model.route.policy
+        policy = self.model.route.policy_for(self.index)
         threshold_for = getattr(policy, "threshold_for", None)
         max_error = self.model.settings.max_error
         for method, entry in self.document.methods.items():
@@ -160,12 +167,11 @@ class LiveGuarantee:
                 window = self.windows[method] = KeptWindow(self.window, threshold, cert.delta)
                 self._publish(method, window)
             window.rescore(served, threshold, cert.delta)
-            self.metrics.max_error.labels(self.model.name, method).set(cert.max_error)
-            self.metrics.threshold.labels(self.model.name, method).set(threshold)
+            self.metrics.max_error.labels(self.label, method).set(cert.max_error)
+            self.metrics.threshold.labels(self.label, method).set(threshold)
 
     def observe(self, method: str, raw: float, correct: bool) -> None:
-        """One labelled answer of the primary tier (a probe, or feedback for an answer it
-        served)."""
+        """One labelled answer of this tier (a probe, or feedback for an answer it served)."""
         window = self.windows.get(method)
         served = self._served(method)
         if window is None or served is None or not 0.0 <= raw <= 1.0:
@@ -174,7 +180,7 @@ class LiveGuarantee:
 
     def _publish(self, method: str, window: KeptWindow) -> None:
         """The window's gauges, read when /metrics is scraped."""
-        name = self.model.name
+        name = self.label
         self.metrics.kept.labels(name, method).set_function(lambda: window.kept)
         self.metrics.errors.labels(name, method).set_function(lambda: window.kept_errors)
         self.metrics.bound.labels(name, method).set_function(lambda: window.bound)

@@ -338,15 +338,21 @@ class ServerRuntime:
         return out
 
     def _live_guarantees(self, registry: Any) -> dict[str, LiveGuarantee]:
-        """Per model served with `threshold: guaranteed`: its certified thresholds watched on
-        the probes and accepted feedback of its primary tier (server/guarantee.py)."""
-        watched = {name: model for name, model in self.models.items()
+        """Per model served with `threshold: guaranteed`: the certified thresholds of every tier
+        it judges (the primary, and the middle tiers of a route of 3+) watched on the probes
+        (primary) and accepted feedback of that tier (server/guarantee.py), keyed by the tier's
+        calibration label (the model's name for the primary)."""
+        watched = [(model, index) for model in self.models.values()
                    if model.settings.threshold == "guaranteed"
-                   and isinstance(model.route.policy, ThresholdPolicy)}
+                   for index in range(len(model.tiers))
+                   if isinstance(model.route.policy_for(index), ThresholdPolicy)]
         if not watched:
             return {}
         metrics = GuaranteeMetrics(registry)
-        out = {name: LiveGuarantee(model, metrics) for name, model in watched.items()}
+        out: dict[str, LiveGuarantee] = {}
+        for model, index in watched:
+            tier_live = LiveGuarantee(model, metrics, index=index)
+            out[tier_live.label] = tier_live
         for runner in self.probes:
             live = out.get(runner.model)
             if live is not None:
@@ -356,7 +362,7 @@ class ServerRuntime:
         def feedback(label: str, method: str, raw: float, correct: bool) -> None:
             if previous is not None:
                 previous(label, method, raw, correct)
-            live = out.get(label)  # the primary tier's label is the model's name
+            live = out.get(label)  # a tier's calibration label (the primary's: the model's name)
             if live is not None:
                 live.observe(method, raw, correct)
 

@@ -14,7 +14,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from calibserve.calibration import CalibrationDocument
-from calibserve.calibration.guarantee import batch_error_target, certify_threshold
+from calibserve.calibration.guarantee import (
+    batch_error_target,
+    certify_threshold,
+    clopper_pearson_upper,
+)
 from calibserve.routing.policy import ThresholdPolicy
 from calibserve.server.config import ServerSettings
 from calibserve.server.guarantee import KeptWindow
@@ -230,3 +234,34 @@ def test_serving_a_target_the_document_has_no_certificate_for_is_a_clean_error(
     assert result.exit_code == 2, result.output
     assert "no certified threshold at max_error 0.05" in result.output
     assert "certified max_error: 0.1, 0.2" in result.output and "Traceback" not in result.output
+
+
+def test_a_middle_tier_is_watched_by_its_own_certificate(tmp_path: Path) -> None:
+    """A route of three tiers under `guaranteed`: the middle tier's answers (its feedback, label
+    `m:mid`) fill a window of its own, judged by its own certified threshold; the primary's
+    window stays the primary's and the last tier (nothing to escalate to) has none."""
+    middle_doc = json.loads(json.dumps(DOC))
+    middle_doc["methods"]["answer"]["guarantees"] = [{**CERT, "threshold": 0.7}]
+    (tmp_path / "mid.json").write_text(json.dumps(middle_doc))
+    (tmp_path / "calibration.json").write_text(json.dumps(DOC))
+    rt = ServerRuntime(ServerSettings.model_validate({"signing_key": "k", "models": [{
+        "name": "m", "upstreams": ["http://127.0.0.1:9"], "upstream_model": "m",
+        "calibration": str(tmp_path / "calibration.json"), "threshold": "guaranteed",
+        "max_error": 0.2, "escalate_to": [
+            {"name": "mid", "upstreams": ["http://127.0.0.1:9"],
+             "calibration": str(tmp_path / "mid.json")},
+            {"name": "x", "upstreams": ["http://127.0.0.1:9"]}]}]}))
+    assert set(rt.live_guarantees) == {"m", "m:mid"}
+    text = metrics(rt)
+    assert sample(text, "calibserve_guarantee_threshold", model="m", method="answer") == 0.5
+    assert sample(text, "calibserve_guarantee_threshold", model="m:mid", method="answer") == 0.7
+    for i in range(10):
+        feedback(rt, 0.8, correct=i >= 3, label="m:mid")  # kept by the middle's 0.7: 3 wrong
+    feedback(rt, 0.6, correct=False, label="m:mid")  # the primary would keep it, the middle not
+    feedback(rt, 0.9, correct=False, label="m:x")  # the last tier's: watched by no window
+    text = metrics(rt)
+    assert sample(text, "calibserve_guarantee_kept_answers", model="m:mid", method="answer") == 10
+    assert sample(text, "calibserve_guarantee_kept_errors", model="m:mid", method="answer") == 3
+    assert sample(text, "calibserve_guarantee_kept_answers", model="m", method="answer") == 0
+    assert sample(text, "calibserve_guarantee_kept_error_bound", model="m:mid",
+                  method="answer") == pytest.approx(clopper_pearson_upper(3, 10, 0.1))
