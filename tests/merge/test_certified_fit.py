@@ -90,14 +90,19 @@ def test_the_stated_minimum_escalation_rate_is_the_models_own() -> None:
     assert cal.guarantees[0].threshold == certify_threshold(calibrated, correct, 0.45).threshold
 
 
+def merge_args(world: dict[str, Path], out: Path) -> list[str]:
+    """A quick `calibserve merge` of the tiny world into `out` (no refinement, no free form)."""
+    return ["--base", str(world["base"]), "--aligned", str(world["aligned"]),
+            "--data", str(world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
+            "--no-refine", "--no-short-answers", "--no-free-form", "--evaluator", "transformers"]
+
+
 def test_merge_refuses_a_target_it_cannot_certify(tiny_world: dict[str, Path],
                                                   tmp_path: Path) -> None:
     from calibserve.merge.cli import app
 
     out = tmp_path / "out"
-    args = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
-            "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
-            "--no-refine", "--no-short-answers", "--no-free-form", "--evaluator", "transformers"]
+    args = merge_args(tiny_world, out)
     result = runner.invoke(app, [*args, "--max-error", "0.05"])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--max-error'" in result.output and "Traceback" not in result.output
@@ -149,9 +154,7 @@ def test_merge_refuses_a_bad_batch_naming_it(tiny_world: dict[str, Path],
     from calibserve.merge.cli import app
 
     out = tmp_path / "out"
-    args = ["--base", str(tiny_world["base"]), "--aligned", str(tiny_world["aligned"]),
-            "--data", str(tiny_world["data"]), "--out", str(out), "--grid", "0,1", "--quiet",
-            "--no-refine", "--no-short-answers", "--no-free-form", "--evaluator", "transformers"]
+    args = merge_args(tiny_world, out)
     for extra in (["--max-error", "0.2", "--batch", "0"], ["--batch", "50"]):
         result = runner.invoke(app, [*args, *extra])
         assert result.exit_code == 2, result.output
