@@ -43,7 +43,7 @@ from calibserve.merge.errors import IncompatibleCheckpoints, InvalidConfig, Merg
 from calibserve.merge.evaluate import MCEvaluator, Scores
 from calibserve.merge.freeform import FreeFormEvaluator, FreeFormScores
 
-__all__ = ["EngineSettings", "WeightUpdateError", "VllmEvaluator", "vllm_missing", "EXTENSION"]
+__all__ = ["EngineSettings", "WeightUpdateError", "VllmEvaluator", "EXTENSION"]
 
 EXTENSION = "calibserve.merge.engine_worker.InterpolationExtension"
 # The first token's alternatives the server asks for when it scores option letters.
@@ -58,15 +58,6 @@ CPU_MEMORY_UTILIZATION = 0.3
 
 class WeightUpdateError(MergeError):
     """An in-place update did not set every weight the plan interpolates."""
-
-
-def vllm_missing() -> str | None:
-    """Why the vLLM evaluator cannot run here, or None when it can."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (pip install 'calibserve[cpu]' or 'calibserve[gpu]')"
-    return None
 
 
 @dataclass(frozen=True)
