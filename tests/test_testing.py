@@ -36,3 +36,22 @@ def test_tests_and_benchmarks_do_not_import_each_other() -> None:
         for line in path.read_text().splitlines()
         if line.lstrip().startswith((f"from {other}.", f"import {other}", f"from {other} "))]
     assert offenders == []
+
+
+class _Item:
+    """What the ordering hook reads of a pytest item: its markers."""
+
+    def __init__(self, name: str, *markers: str) -> None:
+        self.name, self.markers = name, set(markers)
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self.markers else None
+
+
+def test_engine_tests_without_the_demo_world_go_first_and_nothing_else_moves() -> None:
+    from calibserve.testing.fixtures import _heavy_without_the_demo_world_first
+
+    items = [_Item("a"), _Item("e1", "vllm", "demo"), _Item("b", "demo"),
+             _Item("e2", "vllm"), _Item("e3", "vllm", "demo"), _Item("c"), _Item("e4", "vllm")]
+    _heavy_without_the_demo_world_first(items)  # type: ignore[arg-type]
+    assert [i.name for i in items] == ["a", "e2", "b", "e4", "e1", "c", "e3"]
