@@ -90,6 +90,31 @@ def _batch_summary(kept: list[int], errors: list[int], plain: list[tuple[int, in
     }
 
 
+def oracle_coverage(tier: Tier, n_test: int, alpha: float, delta: float) -> dict[str, float]:
+    """How much any threshold could keep and still meet the validity floor as written, if the
+    items' own curve were the truth: the largest share whose kept error (on all items) would
+    show more than alpha on a test part of `n_test` items (about n_test x share kept answers)
+    with probability <= delta, against the share the empirical threshold keeps on all items.
+    No calibrate sample's noise is charged, so no method choosing a threshold from data can do
+    better: below 80% of the empirical coverage the validity and power floors cannot both be met
+    on these items."""
+    from calibserve.calibration.guarantee import binomial_cdf
+
+    order = np.argsort(-tier.score, kind="stable")
+    n = tier.score.size
+    error = np.cumsum(~tier.correct[order]) / np.arange(1, n + 1)
+    share = np.arange(1, n + 1) / n
+    empirical = float(share[error <= alpha + 1e-12].max(initial=0.0))
+    best = 0.0
+    for k in range(n):
+        kept = int(round(n_test * share[k]))
+        if kept >= 1 and 1.0 - binomial_cdf(int(np.floor(alpha * kept + 1e-9)), kept,
+                                              float(error[k])) <= delta:
+            best = max(best, float(share[k]))
+    return {"coverage": best, "empirical_coverage": empirical,
+            "ratio": best / empirical if empirical else 0.0}
+
+
 def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: int = 0,
              batch: int | None = None) -> dict[str, Any]:
     """Validity (single tier, two-tier cascade) and power over `splits` re-splits; with
@@ -181,6 +206,7 @@ def evaluate(tiers: list[Tier], splits: int, alpha: float, delta: float, seed: i
         "single": {**summary(single), "test_keeps_nothing": single_empty,
                    "nothing_certified": refused},
         "empirical": summary(empirical),
+        "oracle": oracle_coverage(tiers[0], n - n_cal, alpha, delta),
     }
     result["power"] = result["single"]["mean_coverage"] / max(
         result["empirical"]["mean_coverage"], 1e-12)
@@ -265,6 +291,12 @@ def lines(name: str, r: dict[str, Any]) -> list[str]:
             f"threshold's test coverage ({s['mean_coverage']:.3f} vs {e['mean_coverage']:.3f}: "
             f"the guarantee costs {e['mean_coverage'] - s['mean_coverage']:.3f} of coverage); "
             f"nothing certified in {s['nothing_certified']} of {r['splits']} splits."]
+    if "oracle" in r:
+        o = r["oracle"]
+        out += ["", f"Ceiling: a threshold that knew these items' curve could keep at most "
+                f"{o['coverage']:.3f} of them and meet the validity floor on a {r['n_test']}-item "
+                f"test part, {o['ratio']:.1%} of the {o['empirical_coverage']:.3f} the empirical "
+                "threshold keeps on them (below 80%: validity and power cannot both be met)."]
     if "batch" in r:
         out += ["", *batch_lines(r)]
     return out
