@@ -30,7 +30,8 @@ def certify(
     data: Annotated[Path, typer.Option(
         "--data", help="directory whose calibrate.jsonl (multiple choice) every tier answers")],
     max_error: Annotated[float, typer.Option(
-        "--max-error", help="the error rate of kept answers to certify for the whole route")],
+        "--max-error", help="the error rate of kept answers to certify for the whole route "
+        "(one value)")],
     delta: Annotated[float, typer.Option(
         "--delta", help="the chance the certificate may be wrong (split evenly over the tiers)")
     ] = DEFAULT_DELTA,
@@ -60,9 +61,12 @@ def certify(
     for i, (t, cert, doc) in enumerate(results):
         where = "all items" if i == 0 else "the items no earlier tier kept"
         if doc is None:
+            last = i == len(results) - 1
+            outcome = ("its answers are served outside the guarantee" if last else
+                       "the route cannot be served with --threshold guaranteed at this "
+                       "max_error (a middle tier needs a certificate of its own)")
             typer.echo(f"{t.calibration}: tier {i} ({t.name}): nothing certified on {cert.n} "
-                       f"{where} at delta {cert.delta:g}: its answers are served outside the "
-                       "guarantee (document unchanged)")
+                       f"{where} at delta {cert.delta:g}: {outcome} (document unchanged)")
             continue
         bound = (f"{max_error:g} at delta {cert.delta:g}" if batch is None else
                  f"batch target {cert.target:.4f} at delta {cert.level:g}")

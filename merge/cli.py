@@ -212,7 +212,8 @@ def merge_command(
         batch: Annotated[
             int | None, typer.Option("--batch", metavar="M", help="With --max-error: certify "
                                      "every batch of at least M kept answers (a day's traffic, "
-                                     "say), not only the long-run rate (costs coverage).")
+                                     "say), not only the long-run rate (costs coverage; not "
+                                     "--batch-size).")
         ] = None,
         max_items: Annotated[
             int | None, typer.Option("--max-items", help="Use at most N items per split.")

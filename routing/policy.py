@@ -195,7 +195,8 @@ def _pick_certified(doc: CalibrationDocument, name: str, max_error: float | None
         raise ValueError(
             f"calibration.json has no certified threshold{wanted} for method {name!r} "
             f"(certified max_error: {known}); certify one with `calibserve calibrate "
-            "--max-error` (or merge), or serve another --max-error")
+            "--max-error` (or merge; for a tier of a route, `calibserve certify`), or serve "
+            "another --max-error")
     return g.threshold
 
 

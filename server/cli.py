@@ -276,12 +276,14 @@ def serve(
         help="model name clients use (default: the checkpoint's directory name)")] = None,
     escalate_to: Annotated[list[str] | None, typer.Option(
         "--escalate-to", help="stronger model: checkpoint DIR (second managed engine) or URL; "
-        "repeat for a route of 3+ tiers (every tier but the last judged by its own threshold)")
+        "repeat for a route of 3+ tiers (every tier but the last judged by its own threshold; "
+        "policy budget judges the primary only, never no tier)")
     ] = None,
     escalate_calibration: Annotated[list[Path] | None, typer.Option(
         "--escalate-calibration",
         help="calibration.json for the --escalate-to tier in the same position (default: "
-        "DIR/calibration.json if present; see `calibrate_checkpoint` in fit/)")] = None,
+        "DIR/calibration.json if present; made by `calibserve calibrate`, certified for a route "
+        "by `calibserve certify`)")] = None,
     threshold: Annotated[str | None, typer.Option(
         help="escalate below this calibrated confidence, or 'auto' (from calibration.json), or "
         "'guaranteed' (the certified threshold for --max-error, from calibration.json); with "
@@ -292,8 +294,9 @@ def serve(
         help="with --threshold auto: the accuracy target to take the threshold for")] = None,
     max_error: Annotated[float | None, typer.Option(
         "--max-error", help="with --threshold guaranteed: the certified error rate of kept "
-        "answers (fitted by `calibserve calibrate --max-error`; default: the strictest "
-        "certified)")] = None,
+        "answers (certified by `calibserve calibrate`, `merge` or, for a route, `certify` "
+        "--max-error; the certificate for exactly it, else the strictest below it; default: "
+        "the strictest certified; give it on a route of 3+ tiers)")] = None,
     policy: Annotated[str | None, typer.Option(help="never | threshold | budget")] = None,
     budget: Annotated[float | None, typer.Option(
         help="with --policy budget: target escalation rate")] = None,
