@@ -232,10 +232,22 @@ class ModelRuntime:
                     "threshold (give it --escalate-calibration, certified by `calibserve "
                     "certify`), or the route's guarantee would not hold")
             try:
-                return ThresholdPolicy.guaranteed(tier.calibration, s.max_error,
-                                                  uncalibrated=s.uncalibrated)
+                policy = ThresholdPolicy.guaranteed(tier.calibration, s.max_error,
+                                                    uncalibrated=s.uncalibrated)
             except ValueError as exc:
                 raise ValueError(f"model {s.name!r}: tier {name!r}: {exc}") from None
+            doc = tier.calibration
+            cert = doc.method(doc.multiple_choice).guarantee_for(s.max_error)
+            position = self.tiers.index(tier)
+            if cert is not None and cert.tier != position:
+                made = ("by `calibserve calibrate`/`merge`, on every item" if cert.tier is None
+                        else f"for tier {cert.tier} of a route")
+                raise ValueError(
+                    f"model {s.name!r}: tier {name!r}: its certificate for max_error "
+                    f"{cert.max_error:g} was made {made}, not for tier {position} of this "
+                    "route on what the earlier tiers leave; certify the route with "
+                    "`calibserve certify`")
+            return policy
         if s.threshold is None or s.threshold == "auto":
             if tier.calibration is None:
                 log.warning("model %s: tier %s has no calibration.json: its answers are served "

@@ -275,6 +275,13 @@ def test_a_guaranteed_three_tier_route_needs_the_middle_tiers_certificate(
     looser = {**CERT, "max_error": 0.3}  # certified for 0.3 only: not for 0.2
     with pytest.raises(ValueError, match="tier 'middle': .*max_error 0.2"):
         build(_certified(tmp_path, "loose", [looser]))
+    # A certificate `calibrate --max-error` made (every item, no place in a route), or one made
+    # for another place: the route's promise would not follow from it.
+    with pytest.raises(ValueError, match="tier 'middle': .*calibserve calibrate.*certify"):
+        build(_certified(tmp_path, "alone", [{**CERT, "threshold": 0.7}]))
+    with pytest.raises(ValueError, match="tier 'middle': .*made for tier 2 of a route"):
+        build(_certified(tmp_path, "elsewhere", [{**CERT, "threshold": 0.7, "tier": 2,
+                                                  "tiers": 3, "after": ["m", "x"]}]))
     middle = _certified(tmp_path, "middle", [{**CERT, "threshold": 0.7, "tier": 1, "tiers": 3,
                                               "after": ["m"]}])
     route = build(middle).models["m"].route

@@ -241,7 +241,8 @@ def test_a_middle_tier_is_watched_by_its_own_certificate(tmp_path: Path) -> None
     `m:mid`) fill a window of its own, judged by its own certified threshold; the primary's
     window stays the primary's and the last tier (nothing to escalate to) has none."""
     middle_doc = json.loads(json.dumps(DOC))
-    middle_doc["methods"]["answer"]["guarantees"] = [{**CERT, "threshold": 0.7}]
+    middle_doc["methods"]["answer"]["guarantees"] = [
+        {**CERT, "threshold": 0.7, "tier": 1, "tiers": 3, "after": ["m"]}]
     (tmp_path / "mid.json").write_text(json.dumps(middle_doc))
     (tmp_path / "calibration.json").write_text(json.dumps(DOC))
     rt = ServerRuntime(ServerSettings.model_validate({"signing_key": "k", "models": [{
