@@ -11,7 +11,8 @@ enters its method's sliding window (the last `window` labelled answers, default 
 method's served threshold (the router's policy, `threshold_for`), so a probe counts as kept
 exactly when a client's request with that confidence would have been. The primary is watched,
 and on a route of 3+ tiers every middle tier too, by its own certified threshold (the label is
-the tier's calibration label, `model:tier`, as for its feedback; probes ask the primary only).
+the tier's calibration label, `model:tier`, as for its feedback; a probe reaches it when the
+tiers before it would escalate it, server/probes.py).
 Per model (or `model:tier`) and method:
 
 - `calibserve_guarantee_kept_answers`, `calibserve_guarantee_kept_errors`: the window's kept

@@ -11,10 +11,15 @@ the model's primary tier: the same request shaping (`routing.client_view.tier_bo
 upstream client (transport, retries, breaker) and the same `Scorer` a client's request gets, asked
 exactly as merge's evaluator asks (one user message, `format_mc_prompt`, greedy). It grades the
 reply itself and records (served calibrated confidence, correct) in the per-bin counters labelled
-`source="probe"`. Probes never pass the router: they are never escalated, and no request,
-latency, confidence or escalation series counts them. A probe that fails (upstream down, killed
-mid-answer, an answer without choices) is counted in `calibserve_probes_total{outcome="error"}`
-and records nothing: a probe is never graded on an answer it did not get.
+`source="probe"`. On a route of three or more tiers whose middle tiers are judged (a policy of
+their own, `--threshold guaranteed`), a probe the primary's policy would escalate goes on to the
+next judged tier, as a client's request would, and is recorded under that tier's calibration
+label (`model:tier`), so a middle tier's live window sees the traffic its certificate is about
+(the items the earlier tiers did not keep); the last tier, which nothing judges, is never asked.
+Probes never pass the router: no request, latency, confidence or escalation series counts them.
+A probe that fails (upstream down, killed mid-answer, an answer without choices) is counted in
+`calibserve_probes_total{outcome="error"}` under the tier's label and records nothing: a probe is
+never graded on an answer it did not get.
 """
 
 from __future__ import annotations
@@ -145,16 +150,35 @@ class ProbeMetrics:
                               ["model", "outcome"], registry=registry)
 
 
+@dataclass(frozen=True)
+class OnwardTier:
+    """A judged middle tier a probe goes on to when the tier before it would escalate."""
+
+    label: str  # its calibration label, `model:tier`
+    tier: Any  # routing.Tier
+    methods: tuple[str, ...]  # the methods it serves (its per-bin counters)
+
+
 class ProbeRunner:
-    """Sends one model's probes at `rate` per minute; `start()` / `await stop()`."""
+    """Sends one model's probes at `rate` per minute; `start()` / `await stop()`.
+
+    `policy_for(i)` (the route's `Route.policy_for`, read at each probe, so a re-certified
+    threshold is followed) judges the answer of tier i (the primary, then each of `onward`): a
+    probe whose answer it would escalate is asked of `onward[i]` too."""
 
     def __init__(self, model: str, tier: Any, probes: ProbeSet, rate: float,
                  metrics: ServerMetrics, probe_metrics: ProbeMetrics, methods: tuple[str, ...],
-                 seed: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 seed: int = 0, clock: Callable[[], float] = time.monotonic,
+                 onward: Sequence[OnwardTier] = (),
+                 policy_for: Callable[[int], Any] | None = None) -> None:
         if rate <= 0:
             raise ValueError(f"probe rate must be positive, got {rate!r}")
+        if onward and policy_for is None:
+            raise ValueError("a probe that goes on to other tiers needs their policies")
         self.model = model
         self.tier = tier  # routing.Tier: model, upstream, scorer
+        self.onward = tuple(onward)
+        self.policy_for = policy_for
         self.probes = probes
         self.interval = 60.0 / rate
         self.metrics = metrics
@@ -163,13 +187,18 @@ class ProbeRunner:
         random.Random(seed).shuffle(self._order)
         self._next = 0
         self._clock = clock
-        # Called with (method, raw, correct) of each recorded probe (online recalibration).
+        # Called with (method, raw, correct) of each recorded probe of the primary (online
+        # recalibration, its live guarantee).
         self.on_outcome: Callable[[str, float, bool], None] | None = None
+        # Called with (label, method, raw, correct) of each recorded probe of an onward tier.
+        self.on_onward_outcome: Callable[[str, str, float, bool], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
-        for outcome in ("ok", "error", "skipped"):
-            self.counter.labels(model, outcome)
-        metrics.init_source(model, methods, PROBE)
+        for label, label_methods in [(model, methods),
+                                     *((t.label, t.methods) for t in self.onward)]:
+            for outcome in ("ok", "error", "skipped"):
+                self.counter.labels(label, outcome)
+            metrics.init_source(label, label_methods, PROBE)
 
     def next_probe(self) -> Probe:
         probe = self.probes.probes[self._order[self._next % len(self._order)]]
@@ -177,9 +206,32 @@ class ProbeRunner:
         return probe
 
     async def ask(self, probe: Probe) -> None:
-        """One probe through the primary tier's serving path, graded and recorded; never
-        raises (a failure is counted, and records nothing)."""
-        tier = self.tier
+        """One probe through the primary tier's serving path, graded and recorded, then on to
+        each judged middle tier while the tier before would escalate it; never raises (a
+        failure is counted under the tier's label, records nothing and ends the walk)."""
+        tiers = [(self.model, self.tier), *((t.label, t.tier) for t in self.onward)]
+        for index, (label, tier) in enumerate(tiers):
+            conf = await self._ask_tier(probe, label, tier)
+            if conf is None:
+                return
+            score, method, raw, right, calibrated = conf
+            self.metrics.record_outcome(label, score, right, method, PROBE)
+            self.counter.labels(label, "ok").inc()
+            if index == 0 and self.on_outcome is not None:
+                self.on_outcome(method, raw, right)
+            elif index > 0 and self.on_onward_outcome is not None:
+                self.on_onward_outcome(label, method, raw, right)
+            if index >= len(self.onward):
+                return
+            assert self.policy_for is not None  # checked in __init__
+            policy = self.policy_for(index)
+            if policy is None or not policy.decide(score, method, calibrated).escalate:
+                return
+
+    async def _ask_tier(self, probe: Probe, label: str, tier: Any
+                        ) -> tuple[float, str, float, bool, bool] | None:
+        """(served score, method, raw, right, calibrated) of `tier`'s answer to `probe`, asked
+        as a client's request would be; None when it failed (counted under `label`)."""
         try:
             asked = probe.body()
             scorer = tier.confidence_scorer
@@ -198,14 +250,11 @@ class ProbeRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a probe must never take the server down
-            log.debug("probe for %s failed: %s", self.model, exc)
-            self.counter.labels(self.model, "error").inc()
-            return
-        right = probe.grade(reply)
-        self.metrics.record_outcome(self.model, score, right, str(conf.method), PROBE)
-        self.counter.labels(self.model, "ok").inc()
-        if self.on_outcome is not None:
-            self.on_outcome(str(conf.method), float(conf.raw), right)
+            log.debug("probe for %s failed: %s", label, exc)
+            self.counter.labels(label, "error").inc()
+            return None
+        return (score, str(conf.method), float(conf.raw), probe.grade(reply),
+                bool(getattr(conf, "calibrated", False)))
 
     def tick(self) -> None:
         """Launch the next probe unless too many are still in flight."""

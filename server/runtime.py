@@ -43,7 +43,7 @@ from calibserve.server.feedback import FeedbackRecorder
 from calibserve.server.guarantee import GuaranteeMetrics, LiveGuarantee
 from calibserve.server.ids import ResponseIdSigner
 from calibserve.server.metrics import ServerMetrics, server_registry
-from calibserve.server.probes import ProbeMetrics, ProbeRunner, ProbeSet
+from calibserve.server.probes import OnwardTier, ProbeMetrics, ProbeRunner, ProbeSet
 from calibserve.server.recalibration import RecalibrationMetrics, Recalibrator
 
 log = logging.getLogger("calibserve.server")
@@ -322,9 +322,17 @@ class ServerRuntime:
                 log.warning("model %s: probes are on but there is no probe set (--probe-data, "
                             "or probes.jsonl next to calibration.json): no probes", model.name)
                 continue
+            methods = model.label_methods()
+            onward = []  # the judged middle tiers a probe the tier before escalates goes on to
+            for index in range(1, len(model.tiers)):
+                if model.route.policy_for(index) is None:
+                    break
+                label = model.calibration_label(model.tiers[index].tier.name)
+                onward.append(OnwardTier(label, model.tiers[index].tier, methods[label]))
             runners.append(ProbeRunner(
                 model.name, model.primary.tier, ProbeSet.load(path), self.settings.probe_rate,
-                self.metrics, probe_metrics, model.label_methods()[model.name]))
+                self.metrics, probe_metrics, methods[model.name], onward=onward,
+                policy_for=model.route.policy_for))
         return runners
 
     def _recalibrators(self, registry: Any) -> dict[str, Recalibrator]:
@@ -369,6 +377,7 @@ class ServerRuntime:
             live = out.get(runner.model)
             if live is not None:
                 runner.on_outcome = _both(runner.on_outcome, live.observe)
+            runner.on_onward_outcome = self._observe_onward(out)
         previous = self.feedback.on_outcome
 
         def feedback(label: str, method: str, raw: float, correct: bool) -> None:
@@ -380,6 +389,17 @@ class ServerRuntime:
 
         self.feedback.on_outcome = feedback
         return out
+
+    @staticmethod
+    def _observe_onward(live: dict[str, LiveGuarantee]) -> Callable[[str, str, float, bool], None]:
+        """A middle tier's probe outcome into that tier's live guarantee window."""
+
+        def observe(label: str, method: str, raw: float, correct: bool) -> None:
+            window = live.get(label)
+            if window is not None:
+                window.observe(method, raw, correct)
+
+        return observe
 
     def _swapped(self, fit: FitReference, name: str, doc: CalibrationDocument) -> None:
         """A recalibrator served a new document: the fit-time gauges and the live guarantee

@@ -24,7 +24,12 @@
    FAKE upstream, which is SIGKILLed with probes in flight. Every probe item's gold answer is the
    fake's reply, so a recorded wrong answer is a mislabel. Want: the server keeps answering, every
    recorded probe sample is one that was answered (samples == ok probes), none is mislabelled,
-   the killed probes are counted as errors, and no user-traffic series moved.
+   the killed probes are counted as errors, and no user-traffic series moved. With `tiers=3`
+   (`probe_middle_killed`): probes of CASCADE_MODEL go on from the primary to the judged middle
+   tier (its own slow FAKE upstream, SIGKILLed with probes in flight there). Want the same of
+   each tier's samples under its own label, the middle tier's errors counted under
+   `fake-cascade:middle`, the primary's probes still recorded after the kill, and the expert
+   (the last tier, judged by nothing) never probed.
 
     python -m benchmarks.reliability.faults [--model /work/dev-demo/aligned] [--skip-engine]
 """
@@ -45,6 +50,7 @@ from typing import Any
 import httpx
 
 from benchmarks.reliability.harness import (
+    CASCADE_MODEL,
     FAKE_MODEL,
     SIGNING_KEY,
     CalibserveProcess,
@@ -597,6 +603,63 @@ def probe_kill_ok(r: dict[str, Any]) -> bool:
             and not any(r["user_series"].values()))
 
 
+def probe_middle_killed(delay_ms: float = 300, seconds: float = 2.0) -> dict[str, Any]:
+    """Probes walking CASCADE_MODEL's route, the middle tier's upstream SIGKILLed mid-probe."""
+    import tempfile
+
+    from calibserve.server.config import ServerSettings
+
+    probes = Path(tempfile.mkdtemp(prefix="faults-probes-")) / "probes.jsonl"
+    probes.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["a", "b", "c", "d"],
+                                          "answer": 0}) + "\n" for i in range(20)))
+    labels = {"primary": CASCADE_MODEL, "middle": f"{CASCADE_MODEL}:middle",
+              "expert": f"{CASCADE_MODEL}:expert"}
+    with FakeUpstream() as primary, FakeUpstream() as middle:
+        middle.mode("slow", delay_ms=delay_ms)
+        model = {**cascade_model(primary.url, middle=middle.url), "probe_data": str(probes),
+                 "timeout_s": 5.0}
+        settings = ServerSettings.model_validate({
+            "signing_key": SIGNING_KEY, "host": "127.0.0.1", "probe_rate": 1200,
+            "models": [model]})
+        with InProcessServer(settings) as srv:
+            time.sleep(seconds)
+            middle.proc.kill()  # SIGKILL with probes in flight on the middle tier
+            middle.proc.wait()
+            killed = scrape(srv.url)
+            time.sleep(seconds)
+            health = httpx.get(f"{srv.url}/health", timeout=5).status_code
+            m = scrape(srv.url)
+
+    def tier(metrics: Any, label: str) -> dict[str, float]:
+        return {"samples": metric_sum(metrics, "calibserve_calibration_samples_total",
+                                      source="probe", model=label),
+                "correct": metric_sum(metrics, "calibserve_calibration_correct_total",
+                                      source="probe", model=label),
+                "ok": metric_sum(metrics, "calibserve_probes_total", outcome="ok", model=label),
+                "error": metric_sum(metrics, "calibserve_probes_total", outcome="error",
+                                    model=label)}
+
+    return {
+        "health": health,
+        "tiers": {name: tier(m, label) for name, label in labels.items()},
+        "primary_samples_at_kill": tier(killed, labels["primary"])["samples"],
+        "user_series": {name: metric_sum(m, name) for name in (
+            "calibserve_requests_total", "calibserve_confidence_count",
+            "calibserve_feedback_total", "calibserve_route_requests_total",
+            "calibserve_escalations_total")},
+    }
+
+
+def probe_middle_kill_ok(r: dict[str, Any]) -> bool:
+    t = r["tiers"]
+    answered = all(t[name]["samples"] == t[name]["ok"] == t[name]["correct"]
+                   for name in ("primary", "middle"))
+    return (r["health"] == 200 and answered and t["middle"]["samples"] > 0
+            and t["middle"]["error"] > 0 and t["primary"]["error"] == 0
+            and t["primary"]["samples"] > r["primary_samples_at_kill"]
+            and not any(t["expert"].values()) and not any(r["user_series"].values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -631,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         with console.status("probe upstream SIGKILLed with probes in flight"):
             out["probe_upstream_killed"] = probe_upstream_killed()
         oks["probe_upstream_killed"] = probe_kill_ok(out["probe_upstream_killed"])
+        with console.status("probes walking a route of three, the middle tier SIGKILLed"):
+            out["probe_middle_killed"] = probe_middle_killed()
+        oks["probe_middle_killed"] = probe_middle_kill_ok(out["probe_middle_killed"])
     if not args.skip_engine:
         with console.status(f"SIGKILL of the managed vLLM engine ({args.model}); start and "
                             "restart take minutes on a shared CPU"):

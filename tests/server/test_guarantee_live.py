@@ -24,7 +24,7 @@ from calibserve.server.config import ServerSettings
 from calibserve.server.guarantee import KeptWindow
 from calibserve.server.openai_schema import FeedbackRequest
 from calibserve.server.runtime import ServerRuntime
-from calibserve.testing.checks import sample
+from calibserve.testing.checks import sample, total
 
 CERT = {"max_error": 0.2, "delta": 0.1, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
         "n": 500, "kept": 400, "kept_errors": 60}
@@ -266,3 +266,76 @@ def test_a_middle_tier_is_watched_by_its_own_certificate(tmp_path: Path) -> None
     assert sample(text, "calibserve_guarantee_kept_answers", model="m", method="answer") == 0
     assert sample(text, "calibserve_guarantee_kept_error_bound", model="m:mid",
                   method="answer") == pytest.approx(clopper_pearson_upper(3, 10, 0.1))
+
+
+class StubUpstream:
+    """A stand-in for one tier's upstream client (no HTTP): answers every chat request with the
+    letter A at probability `p` (B the rest), or fails; counts what it was asked."""
+
+    def __init__(self, p: float) -> None:
+        self.p, self.asked, self.fail = p, 0, False
+
+    async def request_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.asked += 1
+        if self.fail:
+            raise ConnectionError("upstream down")
+        tops = [{"token": "A", "logprob": math.log(self.p)},
+                {"token": "B", "logprob": math.log(1 - self.p)}]
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"},
+                             "logprobs": {"content": [{"token": "A", "logprob": math.log(self.p),
+                                                       "top_logprobs": tops}]}}]}
+
+
+def test_probes_walk_on_to_a_judged_middle_tier(tmp_path: Path) -> None:
+    """On a route of three under `guaranteed`, a probe the primary's certified threshold would
+    escalate is asked of the middle tier and fills the middle tier's window (label `m:mid`);
+    one the primary keeps stops there; the last tier, judged by nothing, is never asked; a
+    failing middle tier is counted as a probe error under its label and records nothing."""
+    import asyncio
+
+    middle_doc = json.loads(json.dumps(DOC))
+    middle_doc["methods"]["answer"]["guarantees"] = [
+        {**CERT, "threshold": 0.7, "tier": 1, "tiers": 3, "after": ["m"]}]
+    (tmp_path / "mid.json").write_text(json.dumps(middle_doc))
+    (tmp_path / "calibration.json").write_text(json.dumps(DOC))
+    probe_file = tmp_path / "probes.jsonl"
+    probe_file.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    rt = ServerRuntime(ServerSettings.model_validate({"signing_key": "k", "probe_rate": 1.0,
+                                                      "models": [{
+        "name": "m", "upstreams": ["http://127.0.0.1:9"], "upstream_model": "m",
+        "calibration": str(tmp_path / "calibration.json"), "threshold": "guaranteed",
+        "max_error": 0.2, "probe_data": str(probe_file), "escalate_to": [
+            {"name": "mid", "upstreams": ["http://127.0.0.1:9"],
+             "calibration": str(tmp_path / "mid.json")},
+            {"name": "x", "upstreams": ["http://127.0.0.1:9"]}]}]}))
+    stubs = [StubUpstream(0.4), StubUpstream(0.9), StubUpstream(0.99)]
+    for tier, stub in zip(rt.models["m"].tiers, stubs, strict=True):
+        tier.tier.upstream = stub  # type: ignore[assignment]
+    (runner,) = rt.probes
+    assert [t.label for t in runner.onward] == ["m:mid"]
+
+    def kept(label: str) -> tuple[float | None, float | None]:
+        text = metrics(rt)
+        return (sample(text, "calibserve_guarantee_kept_answers", model=label, method="answer"),
+                sample(text, "calibserve_guarantee_kept_errors", model=label, method="answer"))
+
+    asyncio.run(runner.ask(runner.next_probe()))  # 0.4 < the primary's 0.5: on to the middle
+    assert [s.asked for s in stubs] == [1, 1, 0]
+    assert kept("m") == (0, 0) and kept("m:mid") == (1, 0)  # 0.9 >= 0.7: kept, right
+    text = metrics(rt)
+    assert sample(text, "calibserve_probes_total", model="m:mid", outcome="ok") == 1
+    bins = rt.metrics.render().decode()  # the per-bin counters: live ECE of the middle tier
+    assert total(bins, "calibserve_calibration_samples_total", source="probe", model="m:mid") == 1
+    assert total(bins, "calibserve_calibration_samples_total", source="probe", model="m") == 1
+
+    stubs[0].p = 0.6  # the primary keeps it: the walk stops at the primary
+    asyncio.run(runner.ask(runner.next_probe()))
+    assert [s.asked for s in stubs] == [2, 1, 0]
+    assert kept("m") == (1, 0) and kept("m:mid") == (1, 0)
+
+    stubs[0].p, stubs[1].fail = 0.4, True
+    asyncio.run(runner.ask(runner.next_probe()))
+    assert [s.asked for s in stubs] == [3, 2, 0]
+    text = metrics(rt)
+    assert sample(text, "calibserve_probes_total", model="m:mid", outcome="error") == 1
+    assert kept("m:mid") == (1, 0)

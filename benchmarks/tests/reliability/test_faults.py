@@ -15,6 +15,8 @@ from benchmarks.reliability.faults import (
     escalation_dies,
     escalation_ok,
     probe_kill_ok,
+    probe_middle_kill_ok,
+    probe_middle_killed,
     probe_upstream_killed,
     sigterm_drain,
     upstream_errors_and_death,
@@ -52,6 +54,11 @@ def test_sigterm_drains_in_flight_requests() -> None:
 def test_probe_upstream_killed_mid_probe() -> None:
     result = probe_upstream_killed(delay_ms=300, seconds=1.5)
     assert probe_kill_ok(result), result
+
+
+def test_probes_walking_three_tiers_survive_the_middle_tiers_death() -> None:
+    result = probe_middle_killed(delay_ms=300, seconds=1.5)
+    assert probe_middle_kill_ok(result), result
 
 
 @pytest.mark.vllm
