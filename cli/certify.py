@@ -1,15 +1,16 @@
 """`calibserve certify`: certified thresholds for a whole escalation route (issue 29 item 2).
 
     calibserve certify --tier PRIMARY --tier EXPERT [--calibration P.json --calibration E.json]
-                       --data DIR --max-error 0.2 [--delta 0.1] [--batch M]
+                       --data DIR --max-error 0.2 [--delta 0.1] [--batch M] [--device cuda]
 
 Each tier is scored on `DIR/calibrate.jsonl` with its own calibration document; the primary's
 threshold is certified on all items, the next tier's on the items the primary did not keep, and
 so on, each at delta / tiers (`merge.certify_route`); `--batch M` certifies every batch of at least
 M kept answers instead of the long-run rate. The documents are rewritten with their
-certificate; serve the route with `calibserve serve --model PRIMARY --escalate-to EXPERT
---escalate-calibration E.json --threshold guaranteed --max-error 0.2`. Errors name the flag,
-exit status 2, nothing written.
+certificate (a tier that certified nothing loses any older certificate for `--max-error`);
+serve the route with `calibserve serve --model PRIMARY --escalate-to EXPERT
+--escalate-calibration E.json --threshold guaranteed --max-error 0.2`. `--device cuda` scores
+the tiers on a GPU. Errors name the flag, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def certify(
     calibration: Annotated[list[Path] | None, typer.Option(
         "--calibration", help="the calibration.json of the --tier in the same position, "
         "rewritten with its certificate [default: TIER/calibration.json]")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="where the tiers are scored (float32, transformers): cpu, cuda, "
+        "cuda:N or mps")] = "cpu",
 ) -> None:
     """Certify the thresholds of an escalation route, tier by tier, on labelled items."""
     from calibserve.merge.certify_route import RouteTier, certify_route
@@ -53,20 +57,22 @@ def certify(
     files += [t / "calibration.json" for t in tier[len(files):]]
     tiers = [RouteTier(t, f) for t, f in zip(tier, files, strict=True)]
     try:
-        results = certify_route(tiers, data, max_error, delta, batch)
+        results = certify_route(tiers, data, max_error, delta, batch, device)
     except MergeError as exc:
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
         raise typer.Exit(2) from None
     for i, (t, cert, doc) in enumerate(results):
         where = "all items" if i == 0 else "the items no earlier tier kept"
-        if doc is None:
+        if not cert.certified:
             last = i == len(results) - 1
             outcome = ("its answers are served outside the guarantee" if last else
                        "the route cannot be served with --threshold guaranteed at this "
                        "max_error (a middle tier needs a certificate of its own)")
+            written = ("document unchanged" if doc is None else
+                       f"its older certificate for max_error {max_error:g} removed")
             typer.echo(f"{t.calibration}: tier {i} ({t.name}): nothing certified on {cert.n} "
-                       f"{where} at delta {cert.delta:g}: {outcome} (document unchanged)")
+                       f"{where} at delta {cert.delta:g}: {outcome} ({written})")
             continue
         bound = (f"{max_error:g} at delta {cert.delta:g}" if batch is None else
                  f"batch target {cert.target:.4f} at delta {cert.level:g}")

@@ -9,12 +9,18 @@ keep, at delta / tiers, so that with probability 1 - delta the answers every tie
 at most `max_error` of the time, together (with `--batch M`: any one batch of at least M of them
 is, with probability 1 - delta). Each document gets its certificate for `max_error`
 (replacing one it had) with its place in the route (`tier`, `tiers`, `after`), written back
-atomically; nothing is written when the primary cannot be certified (InvalidConfig naming
-`--max-error`, with the minimum escalation rate it would need).
+atomically; a later tier certified nothing has its older certificate for `max_error` removed
+(it was made for another route, or before the tiers ahead of it moved, and `serve` would
+otherwise trust it); nothing is written when the primary cannot be certified (InvalidConfig
+naming `--max-error`, with the minimum escalation rate it would need).
+
+Every tier is scored in float32 with the transformers evaluator on `device` (cpu by default;
+`cuda` for tiers too big for the CPU).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +28,13 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from calibserve.calibration import CalibrationDocument, OptionTemperature
+from calibserve.calibration import CalibrationDocument, CalibrationError, OptionTemperature
 from calibserve.calibration.document import Guarantee
 from calibserve.calibration.guarantee import Certificate, certify_cascade
+from calibserve.merge.config import DEVICE_PATTERN
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData
 
-__all__ = ["RouteTier", "certify_route", "with_certificate"]
+__all__ = ["RouteTier", "certify_route", "with_certificate", "without_certificate"]
 
 METHOD = "answer"  # the option-letter method: what multiple-choice items score
 
@@ -45,8 +52,8 @@ class RouteTier:
         return model.parent.name if model.name == "model" else model.name
 
 
-def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]]
-                       ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]],
+                       device: str = "cpu") -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     """The tier's served `answer` confidence and correctness on `items`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,9 +62,11 @@ def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]]
 
     doc = CalibrationDocument.load(tier.calibration)
     tokenizer = AutoTokenizer.from_pretrained(tier.model)
-    model = AutoModelForCausalLM.from_pretrained(tier.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tier.model, dtype=torch.float32,
+                                                 device_map=device)
     try:
-        scores = MCEvaluator(tokenizer, items).score(model)
+        with torch.no_grad():
+            scores = MCEvaluator(tokenizer, items, device=device).score(model.eval())
     except InvalidData as exc:
         raise InvalidData(exc.message.replace("aligned tokenizer", f"{tier.model}'s tokenizer"),
                           "--tier") from exc
@@ -85,16 +94,26 @@ def with_certificate(doc: CalibrationDocument, cert: Certificate, tier: int, tie
     return CalibrationDocument.from_dict(data)
 
 
-def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
-                  delta: float, batch: int | None = None
-                  ) -> list[tuple[RouteTier, Certificate, CalibrationDocument | None]]:
-    """Certify every tier on `data_dir/calibrate.jsonl` and write the certified documents
-    (`batch`: batch certificates, every batch of at least that many kept answers).
+def without_certificate(doc: CalibrationDocument, max_error: float
+                        ) -> CalibrationDocument | None:
+    """`doc` without its `answer` certificate for exactly `max_error`; None when it has none."""
+    data = doc.to_dict()
+    entry = data["methods"].get(METHOD) or {}
+    held = entry.get("guarantees") or []
+    kept = [g for g in held if abs(float(g["max_error"]) - max_error) > 1e-12]
+    if len(kept) == len(held):
+        return None
+    if kept:
+        entry["guarantees"] = kept
+    else:
+        entry.pop("guarantees")
+    return CalibrationDocument.from_dict(data)
 
-    Returns, per tier, its certificate and the document written (None: the tier keeps nothing
-    under the guarantee, its document is left as it was: its answers are served outside it).
-    """
-    from calibserve.merge.evaluate import load_mc_items
+
+def _check_route(tiers: Sequence[RouteTier], max_error: float, delta: float,
+                 batch: int | None, device: str) -> list[str]:
+    """The tiers' names, once every argument is usable (else the error naming its flag)."""
+    from calibserve.merge.model import check_device
 
     if not tiers:
         raise InvalidConfig("give the route's tiers, primary first", "--tier")
@@ -107,6 +126,10 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
                                 "--tier")
         if not Path(t.calibration).is_file():
             raise InputNotFound(f"{t.calibration}: no such calibration.json", "--calibration")
+        try:
+            CalibrationDocument.load(t.calibration)
+        except CalibrationError as exc:
+            raise InvalidData(str(exc), "--calibration") from None
     if not 0.0 < max_error < 1.0:
         raise InvalidConfig(f"must be strictly between 0 and 1, got {max_error!r}",
                             "--max-error")
@@ -115,10 +138,30 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
     if batch is not None and batch < 1:
         raise InvalidConfig(f"must be a whole number of kept answers >= 1, got {batch!r}",
                             "--batch")
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise InvalidConfig(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps",
+                            "--device")
+    check_device(device)
+    return names
+
+
+def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
+                  delta: float, batch: int | None = None, device: str = "cpu"
+                  ) -> list[tuple[RouteTier, Certificate, CalibrationDocument | None]]:
+    """Certify every tier on `data_dir/calibrate.jsonl` and write the certified documents
+    (`batch`: batch certificates, every batch of at least that many kept answers).
+
+    Returns, per tier, its certificate and the document written: with its new certificate, or,
+    for a tier that certified nothing, without its older certificate for `max_error`; None
+    when nothing was written for it (it certified nothing and held no such certificate).
+    """
+    from calibserve.merge.evaluate import load_mc_items
+
+    names = _check_route(tiers, max_error, delta, batch, device)
     items = load_mc_items(Path(data_dir) / "calibrate.jsonl")
     if not items:
         raise InputNotFound(f"{data_dir} has no multiple-choice calibrate.jsonl items", "--data")
-    scored = [_served_confidence(t, items) for t in tiers]
+    scored = [_served_confidence(t, items, device) for t in tiers]
     certs = certify_cascade(scored, max_error, delta, batch=batch)
     if not certs[0].certified:
         raise InvalidConfig(f"cannot certify max_error {max_error:g} for the primary "
@@ -126,7 +169,8 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
     out: list[tuple[RouteTier, Certificate, CalibrationDocument | None]] = []
     for i, (tier, cert) in enumerate(zip(tiers, certs, strict=True)):
         if not cert.certified:
-            out.append((tier, cert, None))
+            out.append((tier, cert, without_certificate(CalibrationDocument.load(
+                tier.calibration), max_error)))
             continue
         doc = with_certificate(CalibrationDocument.load(tier.calibration), cert, i, len(tiers),
                                names[:i])

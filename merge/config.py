@@ -49,6 +49,7 @@ SELECT_RULES: tuple[str, ...] = tuple(RULES)
 OBJECTIVES: tuple[str, ...] = ("multiple-choice", "free-form", "combined")
 Objective = Literal["multiple-choice", "free-form", "combined"]
 MAX_NEW_TOKENS = 256
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps"  # what --device accepts (merge, certify)
 
 # Map pydantic field names to the CLI flags users typed, for error messages.
 FLAG_NAMES: dict[str, str] = {
@@ -323,7 +324,7 @@ class MergeConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
+        if not re.fullmatch(DEVICE_PATTERN, v):
             raise ValueError(f"unknown device {v!r}; use cpu, cuda, cuda:N or mps")
         return v
 

@@ -75,3 +75,64 @@ def test_certify_refuses_a_bad_batch_naming_it(tiny_world: dict[str, Path],
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--batch'" in result.output and "Traceback" not in result.output
     assert cal.read_bytes() == before
+
+
+CERT = {"max_error": 0.2, "delta": 0.05, "threshold": 0.5, "coverage": 0.8, "bound": 0.19,
+        "n": 500, "kept": 400, "kept_errors": 60, "tier": 1, "tiers": 3, "after": ["p"]}
+
+
+def _doc(*guarantees: dict[str, object]) -> str:
+    import json
+
+    answer: dict[str, object] = {"calibrator": {"type": "identity"}}
+    if guarantees:
+        answer["guarantees"] = list(guarantees)
+    return json.dumps({"version": 2, "multiple_choice": "answer", "free_form": "mean",
+                       "methods": {"answer": answer, "mean": {}}})
+
+
+def test_a_tier_that_certifies_nothing_loses_its_older_certificate(
+        tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middle tier's certificate for 0.2 was made before (another run, another primary):
+    when certify certifies nothing for it now, that certificate is removed, so `serve` cannot
+    trust it; its certificate for another max_error stays. Tiers are scored by a stand-in."""
+    import calibserve.merge.certify_route as route
+    from calibserve.cli import app
+
+    n = 400
+    rng = np.random.default_rng(0)
+    conf = rng.random(n)
+    scores = {"p": (conf, rng.random(n) < 0.5 + 0.5 * conf),  # certifiable at the top
+              "mid": (conf, np.zeros(n, bool)),  # always wrong: certifies nothing
+              "x": (conf, np.ones(n, bool))}
+    monkeypatch.setattr(route, "_served_confidence",
+                        lambda tier, items, device="cpu": scores[tier.name])
+    args: list[str] = ["certify", "--data", str(tiny_world["data"]), "--max-error", "0.2"]
+    stricter = {**CERT, "max_error": 0.1, "bound": 0.09, "kept_errors": 20}
+    for name, doc in (("p", _doc()), ("mid", _doc(CERT, stricter)), ("x", _doc())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "calibration.json").write_text(doc)
+        args += ["--tier", str(tmp_path / name)]
+    bad = runner.invoke(app, [*args, "--device", "tpu"])
+    assert bad.exit_code == 2 and "Invalid value for '--device'" in bad.output, bad.output
+    assert (tmp_path / "mid" / "calibration.json").read_text() == _doc(CERT, stricter)
+    (tmp_path / "x" / "calibration.json").write_text(_doc({**CERT, "bound": 0.3}))
+    broken = runner.invoke(app, args)  # a malformed document: named, no traceback, no write
+    assert broken.exit_code == 2 and "Invalid value for '--calibration'" in broken.output
+    assert "not a certificate" in broken.output and "Traceback" not in broken.output
+    assert (tmp_path / "mid" / "calibration.json").read_text() == _doc(CERT, stricter)
+    (tmp_path / "x" / "calibration.json").write_text(_doc())
+
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "tier 1 (mid): nothing certified" in ok.output
+    assert "its older certificate for max_error 0.2 removed" in ok.output
+    mid = CalibrationDocument.load(tmp_path / "mid" / "calibration.json").method("answer")
+    assert [g.max_error for g in mid.guarantees] == [0.1]
+    primary = CalibrationDocument.load(tmp_path / "p" / "calibration.json").method("answer")
+    assert primary.guarantee_for(0.2) is not None and primary.guarantee_for(0.2).tier == 0
+    # Run again: nothing left to remove, the middle tier's document is left as it is.
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "tier 1 (mid): nothing certified" in again.output
+    assert "(document unchanged)" in again.output
