@@ -1,0 +1,143 @@
+"""A route of three real vLLM CPU engines, asked through the official openai SDK.
+
+Primary: the merged demo model (its calibration.json); middle: the demo's aligned model; last:
+the demo's expert, each with its own calibration document (fitted here on the calibrate split,
+scored with transformers). Served with `--threshold auto`, every tier but the last is judged by
+its own document's threshold, on the confidence the engine's logprobs give. What could fail: a
+served confidence that is not the one the document was fitted on, a tier judged by another
+tier's threshold, a middle tier's judgment missing, a probe that does not walk on to the middle
+tier when the primary escalates it (or walks on to the last tier).
+
+`--threshold guaranteed` cannot serve this route: `calibserve certify` certifies no threshold
+for the middle tier (the aligned model is right on 28% of the items the merged model leaves it;
+the expert, in its place, has 2 errors among its 4 most confident answers, which ends the
+fixed-sequence scan at once), and the server refuses such a route at start, naming the tier.
+That is checked here too, on the real certificates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from typer.testing import CliRunner
+
+from calibserve.calibration import CalibrationDocument
+from calibserve.calibration.mc_prompt import format_mc_prompt
+from calibserve.fit.multiple_choice import calibrate_checkpoint
+from calibserve.merge.certify_route import RouteTier, _served_confidence
+from calibserve.server.config import ServerSettings
+from calibserve.server.runtime import ServerRuntime
+from calibserve.testing.checks import sample, total
+from tests.server.conftest import serve
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+N = 40  # held-out items asked (about 5 s on the CPU engines)
+TARGET = 0.7  # --target-accuracy: every tier's document has a threshold for it
+CLOSE = 2e-3  # served vs fit-time confidence (vLLM's top-5 logprobs vs transformers)
+
+
+def test_a_three_tier_route_on_real_engines_is_judged_tier_by_tier(
+        merged_dir: Path, demo_dir: Path, vllm_server: Callable[[Path, str], str],
+        tmp_path: Path) -> None:
+    from calibserve.cli import app
+
+    data = demo_dir / "data"
+    tiers = {"merged": merged_dir / "model", "aligned": demo_dir / "aligned",
+             "expert": demo_dir / "expert"}
+    files = {name: tmp_path / f"{name}.json" for name in tiers}
+    shutil.copy(tiers["merged"] / "calibration.json", files["merged"])
+    for name in ("aligned", "expert"):
+        calibrate_checkpoint(tiers[name], data, files[name], "platt")
+    thresholds = {}
+    for name in ("merged", "aligned"):
+        (fit,) = [t for t in CalibrationDocument.load(files[name]).method("answer").thresholds
+                  if t.target_accuracy == TARGET]
+        assert fit.threshold is not None
+        thresholds[name] = fit.threshold
+
+    items = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:N]
+    scored = {name: _served_confidence(RouteTier(tiers[name], files[name]), items)[0]
+              for name in ("merged", "aligned")}
+    urls = {name: vllm_server(path, name) for name, path in tiers.items()}
+    model: dict[str, Any] = {
+        "name": "r", "upstreams": [urls["merged"]], "upstream_model": "merged",
+        "calibration": str(files["merged"]), "probe_data": str(data / "test.jsonl"),
+        "threshold": "auto", "target_accuracy": TARGET,
+        "escalate_to": [
+            {"name": "mid", "upstreams": [urls["aligned"]], "upstream_model": "aligned",
+             "calibration": str(files["aligned"])},
+            {"name": "expert", "upstreams": [urls["expert"]], "upstream_model": "expert",
+             "calibration": str(files["expert"])}]}
+    settings = ServerSettings.model_validate({"signing_key": "cascade", "probe_rate": 1,
+                                              "models": [model]})
+    served_by: list[str] = []
+    gaps: dict[str, list[float]] = {"merged": [], "aligned": []}
+    with serve(settings) as running:
+        [runner] = running.runtime.probes
+        running.call(runner.stop())  # driven one probe at a time below
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        for i, item in enumerate(items):
+            resp = client.chat.completions.create(
+                model="r", messages=[{"role": "user", "content": format_mc_prompt(item)}],
+                temperature=0, max_tokens=1)
+            info: dict[str, Any] = resp.model_extra["calibserve"]  # type: ignore[index]
+            served_by.append(info["served_by"])
+            _check_walk(info, i, scored, thresholds, gaps)
+        # Probes walk the route as these requests did: on to the middle tier exactly when the
+        # primary would escalate, never to the last tier.
+        for probe in runner.probes.probes[:N]:
+            running.call(runner.ask(probe))
+        text = httpx.get(f"{running.url}/metrics", timeout=10).text
+    escalated = sum(served != "r" for served in served_by)  # the primary sent it on
+    assert sample(text, "calibserve_probes_total", model="r", outcome="ok") == N
+    assert sample(text, "calibserve_probes_total", model="r:mid", outcome="ok") == escalated
+    assert total(text, "calibserve_probes_total", model="r:expert") == 0
+    # Every way through the route was taken by some of the N items.
+    assert {"mid", "expert"} <= set(served_by) and 0 < escalated < N
+    # The served confidence is the one each document was fitted on, but for the few items
+    # where a letter token falls outside the engine's top 5 logprobs the served `answer`
+    # method reads (benchmarks/RESULTS.md, "the sweep on the serving engine").
+    for name, gap in gaps.items():
+        assert gap and np.mean(np.asarray(gap) < CLOSE) >= 0.8, (name, sorted(gap))
+
+    # The same route under `guaranteed`: certify finds no threshold for the middle tier, says
+    # so, and the server refuses the route at start, naming that tier.
+    args = ["certify", "--data", str(data), "--max-error", "0.3"]
+    for name in tiers:
+        args += ["--tier", str(tiers[name]), "--calibration", str(files[name])]
+    certified = CliRunner().invoke(app, args)
+    assert certified.exit_code == 0, certified.output
+    assert "tier 1 (aligned): nothing certified" in certified.output
+    assert "the route cannot be served with --threshold guaranteed" in certified.output
+    guaranteed = {**model, "threshold": "guaranteed", "max_error": 0.3}
+    guaranteed.pop("target_accuracy")
+    with pytest.raises(ValueError, match="tier 'mid'"):
+        ServerRuntime(ServerSettings.model_validate({"signing_key": "k",
+                                                     "models": [guaranteed]}))
+
+
+def _check_walk(info: dict[str, Any], i: int, scored: dict[str, Any],
+                thresholds: dict[str, float], gaps: dict[str, list[float]]) -> None:
+    """One reply's judgments: each tier judged by its own threshold on its served confidence,
+    served by the tier the judgments lead to; how far each served confidence is from the one
+    the document was fitted on goes into `gaps`."""
+    first, *rest = info["judgments"]
+    assert first["threshold"] == thresholds["merged"]
+    assert first["escalate"] is (first["confidence"] < thresholds["merged"])
+    gaps["merged"].append(abs(first["confidence"] - scored["merged"][i]))
+    if not first["escalate"]:
+        assert rest == [] and not info["escalated"]
+        return
+    (middle,) = rest
+    assert middle["tier"] == "mid" and middle["threshold"] == thresholds["aligned"]
+    assert middle["escalate"] is (middle["confidence"] < thresholds["aligned"])
+    gaps["aligned"].append(abs(middle["confidence"] - scored["aligned"][i]))
+    assert info["escalated"] and info["served_by"] == ("expert" if middle["escalate"] else "mid")
