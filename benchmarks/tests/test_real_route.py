@@ -86,3 +86,35 @@ def test_main_says_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2
     assert "missing answers or items" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_route_of_three_answers_by_the_first_tier_that_keeps() -> None:
+    from benchmarks.guarantee.real_route import _route_outcome
+
+    tiers = [_tier("p", [0.9, 0.1, 0.1, 0.1], [1, 0, 0, 0]),
+             _tier("m", [0.0, 0.8, 0.2, 0.9], [0, 1, 0, 0]),
+             _tier("e", [0.0] * 4, [1, 1, 1, 1])]
+    out = _route_outcome(tiers, [0.5, 0.5, 0.0], np.arange(4))
+    # item 0: primary keeps (right); 1 and 3: the middle keeps (right, wrong); 2: the expert
+    assert out["answered_by"] == [1, 2, 1]
+    assert (out["kept"], out["kept_errors"], out["kept_error"]) == (3, 1, pytest.approx(1 / 3))
+    assert out["route_accuracy"] == 0.75
+    none = _route_outcome(tiers, [float("inf"), float("inf"), 0.0], np.arange(4))
+    assert none["answered_by"] == [0, 0, 4] and none["kept_error"] is None
+
+
+def test_the_certified_route_of_three_holds_on_separable_data() -> None:
+    from benchmarks.guarantee.real_route import three_tier_route
+
+    rng = np.random.default_rng(4)
+    n = 900
+    tiers = []
+    for name, lift in (("p", 0.0), ("m", 0.15), ("e", 0.3)):
+        score = rng.random(n)
+        tiers.append(_tier(name, list(score), list(
+            (rng.random(n) < np.clip(0.2 + score + lift, 0, 1)).astype(int))))  # top: right
+    r = three_tier_route(tiers, alpha=0.2, delta=0.1, splits=60)
+    s = r["seeded"]
+    assert s["certified"][:2] == [True, True] and sum(s["answered_by"]) == s["n_test"] == 300
+    assert s["kept"] == sum(s["answered_by"][:2]) and s["kept_error"] <= 0.2 + 0.05
+    assert r["resplits"]["violations"] <= 0.25 and r["resplits"]["middle_certified"] == 60
