@@ -47,7 +47,7 @@ from calibserve.calibration.calibrators import Calibrator, calibrator_from_dict
 from calibserve.calibration.confidence import DEFAULT_OPTIONS
 from calibserve.calibration.confidence import METHODS as TOKEN_STATISTICS
 from calibserve.calibration.errors import CalibrationError
-from calibserve.calibration.guarantee import Certificate, batch_error_target
+from calibserve.calibration.guarantee import MAX_STARTS, Certificate, batch_error_target
 from calibserve.calibration.methods import (
     CONFIDENCE_METHODS as METHODS,
 )
@@ -188,8 +188,10 @@ class Guarantee(_Sparse):
     (Clopper-Pearson) upper bound at 1 - delta. `batch` (a batch certificate): any one batch of
     at least `batch` kept answers is wrong at most `max_error` of the time with probability at
     least 1 - delta; the rate certified is then `batch_target` (`batch_error_target`), `bound`
-    is at 1 - delta / 2 and at most it. `tier` and `tiers`: its place in a cascade
-    (`calibserve certify`), where `n` counts the items the earlier tiers did not keep."""
+    is at 1 - delta / 2 and at most it. `starts` (K > 1): certified by K fixed sequences at
+    level / K each (`calibserve certify --starts K`), `bound` at that level; unset: one. `tier`
+    and `tiers`: its place in a cascade (`calibserve certify`), where `n` counts the items the
+    earlier tiers did not keep."""
 
     max_error: float
     delta: float
@@ -201,6 +203,7 @@ class Guarantee(_Sparse):
     kept_errors: int = Field(ge=0)
     batch: int | None = Field(default=None, ge=1)
     batch_target: float | None = None
+    starts: int | None = Field(default=None, ge=1, le=MAX_STARTS)
     tier: int | None = Field(default=None, ge=0)
     tiers: int | None = Field(default=None, ge=1)
     after: list[str] | None = None  # cascade: the earlier tiers, primary first
@@ -241,7 +244,8 @@ class Guarantee(_Sparse):
         return cls(max_error=cert.max_error, delta=cert.delta, threshold=cert.threshold,
                    coverage=cert.coverage, bound=cert.bound, n=cert.n, kept=cert.kept,
                    kept_errors=cert.kept_errors, batch=cert.batch,
-                   batch_target=cert.batch_target, **cascade)
+                   batch_target=cert.batch_target,
+                   starts=None if cert.starts == 1 else cert.starts, **cascade)
 
 
 class FitMetrics(_Sparse):

@@ -59,6 +59,19 @@ beyond 4 M (alpha 0.1, M 1: K = 9; alpha 0.01, M 1: K = 99, past 20 M too). beta
 and rises to it as M grows (alpha 0.2, delta 0.1: 0.013 at M = 1, 0.119 at M = 50, 0.139 at
 M = 100, 0.156 at M = 200, 0.180 at M = 1000), so a batch certificate keeps fewer answers than
 the rate certificate.
+
+Several starts (`starts=K`, opt-in; `calibserve certify --starts K`). One fixed sequence stops at
+its first failure, so a ranking whose most confident answers are not its surest (two errors
+among the top few) certifies nothing, however good the rest of it is; on a later tier of a route
+(certified on the hard items the earlier tiers left) and at a route's delta / tiers this is
+common. With K starts, K fixed sequences run, each at level / K (Bonferroni over the sequences):
+the j-th skips the top `min_kept * 2**j` answers and scans down from there to its own first
+failure; the certified threshold is the lowest any sequence reached. With probability >= 1 -
+level every rejection in every sequence is right (each sequence's false rejections have
+probability <= level / K), so the certificate's promise is unchanged; the starts depend on the
+confidences only, never on the labels. It costs a smaller level per test (a few points of
+coverage on a clean ranking) and buys robustness at the top (benchmarks/RESULTS.md, "several
+starts").
 """
 
 from __future__ import annotations
@@ -87,9 +100,11 @@ __all__ = [
     "min_escalation_rate",
     "min_kept",
     "scan_target",
+    "start_points",
 ]
 
 DEFAULT_DELTA = 0.1
+MAX_STARTS = 8  # fixed sequences a certificate may split its level over
 _BISECTIONS = 80  # halves (0, 1) to below 1e-24: far past float precision
 
 
@@ -229,6 +244,19 @@ def batch_error_target(max_error: float, delta: float, batch: int) -> float:
         k += 1
 
 
+def _check_starts(starts: int) -> int:
+    if isinstance(starts, bool) or not isinstance(starts, int) or not 1 <= starts <= MAX_STARTS:
+        raise CalibrationError(f"starts must be a whole number from 1 to {MAX_STARTS}, got "
+                               f"{starts!r}")
+    return starts
+
+
+def start_points(floor: int, starts: int) -> list[int]:
+    """Where the fixed sequences start, as the fewest kept answers each tests: `floor` (the
+    first testable point, `min_kept`), then twice and four times as many, and so on."""
+    return [floor * 2**j for j in range(_check_starts(starts))]
+
+
 def scan_target(max_error: float, delta: float, batch: int | None = None
                 ) -> tuple[float, float]:
     """(rate, level) the fixed-sequence scan certifies for these targets: (max_error, delta),
@@ -262,6 +290,7 @@ class Certificate:
     error_rate: float
     batch: int | None = None
     batch_target: float | None = None
+    starts: int = 1
 
     @property
     def certified(self) -> bool:
@@ -274,8 +303,9 @@ class Certificate:
 
     @property
     def level(self) -> float:
-        """The level of the scan's bound: delta, or delta / 2 for a batch certificate."""
-        return self.delta if self.batch is None else self.delta / 2.0
+        """The level of each test of the scan: delta, or delta / 2 for a batch certificate,
+        divided by the number of starts."""
+        return (self.delta if self.batch is None else self.delta / 2.0) / self.starts
 
     @property
     def min_escalation_rate(self) -> float:
@@ -297,22 +327,30 @@ class Certificate:
         batch = "" if self.batch is None else (
             f" in any batch of at least {self.batch} kept answers (so their error rate must "
             f"be certified <= {self.target:.4f} at delta {self.level:g})")
+        where = (f"the scan starts at the top {floor} answers, the fewest whose bound can reach "
+                 "the target, and their bound is above it" if self.starts == 1 else
+                 f"{self.starts} scans start at the top "
+                 f"{', '.join(map(str, start_points(floor, self.starts)))} answers, and each "
+                 "one's first bound is above it")
+        more = "" if self.starts > 1 else "start more scans (certify --starts 3), "
         return (f"no threshold keeps the error rate of kept answers <= {self.max_error:g}{batch} "
                 f"with probability {1 - self.delta:g}: {why}; and the most confident answers do "
-                f"not vouch for it (the scan starts at the top {floor} answers, the fewest whose "
-                "bound can reach the target, and their bound is above it). Raise the target, "
-                "raise delta, " + ("or fit on more items" if self.batch is None else
-                                   "lower the batch, or fit on more items"))
+                f"not vouch for it ({where}). Raise the target, raise delta, {more}"
+                + ("or fit on more items" if self.batch is None else
+                   "lower the batch, or fit on more items"))
 
 
 def certify_threshold(conf: ArrayLike, correct: ArrayLike, max_error: float,
-                      delta: float = DEFAULT_DELTA, *, batch: int | None = None) -> Certificate:
+                      delta: float = DEFAULT_DELTA, *, batch: int | None = None,
+                      starts: int = 1) -> Certificate:
     """The largest-coverage threshold whose kept answers' error rate is certified <= max_error
     with probability >= 1 - delta, by fixed-sequence testing from the most confident down.
     With `batch=M`: any one batch of at least M kept answers has realised error <= max_error
-    with probability >= 1 - delta (the scan certifies `batch_error_target` at delta / 2)."""
+    with probability >= 1 - delta (the scan certifies `batch_error_target` at delta / 2).
+    With `starts=K`: K fixed sequences at level / K, starting ever lower (module docstring)."""
     max_error, delta = _check_level("max_error", max_error), _check_level("delta", delta)
     target, level = scan_target(max_error, delta, batch)
+    level /= _check_starts(starts)
     batch_target = None if batch is None else target
     c, y = as_pair(conf, correct, allow_empty=True)
     n = int(c.size)
@@ -320,34 +358,35 @@ def certify_threshold(conf: ArrayLike, correct: ArrayLike, max_error: float,
     error_rate = float(wrong.mean()) if n else 0.0
     if n == 0:
         return Certificate(max_error, delta, 0, math.inf, 0.0, 0, 0, None, 0.0, batch,
-                           batch_target)
+                           batch_target, starts)
     order = np.argsort(-c, kind="stable")
     cs = c[order]
     kept_errors = np.cumsum(wrong[order])
     # Ties are kept or escalated together: a threshold's kept set ends at its run's last item.
     last = np.flatnonzero(np.append(cs[1:] != cs[:-1], True))
-    floor = min_kept(target, level)
     best: int | None = None
-    for i in last:
-        kept = int(i) + 1
-        if kept < floor:
-            continue  # untestable: no data could reject it
-        errors = int(round(float(kept_errors[i])))
-        if not _bound_at_most(errors, kept, target, level):
-            break  # fixed sequence: the first failure ends the scan
-        best = int(i)
+    for start in start_points(min_kept(target, level), starts):
+        for i in last:
+            kept = int(i) + 1
+            if kept < start:
+                continue  # untestable (below min_kept), or before this sequence's start
+            errors = int(round(float(kept_errors[i])))
+            if not _bound_at_most(errors, kept, target, level):
+                break  # fixed sequence: the first failure ends this scan
+            best = int(i) if best is None else max(best, int(i))
     if best is None:
         return Certificate(max_error, delta, n, math.inf, 0.0, 0, 0, None, error_rate, batch,
-                           batch_target)
+                           batch_target, starts)
     kept = best + 1
     errors = int(round(float(kept_errors[best])))
     return Certificate(max_error, delta, n, float(cs[best]), kept / n, kept, errors,
-                       clopper_pearson_upper(errors, kept, level), error_rate, batch, batch_target)
+                       clopper_pearson_upper(errors, kept, level), error_rate, batch, batch_target,
+                       starts)
 
 
 def certify_cascade(tiers: Sequence[tuple[ArrayLike, ArrayLike]], max_error: float,
-                    delta: float = DEFAULT_DELTA, *, batch: int | None = None
-                    ) -> list[Certificate]:
+                    delta: float = DEFAULT_DELTA, *, batch: int | None = None,
+                    starts: int = 1) -> list[Certificate]:
     """One certificate per tier, primary first, from each tier's (confidence, correct) on the
     same items: tier i is certified on the items tiers 0..i-1 did not keep, at delta / tiers
     (with `batch`, each tier's batch certificate at its delta / tiers: every tier's kept answers
@@ -364,7 +403,7 @@ def certify_cascade(tiers: Sequence[tuple[ArrayLike, ArrayLike]], max_error: flo
     out = []
     for c, y in pairs:
         cert = certify_threshold(c[open_items], y[open_items], max_error, per_tier,
-                                 batch=batch)
+                                 batch=batch, starts=starts)
         out.append(cert)
         if cert.certified:
             open_items &= ~(c >= cert.threshold)

@@ -1,7 +1,8 @@
 """`calibserve certify`: certified thresholds for a whole escalation route (issue 29 item 2).
 
     calibserve certify --tier PRIMARY --tier EXPERT [--calibration P.json --calibration E.json]
-                       --data DIR --max-error 0.2 [--delta 0.1] [--batch M] [--device cuda]
+                       --data DIR --max-error 0.2 [--delta 0.1] [--batch M] [--starts K]
+                       [--device cuda]
 
 Each tier is scored on `DIR/calibrate.jsonl` with its own calibration document; the primary's
 threshold is certified on all items, the next tier's on the items the primary did not keep, and
@@ -9,8 +10,10 @@ so on, each at delta / tiers (`merge.certify_route`); `--batch M` certifies ever
 M kept answers instead of the long-run rate. The documents are rewritten with their
 certificate (a tier that certified nothing loses any older certificate for `--max-error`);
 serve the route with `calibserve serve --model PRIMARY --escalate-to EXPERT
---escalate-calibration E.json --threshold guaranteed --max-error 0.2`. `--device cuda` scores
-the tiers on a GPU. Errors name the flag, exit status 2, nothing written.
+--escalate-calibration E.json --threshold guaranteed --max-error 0.2`. `--starts K` runs K
+fixed sequences per tier (`calibration.guarantee`), for tiers whose most confident answers are
+not their surest. `--device cuda` scores the tiers on a GPU. Errors name the flag, exit status 2,
+nothing written.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def certify(
     calibration: Annotated[list[Path] | None, typer.Option(
         "--calibration", help="the calibration.json of the --tier in the same position, "
         "rewritten with its certificate [default: TIER/calibration.json]")] = None,
+    starts: Annotated[int, typer.Option(
+        "--starts", metavar="K", help="certify each tier by K fixed sequences at delta / K "
+        "each, starting ever lower in its ranking: a tier whose most confident answers hold "
+        "an error or two can still be certified (costs a little coverage on a clean ranking)")
+    ] = 1,
     device: Annotated[str, typer.Option(
         "--device", help="where the tiers are scored (float32, transformers): cpu, cuda, "
         "cuda:N or mps")] = "cpu",
@@ -57,7 +65,7 @@ def certify(
     files += [t / "calibration.json" for t in tier[len(files):]]
     tiers = [RouteTier(t, f) for t, f in zip(tier, files, strict=True)]
     try:
-        results = certify_route(tiers, data, max_error, delta, batch, device)
+        results = certify_route(tiers, data, max_error, delta, batch, device, starts)
     except MergeError as exc:
         where = f"Invalid value for '{exc.param}': " if exc.param else ""
         typer.echo(f"Error: {where}{exc.message}", err=True)
@@ -68,13 +76,14 @@ def certify(
             last = i == len(results) - 1
             outcome = ("its answers are served outside the guarantee" if last else
                        "the route cannot be served with --threshold guaranteed at this "
-                       "max_error (a middle tier needs a certificate of its own)")
+                       "max_error (a middle tier needs a certificate of its own"
+                       + ("; --starts 3 may find one" if starts == 1 else "") + ")")
             written = ("document unchanged" if doc is None else
                        f"its older certificate for max_error {max_error:g} removed")
             typer.echo(f"{t.calibration}: tier {i} ({t.name}): nothing certified on {cert.n} "
                        f"{where} at delta {cert.delta:g}: {outcome} ({written})")
             continue
-        bound = (f"{max_error:g} at delta {cert.delta:g}" if batch is None else
+        bound = (f"{max_error:g} at delta {cert.level:g}" if batch is None else
                  f"batch target {cert.target:.4f} at delta {cert.level:g}")
         typer.echo(f"{t.calibration}: tier {i} ({t.name}): threshold {cert.threshold:.4f} "
                    f"certified on {cert.n} {where}: keeps {cert.kept} ({cert.coverage:.1%}), "

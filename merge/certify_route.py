@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from calibserve.calibration import CalibrationDocument, CalibrationError, OptionTemperature
 from calibserve.calibration.document import Guarantee
-from calibserve.calibration.guarantee import Certificate, certify_cascade
+from calibserve.calibration.guarantee import MAX_STARTS, Certificate, certify_cascade
 from calibserve.merge.config import DEVICE_PATTERN
 from calibserve.merge.errors import InputNotFound, InvalidConfig, InvalidData
 
@@ -111,7 +111,7 @@ def without_certificate(doc: CalibrationDocument, max_error: float
 
 
 def _check_route(tiers: Sequence[RouteTier], max_error: float, delta: float,
-                 batch: int | None, device: str) -> list[str]:
+                 batch: int | None, device: str, starts: int) -> list[str]:
     """The tiers' names, once every argument is usable (else the error naming its flag)."""
     from calibserve.merge.model import check_device
 
@@ -142,14 +142,19 @@ def _check_route(tiers: Sequence[RouteTier], max_error: float, delta: float,
         raise InvalidConfig(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps",
                             "--device")
     check_device(device)
+    if not 1 <= starts <= MAX_STARTS:
+        raise InvalidConfig(f"must be a whole number from 1 to {MAX_STARTS}, got {starts!r}",
+                            "--starts")
     return names
 
 
 def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
-                  delta: float, batch: int | None = None, device: str = "cpu"
+                  delta: float, batch: int | None = None, device: str = "cpu",
+                  starts: int = 1
                   ) -> list[tuple[RouteTier, Certificate, CalibrationDocument | None]]:
     """Certify every tier on `data_dir/calibrate.jsonl` and write the certified documents
-    (`batch`: batch certificates, every batch of at least that many kept answers).
+    (`batch`: batch certificates, every batch of at least that many kept answers; `starts`:
+    that many fixed sequences per tier, `calibration.guarantee`).
 
     Returns, per tier, its certificate and the document written: with its new certificate, or,
     for a tier that certified nothing, without its older certificate for `max_error`; None
@@ -157,12 +162,12 @@ def certify_route(tiers: Sequence[RouteTier], data_dir: Path, max_error: float,
     """
     from calibserve.merge.evaluate import load_mc_items
 
-    names = _check_route(tiers, max_error, delta, batch, device)
+    names = _check_route(tiers, max_error, delta, batch, device, starts)
     items = load_mc_items(Path(data_dir) / "calibrate.jsonl")
     if not items:
         raise InputNotFound(f"{data_dir} has no multiple-choice calibrate.jsonl items", "--data")
     scored = [_served_confidence(t, items, device) for t in tiers]
-    certs = certify_cascade(scored, max_error, delta, batch=batch)
+    certs = certify_cascade(scored, max_error, delta, batch=batch, starts=starts)
     if not certs[0].certified:
         raise InvalidConfig(f"cannot certify max_error {max_error:g} for the primary "
                             f"{names[0]!r}: {certs[0].refusal()}", "--max-error")

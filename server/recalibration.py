@@ -202,7 +202,8 @@ class Recalibrator:
         served = self._served(method)
         scores = np.asarray([served.score(float(r)) for r in raw])
         y = np.asarray(correct, dtype=bool)
-        candidate = certify_threshold(scores, y, alpha, delta, batch=batch)
+        starts = served_cert.starts or 1  # re-certified the way it was certified
+        candidate = certify_threshold(scores, y, alpha, delta, batch=batch, starts=starts)
         name = self.model.name
         self.metrics.candidate_threshold.labels(name, method).set(
             candidate.threshold if candidate.certified else 1.0)
@@ -217,7 +218,8 @@ class Recalibrator:
         kept = scores >= served_cert.threshold
         errors = int((kept & ~y).sum())
         target, level = scan_target(alpha, delta, batch)  # a batch certificate's own rate
-        still = bool(kept.any()) and clopper_pearson_upper(errors, int(kept.sum()), level) <= target
+        still = bool(kept.any()) and clopper_pearson_upper(
+            errors, int(kept.sum()), level / starts) <= target
         if still and candidate.coverage < float(kept.mean()) + RECERTIFY_MARGIN:
             return
         data = self.document.to_dict()

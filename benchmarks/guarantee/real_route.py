@@ -91,14 +91,14 @@ def curves(primary: Tier, expert: Tier, rates: tuple[float, ...] = RATES
 
 
 def guaranteed_route(primary: Tier, expert: Tier, alpha: float, delta: float, seed: int = 0,
-                     batch: int | None = None) -> dict[str, Any]:
+                     batch: int | None = None, starts: int = 1) -> dict[str, Any]:
     """Certify the primary's threshold on a seeded 2/3 of the items; what it does on the rest
     (`batch`: the batch certificate's)."""
     n = primary.score.size
     perm = np.random.default_rng(seed).permutation(n)
     cal, test = perm[: (2 * n) // 3], perm[(2 * n) // 3:]
     cert = certify_threshold(primary.score[cal], primary.correct[cal], alpha, delta,
-                             batch=batch)
+                             batch=batch, starts=starts)
     kept = primary.score[test] >= cert.threshold
     errors = int((kept & ~primary.correct[test]).sum())
     held_p = Tier(primary.name, primary.score[test], primary.correct[test])
@@ -139,7 +139,7 @@ def _route_outcome(tiers: list[Tier], thresholds: list[float], rows: np.ndarray
 
 
 def three_tier_route(tiers: list[Tier], alpha: float, delta: float, splits: int = 500,
-                     seed: int = 0) -> dict[str, Any]:
+                     seed: int = 0, starts: int = 1) -> dict[str, Any]:
     """The route of three certified together on a seeded 2/3 calibrate part (what happens on
     the held-out third), then over `splits` random re-splits: how often the realised error of
     the answers the judged tiers keep exceeds alpha, their coverage, how often the middle tier
@@ -148,7 +148,8 @@ def three_tier_route(tiers: list[Tier], alpha: float, delta: float, splits: int 
     n_cal = (2 * n) // 3
 
     def certified(cal: np.ndarray) -> tuple[list[Any], list[float]]:
-        certs = certify_cascade([(t.score[cal], t.correct[cal]) for t in tiers], alpha, delta)
+        certs = certify_cascade([(t.score[cal], t.correct[cal]) for t in tiers], alpha, delta,
+                                starts=starts)
         return certs, [c.threshold if c.certified else float("inf") for c in certs]
 
     perm = np.random.default_rng(seed).permutation(n)
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--middle", type=_source, default=None,
                     help="TABLE_DIR:ROW of a middle tier between them: also certify and judge "
                     "the route of three (default: none)")
+    ap.add_argument("--starts", type=int, default=1, metavar="K",
+                    help="certify by K fixed sequences (calibration.guarantee; default 1)")
     ap.add_argument("--items", type=Path,
                     default=REALWORLD / "data" / "world_facts" / "short_test.jsonl")
     ap.add_argument("--splits", type=int, default=500)
@@ -256,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy": {"primary": float(primary.correct.mean()),
                      "expert": float(expert.correct.mean())},
         "rates": list(RATES), "curves": curves(primary, expert),
+        "starts": args.starts,
         "guaranteed": guaranteed_route(primary, expert, args.alpha, args.delta,
-                                       batch=args.batch),
+                                       batch=args.batch, starts=args.starts),
         "resplits": evaluate([primary, expert], args.splits, args.alpha, args.delta,
-                             batch=args.batch),
+                             batch=args.batch, starts=args.starts),
     }
     if args.middle:
-        result["three_tiers"] = three_tier_route(tiers, args.alpha, args.delta, args.splits)
+        result["three_tiers"] = three_tier_route(tiers, args.alpha, args.delta, args.splits,
+                                                 starts=args.starts)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_json(args.out / "results.json", result, indent=1)
     plot(args.out / "escalation.png", RATES, result["curves"], result["accuracy"]["expert"],

@@ -18,6 +18,7 @@ from calibserve.calibration.guarantee import (
     min_escalation_rate,
     min_kept,
     scan_target,
+    start_points,
 )
 
 
@@ -262,3 +263,67 @@ def test_batch_certificate_holds_for_realised_batches() -> None:
             over += int((kept & ~yt).sum()) > 0.2 * int(kept.sum())
     assert eligible >= 100  # not vacuous
     assert over <= 0.1 * eligible
+
+
+def test_more_starts_certify_a_ranking_whose_top_holds_errors() -> None:
+    # The one-start case above: three errors among the 11 most confident end its only scan.
+    # With three starts (delta / 3 each, at min_kept, twice and four times it), a later start
+    # passes over the bad top and certifies the clean block below it.
+    correct = [True] * 8 + [False] * 3 + [True] * 400
+    conf, y = _ranked(correct)
+    assert not certify_threshold(conf, y, 0.2, 0.1).certified
+    cert = certify_threshold(conf, y, 0.2, 0.1, starts=3)
+    level = 0.1 / 3
+    assert cert.certified and cert.starts == 3 and cert.level == pytest.approx(level)
+    # By hand: each sequence scans down from its start to its first failure; the certified
+    # point is the deepest any reached.
+    deepest = 0
+    for start in start_points(min_kept(0.2, level), 3):
+        for kept in range(start, len(correct) + 1):
+            if clopper_pearson_upper(correct[:kept].count(False), kept, level) > 0.2:
+                break
+            deepest = max(deepest, kept)
+    assert start_points(min_kept(0.2, level), 3) == [16, 32, 64]
+    assert cert.kept == deepest == len(correct)  # 3 errors of 411: every answer kept
+    assert cert.bound == pytest.approx(clopper_pearson_upper(3, 411, level))
+    # One start is the plain scan, exactly.
+    assert certify_threshold(conf, y, 0.2, 0.1, starts=1) == certify_threshold(conf, y, 0.2, 0.1)
+
+
+def test_more_starts_cost_a_little_on_a_clean_ranking() -> None:
+    correct = [True] * 60 + [False] * 25 + [True] * 500
+    conf, y = _ranked(correct)
+    one, three = (certify_threshold(conf, y, 0.2, 0.1, starts=k) for k in (1, 3))
+    assert 0 < three.kept <= one.kept  # the same first failure, tested at a smaller level
+
+
+@pytest.mark.parametrize("starts", [0, 9, 1.5, True])
+def test_starts_must_be_a_small_whole_number(starts: object) -> None:
+    with pytest.raises(CalibrationError, match="starts must be a whole number from 1 to 8"):
+        certify_threshold([0.5, 0.6], [True, False], 0.2, 0.1, starts=starts)  # type: ignore[arg-type]
+
+
+def test_a_certificate_of_several_starts_holds_where_the_truth_is_known() -> None:
+    # Right with probability (1 + c) / 2, except the most confident 1% (c > 0.99), right only
+    # half the time: a bad top, the case several starts are for. The true kept error at
+    # threshold t (of the answers at or above it) is in closed form; it must exceed alpha in at
+    # most delta of the draws. One start certifies almost nothing here, three most of the time.
+    top = 0.99
+
+    def true_error(t: float) -> float:
+        lo = min(t, top)
+        wrong = (top - lo) * (1 - (lo + top) / 2) / 2 + (1.0 - max(t, top)) * 0.5
+        return wrong / (1.0 - t)
+
+    rng = np.random.default_rng(7)
+    over = certified = one_start = 0
+    for _ in range(400):
+        c = rng.random(640)
+        y = rng.random(640) < np.where(c > top, 0.5, (1 + c) / 2)
+        one_start += certify_threshold(c, y, 0.2, 0.1).certified
+        cert = certify_threshold(c, y, 0.2, 0.1, starts=3)
+        if cert.certified:
+            certified += 1
+            over += true_error(cert.threshold) > 0.2
+    assert one_start <= 40 and certified >= 250  # not vacuous, and what starts are for
+    assert over <= 0.1 * 400

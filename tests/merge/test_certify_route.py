@@ -136,3 +136,47 @@ def test_a_tier_that_certifies_nothing_loses_its_older_certificate(
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "tier 1 (mid): nothing certified" in again.output
     assert "(document unchanged)" in again.output
+
+
+def test_more_starts_certify_a_middle_tier_whose_top_holds_errors(
+        tiny_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One scan stops at the middle tier's bad top (two errors among its four most confident
+    answers): the route cannot be served guaranteed, and certify says --starts may help; with
+    --starts 3 the middle tier is certified and its document records the starts."""
+    import calibserve.merge.certify_route as route
+    from calibserve.cli import app
+
+    n = 600
+    rng = np.random.default_rng(1)
+    conf, mid_conf = rng.random(n), rng.random(n)
+    middle_right = rng.random(n) < 0.5 + 0.5 * mid_conf
+    # The middle tier's four most confident answers among those the primary leaves (it keeps
+    # none below 0.7: 30% right there).
+    left = np.flatnonzero(conf < 0.7)
+    top = left[np.argsort(-mid_conf[left])[:4]]
+    middle_right[top] = [True, True, False, False]
+    scores = {"p": (conf, np.where(conf > 0.8, True, rng.random(n) < 0.3)),
+              "mid": (mid_conf, middle_right), "x": (conf, np.ones(n, bool))}
+    monkeypatch.setattr(route, "_served_confidence",
+                        lambda tier, items, device="cpu": scores[tier.name])
+    args: list[str] = ["certify", "--data", str(tiny_world["data"]), "--max-error", "0.25"]
+    for name in ("p", "mid", "x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "calibration.json").write_text(_doc())
+        args += ["--tier", str(tmp_path / name)]
+    one = runner.invoke(app, args)
+    assert one.exit_code == 0, one.output
+    assert "tier 1 (mid): nothing certified" in one.output and "--starts 3 may" in one.output
+    import json
+
+    written = json.loads((tmp_path / "p" / "calibration.json").read_text())
+    assert "starts" not in written["methods"]["answer"]["guarantees"][0]  # one start: unset
+    bad = runner.invoke(app, [*args, "--starts", "0"])
+    assert bad.exit_code == 2 and "Invalid value for '--starts'" in bad.output
+    three = runner.invoke(app, [*args, "--starts", "3"])
+    assert three.exit_code == 0, three.output
+    assert "tier 1 (mid): threshold" in three.output
+    mid = CalibrationDocument.load(tmp_path / "mid" / "calibration.json").method("answer")
+    cert = mid.guarantee_for(0.25)
+    assert cert is not None and cert.starts == 3 and cert.tier == 1

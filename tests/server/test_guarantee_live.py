@@ -204,6 +204,22 @@ def test_a_batch_certificate_is_recertified_as_one(tmp_path: Path) -> None:
     assert g is not None and (g.batch, g.batch_target) == (50, beta) and g.bound <= beta
 
 
+def test_a_certificate_of_several_starts_is_recertified_with_them(tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(DOC))
+    doc["methods"]["answer"]["guarantees"][0]["starts"] = 3
+    rt = runtime(tmp_path, mode="on", doc=doc)
+    raw, y = _calibrated_window(1000)
+    for r, c in zip(raw, y, strict=True):
+        feedback(rt, float(r), bool(c))
+    new = rt.models["m"].route.policy.threshold_for("answer")  # type: ignore[attr-defined]
+    served = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
+    size = served.metrics["recalibration"]["recertified"]["window"]
+    three = certify_threshold(raw[:size], y[:size], 0.2, 0.1, starts=3)
+    assert new == three.threshold != certify_threshold(raw[:size], y[:size], 0.2, 0.1).threshold
+    g = served.method("answer").guarantee_for(0.2)
+    assert g is not None and g.starts == 3 and g.bound == pytest.approx(three.bound)
+
+
 def test_shadow_exports_the_recertified_candidate_only(tmp_path: Path) -> None:
     rt = runtime(tmp_path, mode="shadow")
     raw, y = _calibrated_window(1000)
