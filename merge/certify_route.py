@@ -28,7 +28,12 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from calibserve.calibration import CalibrationDocument, CalibrationError, OptionTemperature
+from calibserve.calibration import (
+    CalibrationDocument,
+    CalibrationError,
+    OptionTemperature,
+    confidence_method,
+)
 from calibserve.calibration.document import Guarantee
 from calibserve.calibration.guarantee import MAX_STARTS, Certificate, certify_cascade
 from calibserve.merge.config import DEVICE_PATTERN
@@ -54,7 +59,8 @@ class RouteTier:
 
 def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]],
                        device: str = "cpu") -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """The tier's served `answer` confidence and correctness on `items`."""
+    """The tier's served `answer` confidence and correctness on `items`: the option letters
+    read as the server reads them (the first token's top alternatives the method asks for)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +72,9 @@ def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]],
                                                  device_map=device)
     try:
         with torch.no_grad():
-            scores = MCEvaluator(tokenizer, items, device=device).score(model.eval())
+            evaluator = MCEvaluator(tokenizer, items, device=device)
+            scores = evaluator.score_logprobs(evaluator.letter_logprobs(
+                model.eval(), top_k=confidence_method(METHOD).top_logprobs))
     except InvalidData as exc:
         raise InvalidData(exc.message.replace("aligned tokenizer", f"{tier.model}'s tokenizer"),
                           "--tier") from exc

@@ -271,8 +271,13 @@ class MCEvaluator:
         self.order = sorted(range(len(self.prompts)), key=lambda i: -len(self.prompts[i]))
 
     @torch.inference_mode()
-    def letter_logprobs(self, model: torch.nn.Module) -> NDArray[np.float64]:
-        """(n_items, n_columns) full-vocabulary logprobs of the option-letter tokens."""
+    def letter_logprobs(self, model: torch.nn.Module, top_k: int | None = None
+                        ) -> NDArray[np.float64]:
+        """(n_items, n_columns) full-vocabulary logprobs of the option-letter tokens. With
+        `top_k`, as the server reads them: a letter token outside the first token's `top_k`
+        alternatives (the `answer` method asks for 5) is absent (-inf), and the options
+        renormalise without it; an item with no letter among them keeps every letter's (the
+        server scores such a reply by another method, as the vLLM evaluator does)."""
         out = np.zeros((len(self.prompts), len(self.columns)), np.float64)
         cols = torch.tensor(self.columns, device=self.device)
         for start in range(0, len(self.order), self.batch_size):
@@ -288,7 +293,11 @@ class MCEvaluator:
                 mask[r, width - len(s) :] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self._last_logits(model, ids, mask, pos)
-            lp = torch.log_softmax(logits.float(), dim=-1)[:, cols]
+            full = torch.log_softmax(logits.float(), dim=-1)
+            lp = full[:, cols]
+            if top_k is not None:
+                inside = lp >= full.topk(top_k, dim=-1).values[:, -1:]
+                lp = torch.where(inside | ~inside.any(dim=-1, keepdim=True), lp, -torch.inf)
             out[idx] = lp.double().cpu().numpy()
         return out
 

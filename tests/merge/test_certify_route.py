@@ -180,3 +180,41 @@ def test_more_starts_certify_a_middle_tier_whose_top_holds_errors(
     mid = CalibrationDocument.load(tmp_path / "mid" / "calibration.json").method("answer")
     cert = mid.guarantee_for(0.25)
     assert cert is not None and cert.starts == 3 and cert.tier == 1
+
+
+def test_letters_are_read_as_the_server_reads_them(tiny_world: dict[str, Path]) -> None:
+    """`letter_logprobs(top_k=K)`: a letter token outside the first token's K most likely is
+    absent (-inf), the rest unchanged; an item with no letter among them keeps them all. The
+    model is a stand-in whose next-token logits are set by hand."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from calibserve.merge.evaluate import MCEvaluator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world["aligned"])
+    items = load_mc_items(tiny_world["data"] / "calibrate.jsonl")[:3]
+    evaluator = MCEvaluator(tokenizer, items)
+    a, b, c = evaluator.columns[:3]  # the letter tokens A, B, C
+    other = next(i for i in range(len(tokenizer)) if i not in evaluator.columns)
+    logits = torch.full((3, len(tokenizer)), -10.0)
+    logits[0, [a, b, other]] = torch.tensor([5.0, 1.0, 3.0])  # A, then a non-letter, then B
+    logits[1, [other, c]] = torch.tensor([5.0, 4.0])  # a non-letter, then C
+    logits[2, other] = 5.0  # no letter near the top
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+            rows = logits[[evaluator.order[i] for i in range(input_ids.shape[0])]]
+            return SimpleNamespace(logits=rows[:, None, :])
+
+    evaluator.batch_size = 3
+    evaluator.order = list(range(3))  # one batch, in item order
+    every = evaluator.letter_logprobs(Fixed())
+    two = evaluator.letter_logprobs(Fixed(), top_k=2)
+    col = {tok: k for k, tok in enumerate(evaluator.columns)}
+    assert np.isfinite(two[0, col[a]]) and not np.isfinite(two[0, col[b]])  # B is third
+    assert np.isfinite(two[1, col[c]]) and not np.isfinite(two[1, col[a]])
+    assert np.array_equal(two[2], every[2])  # no letter in the top 2: every letter read
+    finite = np.isfinite(two)
+    assert np.array_equal(two[finite], every[finite])
