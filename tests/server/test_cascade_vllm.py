@@ -79,19 +79,11 @@ def test_a_three_tier_route_on_real_engines_is_judged_tier_by_tier(
              "calibration": str(files["expert"])}]}
     settings = ServerSettings.model_validate({"signing_key": "cascade", "probe_rate": 1,
                                               "models": [model]})
-    served_by: list[str] = []
     gaps: dict[str, list[float]] = {"primary": [], "middle": []}
     with serve(settings) as running:
         [runner] = running.runtime.probes
         running.call(runner.stop())  # driven one probe at a time below
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
-        for i, item in enumerate(items):
-            resp = client.chat.completions.create(
-                model="r", messages=[{"role": "user", "content": format_mc_prompt(item)}],
-                temperature=0, max_tokens=1)
-            info: dict[str, Any] = resp.model_extra["calibserve"]  # type: ignore[index]
-            served_by.append(info["served_by"])
-            _check_walk(info, i, scored, thresholds, gaps)
+        served_by = _ask_all(running.url, items, scored, thresholds, gaps)
         # Probes walk the route as these requests did: on to the middle tier exactly when the
         # primary would escalate, never to the last tier. (The runner sent its first probe on
         # start, before it was stopped: counted from here on.)
@@ -132,6 +124,23 @@ def test_a_three_tier_route_on_real_engines_is_judged_tier_by_tier(
 
 def _items(data: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:N]
+
+
+def _ask_all(url: str, items: list[dict[str, Any]], scored: dict[str, Any],
+             thresholds: dict[str, float], gaps: dict[str, list[float]], last: str = "expert"
+             ) -> list[str]:
+    """Ask route `r` every item through the openai SDK, each reply's walk checked
+    (`_check_walk`); the tier that served each."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    served_by = []
+    for i, item in enumerate(items):
+        resp = client.chat.completions.create(
+            model="r", messages=[{"role": "user", "content": format_mc_prompt(item)}],
+            temperature=0, max_tokens=1)
+        info: dict[str, Any] = resp.model_extra["calibserve"]  # type: ignore[index]
+        served_by.append(info["served_by"])
+        _check_walk(info, i, scored, thresholds, gaps, last)
+    return served_by
 
 
 def _check_walk(info: dict[str, Any], i: int, scored: dict[str, Any],
@@ -194,17 +203,9 @@ def test_a_route_certified_with_several_starts_is_served_as_guaranteed(
              "calibration": str(files["expert"])},
             {"name": "last", "upstreams": [urls["aligned"]], "upstream_model": "aligned",
              "calibration": str(files["aligned"])}]}]})
-    served_by: list[str] = []
     gaps: dict[str, list[float]] = {"primary": [], "middle": []}
     with serve(settings) as running:
-        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
-        for i, item in enumerate(items):
-            resp = client.chat.completions.create(
-                model="r", messages=[{"role": "user", "content": format_mc_prompt(item)}],
-                temperature=0, max_tokens=1)
-            info: dict[str, Any] = resp.model_extra["calibserve"]  # type: ignore[index]
-            served_by.append(info["served_by"])
-            _check_walk(info, i, scored, thresholds, gaps, last="last")
+        served_by = _ask_all(running.url, items, scored, thresholds, gaps, last="last")
         text = httpx.get(f"{running.url}/metrics", timeout=10).text
     assert "mid" in served_by and "r" in served_by
     for label in ("r", "r:mid"):  # both judged tiers watched live by their own certificate

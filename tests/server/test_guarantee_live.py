@@ -186,27 +186,10 @@ def test_recalibrate_on_recertifies_a_broken_threshold(tmp_path: Path) -> None:
     assert stored.method("answer").guarantee_for(0.1).threshold == 0.8  # other target untouched
 
 
-def test_a_batch_certificate_is_recertified_as_one(tmp_path: Path) -> None:
-    beta = batch_error_target(0.2, 0.1, 50)
-    batch_doc = json.loads(json.dumps(DOC))
-    batch_doc["methods"]["answer"]["guarantees"][0].update(
-        bound=beta - 0.01, batch=50, batch_target=beta)
-    rt = runtime(tmp_path, mode="on", doc=batch_doc)
-    raw, y = _calibrated_window(1000)
-    for r, c in zip(raw, y, strict=True):
-        feedback(rt, float(r), bool(c))
-    new = rt.models["m"].route.policy.threshold_for("answer")  # type: ignore[attr-defined]
-    served = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
-    size = served.metrics["recalibration"]["recertified"]["window"]
-    assert new == certify_threshold(raw[:size], y[:size], 0.2, 0.1, batch=50).threshold
-    assert new > certify_threshold(raw[:size], y[:size], 0.2, 0.1).threshold  # stricter
-    g = served.method("answer").guarantee_for(0.2)
-    assert g is not None and (g.batch, g.batch_target) == (50, beta) and g.bound <= beta
-
-
-def test_a_certificate_of_several_starts_is_recertified_with_them(tmp_path: Path) -> None:
-    doc = json.loads(json.dumps(DOC))
-    doc["methods"]["answer"]["guarantees"][0]["starts"] = 3
+def _recertified(tmp_path: Path, doc: dict[str, Any]
+                 ) -> tuple[float, CalibrationDocument, tuple[np.ndarray, np.ndarray]]:
+    """Serve `doc` with `--recalibrate on`, feed a calibrated window of 1000: the threshold
+    served after, the document stored, and the window's (raw, correct) it re-certified on."""
     rt = runtime(tmp_path, mode="on", doc=doc)
     raw, y = _calibrated_window(1000)
     for r, c in zip(raw, y, strict=True):
@@ -214,8 +197,27 @@ def test_a_certificate_of_several_starts_is_recertified_with_them(tmp_path: Path
     new = rt.models["m"].route.policy.threshold_for("answer")  # type: ignore[attr-defined]
     served = CalibrationDocument.load(tmp_path / "store" / "m" / "calibration.json")
     size = served.metrics["recalibration"]["recertified"]["window"]
-    three = certify_threshold(raw[:size], y[:size], 0.2, 0.1, starts=3)
-    assert new == three.threshold != certify_threshold(raw[:size], y[:size], 0.2, 0.1).threshold
+    return new, served, (raw[:size], y[:size])
+
+
+def test_a_batch_certificate_is_recertified_as_one(tmp_path: Path) -> None:
+    beta = batch_error_target(0.2, 0.1, 50)
+    batch_doc = json.loads(json.dumps(DOC))
+    batch_doc["methods"]["answer"]["guarantees"][0].update(
+        bound=beta - 0.01, batch=50, batch_target=beta)
+    new, served, (raw, y) = _recertified(tmp_path, batch_doc)
+    assert new == certify_threshold(raw, y, 0.2, 0.1, batch=50).threshold
+    assert new > certify_threshold(raw, y, 0.2, 0.1).threshold  # stricter
+    g = served.method("answer").guarantee_for(0.2)
+    assert g is not None and (g.batch, g.batch_target) == (50, beta) and g.bound <= beta
+
+
+def test_a_certificate_of_several_starts_is_recertified_with_them(tmp_path: Path) -> None:
+    doc = json.loads(json.dumps(DOC))
+    doc["methods"]["answer"]["guarantees"][0]["starts"] = 3
+    new, served, (raw, y) = _recertified(tmp_path, doc)
+    three = certify_threshold(raw, y, 0.2, 0.1, starts=3)
+    assert new == three.threshold != certify_threshold(raw, y, 0.2, 0.1).threshold
     g = served.method("answer").guarantee_for(0.2)
     assert g is not None and g.starts == 3 and g.bound == pytest.approx(three.bound)
 
