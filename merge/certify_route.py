@@ -3,7 +3,8 @@
 A route is a primary and the stronger tiers it escalates to (`calibserve serve --escalate-to`),
 each with its own calibration document. Each tier scores the same labelled multiple-choice items
 (`DATA/calibrate.jsonl`: the option-letter method, through the evaluator merge and `calibrate`
-use, mapped by the tier's own calibration document: its served confidence), and
+use, reading the letters as the server does, among the first token's top alternatives, and
+mapped by the tier's own calibration document: its served confidence), and
 `calibration.certify_cascade` certifies tier i's threshold on the items tiers 0..i-1 did not
 keep, at delta / tiers, so that with probability 1 - delta the answers every tier keeps are wrong
 at most `max_error` of the time, together (with `--batch M`: any one batch of at least M of them
