@@ -72,10 +72,9 @@ def _served_confidence(tier: RouteTier, items: Sequence[dict[str, object]],
     model = AutoModelForCausalLM.from_pretrained(tier.model, dtype=torch.float32,
                                                  device_map=device)
     try:
-        with torch.no_grad():
-            evaluator = MCEvaluator(tokenizer, items, device=device)
-            scores = evaluator.score_logprobs(evaluator.letter_logprobs(
-                model.eval(), top_k=confidence_method(METHOD).top_logprobs))
+        evaluator = MCEvaluator(tokenizer, items, device=device)
+        scores = evaluator.score_logprobs(evaluator.letter_logprobs(
+            model.eval(), top_k=confidence_method(METHOD).top_logprobs))
     except InvalidData as exc:
         raise InvalidData(exc.message.replace("aligned tokenizer", f"{tier.model}'s tokenizer"),
                           "--tier") from exc

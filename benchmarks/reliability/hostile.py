@@ -273,11 +273,10 @@ def raw_exchange(url: str, data: bytes, timeout: float = 10.0, pace: float = 0.0
 
 
 def _content_length(head: bytes) -> int | None:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            with contextlib.suppress(ValueError):
-                return int(value.strip())
+    value = _header(head, b"content-length")
+    if value is not None:
+        with contextlib.suppress(ValueError):
+            return int(value)
     return None
 
 
@@ -317,6 +316,7 @@ def _clean(status: int | None, buf: bytes, allowed: tuple[int, ...], protocol: b
 
 
 def _header(buf: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (lower case) in a raw response (or its head alone)."""
     head, _, _ = buf.partition(b"\r\n\r\n")
     for line in head.split(b"\r\n")[1:]:
         key, _, value = line.partition(b":")
