@@ -94,9 +94,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="its world's data directory [default: from the model's name]")
     args = ap.parse_args(argv)
     model = args.model or newest_served()
+    if not (model / "calibration.json").is_file():
+        ap.error(f"--model: {model} is not a served model directory (no calibration.json)")
+    if args.data is None and len(model.name.split("-")) < 3:
+        ap.error(f"--data: give it; {model.name!r} is not named served-WORLD-... to find it")
     data = args.data or model.parent / model.name.split("-")[1] / "data"
     if not (data / "short_test.jsonl").is_file():
-        raise SystemExit(f"--data: {data} has no short_test.jsonl")
+        ap.error(f"--data: {data} has no short_test.jsonl")
     family = str(CalibrationDocument.load(model / "calibration.json").to_dict()["methods"]["mean"]
                  ["calibrator"]["type"])
     scores = score(model, data)

@@ -48,7 +48,11 @@ import numpy as np  # noqa: E402
 from benchmarks.common import machine, utc_now, write_json  # noqa: E402
 from benchmarks.guarantee.predictions import Tier, demo_tiers, real_tiers  # noqa: E402
 from calibserve.calibration import threshold_for_accuracy  # noqa: E402
-from calibserve.calibration.guarantee import certify_cascade, certify_threshold  # noqa: E402
+from calibserve.calibration.guarantee import (  # noqa: E402
+    MAX_STARTS,
+    certify_cascade,
+    certify_threshold,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -400,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the demo world's digest (.calibserve/demo/DIGEST); default: the newest "
                     "merged world with an expert calibration")
     args = ap.parse_args(argv)
+    if not 1 <= args.starts <= MAX_STARTS:
+        ap.error(f"--starts must be from 1 to {MAX_STARTS}, got {args.starts}")
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "date": utc_now()}
     where, tiers = demo_tiers(args.demo_world)

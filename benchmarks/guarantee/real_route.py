@@ -53,7 +53,11 @@ from benchmarks.common import machine, utc_now, write_json  # noqa: E402
 from benchmarks.escalation.report import plot, table  # noqa: E402
 from benchmarks.guarantee.floors import evaluate, lines  # noqa: E402
 from benchmarks.guarantee.predictions import Tier, table_tiers  # noqa: E402
-from calibserve.calibration.guarantee import certify_cascade, certify_threshold  # noqa: E402
+from calibserve.calibration.guarantee import (  # noqa: E402
+    MAX_STARTS,
+    certify_cascade,
+    certify_threshold,
+)
 
 REALWORLD = Path(os.environ.get("CALIBSERVE_HOME", REPO / ".calibserve")) / "realworld"
 RATES = tuple(round(0.05 * k, 2) for k in range(21))
@@ -240,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="certify batches of at least M kept answers too (the seeded split's "
                     "threshold is then the batch certificate's; default: none)")
     args = ap.parse_args(argv)
+    if not 1 <= args.starts <= MAX_STARTS:
+        ap.error(f"--starts must be from 1 to {MAX_STARTS}, got {args.starts}")
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
     started = time.perf_counter()

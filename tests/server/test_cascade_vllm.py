@@ -9,9 +9,9 @@ tier's threshold, a middle tier's judgment missing, a probe that does not walk o
 tier when the primary escalates it (or walks on to the last tier).
 
 `--threshold guaranteed` cannot serve this route: `calibserve certify` certifies no threshold
-for the middle tier (the aligned model is right on 28% of the items the merged model leaves it;
-the expert, in its place, has 2 errors among its 4 most confident answers, which ends the
-fixed-sequence scan at once), and the server refuses such a route at start, naming the tier.
+for the middle tier (the aligned model is mostly wrong on the hard items the merged model leaves
+it, and the expert in its place has errors among its most confident answers there, which end a
+single fixed-sequence scan at once), and the server refuses such a route at start, naming the tier.
 That is checked here too, on the real certificates. With `certify --starts 3` the expert, as the
 middle tier (the aligned model last), is certified, and that route is served as guaranteed.
 """
